@@ -1,0 +1,28 @@
+"""Lite LLM: language models that grow.
+
+The whole public path to a model::
+
+    from lite_llm import ModelConfig, build_model
+    model = build_model(ModelConfig.from_preset("tiny"))
+    out = model(input_ids, tierset="upto:tier_1b", labels=input_ids)
+"""
+
+from .config import ModelConfig, RoutingConfig, TierConfig, TierSet
+from .errors import CheckpointError, ConfigError, LiteLLMError, TierSetError
+from .model import LiteLLM, ModelOutput, build_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "LiteLLM",
+    "LiteLLMError",
+    "ModelConfig",
+    "ModelOutput",
+    "RoutingConfig",
+    "TierConfig",
+    "TierSet",
+    "TierSetError",
+    "build_model",
+]

@@ -1,0 +1,24 @@
+"""Errors that reach users.
+
+Every error Lite LLM raises on bad input is one of these, and its message is one sentence
+that says what is wrong and what to do about it.  The CLI prints the message alone (no stack
+trace) and exits non-zero.
+"""
+
+from __future__ import annotations
+
+
+class LiteLLMError(Exception):
+    """Base class of every user-facing Lite LLM error."""
+
+
+class ConfigError(LiteLLMError, ValueError):
+    """A configuration breaks an invariant (raised at construction, naming the field)."""
+
+
+class TierSetError(LiteLLMError, ValueError):
+    """A TierSet names a tier the model does not have, or selects nothing."""
+
+
+class CheckpointError(LiteLLMError):
+    """A checkpoint is missing, corrupt, truncated or of an unsupported version."""

@@ -1,0 +1,188 @@
+"""The one table between Lite LLM parameter names and Hugging Face Llama/Mixtral names.
+
+Lite LLM's attention, norms and dense FFN use Llama's numerics and tensor layouts, and its
+expert banks use the 3-D layout of transformers' ``MixtralExperts`` (``gate_up_proj`` (E, 2H, d)
+with the gate half first, ``down_proj`` (E, d, H)), so the mapping is renaming only.  Import,
+export and the oracle tests all go through these functions.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping
+
+import torch
+
+from ..config import ModelConfig, RoutingConfig, TierConfig
+from ..errors import ConfigError
+
+# (Lite LLM pattern, Hugging Face pattern); {i} is the layer index.
+_DENSE_TABLE: list[tuple[str, str]] = [
+    ("embed.weight", "model.embed_tokens.weight"),
+    ("norm.weight", "model.norm.weight"),
+    ("lm_head.weight", "lm_head.weight"),
+    ("layers.{i}.attn_norm.weight", "model.layers.{i}.input_layernorm.weight"),
+    ("layers.{i}.ffn_norm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
+    ("layers.{i}.attn.q_proj.weight", "model.layers.{i}.self_attn.q_proj.weight"),
+    ("layers.{i}.attn.k_proj.weight", "model.layers.{i}.self_attn.k_proj.weight"),
+    ("layers.{i}.attn.v_proj.weight", "model.layers.{i}.self_attn.v_proj.weight"),
+    ("layers.{i}.attn.o_proj.weight", "model.layers.{i}.self_attn.o_proj.weight"),
+    ("layers.{i}.attn.q_proj.bias", "model.layers.{i}.self_attn.q_proj.bias"),
+    ("layers.{i}.attn.k_proj.bias", "model.layers.{i}.self_attn.k_proj.bias"),
+    ("layers.{i}.attn.v_proj.bias", "model.layers.{i}.self_attn.v_proj.bias"),
+    ("layers.{i}.ffn.gate_proj.weight", "model.layers.{i}.mlp.gate_proj.weight"),
+    ("layers.{i}.ffn.up_proj.weight", "model.layers.{i}.mlp.up_proj.weight"),
+    ("layers.{i}.ffn.down_proj.weight", "model.layers.{i}.mlp.down_proj.weight"),
+]
+
+
+def _moe_table(tier: str) -> list[tuple[str, str]]:
+    return [
+        ("layers.{i}.ffn.router.heads.%s.expert_gate" % tier, "model.layers.{i}.mlp.gate.weight"),
+        ("layers.{i}.ffn.experts.%s.gate_up_proj" % tier, "model.layers.{i}.mlp.experts.gate_up_proj"),
+        ("layers.{i}.ffn.experts.%s.down_proj" % tier, "model.layers.{i}.mlp.experts.down_proj"),
+    ]
+
+
+def _compile(table: list[tuple[str, str]], reverse: bool) -> list[tuple[re.Pattern[str], str]]:
+    rules = []
+    for ours, theirs in table:
+        src, dst = (theirs, ours) if reverse else (ours, theirs)
+        pattern = re.escape(src).replace(r"\{i\}", r"(?P<i>\d+)")
+        rules.append((re.compile(f"^{pattern}$"), dst))
+    return rules
+
+
+def _rename(state: Mapping[str, torch.Tensor], rules: list[tuple[re.Pattern[str], str]]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    out, unmapped = {}, []
+    for name, tensor in state.items():
+        for pattern, target in rules:
+            match = pattern.match(name)
+            if match:
+                out[target.replace("{i}", match.groupdict().get("i") or "")] = tensor
+                break
+        else:
+            unmapped.append(name)
+    return out, unmapped
+
+
+def _check_single_tier(config: ModelConfig) -> str:
+    if len(config.tiers) != 1 or config.tiers[0].num_groups != 1:
+        raise ConfigError(
+            "only a model with one tier of one group maps onto Mixtral; export multi-tier models with their own modelling code"
+        )
+    if config.moe_layers is not None and len(config.moe_layers) != config.n_layers:
+        raise ConfigError("Mixtral has experts in every layer; this model mixes dense and MoE layers")
+    return config.tiers[0].name
+
+
+def to_hf_state_dict(state: Mapping[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Rename a Lite LLM state dict to Hugging Face Llama (dense) or Mixtral (one tier, one group) names.
+
+    Router tensors with no Mixtral counterpart (the tier and group gates of a single-tier,
+    single-group model, which cannot change the routing) and bias buffers are dropped.
+    """
+    table = list(_DENSE_TABLE)
+    if config.is_moe:
+        table += _moe_table(_check_single_tier(config))
+    out, _ = _rename(state, _compile(table, reverse=False))
+    if config.tie_embeddings:
+        out.pop("lm_head.weight", None)
+    return out
+
+
+def from_hf_state_dict(state: Mapping[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Rename a Hugging Face Llama/Mistral/Qwen2/Mixtral state dict to Lite LLM names.
+
+    Fills the parts Lite LLM has and Hugging Face does not: zero tier/group gates and bias
+    buffers for Mixtral (one tier and one group: their probabilities are 1 whatever the
+    weights), and ``lm_head`` from the embedding when embeddings are tied.
+    """
+    table = list(_DENSE_TABLE)
+    tier = _check_single_tier(config) if config.is_moe else None
+    if tier:
+        table += _moe_table(tier)
+    out, unmapped = _rename(state, _compile(table, reverse=True))
+    unmapped = [n for n in unmapped if not n.endswith("rotary_emb.inv_freq")]
+    if unmapped:
+        raise ConfigError(f"cannot map Hugging Face tensor(s) {', '.join(unmapped[:3])}; is this a supported architecture?")
+    if tier:
+        d, e = config.d_model, config.tiers[0].num_experts
+        for i in config.moe_layer_indices:
+            prefix = f"layers.{i}.ffn.router.heads.{tier}."
+            out[prefix + "tier_gate"] = torch.zeros(1, d)
+            out[prefix + "group_gate"] = torch.zeros(1, d)
+            out[prefix + "tier_bias"] = torch.zeros(1)
+            out[prefix + "group_bias"] = torch.zeros(1)
+            out[prefix + "expert_bias"] = torch.zeros(e)
+    if config.tie_embeddings:
+        out["lm_head.weight"] = out["embed.weight"]
+    return out
+
+
+def hf_config_dict(config: ModelConfig) -> dict[str, Any]:
+    """The ``config.json`` fields of the Hugging Face model equivalent to ``config``."""
+    common = {
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.d_model,
+        "num_hidden_layers": config.n_layers,
+        "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.n_kv_heads,
+        "head_dim": config.head_dim,
+        "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_theta,
+        "max_position_embeddings": config.max_seq_len,
+        "tie_word_embeddings": config.tie_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": config.attention_bias,
+        "torch_dtype": "float32",
+    }
+    if not config.is_moe:
+        return {**common, "model_type": "llama", "architectures": ["LlamaForCausalLM"], "intermediate_size": config.intermediate_size, "mlp_bias": False}
+    tier = config.tiers[0]
+    _check_single_tier(config)
+    if config.attention_bias:
+        raise ConfigError("Mixtral has no attention bias; this model cannot be exported as Mixtral")
+    return {
+        **common,
+        "model_type": "mixtral",
+        "architectures": ["MixtralForCausalLM"],
+        "intermediate_size": tier.expert_hidden,
+        "num_local_experts": tier.num_experts,
+        "num_experts_per_tok": config.k_expert_of(tier),
+        "router_jitter_noise": 0.0,
+        "output_router_logits": False,
+    }
+
+
+def config_from_hf(hf: Mapping[str, Any] | Any) -> ModelConfig:
+    """A Lite LLM config from a Hugging Face Llama, Mistral, Qwen2 or Mixtral config."""
+    get = (lambda k, default=None: hf.get(k, default)) if isinstance(hf, Mapping) else (lambda k, default=None: getattr(hf, k, default))
+    model_type = get("model_type")
+    if model_type not in ("llama", "mistral", "qwen2", "mixtral"):
+        raise ConfigError(f"unsupported Hugging Face architecture {model_type!r}; supported: llama, mistral, qwen2, mixtral")
+    if get("rope_scaling"):
+        raise ConfigError(f"rope_scaling {get('rope_scaling')!r} is not supported yet; only plain RoPE models can be imported")
+    n_heads = get("num_attention_heads")
+    d = get("hidden_size")
+    fields: dict[str, Any] = dict(
+        name=f"hf-{model_type}",
+        vocab_size=get("vocab_size"),
+        d_model=d,
+        n_layers=get("num_hidden_layers"),
+        n_heads=n_heads,
+        n_kv_heads=get("num_key_value_heads") or n_heads,
+        head_dim=get("head_dim") or d // n_heads,
+        intermediate_size=get("intermediate_size"),
+        rope_theta=float(get("rope_theta", 10000.0) or 10000.0),
+        norm_eps=float(get("rms_norm_eps", 1e-5)),
+        max_seq_len=int(get("max_position_embeddings", 2048)),
+        tie_embeddings=bool(get("tie_word_embeddings", False)),
+        attention_bias=bool(get("attention_bias", model_type == "qwen2")),
+    )
+    if model_type == "mixtral":
+        fields["tiers"] = [
+            TierConfig("tier_0", num_groups=1, experts_per_group=get("num_local_experts"), expert_hidden=get("intermediate_size"))
+        ]
+        fields["routing"] = RoutingConfig(k_tier=1, k_group=1, k_expert=get("num_experts_per_tok"))
+    return ModelConfig(**fields)

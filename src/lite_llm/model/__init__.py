@@ -1,0 +1,20 @@
+"""The model layer: transformer backbone, HSER router, expert banks and dispatch."""
+
+from .experts import ExpertBank, dispatch, dispatch_reference
+from .moe import TieredMoE
+from .router import HSERRouter, Routes, stable_topk
+from .transformer import LiteLLM, LayerRouting, ModelOutput, build_model
+
+__all__ = [
+    "ExpertBank",
+    "HSERRouter",
+    "LayerRouting",
+    "LiteLLM",
+    "ModelOutput",
+    "Routes",
+    "TieredMoE",
+    "build_model",
+    "dispatch",
+    "dispatch_reference",
+    "stable_topk",
+]

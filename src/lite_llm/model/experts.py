@@ -1,0 +1,155 @@
+"""Expert weight banks and the dispatch kernel.
+
+Each tier's experts in a layer are two 3-D parameters, ``gate_up_proj`` (E, 2H, d) — gate and
+up fused, gate first, as in Hugging Face's Mixtral — and ``down_proj`` (E, d, H).  One bank per
+tier keeps tiers separable (frozen, loaded, skipped or offloaded on their own).
+
+Dispatch (see DESIGN.md, "Dispatch"): sort the (token, expert) routes once by flat expert id;
+the rows of each tier are then one contiguous slice, run through that tier's bank with two
+``grouped_mm`` calls and SwiGLU between; scale by the route weights and ``index_add_`` back.
+A tier that receives no route is never touched, so its weights need not even be present.
+
+Three implementations of the per-bank compute, chosen by ``impl``:
+
+* ``grouped_mm`` — the fast path for training and large batches;
+* ``loop`` — one matmul per expert that has rows, over ``unbind`` views (never ``W[e]`` under
+  autograd: each use would allocate a full-size gradient); the fallback for torches without
+  ``grouped_mm`` or for unaligned shapes, and the reference the fast path is tested against;
+* ``auto`` — ``grouped_mm`` when available and aligned; the per-active-expert loop when no
+  gradient is needed and only a few rows are routed (decoding), so per-token cost does not
+  grow with the number of experts.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DispatchImpl = Literal["auto", "grouped_mm", "loop"]
+HAS_GROUPED_MM = hasattr(F, "grouped_mm")
+DECODE_ROWS = 64  # at most this many routed rows without autograd -> loop over the active experts only
+
+
+class ExpertBank(nn.Module):
+    """All SwiGLU experts of one tier in one layer."""
+
+    def __init__(self, num_experts: int, d_model: int, hidden: int) -> None:
+        super().__init__()
+        self.num_experts, self.d_model, self.hidden = num_experts, d_model, hidden
+        self.gate_up_proj = nn.Parameter(torch.zeros(num_experts, 2 * hidden, d_model))
+        self.down_proj = nn.Parameter(torch.zeros(num_experts, d_model, hidden))
+
+    def forward(self, x: torch.Tensor, counts: list[int], impl: DispatchImpl = "auto") -> torch.Tensor:
+        """Run rows ``x`` (sorted by expert; ``counts[e]`` rows for expert e) through their experts."""
+        if impl == "auto":
+            impl = self._choose(x, counts)
+        if impl == "grouped_mm":
+            return self._grouped(x, counts)
+        return self._loop(x, counts)
+
+    def _choose(self, x: torch.Tensor, counts: list[int]) -> DispatchImpl:
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.gate_up_proj.requires_grad)
+        if not needs_grad and x.shape[0] <= DECODE_ROWS:
+            return "loop"
+        if HAS_GROUPED_MM and _aligned(x, self.gate_up_proj, self.down_proj):
+            return "grouped_mm"
+        return "loop"
+
+    def _grouped(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
+        w_gu, w_d = self.gate_up_proj, self.down_proj
+        if x.dtype != w_gu.dtype:
+            w_gu, w_d = w_gu.to(x.dtype), w_d.to(x.dtype)
+        h = F.grouped_mm(x, w_gu.transpose(-2, -1), offs=offs)
+        gate, up = h.chunk(2, dim=-1)
+        return F.grouped_mm(F.silu(gate) * up, w_d.transpose(-2, -1), offs=offs)
+
+    def _loop(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        if torch.is_grad_enabled() and self.gate_up_proj.requires_grad:
+            gate_ups, downs = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
+        else:  # plain views, no autograd: indexing copies nothing
+            gate_ups, downs = self.gate_up_proj, self.down_proj
+        outs, start = [], 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            rows = x[start : start + n]
+            gate, up = F.linear(rows, gate_ups[e].to(x.dtype)).chunk(2, dim=-1)
+            outs.append(F.linear(F.silu(gate) * up, downs[e].to(x.dtype)))
+            start += n
+        if not outs:
+            return x.new_zeros(0, self.d_model)
+        return torch.cat(outs)
+
+
+def _aligned(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """grouped_mm needs 16-byte aligned row strides and a float dtype it supports."""
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    per_16 = 16 // x.element_size()
+    return all(w.shape[-1] % per_16 == 0 and w.shape[-2] % per_16 == 0 for w in weights) and x.shape[-1] % per_16 == 0
+
+
+def dispatch(
+    x: torch.Tensor,
+    expert_ids: torch.Tensor,
+    weights: torch.Tensor,
+    banks: list[ExpertBank | None],
+    tier_offsets: list[int],
+    impl: DispatchImpl = "auto",
+) -> torch.Tensor:
+    """Combine ``sum_k weights[n,k] * expert[expert_ids[n,k]](x[n])`` for every token n.
+
+    ``expert_ids`` (N, slots) hold flat ids (``-1`` = unused slot); ``banks[t]`` serves flat ids
+    ``tier_offsets[t] .. tier_offsets[t+1]``.  Returns (N, d) in ``x``'s dtype.
+    """
+    n_tokens, slots = expert_ids.shape
+    flat = expert_ids.reshape(-1)
+    used = (flat >= 0).nonzero().flatten()
+    flat, token_of_route = flat[used], used // slots
+    route_weights = weights.reshape(-1)[used]
+    order = torch.argsort(flat, stable=True)
+    rows = token_of_route[order]
+    counts = torch.bincount(flat, minlength=tier_offsets[-1]).tolist()
+    xs = x.index_select(0, rows)
+    outs, start = [], 0
+    for t, bank in enumerate(banks):
+        tier_counts = counts[tier_offsets[t] : tier_offsets[t + 1]]
+        n = sum(tier_counts)
+        if n == 0:
+            continue
+        if bank is None:
+            raise RuntimeError(f"tokens were routed to tier #{t}, whose experts are not loaded")
+        outs.append(bank(xs[start : start + n], tier_counts, impl))
+        start += n
+    out = torch.zeros_like(x)
+    if outs:
+        ys = torch.cat(outs) if len(outs) > 1 else outs[0]
+        ys = ys * route_weights[order].to(ys.dtype)[:, None]
+        out.index_add_(0, rows, ys.to(x.dtype))
+    return out
+
+
+def dispatch_reference(
+    x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, banks: list[ExpertBank], tier_offsets: list[int]
+) -> torch.Tensor:
+    """The slow, obviously-correct version: for each token, for each slot, run its expert."""
+    out = torch.zeros_like(x)
+    rows = []
+    for n in range(x.shape[0]):
+        acc = torch.zeros_like(x[n])
+        for k in range(expert_ids.shape[1]):
+            fid = int(expert_ids[n, k])
+            if fid < 0:
+                continue
+            t = max(i for i in range(len(banks)) if tier_offsets[i] <= fid)
+            e = fid - tier_offsets[t]
+            bank = banks[t]
+            gate, up = (bank.gate_up_proj[e] @ x[n]).chunk(2)
+            acc = acc + weights[n, k] * (bank.down_proj[e] @ (F.silu(gate) * up))
+        rows.append(acc)
+    return torch.stack(rows) if rows else out

@@ -1,0 +1,314 @@
+"""Hierarchical Sparse Expert Routing (HSER).
+
+A token picks ``k_tier`` tiers, then ``k_group`` groups in each picked tier, then ``k_expert``
+experts in each picked group.  The weight of an active expert is
+``p(t) * p(g|t) * p(e|t,g)``, renormalised over the active set when configured.
+
+Why it is built the way it is:
+
+* Every tier owns its router heads (``heads[tier_name]``) so that a tier can be added, frozen
+  or dropped without touching another tier's tensors; the heads of all tiers are concatenated
+  per forward (they are tiny) so that the three levels cost one matmul.
+* Tiers outside the TierSet are masked with ``-inf`` before the softmax: probability exactly
+  zero, no gradient, never selected.
+* Top-k is a *stable* sort: by score (descending), then by a seeded hash of (seed, layer,
+  level, candidate), then by index.  Nothing depends on the token's place in the batch, so
+  the same hidden state routes the same way in any batch, and exact ties are broken by the
+  seed rather than by whatever the sort kernel happens to do.
+* Routing reads only the hidden state and the router heads: it can run before any expert
+  weight is present (the expert store prefetches from it).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def _fnv1a(text: str) -> int:
+    h = 0xCBF29CE484222325
+    for byte in text.encode():
+        h = ((h ^ byte) * 0x100000001B3) & _MASK64
+    return h
+
+
+def seeded_hash(*parts: int | str) -> int:
+    """A 64-bit hash of integers and strings that is the same on every machine and process
+    (Python's ``hash`` of a string is salted per process, so it cannot be used)."""
+    h = 0
+    for part in parts:
+        value = _fnv1a(part) if isinstance(part, str) else int(part) & _MASK64
+        h = _splitmix64(h ^ value)
+    return h
+
+
+def tie_break_order(keys: list[int]) -> list[int]:
+    """Candidate indices ordered by hash key, then index: the order ties resolve in."""
+    return sorted(range(len(keys)), key=lambda i: (keys[i], i))
+
+
+def stable_topk(scores: torch.Tensor, k: int, order: torch.Tensor) -> torch.Tensor:
+    """Indices of the ``k`` best candidates along the last dim, ties broken by ``order``.
+
+    ``order`` (broadcastable to ``scores``) lists the candidates in tie-break order.  Scores are
+    permuted into that order, then sorted descending with a stable sort, so equal scores keep
+    the tie-break order.  Unlike ``torch.topk``, the result is fully specified.
+    """
+    order = order.expand_as(scores)
+    permuted = scores.gather(-1, order)
+    ranked = torch.sort(permuted, dim=-1, descending=True, stable=True).indices[..., :k]
+    return order.gather(-1, ranked)
+
+
+class TierRouterHead(nn.Module):
+    """The router parameters of one tier in one layer.
+
+    ``tier_gate`` scores the tier, ``group_gate`` its groups and ``expert_gate`` the experts of
+    every group (group-major).  The ``*_bias`` buffers are added to the logits; they are state,
+    not learned: a curriculum uses them to keep a new tier or expert unroutable (large negative
+    bias) and to ramp it in.
+    """
+
+    def __init__(self, d_model: int, num_groups: int, experts_per_group: int) -> None:
+        super().__init__()
+        self.num_groups, self.experts_per_group = num_groups, experts_per_group
+        self.tier_gate = nn.Parameter(torch.zeros(1, d_model))
+        self.group_gate = nn.Parameter(torch.zeros(num_groups, d_model))
+        self.expert_gate = nn.Parameter(torch.zeros(num_groups * experts_per_group, d_model))
+        self.register_buffer("tier_bias", torch.zeros(1))
+        self.register_buffer("group_bias", torch.zeros(num_groups))
+        self.register_buffer("expert_bias", torch.zeros(num_groups * experts_per_group))
+
+
+@dataclass
+class Routes:
+    """The routing decision of one MoE layer for N tokens.
+
+    ``expert_ids`` are flat ids (tier-major, then group, then expert; ``-1`` where a slot is
+    unused), ``weights`` the joint weights (0 on unused slots).  A token uses at most K slots.
+    """
+
+    expert_ids: torch.Tensor  # (N, slots) long
+    weights: torch.Tensor  # (N, slots) float
+    valid: torch.Tensor  # (N, slots) bool
+    balance_loss: torch.Tensor  # scalar
+    z_loss: torch.Tensor  # scalar
+    tier_probs: torch.Tensor  # (T,) batch-mean p(t), detached
+    expert_counts: torch.Tensor  # (E_total,) routes per flat expert, detached
+
+    def tier_counts(self, tier_offsets: list[int]) -> torch.Tensor:
+        """Routes per tier, from the per-expert counts."""
+        bounds = list(tier_offsets)
+        return torch.stack([self.expert_counts[a:b].sum() for a, b in zip(bounds[:-1], bounds[1:])])
+
+
+class HSERRouter(nn.Module):
+    """Three-level router over the tiers of ``config`` for block ``layer``."""
+
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        routing = config.routing
+        self.layer = layer
+        self.routing = routing
+        self.tier_names = [t.name for t in config.tiers]
+        self.heads = nn.ModuleDict(
+            {t.name: TierRouterHead(config.d_model, t.num_groups, t.experts_per_group) for t in config.tiers}
+        )
+        groups = [t.num_groups for t in config.tiers]
+        epg = [t.experts_per_group for t in config.tiers]
+        self.num_tiers = len(groups)
+        self.max_groups, self.max_epg = max(groups), max(epg)
+        self.k_tier = min(routing.k_tier, self.num_tiers)
+        k_groups = [config.k_group_of(t) for t in config.tiers]
+        k_experts = [config.k_expert_of(t) for t in config.tiers]
+        self.max_k_group, self.max_k_expert = max(k_groups), max(k_experts)
+        self.tier_offsets = [0]
+        for t in config.tiers:
+            self.tier_offsets.append(self.tier_offsets[-1] + t.num_experts)
+        self.uniform = len(set(groups)) == 1 and len(set(epg)) == 1
+
+        T, G, E = self.num_tiers, self.max_groups, self.max_epg
+        # Static tables (derived from the config, so not saved with the weights).
+        self.register_buffer("k_group_of_tier", torch.tensor(k_groups), persistent=False)
+        self.register_buffer("k_expert_of_tier", torch.tensor(k_experts), persistent=False)
+        self.register_buffer("epg_of_tier", torch.tensor(epg), persistent=False)
+        self.register_buffer("offset_of_tier", torch.tensor(self.tier_offsets[:-1]), persistent=False)
+        group_real = torch.zeros(T, G, dtype=torch.bool)
+        expert_real = torch.zeros(T, G, E, dtype=torch.bool)
+        for t, (g, e) in enumerate(zip(groups, epg)):
+            group_real[t, :g] = True
+            expert_real[t, :g, :e] = True
+        self.register_buffer("group_real", group_real, persistent=False)
+        self.register_buffer("expert_real", expert_real, persistent=False)
+        # Where each tier's group/expert logits go in the padded (T, G[, E]) layout.
+        self.register_buffer("group_slots", group_real.flatten().nonzero().flatten(), persistent=False)
+        self.register_buffer("expert_slots", expert_real.flatten().nonzero().flatten(), persistent=False)
+        # Padding value: -inf for missing candidates inside a real group, 0 inside a padded
+        # group (a padded group is itself never selectable; 0 keeps its softmax finite).
+        fill = torch.where(group_real[..., None].expand(T, G, E), float("-inf"), 0.0)
+        self.register_buffer("expert_fill", fill.flatten(), persistent=False)
+        self._build_tie_orders()
+
+    def _build_tie_orders(self) -> None:
+        """Tie-break orders per level, from the seeded hash of (seed, layer, level, candidate).
+
+        Candidates are named by tier *name* (not position), so a tier routes the same way
+        whether or not other tiers are present in the model."""
+        seed, layer = self.routing.seed, self.layer
+        T, G, E = self.num_tiers, self.max_groups, self.max_epg
+        big = _MASK64 + 1  # padded candidates sort after every real one
+        tier_keys = [seeded_hash(seed, layer, "tier", name) for name in self.tier_names]
+        group_order = torch.empty(T, G, dtype=torch.long)
+        expert_order = torch.empty(T, G, E, dtype=torch.long)
+        for t, name in enumerate(self.tier_names):
+            head = self.heads[name]
+            keys = [seeded_hash(seed, layer, "group", name, g) if g < head.num_groups else big + g for g in range(G)]
+            group_order[t] = torch.tensor(tie_break_order(keys))
+            for g in range(G):
+                keys = [
+                    seeded_hash(seed, layer, "expert", name, g, e) if g < head.num_groups and e < head.experts_per_group else big + e
+                    for e in range(E)
+                ]
+                expert_order[t, g] = torch.tensor(tie_break_order(keys))
+        self.register_buffer("tier_order", torch.tensor(tie_break_order(tier_keys)), persistent=False)
+        self.register_buffer("group_order", group_order, persistent=False)
+        self.register_buffer("expert_order", expert_order, persistent=False)
+
+    # ------------------------------------------------------------------------------------
+    def gate_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Raw gate outputs (N,T), (N,T,G), (N,T,G,E) in fp32, padded; one matmul for all levels."""
+        heads = [self.heads[n] for n in self.tier_names]
+        weight = torch.cat(
+            [h.tier_gate for h in heads] + [h.group_gate for h in heads] + [h.expert_gate for h in heads]
+        ).float()
+        logits = F.linear(x.float(), weight)
+        n, T, G, E = x.shape[0], self.num_tiers, self.max_groups, self.max_epg
+        n_groups = int(self.group_slots.numel())
+        tier_l = logits[:, :T]
+        group_l, expert_l = logits[:, T : T + n_groups], logits[:, T + n_groups :]
+        if self.uniform:
+            return tier_l, group_l.reshape(n, T, G), expert_l.reshape(n, T, G, E)
+        group_pad = logits.new_full((n, T * G), float("-inf")).index_copy(1, self.group_slots, group_l)
+        expert_pad = self.expert_fill.to(logits.dtype).expand(n, -1).clone().index_copy(1, self.expert_slots, expert_l)
+        return tier_l, group_pad.view(n, T, G), expert_pad.view(n, T, G, E)
+
+    def _biases(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        heads = [self.heads[n] for n in self.tier_names]
+        T, G, E = self.num_tiers, self.max_groups, self.max_epg
+        tier_b = torch.cat([h.tier_bias for h in heads]).float()
+        group_b = torch.cat([h.group_bias for h in heads]).float()
+        expert_b = torch.cat([h.expert_bias for h in heads]).float()
+        if not self.uniform:
+            group_b = group_b.new_zeros(T * G).index_copy(0, self.group_slots, group_b)
+            expert_b = expert_b.new_zeros(T * G * E).index_copy(0, self.expert_slots, expert_b)
+        return tier_b, group_b.view(T, G), expert_b.view(T, G, E)
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor, step: int | None = None) -> Routes:
+        """Route ``x`` (N, d) over the tiers where ``allowed`` (T,) is true."""
+        r = self.routing
+        n, T, G, E = x.shape[0], self.num_tiers, self.max_groups, self.max_epg
+        raw_t, raw_g, raw_e = self.gate_logits(x)
+        bias_t, bias_g, bias_e = self._biases()
+        tier_l = raw_t / r.tier_temperature + bias_t
+        group_l = raw_g / r.group_temperature + bias_g
+        expert_l = raw_e / r.expert_temperature + bias_e
+        if self.training and r.noise_std > 0 and step is not None:
+            tier_l, group_l, expert_l = self._add_noise(step, tier_l, group_l, expert_l)
+        tier_l = tier_l.masked_fill(~allowed, float("-inf"))
+
+        p_tier = tier_l.softmax(-1)  # (N,T)
+        p_group = group_l.softmax(-1)  # (N,T,G)
+        p_expert = expert_l.softmax(-1)  # (N,T,G,E)
+
+        # Level 1: tiers.
+        kt, kg, ke = self.k_tier, self.max_k_group, self.max_k_expert
+        sel_t = stable_topk(tier_l, kt, self.tier_order)  # (N,kt)
+        w_t = p_tier.gather(1, sel_t)
+        # Level 2: groups inside each selected tier.
+        top_g = stable_topk(group_l, kg, self.group_order)  # (N,T,kg)
+        sel_g = top_g.gather(1, sel_t[..., None].expand(n, kt, kg))  # (N,kt,kg)
+        w_g = p_group.gather(1, sel_t[..., None].expand(n, kt, G)).gather(2, sel_g)
+        ok_g = torch.arange(kg, device=x.device) < self.k_group_of_tier[sel_t][..., None]
+        # Level 3: experts inside each selected group.
+        pair = (sel_t[..., None] * G + sel_g).reshape(n, kt * kg)  # flat (tier, group) index
+        pair_l = expert_l.reshape(n, T * G, E).gather(1, pair[..., None].expand(n, kt * kg, E))
+        pair_order = self.expert_order.reshape(T * G, E)[pair]
+        sel_e = stable_topk(pair_l, ke, pair_order)  # (N,kt*kg,ke)
+        w_e = p_expert.reshape(n, T * G, E).gather(1, pair[..., None].expand(n, kt * kg, E)).gather(2, sel_e)
+        ok_e = torch.arange(ke, device=x.device) < self.k_expert_of_tier[sel_t][..., None, None]
+
+        weights = (w_t[:, :, None, None] * w_g[..., None] * w_e.view(n, kt, kg, ke)).reshape(n, -1)
+        valid = (ok_g[..., None] & ok_e.view(n, kt, 1, ke).expand(n, kt, kg, ke)).reshape(n, -1) & (weights > 0)
+        weights = weights * valid
+        if r.renormalize:
+            weights = weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
+        expert_ids = (
+            self.offset_of_tier[sel_t][:, :, None, None]
+            + sel_g[..., None] * self.epg_of_tier[sel_t][:, :, None, None]
+            + sel_e.view(n, kt, kg, ke)
+        ).reshape(n, -1)
+        expert_ids = expert_ids.masked_fill(~valid, -1)
+
+        balance, z = self._aux_losses(allowed, p_tier, p_group, p_expert, raw_t, raw_g, raw_e)
+        counts = torch.bincount(expert_ids[valid], minlength=self.tier_offsets[-1])
+        return Routes(expert_ids, weights, valid, balance, z, p_tier.detach().mean(0), counts.detach())
+
+    def _add_noise(self, step: int, *logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Exploration noise from a generator seeded by (seed, step, layer), never global RNG."""
+        gen = torch.Generator(device=logits[0].device)
+        gen.manual_seed(seeded_hash(self.routing.seed, step, self.layer, "noise") & ((1 << 63) - 1))
+        return tuple(
+            l + torch.randn(l.shape, generator=gen, device=l.device, dtype=l.dtype) * self.routing.noise_std for l in logits
+        )
+
+    def _aux_losses(
+        self,
+        allowed: torch.Tensor,
+        p_tier: torch.Tensor,
+        p_group: torch.Tensor,
+        p_expert: torch.Tensor,
+        raw_t: torch.Tensor,
+        raw_g: torch.Tensor,
+        raw_e: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hierarchical load balance (KL of batch-mean probabilities to uniform, per level)
+        and router z-loss, both over the allowed tiers only so masked tiers get no gradient."""
+        r = self.routing
+        idx = allowed.nonzero().flatten()
+        group_real, expert_real = self.group_real[idx], self.expert_real[idx]
+
+        def kl_to_uniform(u: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+            # KL(u || uniform over the real candidates) = sum u log u + log(n_real), per row.
+            # (u log u written with a clamp: xlogy's gradient is NaN where u == 0, which happens
+            # for padded candidates and for tiers held unroutable by a large negative bias.)
+            entropy_term = u * u.clamp_min(torch.finfo(u.dtype).tiny).log()
+            return entropy_term.masked_fill(~real, 0).sum(-1) + real.sum(-1).clamp_min(1).log()
+
+        u_t = p_tier[:, idx].mean(0)
+        u_g = p_group[:, idx].mean(0)  # (A,G)
+        u_e = p_expert[:, idx].mean(0)  # (A,G,E)
+        balance = (
+            r.balance_alpha_tier * kl_to_uniform(u_t, torch.ones_like(u_t, dtype=torch.bool))
+            + r.balance_alpha_group * kl_to_uniform(u_g, group_real).sum()
+            + r.balance_alpha_expert * kl_to_uniform(u_e, expert_real)[group_real].sum()
+        )
+        lse_t = raw_t[:, idx].logsumexp(-1)
+        lse_g = raw_g[:, idx].masked_fill(~group_real, float("-inf")).logsumexp(-1)  # (N,A)
+        lse_e = raw_e[:, idx].masked_fill(~expert_real, float("-inf")).logsumexp(-1)[:, group_real]  # (N, real groups)
+        z = r.z_loss_coef * (lse_t.square().mean() + lse_g.square().mean() + lse_e.square().mean())
+        return balance, z

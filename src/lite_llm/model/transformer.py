@@ -1,0 +1,203 @@
+"""The decoder: embeddings, pre-norm blocks (attention + dense or tiered-MoE FFN), LM head.
+
+``model(input_ids, tierset=..., labels=...)`` returns a :class:`ModelOutput` with logits, the
+training loss (LM + load balance + z-loss), its parts, and per-layer routing statistics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig, TierSet
+from .experts import DispatchImpl
+from .layers import Attention, DenseFFN, KVCache, RMSNorm, rope_tables
+from .moe import TieredMoE
+from .router import Routes
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class LayerRouting:
+    """Routing statistics of one MoE block for one forward pass (detached)."""
+
+    layer: int
+    tier_probs: torch.Tensor  # (T,) batch-mean p(tier)
+    tier_routes: torch.Tensor  # (T,) number of routes per tier
+    expert_routes: torch.Tensor  # (E_total,) number of routes per flat expert
+    routes: Routes | None = None  # the full decision, when asked for
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    balance_loss: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None
+    routing: list[LayerRouting] = field(default_factory=list)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then h + ffn(norm(h))."""
+
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.attn = Attention(config)
+        self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.ffn: DenseFFN | TieredMoE = (
+            TieredMoE(config, layer) if config.is_moe_layer(layer) else DenseFFN(config.d_model, config.intermediate_size)
+        )
+
+    @property
+    def is_moe(self) -> bool:
+        return isinstance(self.ffn, TieredMoE)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, allowed: torch.Tensor | None, step: int | None, start_pos: int | None
+    ) -> tuple[torch.Tensor, Routes | None]:
+        h = x + self.attn(self.attn_norm(x), cos, sin, start_pos)
+        if isinstance(self.ffn, TieredMoE):
+            out, routes = self.ffn(self.ffn_norm(h), allowed, step)
+            return h + out, routes
+        return h + self.ffn(self.ffn_norm(h)), None
+
+
+class LiteLLM(nn.Module):
+    """A Llama-style decoder whose FFNs may be tiered mixtures of experts."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self._allowed_cache: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------------------ set-up
+    def reset_parameters(self, seed: int = 0) -> None:
+        """Initialise every weight from a generator seeded by ``seed`` (independent of global RNG).
+
+        Normal(0, init_std) for matrices, with the residual-writing projections (``o_proj``,
+        ``down_proj``) scaled by 1/sqrt(2 * n_layers) as in GPT-2; norms at one; biases at zero.
+        """
+        cfg = self.config
+        gen = torch.Generator().manual_seed(seed)
+        residual_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                elif name.endswith(".bias"):
+                    p.zero_()
+                else:
+                    std = residual_std if name.endswith(("o_proj.weight", "down_proj.weight", "down_proj")) else cfg.init_std
+                    p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
+
+    def set_dispatch_impl(self, impl: DispatchImpl) -> None:
+        """Choose the expert compute path in every MoE block (``auto``, ``grouped_mm``, ``loop``)."""
+        for block in self.layers:
+            if isinstance(block.ffn, TieredMoE):
+                block.ffn.dispatch_impl = impl
+
+    def setup_kv_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> None:
+        """Allocate a KV cache of ``max_len`` positions in every layer (for generation)."""
+        dtype = dtype or self.embed.weight.dtype
+        device = self.embed.weight.device
+        cfg = self.config
+        for block in self.layers:
+            block.attn.kv_cache = KVCache(batch, cfg.n_kv_heads, max_len, cfg.head_dim, dtype, device)
+
+    def clear_kv_cache(self) -> None:
+        for block in self.layers:
+            block.attn.kv_cache = None
+
+    def allowed_tiers(self, tierset: TierSet | str | Iterable[str] | None) -> torch.Tensor:
+        """Boolean mask (T,) of the tiers a TierSet allows in this model."""
+        ts = TierSet.coerce(tierset)
+        key = str(ts)
+        if key not in self._allowed_cache:
+            names = set(ts.resolve(self.config))
+            mask = torch.tensor([t.name in names for t in self.config.tiers], dtype=torch.bool)
+            self._allowed_cache[key] = mask
+        return self._allowed_cache[key].to(self.embed.weight.device)
+
+    # ------------------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        tierset: TierSet | str | Iterable[str] | None = None,
+        labels: torch.Tensor | None = None,
+        step: int | None = None,
+        start_pos: int | None = None,
+        return_routes: bool = False,
+    ) -> ModelOutput:
+        """Run the model on ``input_ids`` (B, S).
+
+        ``labels`` (B, S) are the targets aligned with the inputs (shifted inside, -100 ignored).
+        ``start_pos`` is the position of ``input_ids[:, 0]`` when decoding with a KV cache.
+        ``step`` seeds the optional routing exploration noise.
+        """
+        cfg = self.config
+        b, s = input_ids.shape
+        offset = start_pos or 0
+        if offset + s > cfg.max_seq_len:
+            raise ValueError(f"sequence of {offset + s} positions exceeds max_seq_len={cfg.max_seq_len}")
+        positions = torch.arange(offset, offset + s, device=input_ids.device)
+        cos, sin = rope_tables(cfg.head_dim, cfg.rope_theta, positions)
+        allowed = self.allowed_tiers(tierset) if cfg.is_moe else None
+
+        x = self.embed(input_ids)
+        routing: list[LayerRouting] = []
+        balance = x.new_zeros((), dtype=torch.float32)
+        z = x.new_zeros((), dtype=torch.float32)
+        for block in self.layers:
+            x, routes = block(x, cos, sin, allowed, step, start_pos)
+            if routes is not None:
+                balance = balance + routes.balance_loss
+                z = z + routes.z_loss
+                routing.append(
+                    LayerRouting(
+                        block.layer,
+                        routes.tier_probs,
+                        routes.tier_counts(block.ffn.tier_offsets),
+                        routes.expert_counts,
+                        routes if return_routes else None,
+                    )
+                )
+        logits = self.lm_head(self.norm(x))
+        out = ModelOutput(logits=logits, routing=routing)
+        if cfg.is_moe:
+            out.balance_loss, out.z_loss = balance, z
+        if labels is not None:
+            out.lm_loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
+            )
+            out.loss = out.lm_loss + balance + z if cfg.is_moe else out.lm_loss
+        return out
+
+    # ------------------------------------------------------------------------------ counting
+    def num_params(self) -> int:
+        """Parameters actually held (shared embedding counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+
+def build_model(
+    config: ModelConfig, *, seed: int = 0, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> LiteLLM:
+    """Build and initialise a model for ``config`` — the one public way to get a model."""
+    model = LiteLLM(config)
+    model.reset_parameters(seed)
+    if device is not None or dtype is not None:
+        model = model.to(device=device, dtype=dtype)
+    return model
