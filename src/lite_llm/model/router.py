@@ -140,7 +140,6 @@ class HSERRouter(nn.Module):
         self.tier_offsets = [0]
         for t in config.tiers:
             self.tier_offsets.append(self.tier_offsets[-1] + t.num_experts)
-        self.uniform = len(set(groups)) == 1 and len(set(epg)) == 1
 
         T, G, E = self.num_tiers, self.max_groups, self.max_epg
         # Static tables (derived from the config, so not saved with the weights).
@@ -155,12 +154,11 @@ class HSERRouter(nn.Module):
             expert_real[t, :g, :e] = True
         self.register_buffer("group_real", group_real, persistent=False)
         self.register_buffer("expert_real", expert_real, persistent=False)
-        # Where each tier's group/expert logits go in the padded (T, G[, E]) layout.
-        self.register_buffer("group_slots", group_real.flatten().nonzero().flatten(), persistent=False)
-        self.register_buffer("expert_slots", expert_real.flatten().nonzero().flatten(), persistent=False)
         # Padding value: -inf for missing candidates inside a real group, 0 inside a padded
         # group (a padded group is itself never selectable; 0 keeps its softmax finite).
-        fill = torch.where(group_real[..., None].expand(T, G, E), float("-inf"), 0.0)
+        # Logits of masked tiers stay at these finite fills (their probability is zero anyway).
+        self.register_buffer("group_fill", torch.where(group_real, 0.0, float("-inf")), persistent=False)
+        fill = torch.where(group_real[..., None] & ~expert_real, float("-inf"), 0.0)
         self.register_buffer("expert_fill", fill.flatten(), persistent=False)
         self._build_tie_orders()
 
@@ -190,46 +188,56 @@ class HSERRouter(nn.Module):
         self.register_buffer("expert_order", expert_order, persistent=False)
 
     # ------------------------------------------------------------------------------------
-    def gate_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Raw gate outputs (N,T), (N,T,G), (N,T,G,E) in fp32, padded; one matmul for all levels."""
-        heads = [self.heads[n] for n in self.tier_names]
-        weight = torch.cat(
-            [h.tier_gate for h in heads] + [h.group_gate for h in heads] + [h.expert_gate for h in heads]
-        ).float()
-        logits = F.linear(x.float(), weight)
+    def gate_logits(self, x: torch.Tensor, allowed: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Raw gate outputs (N,T), (N,T,G), (N,T,G,E) in fp32, padded.
+
+        One matmul per allowed tier covers its three levels.  Tiers are few, and keeping the
+        matmuls apart makes a tier's logits bitwise independent of which other tiers exist (a
+        single matmul over all tiers changes the rounding when rows are added).  Masked tiers
+        are not computed at all: their router weights need not even be present.
+        """
         n, T, G, E = x.shape[0], self.num_tiers, self.max_groups, self.max_epg
-        n_groups = int(self.group_slots.numel())
-        tier_l = logits[:, :T]
-        group_l, expert_l = logits[:, T : T + n_groups], logits[:, T + n_groups :]
-        if self.uniform:
-            return tier_l, group_l.reshape(n, T, G), expert_l.reshape(n, T, G, E)
-        group_pad = logits.new_full((n, T * G), float("-inf")).index_copy(1, self.group_slots, group_l)
-        expert_pad = self.expert_fill.to(logits.dtype).expand(n, -1).clone().index_copy(1, self.expert_slots, expert_l)
-        return tier_l, group_pad.view(n, T, G), expert_pad.view(n, T, G, E)
+        x32 = x.float()
+        tier_l = x32.new_full((n, T), float("-inf"))
+        group_l = self.group_fill.to(x32.dtype).expand(n, T, G).clone()
+        expert_l = self.expert_fill.view(1, T, G, E).to(x32.dtype).expand(n, T, G, E).clone()
+        for t, name in enumerate(self.tier_names):
+            if not allowed[t]:
+                continue
+            head = self.heads[name]
+            g, e = head.num_groups, head.experts_per_group
+            weight = torch.cat([head.tier_gate, head.group_gate, head.expert_gate]).float()
+            logits = F.linear(x32, weight)
+            tier_l[:, t] = logits[:, 0]
+            group_l[:, t, :g] = logits[:, 1 : 1 + g]
+            expert_l[:, t, :g, :e] = logits[:, 1 + g :].view(n, g, e)
+        return tier_l, group_l, expert_l
 
     def _biases(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        heads = [self.heads[n] for n in self.tier_names]
+        """The logit bias buffers of all tiers, padded like the logits."""
         T, G, E = self.num_tiers, self.max_groups, self.max_epg
-        tier_b = torch.cat([h.tier_bias for h in heads]).float()
-        group_b = torch.cat([h.group_bias for h in heads]).float()
-        expert_b = torch.cat([h.expert_bias for h in heads]).float()
-        if not self.uniform:
-            group_b = group_b.new_zeros(T * G).index_copy(0, self.group_slots, group_b)
-            expert_b = expert_b.new_zeros(T * G * E).index_copy(0, self.expert_slots, expert_b)
-        return tier_b, group_b.view(T, G), expert_b.view(T, G, E)
+        device = self.group_real.device
+        tier_b, group_b, expert_b = torch.zeros(T, device=device), torch.zeros(T, G, device=device), torch.zeros(T, G, E, device=device)
+        for t, name in enumerate(self.tier_names):
+            head = self.heads[name]
+            g, e = head.num_groups, head.experts_per_group
+            tier_b[t] = head.tier_bias[0]
+            group_b[t, :g] = head.group_bias
+            expert_b[t, :g, :e] = head.expert_bias.view(g, e)
+        return tier_b, group_b, expert_b
 
     def forward(self, x: torch.Tensor, allowed: torch.Tensor, step: int | None = None) -> Routes:
         """Route ``x`` (N, d) over the tiers where ``allowed`` (T,) is true."""
         r = self.routing
         n, T, G, E = x.shape[0], self.num_tiers, self.max_groups, self.max_epg
-        raw_t, raw_g, raw_e = self.gate_logits(x)
+        raw_t, raw_g, raw_e = self.gate_logits(x, allowed.tolist())
         bias_t, bias_g, bias_e = self._biases()
         tier_l = raw_t / r.tier_temperature + bias_t
         group_l = raw_g / r.group_temperature + bias_g
         expert_l = raw_e / r.expert_temperature + bias_e
         if self.training and r.noise_std > 0 and step is not None:
             tier_l, group_l, expert_l = self._add_noise(step, tier_l, group_l, expert_l)
-        tier_l = tier_l.masked_fill(~allowed, float("-inf"))
+        tier_l = tier_l.masked_fill(~allowed, float("-inf"))  # already -inf; explicit for the noise path
 
         p_tier = tier_l.softmax(-1)  # (N,T)
         p_group = group_l.softmax(-1)  # (N,T,G)
@@ -254,7 +262,7 @@ class HSERRouter(nn.Module):
 
         weights = (w_t[:, :, None, None] * w_g[..., None] * w_e.view(n, kt, kg, ke)).reshape(n, -1)
         valid = (ok_g[..., None] & ok_e.view(n, kt, 1, ke).expand(n, kt, kg, ke)).reshape(n, -1) & (weights > 0)
-        weights = weights * valid
+        weights = torch.where(valid, weights, 0.0)
         if r.renormalize:
             weights = weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
         expert_ids = (

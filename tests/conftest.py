@@ -1,0 +1,40 @@
+"""Shared fixtures: small configs and deterministic inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lite_llm import ModelConfig, RoutingConfig, TierConfig
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+def two_tier_config(**overrides) -> ModelConfig:
+    """Two tiers of unequal shape (exercises the padded router path), GQA, untied head."""
+    fields = dict(
+        vocab_size=97,
+        d_model=48,
+        n_layers=2,
+        n_heads=6,
+        n_kv_heads=2,
+        intermediate_size=96,
+        max_seq_len=128,
+        tiers=[
+            TierConfig("tier_a", num_groups=2, experts_per_group=3, expert_hidden=32),
+            TierConfig("tier_b", num_groups=3, experts_per_group=4, expert_hidden=40, k_group=2),
+        ],
+        routing=RoutingConfig(k_tier=2, k_group=1, k_expert=2),
+    )
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+@pytest.fixture
+def tiny_config() -> ModelConfig:
+    return ModelConfig.from_preset("tiny")
+
+
+@pytest.fixture
+def mixed_config() -> ModelConfig:
+    return two_tier_config()
