@@ -38,3 +38,13 @@ def tiny_config() -> ModelConfig:
 @pytest.fixture
 def mixed_config() -> ModelConfig:
     return two_tier_config()
+
+
+@pytest.fixture(scope="session")
+def small_dataset(tmp_path_factory):
+    """A real two-domain dataset (stdlib code and pydoc prose), capped for speed."""
+    from lite_llm.data import ByteTokenizer, prepare_data
+
+    out = tmp_path_factory.mktemp("data") / "std"
+    prepare_data({"code": "stdlib-code", "prose": "stdlib-docs"}, out, ByteTokenizer(), max_bytes_per_domain=400_000)
+    return out

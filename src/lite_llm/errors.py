@@ -22,3 +22,7 @@ class TierSetError(LiteLLMError, ValueError):
 
 class CheckpointError(LiteLLMError):
     """A checkpoint is missing, corrupt, truncated or of an unsupported version."""
+
+
+class DataError(LiteLLMError, ValueError):
+    """A corpus, tokenizer or prepared dataset is missing, empty, corrupt or too small."""

@@ -1,0 +1,151 @@
+"""Atomic directory writes: build a directory under a temporary name, then swap it into place.
+
+The temporary directory sits next to the target (same filesystem, so the rename is atomic).
+Replacing an existing directory uses Linux's ``renameat2(RENAME_EXCHANGE)`` where available —
+one atomic step, after which the old contents sit under the temporary name and are deleted.
+Elsewhere the old directory is first renamed aside (``.<name>.old-…``), the new one renamed
+in, and the old one deleted; if a crash hits between the two renames, :func:`resolve_dir`
+finds the complete old checkpoint under its aside name, so at every instant either the old or
+the new checkpoint is loadable.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+USE_EXCHANGE = True  # tests switch this off to exercise the two-rename fallback
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (new files, renames) durable.  A no-op where directories
+    cannot be opened (Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file, then every directory (deepest first) under ``root``, ``root`` last."""
+    dirs = []
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            fsync_file(Path(dirpath) / name)
+        dirs.append(Path(dirpath))
+    for d in reversed(dirs):
+        fsync_dir(d)
+
+
+def write_bytes_durable(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def temp_sibling(target: Path, tag: str) -> Path:
+    """A hidden, unique path next to ``target``: ``.<name>.<tag>-<pid>-<random>``."""
+    return target.parent / f".{target.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def siblings(target: Path, tag: str) -> list[Path]:
+    if not target.parent.is_dir():
+        return []
+    prefix = f".{target.name}.{tag}-"
+    return sorted(p for p in target.parent.iterdir() if p.name.startswith(prefix))
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths; False when the platform or filesystem cannot."""
+    if not USE_EXCHANGE:
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def swap_into_place(tmp: Path, target: Path) -> None:
+    """Make the complete directory ``tmp`` appear at ``target``, replacing what is there.
+
+    On return ``tmp`` no longer exists.  If this raises, ``target`` still holds the previous
+    directory (or nothing, if there was none) and ``tmp`` is left for the caller to remove.
+    """
+    parent = target.parent
+    if not target.exists():
+        os.replace(tmp, target)
+        fsync_dir(parent)
+        return
+    if _exchange(tmp, target):
+        fsync_dir(parent)
+        shutil.rmtree(tmp, ignore_errors=True)  # now holds the old contents
+        return
+    aside = temp_sibling(target, "old")
+    os.replace(target, aside)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        os.replace(aside, target)  # put the old checkpoint back
+        raise
+    fsync_dir(parent)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def resolve_dir(target: Path, marker: str) -> Path:
+    """``target``, or — when a swap was interrupted between its two renames — the complete old
+    directory left aside next to it (the one holding ``marker``)."""
+    if target.exists():
+        return target
+    for aside in reversed(siblings(target, "old")):
+        if (aside / marker).is_file():
+            return aside
+    return target
+
+
+def recover(target: Path, marker: str) -> None:
+    """Before writing ``target``: restore an interrupted swap and remove stale temporaries."""
+    if not target.exists():
+        found = resolve_dir(target, marker)
+        if found != target:
+            os.replace(found, target)
+            fsync_dir(target.parent)
+    for stale in siblings(target, "tmp") + siblings(target, "old") + siblings(target, "deleting"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def remove_dir(path: Path) -> None:
+    """Delete a directory so that a crash midway never leaves a half-deleted one under its name."""
+    doomed = temp_sibling(path, "deleting")
+    os.replace(path, doomed)
+    fsync_dir(path.parent)
+    shutil.rmtree(doomed, ignore_errors=True)

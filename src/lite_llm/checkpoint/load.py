@@ -1,0 +1,397 @@
+"""Reading and verifying checkpoint directories."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from ..config import ModelConfig, TierSet
+from ..errors import CheckpointError, ConfigError, LiteLLMError, TierSetError
+from ..model import LiteLLM, build_model
+from . import atomic
+from .manifest import (
+    DENSE,
+    EXTRA_TENSORS,
+    MANIFEST,
+    PROGRESSIVE,
+    SHARD_KINDS,
+    TOKENIZER_DIR,
+    TRAINING_META,
+    TRAINING_TENSORS,
+    check_file,
+    one_line,
+    fill_progressive,
+    is_newer_minor,
+    parse_version,
+    read_manifest as _read_manifest,
+    reader_version,
+    safe_member,
+)
+from .training import TrainingState
+
+_CPU_BUILD_LIMIT = 32_000_000  # parameters; larger configs are shape-checked on the meta device
+
+
+@dataclass
+class LoadedCheckpoint:
+    """What :func:`load_checkpoint` returns.
+
+    ``config`` is the config the model was built with: the checkpoint's, restricted to the
+    loaded tiers.  ``skipped_tiers`` are tiers left out because they need a newer reader
+    (not those left out by the TierSet).  ``extra_dirs`` names the extra tensor directories
+    present; read one with :meth:`load_extra`.
+    """
+
+    model: LiteLLM
+    config: ModelConfig
+    manifest: dict
+    progressive: dict
+    tokenizer: Any
+    training: TrainingState | None
+    path: Path
+    skipped_tiers: list[str] = field(default_factory=list)
+    tiers: list[str] = field(default_factory=list)
+    extra_dirs: list[str] = field(default_factory=list)
+
+    def load_extra(self, name: str, *, device: str | torch.device = "cpu", verify: bool = True) -> dict[str, torch.Tensor]:
+        return load_extra(self.path, name, device=device, verify=verify, manifest=self.manifest)
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    """The validated, version-checked manifest of the checkpoint at ``path`` (optional fields
+    of older writers filled with defaults)."""
+    return _read_manifest(atomic.resolve_dir(Path(path), MANIFEST))
+
+
+# ------------------------------------------------------------------------------- helpers
+def _config_from_manifest(manifest: dict, root: Path) -> tuple[dict, list[str]]:
+    """The raw model_config with tiers needing a newer reader removed, and their names."""
+    raw = dict(manifest["model_config"])
+    ours = reader_version()
+    kept, skipped = [], []
+    for tier in raw.get("tiers", []):
+        needed = tier.get("min_reader_version")
+        version = parse_version(needed) if needed else None
+        if needed and (version is None or version > ours):
+            skipped.append(tier["name"])
+        else:
+            kept.append(tier)
+    if skipped:
+        warnings.warn(
+            f"checkpoint {root} has tier(s) {', '.join(skipped)} that need a newer lite-llm reader; "
+            f"loading without them (upgrade lite-llm to use them)",
+            stacklevel=3,
+        )
+    raw["tiers"] = kept
+    return raw, skipped
+
+
+def _build_config(raw: dict, manifest: dict, manifest_path: Path) -> ModelConfig:
+    routing = dict(raw.get("routing") or {})
+    n_tiers = len(raw.get("tiers", []))
+    if n_tiers and isinstance(routing.get("k_tier"), int):
+        routing["k_tier"] = min(routing["k_tier"], n_tiers)
+    raw = {**raw, "routing": routing}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # advisory budget warnings were given when the model was made
+            return ModelConfig.from_dict(raw, allow_unknown=is_newer_minor(manifest))
+    except (ConfigError, TierSetError, TypeError) as exc:
+        raise CheckpointError(f"{manifest_path} holds an invalid model_config ({one_line(exc)}); restore it from a backup or re-save the checkpoint") from None
+
+
+def _select_tiers(config: ModelConfig, tierset: Any, skipped: list[str], root: Path) -> list[str]:
+    if tierset is None:
+        return [t.name for t in config.tiers]
+    ts = TierSet.coerce(tierset)
+    wanted_skipped = [n for n in ts.names if n in skipped]
+    if wanted_skipped:
+        raise CheckpointError(
+            f"tier(s) {', '.join(wanted_skipped)} of checkpoint {root} need a newer lite-llm reader than format {'.'.join(map(str, reader_version()))}; upgrade lite-llm or choose other tiers"
+        )
+    return ts.resolve(config)
+
+
+def _expected_tensors(config: ModelConfig, model: LiteLLM | None = None) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor the checkpoint must supply (tied head excluded).
+
+    Without a built ``model``, small configs are built on the CPU and large ones on the meta
+    device (no memory; but the first meta build in a process imports torch._dynamo, ~3 s)."""
+    if model is None:
+        if config.num_params() <= _CPU_BUILD_LIMIT:
+            model = LiteLLM(config)
+        else:
+            with torch.device("meta"):
+                model = LiteLLM(config)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if config.tie_embeddings:
+        expected.pop("lm_head.weight", None)
+    return expected
+
+
+def _load_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{what} {path} is not valid JSON ({one_line(exc)}); restore it from a backup or re-save the checkpoint") from None
+
+
+def _file_entries(manifest: dict) -> dict[str, dict]:
+    return {f["path"]: f for f in manifest.get("files", []) if isinstance(f, dict) and isinstance(f.get("path"), str)}
+
+
+def _check_listed(root: Path, manifest: dict, rel: str, what: str, verify: bool) -> Path:
+    """Path of an auxiliary file, checked against its manifest entry when it has one."""
+    path = safe_member(root, rel, root / MANIFEST)
+    entry = _file_entries(manifest).get(rel)
+    if entry is not None:
+        problem = check_file(path, entry, what, verify=verify)
+        if problem:
+            raise CheckpointError(problem)
+    return path
+
+
+def _read_safetensors(path: Path, device: str, listed: dict[str, Any] | None, what: str) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(path), framework="pt", device=device) as f:
+            names = list(f.keys())
+            if listed is not None and set(names) != set(listed):
+                missing = sorted(set(listed) - set(names))
+                extra = sorted(set(names) - set(listed))
+                detail = f"lacks {', '.join(missing[:3])}" if missing else f"has unlisted {', '.join(extra[:3])}"
+                raise CheckpointError(f"{what} {path} does not match the manifest ({detail}); restore it from a backup or re-save the checkpoint")
+            return {name: f.get_tensor(name) for name in names}
+    except SafetensorError as exc:
+        raise CheckpointError(f"{what} {path} cannot be read as safetensors ({one_line(exc)}); restore it from a backup or re-save the checkpoint") from None
+
+
+def _load_tokenizer(directory: Path) -> Any:
+    try:
+        from ..data import load_tokenizer  # written by another layer; optional here
+    except ImportError:
+        warnings.warn(f"checkpoint tokenizer at {directory} not loaded: lite_llm.data is not available", stacklevel=3)
+        return None
+    try:
+        return load_tokenizer(directory)
+    except LiteLLMError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - surface any tokenizer failure as one clear error
+        raise CheckpointError(f"tokenizer {directory} cannot be loaded ({type(exc).__name__}: {one_line(exc)}); restore it from a backup or re-save the checkpoint") from None
+
+
+# ------------------------------------------------------------------------------- load
+def load_checkpoint(
+    path: str | os.PathLike,
+    *,
+    tierset: TierSet | str | Iterable[str] | None = None,
+    verify: bool = True,
+    device: str | torch.device = "cpu",
+    load_training: bool = False,
+) -> LoadedCheckpoint:
+    """Load the checkpoint at ``path`` into a freshly built model.
+
+    ``tierset`` restricts loading to those tiers: only their shards (and the dense shard) are
+    opened and hashed, and the model is built with just those tiers.  ``verify`` checks the
+    sha256 of every file read.  Tiers that need a newer reader are skipped with a warning and
+    listed in ``skipped_tiers``.  Raises :class:`CheckpointError` for anything missing,
+    truncated, corrupt or of an unsupported version.
+    """
+    root = atomic.resolve_dir(Path(path), MANIFEST)
+    manifest = _read_manifest(root)
+    manifest_path = root / MANIFEST
+    device = str(torch.device(device))
+
+    raw, skipped = _config_from_manifest(manifest, root)
+    full = _build_config(raw, manifest, manifest_path)
+    kept = _select_tiers(full, tierset, skipped, root)
+    config = full
+    if [t.name for t in full.tiers] != kept:
+        raw = {**raw, "tiers": [t for t in raw["tiers"] if t["name"] in kept]}
+        config = _build_config(raw, manifest, manifest_path)
+
+    # Shards: the dense part and the kept tiers' parts; unknown kinds and tiers are ignored.
+    state: dict[str, torch.Tensor] = {}
+    origin: dict[str, Path] = {}
+    for shard in manifest["shards"]:
+        if shard["kind"] not in SHARD_KINDS:
+            continue
+        if shard["tier"] != DENSE and shard["tier"] not in kept:
+            continue
+        shard_path = safe_member(root, shard["path"], manifest_path)
+        problem = check_file(shard_path, shard, "shard", verify=verify)
+        if problem:
+            raise CheckpointError(problem)
+        tensors = _read_safetensors(shard_path, device, shard["tensors"], "shard")
+        for name, tensor in tensors.items():
+            if name in state:
+                raise CheckpointError(f"tensor {name} appears in both {origin[name]} and {shard_path}; restore the checkpoint from a backup or re-save it")
+            state[name], origin[name] = tensor, shard_path
+
+    model = build_model(config, device=device)
+    expected = _expected_tensors(config, model)
+    missing = [n for n in expected if n not in state]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise CheckpointError(
+            f"checkpoint {root} lacks tensor(s) {', '.join(missing[:3])}{more} that the model needs; restore the missing shard from a backup or re-save the checkpoint"
+        )
+    unexpected = [n for n in state if n not in expected]
+    if unexpected:
+        raise CheckpointError(
+            f"shard {origin[unexpected[0]]} holds tensor {unexpected[0]}, which a model of this config does not have; restore the checkpoint from a backup or re-save it"
+        )
+    for name, shape in expected.items():
+        if tuple(state[name].shape) != shape:
+            raise CheckpointError(
+                f"tensor {name} in {origin[name]} has shape {tuple(state[name].shape)} but the config needs {shape}; restore the checkpoint from a backup or re-save it"
+            )
+
+    if config.tie_embeddings:
+        state["lm_head.weight"] = state["embed.weight"]
+    model.load_state_dict(state, strict=True, assign=True)  # keeps the stored dtypes
+    if config.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+
+    # Progressive state, tokenizer, training state.
+    progressive_path = root / PROGRESSIVE
+    progressive: dict = fill_progressive(None)
+    if progressive_path.exists() or PROGRESSIVE in _file_entries(manifest):
+        data = _load_json(_check_listed(root, manifest, PROGRESSIVE, "file", verify), "file")
+        if not isinstance(data, dict):
+            raise CheckpointError(f"file {progressive_path} must hold a JSON object; restore it from a backup or re-save the checkpoint")
+        progressive = fill_progressive(data)
+
+    tokenizer = None
+    tok_dir = root / TOKENIZER_DIR
+    if tok_dir.is_dir():
+        for rel in _file_entries(manifest):
+            if rel.startswith(TOKENIZER_DIR + "/"):
+                _check_listed(root, manifest, rel, "tokenizer file", verify)
+        tokenizer = _load_tokenizer(tok_dir)
+
+    training = None
+    if load_training and ((root / TRAINING_TENSORS).exists() or TRAINING_TENSORS in _file_entries(manifest)):
+        training = _load_training(root, manifest, device, verify)
+
+    extras = sorted(
+        f["name"] for f in _file_entries(manifest).values() if f.get("kind") == "extra" and isinstance(f.get("name"), str)
+    )
+    return LoadedCheckpoint(
+        model=model,
+        config=config,
+        manifest=manifest,
+        progressive=progressive,
+        tokenizer=tokenizer,
+        training=training,
+        path=root,
+        skipped_tiers=skipped,
+        tiers=kept,
+        extra_dirs=extras,
+    )
+
+
+def _load_training(root: Path, manifest: dict, device: str, verify: bool) -> TrainingState:
+    entry = _file_entries(manifest).get(TRAINING_TENSORS, {})
+    tensors_path = _check_listed(root, manifest, TRAINING_TENSORS, "training state", verify)
+    tensors = _read_safetensors(tensors_path, device, entry.get("tensors"), "training state")
+    meta: dict = {}
+    meta_path = root / TRAINING_META
+    if meta_path.exists() or TRAINING_META in _file_entries(manifest):
+        meta = _load_json(_check_listed(root, manifest, TRAINING_META, "training state", verify), "training state")
+    return TrainingState(tensors=tensors, meta=meta)
+
+
+def load_training_state(path: str | os.PathLike, *, device: str | torch.device = "cpu", verify: bool = True) -> TrainingState | None:
+    """Only the training state of a checkpoint (None when it has none), without the model."""
+    root = atomic.resolve_dir(Path(path), MANIFEST)
+    manifest = _read_manifest(root)
+    if not ((root / TRAINING_TENSORS).exists() or TRAINING_TENSORS in _file_entries(manifest)):
+        return None
+    return _load_training(root, manifest, str(torch.device(device)), verify)
+
+
+def load_extra(
+    path: str | os.PathLike, name: str, *, device: str | torch.device = "cpu", verify: bool = True, manifest: dict | None = None
+) -> dict[str, torch.Tensor]:
+    """The tensors of the extra directory ``name`` (for example ``"ewc"``) of a checkpoint."""
+    root = atomic.resolve_dir(Path(path), MANIFEST)
+    manifest = manifest if manifest is not None else _read_manifest(root)
+    rel = f"{name}/{EXTRA_TENSORS}"
+    entry = _file_entries(manifest).get(rel)
+    if entry is None:
+        raise CheckpointError(f"checkpoint {root} has no extra directory {name!r}; save it with extra_dirs={{{name!r}: ...}} first")
+    file_path = _check_listed(root, manifest, rel, "file", verify)
+    return _read_safetensors(file_path, str(torch.device(device)), entry.get("tensors"), "file")
+
+
+# ------------------------------------------------------------------------------- verify
+def verify_checkpoint(path: str | os.PathLike) -> list[str]:
+    """Every problem found in the checkpoint at ``path``, one sentence each (empty = sound).
+
+    Checks the manifest, then every listed shard and file: present, of the recorded size,
+    matching its sha256 and (for safetensors) holding exactly the listed tensors; and that the
+    shards together supply every tensor the model config needs.
+    """
+    root = atomic.resolve_dir(Path(path), MANIFEST)
+    try:
+        manifest = _read_manifest(root)
+    except CheckpointError as exc:
+        return [str(exc)]
+    problems: list[str] = []
+    manifest_path = root / MANIFEST
+    present: dict[str, tuple[int, ...]] = {}
+    explained: set[str] = set()  # tensors of files already reported as bad
+    listed = [(s, "shard") for s in manifest["shards"]] + [(f, "file") for f in _file_entries(manifest).values()]
+    for entry, what in listed:
+        try:
+            file_path = safe_member(root, entry["path"], manifest_path)
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            continue
+        problem = check_file(file_path, entry, what, verify=True)
+        if problem:
+            problems.append(problem)
+            if isinstance(entry.get("tensors"), dict):
+                explained.update(entry["tensors"])
+            continue
+        if isinstance(entry.get("tensors"), dict):
+            problems.extend(_check_header(file_path, entry["tensors"], what, present if what == "shard" else {}))
+    try:
+        config = _build_config(dict(manifest["model_config"]), manifest, manifest_path)
+    except CheckpointError as exc:
+        return problems + [str(exc)]
+    for name, shape in _expected_tensors(config).items():
+        if name in explained:
+            continue
+        if name not in present:
+            problems.append(f"checkpoint {root} lacks tensor {name} that the model needs; restore the missing shard from a backup or re-save the checkpoint")
+        elif present[name] != shape:
+            problems.append(f"tensor {name} of checkpoint {root} has shape {present[name]} but the config needs {shape}; re-save the checkpoint")
+    return problems
+
+
+def _check_header(file_path: Path, listed: dict, what: str, present: dict[str, tuple[int, ...]]) -> list[str]:
+    """Problems between a safetensors header and its manifest listing (reads the header only)."""
+    problems = []
+    try:
+        with safe_open(str(file_path), framework="pt", device="cpu") as f:
+            names = list(f.keys())
+            for name in names:
+                shape = tuple(f.get_slice(name).get_shape())
+                info = listed.get(name)
+                if not isinstance(info, dict) or tuple(info.get("shape", ())) != shape:
+                    problems.append(f"{what} {file_path} holds tensor {name} that its manifest entry does not list with that shape; re-save the checkpoint")
+                present[name] = shape
+    except SafetensorError as exc:
+        return [f"{what} {file_path} cannot be read as safetensors ({one_line(exc)}); restore it from a backup or re-save the checkpoint"]
+    lacking = sorted(set(listed) - set(names))
+    if lacking:
+        problems.append(f"{what} {file_path} lacks listed tensor(s) {', '.join(lacking[:3])}; re-save the checkpoint")
+    return problems

@@ -1,0 +1,221 @@
+"""Writing a checkpoint directory atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping
+
+import safetensors.torch
+import torch
+
+from ..errors import CheckpointError
+from ..model import LiteLLM
+from . import atomic
+from .manifest import (
+    DENSE,
+    EXTRA_TENSORS,
+    FORMAT_NAME,
+    MANIFEST,
+    PROGRESSIVE,
+    TOKENIZER_DIR,
+    TRAINING_DIR,
+    TRAINING_META,
+    TRAINING_TENSORS,
+    fill_progressive,
+    one_line,
+    sha256_file,
+    shard_file_names,
+    shard_owner,
+    shard_stem,
+    split_by_bytes,
+)
+from . import manifest as _manifest
+from .training import TrainingState
+
+_EXTRA_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
+_RESERVED = {TOKENIZER_DIR, TRAINING_DIR, MANIFEST, PROGRESSIVE}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _json_bytes(data: Any, what: str) -> bytes:
+    try:
+        return (json.dumps(data, indent=2, allow_nan=False) + "\n").encode("utf-8")
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{what} cannot be written as JSON ({one_line(exc)}); keep it to dicts, lists, strings, finite numbers, booleans and None") from None
+
+
+def _prepare(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached, contiguous CPU tensors with no shared storage (safetensors refuses it)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[tuple[str, int]] = set()
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise CheckpointError(f"value {name!r} is a {type(t).__name__}, not a tensor; only tensors can be stored in safetensors files")
+        t = t.detach().to("cpu").contiguous()
+        key = (t.device.type, t.untyped_storage().data_ptr())
+        if t.numel() and key in seen:
+            t = t.clone()
+        elif t.numel():
+            seen.add(key)
+        out[name] = t
+    return out
+
+
+def _write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    safetensors.torch.save_file(_prepare(tensors), str(path), metadata=metadata)
+
+
+def _file_entry(root: Path, rel: str, **extra: Any) -> dict[str, Any]:
+    path = root / rel
+    return {"path": rel, **extra, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def _tensor_meta(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
+    return {name: {"dtype": _dtype_name(t.dtype), "shape": list(t.shape)} for name, t in tensors.items()}
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: LiteLLM,
+    *,
+    tokenizer: Any = None,
+    progressive: dict | None = None,
+    training: TrainingState | None = None,
+    extra_dirs: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    max_shard_bytes: int = 2 * 1024**3,
+) -> Path:
+    """Write ``model`` (and optional tokenizer, progressive state, training state and extra
+    tensor directories) as a checkpoint directory at ``path``, atomically.
+
+    Everything is written into a hidden temporary directory next to ``path``, fsynced, then
+    swapped into place; an existing checkpoint at ``path`` is replaced only once the new one is
+    complete.  Any exception removes the temporary directory and leaves ``path`` as it was.
+    Returns ``path``.
+    """
+    target = Path(path)
+    if max_shard_bytes <= 0:
+        raise CheckpointError(f"max_shard_bytes must be positive, got {max_shard_bytes}; pass a size in bytes such as 2 * 1024**3")
+    config = model.config
+    progressive_bytes = _json_bytes(fill_progressive(progressive), "progressive")
+    training_meta = _json_bytes(training.meta, "training.meta") if training is not None else None
+    extra_dirs = dict(extra_dirs or {})
+    for name in extra_dirs:
+        if not isinstance(name, str) or not _EXTRA_NAME.match(name) or name in _RESERVED:
+            raise CheckpointError(
+                f"extra directory name {name!r} is not allowed; use lower-case letters, digits, '_', '-' or '.' and avoid {', '.join(sorted(_RESERVED))}"
+            )
+    if target.exists() and not (target.is_dir() and ((target / MANIFEST).is_file() or not any(target.iterdir()))):
+        raise CheckpointError(f"refusing to overwrite {target}, which is not a lite-llm checkpoint; choose another path or remove it first")
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic.recover(target, MANIFEST)
+    tmp = atomic.temp_sibling(target, "tmp")
+    tmp.mkdir()
+    try:
+        manifest = _write_contents(tmp, model, config, tokenizer, progressive_bytes, training, training_meta, extra_dirs, max_shard_bytes)
+        atomic.write_bytes_durable(tmp / MANIFEST, _json_bytes(manifest, "manifest"))
+        atomic.fsync_tree(tmp)
+        atomic.swap_into_place(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _write_contents(
+    tmp: Path,
+    model: LiteLLM,
+    config: Any,
+    tokenizer: Any,
+    progressive_bytes: bytes,
+    training: TrainingState | None,
+    training_meta: bytes | None,
+    extra_dirs: dict[str, Mapping[str, torch.Tensor]],
+    max_shard_bytes: int,
+) -> dict[str, Any]:
+    from .. import __version__
+
+    created = _now()
+    tier_names = [t.name for t in config.tiers]
+    state = model.state_dict()
+    tied = config.tie_embeddings or model.lm_head.weight is model.embed.weight
+    if tied:
+        state.pop("lm_head.weight", None)
+
+    groups: dict[tuple[str, str], list[str]] = {(DENSE, DENSE): []}
+    for name in tier_names:
+        groups[(name, "router")] = []
+        groups[(name, "experts")] = []
+    for name in state:
+        groups[shard_owner(name, set(tier_names))].append(name)
+
+    shards = []
+    for (tier, kind), names in groups.items():
+        if not names:
+            continue
+        sizes = [(n, state[n].numel() * state[n].element_size()) for n in names]
+        pieces = split_by_bytes(sizes, max_shard_bytes)
+        for file_name, piece in zip(shard_file_names(shard_stem(tier, kind), len(pieces)), pieces):
+            tensors = {n: state[n] for n in piece}
+            _write_safetensors(tmp / file_name, tensors, {"format": "pt", "lite_llm_tier": tier, "lite_llm_kind": kind})
+            dtypes = sorted({_dtype_name(t.dtype) for t in tensors.values()})
+            shards.append(
+                _file_entry(tmp, file_name, tier=tier, kind=kind, dtype=dtypes[0] if len(dtypes) == 1 else "mixed")
+                | {"tensors": _tensor_meta(tensors)}
+            )
+
+    files = []
+    atomic.write_bytes_durable(tmp / PROGRESSIVE, progressive_bytes)
+    files.append(_file_entry(tmp, PROGRESSIVE, kind="progressive"))
+    if tokenizer is not None:
+        tok_dir = tmp / TOKENIZER_DIR
+        tok_dir.mkdir()
+        tokenizer.save(tok_dir)
+        for p in sorted(tok_dir.rglob("*")):
+            if p.is_file():
+                files.append(_file_entry(tmp, p.relative_to(tmp).as_posix(), kind="tokenizer"))
+    if training is not None:
+        (tmp / TRAINING_DIR).mkdir()
+        _write_safetensors(tmp / TRAINING_TENSORS, training.tensors, {"format": "pt"})
+        atomic.write_bytes_durable(tmp / TRAINING_META, training_meta or b"{}\n")
+        files.append(_file_entry(tmp, TRAINING_TENSORS, kind="training", tensors=_tensor_meta(training.tensors)))
+        files.append(_file_entry(tmp, TRAINING_META, kind="training"))
+    for name, tensors in extra_dirs.items():
+        (tmp / name).mkdir()
+        rel = f"{name}/{EXTRA_TENSORS}"
+        _write_safetensors(tmp / rel, tensors, {"format": "pt"})
+        files.append(_file_entry(tmp, rel, kind="extra", name=name, tensors=_tensor_meta(tensors)))
+
+    return {
+        "format": FORMAT_NAME,
+        "format_version": _manifest.FORMAT_VERSION,
+        "created_at": created,
+        "lite_llm_version": __version__,
+        "model_config": config.to_dict(),
+        "tiers": {
+            t.name: {
+                "budget": t.budget,
+                "placement": t.placement,
+                "k_group": config.k_group_of(t),
+                "k_expert": config.k_expert_of(t),
+                "created_at": t.created_at,
+                "num_params": config.tier_params(t),
+            }
+            for t in config.tiers
+        },
+        "num_params": model.num_params(),
+        "shards": shards,
+        "files": files,
+    }

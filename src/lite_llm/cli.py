@@ -1,0 +1,429 @@
+"""`lite-llm`: the command line.
+
+Every command prints one clear sentence and exits non-zero on bad input; no stack traces for
+errors a user can fix.  Heavy imports happen inside commands so ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import LiteLLMError
+
+app = typer.Typer(
+    name="lite-llm",
+    help="Language models that grow: train a small tiered model, then grow it without starting over.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Prepare corpora into token shards.", no_args_is_help=True)
+tokenizer_app = typer.Typer(help="Train and inspect tokenizers.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(tokenizer_app, name="tokenizer")
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn user-facing errors into one line on stderr and exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except LiteLLMError as exc:
+            err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+            raise typer.Exit(1) from None
+        except (FileNotFoundError, NotADirectoryError, PermissionError) as exc:
+            err_console.print(f"[bold red]error:[/bold red] {exc.strerror or exc}: {exc.filename}", highlight=False)
+            raise typer.Exit(1) from None
+        except ValueError as exc:
+            err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _model_config(preset: Optional[str], config: Optional[Path]):
+    from .config import ModelConfig
+
+    if config is not None:
+        return ModelConfig.from_file(config)
+    return ModelConfig.from_preset(preset or "tiny")
+
+
+# ------------------------------------------------------------------------------------ init
+@app.command()
+@friendly_errors
+def init(
+    output: Path = typer.Option(..., "-o", "--output", help="Checkpoint directory to create."),
+    preset: Optional[str] = typer.Option(None, help="Named model config: tiny, tiny-dense, small, smollm2-135m."),
+    config: Optional[Path] = typer.Option(None, help="Model config file (YAML or JSON; may say `preset: NAME` and override fields)."),
+    tokenizer: str = typer.Option("byte", help="'byte' or a folder/tokenizer.json made by `lite-llm tokenizer train`."),
+    seed: int = typer.Option(0, help="Initialisation seed."),
+) -> None:
+    """Create a freshly initialised model checkpoint.
+
+    Examples:
+
+      lite-llm init --preset tiny -o ckpt/tiny
+
+      lite-llm init --config model.yaml --tokenizer tok/ -o ckpt/mine
+    """
+    from .checkpoint import save_checkpoint
+    from .data import get_tokenizer
+    from .model import build_model
+
+    cfg = _model_config(preset, config)
+    tok = get_tokenizer(tokenizer)
+    if tok.vocab_size > cfg.vocab_size:
+        raise LiteLLMError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {cfg.vocab_size}; raise vocab_size")
+    model = build_model(cfg, seed=seed)
+    path = save_checkpoint(output, model, tokenizer=tok)
+    console.print(f"wrote {path}: {cfg.num_params():,} parameters, {cfg.num_active_params():,} active per token")
+
+
+# ------------------------------------------------------------------------------------ data
+@data_app.command("prepare")
+@friendly_errors
+def data_prepare(
+    sources: list[str] = typer.Argument(..., help="DOMAIN=SPEC or SPEC; SPEC is stdlib-code, stdlib-docs, a file, a folder or a glob."),
+    output: Path = typer.Option(..., "-o", "--output", help="Dataset directory to create."),
+    tokenizer: str = typer.Option("byte", help="'byte' or a trained tokenizer folder/file."),
+    val_fraction: float = typer.Option(0.05, help="Share of documents held out for validation."),
+    max_mb: Optional[float] = typer.Option(None, help="Cap each domain at this many MB (quick runs)."),
+    seed: int = typer.Option(0, help="Seed of the train/validation split."),
+) -> None:
+    """Turn text into memory-mapped token shards, one named domain per source.
+
+    Examples:
+
+      lite-llm data prepare code=stdlib-code prose=stdlib-docs -o data/std
+
+      lite-llm data prepare notes=~/notes/ 'papers=docs/*.md' -o data/mine --val-fraction 0.1
+    """
+    from .data import get_tokenizer, prepare_data
+
+    mapping: dict[str, str] = {}
+    for spec in sources:
+        domain, _, target = spec.partition("=") if "=" in spec else (spec, "", spec)
+        if domain in mapping:
+            raise LiteLLMError(f"domain {domain!r} is given twice; give each source its own name as DOMAIN=SPEC")
+        mapping[domain] = target
+    index = prepare_data(
+        mapping,
+        output,
+        get_tokenizer(tokenizer),
+        val_fraction=val_fraction,
+        seed=seed,
+        max_bytes_per_domain=int(max_mb * 1e6) if max_mb else None,
+    )
+    table = Table("domain", "source", "train tokens", "val tokens")
+    for name, info in index["domains"].items():
+        table.add_row(name, str(info.get("source")), f"{info['train']['tokens']:,}", f"{info['val']['tokens']:,}")
+    console.print(table)
+    console.print(f"wrote {output}")
+
+
+# ------------------------------------------------------------------------------------ tokenizer
+@tokenizer_app.command("train")
+@friendly_errors
+def tokenizer_train(
+    sources: list[str] = typer.Argument(..., help="SPECs to train on: stdlib-code, stdlib-docs, files, folders or globs."),
+    output: Path = typer.Option(..., "-o", "--output", help="Folder for tokenizer.json."),
+    vocab_size: int = typer.Option(4096, help="Vocabulary size, including the 256 byte tokens."),
+    min_frequency: int = typer.Option(2, help="Minimum pair frequency for a merge."),
+) -> None:
+    """Train a byte-level BPE tokenizer offline (Hugging Face tokenizer.json format).
+
+    Example:
+
+      lite-llm tokenizer train stdlib-code stdlib-docs --vocab-size 8192 -o tok/
+    """
+    from .data import BPETokenizer, resolve_source
+
+    texts = (text for spec in sources for _, text in resolve_source(spec))
+    tok = BPETokenizer.train(texts=texts, vocab_size=vocab_size, min_frequency=min_frequency)
+    tok.save(output)
+    console.print(f"wrote {output} ({tok.vocab_size} tokens)")
+
+
+# ------------------------------------------------------------------------------------ train
+@app.command()
+@friendly_errors
+def train(
+    data: Path = typer.Option(..., help="Dataset directory from `lite-llm data prepare`."),
+    output: Path = typer.Option(..., "-o", "--output", help="Run directory (checkpoints, metrics.jsonl, plots)."),
+    init_from: Optional[Path] = typer.Option(None, "--init", help="Start from this checkpoint."),
+    preset: Optional[str] = typer.Option(None, help="Start from a fresh model of this preset."),
+    model_config: Optional[Path] = typer.Option(None, "--model-config", help="Start from a fresh model of this config file."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Training config (YAML/JSON); flags below override it."),
+    resume: bool = typer.Option(False, help="Continue the run in OUTPUT from its latest checkpoint."),
+    steps: Optional[int] = typer.Option(None, help="Total optimizer steps."),
+    batch_size: Optional[int] = typer.Option(None, help="Sequences per micro-batch."),
+    seq_len: Optional[int] = typer.Option(None, help="Tokens per sequence."),
+    grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per step."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate."),
+    warmup_steps: Optional[int] = typer.Option(None, help="Linear warm-up steps."),
+    domains: Optional[str] = typer.Option(None, help="Mixture weights, e.g. 'code=0.7,prose=0.3'."),
+    tiers: Optional[str] = typer.Option(None, help="TierSet to train: all, tier_1b, upto:tier_1b, only:tier_10b."),
+    seed: Optional[int] = typer.Option(None, help="Seed of data order and routing noise."),
+    bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bfloat16 autocast."),
+    eval_every: Optional[int] = typer.Option(None, help="Validate every N steps (0: only at the end)."),
+    save_every: Optional[int] = typer.Option(None, help="Checkpoint every N steps (0: only at the end)."),
+    quiet: bool = typer.Option(False, help="No progress bar."),
+) -> None:
+    """Train a model on a prepared dataset, with validation per domain and checkpoints.
+
+    Examples:
+
+      lite-llm train --data data/std --preset small --steps 300 -o runs/small
+
+      lite-llm train --data data/std --init ckpt/tiny --config train.yaml -o runs/a
+
+      lite-llm train --data data/std -o runs/a --resume
+    """
+    from .checkpoint import CheckpointManager, load_checkpoint
+    from .data import TokenData
+    from .model import build_model
+    from .train import TrainConfig, Trainer
+
+    cfg = TrainConfig.from_file(config) if config else TrainConfig()
+    overrides = dict(
+        steps=steps, batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum, lr=lr,
+        warmup_steps=warmup_steps, tierset=tiers, seed=seed, bf16=bf16, eval_every=eval_every, save_every=save_every,
+    )
+    fields = cfg.to_dict()
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    if domains:
+        fields["domains"] = _parse_weights(domains)
+    cfg = TrainConfig.from_dict(fields)
+    dataset = TokenData(data)
+    latest = CheckpointManager(output).latest() if resume else None
+    if resume and latest is None:
+        raise LiteLLMError(f"nothing to resume in {output}: it has no checkpoint; drop --resume to start a new run")
+    if latest is not None or init_from is not None:
+        loaded = load_checkpoint(latest or init_from)
+        model = loaded.model
+    else:
+        model = build_model(_model_config(preset, model_config), seed=cfg.seed)
+    _check_vocab(model.config.vocab_size, dataset.tokenizer.vocab_size)
+    trainer = Trainer(model, dataset, cfg, run_dir=output, show_progress=not quiet, tokenizer=dataset.tokenizer)
+    if latest is not None:
+        trainer.resume(latest)
+        console.print(f"resumed from {latest} at step {trainer.step}")
+    result = trainer.train()
+    _print_scores(result.final_eval)
+    if result.skipped_steps:
+        console.print(f"[yellow]skipped {len(result.skipped_steps)} step(s) with a non-finite loss: {result.skipped_steps[:10]}[/yellow]")
+    console.print(f"checkpoint: {result.checkpoint}")
+
+
+def _parse_weights(text: str) -> dict[str, float]:
+    weights = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        if not sep:
+            raise LiteLLMError(f"cannot read mixture weight {part!r}; write DOMAIN=WEIGHT, e.g. code=0.7,prose=0.3")
+        weights[name.strip()] = float(value)
+    return weights
+
+
+def _check_vocab(model_vocab: int, tokenizer_vocab: int) -> None:
+    if tokenizer_vocab > model_vocab:
+        raise LiteLLMError(
+            f"the dataset's tokenizer has {tokenizer_vocab} tokens but the model only {model_vocab}; prepare the data with the model's tokenizer"
+        )
+
+
+def _print_scores(scores: dict[str, dict[str, float]], title: str = "validation") -> None:
+    if not scores:
+        return
+    table = Table("domain", "loss (nats/token)", "bits per byte", title=title)
+    for domain, s in scores.items():
+        table.add_row(domain, f"{s['loss']:.4f}", f"{s['bpb']:.4f}")
+    console.print(table)
+
+
+# ------------------------------------------------------------------------------------ eval
+@app.command("eval")
+@friendly_errors
+def eval_command(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint directory."),
+    data: Path = typer.Option(..., help="Dataset directory from `lite-llm data prepare`."),
+    domains: Optional[str] = typer.Option(None, help="Comma-separated domains (default: all)."),
+    tiers: str = typer.Option("all", help="TierSet to evaluate with."),
+    batches: int = typer.Option(16, help="Validation batches per domain."),
+    batch_size: int = typer.Option(16, help="Sequences per batch."),
+    seq_len: int = typer.Option(128, help="Tokens per sequence."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the scores here."),
+) -> None:
+    """Validation loss and bits per byte per domain.
+
+    Example:
+
+      lite-llm eval runs/small/checkpoints/step-00000300 --data data/std --domains code,prose
+    """
+    from .checkpoint import load_checkpoint
+    from .data import TokenData
+    from .eval import evaluate
+
+    loaded = load_checkpoint(checkpoint, tierset=None if tiers == "all" else tiers)
+    dataset = TokenData(data)
+    names = [d.strip() for d in domains.split(",")] if domains else dataset.domains
+    unknown = [d for d in names if d not in dataset.domains]
+    if unknown:
+        raise LiteLLMError(f"unknown domain(s) {', '.join(unknown)}; the data has {', '.join(dataset.domains)}")
+    scores = evaluate(loaded.model, dataset, names, batch_size=batch_size, seq_len=seq_len, max_batches=batches, tierset=tiers)
+    result = {d: s.to_dict() for d, s in scores.items()}
+    _print_scores(result, title=f"{checkpoint} ({tiers})")
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2))
+
+
+# ------------------------------------------------------------------------------------ inspect
+@app.command()
+@friendly_errors
+def inspect(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint directory."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Check every shard's sha256."),
+) -> None:
+    """Show a checkpoint's manifest, tiers and parameter counts; verify its hashes.
+
+    Exits non-zero when a shard is missing, truncated or fails its hash.
+
+    Example:
+
+      lite-llm inspect runs/small/checkpoints/step-00000300
+    """
+    from .checkpoint import read_manifest, verify_checkpoint
+    from .config import ModelConfig, TierSet, format_size
+
+    manifest = read_manifest(checkpoint)
+    cfg = ModelConfig.from_dict(manifest["model_config"], allow_unknown=True)
+    console.print(f"[bold]{checkpoint}[/bold]  format {manifest['format_version']}  model '{cfg.name}'")
+    console.print(
+        f"d_model {cfg.d_model}, layers {cfg.n_layers}, heads {cfg.n_heads}/{cfg.n_kv_heads} (q/kv), head_dim {cfg.head_dim}, vocab {cfg.vocab_size}"
+        + (f", tied embeddings" if cfg.tie_embeddings else "")
+    )
+    if cfg.tiers:
+        table = Table("tier", "groups x experts", "expert hidden", "k (group, expert)", "params", "budget", "placement", title="tiers")
+        for t in cfg.tiers:
+            table.add_row(
+                t.name, f"{t.num_groups} x {t.experts_per_group}", str(t.expert_hidden),
+                f"{cfg.k_group_of(t)}, {cfg.k_expert_of(t)}", format_size(cfg.tier_params(t)),
+                format_size(t.budget) if t.budget else "-", t.placement,
+            )
+        console.print(table)
+    counts = Table("TierSet", "total parameters", "active per token", title="parameters")
+    counts.add_row("(model)", f"{cfg.num_params():,}", f"{cfg.num_active_params():,}")
+    for t in cfg.tiers:
+        ts = TierSet.up_to(t.name)
+        counts.add_row(str(ts), "", f"{cfg.num_active_params(ts):,}")
+    console.print(counts)
+    shards = Table("shard", "tier", "kind", "bytes", "sha256", title="shards")
+    for s in manifest["shards"]:
+        shards.add_row(s["path"], s["tier"], s.get("kind", ""), f"{s['bytes']:,}", s["sha256"][:16] + "…")
+    console.print(shards)
+    if verify:
+        problems = verify_checkpoint(checkpoint)
+        if problems:
+            for p in problems:
+                err_console.print(f"[bold red]FAIL[/bold red] {p}", highlight=False)
+            raise typer.Exit(1)
+        console.print(f"[green]verified[/green] {len(manifest['shards'])} shard(s)")
+
+
+# ------------------------------------------------------------------------------------ generate
+@app.command()
+@friendly_errors
+def generate(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint directory."),
+    prompt: str = typer.Option("", help="Text to continue."),
+    max_new_tokens: int = typer.Option(200, help="Tokens to generate."),
+    temperature: float = typer.Option(0.8, help="Sampling temperature; 0 is greedy."),
+    top_k: Optional[int] = typer.Option(None, help="Keep the k most likely tokens."),
+    top_p: Optional[float] = typer.Option(None, help="Keep the smallest set of tokens with this much probability."),
+    seed: int = typer.Option(0, help="Sampling seed."),
+    tiers: str = typer.Option("all", help="TierSet: all, tier_1b, upto:tier_1b, only:tier_10b."),
+) -> None:
+    """Stream a continuation of PROMPT to the terminal.
+
+    Examples:
+
+      lite-llm generate ckpt --prompt 'def main(' --max-new-tokens 120 --temperature 0
+
+      lite-llm generate ckpt --prompt 'The' --tiers upto:tier_1b --top-p 0.9 --seed 3
+    """
+    from .checkpoint import load_checkpoint
+    from .generate import generate_text
+
+    loaded = load_checkpoint(checkpoint, tierset=None if tiers == "all" else tiers)
+    if loaded.tokenizer is None:
+        raise LiteLLMError(f"checkpoint {checkpoint} has no tokenizer/ folder; re-save it with its tokenizer")
+    sys.stdout.write(prompt)
+    for piece in generate_text(
+        loaded.model, loaded.tokenizer, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, tierset=tiers
+    ):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+# ------------------------------------------------------------------------------------ plot
+@app.command()
+@friendly_errors
+def plot(
+    run: Path = typer.Argument(..., help="Run directory (with metrics.jsonl)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Folder for the PNGs (default RUN/plots)."),
+) -> None:
+    """Draw a run's charts: loss per domain, bits per byte, tier shares, expert utilisation.
+
+    Example:
+
+      lite-llm plot runs/small
+    """
+    from .plot import plot_run
+
+    for path in plot_run(run, output):
+        console.print(f"wrote {path}")
+
+
+# ------------------------------------------------------------------------------------ quickstart
+@app.command()
+@friendly_errors
+def quickstart(
+    output: Path = typer.Option(Path("runs/quickstart"), "-o", "--output", help="Where data, run and charts go."),
+    steps: int = typer.Option(300, help="Training steps."),
+    seed: int = typer.Option(0, help="Seed."),
+) -> None:
+    """Prepare the built-in corpora, train a small two-tier model, evaluate, sample, chart.
+
+    Runs in a few minutes on 2 CPU cores, with no download.
+
+    Example:
+
+      lite-llm quickstart -o runs/quickstart
+    """
+    from .quickstart import run_quickstart
+
+    run_quickstart(output, steps=steps, seed=seed, console=console)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

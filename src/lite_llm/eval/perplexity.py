@@ -1,0 +1,59 @@
+"""Validation loss and bits per byte, per domain.
+
+Bits per byte (bpb) makes models with different tokenizers comparable:
+``bpb = (mean loss in nats per token) / ln 2 / (bytes per token of that split)``.
+A byte-level model that has learned nothing scores 8 (log2 of 256)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterable
+
+import torch
+
+from ..config import TierSet
+
+if TYPE_CHECKING:  # the data layer is only needed for its type here
+    from ..data import TokenData
+    from ..model import LiteLLM
+
+
+@dataclass
+class DomainScore:
+    loss: float  # mean next-token cross-entropy, nats per token
+    bpb: float  # bits per byte
+    tokens: int  # tokens scored
+
+    def to_dict(self) -> dict[str, float]:
+        return {"loss": self.loss, "bpb": self.bpb, "tokens": self.tokens}
+
+
+@torch.no_grad()
+def evaluate(
+    model: "LiteLLM",
+    data: "TokenData",
+    domains: Iterable[str] | None = None,
+    *,
+    batch_size: int = 16,
+    seq_len: int = 128,
+    max_batches: int | None = 8,
+    tierset: TierSet | str | None = None,
+) -> dict[str, DomainScore]:
+    """Score ``model`` on the validation split of each domain (the same windows every call)."""
+    was_training = model.training
+    model.eval()
+    scores: dict[str, DomainScore] = {}
+    try:
+        for domain in domains or data.domains:
+            total, count = 0.0, 0
+            for batch in data.val_batches(domain, batch_size, seq_len, max_batches):
+                out = model(batch, labels=batch, tierset=tierset)
+                n = batch.shape[0] * (batch.shape[1] - 1)
+                total += float(out.lm_loss) * n
+                count += n
+            loss = total / max(count, 1)
+            scores[domain] = DomainScore(loss, loss / math.log(2) / data.bytes_per_token(domain, "val"), count)
+    finally:
+        model.train(was_training)
+    return scores

@@ -1,0 +1,125 @@
+"""Charts of a run's metrics (PNG, via matplotlib's non-interactive backend).
+
+* ``loss.png`` — training loss and validation loss per domain;
+* ``bpb.png`` — validation bits per byte per domain;
+* ``tiers.png`` — share of routes per tier (with the curriculum's target share when present);
+* ``experts.png`` — routes per expert over the run (utilisation heat map).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .errors import LiteLLMError
+from .train.metrics import read_metrics
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise LiteLLMError("plotting needs matplotlib; install it with `pip install matplotlib`") from exc
+    return plt
+
+
+def plot_run(run: str | Path, out_dir: str | Path | None = None) -> list[Path]:
+    """Write the charts of run directory ``run`` into ``out_dir`` (default ``run/plots``)."""
+    records = read_metrics(run)
+    if not records:
+        raise LiteLLMError(f"the metrics of {run} are empty; train for at least one step first")
+    out = Path(out_dir) if out_dir is not None else Path(run) / "plots"
+    out.mkdir(parents=True, exist_ok=True)
+    plt = _pyplot()
+    written = [_plot_loss(plt, records, out), _plot_bpb(plt, records, out)]
+    if any("tier_share" in r for r in records):
+        written.append(_plot_tiers(plt, records, out))
+    if any("expert_routes" in r for r in records):
+        written.append(_plot_experts(plt, records, out))
+    return [w for w in written if w is not None]
+
+
+def _val_series(records: list[dict[str, Any]], key: str) -> dict[str, tuple[list[int], list[float]]]:
+    series: dict[str, tuple[list[int], list[float]]] = {}
+    for r in records:
+        for domain, score in (r.get("val") or {}).items():
+            steps, values = series.setdefault(domain, ([], []))
+            steps.append(r["step"] + 1)
+            values.append(score[key])
+    return series
+
+
+def _plot_loss(plt, records, out: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [r["step"] + 1 for r in records if "loss" in r and not r.get("skipped")]
+    losses = [r["loss"] for r in records if "loss" in r and not r.get("skipped")]
+    ax.plot(steps, losses, label="train", alpha=0.6, linewidth=1)
+    for domain, (s, v) in _val_series(records, "loss").items():
+        ax.plot(s, v, marker="o", label=f"val {domain}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title("Loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(plt, fig, out / "loss.png")
+
+
+def _plot_bpb(plt, records, out: Path) -> Path | None:
+    series = _val_series(records, "bpb")
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for domain, (s, v) in series.items():
+        ax.plot(s, v, marker="o", label=domain)
+    ax.set_xlabel("step")
+    ax.set_ylabel("bits per byte")
+    ax.set_title("Validation bits per byte")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(plt, fig, out / "bpb.png")
+
+
+def _plot_tiers(plt, records, out: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    rows = [r for r in records if "tier_share" in r]
+    names = list(rows[-1]["tier_share"])
+    for name in names:
+        ax.plot([r["step"] + 1 for r in rows], [r["tier_share"].get(name, 0.0) for r in rows], label=f"{name} (actual)")
+    targets = [r for r in records if "target_share" in r]
+    if targets:
+        ax.plot([r["step"] + 1 for r in targets], [r["target_share"] for r in targets], "k--", label="target (new tier)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("step")
+    ax.set_ylabel("share of routes")
+    ax.set_title("Routes per tier")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(plt, fig, out / "tiers.png")
+
+
+def _plot_experts(plt, records, out: Path) -> Path:
+    import numpy as np
+
+    rows = [r for r in records if "expert_routes" in r]
+    width = max(len(r["expert_routes"]) for r in rows)
+    grid = np.zeros((len(rows), width))
+    for i, r in enumerate(rows):
+        counts = np.asarray(r["expert_routes"], dtype=float)
+        grid[i, : len(counts)] = counts / max(counts.sum(), 1.0)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    image = ax.imshow(grid.T, aspect="auto", interpolation="nearest", origin="lower", extent=(rows[0]["step"] + 1, rows[-1]["step"] + 1, -0.5, width - 0.5))
+    fig.colorbar(image, ax=ax, label="share of routes")
+    ax.set_xlabel("step")
+    ax.set_ylabel("expert (flat id)")
+    ax.set_title("Expert utilisation")
+    return _save(plt, fig, out / "experts.png")
+
+
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

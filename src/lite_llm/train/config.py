@@ -1,0 +1,93 @@
+"""Training run configuration (a plain validated dataclass, YAML/JSON round-trip)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    """What a training run does.  Everything that affects the numbers is here, so a run is
+    reproduced by its TrainConfig, its data and its starting checkpoint.
+
+    ``domains`` maps domain names to mixture weights (empty: every domain, equal weights).
+    ``eval_every``/``save_every`` of 0 disable periodic evaluation/saving (the final step is
+    always evaluated and saved when a run directory is given).
+    """
+
+    steps: int = 200
+    batch_size: int = 16
+    seq_len: int = 128
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    bf16: bool = False
+    seed: int = 0
+    domains: dict[str, float] = field(default_factory=dict)
+    tierset: str = "all"
+    eval_every: int = 100
+    eval_batches: int = 8
+    eval_batch_size: int = 16
+    save_every: int = 0
+    keep_last: int = 3
+    log_every: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "eval_batch_size", "keep_last", "log_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"train.{name} must be a positive integer, got {value!r}")
+        for name in ("warmup_steps", "eval_every", "save_every", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ConfigError(f"train.{name} must be a non-negative integer, got {value!r}")
+        if not self.lr > 0:
+            raise ConfigError(f"train.lr must be positive, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"train.min_lr_ratio must be between 0 and 1, got {self.min_lr_ratio}")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise ConfigError("train.grad_clip and train.weight_decay must be >= 0")
+        bad = {k: v for k, v in self.domains.items() if not v >= 0}
+        if bad:
+            raise ConfigError(f"train.domains weights must be >= 0, got {bad}")
+        if self.domains and not any(v > 0 for v in self.domains.values()):
+            raise ConfigError("train.domains must give at least one domain a positive weight")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len * self.grad_accum
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown training field(s) {', '.join(unknown)}; known fields are {', '.join(sorted(known))}")
+        return cls(**data)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "TrainConfig":
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"training config {path} does not exist")
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(path.read_text()) or {}
+        else:
+            data = json.loads(path.read_text())
+        return cls.from_dict(data.get("train", data))

@@ -1,0 +1,72 @@
+"""Metrics sinks: a JSONL file (always) and TensorBoard (when installed)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+
+def _scalars(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key, value in record.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_scalars(value, name + "/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            out[name] = float(value)
+    return out
+
+
+class MetricsLogger:
+    """Appends one JSON object per logged step to ``path`` and mirrors scalars to TensorBoard."""
+
+    def __init__(self, path: str | Path | None) -> None:
+        self.path = Path(path) if path is not None else None
+        self._file = None
+        self._tb = None
+        self._last: dict[str, Any] = {}
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open("a")
+            try:  # optional: only when tensorboard is installed
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.path.parent / "tensorboard"))
+            except Exception:
+                self._tb = None
+
+    def log(self, record: dict[str, Any]) -> None:
+        for key, value in record.items():
+            self._last[key] = value
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        if self._tb is not None:
+            step = int(record.get("step", 0))
+            for name, value in _scalars({k: v for k, v in record.items() if k not in ("step", "expert_routes")}).items():
+                self._tb.add_scalar(name, value, step)
+
+    def last(self, key: str) -> Any:
+        return self._last.get(key)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """All records of a metrics file (a run directory or the JSONL file itself)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    if not path.exists():
+        from ..errors import LiteLLMError
+
+        raise LiteLLMError(f"no metrics at {path}; point at a run directory that `lite-llm train` wrote")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

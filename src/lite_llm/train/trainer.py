@@ -1,0 +1,342 @@
+"""The training loop.
+
+Reproducibility is by construction rather than by saving RNG streams: the batch of a step is a
+pure function of (seed, step, micro-batch), routing noise is seeded by the step, the learning
+rate is a function of the step, and nothing reads global RNG.  A run resumed from a checkpoint
+therefore sees the same data, the same learning rates and (with the optimizer state restored
+bitwise) produces the same losses as a run that was never interrupted.
+
+Extension points for the curriculum and forgetting prevention are :class:`TrainerCallback`
+hooks: they can change what is trainable, add loss terms, and keep JSON state in checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+from ..config import TierSet
+from ..eval import evaluate
+from .config import TrainConfig
+from .flops import flops_per_token
+from .metrics import MetricsLogger
+from .progress import TrainProgress
+from .schedule import lr_at
+
+if TYPE_CHECKING:
+    from ..data import TokenData
+    from ..model import LiteLLM, ModelOutput
+
+
+class TrainerCallback:
+    """Hooks into the loop.  Override what you need; every hook is optional."""
+
+    name = "callback"
+
+    def on_train_begin(self, trainer: "Trainer") -> None: ...
+
+    def on_step_begin(self, trainer: "Trainer", step: int) -> None: ...
+
+    def extra_loss(self, trainer: "Trainer", step: int, batch: torch.Tensor, output: "ModelOutput") -> torch.Tensor | None:
+        return None
+
+    def on_step_end(self, trainer: "Trainer", step: int, record: dict[str, Any]) -> None: ...
+
+    def on_eval(self, trainer: "Trainer", step: int, scores: dict[str, Any]) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    losses: list[float] = field(default_factory=list)  # LM loss of every step run (NaN where skipped)
+    skipped_steps: list[int] = field(default_factory=list)
+    final_eval: dict[str, dict[str, float]] = field(default_factory=dict)
+    checkpoint: Path | None = None
+    tokens: int = 0
+    flops: float = 0.0
+    stopped_early: str | None = None
+
+
+class Trainer:
+    """Trains a model on a :class:`TokenData` mixture according to a :class:`TrainConfig`."""
+
+    def __init__(
+        self,
+        model: "LiteLLM",
+        data: "TokenData",
+        config: TrainConfig,
+        *,
+        run_dir: str | Path | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        show_progress: bool = True,
+        tokenizer: Any = None,
+    ) -> None:
+        self.model = model
+        self.data = data
+        self.config = config
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.callbacks = list(callbacks or [])
+        self.show_progress = show_progress
+        self.tokenizer = tokenizer if tokenizer is not None else getattr(data, "tokenizer", None)
+        self.weights = self._mixture(config.domains)
+        self.tierset = TierSet.coerce(config.tierset)
+        self.tierset.resolve(model.config)  # fail now on an unknown tier, not at step 1
+        self.optimizer = self._build_optimizer()
+        self.step = 0  # the next step to run
+        self.tokens = 0
+        self.flops = 0.0
+        self.progressive: dict[str, Any] = {}
+        self.logger = MetricsLogger(self.run_dir / "metrics.jsonl" if self.run_dir else None)
+        self.stop_reason: str | None = None
+
+    # ------------------------------------------------------------------------------ set-up
+    def _mixture(self, domains: dict[str, float]) -> dict[str, float]:
+        if not domains:
+            return {d: 1.0 for d in self.data.domains}
+        unknown = sorted(set(domains) - set(self.data.domains))
+        if unknown:
+            from ..errors import ConfigError
+
+            raise ConfigError(f"train.domains names unknown domain(s) {', '.join(unknown)}; the data has {', '.join(self.data.domains)}")
+        return {d: float(w) for d, w in domains.items() if w > 0}
+
+    def _build_optimizer(self) -> torch.optim.AdamW:
+        """AdamW over every parameter (frozen ones simply get no gradient and are skipped);
+        no weight decay on norms, biases and vectors."""
+        decay, no_decay = [], []
+        for _, p in self._named_parameters():
+            (decay if p.dim() >= 2 else no_decay).append(p)
+        c = self.config
+        return torch.optim.AdamW(
+            [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=c.lr,
+            betas=(c.beta1, c.beta2),
+            foreach=False,
+        )
+
+    def _named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return list(self.model.named_parameters())
+
+    def stop(self, reason: str) -> None:
+        """Ask the loop to stop after the current step (used by callbacks, e.g. rollback)."""
+        self.stop_reason = reason
+
+    # ------------------------------------------------------------------------------ state
+    def training_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Optimizer moments by parameter name (safetensors-ready) and JSON metadata."""
+        names = {id(p): n for n, p in self._named_parameters()}
+        tensors: dict[str, torch.Tensor] = {}
+        for p, state in self.optimizer.state.items():
+            for key, value in state.items():
+                tensors[f"optimizer/{names[id(p)]}/{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+        meta = {
+            "step": self.step,
+            "tokens": self.tokens,
+            "flops": self.flops,
+            "train_config": self.config.to_dict(),
+            "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks},
+            "torch_rng": torch.get_rng_state().tolist(),
+        }
+        return tensors, meta
+
+    def load_training_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        params = dict(self._named_parameters())
+        self.optimizer.state.clear()
+        for key, value in tensors.items():
+            if not key.startswith("optimizer/"):
+                continue
+            name, slot = key[len("optimizer/") :].rsplit("/", 1)
+            if name in params:
+                self.optimizer.state[params[name]][slot] = value.clone()
+        self.step = int(meta.get("step", 0))
+        self.tokens = int(meta.get("tokens", 0))
+        self.flops = float(meta.get("flops", 0.0))
+        for cb in self.callbacks:
+            cb.load_state_dict(meta.get("callbacks", {}).get(cb.name, {}))
+        if "torch_rng" in meta:
+            torch.set_rng_state(torch.tensor(meta["torch_rng"], dtype=torch.uint8))
+
+    def resume(self, checkpoint: str | Path) -> None:
+        """Continue from ``checkpoint``: weights, optimizer moments, step, callback state."""
+        from ..checkpoint import load_checkpoint
+
+        loaded = load_checkpoint(checkpoint, load_training=True)
+        if loaded.training is None:
+            from ..errors import CheckpointError
+
+            raise CheckpointError(f"checkpoint {checkpoint} has no training state; start a new run from it instead of resuming")
+        saved_cfg = loaded.training.meta.get("train_config")
+        if saved_cfg is not None:
+            self._check_same_schedule(saved_cfg)
+        self.model.load_state_dict(loaded.model.state_dict())
+        self.progressive = loaded.progressive
+        self.load_training_state(loaded.training.tensors, loaded.training.meta)
+
+    def _check_same_schedule(self, saved: dict[str, Any]) -> None:
+        """Resuming with a different schedule would silently change the run: refuse."""
+        from ..errors import ConfigError
+
+        mine = self.config.to_dict()
+        for key in ("steps", "batch_size", "seq_len", "grad_accum", "lr", "min_lr_ratio", "warmup_steps", "seed", "domains", "tierset"):
+            if key in saved and saved[key] != mine[key]:
+                raise ConfigError(
+                    f"cannot resume: train.{key} was {saved[key]!r} in the checkpoint but is {mine[key]!r} now; use the original value or start a new run"
+                )
+
+    def save(self, tag: str | None = None) -> Path | None:
+        if self.run_dir is None:
+            return None
+        from ..checkpoint import CheckpointManager, TrainingState, save_checkpoint
+
+        tensors, meta = self.training_state()
+        progressive = dict(self.progressive)
+        progressive["training"] = {"step": self.step, "tokens": self.tokens, "flops": self.flops}
+        for cb in self.callbacks:
+            extra = getattr(cb, "progressive_update", None)
+            if extra is not None:
+                progressive.update(extra())
+        state = TrainingState(tensors=tensors, meta=meta)
+        if tag is not None:
+            return save_checkpoint(self.run_dir / tag, self.model, tokenizer=self.tokenizer, progressive=progressive, training=state)
+        manager = CheckpointManager(self.run_dir, keep_last=self.config.keep_last)
+        return manager.save(self.step, self.model, tokenizer=self.tokenizer, progressive=progressive, training=state)
+
+    # ------------------------------------------------------------------------------ loop
+    def evaluate(self) -> dict[str, dict[str, float]]:
+        c = self.config
+        scores = evaluate(
+            self.model,
+            self.data,
+            self.data.domains,
+            batch_size=c.eval_batch_size,
+            seq_len=c.seq_len,
+            max_batches=c.eval_batches,
+            tierset=self.tierset,
+        )
+        return {d: s.to_dict() for d, s in scores.items()}
+
+    def train(self, until: int | None = None) -> TrainResult:
+        """Run steps ``self.step .. until`` (default: the configured total)."""
+        c = self.config
+        end = min(until if until is not None else c.steps, c.steps)
+        result = TrainResult(steps=0)
+        per_token = flops_per_token(self.model.config, c.seq_len, self.tierset)
+        for cb in self.callbacks:
+            cb.on_train_begin(self)
+        self.model.train()
+        with TrainProgress(end, self.step, enabled=self.show_progress) as progress:
+            while self.step < end and self.stop_reason is None:
+                step = self.step
+                for cb in self.callbacks:
+                    cb.on_step_begin(self, step)
+                record = self._one_step(step)
+                self.step += 1
+                if record.get("skipped"):
+                    result.skipped_steps.append(step)
+                    progress.warn(f"step {step}: non-finite loss ({record['loss']}); skipped the update")
+                else:
+                    self.tokens += c.tokens_per_step
+                    self.flops += per_token * c.tokens_per_step
+                record.update(tokens=self.tokens, flops=self.flops)
+                result.losses.append(record["loss"])
+                last = self.step == c.steps  # the run's real end, not a pause at `until`
+                if (c.eval_every and self.step % c.eval_every == 0) or last:
+                    record["val"] = self.evaluate()
+                    for cb in self.callbacks:
+                        cb.on_eval(self, step, record["val"])
+                for cb in self.callbacks:
+                    cb.on_step_end(self, step, record)
+                if step % c.log_every == 0 or "val" in record:
+                    self.logger.log(record)
+                progress.update(self.step, record)
+                if (c.save_every and self.step % c.save_every == 0) or (last and self.run_dir is not None):
+                    result.checkpoint = self.save()
+        if self.stop_reason is not None:
+            result.stopped_early = self.stop_reason
+        result.steps = len(result.losses)
+        result.tokens, result.flops = self.tokens, self.flops
+        last_val = self.logger.last("val")
+        if last_val is not None:
+            result.final_eval = last_val
+        self.logger.close()
+        return result
+
+    def _one_step(self, step: int) -> dict[str, Any]:
+        c = self.config
+        lr = lr_at(step, lr=c.lr, warmup_steps=c.warmup_steps, total_steps=c.steps, min_lr_ratio=c.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        started = time.perf_counter()
+        totals = {"loss": 0.0, "balance_loss": 0.0, "z_loss": 0.0, "extra_loss": 0.0}
+        tier_routes: torch.Tensor | None = None
+        expert_routes: torch.Tensor | None = None
+        finite = True
+        for micro in range(c.grad_accum):
+            batch, _ = self.data.sample_batch("train", self.weights, c.batch_size, c.seq_len, seed=c.seed, step=step, micro=micro)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=c.bf16):
+                out = self.model(batch, tierset=self.tierset, labels=batch, step=step)
+            loss = out.loss
+            for cb in self.callbacks:
+                extra = cb.extra_loss(self, step, batch, out)
+                if extra is not None:
+                    loss = loss + extra
+                    totals["extra_loss"] += extra.item() / c.grad_accum
+            if not torch.isfinite(loss):
+                finite = False
+                totals["loss"] = out.lm_loss.item()
+                break
+            (loss / c.grad_accum).backward()
+            totals["loss"] += out.lm_loss.item() / c.grad_accum
+            if out.balance_loss is not None:
+                totals["balance_loss"] += out.balance_loss.item() / c.grad_accum
+                totals["z_loss"] += out.z_loss.item() / c.grad_accum
+            for layer in out.routing:
+                tier_routes = layer.tier_routes.clone() if tier_routes is None else tier_routes + layer.tier_routes
+                expert_routes = layer.expert_routes.clone() if expert_routes is None else expert_routes + layer.expert_routes
+        record: dict[str, Any] = {"step": step, "lr": lr, **totals}
+        if not finite:
+            self.optimizer.zero_grad(set_to_none=True)
+            record["skipped"] = True
+            return record
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if c.grad_clip > 0 and params:
+            record["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, c.grad_clip, foreach=False))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - started
+        record["tokens_per_s"] = c.tokens_per_step / max(elapsed, 1e-9)
+        if tier_routes is not None:
+            total = float(tier_routes.sum()) or 1.0
+            record["tier_share"] = {t.name: float(n) / total for t, n in zip(self.model.config.tiers, tier_routes)}
+            record["expert_routes"] = expert_routes.tolist()
+        return record
+
+
+def run_training(
+    model: "LiteLLM",
+    data: "TokenData",
+    config: TrainConfig,
+    *,
+    run_dir: str | Path | None = None,
+    resume: str | Path | None = None,
+    callbacks: list[TrainerCallback] | None = None,
+    show_progress: bool = True,
+    on_trainer: Callable[[Trainer], None] | None = None,
+) -> TrainResult:
+    """Convenience wrapper: build a Trainer, optionally resume, train to the end."""
+    trainer = Trainer(model, data, config, run_dir=run_dir, callbacks=callbacks, show_progress=show_progress)
+    if resume is not None:
+        trainer.resume(resume)
+    if on_trainer is not None:
+        on_trainer(trainer)
+    return trainer.train()
