@@ -7,6 +7,13 @@ The whole public path to a model::
     out = model(input_ids, tierset="upto:tier_1b", labels=input_ids)
 """
 
+import os
+
+# Bitwise reproducibility: MKL/OpenMP may otherwise shrink their thread teams under load, which
+# changes GEMM blocking and so the rounding of results between otherwise identical runs.
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")
+os.environ.setdefault("OMP_DYNAMIC", "FALSE")
+
 from .config import ModelConfig, RoutingConfig, TierConfig, TierSet
 from .errors import CheckpointError, ConfigError, LiteLLMError, TierSetError
 from .model import LiteLLM, ModelOutput, build_model

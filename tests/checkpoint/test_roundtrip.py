@@ -160,3 +160,10 @@ def test_grown_model_with_moe_layers_subset_round_trips(tmp_path):
     assert state_equal(model, loaded.model)
     ids = input_ids()
     assert torch.equal(model(ids).logits, loaded.model(ids).logits)
+
+
+def test_shared_storage_without_tie_in_config_is_stored_twice(tmp_path, model):
+    model.lm_head.weight = model.embed.weight  # tied by hand, config says untied
+    loaded = load_checkpoint(save_checkpoint(tmp_path / "ckpt", model))
+    assert torch.equal(loaded.model.lm_head.weight, model.embed.weight)
+    assert loaded.model.lm_head.weight is not loaded.model.embed.weight

@@ -17,6 +17,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import Any
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
@@ -76,17 +77,27 @@ def siblings(target: Path, tag: str) -> list[Path]:
     return sorted(p for p in target.parent.iterdir() if p.name.startswith(prefix))
 
 
+_renameat2: Any = None
+
+
+def _load_renameat2() -> Any:
+    global _renameat2
+    if _renameat2 is None:
+        try:
+            fn = ctypes.CDLL(None, use_errno=True).renameat2
+            fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+            fn.restype = ctypes.c_int
+            _renameat2 = fn
+        except Exception:  # noqa: BLE001 - no libc symbol (macOS, Windows, old glibc)
+            _renameat2 = False
+    return _renameat2
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Atomically swap two paths; False when the platform or filesystem cannot."""
-    if not USE_EXCHANGE:
+    renameat2 = _load_renameat2() if USE_EXCHANGE else False
+    if not renameat2:
         return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    renameat2.restype = ctypes.c_int
     if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
         return True
     err = ctypes.get_errno()

@@ -158,6 +158,15 @@ def _check_listed(root: Path, manifest: dict, rel: str, what: str, verify: bool)
     return path
 
 
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in memory from torch's allocator (64-byte aligned).  safetensors may hand back CPU
+    tensors at 8-byte offsets, and CPU kernels (vectorised loads, BLAS) can round differently
+    on differently aligned data, which would break bitwise resumption."""
+    if t.device.type == "cpu" and t.numel() and t.data_ptr() % 64:
+        return t.clone()
+    return t
+
+
 def _read_safetensors(path: Path, device: str, listed: dict[str, Any] | None, what: str) -> dict[str, torch.Tensor]:
     try:
         with safe_open(str(path), framework="pt", device=device) as f:
@@ -167,7 +176,7 @@ def _read_safetensors(path: Path, device: str, listed: dict[str, Any] | None, wh
                 extra = sorted(set(names) - set(listed))
                 detail = f"lacks {', '.join(missing[:3])}" if missing else f"has unlisted {', '.join(extra[:3])}"
                 raise CheckpointError(f"{what} {path} does not match the manifest ({detail}); restore it from a backup or re-save the checkpoint")
-            return {name: f.get_tensor(name) for name in names}
+            return {name: _aligned(f.get_tensor(name)) for name in names}
     except SafetensorError as exc:
         raise CheckpointError(f"{what} {path} cannot be read as safetensors ({one_line(exc)}); restore it from a backup or re-save the checkpoint") from None
 
@@ -216,16 +225,30 @@ def load_checkpoint(
         raw = {**raw, "tiers": [t for t in raw["tiers"] if t["name"] in kept]}
         config = _build_config(raw, manifest, manifest_path)
 
+    # Progressive state first: it is small, and a problem with it should not wait for the weights.
+    progressive_path = root / PROGRESSIVE
+    progressive: dict = fill_progressive(None)
+    if progressive_path.exists() or PROGRESSIVE in _file_entries(manifest):
+        data = _load_json(_check_listed(root, manifest, PROGRESSIVE, "file", verify), "file")
+        if not isinstance(data, dict):
+            raise CheckpointError(f"file {progressive_path} must hold a JSON object; restore it from a backup or re-save the checkpoint")
+        progressive = fill_progressive(data)
+
     # Shards: the dense part and the kept tiers' parts; unknown kinds and tiers are ignored.
+    # Presence and sizes of all of them are checked before any is hashed or read.
+    selected = [
+        (shard, safe_member(root, shard["path"], manifest_path))
+        for shard in manifest["shards"]
+        if shard["kind"] in SHARD_KINDS and (shard["tier"] == DENSE or shard["tier"] in kept)
+    ]
+    for shard, shard_path in selected:
+        problem = check_file(shard_path, shard, "shard", verify=False)
+        if problem:
+            raise CheckpointError(problem)
     state: dict[str, torch.Tensor] = {}
     origin: dict[str, Path] = {}
-    for shard in manifest["shards"]:
-        if shard["kind"] not in SHARD_KINDS:
-            continue
-        if shard["tier"] != DENSE and shard["tier"] not in kept:
-            continue
-        shard_path = safe_member(root, shard["path"], manifest_path)
-        problem = check_file(shard_path, shard, "shard", verify=verify)
+    for shard, shard_path in selected:
+        problem = check_file(shard_path, shard, "shard", verify=verify) if verify else None
         if problem:
             raise CheckpointError(problem)
         tensors = _read_safetensors(shard_path, device, shard["tensors"], "shard")
@@ -259,21 +282,13 @@ def load_checkpoint(
     if config.tie_embeddings:
         model.lm_head.weight = model.embed.weight
 
-    # Progressive state, tokenizer, training state.
-    progressive_path = root / PROGRESSIVE
-    progressive: dict = fill_progressive(None)
-    if progressive_path.exists() or PROGRESSIVE in _file_entries(manifest):
-        data = _load_json(_check_listed(root, manifest, PROGRESSIVE, "file", verify), "file")
-        if not isinstance(data, dict):
-            raise CheckpointError(f"file {progressive_path} must hold a JSON object; restore it from a backup or re-save the checkpoint")
-        progressive = fill_progressive(data)
-
+    # Tokenizer and training state.
     tokenizer = None
     tok_dir = root / TOKENIZER_DIR
-    if tok_dir.is_dir():
-        for rel in _file_entries(manifest):
-            if rel.startswith(TOKENIZER_DIR + "/"):
-                _check_listed(root, manifest, rel, "tokenizer file", verify)
+    tok_files = [rel for rel in _file_entries(manifest) if rel.startswith(TOKENIZER_DIR + "/")]
+    if tok_dir.is_dir() or tok_files:
+        for rel in tok_files:
+            _check_listed(root, manifest, rel, "tokenizer file", verify)
         tokenizer = _load_tokenizer(tok_dir)
 
     training = None

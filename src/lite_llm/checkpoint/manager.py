@@ -22,9 +22,10 @@ class CheckpointManager:
     """Checkpoints at ``run_dir/checkpoints/step-00000100``; keeps the last ``keep_last``.
 
     After each :meth:`save` older checkpoints are deleted, except the one just written and
-    protected ones.  Protect a checkpoint with ``save(..., protect=True)``, :meth:`protect`
-    (both persisted in ``checkpoints/protected.json``, so protection survives a restart) or the
-    ``protected`` argument (steps, directory names or paths; this manager only).
+    protected ones.  Protect a checkpoint with ``save(..., protect=True)`` or :meth:`protect`
+    (both persisted in ``checkpoints/protected.json``, so protection survives a restart), or
+    for this manager only with the ``protected`` argument / the mutable ``protected`` set
+    (steps, directory names or paths).
     Not safe for several processes saving into the same run at once.
     """
 
@@ -34,7 +35,7 @@ class CheckpointManager:
         self.run_dir = Path(run_dir)
         self.dir = self.run_dir / "checkpoints"
         self.keep_last = keep_last
-        self._protected: set[str] = {self._name(p) for p in protected}
+        self.protected: set[int | str | os.PathLike] = set(protected)
 
     # ----------------------------------------------------------------------------- naming
     def path_for(self, step: int) -> Path:
@@ -43,8 +44,8 @@ class CheckpointManager:
         return self.dir / f"step-{step:08d}"
 
     def _name(self, ref: int | str | os.PathLike) -> str:
-        if isinstance(ref, int):
-            return self.path_for(ref).name
+        if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit()):
+            return self.path_for(int(ref)).name
         return Path(ref).name
 
     @staticmethod
@@ -53,10 +54,9 @@ class CheckpointManager:
         return int(match.group(1)) if match else None
 
     # ----------------------------------------------------------------------------- protection
-    @property
-    def protected(self) -> set[str]:
+    def protected_names(self) -> set[str]:
         """Directory names never pruned: this manager's ``protected`` plus the persisted ones."""
-        return self._protected | self._persisted()
+        return {self._name(p) for p in self.protected} | self._persisted()
 
     def _persisted(self) -> set[str]:
         path = self.dir / PROTECTED_FILE
@@ -82,7 +82,7 @@ class CheckpointManager:
 
     def unprotect(self, ref: int | str | os.PathLike) -> None:
         name = self._name(ref)
-        self._protected.discard(name)
+        self.protected.difference_update({p for p in self.protected if self._name(p) == name})
         self._write_persisted(self._persisted() - {name})
 
     # ----------------------------------------------------------------------------- listing
@@ -112,7 +112,7 @@ class CheckpointManager:
         """Delete all but the last ``keep_last`` checkpoints, ``keep`` and the protected ones.
         Returns the deleted paths."""
         found = self.list()
-        spared = {p.name for p in found[-self.keep_last :]} | self.protected
+        spared = {p.name for p in found[-self.keep_last :]} | self.protected_names()
         if keep is not None:
             spared.add(Path(keep).name)
         deleted = []

@@ -49,11 +49,13 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _json_bytes(data: Any, what: str) -> bytes:
+def _json_bytes(data: Any, what: str, *, allow_nan: bool = True) -> bytes:
+    """UTF-8 JSON.  User state (progressive, training meta) may hold inf/nan (an initial "best
+    loss" often is), written as Python's json writes them; the manifest is strict JSON."""
     try:
-        return (json.dumps(data, indent=2, allow_nan=False) + "\n").encode("utf-8")
+        return (json.dumps(data, indent=2, allow_nan=allow_nan) + "\n").encode("utf-8")
     except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{what} cannot be written as JSON ({one_line(exc)}); keep it to dicts, lists, strings, finite numbers, booleans and None") from None
+        raise CheckpointError(f"{what} cannot be written as JSON ({one_line(exc)}); keep it to dicts, lists, strings, numbers, booleans and None") from None
 
 
 def _prepare(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -125,7 +127,7 @@ def save_checkpoint(
     tmp.mkdir()
     try:
         manifest = _write_contents(tmp, model, config, tokenizer, progressive_bytes, training, training_meta, extra_dirs, max_shard_bytes)
-        atomic.write_bytes_durable(tmp / MANIFEST, _json_bytes(manifest, "manifest"))
+        atomic.write_bytes_durable(tmp / MANIFEST, _json_bytes(manifest, "manifest", allow_nan=False))
         atomic.fsync_tree(tmp)
         atomic.swap_into_place(tmp, target)
     except BaseException:
@@ -150,8 +152,7 @@ def _write_contents(
     created = _now()
     tier_names = [t.name for t in config.tiers]
     state = model.state_dict()
-    tied = config.tie_embeddings or model.lm_head.weight is model.embed.weight
-    if tied:
+    if config.tie_embeddings:  # stored once, re-tied on load
         state.pop("lm_head.weight", None)
 
     groups: dict[tuple[str, str], list[str]] = {(DENSE, DENSE): []}
