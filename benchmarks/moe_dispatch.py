@@ -24,7 +24,8 @@ Methodology: warm-up calls, then the median of N repeats timed with ``time.perf_
 the candidates of one E are interleaved (each repeat runs every candidate once, in rotated
 order) on the same input tensor, so drift of a noisy machine hits all alike.  A candidate
 whose warm-up call exceeds ``--slow-step-s`` keeps that single call as its figure (marked
-``*``: it includes first-call costs).  The script re-executes itself with
+``*``: it includes first-call costs).  Ratios of the fastest samples (min/min) are reported
+beside the medians: on a shared machine noise only adds time, so they are the steadier figure.  The script re-executes itself with
 ``THP_MEM_ALLOC_ENABLE=1`` (torch reads it at import) unless ``--no-thp`` is given.
 
 Run (from the repository root, several minutes; the Mixtral eager layer alone needs minutes
@@ -55,7 +56,15 @@ from collections.abc import Callable  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from _common import Timing, emit_json, measure_interleaved, print_table, ratio, setup_torch_threads  # noqa: E402
+from _common import (  # noqa: E402
+    Timing,
+    available_cpus,
+    emit_json,
+    measure_interleaved,
+    print_table,
+    ratio,
+    setup_torch_threads,
+)
 from lite_llm import ModelConfig, RoutingConfig, TierConfig  # noqa: E402
 from lite_llm.model.layers import DenseFFN  # noqa: E402
 from lite_llm.model.moe import TieredMoE  # noqa: E402
@@ -367,8 +376,12 @@ def main() -> None:
         "dtype": "float32", "device": "cpu", "threads": threads, "thp": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1",
         "torch": torch.__version__, "transformers": tf_version, "warmup": args.warmup, "repeats": args.repeats,
         "cpu": platform.processor() or platform.machine(),
+        "loadavg_start": list(os.getloadavg()),
     }
     log("MoE dispatch benchmark: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
+    if settings["loadavg_start"][0] > available_cpus():
+        log(f"warning: load average {settings['loadavg_start'][0]:.1f} exceeds the {available_cpus()} CPUs: other processes "
+            "compete with this benchmark and its figures will be noisy (compare the min/min ratios too)")
     if not settings["thp"]:
         log("hint: THP_MEM_ALLOC_ENABLE is not '1'; large CPU allocations page-fault 4 KiB at a time (slower steps)")
 
@@ -385,12 +398,16 @@ def main() -> None:
     # ------------------------------------------------------------------ figures
     impl_names = [f"mixtral_{i}" for i in MIXTRAL_IMPLS]
     E = args.experts
+    settings["loadavg_end"] = list(os.getloadavg())
     seconds = {e: {n: t.median for n, t in train[e]["timings"].items()} for e in E}
+    best = {e: {n: t.minimum for n, t in train[e]["timings"].items()} for e in E}  # robust to additive noise
     dense_s = {e: seconds[e]["dense"] for e in E}
     train_ratio = {e: ratio(seconds[e].get("ours"), dense_s[e]) for e in E}
+    train_ratio_min = {e: ratio(best[e].get("ours"), best[e]["dense"]) for e in E}
     loop_ratio = {e: ratio(seconds[e].get("ours_loop"), dense_s[e]) for e in E}
     grouped_vs_loop = {e: ratio(seconds[e].get("ours_loop"), seconds[e].get("ours")) for e in E}
     mixtral_ratio = {n: {e: ratio(seconds[e].get(n), dense_s[e]) for e in E} for n in impl_names}
+    mixtral_ratio_min = {n: {e: ratio(best[e].get(n), best[e]["dense"]) for e in E} for n in impl_names}
     vs_eager = {e: ratio(seconds[e].get("mixtral_eager"), seconds[e].get("ours")) for e in E}
     fastest_tf = {}
     for e in E:
@@ -411,10 +428,10 @@ def main() -> None:
         return f"{t.median / dense_s[e]:.3f}" + ("*" if t.single_shot else "")
 
     print_table(
-        ["E", "dense s", "ours s", "ours/dense", "loop/dense", "loop/ours"] + [n.replace("mixtral_", "mx ") + "/dense" for n in impl_names]
+        ["E", "dense s", "ours s", "ours/dense", "(min/min)", "loop/dense", "loop/ours"] + [n.replace("mixtral_", "mx ") + "/dense" for n in impl_names]
         + ["mx eager/ours", "best tf/ours", "load max/mean"],
         [
-            [e, dense_s[e], seconds[e].get("ours"), train_ratio[e], loop_ratio[e], grouped_vs_loop[e]]
+            [e, dense_s[e], seconds[e].get("ours"), train_ratio[e], train_ratio_min[e], loop_ratio[e], grouped_vs_loop[e]]
             + [mark(e, n) for n in impl_names]
             + [vs_eager[e], vs_fastest[e], train[e]["load"]["max_over_mean"]]
             for e in E
@@ -457,9 +474,11 @@ def main() -> None:
         "dense_seconds": key(dense_s),
         "train_seconds": {str(e): seconds[e] for e in E},
         "train_ratio": key(train_ratio),
+        "train_ratio_min": key(train_ratio_min),
         "loop_ratio": key(loop_ratio),
         "grouped_mm_speedup_vs_loop": key(grouped_vs_loop),
         "mixtral_ratio": {n.removeprefix("mixtral_"): key(v) for n, v in mixtral_ratio.items()},
+        "mixtral_ratio_min": {n.removeprefix("mixtral_"): key(v) for n, v in mixtral_ratio_min.items()},
         "mixtral_skipped": {str(e): train[e]["skipped"] for e in E},
         "single_shot": single_shot,
         "speedup_vs_mixtral_eager": key(vs_eager),
