@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lite_llm import ModelConfig, RoutingConfig, TierConfig
-from lite_llm.model.router import HSERRouter, stable_topk
+from lite_llm.model.router import HSERRouter, stable_topk, stable_topk_reference
 
 from ..conftest import two_tier_config
 
@@ -70,11 +70,24 @@ def test_routes_never_exceed_k_and_renormalise():
         assert len(set(row[ok].tolist())) == int(ok.sum())
 
 
-def test_stable_topk_orders_ties_by_the_given_order():
+def test_stable_topk_orders_ties_by_rank():
     scores = torch.tensor([[1.0, 3.0, 3.0, 0.0, 3.0]])
-    assert stable_topk(scores, 3, torch.tensor([4, 0, 2, 1, 3])).tolist() == [[4, 2, 1]]
+    # rank: candidate 4 wins ties first, then 2, then 1 ...
+    assert stable_topk(scores, 3, torch.tensor([1, 4, 2, 3, 0])).tolist() == [[4, 2, 1]]
     assert stable_topk(scores, 3, torch.tensor([0, 1, 2, 3, 4])).tolist() == [[1, 2, 4]]
-    assert stable_topk(scores, 4, torch.tensor([2, 3, 4, 0, 1])).tolist() == [[2, 4, 1, 0]]
+    assert stable_topk(scores, 4, torch.tensor([3, 4, 0, 1, 2])).tolist() == [[2, 4, 1, 0]]
+
+
+@pytest.mark.parametrize("n", [2, 7, 64, 512])
+def test_stable_topk_equals_the_stable_sort_reference(n):
+    gen = torch.Generator().manual_seed(n)
+    # Few distinct values: many exact ties, plus neighbouring floats that must not be confused.
+    base = torch.randint(0, 4, (300, n), generator=gen).float()
+    nudged = torch.where(torch.rand(300, n, generator=gen) < 0.2, torch.nextafter(base, torch.tensor(9.0)), base)
+    scores = torch.cat([base, nudged, torch.randn(300, n, generator=gen) * 1e4])
+    rank = torch.randperm(n, generator=gen)
+    for k in sorted({1, min(2, n), n}):
+        assert torch.equal(stable_topk(scores, k, rank), stable_topk_reference(scores, k, rank))
 
 
 def _tie_config(seed: int) -> ModelConfig:

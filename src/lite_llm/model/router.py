@@ -57,19 +57,36 @@ def seeded_hash(*parts: int | str) -> int:
     return h
 
 
-def tie_break_order(keys: list[int]) -> list[int]:
-    """Candidate indices ordered by hash key, then index: the order ties resolve in."""
-    return sorted(range(len(keys)), key=lambda i: (keys[i], i))
+def tie_break_rank(keys: list[int]) -> list[int]:
+    """Each candidate's position when ordered by hash key, then index: the order ties resolve in."""
+    order = sorted(range(len(keys)), key=lambda i: (keys[i], i))
+    rank = [0] * len(keys)
+    for position, candidate in enumerate(order):
+        rank[candidate] = position
+    return rank
 
 
-def stable_topk(scores: torch.Tensor, k: int, order: torch.Tensor) -> torch.Tensor:
-    """Indices of the ``k`` best candidates along the last dim, ties broken by ``order``.
+def stable_topk(scores: torch.Tensor, k: int, rank: torch.Tensor) -> torch.Tensor:
+    """Indices of the ``k`` best candidates along the last dim; equal scores resolve by ``rank``.
 
-    ``order`` (broadcastable to ``scores``) lists the candidates in tie-break order.  Scores are
-    permuted into that order, then sorted descending with a stable sort, so equal scores keep
-    the tie-break order.  Unlike ``torch.topk``, the result is fully specified.
+    ``rank`` (broadcastable to ``scores``) gives each candidate's tie-break position (lower wins;
+    all distinct).  Each fp32 score is widened to fp64 and lowered by a fraction of the gap to
+    the next smaller fp32 value, proportional to its rank: the order between different scores
+    is untouched, equal scores become distinct in rank order, and ``torch.topk`` — whose choice
+    among ties is unspecified — then has no ties left to choose among (-inf candidates aside,
+    which are never valid routes).  This costs a few elementwise ops instead of a full sort.
     """
-    order = order.expand_as(scores)
+    s32 = scores.float()
+    below = torch.nextafter(s32, s32.new_tensor(float("-inf")))
+    gap = torch.where(torch.isfinite(s32), s32.double() - below.double(), 0.0)  # -inf stays -inf, not NaN
+    n = scores.shape[-1]
+    keys = s32.double() - gap * (rank.double() + 1.0) / (2.0 * (n + 1))
+    return torch.topk(keys, k, dim=-1, sorted=True).indices
+
+
+def stable_topk_reference(scores: torch.Tensor, k: int, rank: torch.Tensor) -> torch.Tensor:
+    """The obvious version (a stable sort over the tie-break order), for tests."""
+    order = rank.expand_as(scores).argsort(dim=-1)
     permuted = scores.gather(-1, order)
     ranked = torch.sort(permuted, dim=-1, descending=True, stable=True).indices[..., :k]
     return order.gather(-1, ranked)
@@ -160,10 +177,10 @@ class HSERRouter(nn.Module):
         self.register_buffer("group_fill", torch.where(group_real, 0.0, float("-inf")), persistent=False)
         fill = torch.where(group_real[..., None] & ~expert_real, float("-inf"), 0.0)
         self.register_buffer("expert_fill", fill.flatten(), persistent=False)
-        self._build_tie_orders()
+        self._build_tie_ranks()
 
-    def _build_tie_orders(self) -> None:
-        """Tie-break orders per level, from the seeded hash of (seed, layer, level, candidate).
+    def _build_tie_ranks(self) -> None:
+        """Tie-break ranks per level, from the seeded hash of (seed, layer, level, candidate).
 
         Candidates are named by tier *name* (not position), so a tier routes the same way
         whether or not other tiers are present in the model."""
@@ -171,21 +188,21 @@ class HSERRouter(nn.Module):
         T, G, E = self.num_tiers, self.max_groups, self.max_epg
         big = _MASK64 + 1  # padded candidates sort after every real one
         tier_keys = [seeded_hash(seed, layer, "tier", name) for name in self.tier_names]
-        group_order = torch.empty(T, G, dtype=torch.long)
-        expert_order = torch.empty(T, G, E, dtype=torch.long)
+        group_rank = torch.empty(T, G, dtype=torch.long)
+        expert_rank = torch.empty(T, G, E, dtype=torch.long)
         for t, name in enumerate(self.tier_names):
             head = self.heads[name]
             keys = [seeded_hash(seed, layer, "group", name, g) if g < head.num_groups else big + g for g in range(G)]
-            group_order[t] = torch.tensor(tie_break_order(keys))
+            group_rank[t] = torch.tensor(tie_break_rank(keys))
             for g in range(G):
                 keys = [
                     seeded_hash(seed, layer, "expert", name, g, e) if g < head.num_groups and e < head.experts_per_group else big + e
                     for e in range(E)
                 ]
-                expert_order[t, g] = torch.tensor(tie_break_order(keys))
-        self.register_buffer("tier_order", torch.tensor(tie_break_order(tier_keys)), persistent=False)
-        self.register_buffer("group_order", group_order, persistent=False)
-        self.register_buffer("expert_order", expert_order, persistent=False)
+                expert_rank[t, g] = torch.tensor(tie_break_rank(keys))
+        self.register_buffer("tier_rank", torch.tensor(tie_break_rank(tier_keys)), persistent=False)
+        self.register_buffer("group_rank", group_rank, persistent=False)
+        self.register_buffer("expert_rank", expert_rank, persistent=False)
 
     # ------------------------------------------------------------------------------------
     def gate_logits(self, x: torch.Tensor, allowed: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -245,18 +262,18 @@ class HSERRouter(nn.Module):
 
         # Level 1: tiers.
         kt, kg, ke = self.k_tier, self.max_k_group, self.max_k_expert
-        sel_t = stable_topk(tier_l, kt, self.tier_order)  # (N,kt)
+        sel_t = stable_topk(tier_l, kt, self.tier_rank)  # (N,kt)
         w_t = p_tier.gather(1, sel_t)
         # Level 2: groups inside each selected tier.
-        top_g = stable_topk(group_l, kg, self.group_order)  # (N,T,kg)
+        top_g = stable_topk(group_l, kg, self.group_rank)  # (N,T,kg)
         sel_g = top_g.gather(1, sel_t[..., None].expand(n, kt, kg))  # (N,kt,kg)
         w_g = p_group.gather(1, sel_t[..., None].expand(n, kt, G)).gather(2, sel_g)
         ok_g = torch.arange(kg, device=x.device) < self.k_group_of_tier[sel_t][..., None]
         # Level 3: experts inside each selected group.
         pair = (sel_t[..., None] * G + sel_g).reshape(n, kt * kg)  # flat (tier, group) index
         pair_l = expert_l.reshape(n, T * G, E).gather(1, pair[..., None].expand(n, kt * kg, E))
-        pair_order = self.expert_order.reshape(T * G, E)[pair]
-        sel_e = stable_topk(pair_l, ke, pair_order)  # (N,kt*kg,ke)
+        pair_rank = self.expert_rank.reshape(T * G, E)[pair]
+        sel_e = stable_topk(pair_l, ke, pair_rank)  # (N,kt*kg,ke)
         w_e = p_expert.reshape(n, T * G, E).gather(1, pair[..., None].expand(n, kt * kg, E)).gather(2, sel_e)
         ok_e = torch.arange(ke, device=x.device) < self.k_expert_of_tier[sel_t][..., None, None]
 
