@@ -405,7 +405,7 @@ def plot(
 @friendly_errors
 def quickstart(
     output: Path = typer.Option(Path("runs/quickstart"), "-o", "--output", help="Where data, run and charts go."),
-    steps: int = typer.Option(300, help="Training steps."),
+    steps: int = typer.Option(250, help="Training steps."),
     seed: int = typer.Option(0, help="Seed."),
 ) -> None:
     """Prepare the built-in corpora, train a small two-tier model, evaluate, sample, chart.

@@ -11,8 +11,8 @@ from rich.console import Console
 from rich.table import Table
 
 QUICKSTART_TRAIN = dict(
-    batch_size=16,
-    seq_len=256,
+    batch_size=32,
+    seq_len=128,
     lr=3e-3,
     warmup_steps=30,
     eval_every=100,
@@ -22,7 +22,7 @@ QUICKSTART_TRAIN = dict(
 )
 
 
-def run_quickstart(output: str | Path, *, steps: int = 300, seed: int = 0, console: Console | None = None) -> dict[str, Any]:
+def run_quickstart(output: str | Path, *, steps: int = 250, seed: int = 0, console: Console | None = None) -> dict[str, Any]:
     """Run the quickstart into ``output``; returns the final validation scores and paths."""
     from .config import ModelConfig
     from .data import ByteTokenizer, TokenData, prepare_data
