@@ -289,7 +289,10 @@ class HSERRouter(nn.Module):
         ).reshape(n, -1)
         expert_ids = expert_ids.masked_fill(~valid, -1)
 
-        balance, z = self._aux_losses(allowed, p_tier, p_group, p_expert, raw_t, raw_g, raw_e)
+        if torch.is_grad_enabled():
+            balance, z = self._aux_losses(allowed, p_tier, p_group, p_expert, raw_t, raw_g, raw_e)
+        else:  # inference: nothing to balance; skipping ~25 small ops matters when decoding
+            balance = z = weights.new_zeros(())
         counts = torch.bincount(expert_ids[valid], minlength=self.tier_offsets[-1])
         return Routes(expert_ids, weights, valid, balance, z, p_tier.detach().mean(0), counts.detach())
 

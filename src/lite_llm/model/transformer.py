@@ -146,7 +146,8 @@ class LiteLLM(nn.Module):
 
         ``labels`` (B, S) are the targets aligned with the inputs (shifted inside, -100 ignored).
         ``start_pos`` is the position of ``input_ids[:, 0]`` when decoding with a KV cache.
-        ``step`` seeds the optional routing exploration noise.
+        ``step`` seeds the optional routing exploration noise.  Under ``torch.no_grad()`` the
+        load-balance and z-losses are not computed (reported as 0): they only exist to train.
         """
         cfg = self.config
         b, s = input_ids.shape
