@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -315,7 +314,7 @@ def inspect(
     console.print(f"[bold]{checkpoint}[/bold]  format {manifest['format_version']}  model '{cfg.name}'")
     console.print(
         f"d_model {cfg.d_model}, layers {cfg.n_layers}, heads {cfg.n_heads}/{cfg.n_kv_heads} (q/kv), head_dim {cfg.head_dim}, vocab {cfg.vocab_size}"
-        + (f", tied embeddings" if cfg.tie_embeddings else "")
+        + (", tied embeddings" if cfg.tie_embeddings else "")
     )
     if cfg.tiers:
         table = Table("tier", "groups x experts", "expert hidden", "k (group, expert)", "params", "budget", "placement", title="tiers")

@@ -22,7 +22,6 @@ Three implementations of the per-bank compute, chosen by ``impl``:
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch

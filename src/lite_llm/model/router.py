@@ -21,7 +21,6 @@ Why it is built the way it is:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

@@ -12,7 +12,6 @@ hooks: they can change what is trainable, add loss terms, and keep JSON state in
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
