@@ -163,3 +163,36 @@ def test_balance_loss_is_zero_at_uniform_probabilities_and_positive_otherwise():
     assert routes.z_loss.item() > 0  # logsumexp of zeros is log(n) > 0
     skewed = _router(cfg, std=2.0)(torch.randn(20, cfg.d_model), _all_tiers(cfg))
     assert skewed.balance_loss.item() > 1e-3
+
+
+def test_balance_and_z_loss_against_hand_computation():
+    """alpha_t KL(u_t||U) + alpha_g sum_t KL(u_g|t||U) + alpha_e sum_tg KL(u_e|tg||U), u = batch means;
+    z = coef * (mean lse_t^2 + mean lse_g^2 + mean lse_e^2), computed here head by head."""
+    routing = RoutingConfig(k_tier=1, k_group=1, k_expert=2, balance_alpha_tier=0.3, balance_alpha_group=0.2, balance_alpha_expert=0.1, z_loss_coef=0.05)
+    cfg = two_tier_config(routing=routing)
+    router = _router(cfg, std=0.4)
+    x = torch.randn(50, cfg.d_model, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        heads = [router.heads[t.name] for t in cfg.tiers]
+        tier_logits = torch.stack([x @ h.tier_gate[0] for h in heads], 1)
+
+        def kl_uniform(p):  # p: (N, n) probabilities
+            u = p.mean(0)
+            return float((u * (u * u.numel()).log()).sum())
+
+        balance = routing.balance_alpha_tier * kl_uniform(tier_logits.softmax(1))
+        lse_t = tier_logits.logsumexp(1).square().mean()
+        lse_g, lse_e = [], []
+        for tier, head in zip(cfg.tiers, heads):
+            group_logits = x @ head.group_gate.T
+            balance += routing.balance_alpha_group * kl_uniform(group_logits.softmax(1))
+            lse_g.append(group_logits.logsumexp(1))
+            for g in range(tier.num_groups):
+                rows = head.expert_gate[g * tier.experts_per_group : (g + 1) * tier.experts_per_group]
+                expert_logits = x @ rows.T
+                balance += routing.balance_alpha_expert * kl_uniform(expert_logits.softmax(1))
+                lse_e.append(expert_logits.logsumexp(1))
+        z = routing.z_loss_coef * (lse_t + torch.stack(lse_g).square().mean() + torch.stack(lse_e).square().mean())
+    routes = router(x, _all_tiers(cfg))
+    assert routes.balance_loss.item() == pytest.approx(balance, rel=1e-4)
+    assert routes.z_loss.item() == pytest.approx(float(z), rel=1e-4)
