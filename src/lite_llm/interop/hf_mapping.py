@@ -161,8 +161,12 @@ def config_from_hf(hf: Mapping[str, Any] | Any) -> ModelConfig:
     model_type = get("model_type")
     if model_type not in ("llama", "mistral", "qwen2", "mixtral"):
         raise ConfigError(f"unsupported Hugging Face architecture {model_type!r}; supported: llama, mistral, qwen2, mixtral")
-    if get("rope_scaling"):
-        raise ConfigError(f"rope_scaling {get('rope_scaling')!r} is not supported yet; only plain RoPE models can be imported")
+    # transformers 5 folds rope_theta into rope_parameters (alias rope_scaling) with rope_type "default".
+    rope = get("rope_parameters") or get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, Mapping) else "default"
+    if rope_type != "default":
+        raise ConfigError(f"RoPE scaling {rope_type!r} is not supported yet; only plain RoPE models can be imported")
+    rope_theta = (rope.get("rope_theta") if isinstance(rope, Mapping) else None) or get("rope_theta", 10000.0) or 10000.0
     n_heads = get("num_attention_heads")
     d = get("hidden_size")
     fields: dict[str, Any] = dict(
@@ -174,7 +178,7 @@ def config_from_hf(hf: Mapping[str, Any] | Any) -> ModelConfig:
         n_kv_heads=get("num_key_value_heads") or n_heads,
         head_dim=get("head_dim") or d // n_heads,
         intermediate_size=get("intermediate_size"),
-        rope_theta=float(get("rope_theta", 10000.0) or 10000.0),
+        rope_theta=float(rope_theta),
         norm_eps=float(get("rms_norm_eps", 1e-5)),
         max_seq_len=int(get("max_position_embeddings", 2048)),
         tie_embeddings=bool(get("tie_word_embeddings", False)),
