@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -113,7 +113,7 @@ class Trainer:
         """AdamW over every parameter (frozen ones simply get no gradient and are skipped);
         no weight decay on norms, biases and vectors."""
         decay, no_decay = [], []
-        for _, p in self._named_parameters():
+        for p in self.model.parameters():
             (decay if p.dim() >= 2 else no_decay).append(p)
         c = self.config
         return torch.optim.AdamW(
@@ -123,9 +123,6 @@ class Trainer:
             foreach=False,
         )
 
-    def _named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
-        return list(self.model.named_parameters())
-
     def stop(self, reason: str) -> None:
         """Ask the loop to stop after the current step (used by callbacks, e.g. rollback)."""
         self.stop_reason = reason
@@ -133,7 +130,7 @@ class Trainer:
     # ------------------------------------------------------------------------------ state
     def training_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Optimizer moments by parameter name (safetensors-ready) and JSON metadata."""
-        names = {id(p): n for n, p in self._named_parameters()}
+        names = {id(p): n for n, p in self.model.named_parameters()}
         tensors: dict[str, torch.Tensor] = {}
         for p, state in self.optimizer.state.items():
             for key, value in state.items():
@@ -149,7 +146,7 @@ class Trainer:
         return tensors, meta
 
     def load_training_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        params = dict(self._named_parameters())
+        params = dict(self.model.named_parameters())
         self.optimizer.state.clear()
         for key, value in tensors.items():
             if not key.startswith("optimizer/"):
@@ -200,10 +197,6 @@ class Trainer:
         tensors, meta = self.training_state()
         progressive = dict(self.progressive)
         progressive["training"] = {"step": self.step, "tokens": self.tokens, "flops": self.flops}
-        for cb in self.callbacks:
-            extra = getattr(cb, "progressive_update", None)
-            if extra is not None:
-                progressive.update(extra())
         state = TrainingState(tensors=tensors, meta=meta)
         if tag is not None:
             return save_checkpoint(self.run_dir / tag, self.model, tokenizer=self.tokenizer, progressive=progressive, training=state)
@@ -274,7 +267,7 @@ class Trainer:
         c = self.config
         lr = lr_at(step, lr=c.lr, warmup_steps=c.warmup_steps, total_steps=c.steps, min_lr_ratio=c.min_lr_ratio)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
+            group["lr"] = lr
         started = time.perf_counter()
         totals = {"loss": 0.0, "balance_loss": 0.0, "z_loss": 0.0, "extra_loss": 0.0}
         tier_routes: torch.Tensor | None = None
@@ -330,12 +323,9 @@ def run_training(
     resume: str | Path | None = None,
     callbacks: list[TrainerCallback] | None = None,
     show_progress: bool = True,
-    on_trainer: Callable[[Trainer], None] | None = None,
 ) -> TrainResult:
     """Convenience wrapper: build a Trainer, optionally resume, train to the end."""
     trainer = Trainer(model, data, config, run_dir=run_dir, callbacks=callbacks, show_progress=show_progress)
     if resume is not None:
         trainer.resume(resume)
-    if on_trainer is not None:
-        on_trainer(trainer)
     return trainer.train()
