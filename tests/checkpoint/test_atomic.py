@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
-import safetensors.torch
+from lite_llm.checkpoint import save as save_module
 
 from lite_llm import CheckpointError
 from lite_llm.checkpoint import atomic, load_checkpoint, save_checkpoint, verify_checkpoint
@@ -35,7 +35,7 @@ def test_overwrite_replaces_the_checkpoint(tmp_path, swap_mode):
 def test_failure_while_writing_shards_keeps_the_old_checkpoint(tmp_path, monkeypatch, swap_mode):
     old = tiny_model(seed=1)
     path = save_checkpoint(tmp_path / "ckpt", old)
-    real, calls = safetensors.torch.save_file, []
+    real, calls = save_module.write_safetensors, []
 
     def flaky(*args, **kwargs):
         calls.append(1)
@@ -43,7 +43,7 @@ def test_failure_while_writing_shards_keeps_the_old_checkpoint(tmp_path, monkeyp
             raise OSError(28, "No space left on device")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(safetensors.torch, "save_file", flaky)
+    monkeypatch.setattr(save_module, "write_safetensors", flaky)
     with pytest.raises(OSError, match="No space left"):
         save_checkpoint(path, tiny_model(seed=2))
     assert state_equal(old, load_checkpoint(path).model)
@@ -87,7 +87,7 @@ def test_failed_first_save_leaves_nothing(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("disk gone")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    monkeypatch.setattr(save_module, "write_safetensors", broken)
     with pytest.raises(RuntimeError):
         save_checkpoint(tmp_path / "ckpt", tiny_model())
     assert list(tmp_path.iterdir()) == []

@@ -14,6 +14,7 @@ import safetensors.torch
 import torch
 
 from ..errors import CheckpointError
+from ..config import ModelConfig
 from ..model import LiteLLM
 from . import atomic
 from .manifest import (
@@ -35,6 +36,7 @@ from .manifest import (
     split_by_bytes,
 )
 from . import manifest as _manifest
+from .stream import TensorSpec, iter_specs, write_safetensors
 from .training import TrainingState
 
 _EXTRA_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
@@ -106,10 +108,44 @@ def save_checkpoint(
     complete.  Any exception removes the temporary directory and leaves ``path`` as it was.
     Returns ``path``.
     """
+    state = model.state_dict()
+    if model.config.tie_embeddings:  # stored once, re-tied on load
+        state.pop("lm_head.weight", None)
+    return write_checkpoint(
+        path,
+        model.config,
+        state,
+        tokenizer=tokenizer,
+        progressive=progressive,
+        training=training,
+        extra_dirs=extra_dirs,
+        max_shard_bytes=max_shard_bytes,
+    )
+
+
+def write_checkpoint(
+    path: str | os.PathLike,
+    config: ModelConfig,
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    specs: Mapping[str, TensorSpec] | None = None,
+    tokenizer: Any = None,
+    progressive: dict | None = None,
+    training: TrainingState | None = None,
+    extra_dirs: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    max_shard_bytes: int = 2 * 1024**3,
+) -> Path:
+    """Write a checkpoint of ``config`` whose stored tensors (tied ``lm_head`` excluded) are
+    ``tensors``, atomically, as :func:`save_checkpoint` does.
+
+    ``tensors`` may be lazy (a mapping that computes each tensor when it is looked up, as the
+    growth operations return): give ``specs`` (name -> dtype and shape, in writing order) and
+    each tensor is produced, written, hashed and dropped one at a time, so a checkpoint larger
+    than memory can be written.  ``tokenizer`` is an object with ``save(dir)``.
+    """
     target = Path(path)
     if max_shard_bytes <= 0:
         raise CheckpointError(f"max_shard_bytes must be positive, got {max_shard_bytes}; pass a size in bytes such as 2 * 1024**3")
-    config = model.config
     progressive_bytes = _json_bytes(fill_progressive(progressive), "progressive")
     training_meta = _json_bytes(training.meta, "training.meta") if training is not None else None
     extra_dirs = dict(extra_dirs or {})
@@ -118,6 +154,8 @@ def save_checkpoint(
             raise CheckpointError(
                 f"extra directory name {name!r} is not allowed; use lower-case letters, digits, '_', '-' or '.' and avoid {', '.join(sorted(_RESERVED))}"
             )
+    if specs is None:
+        specs = dict(iter_specs(tensors))
     if target.exists() and not (target.is_dir() and ((target / MANIFEST).is_file() or not any(target.iterdir()))):
         raise CheckpointError(f"refusing to overwrite {target}, which is not a lite-llm checkpoint; choose another path or remove it first")
 
@@ -126,7 +164,9 @@ def save_checkpoint(
     tmp = atomic.temp_sibling(target, "tmp")
     tmp.mkdir()
     try:
-        manifest = _write_contents(tmp, model, config, tokenizer, progressive_bytes, training, training_meta, extra_dirs, max_shard_bytes)
+        shards = _write_shards(tmp, config, tensors, specs, max_shard_bytes)
+        files = _write_files(tmp, tokenizer, progressive_bytes, training, training_meta, extra_dirs)
+        manifest = _manifest_of(config, shards, files)
         atomic.write_bytes_durable(tmp / MANIFEST, _json_bytes(manifest, "manifest", allow_nan=False))
         atomic.fsync_tree(tmp)
         atomic.swap_into_place(tmp, target)
@@ -136,47 +176,49 @@ def save_checkpoint(
     return target
 
 
-def _write_contents(
-    tmp: Path,
-    model: LiteLLM,
-    config: Any,
-    tokenizer: Any,
-    progressive_bytes: bytes,
-    training: TrainingState | None,
-    training_meta: bytes | None,
-    extra_dirs: dict[str, Mapping[str, torch.Tensor]],
-    max_shard_bytes: int,
-) -> dict[str, Any]:
-    from .. import __version__
-
-    created = _now()
+def _write_shards(
+    tmp: Path, config: ModelConfig, tensors: Mapping[str, torch.Tensor], specs: Mapping[str, TensorSpec], max_shard_bytes: int
+) -> list[dict[str, Any]]:
+    """One safetensors file per (tier, kind) group (split at ``max_shard_bytes``), streamed."""
     tier_names = [t.name for t in config.tiers]
-    state = model.state_dict()
-    if config.tie_embeddings:  # stored once, re-tied on load
-        state.pop("lm_head.weight", None)
-
     groups: dict[tuple[str, str], list[str]] = {(DENSE, DENSE): []}
     for name in tier_names:
         groups[(name, "router")] = []
         groups[(name, "experts")] = []
-    for name in state:
+    for name in specs:
         groups[shard_owner(name, set(tier_names))].append(name)
 
     shards = []
     for (tier, kind), names in groups.items():
         if not names:
             continue
-        sizes = [(n, state[n].numel() * state[n].element_size()) for n in names]
-        pieces = split_by_bytes(sizes, max_shard_bytes)
+        pieces = split_by_bytes([(n, specs[n].nbytes) for n in names], max_shard_bytes)
         for file_name, piece in zip(shard_file_names(shard_stem(tier, kind), len(pieces)), pieces):
-            tensors = {n: state[n] for n in piece}
-            _write_safetensors(tmp / file_name, tensors, {"format": "pt", "lite_llm_tier": tier, "lite_llm_kind": kind})
-            dtypes = sorted({_dtype_name(t.dtype) for t in tensors.values()})
+            piece_specs = {n: specs[n] for n in piece}
+            sha = write_safetensors(tmp / file_name, piece_specs, tensors.__getitem__, {"format": "pt", "lite_llm_tier": tier, "lite_llm_kind": kind})
+            dtypes = sorted({_dtype_name(s.dtype) for s in piece_specs.values()})
             shards.append(
-                _file_entry(tmp, file_name, tier=tier, kind=kind, dtype=dtypes[0] if len(dtypes) == 1 else "mixed")
-                | {"tensors": _tensor_meta(tensors)}
+                {
+                    "path": file_name,
+                    "tier": tier,
+                    "kind": kind,
+                    "dtype": dtypes[0] if len(dtypes) == 1 else "mixed",
+                    "bytes": (tmp / file_name).stat().st_size,
+                    "sha256": sha,
+                    "tensors": {n: {"dtype": _dtype_name(s.dtype), "shape": list(s.shape)} for n, s in piece_specs.items()},
+                }
             )
+    return shards
 
+
+def _write_files(
+    tmp: Path,
+    tokenizer: Any,
+    progressive_bytes: bytes,
+    training: TrainingState | None,
+    training_meta: bytes | None,
+    extra_dirs: dict[str, Mapping[str, torch.Tensor]],
+) -> list[dict[str, Any]]:
     files = []
     atomic.write_bytes_durable(tmp / PROGRESSIVE, progressive_bytes)
     files.append(_file_entry(tmp, PROGRESSIVE, kind="progressive"))
@@ -198,11 +240,16 @@ def _write_contents(
         rel = f"{name}/{EXTRA_TENSORS}"
         _write_safetensors(tmp / rel, tensors, {"format": "pt"})
         files.append(_file_entry(tmp, rel, kind="extra", name=name, tensors=_tensor_meta(tensors)))
+    return files
+
+
+def _manifest_of(config: ModelConfig, shards: list[dict[str, Any]], files: list[dict[str, Any]]) -> dict[str, Any]:
+    from .. import __version__
 
     return {
         "format": FORMAT_NAME,
         "format_version": _manifest.FORMAT_VERSION,
-        "created_at": created,
+        "created_at": _now(),
         "lite_llm_version": __version__,
         "model_config": config.to_dict(),
         "tiers": {
@@ -216,7 +263,7 @@ def _write_contents(
             }
             for t in config.tiers
         },
-        "num_params": model.num_params(),
+        "num_params": config.num_params(),
         "shards": shards,
         "files": files,
     }

@@ -1,0 +1,22 @@
+"""Growth: pure functions ``(config, tensors) -> (config, tensors)`` that make a model bigger.
+
+Each operation is registered under a name (``available_ops()``) and returns lazy tensors, so
+a growth over a checkpoint streams (see :mod:`lite_llm.grow.tensors`).  Exact operations keep
+the function: the grown model's logits equal the original's (to fp32 rounding).
+"""
+
+from .importance import layer_importance
+from .registry import GrowthOp, available_ops, get_op, register
+from .tensors import LazyTensors, Tensors, expected_specs, stored_names
+
+__all__ = [
+    "GrowthOp",
+    "LazyTensors",
+    "Tensors",
+    "available_ops",
+    "expected_specs",
+    "get_op",
+    "layer_importance",
+    "register",
+    "stored_names",
+]

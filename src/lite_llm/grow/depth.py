@@ -1,0 +1,164 @@
+"""Depth growth: more blocks.
+
+Every depth method is a *layer plan* — for each output block, which source block it copies and
+whether the copy is silenced (its residual-writing projections zeroed, so the block is the
+identity in a pre-norm residual stack, as LLaMA-Pro does) — applied by :func:`apply_layer_plan`.
+
+* ``llama_pro``: insert silenced copies after chosen blocks.  Exact, bitwise.
+* ``solar``: SOLAR depth up-scaling, ``[0, n-m) + [m, n)`` of two copies.  Not exact.
+* ``stack``: the whole stack repeated.  Not exact.
+* ``interpolate``: every block repeated in place; exact only with ``identity=True``.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from ..config import ModelConfig
+from ..errors import ConfigError
+from .registry import register
+from .tensors import LazyTensors, Tensors, layer_prefix
+
+# Tensors that write into the residual stream: zero them and the block adds nothing.
+_RESIDUAL_WRITERS = re.compile(r"^(attn\.o_proj\.weight|ffn\.down_proj\.weight|ffn\.experts\.[a-z][a-z0-9_]*\.down_proj)$")
+LayerPlan = list[tuple[int, bool]]  # (source block, silenced?)
+
+
+def apply_layer_plan(config: ModelConfig, tensors: Tensors, plan: LayerPlan) -> tuple[ModelConfig, LazyTensors]:
+    """The model whose block ``j`` is a copy of source block ``plan[j][0]`` (silenced when
+    ``plan[j][1]``); embeddings, final norm and head unchanged."""
+    n = config.n_layers
+    bad = sorted({src for src, _ in plan if not 0 <= src < n})
+    if bad:
+        raise ConfigError(f"layer indices {bad} are out of range for a model with {n} layers (valid: 0..{n - 1})")
+    if not plan:
+        raise ConfigError("a growth cannot leave the model with no layers")
+    moe = None
+    if config.moe_layers is not None:
+        moe = [j for j, (src, _) in enumerate(plan) if src in set(config.moe_layers)]
+    new_config = config.replace(n_layers=len(plan), moe_layers=moe)
+
+    producers = {}
+    per_layer: dict[int, list[str]] = {}
+    for name in tensors:
+        match = re.match(r"^layers\.(\d+)\.(.+)$", name)
+        if match:
+            per_layer.setdefault(int(match.group(1)), []).append(match.group(2))
+        else:
+            producers[name] = (lambda name=name: tensors[name])
+    body = {}
+    for j, (src, silenced) in enumerate(plan):
+        for rest in per_layer.get(src, []):
+            source_name = layer_prefix(src) + rest
+            if silenced and _RESIDUAL_WRITERS.match(rest):
+                body[layer_prefix(j) + rest] = lambda s=source_name: torch.zeros_like(tensors[s])
+            else:
+                body[layer_prefix(j) + rest] = lambda s=source_name: tensors[s]
+    # Keep the stored order: embedding, blocks, then final norm and head.
+    head = {k: v for k, v in producers.items() if k.startswith("embed.")}
+    tail = {k: v for k, v in producers.items() if k not in head}
+    return new_config, LazyTensors({**head, **body, **tail})
+
+
+def uniform_positions(n_layers: int, new_blocks: int) -> list[int]:
+    """LLaMA-Pro's placement: split the stack into ``new_blocks`` equal groups (as equal as
+    integers allow) and insert after the last block of each."""
+    return [round((k + 1) * n_layers / new_blocks) - 1 for k in range(new_blocks)]
+
+
+def most_important(importance: list[float], count: int) -> list[int]:
+    """The ``count`` blocks with the highest importance score (ties to the earlier block)."""
+    order = sorted(range(len(importance)), key=lambda i: (-importance[i], i))
+    return sorted(order[:count])
+
+
+def _target(config: ModelConfig, target_layers: int | None, what: str) -> int:
+    if target_layers is None:
+        raise ConfigError(f"{what} needs target_layers (the number of layers after growth)")
+    if not isinstance(target_layers, int) or target_layers <= config.n_layers:
+        raise ConfigError(f"target_layers must be an integer larger than the current {config.n_layers} layers, got {target_layers!r}")
+    return target_layers
+
+
+@register("llama_pro", family="depth", exact=True)
+def llama_pro(
+    config: ModelConfig,
+    tensors: Tensors,
+    *,
+    target_layers: int | None = None,
+    positions: list[int] | None = None,
+    importance: list[float] | None = None,
+) -> tuple[ModelConfig, LazyTensors]:
+    """Insert identity blocks (copies with o_proj and down_proj zeroed) — exact.
+
+    Where: after each of ``positions`` (source block indices, repeats allowed); else after the
+    ``target_layers - n`` blocks with the highest ``importance`` score; else after every group
+    of ``n / (target_layers - n)`` blocks, as in LLaMA-Pro.
+    """
+    n = config.n_layers
+    if positions is None:
+        new_blocks = _target(config, target_layers, "llama_pro") - n
+        if importance is not None:
+            if len(importance) != n:
+                raise ConfigError(f"importance has {len(importance)} scores but the model has {n} layers")
+            if new_blocks > n:
+                raise ConfigError(f"importance can place at most {n} new blocks (one after each layer); use positions for more")
+            positions = most_important(list(importance), new_blocks)
+        else:
+            positions = uniform_positions(n, new_blocks)
+    else:
+        positions = [int(p) for p in positions]
+        if target_layers is not None and target_layers != n + len(positions):
+            raise ConfigError(f"target_layers={target_layers} does not match {n} layers plus {len(positions)} positions")
+    bad = sorted({p for p in positions if not 0 <= p < n})
+    if bad:
+        raise ConfigError(f"layer indices {bad} are out of range for a model with {n} layers (valid: 0..{n - 1})")
+    plan: LayerPlan = []
+    for i in range(n):
+        plan.append((i, False))
+        plan.extend((i, True) for _ in range(positions.count(i)))
+    return apply_layer_plan(config, tensors, plan)
+
+
+@register("solar", family="depth", exact=False)
+def solar(
+    config: ModelConfig, tensors: Tensors, *, drop: int | None = None, target_layers: int | None = None
+) -> tuple[ModelConfig, LazyTensors]:
+    """SOLAR depth up-scaling: blocks ``[0, n-m)`` then ``[m, n)``; ``2(n-m)`` layers.
+
+    Not function-preserving: the seam needs continued pretraining (the loss jump is measured
+    and recorded).  Give ``drop`` (m) or ``target_layers``.
+    """
+    n = config.n_layers
+    if drop is None:
+        target = _target(config, target_layers, "solar (or drop)")
+        if (2 * n - target) % 2:
+            raise ConfigError(f"solar makes an even number of layers 2*(n - drop); {target} is odd")
+        drop = (2 * n - target) // 2
+    if not isinstance(drop, int) or not 0 < drop < n:
+        raise ConfigError(f"solar's drop must be between 1 and {n - 1} for a {n}-layer model, got {drop!r}")
+    plan = [(i, False) for i in range(n - drop)] + [(i, False) for i in range(drop, n)]
+    return apply_layer_plan(config, tensors, plan)
+
+
+@register("stack", family="depth", exact=False)
+def stack(config: ModelConfig, tensors: Tensors, *, times: int = 2) -> tuple[ModelConfig, LazyTensors]:
+    """The whole stack repeated ``times`` times (progressive stacking).  Not exact."""
+    if not isinstance(times, int) or times < 2:
+        raise ConfigError(f"stack's times must be an integer >= 2, got {times!r}")
+    plan = [(i, False) for _ in range(times) for i in range(config.n_layers)]
+    return apply_layer_plan(config, tensors, plan)
+
+
+@register("interpolate", family="depth", exact=lambda params: bool(params.get("identity", False)))
+def interpolate(config: ModelConfig, tensors: Tensors, *, times: int = 2, identity: bool = False) -> tuple[ModelConfig, LazyTensors]:
+    """Every block repeated ``times`` times in place (``0,0,1,1,...``).
+
+    Not exact, unless ``identity`` silences the copies (then it is LLaMA-Pro after every block).
+    """
+    if not isinstance(times, int) or times < 2:
+        raise ConfigError(f"interpolate's times must be an integer >= 2, got {times!r}")
+    plan = [(i, identity and c > 0) for i in range(config.n_layers) for c in range(times)]
+    return apply_layer_plan(config, tensors, plan)

@@ -1,0 +1,75 @@
+"""The registry of growth operations: every method a recipe or the CLI can name."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ..config import ModelConfig
+from ..errors import ConfigError
+from .tensors import Tensors
+
+GrowthFn = Callable[..., tuple[ModelConfig, Tensors]]
+
+
+@dataclass(frozen=True)
+class GrowthOp:
+    """A registered growth operation.
+
+    ``exact`` says whether the grown model computes the same function as the original with
+    the given parameters (a callable, since e.g. added noise makes an exact method inexact).
+    """
+
+    name: str
+    family: str  # depth, width, heads, moe
+    fn: GrowthFn
+    exact: Callable[[dict[str, Any]], bool]
+    summary: str
+
+    def parameters(self) -> list[str]:
+        sig = inspect.signature(self.fn)
+        return [p.name for p in sig.parameters.values() if p.kind == p.KEYWORD_ONLY]
+
+    def __call__(self, config: ModelConfig, tensors: Tensors, **params: Any) -> tuple[ModelConfig, Tensors]:
+        known = self.parameters()
+        unknown = sorted(set(params) - set(known))
+        if unknown:
+            raise ConfigError(
+                f"growth method {self.name!r} has no parameter {unknown[0]!r}; its parameters are {', '.join(known) or 'none'}"
+            )
+        return self.fn(config, tensors, **params)
+
+
+_REGISTRY: dict[str, GrowthOp] = {}
+
+
+def register(name: str, *, family: str, exact: bool | Callable[[dict[str, Any]], bool]) -> Callable[[GrowthFn], GrowthFn]:
+    """Decorator registering a growth function under ``name``."""
+
+    def wrap(fn: GrowthFn) -> GrowthFn:
+        if name in _REGISTRY:
+            raise ValueError(f"growth method {name!r} is registered twice")
+        is_exact = exact if callable(exact) else (lambda params, _e=exact: _e)
+        summary = (inspect.getdoc(fn) or "").split("\n\n")[0].replace("\n", " ")
+        _REGISTRY[name] = GrowthOp(name, family, fn, is_exact, summary)
+        return fn
+
+    return wrap
+
+
+def get_op(name: str) -> GrowthOp:
+    """The operation registered as ``name``, or a clear error listing the known ones."""
+    _load_builtin_ops()
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown growth method {name!r}; known methods: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def available_ops() -> dict[str, GrowthOp]:
+    _load_builtin_ops()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def _load_builtin_ops() -> None:
+    from . import depth, heads, moe, width  # noqa: F401  (registration happens on import)

@@ -1,0 +1,70 @@
+"""Lazy tensor mappings: how growth operations stay pure and still stream.
+
+A growth operation maps ``(config, tensors) -> (config, tensors)``.  The tensors it returns
+are a :class:`LazyTensors`: each output name holds a small closure that computes the tensor
+from the input mapping when it is looked up, and nothing is cached.  Chaining operations
+chains closures; writing the result (``write_checkpoint`` with specs) asks for one tensor at a
+time, so a chain of growths over a checkpoint opened with ``open_checkpoint`` never holds
+more than a few tensors in memory.  Looking a tensor up twice computes it twice: materialise
+with ``dict(lazy)`` when that matters more than memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Callable, Iterator
+
+import torch
+
+from ..checkpoint.load import _expected_tensors
+from ..checkpoint.stream import TensorSpec
+from ..config import ModelConfig
+
+Tensors = Mapping[str, torch.Tensor]
+Producer = Callable[[], torch.Tensor]
+
+
+class LazyTensors(Mapping[str, torch.Tensor]):
+    """name -> tensor, each computed by its producer when looked up (never cached)."""
+
+    def __init__(self, producers: dict[str, Producer]) -> None:
+        self._producers = producers
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._producers[name]()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._producers)
+
+    def __len__(self) -> int:
+        return len(self._producers)
+
+
+def ref(tensors: Tensors, name: str) -> Producer:
+    """A producer that returns input tensor ``name`` unchanged."""
+    return lambda: tensors[name]
+
+
+def derive(fn: Callable[..., torch.Tensor], tensors: Tensors, *names: str) -> Producer:
+    """A producer computing ``fn(tensors[n0], tensors[n1], ...)``."""
+    return lambda: fn(*(tensors[n] for n in names))
+
+
+def stored_names(config: ModelConfig) -> list[str]:
+    """The names a checkpoint of ``config`` stores, in writing order (tied ``lm_head`` excluded)."""
+    return list(_expected_tensors(config))
+
+
+def expected_specs(config: ModelConfig, dtype: torch.dtype) -> dict[str, TensorSpec]:
+    """name -> (dtype, shape) of every stored tensor of ``config`` when held in ``dtype``."""
+    return {name: TensorSpec(dtype, shape) for name, shape in _expected_tensors(config).items()}
+
+
+def layer_prefix(i: int) -> str:
+    return f"layers.{i}."
+
+
+def layer_names(names: list[str] | Tensors, i: int) -> list[str]:
+    """The names of layer ``i``'s tensors, without the ``layers.{i}.`` prefix."""
+    prefix = layer_prefix(i)
+    return [n[len(prefix):] for n in names if n.startswith(prefix)]

@@ -1,0 +1,109 @@
+"""Shared helpers for growth tests: model shapes, applying an op, comparing functions."""
+
+from __future__ import annotations
+
+import torch
+
+from lite_llm import ModelConfig, RoutingConfig, TierConfig
+from lite_llm.grow import get_op
+from lite_llm.model import LiteLLM, build_model
+
+
+def dense_shapes() -> dict[str, ModelConfig]:
+    """Dense configs of several shapes: GQA with 2 and 3 groups, MQA, MHA, tied and untied,
+    non-power-of-two sizes, head_dim independent of d_model, attention bias."""
+    return {
+        "gqa2-untied": ModelConfig(vocab_size=61, d_model=40, n_layers=3, n_heads=4, n_kv_heads=2, intermediate_size=72, max_seq_len=64),
+        "gqa3-tied": ModelConfig(
+            vocab_size=53, d_model=36, n_layers=4, n_heads=6, n_kv_heads=3, head_dim=10, intermediate_size=50, max_seq_len=64, tie_embeddings=True
+        ),
+        "mha-bias": ModelConfig(vocab_size=47, d_model=24, n_layers=2, n_heads=3, intermediate_size=44, max_seq_len=64, attention_bias=True),
+        "mqa-tied": ModelConfig(vocab_size=50, d_model=30, n_layers=2, n_heads=5, n_kv_heads=1, head_dim=6, intermediate_size=33, max_seq_len=64, tie_embeddings=True),
+    }
+
+
+def moe_shapes() -> dict[str, ModelConfig]:
+    """Tiered-MoE configs: two unequal tiers, and one tier in a subset of layers."""
+    return {
+        "two-tier": ModelConfig(
+            vocab_size=59,
+            d_model=36,
+            n_layers=3,
+            n_heads=6,
+            n_kv_heads=2,
+            intermediate_size=60,
+            max_seq_len=64,
+            tiers=[
+                TierConfig("tier_a", num_groups=2, experts_per_group=3, expert_hidden=20),
+                TierConfig("tier_b", num_groups=3, experts_per_group=2, expert_hidden=14, k_group=2),
+            ],
+            routing=RoutingConfig(k_tier=2, k_group=1, k_expert=2),
+        ),
+        "partial-moe-tied": ModelConfig(
+            vocab_size=41,
+            d_model=28,
+            n_layers=3,
+            n_heads=4,
+            head_dim=8,
+            n_kv_heads=2,
+            intermediate_size=42,
+            max_seq_len=64,
+            tie_embeddings=True,
+            tiers=[TierConfig("tier_0", num_groups=1, experts_per_group=4, expert_hidden=18)],
+            routing=RoutingConfig(k_tier=1, k_group=1, k_expert=2),
+            moe_layers=[1],
+        ),
+    }
+
+
+def random_model(config: ModelConfig, seed: int = 0) -> LiteLLM:
+    """A model with every weight random, norms and router gates included (norm scales of one
+    and zero biases would hide mistakes in how growth treats them)."""
+    model = build_model(config, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1000)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen))
+            elif name.endswith(".bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+            elif "router" in name:
+                p.copy_(0.5 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(0.15 * torch.randn(p.shape, generator=gen))
+    return model.eval()
+
+
+def stored_state(model: LiteLLM) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint stores (tied head excluded), detached."""
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight")
+    return state
+
+
+def model_from(config: ModelConfig, tensors) -> LiteLLM:
+    """Build a model of ``config`` holding ``tensors`` (strict: every name, every shape)."""
+    model = LiteLLM(config)
+    state = dict(tensors)
+    if config.tie_embeddings:
+        state["lm_head.weight"] = state["embed.weight"]
+    model.load_state_dict(state, strict=True)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    return model.eval()
+
+
+def grow(model: LiteLLM, method: str, **params) -> LiteLLM:
+    config, tensors = get_op(method)(model.config, stored_state(model), **params)
+    return model_from(config, tensors)
+
+
+def sample_ids(config: ModelConfig, batch: int = 3, seq: int = 17, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def max_logit_diff(a: LiteLLM, b: LiteLLM, ids: torch.Tensor | None = None) -> float:
+    ids = sample_ids(a.config) if ids is None else ids
+    return float((a(ids).logits - b(ids).logits).abs().max())
