@@ -420,6 +420,9 @@ def quickstart(
     run_quickstart(output, steps=steps, seed=seed, console=console)
 
 
+from . import cli_growth  # noqa: E402,F401  (registers expand, validate, plan, import, export)
+
+
 def main() -> None:
     app()
 

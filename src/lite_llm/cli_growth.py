@@ -1,0 +1,254 @@
+"""`lite-llm` commands for growth and interop: expand, validate, plan, import, export.
+
+Registered on the main app by :mod:`lite_llm.cli` (kept apart so each module stays small).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.table import Table
+
+from .cli import app, console, err_console, friendly_errors
+from .errors import ConfigError
+
+
+def _parse_set(items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs, values read as YAML (numbers, lists, booleans)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return out
+
+
+def _print_records(records: list[dict[str, Any]]) -> None:
+    from .config import format_size
+
+    table = Table("step", "method", "params", "exact", "max |Δlogit|", "loss jump", title="growth")
+    for i, r in enumerate(records, 1):
+        p = r["preservation"]
+        shown = {k: v for k, v in r["params"].items() if k != "importance"}
+        table.add_row(
+            str(i),
+            r["method"],
+            f"{format_size(r['params_before'])} → {format_size(r['params_after'])}  {json.dumps(shown)}",
+            "yes" if r["exact"] else "no",
+            f"{p['max_abs']:.2e}" if p else "not measured",
+            f"{p['loss_jump']:+.4f}" if p else "-",
+        )
+    console.print(table)
+
+
+@app.command()
+@friendly_errors
+def expand(
+    checkpoint: Optional[Path] = typer.Argument(None, help="Source checkpoint (or `source:` in the recipe)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="New checkpoint directory (or `output:` in the recipe)."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="YAML/JSON recipe with a list of growth steps."),
+    method: Optional[str] = typer.Option(None, "--method", help="One growth method (see --list)."),
+    target_layers: Optional[int] = typer.Option(None, "--target-layers", help="Depth methods: layers after growth."),
+    set_: list[str] = typer.Option([], "--set", help="Method parameter KEY=VALUE (repeatable), e.g. --set d_model=512."),
+    validate: str = typer.Option("auto", help="auto (when small enough), always, never: measure preservation."),
+    list_methods: bool = typer.Option(False, "--list", help="List the growth methods and exit."),
+) -> None:
+    """Grow a checkpoint into a bigger one that computes the same function.
+
+    Examples:
+
+      lite-llm expand ckpt --method llama_pro --target-layers 40 -o grown
+
+      lite-llm expand ckpt --method width --set d_model=512 -o wider
+
+      lite-llm expand --recipe grow.yaml
+    """
+    from .grow import available_ops
+    from .grow.expand import expand_checkpoint
+    from .grow.recipe import GrowthStep, Recipe, parse_step
+
+    if list_methods:
+        table = Table("method", "family", "parameters", "what it does", title="growth methods")
+        for name, op in available_ops().items():
+            table.add_row(name, op.family, ", ".join(op.parameters()), op.summary)
+        console.print(table)
+        return
+    if (recipe is None) == (method is None):
+        raise ConfigError("give exactly one of --recipe FILE or --method NAME (see lite-llm expand --list)")
+    if recipe is not None:
+        plan = Recipe.from_file(recipe)
+        if target_layers is not None or set_:
+            raise ConfigError("--target-layers and --set apply to --method; put parameters in the recipe's steps")
+    else:
+        params = _parse_set(set_)
+        if target_layers is not None:
+            params["target_layers"] = target_layers
+        plan = Recipe([parse_step({"method": method, **params}, "--method")])
+    source = checkpoint or (Path(plan.source) if plan.source else None)
+    out = output or (Path(plan.output) if plan.output else None)
+    if source is None or out is None:
+        raise ConfigError("name the source checkpoint and the output (-o), on the command line or as source:/output: in the recipe")
+    mode = validate if recipe is None or validate != "auto" else plan.validate
+    with console.status("growing…"):
+        result = expand_checkpoint(source, out, plan.steps, validate=mode)
+    _print_records(result.records)
+    console.print(f"wrote {result.path} ({result.config.num_params():,} parameters)")
+
+
+@app.command("validate")
+@friendly_errors
+def validate_command(
+    original: Path = typer.Argument(..., help="The checkpoint before growth."),
+    grown: Path = typer.Argument(..., help="The grown checkpoint."),
+    tolerance: float = typer.Option(1e-5, help="Max abs logit difference allowed for exact growth."),
+    seq: int = typer.Option(64, help="Tokens per sample sequence."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON here."),
+) -> None:
+    """Check a grown model against its original: logits, gradient flow, parameter count, loss jump.
+
+    Exits non-zero when an exact growth changed the logits beyond the tolerance, a new
+    parameter gets no gradient, or the parameter count disagrees with the config.
+
+    Example:
+
+      lite-llm validate runs/small/final runs/grown
+    """
+    from .checkpoint import load_checkpoint
+    from .grow.validate import sample_ids, validate_models
+
+    a, b = load_checkpoint(original), load_checkpoint(grown)
+    records = b.progressive.get("expansions") or []
+    exact = all(r.get("exact") for r in records) if records else None
+    ids = sample_ids(a.config.vocab_size, a.tokenizer, seq=seq)
+    report = validate_models(a.model, b.model, ids, exact_expected=exact, tolerance=tolerance)
+    table = Table("check", "value", "result", title=f"{original} → {grown}")
+    ok, bad = "[green]ok[/green]", "[bold red]FAIL[/bold red]"
+    table.add_row("max |Δlogit| (fp32)", f"{report.max_abs:.3e}", (ok if report.preserved else bad) if exact else "not exact by design")
+    table.add_row("MSE of logits", f"{report.mse:.3e}", "")
+    table.add_row("loss jump", f"{report.loss_jump:+.5f} ({report.loss_original:.4f} → {report.loss_grown:.4f})", "")
+    table.add_row("parameters", f"{report.params_original:,} → {report.params_grown:,} (config: {report.params_analytic:,})", ok if report.count_ok else bad)
+    table.add_row("new parameters with gradient", f"{len(report.new_params) - len(report.dead_params)}/{len(report.new_params)}", ok if not report.dead_params else bad)
+    console.print(table)
+    for name in report.dead_params[:10]:
+        err_console.print(f"no gradient reaches {name}", highlight=False)
+    if json_out:
+        json_out.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    if not report.passed:
+        raise typer.Exit(1)
+
+
+@app.command()
+@friendly_errors
+def plan(
+    from_: Path = typer.Option(..., "--from", help="Checkpoint, config file or preset name to grow from."),
+    to: str = typer.Option(..., "--to", help="Target size (7B, 350M) or a config file / preset whose size to reach."),
+    strategy: str = typer.Option("all", help="depth_first, width_first, balanced, moe, or all."),
+    tokens_per_param: float = typer.Option(20.0, help="Continued-training tokens per added parameter (cost model)."),
+    write_recipe: Optional[Path] = typer.Option(None, "--write-recipe", help="Write the (single) strategy's plan as a recipe YAML."),
+) -> None:
+    """Propose growth steps to a target size, with parameter counts and training FLOPs.
+
+    Examples:
+
+      lite-llm plan --from runs/small/final --to 1B
+
+      lite-llm plan --from small --to 350M --strategy moe --write-recipe grow.yaml
+    """
+    from .config import ModelConfig, format_size, parse_size
+    from .grow.planner import STRATEGIES, plan_growth
+
+    source = _config_of(from_)
+    try:
+        target = parse_size(to)
+    except ConfigError:
+        target = _config_of(Path(to)).num_params()
+    strategies = list(STRATEGIES) if strategy == "all" else [strategy]
+    if write_recipe and len(strategies) != 1:
+        raise ConfigError("--write-recipe needs one --strategy")
+    for name in strategies:
+        p = plan_growth(source, target, name, tokens_per_param=tokens_per_param)
+        table = Table("step", "method", "parameters", "total", "active", "tokens", "FLOPs", title=f"{name}: {format_size(source.num_params())} → {format_size(p.final.num_params())}")
+        for i, s in enumerate(p.steps, 1):
+            table.add_row(str(i), s.step.method, json.dumps(s.step.params), format_size(s.params), format_size(s.active_params), format_size(s.tokens), f"{s.flops:.2e}")
+        console.print(table)
+        console.print(f"  growth path {p.growth_flops:.3e} FLOPs vs from scratch {p.scratch_flops:.3e} ({p.growth_flops / p.scratch_flops:.0%})")
+        if write_recipe:
+            import yaml
+
+            write_recipe.write_text(yaml.safe_dump(p.recipe(), sort_keys=False))
+            console.print(f"wrote {write_recipe}")
+
+
+def _config_of(spec: Path):
+    """A model config from a checkpoint directory, a config file or a preset name."""
+    from .checkpoint import read_manifest
+    from .config import ModelConfig
+
+    if spec.is_dir():
+        return ModelConfig.from_dict(read_manifest(spec)["model_config"], allow_unknown=True)
+    if spec.is_file():
+        return ModelConfig.from_file(spec)
+    return ModelConfig.from_preset(str(spec))
+
+
+@app.command("import")
+@friendly_errors
+def import_command(
+    source: Path = typer.Argument(..., help="Hugging Face folder (config.json + safetensors) or a .gguf file."),
+    output: Path = typer.Option(..., "-o", "--output", help="New checkpoint directory."),
+    dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: as stored; GGUF: float32)."),
+) -> None:
+    """Bring a Llama/Mistral/Qwen2/Mixtral Hugging Face model or a Llama GGUF file in.
+
+    Examples:
+
+      lite-llm import ~/models/Qwen2-0.5B -o ckpt/qwen2
+
+      lite-llm import models/SmolLM2-135M-Instruct.Q4_1.gguf -o ckpt/smollm2
+    """
+    from .interop import import_gguf, import_hf
+
+    torch_dtype = _dtype(dtype)
+    with console.status("importing…"):
+        if source.suffix == ".gguf":
+            path = import_gguf(source, output, **({"dtype": torch_dtype} if torch_dtype else {}))
+        else:
+            path = import_hf(source, output, dtype=torch_dtype)
+    console.print(f"wrote {path}")
+
+
+@app.command("export")
+@friendly_errors
+def export_command(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint directory."),
+    output: Path = typer.Option(..., "-o", "--output", help="New Hugging Face folder."),
+    dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: as stored)."),
+) -> None:
+    """Write a dense model as Llama, or a one-tier one-group MoE as Mixtral, for transformers.
+
+    Example:
+
+      lite-llm export ckpt/grown -o hf/grown
+    """
+    from .interop import export_hf
+
+    with console.status("exporting…"):
+        path = export_hf(checkpoint, output, dtype=_dtype(dtype))
+    console.print(f"wrote {path} (load with transformers.AutoModelForCausalLM.from_pretrained)")
+
+
+def _dtype(name: Optional[str]):
+    import torch
+
+    if name is None:
+        return None
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if name not in table:
+        raise ConfigError(f"unknown dtype {name!r}; use float32, bfloat16 or float16")
+    return table[name]

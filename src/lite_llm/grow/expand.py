@@ -1,0 +1,201 @@
+"""Growing a checkpoint on disk: open lazily, chain the steps, validate, stream the result.
+
+The source is opened with :func:`open_checkpoint` (hash-verified, nothing loaded), the steps
+are chained as lazy tensor mappings, and the output is written with ``write_checkpoint`` one
+tensor at a time — so a growth needs memory for a few tensors, not two models.  When the
+models are small enough (``validate="auto"``, below ``max_validate_params``) every step is
+also materialised and checked with :func:`validate_models`; an exact step that fails to
+preserve the logits stops the growth before anything is written.  Each step appends a record
+to ``progressive.json``'s ``expansions``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ..checkpoint.lazy import CheckpointTensors, open_checkpoint
+from ..checkpoint.save import write_checkpoint
+from ..config import ModelConfig
+from ..errors import CheckpointError, ConfigError, LiteLLMError
+from ..model import LiteLLM
+from .importance import layer_importance
+from .recipe import VALIDATE_MODES, GrowthStep
+from .registry import get_op
+from .tensors import LazyTensors, Tensors, expected_specs
+from .validate import ValidationReport, sample_ids, validate_models
+
+
+class GrowthError(LiteLLMError):
+    """A growth that would not keep its promise (an exact step changed the function)."""
+
+
+@dataclass
+class ExpandResult:
+    path: Path
+    config: ModelConfig
+    records: list[dict[str, Any]] = field(default_factory=list)
+    reports: list[ValidationReport | None] = field(default_factory=list)
+
+
+class _CopiedTokenizer:
+    """Copies a checkpoint's tokenizer directory into the new checkpoint unchanged."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def save(self, target: str | os.PathLike) -> None:
+        import shutil
+
+        for p in sorted(self.directory.rglob("*")):
+            if p.is_file():
+                dest = Path(target) / p.relative_to(self.directory)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(p, dest)
+
+
+def materialize(config: ModelConfig, tensors: Tensors) -> LiteLLM:
+    """A model of ``config`` holding ``tensors`` (every name and shape checked)."""
+    model = LiteLLM(config)
+    state = dict(tensors)
+    if config.tie_embeddings:
+        state["lm_head.weight"] = state["embed.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    return model.eval()
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _resolve_params(step: GrowthStep, config: ModelConfig, tensors: Tensors, ids: torch.Tensor | None) -> dict[str, Any]:
+    """Parameters with measured values filled in (``importance: measured``)."""
+    params = dict(step.params)
+    if params.get("importance") == "measured":
+        if ids is None:
+            raise ConfigError("importance: measured needs the model to be small enough to run (raise max_validate_params) or explicit scores")
+        params["importance"] = layer_importance(materialize(config, tensors), ids)
+    return params
+
+
+def expand_checkpoint(
+    source: str | os.PathLike,
+    output: str | os.PathLike,
+    steps: Sequence[GrowthStep],
+    *,
+    validate: str = "auto",
+    max_validate_params: int = 400_000_000,
+    tolerance: float = 1e-5,
+    verify: bool = True,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = 2 * 1024**3,
+) -> ExpandResult:
+    """Grow the checkpoint at ``source`` by ``steps`` into a new checkpoint at ``output``."""
+    if validate not in VALIDATE_MODES:
+        raise ConfigError(f"validate must be one of {', '.join(VALIDATE_MODES)}, got {validate!r}")
+    if not steps:
+        raise ConfigError("no growth steps given; pass --method or a recipe with steps")
+    src = open_checkpoint(source, verify=verify)
+    out = Path(output)
+    if out.resolve() == src.path.resolve():
+        raise CheckpointError(f"output {out} is the source checkpoint; write the grown model to a new directory")
+    if out.exists() and any(out.iterdir()):
+        raise CheckpointError(f"output {out} already exists and is not empty; choose a new directory or remove it first")
+
+    config, tensors = src.config, src.tensors
+    dtype = dtype or src.dtype
+    records, reports = [], []
+    do_validate = validate == "always" or (validate == "auto" and _small_enough(config, max_validate_params))
+    ids = sample_ids(config.vocab_size, _tokenizer(src)) if do_validate else None
+    current = materialize(config, {k: tensors[k] for k in tensors}) if do_validate else None
+    for step in steps:
+        op = get_op(step.method)
+        params = _resolve_params(step, config, tensors, ids)
+        new_config, new_tensors = op(config, tensors, **params)
+        report = None
+        if do_validate:
+            grown = materialize(new_config, {k: new_tensors[k] for k in new_tensors})
+            report = validate_models(current, grown, ids, exact_expected=op.exact(params), tolerance=tolerance)
+            if report.exact_expected and not report.preserved:
+                raise GrowthError(
+                    f"{step.describe()} is meant to be exact but changed the logits by {report.max_abs:.3g} (> {tolerance:g}); nothing was written — please report this"
+                )
+            current, new_tensors = grown, _state_of(grown)
+        records.append(_record(src, step.method, params, op.exact(params), config, new_config, report))
+        reports.append(report)
+        config, tensors = new_config, new_tensors
+
+    progressive = dict(src.progressive)
+    progressive["expansions"] = list(progressive.get("expansions") or []) + records
+    specs = expected_specs(config, dtype)
+    tensors = _cast(tensors, dtype)
+    tokenizer = _CopiedTokenizer(src.tokenizer_dir) if src.tokenizer_dir else None
+    path = write_checkpoint(out, config, tensors, specs=specs, tokenizer=tokenizer, progressive=progressive, max_shard_bytes=max_shard_bytes)
+    return ExpandResult(path, config, records, reports)
+
+
+def _small_enough(config: ModelConfig, limit: int) -> bool:
+    """Whether to materialise and validate: the source is under ``limit`` parameters (its growths
+    then fit in memory beside it)."""
+    return config.num_params() <= limit
+
+
+def _tokenizer(src: CheckpointTensors) -> Any:
+    if src.tokenizer_dir is None:
+        return None
+    try:
+        from ..data import load_tokenizer
+
+        return load_tokenizer(src.tokenizer_dir)
+    except Exception:  # noqa: BLE001 - a sample tokenizer is a nicety; random ids work too
+        return None
+
+
+def _state_of(model: LiteLLM) -> dict[str, torch.Tensor]:
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def _cast(tensors: Tensors, dtype: torch.dtype) -> Tensors:
+    """``tensors`` held in ``dtype`` (validation works in fp32; the output keeps the source's)."""
+
+    def cast(name: str) -> torch.Tensor:
+        t = tensors[name]
+        return t if t.dtype == dtype else t.to(dtype)
+
+    return LazyTensors({k: (lambda k=k: cast(k)) for k in tensors})
+
+
+def _record(
+    src: CheckpointTensors,
+    method: str,
+    params: dict[str, Any],
+    exact: bool,
+    before: ModelConfig,
+    after: ModelConfig,
+    report: ValidationReport | None,
+) -> dict[str, Any]:
+    return {
+        "method": method,
+        "params": {k: v for k, v in params.items()},
+        "exact": exact,
+        "source": str(src.path),
+        "source_manifest_sha256": src.manifest_sha256(),
+        "source_config": before.to_dict(),
+        "target_config": after.to_dict(),
+        "params_before": before.num_params(),
+        "params_after": after.num_params(),
+        "timestamp": _now(),
+        "preservation": report.preservation() if report is not None else None,
+        "gradient_flow_dead": report.dead_params if report is not None else None,
+        "note": None if report is not None else "not measured: model larger than max_validate_params (run lite-llm validate)",
+    }

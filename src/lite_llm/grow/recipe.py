@@ -1,0 +1,89 @@
+"""Growth recipes: a YAML/JSON list of growth steps, checked before anything runs.
+
+```yaml
+# grow.yaml
+source: runs/small/final        # optional when given on the command line
+output: runs/grown              # optional likewise
+steps:
+  - method: llama_pro
+    target_layers: 12
+  - method: width
+    d_model: 384
+validate: auto                  # auto | always | never
+```
+Each step is a method name from :func:`available_ops` and that method's parameters.
+``importance: measured`` (for ``llama_pro``) measures layer importance on sample data first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from .registry import get_op
+
+VALIDATE_MODES = ("auto", "always", "never")
+
+
+@dataclass
+class GrowthStep:
+    method: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
+        return f"{self.method}({args})"
+
+
+@dataclass
+class Recipe:
+    steps: list[GrowthStep]
+    source: str | None = None
+    output: str | None = None
+    validate: str = "auto"
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "recipe") -> "Recipe":
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where} must be a mapping with a 'steps' list")
+        unknown = sorted(set(data) - {"steps", "source", "output", "validate"})
+        if unknown:
+            raise ConfigError(f"{where} has unknown key {unknown[0]!r}; expected steps, source, output, validate")
+        raw_steps = data.get("steps")
+        if not isinstance(raw_steps, list) or not raw_steps:
+            raise ConfigError(f"{where} needs a non-empty 'steps' list, each step a mapping with a 'method'")
+        validate = str(data.get("validate", "auto"))
+        if validate not in VALIDATE_MODES:
+            raise ConfigError(f"{where}: validate must be one of {', '.join(VALIDATE_MODES)}, got {validate!r}")
+        steps = [parse_step(raw, f"{where} step {i + 1}") for i, raw in enumerate(raw_steps)]
+        return cls(steps, data.get("source"), data.get("output"), validate)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Recipe":
+        import yaml
+
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"recipe {path} does not exist; check the path") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"recipe {path} is not valid YAML ({' '.join(str(exc).split())})") from None
+        return cls.from_dict(data, where=f"recipe {path}")
+
+
+def parse_step(raw: Any, where: str) -> GrowthStep:
+    """One step, its method looked up and its parameter names checked."""
+    if not isinstance(raw, dict) or "method" not in raw:
+        raise ConfigError(f"{where} must be a mapping with a 'method' key, got {raw!r}")
+    params = {k: v for k, v in raw.items() if k != "method"}
+    try:
+        op = get_op(str(raw["method"]))
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    unknown = sorted(set(params) - set(op.parameters()))
+    if unknown:
+        raise ConfigError(f"{where}: growth method {op.name!r} has no parameter {unknown[0]!r}; its parameters are {', '.join(op.parameters())}")
+    return GrowthStep(op.name, params)
