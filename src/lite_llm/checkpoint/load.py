@@ -15,6 +15,7 @@ from safetensors import SafetensorError, safe_open
 from ..config import ModelConfig, TierSet
 from ..errors import CheckpointError, ConfigError, LiteLLMError, TierSetError
 from ..model import LiteLLM, build_model
+from ..model.shapes import tensor_shapes
 from . import atomic
 from .manifest import (
     DENSE,
@@ -36,7 +37,6 @@ from .manifest import (
 )
 from .training import TrainingState
 
-_CPU_BUILD_LIMIT = 32_000_000  # parameters; larger configs are shape-checked on the meta device
 
 
 @dataclass
@@ -120,17 +120,11 @@ def _select_tiers(config: ModelConfig, tierset: Any, skipped: list[str], root: P
 
 
 def _expected_tensors(config: ModelConfig, model: LiteLLM | None = None) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every tensor the checkpoint must supply (tied head excluded).
-
-    Without a built ``model``, small configs are built on the CPU and large ones on the meta
-    device (no memory; but the first meta build in a process imports torch._dynamo, ~3 s)."""
-    if model is None:
-        if config.num_params() <= _CPU_BUILD_LIMIT:
-            model = LiteLLM(config)
-        else:
-            with torch.device("meta"):
-                model = LiteLLM(config)
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    """Name -> shape of every tensor the checkpoint must supply (tied head excluded)."""
+    if model is not None:
+        expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    else:
+        expected = tensor_shapes(config)
     if config.tie_embeddings:
         expected.pop("lm_head.weight", None)
     return expected
