@@ -6,6 +6,7 @@ the function: the grown model's logits equal the original's (to fp32 rounding).
 """
 
 from .importance import layer_importance
+from .moe import old_expert_mask
 from .registry import GrowthOp, available_ops, get_op, register
 from .tensors import LazyTensors, Tensors, expected_specs, stored_names
 
@@ -17,6 +18,7 @@ __all__ = [
     "expected_specs",
     "get_op",
     "layer_importance",
+    "old_expert_mask",
     "register",
     "stored_names",
 ]
