@@ -115,7 +115,7 @@ def _depth_to(config: ModelConfig, target: int, cap_factor: float = 2.0) -> Grow
 def _width_steps(config: ModelConfig) -> list[GrowthStep]:
     """Double the model's width exactly: hidden size, attention heads (whole KV groups, so
     GQA stays intact) and FFN / expert hidden sizes."""
-    steps = [GrowthStep("width", {"d_model": 2 * config.d_model}), GrowthStep("heads", {"n_heads": 2 * config.n_heads, "method": "split"})]
+    steps = [GrowthStep("width", {"d_model": 2 * config.d_model}), GrowthStep("heads", {"n_heads": 2 * config.n_heads, "mode": "split"})]
     ffn: dict[str, Any] = {}
     if not config.is_moe or (config.moe_layers is not None and len(config.moe_layers) < config.n_layers):
         ffn["intermediate_size"] = 2 * config.intermediate_size
