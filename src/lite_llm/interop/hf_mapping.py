@@ -9,12 +9,14 @@ export and the oracle tests all go through these functions.
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping, TypeVar
 
 import torch
 
 from ..config import ModelConfig, RoutingConfig, TierConfig
 from ..errors import ConfigError
+
+_V = TypeVar("_V")
 
 # (Lite LLM pattern, Hugging Face pattern); {i} is the layer index.
 _DENSE_TABLE: list[tuple[str, str]] = [
@@ -53,7 +55,7 @@ def _compile(table: list[tuple[str, str]], reverse: bool) -> list[tuple[re.Patte
     return rules
 
 
-def _rename(state: Mapping[str, torch.Tensor], rules: list[tuple[re.Pattern[str], str]]) -> tuple[dict[str, torch.Tensor], list[str]]:
+def _rename(state: Mapping[str, _V], rules: list[tuple[re.Pattern[str], str]]) -> tuple[dict[str, _V], list[str]]:
     out, unmapped = {}, []
     for name, tensor in state.items():
         for pattern, target in rules:
@@ -64,6 +66,57 @@ def _rename(state: Mapping[str, torch.Tensor], rules: list[tuple[re.Pattern[str]
         else:
             unmapped.append(name)
     return out, unmapped
+
+
+def _table(config: ModelConfig) -> list[tuple[str, str]]:
+    table = list(_DENSE_TABLE)
+    if config.is_moe:
+        table += _moe_table(_check_single_tier(config))
+    return table
+
+
+def hf_names_to_lite(hf_names: Iterable[str], config: ModelConfig) -> tuple[dict[str, str], list[str]]:
+    """Lite LLM name -> Hugging Face name for each of ``hf_names`` (the fused Mixtral layout
+    for experts), and the names that map to nothing.
+
+    Works on names alone, so an importer can plan a conversion before reading any tensor.
+    """
+    return _rename({n: n for n in hf_names}, _compile(_table(config), reverse=True))
+
+
+def lite_names_to_hf(names: Iterable[str], config: ModelConfig) -> dict[str, str]:
+    """Lite LLM name -> Hugging Face name (fused Mixtral layout for experts) for each of
+    ``names`` that has one; router parts with no Hugging Face counterpart are left out."""
+    renamed, _ = _rename({n: n for n in names}, _compile(_table(config), reverse=False))
+    return {ours: theirs for theirs, ours in renamed.items()}
+
+
+# Router state Lite LLM has and Mixtral (or a GGUF MoE) does not: with one tier of one group
+# the tier and group probabilities are 1 whatever these hold, so zeros are exact on import.
+ROUTER_ONLY_STATE = re.compile(r"^layers\.\d+\.ffn\.router\.heads\.[a-z0-9_]+\.(tier_gate|group_gate|tier_bias|group_bias|expert_bias)$")
+
+# Mixtral's on-disk expert layouts.  Classic (the Hub's checkpoints, and what transformers'
+# ``save_pretrained`` still writes): ``model.layers.{i}.block_sparse_moe.`` holding ``gate.weight``
+# and ``experts.{j}.w1/w2/w3.weight`` (w1 = gate, w3 = up, w2 = down, each (out, in)).  Fused
+# (transformers 5 in memory, the table above): ``model.layers.{i}.mlp.`` holding ``gate.weight``
+# and ``experts.gate_up_proj`` (E, 2H, d) / ``experts.down_proj`` (E, d, H).
+MIXTRAL_CLASSIC_EXPERT = re.compile(r"^model\.layers\.(?P<i>\d+)\.(?:block_sparse_moe|mlp)\.experts\.(?P<j>\d+)\.(?P<w>w[123])\.weight$")
+MIXTRAL_FUSED_EXPERTS = re.compile(r"^model\.layers\.(?P<i>\d+)\.mlp\.experts\.(?P<kind>gate_up_proj|down_proj)$")
+
+
+def mixtral_classic_expert(layer: int | str, expert: int, w: str) -> str:
+    """The classic name of expert ``expert``'s ``w`` (``w1``, ``w2`` or ``w3``) in ``layer``."""
+    return f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{w}.weight"
+
+
+def mixtral_block_to_fused(name: str) -> str:
+    """``...block_sparse_moe.X`` -> ``...mlp.X`` (the module's transformers 5 name)."""
+    return name.replace(".block_sparse_moe.", ".mlp.")
+
+
+def mixtral_block_to_classic(name: str) -> str:
+    """``model.layers.{i}.mlp.X`` -> ``model.layers.{i}.block_sparse_moe.X``."""
+    return name.replace(".mlp.", ".block_sparse_moe.")
 
 
 def _check_single_tier(config: ModelConfig) -> str:
@@ -82,10 +135,7 @@ def to_hf_state_dict(state: Mapping[str, torch.Tensor], config: ModelConfig) -> 
     Router tensors with no Mixtral counterpart (the tier and group gates of a single-tier,
     single-group model, which cannot change the routing) and bias buffers are dropped.
     """
-    table = list(_DENSE_TABLE)
-    if config.is_moe:
-        table += _moe_table(_check_single_tier(config))
-    out, _ = _rename(state, _compile(table, reverse=False))
+    out, _ = _rename(state, _compile(_table(config), reverse=False))
     if config.tie_embeddings:
         out.pop("lm_head.weight", None)
     return out
@@ -132,11 +182,17 @@ def hf_config_dict(config: ModelConfig) -> dict[str, Any]:
         "rms_norm_eps": config.norm_eps,
         "rope_theta": config.rope_theta,
         "max_position_embeddings": config.max_seq_len,
+        # transformers 5 reads rope_parameters, older versions rope_theta; both say the same.
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
         "tie_word_embeddings": config.tie_embeddings,
         "hidden_act": "silu",
         "attention_bias": config.attention_bias,
         "torch_dtype": "float32",
     }
+    if not config.is_moe and config.attention_bias:
+        # Llama's attention_bias also adds an o_proj bias that Lite LLM does not have; Qwen2 has
+        # exactly Lite LLM's q/k/v biases and is otherwise Llama.
+        return {**common, "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "intermediate_size": config.intermediate_size, "use_sliding_window": False}
     if not config.is_moe:
         return {**common, "model_type": "llama", "architectures": ["LlamaForCausalLM"], "intermediate_size": config.intermediate_size, "mlp_bias": False}
     tier = config.tiers[0]

@@ -1,0 +1,284 @@
+"""A Lite LLM checkpoint -> a Hugging Face model folder, one tensor at a time.
+
+Dense models become Llama folders (Qwen2 when they have q/k/v biases, which Llama lacks);
+models with one tier of one expert group in every layer become Mixtral folders, in the classic
+per-expert layout (``block_sparse_moe.experts.{j}.w1/w2/w3``) that transformers'
+``save_pretrained`` writes, ``from_pretrained`` of transformers 4 and 5 loads, and older tools
+(llama.cpp's converter among them) read.  Anything else has no Hugging Face architecture that
+computes the same function, and is refused with the reason.
+
+The folder is built under a temporary name next to the target and renamed into place when
+complete, so a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from collections import OrderedDict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..checkpoint import atomic
+from ..checkpoint.lazy import CheckpointTensors, open_checkpoint
+from ..checkpoint.manifest import split_by_bytes
+from ..checkpoint.stream import TensorSpec, write_safetensors
+from ..config import ModelConfig
+from ..data.tokenizer import EOS_TOKEN, HF_TOKENIZER_FILE
+from ..errors import CheckpointError, ConfigError
+from ..grow.tensors import Producer, stored_names
+from .hf_import import HF_CONFIG_FILE, HF_INDEX_FILE, HF_TOKENIZER_EXTRAS, HF_WEIGHTS_FILE
+from .hf_mapping import MIXTRAL_FUSED_EXPERTS, hf_config_dict, lite_names_to_hf, mixtral_block_to_classic, mixtral_classic_expert
+
+GENERATION_CONFIG_FILE = "generation_config.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+_AddTensor = Callable[[str, tuple[int, ...], torch.dtype, Producer], None]
+_SUPPORTED = "export supports dense (Llama) and single-tier single-group MoE (Mixtral) models"
+
+
+def export_hf(
+    ckpt_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Write the Lite LLM checkpoint ``ckpt_dir`` as a Hugging Face model folder at ``out_dir``.
+
+    Writes ``config.json``, ``generation_config.json``, the weights (``model.safetensors``, or
+    ``model-0000i-of-0000n.safetensors`` shards of at most ``max_shard_bytes`` plus
+    ``model.safetensors.index.json``) and, when the checkpoint has a Hugging Face
+    ``tokenizer.json``, the tokenizer files; ``AutoModelForCausalLM.from_pretrained(out_dir)``
+    then computes the same logits.  ``dtype`` casts the weights (default: as stored).  Tensors
+    are streamed one at a time (a Mixtral layer's expert bank is read once and split).
+    ``out_dir`` must not exist or be empty.  Raises :class:`ConfigError` with one sentence for
+    a model no Hugging Face architecture represents; nothing is left at ``out_dir`` on failure.
+    Returns ``out_dir``.
+    """
+    target = Path(out_dir)
+    _check_target(target)
+    if max_shard_bytes <= 0:
+        raise ConfigError(f"max_shard_bytes must be positive, got {max_shard_bytes}; pass a size in bytes such as 5 * 1024**3")
+    if dtype is not None and not dtype.is_floating_point:
+        raise ConfigError(f"dtype {dtype} is not a floating-point type; export as torch.float32, torch.bfloat16 or torch.float16")
+    ckpt = open_checkpoint(ckpt_dir)
+    check_exportable(ckpt)
+    specs, producers = plan_export(ckpt, dtype)
+    tokenizer = _tokenizer_files(ckpt)
+    special = _special_token_ids(tokenizer)
+    model_dtype = specs["model.embed_tokens.weight"].dtype
+    hf_config = {**hf_config_dict(ckpt.config), **_dtype_fields(model_dtype), **special}
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic.recover(target, HF_CONFIG_FILE)
+    tmp = atomic.temp_sibling(target, "tmp")
+    tmp.mkdir()
+    try:
+        _write_weights(tmp, specs, producers, max_shard_bytes)
+        _write_json(tmp / HF_CONFIG_FILE, hf_config)
+        _write_json(tmp / GENERATION_CONFIG_FILE, {"_from_model_config": True, **special})
+        for name, data in tokenizer.items():
+            atomic.write_bytes_durable(tmp / name, data)
+        atomic.fsync_tree(tmp)
+        atomic.swap_into_place(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+# ------------------------------------------------------------------------------- checks
+def _check_target(target: Path) -> None:
+    if target.exists() and not (target.is_dir() and not any(target.iterdir())):
+        raise CheckpointError(f"refusing to overwrite {target}, which exists and is not an empty folder; choose another path or remove it first")
+
+
+def check_exportable(ckpt: CheckpointTensors) -> None:
+    """Refuse, with the reason, a model that no Hugging Face architecture computes exactly."""
+    config = ckpt.config
+    if len(config.tiers) > 1:
+        raise ConfigError(
+            f"{_SUPPORTED}; this model has tiers {', '.join(t.name for t in config.tiers)}, which no Hugging Face architecture represents, so keep it in the Lite LLM format"
+        )
+    if not config.is_moe:
+        return
+    tier = config.tiers[0]
+    if tier.num_groups != 1:
+        raise ConfigError(
+            f"{_SUPPORTED}; tier {tier.name} has {tier.num_groups} expert groups, which Mixtral's single router cannot represent, so keep it in the Lite LLM format"
+        )
+    if len(config.moe_layer_indices) != config.n_layers:
+        layers = ", ".join(str(i) for i in config.moe_layer_indices)
+        raise ConfigError(
+            f"{_SUPPORTED}; this model has experts in layer(s) {layers} only and dense FFNs elsewhere, which Mixtral cannot represent, so keep it in the Lite LLM format"
+        )
+    if config.attention_bias:
+        raise ConfigError(f"{_SUPPORTED} without attention biases; this MoE model has q/k/v biases, which Mixtral lacks, so keep it in the Lite LLM format")
+    if not config.routing.renormalize:
+        raise ConfigError(
+            "this model's router does not renormalise its top-k expert weights (routing.renormalize is false) but Mixtral's does, so a Mixtral export would compute something else; keep it in the Lite LLM format"
+        )
+    for i in config.moe_layer_indices:
+        name = f"layers.{i}.ffn.router.heads.{tier.name}.expert_bias"
+        if name in ckpt.tensors and ckpt.tensors[name].any():
+            raise ConfigError(
+                f"layer {i}'s router has a non-zero expert_bias (a curriculum still ramping experts in), which Mixtral's router has no place for; finish the curriculum so the biases are zero, then export"
+            )
+
+
+# ------------------------------------------------------------------------------- weights
+class _RecentReads:
+    """Lookups of a lazy mapping that remember the last ``keep`` tensors, so that splitting an
+    expert bank into per-expert matrices reads the bank once rather than once per expert."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], keep: int = 2) -> None:
+        self._tensors = tensors
+        self._keep = keep
+        self._recent: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def __call__(self, name: str) -> torch.Tensor:
+        if name in self._recent:
+            self._recent.move_to_end(name)
+        else:
+            self._recent[name] = self._tensors[name]
+            while len(self._recent) > self._keep:
+                self._recent.popitem(last=False)
+        return self._recent[name]
+
+
+def _piece(read: _RecentReads, name: str, index: tuple[Any, ...], dtype: torch.dtype, scale: float = 1.0) -> Producer:
+    def produce() -> torch.Tensor:
+        t = read(name)[index].to(dtype)
+        return t / scale if scale != 1.0 else t
+
+    return produce
+
+
+def plan_export(ckpt: CheckpointTensors, dtype: torch.dtype | None = None) -> tuple[dict[str, TensorSpec], dict[str, Producer]]:
+    """Hugging Face name -> (spec, producer) for every tensor of the exported folder, in
+    writing order (the model's own order, experts split per expert for Mixtral)."""
+    config = ckpt.config
+    read = _RecentReads(ckpt.tensors)
+    hf_name_of = lite_names_to_hf(stored_names(config), config)
+    specs: dict[str, TensorSpec] = {}
+    producers: dict[str, Producer] = {}
+
+    def add(theirs: str, shape: tuple[int, ...], src_dtype: torch.dtype, produce_with: Producer) -> None:
+        specs[theirs] = TensorSpec(dtype or src_dtype, shape)
+        producers[theirs] = produce_with
+
+    for ours, theirs in hf_name_of.items():
+        spec = ckpt.tensors.spec(ours)
+        out_dtype = dtype or spec.dtype
+        fused = MIXTRAL_FUSED_EXPERTS.match(theirs) if config.is_moe else None
+        if fused:
+            _add_classic_experts(add, read, ours, fused["i"], fused["kind"], spec, out_dtype)
+        elif config.is_moe and theirs.endswith(".mlp.gate.weight"):
+            # Mixtral's router has no temperature: dividing the gate by it is the same logits.
+            temperature = config.routing.expert_temperature
+            add(mixtral_block_to_classic(theirs), spec.shape, spec.dtype, _piece(read, ours, (), out_dtype, temperature))
+        else:
+            add(theirs, spec.shape, spec.dtype, _piece(read, ours, (), out_dtype))
+    return specs, producers
+
+
+def _add_classic_experts(add: _AddTensor, read: _RecentReads, ours: str, layer: str, kind: str, spec: TensorSpec, dtype: torch.dtype) -> None:
+    """Split a fused bank into Mixtral's classic per-expert matrices (w1 = gate, w3 = up, w2 = down)."""
+    n_experts = spec.shape[0]
+    if kind == "gate_up_proj":
+        _, two_h, d = spec.shape
+        h = two_h // 2
+        for j in range(n_experts):
+            add(mixtral_classic_expert(layer, j, "w1"), (h, d), spec.dtype, _piece(read, ours, (j, slice(0, h)), dtype))
+            add(mixtral_classic_expert(layer, j, "w3"), (h, d), spec.dtype, _piece(read, ours, (j, slice(h, None)), dtype))
+    else:
+        for j in range(n_experts):
+            add(mixtral_classic_expert(layer, j, "w2"), spec.shape[1:], spec.dtype, _piece(read, ours, (j,), dtype))
+
+
+def _write_weights(folder: Path, specs: dict[str, TensorSpec], producers: dict[str, Producer], max_shard_bytes: int) -> None:
+    """``model.safetensors``, or shards plus the index transformers reads them through."""
+    pieces = split_by_bytes([(n, s.nbytes) for n, s in specs.items()], max_shard_bytes)
+    produce = lambda name: producers[name]()  # noqa: E731
+    if len(pieces) == 1:
+        write_safetensors(folder / HF_WEIGHTS_FILE, specs, produce, {"format": "pt"})
+        return
+    weight_map: dict[str, str] = {}
+    for k, piece in enumerate(pieces, start=1):
+        file_name = f"model-{k:05d}-of-{len(pieces):05d}.safetensors"
+        write_safetensors(folder / file_name, {n: specs[n] for n in piece}, produce, {"format": "pt"})
+        weight_map.update({n: file_name for n in piece})
+    total = sum(s.nbytes for s in specs.values())
+    _write_json(folder / HF_INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+# ------------------------------------------------------------------------------- config and tokenizer
+def _dtype_fields(dtype: torch.dtype) -> dict[str, str]:
+    name = str(dtype).removeprefix("torch.")
+    return {"torch_dtype": name, "dtype": name}  # transformers 4 reads the first, 5 the second
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    atomic.write_bytes_durable(path, (json.dumps(data, indent=2) + "\n").encode("utf-8"))
+
+
+def _tokenizer_files(ckpt: CheckpointTensors) -> dict[str, bytes]:
+    """File name -> bytes of the tokenizer files to export (empty when there is none to give).
+
+    A checkpoint imported from Hugging Face carries its ``tokenizer_config.json`` (special
+    tokens, chat template); one trained here gets a minimal one naming the fast tokenizer.
+    """
+    folder = ckpt.tokenizer_dir
+    if folder is None:
+        return {}
+    if not (folder / HF_TOKENIZER_FILE).is_file():
+        warnings.warn(
+            f"the tokenizer of {ckpt.path} is not exported: it has no Hugging Face {HF_TOKENIZER_FILE} (a byte tokenizer has no Hugging Face equivalent)",
+            stacklevel=3,
+        )
+        return {}
+    files = {name: (folder / name).read_bytes() for name in (HF_TOKENIZER_FILE, *HF_TOKENIZER_EXTRAS) if (folder / name).is_file()}
+    if TOKENIZER_CONFIG_FILE not in files:
+        files[TOKENIZER_CONFIG_FILE] = _minimal_tokenizer_config(folder / HF_TOKENIZER_FILE, ckpt.config)
+    return files
+
+
+def _minimal_tokenizer_config(tokenizer_json: Path, config: ModelConfig) -> bytes:
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_file(str(tokenizer_json))
+    data: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": config.max_seq_len, "clean_up_tokenization_spaces": False}
+    if backend.token_to_id(EOS_TOKEN) is not None:
+        data["eos_token"] = EOS_TOKEN
+    return (json.dumps(data, indent=2) + "\n").encode("utf-8")
+
+
+def _special_token_ids(files: Mapping[str, bytes]) -> dict[str, int]:
+    """``bos_token_id`` / ``eos_token_id`` for config.json and generation_config.json, from the
+    tokenizer's own config (generation stops at eos only when it is given)."""
+    if HF_TOKENIZER_FILE not in files or TOKENIZER_CONFIG_FILE not in files:
+        return {}
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_str(files[HF_TOKENIZER_FILE].decode("utf-8"))
+    try:
+        tok_config = json.loads(files[TOKENIZER_CONFIG_FILE])
+    except ValueError:
+        return {}
+    out: dict[str, int] = {}
+    for key in ("bos_token", "eos_token"):
+        token = tok_config.get(key)
+        token = token.get("content") if isinstance(token, dict) else token
+        token_id = backend.token_to_id(token) if isinstance(token, str) else None
+        if token_id is not None:
+            out[f"{key}_id"] = token_id
+    return out
+
+
+__all__ = ["check_exportable", "export_hf", "plan_export"]
