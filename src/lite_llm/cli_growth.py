@@ -71,7 +71,7 @@ def expand(
     """
     from .grow import available_ops
     from .grow.expand import expand_checkpoint
-    from .grow.recipe import GrowthStep, Recipe, parse_step
+    from .grow.recipe import Recipe, parse_step
 
     if list_methods:
         table = Table("method", "family", "parameters", "what it does", title="growth methods")
@@ -160,7 +160,7 @@ def plan(
 
       lite-llm plan --from small --to 350M --strategy moe --write-recipe grow.yaml
     """
-    from .config import ModelConfig, format_size, parse_size
+    from .config import format_size, parse_size
     from .grow.planner import STRATEGIES, plan_growth
 
     source = _config_of(from_)

@@ -107,3 +107,14 @@ def sample_ids(config: ModelConfig, batch: int = 3, seq: int = 17, seed: int = 0
 def max_logit_diff(a: LiteLLM, b: LiteLLM, ids: torch.Tensor | None = None) -> float:
     ids = sample_ids(a.config) if ids is None else ids
     return float((a(ids).logits - b(ids).logits).abs().max())
+
+
+def assert_same_function(model: LiteLLM, grown: LiteLLM, tolerance: float = 1e-5) -> None:
+    """Logits equal to fp32 rounding (max abs and MSE), and the config counts the parameters
+    the grown model holds."""
+    ids = sample_ids(model.config)
+    with torch.no_grad():
+        a, b = model(ids).logits, grown(ids).logits
+    assert float((a - b).abs().max()) <= tolerance
+    assert float((a - b).square().mean()) <= 1e-12
+    assert grown.config.num_params() == grown.num_params()

@@ -8,7 +8,7 @@ import torch
 from lite_llm.errors import ConfigError
 from lite_llm.grow import get_op, stored_names
 
-from .helpers import dense_shapes, grow, model_from, moe_shapes, random_model, sample_ids, stored_state
+from .helpers import assert_same_function, dense_shapes, grow, moe_shapes, random_model, sample_ids, stored_state
 
 SHAPES = {**dense_shapes(), **moe_shapes()}
 
@@ -16,14 +16,6 @@ SHAPES = {**dense_shapes(), **moe_shapes()}
 def grow_heads(model, **params):
     return grow(model, "heads", **params)
 
-
-def assert_same_function(model, grown) -> None:
-    ids = sample_ids(model.config)
-    with torch.no_grad():
-        a, b = model(ids).logits, grown(ids).logits
-    assert float((a - b).abs().max()) <= 1e-5
-    assert float((a - b).square().mean()) <= 1e-12
-    assert grown.config.num_params() == grown.num_params()
 
 
 def targets(config, method: str) -> list[int]:

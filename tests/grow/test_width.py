@@ -13,19 +13,10 @@ from lite_llm.errors import ConfigError
 from lite_llm.grow import get_op, stored_names
 from lite_llm.grow.width import split_fractions
 
-from .helpers import dense_shapes, grow, max_logit_diff, model_from, moe_shapes, random_model, sample_ids, stored_state
+from .helpers import assert_same_function, dense_shapes, grow, max_logit_diff, model_from, moe_shapes, random_model, sample_ids, stored_state
 
 SHAPES = {**dense_shapes(), **moe_shapes()}
 
-
-def assert_same_function(model, grown) -> None:
-    """Logits equal to fp32 rounding, and the config counts the parameters the model holds."""
-    ids = sample_ids(model.config)
-    with torch.no_grad():
-        a, b = model(ids).logits, grown(ids).logits
-    assert float((a - b).abs().max()) <= 1e-5
-    assert float((a - b).square().mean()) <= 1e-12
-    assert grown.config.num_params() == grown.num_params()
 
 
 def loss_grads(model) -> dict[str, torch.Tensor]:

@@ -26,13 +26,13 @@ from .stream import SafetensorsReader, TensorSpec
 class LazyTensorFiles(Mapping[str, torch.Tensor]):
     """name -> tensor over a set of safetensors files, each tensor read when looked up."""
 
-    def __init__(self, files: list[Path]) -> None:
+    def __init__(self, files: list[Path], fix: str = "restore the checkpoint from a backup or re-save it") -> None:
         self._where: dict[str, SafetensorsReader] = {}
         for path in files:
             reader = SafetensorsReader(path)
             for name in reader.keys():
                 if name in self._where:
-                    raise CheckpointError(f"tensor {name} appears in both {self._where[name].path} and {path}; restore the checkpoint from a backup or re-save it")
+                    raise CheckpointError(f"tensor {name} appears in both {self._where[name].path} and {path}; {fix}")
                 self._where[name] = reader
 
     def __getitem__(self, name: str) -> torch.Tensor:

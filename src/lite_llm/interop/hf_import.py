@@ -17,13 +17,14 @@ import warnings
 from collections import defaultdict
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from ..checkpoint.manifest import one_line
 from ..checkpoint.save import write_checkpoint
-from ..checkpoint.stream import SafetensorsReader, TensorSpec
+from ..checkpoint.lazy import LazyTensorFiles
+from ..checkpoint.stream import TensorSpec
 from ..config import ModelConfig
 from ..data.tokenizer import HF_TOKENIZER_FILE, BPETokenizer
 from ..errors import CheckpointError, ConfigError
@@ -139,29 +140,11 @@ def _sliding_window(hf_config: Mapping[str, Any]) -> int | None:
 
 
 # ------------------------------------------------------------------------------- weights
-class HFWeights(Mapping[str, torch.Tensor]):
+class HFWeights(LazyTensorFiles):
     """name -> tensor over a Hugging Face folder's safetensors files, read on lookup."""
 
     def __init__(self, src: Path) -> None:
-        self._where: dict[str, SafetensorsReader] = {}
-        for path in _weight_files(src):
-            reader = SafetensorsReader(path)
-            for name in reader.keys():
-                if name in self._where:
-                    raise CheckpointError(f"tensor {name} appears in both {self._where[name].path.name} and {path.name} in {src}; download the model folder again")
-                self._where[name] = reader
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self._where[name].get(name)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._where)
-
-    def __len__(self) -> int:
-        return len(self._where)
-
-    def spec(self, name: str) -> TensorSpec:
-        return self._where[name].spec(name)
+        super().__init__(_weight_files(src), fix="download the model folder again")
 
 
 def _weight_files(src: Path) -> list[Path]:
