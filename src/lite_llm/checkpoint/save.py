@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
@@ -189,25 +190,33 @@ def _write_shards(
         groups[shard_owner(name, set(tier_names))].append(name)
 
     shards = []
-    for (tier, kind), names in groups.items():
-        if not names:
-            continue
-        pieces = split_by_bytes([(n, specs[n].nbytes) for n in names], max_shard_bytes)
-        for file_name, piece in zip(shard_file_names(shard_stem(tier, kind), len(pieces)), pieces):
-            piece_specs = {n: specs[n] for n in piece}
-            sha = write_safetensors(tmp / file_name, piece_specs, tensors.__getitem__, {"format": "pt", "lite_llm_tier": tier, "lite_llm_kind": kind})
-            dtypes = sorted({_dtype_name(s.dtype) for s in piece_specs.values()})
-            shards.append(
-                {
-                    "path": file_name,
-                    "tier": tier,
-                    "kind": kind,
-                    "dtype": dtypes[0] if len(dtypes) == 1 else "mixed",
-                    "bytes": (tmp / file_name).stat().st_size,
-                    "sha256": sha,
-                    "tensors": {n: {"dtype": _dtype_name(s.dtype), "shape": list(s.shape)} for n, s in piece_specs.items()},
-                }
-            )
+    # Each finished shard is fsynced in the background while the next one is written: the
+    # disk flushes one file while the CPU produces the next.  All are durable before return.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-fsync") as syncer:
+        syncs = []
+        for (tier, kind), names in groups.items():
+            if not names:
+                continue
+            pieces = split_by_bytes([(n, specs[n].nbytes) for n in names], max_shard_bytes)
+            for file_name, piece in zip(shard_file_names(shard_stem(tier, kind), len(pieces)), pieces):
+                piece_specs = {n: specs[n] for n in piece}
+                meta = {"format": "pt", "lite_llm_tier": tier, "lite_llm_kind": kind}
+                sha = write_safetensors(tmp / file_name, piece_specs, tensors.__getitem__, meta, fsync=False)
+                syncs.append(syncer.submit(atomic.fsync_file, tmp / file_name))
+                dtypes = sorted({_dtype_name(s.dtype) for s in piece_specs.values()})
+                shards.append(
+                    {
+                        "path": file_name,
+                        "tier": tier,
+                        "kind": kind,
+                        "dtype": dtypes[0] if len(dtypes) == 1 else "mixed",
+                        "bytes": (tmp / file_name).stat().st_size,
+                        "sha256": sha,
+                        "tensors": {n: {"dtype": _dtype_name(s.dtype), "shape": list(s.shape)} for n, s in piece_specs.items()},
+                    }
+                )
+        for done in syncs:
+            done.result()
     return shards
 
 
