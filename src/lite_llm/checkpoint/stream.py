@@ -150,22 +150,16 @@ def write_safetensors(
     blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
     blob += b" " * (-len(blob) % 8)
     digest = hashlib.sha256()
-    names = list(specs)
-    # Three things overlap (hashlib and file I/O release the GIL): hashing a tensor, writing
-    # it, and producing the next one.  On two cores this takes a growth from about 2.7x to
-    # about 2x the time of copying the files.
-    with open(path, "wb") as f, ThreadPoolExecutor(max_workers=2, thread_name_prefix="safetensors-writer") as pool:
+    # Hashing a tensor overlaps writing it (hashlib and file I/O release the GIL).  Tensors
+    # are produced on this thread, one at a time: producing the next one ahead would overlap
+    # more but hold two large tensors at once and fragment memory across threads.
+    with open(path, "wb") as f, ThreadPoolExecutor(max_workers=1, thread_name_prefix="safetensors-hash") as pool:
         for chunk in (struct.pack("<Q", len(blob)), blob):
             digest.update(chunk)
             f.write(chunk)
-        upcoming = pool.submit(produce, names[0]) if names else None
-        for i, name in enumerate(names):
-            tensor = upcoming.result()
-            upcoming = pool.submit(produce, names[i + 1]) if i + 1 < len(names) else None
-            spec = specs[name]
+        for name, spec in specs.items():
+            tensor = produce(name)
             if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
-                if upcoming is not None:
-                    upcoming.cancel()
                 raise CheckpointError(
                     f"tensor {name} came out as {tensor.dtype} {tuple(tensor.shape)} but {spec.dtype} {spec.shape} was planned; this is a bug in the operation that produced it"
                 )
