@@ -75,6 +75,14 @@ class CheckpointTensors:
         return hashlib.sha256((self.path / MANIFEST).read_bytes()).hexdigest()
 
 
+def check_sound(path: str | os.PathLike) -> None:
+    """Raise :class:`CheckpointError` with the first problem :func:`verify_checkpoint` finds."""
+    problems = verify_checkpoint(path)
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        raise CheckpointError(problems[0] + more)
+
+
 def open_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> CheckpointTensors:
     """Open the checkpoint at ``path`` for lazy reading.
 
@@ -85,10 +93,7 @@ def open_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> Checkpoi
     root = atomic.resolve_dir(Path(path), MANIFEST)
     manifest = read_manifest(root)
     if verify:
-        problems = verify_checkpoint(root)
-        if problems:
-            more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
-            raise CheckpointError(problems[0] + more)
+        check_sound(root)
     raw, skipped = _config_from_manifest(manifest, root)
     if skipped:
         raise CheckpointError(f"checkpoint {root} has tier(s) {', '.join(skipped)} that this lite-llm cannot read; upgrade lite-llm before growing it")

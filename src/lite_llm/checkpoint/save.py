@@ -9,7 +9,7 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import safetensors.torch
 import torch
@@ -135,6 +135,7 @@ def write_checkpoint(
     training: TrainingState | None = None,
     extra_dirs: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
     max_shard_bytes: int = 2 * 1024**3,
+    before_commit: Callable[[], None] | None = None,
 ) -> Path:
     """Write a checkpoint of ``config`` whose stored tensors (tied ``lm_head`` excluded) are
     ``tensors``, atomically, as :func:`save_checkpoint` does.
@@ -143,6 +144,8 @@ def write_checkpoint(
     growth operations return): give ``specs`` (name -> dtype and shape, in writing order) and
     each tensor is produced, written, hashed and dropped one at a time, so a checkpoint larger
     than memory can be written.  ``tokenizer`` is an object with ``save(dir)``.
+    ``before_commit`` runs once everything is written, before the swap into place; if it
+    raises, nothing is left behind (growth verifies its source there, in parallel).
     """
     target = Path(path)
     if max_shard_bytes <= 0:
@@ -170,6 +173,8 @@ def write_checkpoint(
         manifest = _manifest_of(config, shards, files)
         atomic.write_bytes_durable(tmp / MANIFEST, _json_bytes(manifest, "manifest", allow_nan=False))
         atomic.fsync_tree(tmp)
+        if before_commit is not None:
+            before_commit()
         atomic.swap_into_place(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -12,6 +12,7 @@ to ``progressive.json``'s ``expansions``.
 from __future__ import annotations
 
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..checkpoint.lazy import CheckpointTensors, open_checkpoint
+from ..checkpoint.lazy import CheckpointTensors, check_sound, open_checkpoint
 from ..checkpoint.save import write_checkpoint
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError, LiteLLMError
@@ -102,7 +103,32 @@ def expand_checkpoint(
         raise ConfigError(f"validate must be one of {', '.join(VALIDATE_MODES)}, got {validate!r}")
     if not steps:
         raise ConfigError("no growth steps given; pass --method or a recipe with steps")
-    src = open_checkpoint(source, verify=verify)
+    # The source's hashes are checked in a background thread while the growth runs, and the
+    # output is committed only if they pass: a corrupt source still leaves nothing behind, and
+    # one sequential read of the source overlaps the writing instead of preceding it.
+    src = open_checkpoint(source, verify=False)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify-source") as pool:
+        verified = pool.submit(check_sound, src.path) if verify else None
+        try:
+            return _expand(src, output, steps, validate, max_validate_params, tolerance, dtype, max_shard_bytes, verified)
+        except Exception:
+            # A corrupt source explains any later failure best: report its problem first.
+            if verified is not None and verified.exception() is not None:
+                raise verified.exception() from None
+            raise
+
+
+def _expand(
+    src: CheckpointTensors,
+    output: str | os.PathLike,
+    steps: Sequence[GrowthStep],
+    validate: str,
+    max_validate_params: int,
+    tolerance: float,
+    dtype: torch.dtype | None,
+    max_shard_bytes: int,
+    verified: Future | None,
+) -> ExpandResult:
     out = Path(output)
     if out.resolve() == src.path.resolve():
         raise CheckpointError(f"output {out} is the source checkpoint; write the grown model to a new directory")
@@ -137,7 +163,16 @@ def expand_checkpoint(
     specs = expected_specs(config, dtype)
     tensors = _cast(tensors, dtype)
     tokenizer = _CopiedTokenizer(src.tokenizer_dir) if src.tokenizer_dir else None
-    path = write_checkpoint(out, config, tensors, specs=specs, tokenizer=tokenizer, progressive=progressive, max_shard_bytes=max_shard_bytes)
+    path = write_checkpoint(
+        out,
+        config,
+        tensors,
+        specs=specs,
+        tokenizer=tokenizer,
+        progressive=progressive,
+        max_shard_bytes=max_shard_bytes,
+        before_commit=verified.result if verified is not None else None,
+    )
     return ExpandResult(path, config, records, reports)
 
 
