@@ -111,6 +111,9 @@ def test_validate_flags_a_broken_growth(source, tmp_path):
         (["--method", "llama_pro", "--set", "positions=[0, 9]"], r"layer indices \[9\] are out of range for a model with 4 layers"),
         (["--method", "llama_pro", "--set", "layers=3"], "has no parameter 'layers'"),
         (["--method", "llama_pro"], "needs target_layers"),
+        (["--method", "heads", "--set", "n_heads=7"], "n_heads=7 would break groups"),
+        (["--method", "heads", "--set", "n_heads=8", "--set", "mode=gqa"], "n_heads=8 is a GQA growth that would break groups"),
+        (["--method", "width", "--set", "d_model=20"], "d_model"),
     ],
 )
 def test_bad_growth_input_is_one_sentence_and_leaves_nothing(source, tmp_path, args, message):
@@ -156,3 +159,12 @@ def test_bf16_checkpoint_grows_in_its_dtype(shape, tmp_path):
     grown = load_checkpoint(result.path).model
     assert grown.embed.weight.dtype == torch.bfloat16
     assert result.records[0]["preservation"]["max_abs"] == 0.0
+
+
+def test_unsupported_architecture_import_is_one_sentence_and_leaves_nothing(tmp_path):
+    folder = tmp_path / "gpt2"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 64}))
+    result = runner.invoke(app, ["import", str(folder), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 1 and "gpt2" in result.output and "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2"]
