@@ -181,6 +181,7 @@ def train(
     bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bfloat16 autocast."),
     eval_every: Optional[int] = typer.Option(None, help="Validate every N steps (0: only at the end)."),
     save_every: Optional[int] = typer.Option(None, help="Checkpoint every N steps (0: only at the end)."),
+    curriculum: Optional[Path] = typer.Option(None, "--curriculum", help="Tier curriculum YAML (preparation, isolation, integration, joint)."),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
     """Train a model on a prepared dataset, with validation per domain and checkpoints.
@@ -192,12 +193,18 @@ def train(
       lite-llm train --data data/std --init ckpt/tiny --config train.yaml -o runs/a
 
       lite-llm train --data data/std -o runs/a --resume
+
+      lite-llm train --data data/code --init grown --curriculum curriculum.yaml -o runs/tier2
     """
     from .checkpoint import CheckpointManager, load_checkpoint
     from .data import TokenData
     from .model import build_model
     from .train import TrainConfig, Trainer
+    from .train.curriculum import Curriculum, CurriculumConfig
 
+    plan = CurriculumConfig.from_file(curriculum) if curriculum else None
+    if plan is not None and steps is None:
+        steps = plan.total_steps
     cfg = TrainConfig.from_file(config) if config else TrainConfig()
     overrides = dict(
         steps=steps, batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum, lr=lr,
@@ -218,7 +225,8 @@ def train(
     else:
         model = build_model(_model_config(preset, model_config), seed=cfg.seed)
     _check_vocab(model.config.vocab_size, dataset.tokenizer.vocab_size)
-    trainer = Trainer(model, dataset, cfg, run_dir=output, show_progress=not quiet, tokenizer=dataset.tokenizer)
+    callbacks = [Curriculum(plan)] if plan is not None else []
+    trainer = Trainer(model, dataset, cfg, run_dir=output, show_progress=not quiet, tokenizer=dataset.tokenizer, callbacks=callbacks)
     if latest is not None:
         trainer.resume(latest)
         console.print(f"resumed from {latest} at step {trainer.step}")
@@ -226,7 +234,30 @@ def train(
     _print_scores(result.final_eval)
     if result.skipped_steps:
         console.print(f"[yellow]skipped {len(result.skipped_steps)} step(s) with a non-finite loss: {result.skipped_steps[:10]}[/yellow]")
+    if result.stopped_early:
+        console.print(f"[yellow]{result.stopped_early}[/yellow]")
     console.print(f"checkpoint: {result.checkpoint}")
+
+
+# ------------------------------------------------------------------------------------ rollback
+@app.command()
+@friendly_errors
+def rollback(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint of a curriculum run (after its integration began)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Where to write the rolled-back checkpoint."),
+) -> None:
+    """Undo a tier's integration: the pre-integration weights with the previous TierSet.
+
+    The result computes exactly what the model computed before the tier was added.
+
+    Example:
+
+      lite-llm rollback runs/tier2/checkpoints/step-00000400 -o ckpt/before-tier2
+    """
+    from .train.rollback import rollback_checkpoint
+
+    path, tiers = rollback_checkpoint(checkpoint, output)
+    console.print(f"wrote {path} with tiers {', '.join(tiers)}")
 
 
 def _parse_weights(text: str) -> dict[str, float]:

@@ -41,6 +41,10 @@ class TrainerCallback:
 
     def on_step_begin(self, trainer: "Trainer", step: int) -> None: ...
 
+    def lr_scale(self, trainer: "Trainer", step: int) -> float:
+        """A factor on the scheduled learning rate of ``step`` (a curriculum phase's)."""
+        return 1.0
+
     def extra_loss(self, trainer: "Trainer", step: int, batch: torch.Tensor, output: "ModelOutput") -> torch.Tensor | None:
         return None
 
@@ -266,12 +270,15 @@ class Trainer:
     def _one_step(self, step: int) -> dict[str, Any]:
         c = self.config
         lr = lr_at(step, lr=c.lr, warmup_steps=c.warmup_steps, total_steps=c.steps, min_lr_ratio=c.min_lr_ratio)
+        for cb in self.callbacks:
+            lr *= cb.lr_scale(self, step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         started = time.perf_counter()
         totals = {"loss": 0.0, "balance_loss": 0.0, "z_loss": 0.0, "extra_loss": 0.0}
         tier_routes: torch.Tensor | None = None
         expert_routes: torch.Tensor | None = None
+        tier_probs: list[torch.Tensor] = []  # per MoE layer, batch-mean p(tier), summed over micro-batches
         finite = True
         for micro in range(c.grad_accum):
             batch, _ = self.data.sample_batch("train", self.weights, c.batch_size, c.seq_len, seed=c.seed, step=step, micro=micro)
@@ -292,7 +299,10 @@ class Trainer:
             if out.balance_loss is not None:
                 totals["balance_loss"] += out.balance_loss.item() / c.grad_accum
                 totals["z_loss"] += out.z_loss.item() / c.grad_accum
-            for layer in out.routing:
+            for i, layer in enumerate(out.routing):
+                if len(tier_probs) <= i:
+                    tier_probs.append(torch.zeros_like(layer.tier_probs))
+                tier_probs[i] += layer.tier_probs / c.grad_accum
                 tier_routes = layer.tier_routes.clone() if tier_routes is None else tier_routes + layer.tier_routes
                 expert_routes = layer.expert_routes.clone() if expert_routes is None else expert_routes + layer.expert_routes
         record: dict[str, Any] = {"step": step, "lr": lr, **totals}
@@ -311,6 +321,7 @@ class Trainer:
             total = float(tier_routes.sum()) or 1.0
             record["tier_share"] = {t.name: float(n) / total for t, n in zip(self.model.config.tiers, tier_routes)}
             record["expert_routes"] = expert_routes.tolist()
+            record["tier_prob_layers"] = [p.tolist() for p in tier_probs]
         return record
 
 
