@@ -3,7 +3,9 @@
 * ``loss.png`` — training loss and validation loss per domain;
 * ``bpb.png`` — validation bits per byte per domain;
 * ``tiers.png`` — share of routes per tier (with the curriculum's target share when present);
-* ``experts.png`` — routes per expert over the run (utilisation heat map).
+* ``experts.png`` — routes per expert over the run (utilisation heat map);
+* ``ramp.png`` — for a curriculum run: the new tier's scheduled and actual share with the
+  phases shaded, above the validation loss per domain.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ def plot_run(run: str | Path, out_dir: str | Path | None = None) -> list[Path]:
         written.append(_plot_tiers(plt, records, out))
     if any("expert_routes" in r for r in records):
         written.append(_plot_experts(plt, records, out))
+    if any("new_tier_prob" in r for r in records):
+        written.append(_plot_ramp(plt, records, out))
     return [w for w in written if w is not None]
 
 
@@ -116,6 +120,30 @@ def _plot_experts(plt, records, out: Path) -> Path:
     ax.set_ylabel("expert (flat id)")
     ax.set_title("Expert utilisation")
     return _save(plt, fig, out / "experts.png")
+
+
+def _plot_ramp(plt, records, out: Path) -> Path:
+    rows = [r for r in records if "new_tier_prob" in r]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    colours = {"preparation": "#eeeeee", "isolation": "#dde8f5", "integration": "#f7e6cc", "joint": "#dcefdc"}
+    start = rows[0]
+    for prev, row in zip(rows, rows[1:] + [None]):
+        if row is None or row.get("phase") != prev.get("phase"):
+            top.axvspan(start["step"] + 0.5, prev["step"] + 1.5, color=colours.get(prev.get("phase"), "#ffffff"), label=prev.get("phase"))
+            start = row
+    top.plot([r["step"] + 1 for r in rows], [r["new_tier_prob"] for r in rows], label="new tier (actual)")
+    targets = [r for r in rows if "target_share" in r]
+    top.plot([r["step"] + 1 for r in targets], [r["target_share"] for r in targets], "k--", label="target")
+    top.set_ylabel("share of router probability")
+    top.set_title("Tier ramp")
+    top.legend(fontsize=8, loc="upper left")
+    for domain, (s, v) in _val_series(records, "loss").items():
+        bottom.plot(s, v, marker="o", label=domain)
+    bottom.set_xlabel("step")
+    bottom.set_ylabel("validation loss")
+    bottom.legend()
+    bottom.grid(alpha=0.3)
+    return _save(plt, fig, out / "ramp.png")
 
 
 def _save(plt, fig, path: Path) -> Path:

@@ -174,3 +174,31 @@ def test_steps_must_match_and_tier_must_exist(small_dataset):
     with pytest.raises(ConfigError, match="tier 'tier_x' is not in the model"):
         Trainer(model, data, _train_cfg(), callbacks=[Curriculum(CurriculumConfig("tier_x", PHASES))], show_progress=False).train()
     assert Phase("joint", 3).trainable == "all" and Phase("joint", 3).balance
+
+
+def test_cli_curriculum_plot_and_rollback(small_dataset, tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from lite_llm.checkpoint import save_checkpoint
+    from lite_llm.cli import app
+
+    base, model = _models()
+    init = save_checkpoint(tmp_path / "grown", model)
+    spec = {"tier": NEW, "phases": PHASES, "rollback": {"domains": ["prose"], "margin": 10.0}}
+    (tmp_path / "curriculum.yaml").write_text(yaml.safe_dump(spec))
+    runner = CliRunner()
+    run = tmp_path / "run"
+    args = ["train", "--data", str(small_dataset), "--init", str(init), "--curriculum", str(tmp_path / "curriculum.yaml"), "-o", str(run)]
+    result = runner.invoke(app, args + ["--batch-size", "4", "--seq-len", "32", "--domains", "code=1", "--eval-every", "8", "--quiet"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["plot", str(run)])
+    assert result.exit_code == 0 and (run / "plots" / "ramp.png").stat().st_size > 10_000
+    final = CheckpointManager(run).latest()
+    assert final.name.endswith("22")
+    result = runner.invoke(app, ["rollback", str(final), "-o", str(tmp_path / "rolled")])
+    assert result.exit_code == 0, result.output
+    assert torch.equal(_logits(load_checkpoint(tmp_path / "rolled").model, _ids()), _logits(base, _ids()))
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"tier": NEW, "phases": [{"name": "integration", "steps": 0, "to_share": 0.3}]}))
+    result = runner.invoke(app, args[:-4] + ["--curriculum", str(tmp_path / "bad.yaml"), "-o", str(tmp_path / "run2")])
+    assert result.exit_code == 1 and "zero-length ramp" in result.output and not (tmp_path / "run2").exists()
