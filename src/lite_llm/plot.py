@@ -41,7 +41,7 @@ def plot_run(run: str | Path, out_dir: str | Path | None = None) -> list[Path]:
         written.append(_plot_tiers(plt, records, out))
     if any("expert_routes" in r for r in records):
         written.append(_plot_experts(plt, records, out))
-    if any("new_tier_prob" in r for r in records):
+    if any("new_tier_share" in r for r in records):
         written.append(_plot_ramp(plt, records, out))
     return [w for w in written if w is not None]
 
@@ -123,7 +123,7 @@ def _plot_experts(plt, records, out: Path) -> Path:
 
 
 def _plot_ramp(plt, records, out: Path) -> Path:
-    rows = [r for r in records if "new_tier_prob" in r]
+    rows = [r for r in records if "new_tier_share" in r]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
     colours = {"preparation": "#eeeeee", "isolation": "#dde8f5", "integration": "#f7e6cc", "joint": "#dcefdc"}
     start = rows[0]
@@ -131,10 +131,10 @@ def _plot_ramp(plt, records, out: Path) -> Path:
         if row is None or row.get("phase") != prev.get("phase"):
             top.axvspan(start["step"] + 0.5, prev["step"] + 1.5, color=colours.get(prev.get("phase"), "#ffffff"), label=prev.get("phase"))
             start = row
-    top.plot([r["step"] + 1 for r in rows], [r["new_tier_prob"] for r in rows], label="new tier (actual)")
+    top.plot([r["step"] + 1 for r in rows], [r["new_tier_share"] for r in rows], label="new tier (actual)")
     targets = [r for r in rows if "target_share" in r]
     top.plot([r["step"] + 1 for r in targets], [r["target_share"] for r in targets], "k--", label="target")
-    top.set_ylabel("share of router probability")
+    top.set_ylabel("share of routing weight")
     top.set_title("Tier ramp")
     top.legend(fontsize=8, loc="upper left")
     for domain, (s, v) in _val_series(records, "loss").items():

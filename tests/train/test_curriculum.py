@@ -84,11 +84,13 @@ def test_phases_freeze_follow_the_schedule_and_monitor(small_dataset):
             assert torch.equal(value, state[name]), name  # frozen, bitwise
     assert any(not torch.equal(before[n], state[n]) for n in new)
     assert [r["phase"] for r in records] == ["preparation"] * 2 + ["isolation"] * 6 + ["integration"] * 10
-    assert all(r["new_tier_prob"] == 0.0 for r in records[:2])  # not routable in preparation
+    assert all(r["new_tier_share"] == 0.0 for r in records[:2])  # not routable in preparation
     ramp = records[8:]
     assert [round(r["target_share"], 6) for r in ramp] == [round(0.1 + 0.3 * (i + 1) / 10, 6) for i in range(10)]
-    errors = [abs(r["new_tier_prob"] - r["target_share"]) for r in ramp[2:]]
-    assert max(errors) < 0.08, errors  # the share follows the schedule
+    errors = [abs(r["new_tier_share"] - r["target_share"]) for r in ramp]
+    # The share follows the schedule: set for each batch from the last one's router margins,
+    # so what remains is batch-to-batch variation of 128 tokens and the router's own learning.
+    assert sum(errors) / len(errors) < 0.08 and max(errors) < 0.3, errors
     assert all("starved_experts" in r and 0 < r["starvation_bound"] <= 1 for r in records)
     assert trainer.progressive["curriculum"]["phase"] == "integration"
     trainer.train()  # joint: everything trains

@@ -127,6 +127,16 @@ class Routes:
     tier_probs: torch.Tensor  # (T,) batch-mean p(t), detached
     expert_counts: torch.Tensor  # (E_total,) routes per flat expert, detached
 
+    def tier_weights(self, tier_offsets: list[int]) -> torch.Tensor:
+        """Batch-mean routing weight each tier receives (T,): the share of the layer's output
+        that comes from each tier (with k_tier=1, the fraction of tokens routed to it)."""
+        with torch.no_grad():
+            bounds = torch.tensor(tier_offsets[1:-1], device=self.expert_ids.device)
+            tier = torch.bucketize(self.expert_ids.clamp_min(0), bounds, right=True)
+            w = torch.where(self.valid, self.weights.detach().float(), 0.0)
+            totals = torch.zeros(len(tier_offsets) - 1, device=w.device).index_add_(0, tier.flatten(), w.flatten())
+            return totals / max(self.expert_ids.shape[0], 1)
+
     def tier_counts(self, tier_offsets: list[int]) -> torch.Tensor:
         """Routes per tier, from the per-expert counts."""
         bounds = list(tier_offsets)
@@ -177,6 +187,10 @@ class HSERRouter(nn.Module):
         fill = torch.where(group_real[..., None] & ~expert_real, float("-inf"), 0.0)
         self.register_buffer("expert_fill", fill.flatten(), persistent=False)
         self._build_tie_ranks()
+        # A curriculum steering a tier's share sets this to see the per-token tier logits of
+        # the last batch (biased, masked); nothing else reads them.
+        self.record_tier_logits = False
+        self.last_tier_logits: torch.Tensor | None = None
 
     def _build_tie_ranks(self) -> None:
         """Tie-break ranks per level, from the seeded hash of (seed, layer, level, candidate).
@@ -254,6 +268,8 @@ class HSERRouter(nn.Module):
         if self.training and r.noise_std > 0 and step is not None:
             tier_l, group_l, expert_l = self._add_noise(step, tier_l, group_l, expert_l)
         tier_l = tier_l.masked_fill(~allowed, float("-inf"))  # already -inf; explicit for the noise path
+        if self.record_tier_logits:
+            self.last_tier_logits = tier_l.detach()
 
         p_tier = tier_l.softmax(-1)  # (N,T)
         p_group = group_l.softmax(-1)  # (N,T,G)

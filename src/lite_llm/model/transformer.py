@@ -31,6 +31,7 @@ class LayerRouting:
     tier_routes: torch.Tensor  # (T,) number of routes per tier
     expert_routes: torch.Tensor  # (E_total,) number of routes per flat expert
     routes: Routes | None = None  # the full decision, when asked for
+    tier_weights: torch.Tensor | None = None  # (T,) batch-mean routing weight per tier (when training)
 
 
 @dataclass
@@ -174,6 +175,7 @@ class LiteLLM(nn.Module):
                         routes.tier_counts(block.ffn.tier_offsets),
                         routes.expert_counts,
                         routes if return_routes else None,
+                        routes.tier_weights(block.ffn.tier_offsets) if torch.is_grad_enabled() else None,
                     )
                 )
         logits = self.lm_head(self.norm(x))

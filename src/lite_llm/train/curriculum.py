@@ -9,10 +9,18 @@ Four phases, in this order (each optional except integration, each a number of s
   everything else still frozen unless ``trainable`` says otherwise;
 * **joint** — everything trainable at a small learning rate (``lr_scale``), load balancing on.
 
-The share is steered by the new tier's ``tier_bias`` buffer in every MoE layer: after each step
-a proportional controller in logit space moves the bias by ``gain * (logit(target) -
-logit(measured))``, where ``measured`` is that layer's batch-mean router probability of the new
-tier.  The bias is part of the weights, so a checkpoint holds the controller's whole state and
+The share — the part of a layer's routing weight that goes to the new tier — is steered by the
+new tier's ``tier_bias`` buffer in every MoE layer, set after each step for the next one:
+
+* with ``k_tier=1`` a token goes to the new tier when its biased tier logit beats every other
+  tier's, so the share is the fraction of tokens whose margin ``d = max_other - raw_new`` is
+  below the bias: the bias is set to the ``target`` quantile of ``d`` over the last batch
+  (a proportional controller oscillates here: with similar tokens the share jumps 0 <-> 1);
+* with several tiers selected per token the share is smooth in the bias, and a proportional
+  controller in logit space moves it by ``gain * (logit(target) - logit(measured))``.
+
+Controlling the router *probability* instead would be wrong with top-1 tiers: a tier can hold
+30% of the probability mass and win no token.  The bias is part of the weights, so a checkpoint holds the controller's whole state and
 a run resumed mid-ramp continues bitwise (on CPU).  During every phase but joint the tier-level
 load-balancing term is off: it would pull the tiers towards equal shares, against the schedule.
 
@@ -250,6 +258,9 @@ class Curriculum(TrainerCallback):
                 f"train.steps is {trainer.config.steps} but the curriculum's phases add up to {self.config.total_steps}; make them equal"
             )
         self._original_routing = [block.ffn.router.routing for block in model.layers if block.is_moe]
+        for block in model.layers:
+            if block.is_moe:
+                block.ffn.router.record_tier_logits = True
         self.phase_applied = None
         self._enter_phase(trainer, trainer.step)
 
@@ -289,17 +300,32 @@ class Curriculum(TrainerCallback):
         if target is not None:
             record["target_share"] = target
         t = [x.name for x in trainer.model.config.tiers].index(self.config.tier)
-        per_layer = record.get("tier_prob_layers") or []
+        per_layer = record.get("tier_weight_layers") or []
         if per_layer:
-            record["new_tier_prob"] = sum(layer[t] for layer in per_layer) / len(per_layer)
+            record["new_tier_share"] = sum(layer[t] for layer in per_layer) / len(per_layer)
+        probs = record.get("tier_prob_layers") or []
+        if probs:
+            record["new_tier_prob"] = sum(layer[t] for layer in probs) / len(probs)
         nxt = self.config.target_share(step + 1) if step + 1 < self.config.total_steps else None
         if nxt is not None and phase.name != "preparation" and self.config.at(step + 1)[0].name != "preparation" and per_layer:
-            with torch.no_grad():
-                for bias, layer in zip(tier_bias_buffers(trainer.model, self.config.tier), per_layer):
-                    step_size = self.config.gain * (_logit(nxt) - _logit(layer[t]))
-                    bias.copy_((bias + step_size).clamp(-_BIAS_LIMIT, _BIAS_LIMIT))
+            self._steer(trainer.model, t, nxt, [layer[t] for layer in per_layer])
         self._monitor(trainer, record)
         trainer.progressive["curriculum"] = self.state_dict() | {"phase": phase.name, "step_in_phase": i}
+
+    def _steer(self, model: "LiteLLM", t: int, target: float, measured: list[float]) -> None:
+        """Set each layer's new-tier bias for the next step (see the module docstring)."""
+        routers = [block.ffn.router for block in model.layers if block.is_moe]
+        with torch.no_grad():
+            for router, bias, share in zip(routers, tier_bias_buffers(model, self.config.tier), measured):
+                logits = router.last_tier_logits
+                if router.k_tier == 1 and logits is not None and logits.shape[1] > 1:
+                    raw_new = logits[:, t] - bias
+                    others = torch.cat([logits[:, :t], logits[:, t + 1 :]], dim=1).max(dim=1).values
+                    margin = (others - raw_new).double()
+                    value = torch.quantile(margin, target) if target > 0 else torch.tensor(UNROUTABLE)
+                else:
+                    value = bias + self.config.gain * (_logit(target) - _logit(share))
+                bias.copy_(value.to(bias.dtype).clamp(-_BIAS_LIMIT, _BIAS_LIMIT) if target > 0 else value.to(bias.dtype))
 
     def _monitor(self, trainer: "Trainer", record: dict[str, Any]) -> None:
         """Experts of the new tier starved of tokens over the last ``window`` steps, with the

@@ -278,7 +278,8 @@ class Trainer:
         totals = {"loss": 0.0, "balance_loss": 0.0, "z_loss": 0.0, "extra_loss": 0.0}
         tier_routes: torch.Tensor | None = None
         expert_routes: torch.Tensor | None = None
-        tier_probs: list[torch.Tensor] = []  # per MoE layer, batch-mean p(tier), summed over micro-batches
+        tier_probs: list[torch.Tensor] = []  # per MoE layer, batch-mean p(tier), over micro-batches
+        tier_weights: list[torch.Tensor] = []  # per MoE layer, batch-mean routing weight per tier
         finite = True
         for micro in range(c.grad_accum):
             batch, _ = self.data.sample_batch("train", self.weights, c.batch_size, c.seq_len, seed=c.seed, step=step, micro=micro)
@@ -302,7 +303,10 @@ class Trainer:
             for i, layer in enumerate(out.routing):
                 if len(tier_probs) <= i:
                     tier_probs.append(torch.zeros_like(layer.tier_probs))
+                    tier_weights.append(torch.zeros_like(layer.tier_probs))
                 tier_probs[i] += layer.tier_probs / c.grad_accum
+                if layer.tier_weights is not None:
+                    tier_weights[i] += layer.tier_weights / c.grad_accum
                 tier_routes = layer.tier_routes.clone() if tier_routes is None else tier_routes + layer.tier_routes
                 expert_routes = layer.expert_routes.clone() if expert_routes is None else expert_routes + layer.expert_routes
         record: dict[str, Any] = {"step": step, "lr": lr, **totals}
@@ -322,6 +326,7 @@ class Trainer:
             record["tier_share"] = {t.name: float(n) / total for t, n in zip(self.model.config.tiers, tier_routes)}
             record["expert_routes"] = expert_routes.tolist()
             record["tier_prob_layers"] = [p.tolist() for p in tier_probs]
+            record["tier_weight_layers"] = [w.tolist() for w in tier_weights]
         return record
 
 
