@@ -1,4 +1,4 @@
-"""`lite-llm` commands for growth and interop: expand, validate, plan, import, export.
+"""`lite-llm` commands for growth and interop: expand, add-tier, validate, plan, import, export.
 
 Registered on the main app by :mod:`lite_llm.cli` (kept apart so each module stays small).
 """
@@ -252,3 +252,65 @@ def _dtype(name: Optional[str]):
     if name not in table:
         raise ConfigError(f"unknown dtype {name!r}; use float32, bfloat16 or float16")
     return table[name]
+
+
+@app.command("add-tier")
+@friendly_errors
+def add_tier_command(
+    checkpoint: Path = typer.Argument(..., help="Source checkpoint (a tiered MoE model)."),
+    output: Path = typer.Option(..., "-o", "--output", help="New checkpoint directory."),
+    tier: str = typer.Option(..., "--tier", help="The new tier's name (its permanent id), e.g. tier_10b."),
+    groups: int = typer.Option(..., "--groups", help="Expert groups in the new tier."),
+    experts_per_group: int = typer.Option(..., "--experts-per-group", help="Experts in each group."),
+    expert_hidden: int = typer.Option(..., "--expert-hidden", help="Hidden width of each expert."),
+    budget: Optional[str] = typer.Option(None, "--budget", help="The tier's parameter budget (10B, 250M)."),
+    budget_mode: str = typer.Option("strict", "--budget-mode", help="strict (over budget is an error) or advisory (a warning)."),
+    placement: str = typer.Option("warm", "--placement", help="hot, warm, cold or archive."),
+    init: str = typer.Option("random", "--init", help="random, copy (a source tier's experts) or upcycle (their mean)."),
+    source_tier: Optional[str] = typer.Option(None, "--source-tier", help="Tier to copy/upcycle from (default: the first)."),
+    k_group: Optional[int] = typer.Option(None, "--k-group", help="Groups per token in this tier (default: the routing's)."),
+    k_expert: Optional[int] = typer.Option(None, "--k-expert", help="Experts per group per token in this tier (default: the routing's)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the new router gates and random experts."),
+) -> None:
+    """Add a tier of experts that no token reaches yet: the model computes exactly what it did.
+
+    Every existing tensor is kept bitwise (checked by hash) and the logits are checked bitwise
+    on sample tokens; the manifest's model_version gets a minor bump.
+
+    Example:
+
+      lite-llm add-tier ckpt --tier tier_10b --groups 8 --experts-per-group 8 --expert-hidden 2048 --budget 10B -o grown
+    """
+    from .checkpoint import read_manifest
+    from .config import format_size
+    from .grow.tiers import add_tier_checkpoint
+
+    params = {
+        "tier": tier,
+        "num_groups": groups,
+        "experts_per_group": experts_per_group,
+        "expert_hidden": expert_hidden,
+        "budget": budget,
+        "budget_mode": budget_mode,
+        "placement": placement,
+        "init": init,
+        "source_tier": source_tier,
+        "k_group": k_group,
+        "k_expert": k_expert,
+        "seed": seed,
+    }
+    with console.status("adding the tier…"):
+        path = add_tier_checkpoint(checkpoint, output, **params)
+    manifest = read_manifest(path)
+    meta = manifest["tiers"][tier]
+    table = Table("tier", "experts", "params", "budget", "placement", "model_version", title="new tier")
+    table.add_row(
+        tier,
+        f"{groups}×{experts_per_group} (hidden {expert_hidden})",
+        format_size(meta["num_params"]),
+        format_size(meta["budget"]) if meta["budget"] else "-",
+        meta["placement"],
+        manifest["model_version"],
+    )
+    console.print(table)
+    console.print(f"wrote {path} ({manifest['num_params']:,} parameters; the new tier is unroutable until ramped in)")

@@ -24,6 +24,11 @@ FORMAT_VERSION = "1.0.0"
 * major: a change an older reader cannot ignore (it refuses such checkpoints).
 """
 
+MODEL_VERSION_DEFAULT = "1.0.0"
+"""The model's own semantic version (manifest field ``model_version``), distinct from the
+format's: a growth that keeps old readers working (a new tier they may skip) bumps its minor
+version.  Checkpoints written before the field existed read as this default."""
+
 MANIFEST = "manifest.json"
 PROGRESSIVE = "progressive.json"
 TOKENIZER_DIR = "tokenizer"
@@ -64,6 +69,14 @@ def reader_version() -> tuple[int, int, int]:
     version = parse_version(FORMAT_VERSION)
     assert version is not None
     return version
+
+
+def next_minor_version(version: str) -> str:
+    """``"1.0.3"`` -> ``"1.1.0"``: the version of a model grown in a way old readers can ignore."""
+    parsed = parse_version(version)
+    if parsed is None:
+        raise CheckpointError(f"model_version {version!r} is not a major.minor.patch version; write one such as 1.1.0")
+    return f"{parsed[0]}.{parsed[1] + 1}.0"
 
 
 def is_newer_minor(manifest: dict[str, Any]) -> bool:
@@ -158,7 +171,8 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     Raises :class:`CheckpointError` for a missing directory or manifest, malformed JSON, a
     missing required field, or a newer major version.  Optional fields of an older writer are
     filled with defaults (``tiers``, ``num_params``, ``created_at``, ``lite_llm_version``,
-    ``files``); unknown fields of a newer minor version are kept and ignored by the loader.
+    ``files``, ``model_version``); unknown fields of a newer minor version are kept and
+    ignored by the loader.
     """
     root = Path(path)
     if not root.exists():
@@ -236,6 +250,11 @@ def validate_manifest(data: Any, manifest_path: Path) -> dict[str, Any]:
                 raise CheckpointError(
                     f"{manifest_path}: shards[{i}] belongs to tier {shard['tier']!r}, which model_config does not have; restore it from a backup or re-save the checkpoint"
                 )
+    data.setdefault("model_version", MODEL_VERSION_DEFAULT)
+    if parse_version(data["model_version"]) is None:
+        raise CheckpointError(
+            f"{manifest_path} has model_version {data['model_version']!r}, which is not a major.minor.patch version; restore it from a backup or re-save the checkpoint"
+        )
     data.setdefault("created_at", None)
     data.setdefault("lite_llm_version", None)
     data.setdefault("files", [])

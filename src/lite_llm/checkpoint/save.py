@@ -23,6 +23,7 @@ from .manifest import (
     EXTRA_TENSORS,
     FORMAT_NAME,
     MANIFEST,
+    MODEL_VERSION_DEFAULT,
     PROGRESSIVE,
     TOKENIZER_DIR,
     TRAINING_DIR,
@@ -30,6 +31,7 @@ from .manifest import (
     TRAINING_TENSORS,
     fill_progressive,
     one_line,
+    parse_version,
     sha256_file,
     shard_file_names,
     shard_owner,
@@ -100,9 +102,13 @@ def save_checkpoint(
     training: TrainingState | None = None,
     extra_dirs: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
     max_shard_bytes: int = 2 * 1024**3,
+    model_version: str = MODEL_VERSION_DEFAULT,
 ) -> Path:
     """Write ``model`` (and optional tokenizer, progressive state, training state and extra
     tensor directories) as a checkpoint directory at ``path``, atomically.
+
+    ``model_version`` is recorded in the manifest; re-saving a grown model (a training run
+    resumed from it) should pass its version on, or the manifest says ``1.0.0`` again.
 
     Everything is written into a hidden temporary directory next to ``path``, fsynced, then
     swapped into place; an existing checkpoint at ``path`` is replaced only once the new one is
@@ -121,6 +127,7 @@ def save_checkpoint(
         training=training,
         extra_dirs=extra_dirs,
         max_shard_bytes=max_shard_bytes,
+        model_version=model_version,
     )
 
 
@@ -136,6 +143,7 @@ def write_checkpoint(
     extra_dirs: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
     max_shard_bytes: int = 2 * 1024**3,
     before_commit: Callable[[], None] | None = None,
+    model_version: str = MODEL_VERSION_DEFAULT,
 ) -> Path:
     """Write a checkpoint of ``config`` whose stored tensors (tied ``lm_head`` excluded) are
     ``tensors``, atomically, as :func:`save_checkpoint` does.
@@ -146,10 +154,14 @@ def write_checkpoint(
     than memory can be written.  ``tokenizer`` is an object with ``save(dir)``.
     ``before_commit`` runs once everything is written, before the swap into place; if it
     raises, nothing is left behind (growth verifies its source there, in parallel).
+    ``model_version`` (major.minor.patch) is the model's version in the manifest: growth
+    that older readers can ignore (a new tier) bumps its minor version.
     """
     target = Path(path)
     if max_shard_bytes <= 0:
         raise CheckpointError(f"max_shard_bytes must be positive, got {max_shard_bytes}; pass a size in bytes such as 2 * 1024**3")
+    if parse_version(model_version) is None:
+        raise CheckpointError(f"model_version must be a major.minor.patch version such as 1.1.0, got {model_version!r}")
     progressive_bytes = _json_bytes(fill_progressive(progressive), "progressive")
     training_meta = _json_bytes(training.meta, "training.meta") if training is not None else None
     extra_dirs = dict(extra_dirs or {})
@@ -170,7 +182,7 @@ def write_checkpoint(
     try:
         shards = _write_shards(tmp, config, tensors, specs, max_shard_bytes)
         files = _write_files(tmp, tokenizer, progressive_bytes, training, training_meta, extra_dirs)
-        manifest = _manifest_of(config, shards, files)
+        manifest = _manifest_of(config, shards, files, model_version)
         atomic.write_bytes_durable(tmp / MANIFEST, _json_bytes(manifest, "manifest", allow_nan=False))
         atomic.fsync_tree(tmp)
         if before_commit is not None:
@@ -257,12 +269,15 @@ def _write_files(
     return files
 
 
-def _manifest_of(config: ModelConfig, shards: list[dict[str, Any]], files: list[dict[str, Any]]) -> dict[str, Any]:
+def _manifest_of(
+    config: ModelConfig, shards: list[dict[str, Any]], files: list[dict[str, Any]], model_version: str = MODEL_VERSION_DEFAULT
+) -> dict[str, Any]:
     from .. import __version__
 
     return {
         "format": FORMAT_NAME,
         "format_version": _manifest.FORMAT_VERSION,
+        "model_version": model_version,
         "created_at": _now(),
         "lite_llm_version": __version__,
         "model_config": config.to_dict(),
