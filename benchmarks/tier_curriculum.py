@@ -37,6 +37,11 @@ def main() -> None:
     parser.add_argument("--integration", type=int, default=300)
     parser.add_argument("--joint", type=int, default=100)
     parser.add_argument("--to-share", type=float, default=0.5)
+    parser.add_argument("--share", type=float, default=0.1, help="The new tier's share during isolation.")
+    parser.add_argument("--k-tier", type=int, default=2, help="Tiers per token after add_tier (2: both, weighted by the router).")
+    parser.add_argument("--replay", type=float, default=0.2, help="Share of prose in the curriculum's batches (0: code only).")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Peak learning rate of the curriculum and of the fine-tune.")
+    parser.add_argument("--reuse-base", action="store_true", help="Reuse the base model of a previous run in --workdir.")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--chart", type=Path, default=ROOT / "benchmarks" / "results" / "tier_ramp.png")
@@ -68,10 +73,10 @@ def main() -> None:
         scores = evaluate(model, data, ["prose", "code"], batch_size=16, seq_len=args.seq, max_batches=16)
         return {d: s.bpb for d, s in scores.items()}
 
-    def train(model, domain: str, steps: int, run: str, lr: float, callbacks=(), eval_every: int = 0):
+    def train(model, domains: dict[str, float], steps: int, run: str, lr: float, callbacks=(), eval_every: int = 0):
         cfg = TrainConfig(
             steps=steps, batch_size=args.batch, seq_len=args.seq, lr=lr, warmup_steps=min(50, steps // 10), seed=1,
-            domains={domain: 1.0}, eval_every=eval_every, eval_batches=8, eval_batch_size=16, keep_last=1,
+            domains=domains, eval_every=eval_every, eval_batches=8, eval_batch_size=16, keep_last=1,
         )
         shutil.rmtree(work / run, ignore_errors=True)
         trainer = Trainer(model, data, cfg, run_dir=work / run, callbacks=list(callbacks), show_progress=False)
@@ -85,15 +90,23 @@ def main() -> None:
         tiers=[TierConfig("tier_prose", num_groups=2, experts_per_group=4, expert_hidden=192)],
         routing=RoutingConfig(k_tier=1, k_group=1, k_expert=2),
     )
-    base = build_model(config, seed=0)
-    train(base, "prose", args.base_steps, "base", lr=3e-3)
+    from lite_llm.checkpoint import CheckpointManager, load_checkpoint
+
+    previous = CheckpointManager(work / "base").latest() if args.reuse_base else None
+    if previous is not None and previous.name.endswith(f"{args.base_steps:08d}"):
+        base = load_checkpoint(previous).model
+        print(f"base: reused {previous}")
+    else:
+        base = build_model(config, seed=0)
+        train(base, {"prose": 1.0}, args.base_steps, "base", lr=3e-3)
     base_state = {k: v.clone() for k, v in base.state_dict().items()}
     scores = {"base": bpb(base)}
 
     # Add the code tier: a copy of the prose tier, unroutable until the curriculum brings it in.
     stored = {k: v for k, v in base.state_dict().items() if k != "lm_head.weight" or not config.tie_embeddings}
     grown_cfg, tensors = get_op("add_tier")(
-        config, stored, tier="tier_code", num_groups=2, experts_per_group=4, expert_hidden=192, init="copy", source_tier="tier_prose"
+        config, stored, tier="tier_code", num_groups=2, experts_per_group=4, expert_hidden=192, init="copy", source_tier="tier_prose",
+        k_tier=args.k_tier,
     )
     grown = materialize(grown_cfg, dict(tensors)).train()
     ids = torch.randint(0, 256, (4, args.seq), generator=torch.Generator().manual_seed(0))
@@ -103,14 +116,15 @@ def main() -> None:
     plan = CurriculumConfig(
         "tier_code",
         [
-            {"name": "isolation", "steps": args.isolation, "share": 0.05},
+            {"name": "isolation", "steps": args.isolation, "share": args.share},
             {"name": "integration", "steps": args.integration, "to_share": args.to_share, "ramp": "cosine"},
             {"name": "joint", "steps": args.joint, "lr_scale": 0.1},
         ],
         rollback={"domains": ["prose"], "margin": 0.05},
     )
     total = plan.total_steps
-    curriculum = train(grown, "code", total, "curriculum", lr=3e-3, callbacks=[Curriculum(plan)], eval_every=max(total // 12, 1))
+    mixture = {"code": 1.0 - args.replay, "prose": args.replay} if args.replay > 0 else {"code": 1.0}
+    curriculum = train(grown, mixture, total, "curriculum", lr=args.lr, callbacks=[Curriculum(plan)], eval_every=max(total // 12, 1))
     scores["curriculum"] = bpb(grown)
     charts = plot_run(work / "curriculum")
     ramp = next(p for p in charts if p.name == "ramp.png")
@@ -119,7 +133,7 @@ def main() -> None:
 
     finetuned = build_model(config)
     finetuned.load_state_dict(base_state)
-    train(finetuned, "code", total, "finetune", lr=3e-3)
+    train(finetuned, {"code": 1.0}, total, "finetune", lr=args.lr)
     scores["finetune"] = bpb(finetuned)
 
     rows = [[name, f"{s['prose']:.4f}", f"{s['code']:.4f}"] for name, s in scores.items()]
@@ -143,6 +157,7 @@ def main() -> None:
             "rolled_back": curriculum.stopped_early,
             "add_tier_bitwise_unchanged": unchanged,
             "steps": {"base": args.base_steps, "curriculum": total, "finetune": total},
+            "settings": {"k_tier": args.k_tier, "replay": args.replay, "lr": args.lr, "share": args.share, "to_share": args.to_share},
         }
     )
 

@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import LiteLLMError
@@ -42,13 +43,13 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except LiteLLMError as exc:
-            err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+            err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False)
             raise typer.Exit(1) from None
         except (FileNotFoundError, NotADirectoryError, PermissionError) as exc:
             err_console.print(f"[bold red]error:[/bold red] {exc.strerror or exc}: {exc.filename}", highlight=False)
             raise typer.Exit(1) from None
         except ValueError as exc:
-            err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+            err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False)
             raise typer.Exit(1) from None
 
     return wrapper

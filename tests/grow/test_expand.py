@@ -168,3 +168,12 @@ def test_unsupported_architecture_import_is_one_sentence_and_leaves_nothing(tmp_
     result = runner.invoke(app, ["import", str(folder), "-o", str(tmp_path / "out")])
     assert result.exit_code == 1 and "gpt2" in result.output and "Traceback" not in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2"]
+
+
+def test_growth_bumps_the_model_version(source, tmp_path):
+    from lite_llm.checkpoint import read_manifest
+
+    _, path = source
+    assert read_manifest(path)["model_version"] == "1.0.0"
+    result = expand_checkpoint(path, tmp_path / "deeper", [GrowthStep("llama_pro", {"target_layers": 5})])
+    assert read_manifest(result.path)["model_version"] == "2.0.0"  # shapes changed: a major change

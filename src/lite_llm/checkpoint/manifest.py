@@ -73,10 +73,20 @@ def reader_version() -> tuple[int, int, int]:
 
 def next_minor_version(version: str) -> str:
     """``"1.0.3"`` -> ``"1.1.0"``: the version of a model grown in a way old readers can ignore."""
+    return _bump(version, minor=True)
+
+
+def next_major_version(version: str) -> str:
+    """``"1.2.0"`` -> ``"2.0.0"``: the version of a model whose existing tensors changed shape
+    (depth, width, heads, upcycling), which a reader of the old model cannot use as it was."""
+    return _bump(version, minor=False)
+
+
+def _bump(version: str, *, minor: bool) -> str:
     parsed = parse_version(version)
     if parsed is None:
         raise CheckpointError(f"model_version {version!r} is not a major.minor.patch version; write one such as 1.1.0")
-    return f"{parsed[0]}.{parsed[1] + 1}.0"
+    return f"{parsed[0]}.{parsed[1] + 1}.0" if minor else f"{parsed[0] + 1}.0.0"
 
 
 def is_newer_minor(manifest: dict[str, Any]) -> bool:

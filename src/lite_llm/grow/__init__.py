@@ -7,12 +7,14 @@ the function: the grown model's logits equal the original's (to fp32 rounding).
 
 from .importance import layer_importance
 from .moe import old_expert_mask
+from .tiers import add_tier_checkpoint
 from .registry import GrowthOp, available_ops, get_op, register
 from .tensors import LazyTensors, Tensors, expected_specs, stored_names
 
 __all__ = [
     "GrowthOp",
     "LazyTensors",
+    "add_tier_checkpoint",
     "Tensors",
     "available_ops",
     "expected_specs",

@@ -172,8 +172,19 @@ def _expand(
         progressive=progressive,
         max_shard_bytes=max_shard_bytes,
         before_commit=verified.result if verified is not None else None,
+        model_version=_grown_version(src.manifest, steps),
     )
     return ExpandResult(path, config, records, reports)
+
+
+def _grown_version(manifest: dict, steps: Sequence[GrowthStep]) -> str:
+    """The source's model_version, bumped: minor when every step only adds things an old reader
+    can skip (experts or tiers it cannot route to), major otherwise."""
+    from ..checkpoint.manifest import MODEL_VERSION_DEFAULT, next_major_version, next_minor_version
+
+    version = manifest.get("model_version", MODEL_VERSION_DEFAULT)
+    additive = all(step.method == "add_tier" for step in steps)
+    return next_minor_version(version) if additive else next_major_version(version)
 
 
 def _small_enough(config: ModelConfig, limit: int) -> bool:

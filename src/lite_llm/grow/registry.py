@@ -72,4 +72,4 @@ def available_ops() -> dict[str, GrowthOp]:
 
 
 def _load_builtin_ops() -> None:
-    from . import depth, heads, moe, width  # noqa: F401  (registration happens on import)
+    from . import depth, heads, moe, tiers, width  # noqa: F401  (registration happens on import)

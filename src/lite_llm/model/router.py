@@ -296,7 +296,12 @@ class HSERRouter(nn.Module):
         valid = (ok_g[..., None] & ok_e.view(n, kt, 1, ke).expand(n, kt, kg, ke)).reshape(n, -1) & (weights > 0)
         weights = torch.where(valid, weights, 0.0)
         if r.renormalize:
-            weights = weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
+            # Summed slot by slot, in slot order: a vectorised sum's rounding depends on how many
+            # slots there are, and adding a tier (more, empty slots) must not change old routes.
+            total = weights[:, :1]
+            for k in range(1, weights.shape[1]):
+                total = total + weights[:, k : k + 1]
+            weights = weights / total.clamp_min(torch.finfo(weights.dtype).tiny)
         expert_ids = (
             self.offset_of_tier[sel_t][:, :, None, None]
             + sel_g[..., None] * self.epg_of_tier[sel_t][:, :, None, None]
