@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from lite_llm import ModelConfig, RoutingConfig, TierConfig
@@ -118,3 +120,20 @@ def assert_same_function(model: LiteLLM, grown: LiteLLM, tolerance: float = 1e-5
     assert float((a - b).abs().max()) <= tolerance
     assert float((a - b).square().mean()) <= 1e-12
     assert grown.config.num_params() == grown.num_params()
+
+
+class CountingTensors(Mapping):
+    """An input mapping that records which tensors are read (to check that growth is lazy)."""
+
+    def __init__(self, tensors):
+        self.tensors, self.reads = tensors, []
+
+    def __getitem__(self, name):
+        self.reads.append(name)
+        return self.tensors[name]
+
+    def __iter__(self):
+        return iter(self.tensors)
+
+    def __len__(self):
+        return len(self.tensors)

@@ -9,7 +9,6 @@ import hashlib
 import json
 import re
 import warnings
-from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -33,6 +32,7 @@ from lite_llm.grow.tiers import add_tier_checkpoint, tensor_sha256
 
 from ..conftest import two_tier_config
 from .helpers import (
+    CountingTensors,
     dense_shapes,
     model_from,
     moe_shapes,
@@ -195,21 +195,8 @@ def test_a_tier_that_widens_the_slots_is_bitwise_too():
 def test_is_lazy_and_keeps_the_dtype():
     model = random_model(MOE["partial-moe-tied"]).to(torch.bfloat16)
 
-    class Counting(Mapping):
-        def __init__(self, tensors):
-            self.tensors, self.reads = tensors, []
 
-        def __getitem__(self, name):
-            self.reads.append(name)
-            return self.tensors[name]
-
-        def __iter__(self):
-            return iter(self.tensors)
-
-        def __len__(self):
-            return len(self.tensors)
-
-    source = Counting(stored_state(model))
+    source = CountingTensors(stored_state(model))
     config, tensors = get_op("add_tier")(model.config, source, **NEW)
     assert source.reads == [] and list(tensors) == stored_names(config)
     assert all(tensors[name].dtype == torch.bfloat16 for name in tensors)

@@ -9,7 +9,14 @@ from lite_llm.errors import ConfigError
 from lite_llm.grow import get_op, layer_importance
 from lite_llm.grow.depth import uniform_positions
 
-from .helpers import dense_shapes, grow, moe_shapes, random_model, sample_ids, stored_state
+from .helpers import (
+    dense_shapes,
+    grow,
+    moe_shapes,
+    random_model,
+    sample_ids,
+    stored_state,
+)
 
 SHAPES = {**dense_shapes(), **moe_shapes()}
 

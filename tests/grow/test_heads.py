@@ -8,7 +8,15 @@ import torch
 from lite_llm.errors import ConfigError
 from lite_llm.grow import get_op, stored_names
 
-from .helpers import assert_same_function, dense_shapes, grow, moe_shapes, random_model, sample_ids, stored_state
+from .helpers import (
+    assert_same_function,
+    dense_shapes,
+    grow,
+    moe_shapes,
+    random_model,
+    sample_ids,
+    stored_state,
+)
 
 SHAPES = {**dense_shapes(), **moe_shapes()}
 

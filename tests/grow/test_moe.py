@@ -9,7 +9,6 @@ matmuls: a few fp32 ulps per layer.  Logits are compared within ``1e-6 * max(1, 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from lite_llm.grow import LazyTensors, get_op, stored_names
 from lite_llm.grow.moe import old_expert_mask
 
 from .helpers import (
+    CountingTensors,
     dense_shapes,
     grow,
     model_from,
@@ -49,21 +49,6 @@ def apply(model, method: str, **params):
     return config, tensors, model_from(config, tensors)
 
 
-class CountingTensors(Mapping):
-    """An input mapping that records which tensors are read."""
-
-    def __init__(self, tensors):
-        self.tensors, self.reads = tensors, []
-
-    def __getitem__(self, name):
-        self.reads.append(name)
-        return self.tensors[name]
-
-    def __iter__(self):
-        return iter(self.tensors)
-
-    def __len__(self):
-        return len(self.tensors)
 
 
 # ----------------------------------------------------------------------------------- upcycle

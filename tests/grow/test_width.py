@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 
 import pytest
 import torch
@@ -13,7 +12,18 @@ from lite_llm.errors import ConfigError
 from lite_llm.grow import get_op, stored_names
 from lite_llm.grow.width import split_fractions
 
-from .helpers import assert_same_function, dense_shapes, grow, max_logit_diff, model_from, moe_shapes, random_model, sample_ids, stored_state
+from .helpers import (
+    CountingTensors,
+    assert_same_function,
+    dense_shapes,
+    grow,
+    max_logit_diff,
+    model_from,
+    moe_shapes,
+    random_model,
+    sample_ids,
+    stored_state,
+)
 
 SHAPES = {**dense_shapes(), **moe_shapes()}
 
@@ -118,21 +128,6 @@ def test_width_refuses_to_break_a_strict_tier_budget():
 # ----------------------------------------------------------------------------- laziness, order, dtype
 
 
-class CountingTensors(Mapping):
-    """A tensor mapping that counts lookups."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.tensors, self.reads = tensors, 0
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        self.reads += 1
-        return self.tensors[name]
-
-    def __iter__(self):
-        return iter(self.tensors)
-
-    def __len__(self) -> int:
-        return len(self.tensors)
 
 
 @pytest.mark.parametrize(
