@@ -101,6 +101,7 @@ class Trainer:
         self.progressive: dict[str, Any] = {}
         self.logger = MetricsLogger(self.run_dir / "metrics.jsonl" if self.run_dir else None)
         self.stop_reason: str | None = None
+        self.batch_domains: list[str] = []  # the domain of each row of the current micro-batch
 
     # ------------------------------------------------------------------------------ set-up
     def _mixture(self, domains: dict[str, float]) -> dict[str, float]:
@@ -282,7 +283,7 @@ class Trainer:
         tier_weights: list[torch.Tensor] = []  # per MoE layer, batch-mean routing weight per tier
         finite = True
         for micro in range(c.grad_accum):
-            batch, _ = self.data.sample_batch("train", self.weights, c.batch_size, c.seq_len, seed=c.seed, step=step, micro=micro)
+            batch, self.batch_domains = self.data.sample_batch("train", self.weights, c.batch_size, c.seq_len, seed=c.seed, step=step, micro=micro)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=c.bf16):
                 out = self.model(batch, tierset=self.tierset, labels=batch, step=step)
             loss = out.loss
