@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument("--k-tier", type=int, default=2, help="Tiers per token after add_tier (2: both, weighted by the router).")
     parser.add_argument("--replay", type=float, default=0.2, help="Share of prose in the curriculum's batches (0: code only).")
     parser.add_argument("--lr", type=float, default=1e-3, help="Peak learning rate of the curriculum and of the fine-tune.")
+    parser.add_argument("--distill", type=float, default=0.0, help="Weight of distillation to the base model on the prose rows (0: off).")
     parser.add_argument("--reuse-base", action="store_true", help="Reuse the base model of a previous run in --workdir.")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=128)
@@ -62,6 +63,7 @@ def main() -> None:
     from lite_llm.plot import plot_run
     from lite_llm.train import TrainConfig, Trainer
     from lite_llm.train.curriculum import Curriculum, CurriculumConfig
+    from lite_llm.train.distill import Distillation
 
     work = args.workdir
     data_dir = work / "data"
@@ -124,7 +126,12 @@ def main() -> None:
     )
     total = plan.total_steps
     mixture = {"code": 1.0 - args.replay, "prose": args.replay} if args.replay > 0 else {"code": 1.0}
-    curriculum = train(grown, mixture, total, "curriculum", lr=args.lr, callbacks=[Curriculum(plan)], eval_every=max(total // 12, 1))
+    callbacks = [Curriculum(plan)]
+    if args.distill > 0:  # keep prose predictions close to the base model's (the teacher)
+        teacher = build_model(config)
+        teacher.load_state_dict(base_state)
+        callbacks.append(Distillation(teacher, weight=args.distill, temperature=2.0, domains=["prose"]))
+    curriculum = train(grown, mixture, total, "curriculum", lr=args.lr, callbacks=callbacks, eval_every=max(total // 12, 1))
     scores["curriculum"] = bpb(grown)
     charts = plot_run(work / "curriculum")
     ramp = next(p for p in charts if p.name == "ramp.png")
@@ -157,7 +164,7 @@ def main() -> None:
             "rolled_back": curriculum.stopped_early,
             "add_tier_bitwise_unchanged": unchanged,
             "steps": {"base": args.base_steps, "curriculum": total, "finetune": total},
-            "settings": {"k_tier": args.k_tier, "replay": args.replay, "lr": args.lr, "share": args.share, "to_share": args.to_share},
+            "settings": {"k_tier": args.k_tier, "replay": args.replay, "lr": args.lr, "share": args.share, "to_share": args.to_share, "distill": args.distill},
         }
     )
 
