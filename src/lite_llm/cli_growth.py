@@ -270,6 +270,7 @@ def add_tier_command(
     source_tier: Optional[str] = typer.Option(None, "--source-tier", help="Tier to copy/upcycle from (default: the first)."),
     k_group: Optional[int] = typer.Option(None, "--k-group", help="Groups per token in this tier (default: the routing's)."),
     k_expert: Optional[int] = typer.Option(None, "--k-expert", help="Experts per group per token in this tier (default: the routing's)."),
+    k_tier: Optional[int] = typer.Option(None, "--k-tier", help="Tiers per token from now on (2 lets the router weigh old and new tiers; default: unchanged)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the new router gates and random experts."),
 ) -> None:
     """Add a tier of experts that no token reaches yet: the model computes exactly what it did.
@@ -297,6 +298,7 @@ def add_tier_command(
         "source_tier": source_tier,
         "k_group": k_group,
         "k_expert": k_expert,
+        "k_tier": k_tier,
         "seed": seed,
     }
     with console.status("adding the tier…"):
