@@ -51,7 +51,7 @@ def register(name: str, *, family: str, exact: bool | Callable[[dict[str, Any]],
         if name in _REGISTRY:
             raise ValueError(f"growth method {name!r} is registered twice")
         is_exact = exact if callable(exact) else (lambda params, _e=exact: _e)
-        summary = (inspect.getdoc(fn) or "").split("\n\n")[0].replace("\n", " ")
+        summary = (inspect.getdoc(fn) or "").split("\n\n")[0].replace("\n", " ").replace("``", "")
         _REGISTRY[name] = GrowthOp(name, family, fn, is_exact, summary)
         return fn
 
