@@ -4,9 +4,10 @@
     python benchmarks/tier_curriculum.py --quick    # a smoke run (minutes), figures not meaningful
 
 1. Train a base model with one tier on English prose (the standard library's pydoc topics).
-2. ``add_tier`` a second tier (a copy of the first: same function, bitwise, until routed) and
-   run the curriculum (isolation, integration ramp, joint) on Python code (the standard
-   library's sources), with automatic rollback guarding prose.
+2. ``add_tier`` a second tier (a copy of the first, k_tier 2: same function, bitwise, until
+   routed) and run the curriculum (isolation, integration ramp, joint) on Python code (the
+   standard library's sources) with 30% prose replay rows distilled towards the base model
+   (``--replay``, ``--distill``), and automatic rollback guarding prose.
 3. Baseline: fine-tune the whole base model on code for the same number of steps and schedule.
 
 Reports validation bits per byte on prose and on code for the base, the curriculum and the
@@ -36,12 +37,12 @@ def main() -> None:
     parser.add_argument("--isolation", type=int, default=200)
     parser.add_argument("--integration", type=int, default=300)
     parser.add_argument("--joint", type=int, default=100)
-    parser.add_argument("--to-share", type=float, default=0.5)
+    parser.add_argument("--to-share", type=float, default=0.35)
     parser.add_argument("--share", type=float, default=0.1, help="The new tier's share during isolation.")
     parser.add_argument("--k-tier", type=int, default=2, help="Tiers per token after add_tier (2: both, weighted by the router).")
-    parser.add_argument("--replay", type=float, default=0.2, help="Share of prose in the curriculum's batches (0: code only).")
-    parser.add_argument("--lr", type=float, default=1e-3, help="Peak learning rate of the curriculum and of the fine-tune.")
-    parser.add_argument("--distill", type=float, default=0.0, help="Weight of distillation to the base model on the prose rows (0: off).")
+    parser.add_argument("--replay", type=float, default=0.3, help="Share of prose in the curriculum's batches (0: code only).")
+    parser.add_argument("--lr", type=float, default=3e-3, help="Peak learning rate of the curriculum and of the fine-tune.")
+    parser.add_argument("--distill", type=float, default=0.4, help="Weight of distillation to the base model on the prose rows (0: off).")
     parser.add_argument("--reuse-base", action="store_true", help="Reuse the base model of a previous run in --workdir.")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=128)
