@@ -61,6 +61,7 @@ def main() -> None:
     from lite_llm.eval import evaluate
     from lite_llm.grow import get_op
     from lite_llm.grow.expand import materialize
+    from lite_llm.model import stored_state
     from lite_llm.plot import plot_run
     from lite_llm.train import TrainConfig, Trainer
     from lite_llm.train.curriculum import Curriculum, CurriculumConfig
@@ -106,7 +107,7 @@ def main() -> None:
     scores = {"base": bpb(base)}
 
     # Add the code tier: a copy of the prose tier, unroutable until the curriculum brings it in.
-    stored = {k: v for k, v in base.state_dict().items() if k != "lm_head.weight" or not config.tie_embeddings}
+    stored = stored_state(base)
     grown_cfg, tensors = get_op("add_tier")(
         config, stored, tier="tier_code", num_groups=2, experts_per_group=4, expert_hidden=192, init="copy", source_tier="tier_prose",
         k_tier=args.k_tier,

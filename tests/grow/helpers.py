@@ -9,6 +9,7 @@ import torch
 from lite_llm import ModelConfig, RoutingConfig, TierConfig
 from lite_llm.grow import get_op
 from lite_llm.model import LiteLLM, build_model
+from lite_llm.model import stored_state as lite_stored_state
 
 
 def dense_shapes() -> dict[str, ModelConfig]:
@@ -77,11 +78,8 @@ def random_model(config: ModelConfig, seed: int = 0) -> LiteLLM:
 
 
 def stored_state(model: LiteLLM) -> dict[str, torch.Tensor]:
-    """The tensors a checkpoint stores (tied head excluded), detached."""
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    if model.config.tie_embeddings:
-        state.pop("lm_head.weight")
-    return state
+    """The tensors a checkpoint stores (tied head excluded), as independent copies."""
+    return {k: v.clone() for k, v in lite_stored_state(model).items()}
 
 
 def model_from(config: ModelConfig, tensors) -> LiteLLM:

@@ -14,7 +14,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..config import ModelConfig, TierSet
 from ..errors import CheckpointError, ConfigError, LiteLLMError, TierSetError
-from ..model import LiteLLM, build_model
+from ..model import LiteLLM, build_model, load_stored
 from ..model.shapes import tensor_shapes
 from . import atomic
 from .manifest import (
@@ -270,11 +270,7 @@ def load_checkpoint(
                 f"tensor {name} in {origin[name]} has shape {tuple(state[name].shape)} but the config needs {shape}; restore the checkpoint from a backup or re-save it"
             )
 
-    if config.tie_embeddings:
-        state["lm_head.weight"] = state["embed.weight"]
-    model.load_state_dict(state, strict=True, assign=True)  # keeps the stored dtypes
-    if config.tie_embeddings:
-        model.lm_head.weight = model.embed.weight
+    load_stored(model, state)  # assigned: keeps the stored dtypes
 
     # Tokenizer and training state.
     tokenizer = None

@@ -16,7 +16,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..config import ModelConfig
-from ..model import LiteLLM
+from ..model import LiteLLM, stored_state
 from . import atomic
 from .manifest import (
     DENSE,
@@ -115,13 +115,10 @@ def save_checkpoint(
     complete.  Any exception removes the temporary directory and leaves ``path`` as it was.
     Returns ``path``.
     """
-    state = model.state_dict()
-    if model.config.tie_embeddings:  # stored once, re-tied on load
-        state.pop("lm_head.weight", None)
     return write_checkpoint(
         path,
         model.config,
-        state,
+        stored_state(model),
         tokenizer=tokenizer,
         progressive=progressive,
         training=training,

@@ -24,7 +24,7 @@ from ..checkpoint.lazy import CheckpointTensors, check_sound, open_checkpoint
 from ..checkpoint.save import write_checkpoint
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError, LiteLLMError
-from ..model import LiteLLM
+from ..model import LiteLLM, load_stored, stored_state
 from .importance import layer_importance
 from .recipe import VALIDATE_MODES, GrowthStep
 from .registry import get_op
@@ -62,14 +62,7 @@ class _CopiedTokenizer:
 
 def materialize(config: ModelConfig, tensors: Tensors) -> LiteLLM:
     """A model of ``config`` holding ``tensors`` (every name and shape checked)."""
-    model = LiteLLM(config)
-    state = dict(tensors)
-    if config.tie_embeddings:
-        state["lm_head.weight"] = state["embed.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
-    if config.tie_embeddings:
-        model.lm_head.weight = model.embed.weight
-    return model.eval()
+    return load_stored(LiteLLM(config), tensors).eval()
 
 
 def _now() -> str:
@@ -140,20 +133,20 @@ def _expand(
     records, reports = [], []
     do_validate = validate == "always" or (validate == "auto" and _small_enough(config, max_validate_params))
     ids = sample_ids(config.vocab_size, _tokenizer(src)) if do_validate else None
-    current = materialize(config, {k: tensors[k] for k in tensors}) if do_validate else None
+    current = materialize(config, tensors) if do_validate else None
     for step in steps:
         op = get_op(step.method)
         params = _resolve_params(step, config, tensors, ids)
         new_config, new_tensors = op(config, tensors, **params)
         report = None
         if do_validate:
-            grown = materialize(new_config, {k: new_tensors[k] for k in new_tensors})
+            grown = materialize(new_config, new_tensors)
             report = validate_models(current, grown, ids, exact_expected=op.exact(params), tolerance=tolerance)
             if report.exact_expected and not report.preserved:
                 raise GrowthError(
                     f"{step.describe()} is meant to be exact but changed the logits by {report.max_abs:.3g} (> {tolerance:g}); nothing was written — please report this"
                 )
-            current, new_tensors = grown, _state_of(grown)
+            current, new_tensors = grown, stored_state(grown)
         records.append(_record(src, step.method, params, op.exact(params), config, new_config, report))
         reports.append(report)
         config, tensors = new_config, new_tensors
@@ -202,13 +195,6 @@ def _tokenizer(src: CheckpointTensors) -> Any:
         return load_tokenizer(src.tokenizer_dir)
     except Exception:  # noqa: BLE001 - a sample tokenizer is a nicety; random ids work too
         return None
-
-
-def _state_of(model: LiteLLM) -> dict[str, torch.Tensor]:
-    state = {k: v.detach() for k, v in model.state_dict().items()}
-    if model.config.tie_embeddings:
-        state.pop("lm_head.weight", None)
-    return state
 
 
 def _cast(tensors: Tensors, dtype: torch.dtype) -> Tensors:

@@ -330,7 +330,7 @@ def _check_logits(src: CheckpointTensors, config: ModelConfig, tensors: Tensors)
 
     Returns the grown model's tensors (now in memory, so writing reads nothing again) and the
     number of tokens compared."""
-    before = materialize(src.config, {name: src.tensors[name] for name in src.tensors})
+    before = materialize(src.config, src.tensors)
     state = {name: tensors[name] for name in tensors}
     grown = materialize(config, state)
     ids = sample_ids(src.config.vocab_size, _tokenizer(src))

@@ -3,9 +3,11 @@
 from .experts import ExpertBank, dispatch, dispatch_reference
 from .moe import TieredMoE
 from .router import HSERRouter, Routes, stable_topk
-from .transformer import LiteLLM, LayerRouting, ModelOutput, build_model
+from .transformer import LiteLLM, LayerRouting, ModelOutput, build_model, load_stored, stored_state
 
 __all__ = [
+    "load_stored",
+    "stored_state",
     "ExpertBank",
     "HSERRouter",
     "LayerRouting",

@@ -7,7 +7,7 @@ training loss (LM + load balance + z-loss), its parts, and per-layer routing sta
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -193,6 +193,27 @@ class LiteLLM(nn.Module):
     def num_params(self) -> int:
         """Parameters actually held (shared embedding counted once)."""
         return sum(p.numel() for p in self.parameters())
+
+
+def stored_state(model: LiteLLM) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint stores: the state dict, detached, without ``lm_head.weight``
+    when it is tied to the embedding (stored once, re-tied by :func:`load_stored`)."""
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def load_stored(model: LiteLLM, tensors: Mapping[str, torch.Tensor]) -> LiteLLM:
+    """Put stored tensors (as :func:`stored_state` gives them) into ``model``: every name and
+    shape checked, the tensors assigned as they are (dtypes kept), the tied head re-tied."""
+    state = dict(tensors)
+    if model.config.tie_embeddings:
+        state["lm_head.weight"] = state["embed.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    if model.config.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    return model
 
 
 def build_model(
