@@ -27,7 +27,8 @@ from ..errors import CheckpointError, ConfigError, LiteLLMError
 from ..model import LiteLLM, load_stored, stored_state
 from .importance import layer_importance
 from .recipe import VALIDATE_MODES, GrowthStep
-from .registry import get_op
+from .carry import carry_ewc
+from .registry import GrowthOp, get_op
 from .tensors import LazyTensors, Tensors, expected_specs
 from .validate import ValidationReport, sample_ids, validate_models
 
@@ -58,6 +59,11 @@ class _CopiedTokenizer:
                 dest = Path(target) / p.relative_to(self.directory)
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(p, dest)
+
+
+def copied_tokenizer(src: CheckpointTensors) -> _CopiedTokenizer | None:
+    """What ``write_checkpoint`` needs to copy ``src``'s tokenizer (None when it has none)."""
+    return _CopiedTokenizer(src.tokenizer_dir) if src.tokenizer_dir else None
 
 
 def materialize(config: ModelConfig, tensors: Tensors) -> LiteLLM:
@@ -131,6 +137,7 @@ def _expand(
     config, tensors = src.config, src.tensors
     dtype = dtype or src.dtype
     records, reports = [], []
+    chain: list[tuple[GrowthOp, dict[str, Any]]] = []
     do_validate = validate == "always" or (validate == "auto" and _small_enough(config, max_validate_params))
     ids = sample_ids(config.vocab_size, _tokenizer(src)) if do_validate else None
     current = materialize(config, tensors) if do_validate else None
@@ -147,15 +154,17 @@ def _expand(
                     f"{step.describe()} is meant to be exact but changed the logits by {report.max_abs:.3g} (> {tolerance:g}); nothing was written — please report this"
                 )
             current, new_tensors = grown, stored_state(grown)
+        chain.append((op, params))
         records.append(_record(src, step.method, params, op.exact(params), config, new_config, report))
         reports.append(report)
         config, tensors = new_config, new_tensors
 
     progressive = dict(src.progressive)
     progressive["expansions"] = list(progressive.get("expansions") or []) + records
+    extra_dirs = _carried_ewc(src, chain, progressive)
     specs = expected_specs(config, dtype)
     tensors = _cast(tensors, dtype)
-    tokenizer = _CopiedTokenizer(src.tokenizer_dir) if src.tokenizer_dir else None
+    tokenizer = copied_tokenizer(src)
     path = write_checkpoint(
         out,
         config,
@@ -163,11 +172,29 @@ def _expand(
         specs=specs,
         tokenizer=tokenizer,
         progressive=progressive,
+        extra_dirs=extra_dirs,
         max_shard_bytes=max_shard_bytes,
         before_commit=verified.result if verified is not None else None,
         model_version=_grown_version(src.manifest, steps),
     )
     return ExpandResult(path, config, records, reports)
+
+
+def _carried_ewc(src: CheckpointTensors, chain: list[tuple[GrowthOp, dict[str, Any]]], progressive: dict) -> dict[str, dict[str, torch.Tensor]]:
+    """The source's EWC estimate carried through the growth (``{}`` when it has none); its
+    description in ``progressive`` gains the methods it went through."""
+    from ..checkpoint.load import load_extra
+    from ..train.ewc import EWC_DIR, FisherEstimate
+
+    if not any(f.get("kind") == "extra" and f.get("name") == EWC_DIR for f in src.manifest.get("files", [])):
+        return {}
+    estimate = FisherEstimate.from_tensors(load_extra(src.path, EWC_DIR, manifest=src.manifest))
+    carried = carry_ewc(src.config, src.tensors, chain, estimate.fisher, estimate.anchor)
+    meta = dict(progressive.get("ewc") or {})
+    meta["carried_through"] = list(meta.get("carried_through") or []) + [op.name for op, _ in chain]
+    meta["unmapped_entries"] = int(meta.get("unmapped_entries") or 0) + carried.unmapped
+    progressive["ewc"] = meta
+    return {EWC_DIR: FisherEstimate(carried.fisher, carried.anchor).to_tensors()}
 
 
 def _grown_version(manifest: dict, steps: Sequence[GrowthStep]) -> str:

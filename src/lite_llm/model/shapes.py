@@ -43,3 +43,15 @@ def tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     shapes["norm.weight"] = (d,)
     shapes["lm_head.weight"] = (config.vocab_size, d)
     return shapes
+
+
+_BUFFER_SUFFIXES = (".tier_bias", ".group_bias", ".expert_bias")  # the router's steering biases
+
+
+def parameter_names(config: ModelConfig) -> list[str]:
+    """The names ``LiteLLM(config).named_parameters()`` yields, in that order: every stored
+    tensor except the router's bias buffers, and ``lm_head.weight`` only when untied."""
+    names = [n for n in tensor_shapes(config) if not n.endswith(_BUFFER_SUFFIXES)]
+    if config.tie_embeddings:
+        names.remove("lm_head.weight")
+    return names
