@@ -20,6 +20,14 @@ What it measures (fp32, CPU, all threads the process may use; d=512, expert hidd
    the same for the Mixtral implementations for reference.
 4. Our ``grouped_mm`` path against our ``loop`` path (``moe.dispatch_impl = "loop"``) in training.
 
+Device and dtype: ``--device cuda --dtype bfloat16`` puts every module's parameters and the
+inputs on the GPU in that dtype (no autocast: weights, activations and gradients are all bf16;
+the router computes its logits in fp32 either way).  On CUDA every timed call ends with
+``torch.cuda.synchronize()`` (kernels run asynchronously; without it the timer would measure
+only the launches), training samples average ``--train-inner`` back-to-back steps (default 10
+on CUDA, 1 on CPU), and the profiler checks still read the operator names from the CPU side.
+Defaults are the CPU fp32 measurement described above.
+
 Methodology: warm-up calls, then the median of N repeats timed with ``time.perf_counter``;
 the candidates of one E are interleaved (each repeat runs every candidate once, in rotated
 order) on the same input tensor, so drift of a noisy machine hits all alike.  A candidate
@@ -34,6 +42,7 @@ per step at E=512 because each ``W[e]`` of a 3-D parameter allocates a full-size
     THP_MEM_ALLOC_ENABLE=1 python benchmarks/moe_dispatch.py
     python benchmarks/moe_dispatch.py --quick                  # fewer repeats, Mixtral eager only up to E=64
     python benchmarks/moe_dispatch.py --experts 8 64 --repeats 9 --profile
+    python benchmarks/moe_dispatch.py --device cuda --dtype bfloat16   # GPU, bf16
 
 The last line of the output is one JSON object with every figure and ``targets_met``.
 """
@@ -70,6 +79,7 @@ from lite_llm.model.layers import DenseFFN  # noqa: E402
 from lite_llm.model.moe import TieredMoE  # noqa: E402
 
 MIXTRAL_IMPLS = ("eager", "grouped_mm", "batched_mm")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 INIT_STD = 0.02
 TARGETS = {  # DESIGN.md, "Dispatch"
     "train_ratio_max": {8: 1.15, 64: 1.4},
@@ -99,7 +109,17 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--profile", action="store_true", help="print the top ops of one training step of our layer per E")
     p.add_argument("--quick", action="store_true", help="2 warm-ups, 3 repeats, fewer decode samples, Mixtral eager up to E=64")
     p.add_argument("--no-thp", action="store_true", help="do not re-execute with THP_MEM_ALLOC_ENABLE=1")
+    p.add_argument("--device", default="cpu", help="torch device to measure on (cpu, cuda, cuda:1, ...)")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of parameters and inputs")
+    p.add_argument("--train-inner", type=int, default=None,
+                   help="training steps per timed sample (default: 1 on CPU, 10 on CUDA where a step takes ~ms)")
     args = p.parse_args()
+    args.device = torch.device(args.device)
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda given but torch.cuda.is_available() is False")
+    args.torch_dtype = DTYPES[args.dtype]
+    if args.train_inner is None:
+        args.train_inner = 10 if args.device.type == "cuda" else 1
     if args.quick:
         args.warmup, args.repeats, args.decode_repeats = min(args.warmup, 2), min(args.repeats, 3), min(args.decode_repeats, 15)
         if args.mixtral_eager_max_e is None:
@@ -121,7 +141,7 @@ def build_ours(num_experts: int, args: argparse.Namespace) -> TieredMoE:
     with torch.no_grad():
         for param in moe.parameters():  # expert banks and router gates alike, so routes spread
             param.normal_(0.0, INIT_STD)
-    return moe
+    return moe.to(device=args.device, dtype=args.torch_dtype)
 
 
 def build_mixtral(num_experts: int, args: argparse.Namespace, share_with: TieredMoE) -> nn.Module:
@@ -139,7 +159,7 @@ def build_mixtral(num_experts: int, args: argparse.Namespace, share_with: Tiered
     block.experts.down_proj = bank.down_proj  # (E, d, H)
     with torch.no_grad():
         block.gate.weight.normal_(0.0, INIT_STD)
-    return block
+    return block.to(device=args.device, dtype=args.torch_dtype)  # the shared banks are there already
 
 
 def build_dense(args: argparse.Namespace) -> DenseFFN:
@@ -147,7 +167,26 @@ def build_dense(args: argparse.Namespace) -> DenseFFN:
     with torch.no_grad():
         for param in dense.parameters():
             param.normal_(0.0, INIT_STD)
-    return dense
+    return dense.to(device=args.device, dtype=args.torch_dtype)
+
+
+def randn(args: argparse.Namespace, *shape: int, requires_grad: bool = False) -> torch.Tensor:
+    """Random inputs on the measured device and dtype (drawn on the CPU: the same values everywhere)."""
+    t = torch.randn(*shape).to(device=args.device, dtype=args.torch_dtype)
+    return t.requires_grad_(requires_grad)
+
+
+def synced(fn: Callable[[], None], device: torch.device) -> Callable[[], None]:
+    """``fn`` followed by a device synchronisation, so wall-clock timers see the kernels' time."""
+    if device.type != "cuda":
+        return fn
+
+    def call() -> None:
+        torch.cuda.synchronize(device)
+        fn()
+        torch.cuda.synchronize(device)
+
+    return call
 
 
 def set_mixtral_impl(block: nn.Module, impl: str) -> None:
@@ -164,7 +203,7 @@ def drop_grads(*modules: nn.Module, inputs: tuple[torch.Tensor, ...] = ()) -> No
 
 # ----------------------------------------------------------------------------------- steps
 def train_step_ours(moe: TieredMoE, impl: str, x: torch.Tensor, gy: torch.Tensor) -> Callable[[], None]:
-    allowed = torch.ones(1, dtype=torch.bool)
+    allowed = torch.ones(1, dtype=torch.bool, device=x.device)
 
     def step() -> None:
         moe.dispatch_impl = impl
@@ -194,7 +233,7 @@ def train_step_dense(dense: DenseFFN, x: torch.Tensor, gy: torch.Tensor) -> Call
 
 
 def decode_step_ours(moe: TieredMoE, x1: torch.Tensor) -> Callable[[], None]:
-    allowed = torch.ones(1, dtype=torch.bool)
+    allowed = torch.ones(1, dtype=torch.bool, device=x1.device)
 
     def step() -> None:
         with torch.no_grad():
@@ -224,14 +263,14 @@ def ops_run_by(fn: Callable[[], object]) -> set[str]:
 
 def check_ours_paths(moe: TieredMoE, args: argparse.Namespace) -> dict[str, bool]:
     """Which kernels our layer runs: grouped_mm under autograd for "auto", none for "loop" and decode."""
-    x = torch.randn(64, args.d_model, requires_grad=True)
-    gy = torch.randn(64, args.d_model)
+    x = randn(args, 64, args.d_model, requires_grad=True)
+    gy = randn(args, 64, args.d_model)
     checks = {}
     for impl, expect_grouped in (("auto", True), ("grouped_mm", True), ("loop", False)):
         ops = ops_run_by(train_step_ours(moe, impl, x, gy))
         checks[f"train:{impl}"] = ("aten::_grouped_mm" in ops) == expect_grouped
     moe.eval()
-    ops = ops_run_by(decode_step_ours(moe, torch.randn(1, args.d_model)))
+    ops = ops_run_by(decode_step_ours(moe, randn(args, 1, args.d_model)))
     checks["decode:auto->loop"] = "aten::_grouped_mm" not in ops
     moe.train()
     moe.dispatch_impl = "auto"
@@ -240,7 +279,7 @@ def check_ours_paths(moe: TieredMoE, args: argparse.Namespace) -> dict[str, bool
 
 def check_mixtral_impl(block: nn.Module, impl: str, args: argparse.Namespace) -> str | None:
     """None if ``impl`` runs the kernels it should (checked on a few tokens), else why not."""
-    x = torch.randn(8, args.d_model)
+    x = randn(args, 8, args.d_model)
     try:
         ops = ops_run_by(decode_step_mixtral(block, impl, x))
     except Exception as exc:  # noqa: BLE001
@@ -257,7 +296,7 @@ def check_mixtral_impl(block: nn.Module, impl: str, args: argparse.Namespace) ->
 def batched_mm_bytes(args: argparse.Namespace, tokens: int, training: bool) -> int:
     """Mixtral batched_mm gathers gate_up and down weights per route: tokens*K*3*H*d floats (and
     as much again for their gradients when training), independent of E."""
-    per_route = 3 * args.hidden * args.d_model * 4
+    per_route = 3 * args.hidden * args.d_model * args.torch_dtype.itemsize
     return tokens * args.k * per_route * (2 if training else 1)
 
 
@@ -276,11 +315,11 @@ def measure_training(num_experts: int, args: argparse.Namespace, log: Callable[[
     torch.manual_seed(args.seed)
     moe = build_ours(num_experts, args)
     dense = build_dense(args)
-    x = torch.randn(args.tokens, args.d_model, requires_grad=True)
-    gy = torch.randn(args.tokens, args.d_model)
+    x = randn(args, args.tokens, args.d_model, requires_grad=True)
+    gy = randn(args, args.tokens, args.d_model)
 
     with torch.no_grad():
-        counts = moe.router(x.detach(), torch.ones(1, dtype=torch.bool)).expert_counts.float()
+        counts = moe.router(x.detach(), torch.ones(1, dtype=torch.bool, device=x.device)).expert_counts.float()
     load = {"max_over_mean": float(counts.max() / counts.mean()), "unused_experts": int((counts == 0).sum())}
     checks = check_ours_paths(moe, args)
     log(f"E={num_experts}: routes per expert max/mean {load['max_over_mean']:.2f}, unused {load['unused_experts']}; "
@@ -314,7 +353,10 @@ def measure_training(num_experts: int, args: argparse.Namespace, log: Callable[[
     for name, why in skipped.items():
         log(f"  skip {name}: {why}")
 
-    timings = measure_interleaved(candidates, warmup=args.warmup, repeats=args.repeats, slow_s=args.slow_step_s, log=log)
+    candidates = {name: synced(fn, args.device) for name, fn in candidates.items()}
+    timings = measure_interleaved(
+        candidates, warmup=args.warmup, repeats=args.repeats, slow_s=args.slow_step_s, inner=args.train_inner, log=log
+    )
     for name, t in timings.items():
         if t.error:
             skipped[name] = t.error
@@ -330,7 +372,7 @@ def measure_training(num_experts: int, args: argparse.Namespace, log: Callable[[
 def measure_decode(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, dict[int, Timing]]:
     """Interleaved single-token, no-grad, eval-mode timings at every E."""
     torch.manual_seed(args.seed + 1)
-    x1 = torch.randn(1, args.d_model)
+    x1 = randn(args, 1, args.d_model)
     candidates: dict[str, Callable[[], None]] = {}
     keep = []
     for num_experts in args.experts:
@@ -346,6 +388,7 @@ def measure_decode(args: argparse.Namespace, log: Callable[[str], None]) -> dict
                 continue
             if check_mixtral_impl(block, impl, args) is None:
                 candidates[f"mixtral_{impl}@{num_experts}"] = decode_step_mixtral(block, impl, x1)
+    candidates = {name: synced(fn, args.device) for name, fn in candidates.items()}
     timings = measure_interleaved(candidates, warmup=3, repeats=args.decode_repeats, inner=args.decode_inner)
     out: dict[str, dict[int, Timing]] = {}
     for key, t in timings.items():
@@ -373,11 +416,15 @@ def main() -> None:
 
     settings = {
         "d_model": args.d_model, "expert_hidden": args.hidden, "tokens": args.tokens, "k": args.k, "experts": args.experts,
-        "dtype": "float32", "device": "cpu", "threads": threads, "thp": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1",
+        "dtype": args.dtype, "device": str(args.device), "threads": threads, "thp": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1",
         "torch": torch.__version__, "transformers": tf_version, "warmup": args.warmup, "repeats": args.repeats,
         "cpu": platform.processor() or platform.machine(),
         "loadavg_start": list(os.getloadavg()),
     }
+    if args.device.type == "cuda":
+        settings["gpu"] = torch.cuda.get_device_name(args.device)
+        settings["cuda"] = torch.version.cuda
+        settings["train_inner"] = args.train_inner
     log("MoE dispatch benchmark: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
     if settings["loadavg_start"][0] > available_cpus():
         log(f"warning: load average {settings['loadavg_start'][0]:.1f} exceeds the {available_cpus()} CPUs: other processes "
@@ -436,8 +483,8 @@ def main() -> None:
             + [vs_eager[e], vs_fastest[e], train[e]["load"]["max_over_mean"]]
             for e in E
         ],
-        title=f"Training, forward+backward, {args.tokens} tokens, d={args.d_model}, H={args.hidden}, K={args.k} "
-        f"(median of {args.repeats}; ratios are to DenseFFN({args.d_model}, {args.k * args.hidden}); * = one call incl. first-call costs)",
+        title=f"Training, forward+backward, {args.tokens} tokens, d={args.d_model}, H={args.hidden}, K={args.k}, "
+        f"{args.device} {args.dtype} (median of {args.repeats} x {args.train_inner}; ratios are to DenseFFN({args.d_model}, {args.k * args.hidden}); * = one call incl. first-call costs)",
     )
     for e in E:
         for n, why in train[e]["skipped"].items():
