@@ -65,18 +65,21 @@ class TokenData:
         seed: int,
         step: int,
         micro: int = 0,
+        stream: str = "batch",
     ) -> tuple[torch.Tensor, list[str]]:
         """``batch_size`` random windows of ``seq_len`` tokens and the domain of each row.
 
         Each row picks a domain with probability proportional to ``weights`` (domains left out
         or weighted 0 are never drawn), then a uniformly random start in that domain's split.
+        ``stream`` names an independent sequence of draws for the same step (replay rows).
         """
         _check_split(split)
         _check_shape(batch_size, seq_len)
         names, probs = self._mixture(weights)
         arrays = [self._array_long_enough(name, split, seq_len) for name in names]
 
-        rng = np.random.Generator(np.random.PCG64(stable_u64("batch", seed, step, micro, split)))
+        key = ("batch",) if stream == "batch" else ("batch", stream)  # "batch" keeps the original draws
+        rng = np.random.Generator(np.random.PCG64(stable_u64(*key, seed, step, micro, split)))
         cumulative = np.cumsum(probs)
         cumulative[-1] = 1.0  # guard against rounding leaving a gap at the top
         which = np.minimum(np.searchsorted(cumulative, rng.random(batch_size), side="right"), len(names) - 1)

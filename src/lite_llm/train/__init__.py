@@ -2,21 +2,35 @@
 
 from .config import TrainConfig
 from .flops import flops_per_token
-from .freezing import PartialFreeze, freeze_parameters
+from .distill import Distillation, distillation_loss
+from .ewc import EWC, FisherEstimate, estimate_fisher, ewc_penalty, load_ewc, save_ewc
+from .freezing import FreezeSchedule, PartialFreeze, freeze_parameters
 from .metrics import MetricsLogger, read_metrics
 from .schedule import lr_at
-from .trainer import Trainer, TrainerCallback, TrainResult, run_training
+from .protection import protection_callbacks
+from .trainer import Trainer, TrainerCallback, TrainResult, replay_rows, run_training
 
 __all__ = [
+    "Distillation",
+    "EWC",
+    "FisherEstimate",
+    "FreezeSchedule",
     "MetricsLogger",
     "PartialFreeze",
     "TrainConfig",
     "TrainResult",
     "Trainer",
     "TrainerCallback",
+    "distillation_loss",
+    "estimate_fisher",
+    "ewc_penalty",
     "flops_per_token",
     "freeze_parameters",
+    "load_ewc",
     "lr_at",
+    "protection_callbacks",
     "read_metrics",
+    "replay_rows",
     "run_training",
+    "save_ewc",
 ]

@@ -19,6 +19,17 @@ class TrainConfig:
     ``domains`` maps domain names to mixture weights (empty: every domain, equal weights).
     ``eval_every``/``save_every`` of 0 disable periodic evaluation/saving (the final step is
     always evaluated and saved when a run directory is given).
+
+    Forgetting prevention (each optional, combinable):
+
+    * replay: ``replay_share`` of every micro-batch's rows (exactly ``floor(share * B)`` plus one
+      more with probability of the remainder) drawn from the ``replay`` mixture of old domains;
+    * freezing: ``freeze`` rules ``{"patterns": [...], "thaw_at": step or None}``: parameters
+      matching a pattern get no update before ``thaw_at`` (never, when None);
+    * EWC: ``ewc_from`` a checkpoint holding an estimate (``lite-llm ewc estimate``), penalty
+      weight ``ewc_weight``;
+    * distillation: ``distill_from`` a teacher checkpoint, ``distill_weight`` x T^2 KL at
+      ``distill_temperature`` on the rows of ``distill_domains`` (empty: every row).
     """
 
     steps: int = 200
@@ -42,6 +53,15 @@ class TrainConfig:
     save_every: int = 0
     keep_last: int = 3
     log_every: int = 1
+    replay: dict[str, float] = field(default_factory=dict)
+    replay_share: float = 0.0
+    freeze: list[dict[str, Any]] = field(default_factory=list)
+    ewc_from: str | None = None
+    ewc_weight: float = 0.0
+    distill_from: str | None = None
+    distill_weight: float = 1.0
+    distill_temperature: float = 2.0
+    distill_domains: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "eval_batch_size", "keep_last", "log_every"):
@@ -63,6 +83,25 @@ class TrainConfig:
             raise ConfigError(f"train.domains weights must be >= 0, got {bad}")
         if self.domains and not any(v > 0 for v in self.domains.values()):
             raise ConfigError("train.domains must give at least one domain a positive weight")
+        self._check_protection()
+
+    def _check_protection(self) -> None:
+        if not 0 <= self.replay_share < 1:
+            raise ConfigError(f"train.replay_share must be in [0, 1) (the rest of each batch is new data), got {self.replay_share}")
+        if self.replay_share > 0 and not any(v > 0 for v in self.replay.values()):
+            raise ConfigError("train.replay_share is set but train.replay names no old domain with a positive weight, e.g. {prose: 1.0}")
+        if any(not v >= 0 for v in self.replay.values()):
+            raise ConfigError(f"train.replay weights must be >= 0, got {self.replay}")
+        for i, rule in enumerate(self.freeze):
+            if not isinstance(rule, dict) or set(rule) - {"patterns", "thaw_at"} or not rule.get("patterns"):
+                raise ConfigError(f"train.freeze[{i}] must be {{patterns: [...], thaw_at: STEP or null}}, got {rule!r}")
+            thaw = rule.get("thaw_at")
+            if thaw is not None and (not isinstance(thaw, int) or thaw < 0):
+                raise ConfigError(f"train.freeze[{i}].thaw_at must be a step (an integer >= 0) or null, got {thaw!r}")
+        if self.ewc_weight < 0 or (self.ewc_from is None) != (self.ewc_weight == 0):
+            raise ConfigError("train.ewc_from and train.ewc_weight go together: give a checkpoint with an EWC estimate and a positive weight, or neither")
+        if self.distill_from is not None and not (self.distill_weight > 0 and self.distill_temperature > 0):
+            raise ConfigError("train.distill_weight and train.distill_temperature must be positive")
 
     @property
     def tokens_per_step(self) -> int:

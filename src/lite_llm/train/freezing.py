@@ -114,14 +114,40 @@ class PartialFreeze(TrainerCallback):
         self.attach(trainer.optimizer)
 
 
-def freeze_parameters(model: nn.Module, patterns: Iterable[str] | str) -> list[str]:
-    """Set ``requires_grad=False`` on every parameter whose name matches one of the fnmatch
-    ``patterns`` (``layers.0.*``, ``*.experts.tier_1b.*``); returns the frozen names in model
-    order.  A frozen parameter gets no gradient, so AdamW skips it entirely (no weight decay
-    either).  A pattern that matches nothing is an error: it is almost always a typo."""
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    params = dict(model.named_parameters())
+class FreezeSchedule(TrainerCallback):
+    """Progressive freezing: parameters matching a rule's patterns get no update before the
+    rule's ``thaw_at`` step (never, when it is None), then train normally (AdamW's moments
+    start from zero at the thaw, as for a new parameter).
+
+    Rules are ``{"patterns": [...], "thaw_at": step or None}`` (``TrainConfig.freeze``).  The
+    state is a function of the step, so a resumed run freezes exactly what the original did.
+    Freezing is by ``requires_grad``: a frozen parameter gets no gradient and AdamW skips it
+    entirely, weight decay included, so it stays bitwise unchanged.
+    """
+
+    name = "freeze_schedule"
+
+    def __init__(self, model: nn.Module, rules: Iterable[Mapping[str, Any]]) -> None:
+        params = dict(model.named_parameters())
+        self.rules: list[tuple[list[nn.Parameter], int | None]] = []
+        for rule in rules:
+            patterns = rule["patterns"]
+            names = _matching(params, [patterns] if isinstance(patterns, str) else list(patterns))
+            self.rules.append(([params[n] for n in names], rule.get("thaw_at")))
+
+    def on_step_begin(self, trainer: "Trainer", step: int) -> None:
+        frozen = {id(p) for ps, thaw in self.rules if thaw is None or step < thaw for p in ps}
+        for ps, _ in self.rules:
+            for p in ps:
+                p.requires_grad_(id(p) not in frozen)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rules": [{"parameters": len(ps), "thaw_at": thaw} for ps, thaw in self.rules]}
+
+
+def _matching(params: Mapping[str, Any], patterns: list[str]) -> list[str]:
+    """Names matching any fnmatch pattern, in model order; a pattern matching nothing is an
+    error (almost always a typo)."""
     chosen: set[str] = set()
     for pattern in patterns:
         matched = [name for name in params if fnmatch.fnmatchcase(name, pattern)]
@@ -131,7 +157,16 @@ def freeze_parameters(model: nn.Module, patterns: Iterable[str] | str) -> list[s
                 f"freeze pattern {pattern!r} matches no parameter of the model; names look like {example!r} (use * as a wildcard, e.g. 'layers.0.*')"
             )
         chosen.update(matched)
-    frozen = [name for name in params if name in chosen]
+    return [name for name in params if name in chosen]
+
+
+def freeze_parameters(model: nn.Module, patterns: Iterable[str] | str) -> list[str]:
+    """Set ``requires_grad=False`` on every parameter whose name matches one of the fnmatch
+    ``patterns`` (``layers.0.*``, ``*.experts.tier_1b.*``); returns the frozen names in model
+    order.  A frozen parameter gets no gradient, so AdamW skips it entirely (no weight decay
+    either).  A pattern that matches nothing is an error: it is almost always a typo."""
+    params = dict(model.named_parameters())
+    frozen = _matching(params, [patterns] if isinstance(patterns, str) else list(patterns))
     for name in frozen:
         params[name].requires_grad_(False)
     return frozen

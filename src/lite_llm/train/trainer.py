@@ -88,22 +88,38 @@ class Trainer:
         self.data = data
         self.config = config
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.callbacks = list(callbacks or [])
+        from .protection import protection_callbacks  # they subclass TrainerCallback, defined here
+
+        self.callbacks = protection_callbacks(config, model) + list(callbacks or [])
         self.show_progress = show_progress
         self.tokenizer = tokenizer if tokenizer is not None else getattr(data, "tokenizer", None)
         self.weights = self._mixture(config.domains)
+        self.replay_weights = self._mixture(config.replay) if config.replay_share > 0 else {}
         self.tierset = TierSet.coerce(config.tierset)
         self.tierset.resolve(model.config)  # fail now on an unknown tier, not at step 1
         self.optimizer = self._build_optimizer()
         self.step = 0  # the next step to run
         self.tokens = 0
         self.flops = 0.0
+        self.ancestor_flops = 0.0  # training FLOPs of the checkpoints this run started from
         self.progressive: dict[str, Any] = {}
         self.logger = MetricsLogger(self.run_dir / "metrics.jsonl" if self.run_dir else None)
         self.stop_reason: str | None = None
         self.batch_domains: list[str] = []  # the domain of each row of the current micro-batch
 
     # ------------------------------------------------------------------------------ set-up
+    def inherit(self, progressive: dict[str, Any]) -> None:
+        """Start from a checkpoint's ``progressive.json``: keep its history (expansions, EWC,
+        curriculum) and count its training compute as this run's ancestry, so a grown model's
+        total cost includes the small model's training."""
+        self.progressive = {k: v for k, v in progressive.items() if k != "training"}
+        done = progressive.get("training") or {}
+        self.ancestor_flops = float(done.get("total_flops", done.get("flops", 0.0)) or 0.0)
+
+    @property
+    def total_flops(self) -> float:
+        return self.ancestor_flops + self.flops
+
     def _mixture(self, domains: dict[str, float]) -> dict[str, float]:
         if not domains:
             return {d: 1.0 for d in self.data.domains}
@@ -144,6 +160,7 @@ class Trainer:
             "step": self.step,
             "tokens": self.tokens,
             "flops": self.flops,
+            "ancestor_flops": self.ancestor_flops,
             "train_config": self.config.to_dict(),
             "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks},
             "torch_rng": torch.get_rng_state().tolist(),
@@ -162,6 +179,7 @@ class Trainer:
         self.step = int(meta.get("step", 0))
         self.tokens = int(meta.get("tokens", 0))
         self.flops = float(meta.get("flops", 0.0))
+        self.ancestor_flops = float(meta.get("ancestor_flops", 0.0))
         for cb in self.callbacks:
             cb.load_state_dict(meta.get("callbacks", {}).get(cb.name, {}))
         if "torch_rng" in meta:
@@ -188,7 +206,8 @@ class Trainer:
         from ..errors import ConfigError
 
         mine = self.config.to_dict()
-        for key in ("steps", "batch_size", "seq_len", "grad_accum", "lr", "min_lr_ratio", "warmup_steps", "seed", "domains", "tierset"):
+        keys = ("steps", "batch_size", "seq_len", "grad_accum", "lr", "min_lr_ratio", "warmup_steps", "seed", "domains", "tierset", "replay", "replay_share", "freeze")
+        for key in keys:
             if key in saved and saved[key] != mine[key]:
                 raise ConfigError(
                     f"cannot resume: train.{key} was {saved[key]!r} in the checkpoint but is {mine[key]!r} now; use the original value or start a new run"
@@ -201,7 +220,9 @@ class Trainer:
 
         tensors, meta = self.training_state()
         progressive = dict(self.progressive)
-        progressive["training"] = {"step": self.step, "tokens": self.tokens, "flops": self.flops}
+        progressive["training"] = {
+            "step": self.step, "tokens": self.tokens, "flops": self.flops, "ancestor_flops": self.ancestor_flops, "total_flops": self.total_flops,
+        }
         state = TrainingState(tensors=tensors, meta=meta)
         if tag is not None:
             return save_checkpoint(self.run_dir / tag, self.model, tokenizer=self.tokenizer, progressive=progressive, training=state)
@@ -244,7 +265,7 @@ class Trainer:
                 else:
                     self.tokens += c.tokens_per_step
                     self.flops += per_token * c.tokens_per_step
-                record.update(tokens=self.tokens, flops=self.flops)
+                record.update(tokens=self.tokens, flops=self.flops, total_flops=self.total_flops)
                 result.losses.append(record["loss"])
                 last = self.step == c.steps  # the run's real end, not a pause at `until`
                 if (c.eval_every and self.step % c.eval_every == 0) or last:
@@ -268,6 +289,19 @@ class Trainer:
         self.logger.close()
         return result
 
+    def sample(self, step: int, micro: int) -> tuple[torch.Tensor, list[str]]:
+        """The rows of a micro-batch and the domain of each: new data from the ``domains``
+        mixture, then ``replay_rows`` rows from the ``replay`` mixture (an independent stream)."""
+        c = self.config
+        replayed = replay_rows(c.batch_size, c.replay_share, seed=c.seed, step=step, micro=micro) if self.replay_weights else 0
+        batch, domains = self.data.sample_batch("train", self.weights, c.batch_size - replayed, c.seq_len, seed=c.seed, step=step, micro=micro)
+        if replayed:
+            old, old_domains = self.data.sample_batch(
+                "train", self.replay_weights, replayed, c.seq_len, seed=c.seed, step=step, micro=micro, stream="replay"
+            )
+            batch, domains = torch.cat([batch, old]), domains + old_domains
+        return batch, domains
+
     def _one_step(self, step: int) -> dict[str, Any]:
         c = self.config
         lr = lr_at(step, lr=c.lr, warmup_steps=c.warmup_steps, total_steps=c.steps, min_lr_ratio=c.min_lr_ratio)
@@ -283,7 +317,7 @@ class Trainer:
         tier_weights: list[torch.Tensor] = []  # per MoE layer, batch-mean routing weight per tier
         finite = True
         for micro in range(c.grad_accum):
-            batch, self.batch_domains = self.data.sample_batch("train", self.weights, c.batch_size, c.seq_len, seed=c.seed, step=step, micro=micro)
+            batch, self.batch_domains = self.sample(step, micro)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=c.bf16):
                 out = self.model(batch, tierset=self.tierset, labels=batch, step=step)
             loss = out.loss
@@ -329,6 +363,18 @@ class Trainer:
             record["tier_prob_layers"] = [p.tolist() for p in tier_probs]
             record["tier_weight_layers"] = [w.tolist() for w in tier_weights]
         return record
+
+
+def replay_rows(batch_size: int, share: float, *, seed: int, step: int, micro: int) -> int:
+    """How many of a micro-batch's rows are replayed: ``floor(share * B)``, plus one with
+    probability equal to the remainder (a stable hash of seed/step/micro decides), so every
+    batch is within one row of the share and the long-run share is exact.  At least one row
+    stays new data."""
+    from ..data._hashing import stable_unit
+
+    whole, rest = divmod(share * batch_size, 1.0)
+    rows = int(whole) + (1 if stable_unit("replay", seed, step, micro) < rest else 0)
+    return min(rows, batch_size - 1)
 
 
 def run_training(

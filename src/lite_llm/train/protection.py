@@ -1,0 +1,37 @@
+"""Build the forgetting-prevention callbacks a :class:`TrainConfig` asks for.
+
+Replay needs no callback (the trainer draws the rows); EWC, distillation and the freezing
+schedule are callbacks built here from the config, so the CLI, scripts and a resumed run all
+get the same ones from the same config file.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .config import TrainConfig
+from .distill import Distillation
+from .ewc import EWC, load_ewc
+from .freezing import FreezeSchedule
+from .trainer import TrainerCallback
+
+if TYPE_CHECKING:
+    from ..model import LiteLLM
+
+
+def protection_callbacks(config: TrainConfig, model: "LiteLLM") -> list[TrainerCallback]:
+    """The freezing schedule, EWC and distillation callbacks ``config`` configures (in that
+    order), loading the EWC estimate and the teacher from their checkpoints."""
+    callbacks: list[TrainerCallback] = []
+    if config.freeze:
+        callbacks.append(FreezeSchedule(model, config.freeze))
+    if config.ewc_from is not None:
+        callbacks.append(EWC(load_ewc(config.ewc_from), weight=config.ewc_weight))
+    if config.distill_from is not None:
+        from ..checkpoint import load_checkpoint
+
+        teacher = load_checkpoint(config.distill_from).model
+        callbacks.append(
+            Distillation(teacher, weight=config.distill_weight, temperature=config.distill_temperature, domains=config.distill_domains or None)
+        )
+    return callbacks
