@@ -183,6 +183,15 @@ def train(
     eval_every: Optional[int] = typer.Option(None, help="Validate every N steps (0: only at the end)."),
     save_every: Optional[int] = typer.Option(None, help="Checkpoint every N steps (0: only at the end)."),
     curriculum: Optional[Path] = typer.Option(None, "--curriculum", help="Tier curriculum YAML (preparation, isolation, integration, joint)."),
+    replay: Optional[str] = typer.Option(None, help="Old domains to replay, e.g. 'prose=1' (with --replay-share)."),
+    replay_share: Optional[float] = typer.Option(None, help="Share of each batch's rows drawn from the --replay domains."),
+    freeze: Optional[list[str]] = typer.Option(None, help="Freeze parameters matching PATTERN until a step: 'layers.[0-3].*@500' (no @: never thaw). Repeatable."),
+    ewc: Optional[Path] = typer.Option(None, "--ewc", help="Checkpoint holding an EWC estimate (`lite-llm ewc estimate`)."),
+    ewc_weight: Optional[float] = typer.Option(None, help="EWC penalty weight lambda."),
+    distill_from: Optional[Path] = typer.Option(None, help="Teacher checkpoint for distillation."),
+    distill_weight: Optional[float] = typer.Option(None, help="Distillation loss weight."),
+    distill_temperature: Optional[float] = typer.Option(None, help="Distillation temperature."),
+    distill_domains: Optional[str] = typer.Option(None, help="Distil only rows of these domains, e.g. 'prose'."),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
     """Train a model on a prepared dataset, with validation per domain and checkpoints.
@@ -196,6 +205,9 @@ def train(
       lite-llm train --data data/std -o runs/a --resume
 
       lite-llm train --data data/code --init grown --curriculum curriculum.yaml -o runs/tier2
+
+      lite-llm train --data data/std --init grown --domains code=1 --replay prose=1 --replay-share 0.25 \\
+          --ewc grown --ewc-weight 100 --freeze 'layers.[0-3].*@400' -o runs/code
     """
     from .checkpoint import CheckpointManager, load_checkpoint
     from .data import TokenData
@@ -215,6 +227,7 @@ def train(
     fields.update({k: v for k, v in overrides.items() if v is not None})
     if domains:
         fields["domains"] = _parse_weights(domains)
+    fields.update(_protection_fields(replay, replay_share, freeze, ewc, ewc_weight, distill_from, distill_weight, distill_temperature, distill_domains))
     cfg = TrainConfig.from_dict(fields)
     dataset = TokenData(data)
     latest = CheckpointManager(output).latest() if resume else None
@@ -228,6 +241,8 @@ def train(
     _check_vocab(model.config.vocab_size, dataset.tokenizer.vocab_size)
     callbacks = [Curriculum(plan)] if plan is not None else []
     trainer = Trainer(model, dataset, cfg, run_dir=output, show_progress=not quiet, tokenizer=dataset.tokenizer, callbacks=callbacks)
+    if latest is None and init_from is not None:
+        trainer.inherit(loaded.progressive)  # expansion history, EWC metadata, ancestors' compute
     if latest is not None:
         trainer.resume(latest)
         console.print(f"resumed from {latest} at step {trainer.step}")
@@ -261,6 +276,38 @@ def rollback(
     console.print(f"wrote {path} with tiers {', '.join(tiers)}")
 
 
+def _protection_fields(
+    replay: Optional[str],
+    replay_share: Optional[float],
+    freeze: Optional[list[str]],
+    ewc: Optional[Path],
+    ewc_weight: Optional[float],
+    distill_from: Optional[Path],
+    distill_weight: Optional[float],
+    distill_temperature: Optional[float],
+    distill_domains: Optional[str],
+) -> dict[str, Any]:
+    """TrainConfig fields for the forgetting-prevention flags that were given."""
+    fields: dict[str, Any] = {}
+    if replay:
+        fields["replay"] = _parse_weights(replay)
+    if freeze:
+        rules = []
+        for item in freeze:
+            pattern, sep, thaw = item.rpartition("@") if "@" in item else (item, "", "")
+            if sep and not thaw.isdigit():
+                raise LiteLLMError(f"cannot read --freeze {item!r}; write PATTERN or PATTERN@STEP, e.g. 'layers.0.*@200'")
+            rules.append({"patterns": [pattern], "thaw_at": int(thaw) if sep else None})
+        fields["freeze"] = rules
+    optional = dict(
+        replay_share=replay_share, ewc_from=str(ewc) if ewc else None, ewc_weight=ewc_weight, distill_from=str(distill_from) if distill_from else None,
+        distill_weight=distill_weight, distill_temperature=distill_temperature,
+        distill_domains=[d.strip() for d in distill_domains.split(",")] if distill_domains else None,
+    )
+    fields.update({k: v for k, v in optional.items() if v is not None})
+    return fields
+
+
 def _parse_weights(text: str) -> dict[str, float]:
     weights = {}
     for part in text.split(","):
@@ -291,36 +338,65 @@ def _print_scores(scores: dict[str, dict[str, float]], title: str = "validation"
 @app.command("eval")
 @friendly_errors
 def eval_command(
-    checkpoint: Path = typer.Argument(..., help="Checkpoint directory."),
+    checkpoints: list[Path] = typer.Argument(..., help="Checkpoint directories (one or more)."),
     data: Path = typer.Option(..., help="Dataset directory from `lite-llm data prepare`."),
     domains: Optional[str] = typer.Option(None, help="Comma-separated domains (default: all)."),
+    against: Optional[Path] = typer.Option(None, "--against", help="Base checkpoint: report each model's change against it (retention)."),
+    report: Path = typer.Option(Path("retention"), "--report", help="With --against: where retention.json/.md/.png go."),
     tiers: str = typer.Option("all", help="TierSet to evaluate with."),
     batches: int = typer.Option(16, help="Validation batches per domain."),
     batch_size: int = typer.Option(16, help="Sequences per batch."),
     seq_len: int = typer.Option(128, help="Tokens per sequence."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the scores here."),
 ) -> None:
-    """Validation loss and bits per byte per domain.
+    """Validation loss and bits per byte per domain; with --against, a retention report.
 
-    Example:
+    Examples:
 
       lite-llm eval runs/small/checkpoints/step-00000300 --data data/std --domains code,prose
+
+      lite-llm eval runs/ewc/final runs/replay/final --against ckpt/base --data data/std --domains prose,code --report reports/retention
     """
     from .checkpoint import load_checkpoint
     from .data import TokenData
-    from .eval import evaluate
+    from .eval import RetentionReport, evaluate
 
-    loaded = load_checkpoint(checkpoint, tierset=None if tiers == "all" else tiers)
     dataset = TokenData(data)
     names = [d.strip() for d in domains.split(",")] if domains else dataset.domains
     unknown = [d for d in names if d not in dataset.domains]
     if unknown:
         raise LiteLLMError(f"unknown domain(s) {', '.join(unknown)}; the data has {', '.join(dataset.domains)}")
-    scores = evaluate(loaded.model, dataset, names, batch_size=batch_size, seq_len=seq_len, max_batches=batches, tierset=tiers)
-    result = {d: s.to_dict() for d, s in scores.items()}
-    _print_scores(result, title=f"{checkpoint} ({tiers})")
+    labels = _labels([against, *checkpoints] if against is not None else checkpoints)
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    for label, path in labels.items():
+        loaded = load_checkpoint(path, tierset=None if tiers == "all" else tiers)
+        scores = evaluate(loaded.model, dataset, names, batch_size=batch_size, seq_len=seq_len, max_batches=batches, tierset=tiers)
+        results[label] = {d: s.to_dict() for d, s in scores.items()}
+        if against is None:
+            _print_scores(results[label], title=f"{path} ({tiers})")
+    if against is not None:
+        base = next(iter(labels))
+        retention = RetentionReport(base, names, {m: {d: s["bpb"] for d, s in r.items()} for m, r in results.items()})
+        table = Table("model", *(f"{d} bpb" for d in names), *(f"{d} vs base" for d in names), title=f"retention against {base} (bits per byte; lower is better)")
+        for model in retention.scores:
+            changes = ["base" if model == base else f"{retention.change(model, d):+.2%}" for d in names]
+            table.add_row(model, *(f"{retention.scores[model][d]:.4f}" for d in names), *changes)
+        console.print(table)
+        written = retention.write(report)
+        console.print("wrote " + ", ".join(str(w) for w in written))
     if json_out:
-        json_out.write_text(json.dumps(result, indent=2))
+        json_out.write_text(json.dumps(results if len(results) > 1 else next(iter(results.values())), indent=2))
+
+
+def _labels(paths: list[Path]) -> dict[str, Path]:
+    """Short unique names for checkpoints: the directory name, or more of the path when two
+    share one (``runs/a/final`` and ``runs/b/final`` become ``a/final`` and ``b/final``)."""
+    depth = 1
+    while True:
+        labels = ["/".join(p.resolve().parts[-depth:]) for p in paths]
+        if len(set(labels)) == len(labels) or depth > 8:
+            return dict(zip(labels, paths))
+        depth += 1
 
 
 # ------------------------------------------------------------------------------------ inspect
@@ -452,7 +528,7 @@ def quickstart(
     run_quickstart(output, steps=steps, seed=seed, console=console)
 
 
-from . import cli_growth  # noqa: E402,F401  (registers expand, validate, plan, import, export)
+from . import cli_ewc, cli_growth  # noqa: E402,F401  (register ewc; expand, validate, plan, import, export)
 
 
 def main() -> None:

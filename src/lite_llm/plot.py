@@ -6,6 +6,8 @@
 * ``experts.png`` — routes per expert over the run (utilisation heat map);
 * ``ramp.png`` — for a curriculum run: the new tier's scheduled and actual share with the
   phases shaded, above the validation loss per domain.
+
+:func:`plot_retention` draws a retention report (bits per byte per domain for each model).
 """
 
 from __future__ import annotations
@@ -144,6 +146,29 @@ def _plot_ramp(plt, records, out: Path) -> Path:
     bottom.legend()
     bottom.grid(alpha=0.3)
     return _save(plt, fig, out / "ramp.png")
+
+
+def plot_retention(report: Any, path: str | Path) -> Path:
+    """Grouped bars: bits per byte per domain for each model of a ``RetentionReport``, the
+    relative change against the base written above each bar."""
+    plt = _pyplot()
+    models, domains = list(report.scores), report.domains
+    width = 0.8 / len(models)
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(models) * len(domains) + 2), 4.5))
+    for i, model in enumerate(models):
+        xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(domains))]
+        values = [report.scores[model][d] for d in domains]
+        bars = ax.bar(xs, values, width, label=model)
+        if model != report.base:
+            for bar, d in zip(bars, domains):
+                ax.annotate(f"{report.change(model, d):+.1%}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                            ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(domains)), domains)
+    ax.set_ylabel("validation bits per byte (lower is better)")
+    ax.set_title(f"retention against {report.base}")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(plt, fig, Path(path))
 
 
 def _save(plt, fig, path: Path) -> Path:

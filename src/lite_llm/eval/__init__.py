@@ -1,5 +1,6 @@
-"""Evaluation: loss and bits per byte per domain (retention and growth reports build on it)."""
+"""Evaluation: loss and bits per byte per domain, and retention reports built on it."""
 
 from .perplexity import DomainScore, evaluate
+from .retention import RetentionReport
 
-__all__ = ["DomainScore", "evaluate"]
+__all__ = ["DomainScore", "RetentionReport", "evaluate"]

@@ -1,0 +1,48 @@
+"""`lite-llm ewc`: estimate a domain's Fisher and store it with the checkpoint.
+
+Registered on the main app by :mod:`lite_llm.cli`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from .cli import app, console, friendly_errors
+
+ewc_app = typer.Typer(help="Elastic weight consolidation: Fisher estimates stored in checkpoints.", no_args_is_help=True)
+app.add_typer(ewc_app, name="ewc")
+
+
+@ewc_app.command("estimate")
+@friendly_errors
+def estimate(
+    checkpoint: Path = typer.Argument(..., help="The model whose knowledge of DOMAIN should be kept."),
+    data: Path = typer.Option(..., help="Dataset directory from `lite-llm data prepare`."),
+    domain: str = typer.Option(..., help="The domain to remember (e.g. prose)."),
+    output: Path = typer.Option(..., "-o", "--output", help="New checkpoint: a copy of CHECKPOINT with ewc/."),
+    samples: int = typer.Option(256, help="Sequences the Fisher is averaged over."),
+    seq_len: int = typer.Option(128, help="Tokens per sequence."),
+    estimator: str = typer.Option("sample", help="'sample': one gradient per sequence; 'batch': per micro-batch (cheaper, biased up where gradients agree)."),
+    batch_size: int = typer.Option(16, help="Sequences per micro-batch (estimator 'batch')."),
+    seed: int = typer.Option(0, help="Which sequences are drawn."),
+) -> None:
+    """Estimate the diagonal empirical Fisher of DOMAIN and write CHECKPOINT with it in ewc/.
+
+    Growth (`lite-llm expand`) carries the estimate to the grown model; train with it via
+    `lite-llm train --ewc CKPT --ewc-weight LAMBDA`.
+
+    Example:
+
+      lite-llm ewc estimate ckpt/prose --data data/std --domain prose --samples 256 -o ckpt/prose-ewc
+    """
+    from .checkpoint import load_checkpoint
+    from .data import TokenData
+    from .train.ewc import estimate_fisher, save_ewc
+
+    model = load_checkpoint(checkpoint).model
+    result = estimate_fisher(model, TokenData(data), domain, samples=samples, seq_len=seq_len, estimator=estimator, batch_size=batch_size, seed=seed)
+    path = save_ewc(checkpoint, result, output)
+    total = sum(float(f.sum()) for f in result.fisher.values())
+    console.print(f"wrote {path}: Fisher of {domain!r} over {samples} sequences ({estimator} estimator), trace {total:.4g}")
