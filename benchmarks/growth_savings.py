@@ -1,0 +1,201 @@
+"""Does growth pay?  Compute to reach a from-scratch model's quality, by growth path.
+
+    python benchmarks/growth_savings.py              # ~40 min on 2 cores
+    python benchmarks/growth_savings.py --quick      # a smoke run (minutes), figures not meaningful
+
+For each path a small model S is trained, grown to L by a function-preserving chain of
+growth operations, and trained on; L is also trained from scratch with the same data (the
+standard library's prose and code, half each, byte-level), batch, learning rate and schedule
+family (linear warm-up, cosine to 10%).  The target is the scratch run's final validation loss
+(mean over the two domains).  A path's cost is S's training FLOPs plus the continued run's
+FLOPs up to the first evaluation at or below the target (linearly interpolated between
+evaluations); savings = 1 - cost / scratch FLOPs.  FLOPs are the trainer's count (6 x active
+parameters x tokens + attention), so runs of different shapes compare at equal compute.
+
+Paths (L = 4 layers, d 192, 6 query / 2 KV heads of 32, SwiGLU 512: 1.7 M parameters):
+
+* depth:   S has 2 layers;                      ``llama_pro`` to 4 (new blocks silent);
+* width:   S has d 96, 3/1 heads, SwiGLU 256;   ``width`` 192, ``heads`` 6 (split), ``ffn_width`` 512;
+* upcycle: S is L with SwiGLU 256;              ``upcycle`` to 4 experts of 256, top-2 — and its
+  L (same active FLOPs per token as the dense L, 2.5x the FFN parameters) has its own scratch run.
+
+Scale: byte-level models of 0.5-1.7 M parameters on ~2 M training tokens (1000 steps of 16 x 128) per scratch run, so
+the whole study (5 small/scratch runs, 3 continuations) fits one session on 2 CPU cores.  That
+is small for the progressive-training literature (which grows 100M+ models over billions of
+tokens); ``--steps`` scales it.  Ends with one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import emit_json, print_table, reexec_with_thp, rounded, setup_torch_threads  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+MIXTURE = {"prose": 0.5, "code": 0.5}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / "growth_savings")
+    parser.add_argument("--steps", type=int, default=1000, help="Steps of each from-scratch run.")
+    parser.add_argument("--small-frac", type=float, default=0.6, help="Steps of S as a fraction of --steps.")
+    parser.add_argument("--cont-frac", type=float, default=0.5, help="Steps of the continued run as a fraction of --steps.")
+    parser.add_argument("--paths", nargs="+", default=["depth", "width", "upcycle"], choices=["depth", "width", "upcycle"])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--eval-every", type=int, default=40, help="Evaluations of the continued runs (to find where they cross the target).")
+    parser.add_argument("--chart", type=Path, default=ROOT / "benchmarks" / "results" / "growth_savings.png")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    if args.quick:
+        args.steps, args.eval_every = 40, 5
+    reexec_with_thp()
+    setup_torch_threads()
+
+    import torch
+
+    from lite_llm import ModelConfig, build_model
+    from lite_llm.data import ByteTokenizer, TokenData, prepare_data
+    from lite_llm.grow import get_op
+    from lite_llm.grow.expand import materialize
+    from lite_llm.model import stored_state
+    from lite_llm.train import TrainConfig, Trainer, read_metrics
+
+    work = args.workdir
+    data_dir = work / "data"
+    if not (data_dir / "index.json").exists():
+        prepare_data({"prose": "stdlib-docs", "code": "stdlib-code"}, data_dir, ByteTokenizer(), max_bytes_per_domain=4_000_000)
+    data = TokenData(data_dir)
+
+    def train(model, steps: int, run: str, eval_every: int | None = None):
+        """Train on the mixture; returns (final mean val loss, FLOPs, [(flops, mean val loss)])."""
+        cfg = TrainConfig(
+            steps=steps, batch_size=args.batch, seq_len=args.seq, lr=args.lr, warmup_steps=min(50, steps // 10), seed=1,
+            domains=MIXTURE, eval_every=eval_every or max(steps // 8, 1), eval_batches=6, eval_batch_size=16, keep_last=1,
+        )
+        shutil.rmtree(work / run, ignore_errors=True)
+        trainer = Trainer(model, data, cfg, run_dir=work / run, show_progress=False)
+        started = time.perf_counter()
+        result = trainer.train()
+        curve = [(r["flops"], _mean_loss(r["val"])) for r in read_metrics(work / run) if "val" in r]
+        print(f"{run}: {steps} steps, {result.flops:.3e} FLOPs, val loss {curve[-1][1]:.4f}, {time.perf_counter() - started:.0f} s", flush=True)
+        return curve[-1][1], result.flops, curve
+
+    dense = ModelConfig(
+        vocab_size=256, d_model=192, n_layers=4, n_heads=6, n_kv_heads=2, head_dim=32, intermediate_size=512, max_seq_len=args.seq, name="L",
+    )
+    paths = {
+        "depth": (dense.replace(n_layers=2, name="S-depth"), [("llama_pro", {"target_layers": 4})]),
+        "width": (
+            dense.replace(d_model=96, n_heads=3, n_kv_heads=1, intermediate_size=256, name="S-width"),
+            [("width", {"d_model": 192}), ("heads", {"n_heads": 6, "mode": "split"}), ("ffn_width", {"intermediate_size": 512, "mode": "split"})],
+        ),
+        "upcycle": (dense.replace(intermediate_size=256, name="S-moe"), [("upcycle", {"num_experts": 4, "k_expert": 2})]),
+    }
+    small_steps, cont_steps = int(args.steps * args.small_frac), int(args.steps * args.cont_frac)
+    scratch: dict[str, tuple[float, float, list]] = {}
+    results = {}
+    for name in args.paths:
+        small_cfg, chain = paths[name]
+        small = build_model(small_cfg, seed=0)
+        _, small_flops, small_curve = train(small, small_steps, f"{name}-small")
+        config, tensors = small_cfg, stored_state(small)
+        for method, params in chain:
+            config, tensors = get_op(method)(config, tensors, **params)
+        grown = materialize(config, dict(tensors)).train()
+        ids = torch.randint(0, 256, (2, args.seq), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            drift = float((small.eval()(ids).logits - grown.eval()(ids).logits).abs().max())
+        grown.train()
+        key = "moe" if name == "upcycle" else "dense"
+        if key not in scratch:
+            scratch[key] = train(build_model(config, seed=0), args.steps, f"scratch-{key}")
+        target, scratch_flops, _ = scratch[key]
+        final, cont_flops, curve = train(grown, cont_steps, f"{name}-grown", eval_every=args.eval_every)
+        reached = _first_crossing(curve, target)
+        cost = small_flops + reached if reached is not None else None
+        results[name] = {
+            "small_params": small_cfg.num_params(),
+            "large_params": config.num_params(),
+            "large_active_params": config.num_active_params(),
+            "growth_max_abs_logit_change": drift,
+            "small_flops": small_flops,
+            "continued_flops_to_target": reached,
+            "continued_flops_total": cont_flops,
+            "continued_final_loss": final,
+            "target_loss": target,
+            "scratch_flops": scratch_flops,
+            "savings": 1 - cost / scratch_flops if cost is not None else None,
+            "curve": [(small_flops + f, l) for f, l in curve],
+            "small_curve": small_curve,
+        }
+
+    rows = []
+    for name, r in results.items():
+        rows.append([
+            name, f"{r['small_params'] / 1e6:.2f}M -> {r['large_params'] / 1e6:.2f}M", f"{r['growth_max_abs_logit_change']:.1e}",
+            f"{r['target_loss']:.4f}", f"{r['continued_final_loss']:.4f}", f"{r['small_flops']:.3e}",
+            "not reached" if r["continued_flops_to_target"] is None else f"{r['continued_flops_to_target']:.3e}",
+            f"{r['scratch_flops']:.3e}", "-" if r["savings"] is None else f"{r['savings']:+.1%}",
+        ])
+    print_table(["path", "params S -> L", "growth |dlogit|", "target", "grown final", "S FLOPs", "grown FLOPs to target", "scratch FLOPs", "savings"], rows,
+                title="compute to reach the from-scratch model's final validation loss (mean of prose and code, nats/token)")
+    _chart(results, scratch, args.chart)
+    print(f"chart: {args.chart}")
+    emit_json(
+        {
+            "benchmark": "growth_savings",
+            "paths": {n: {k: rounded(v) for k, v in r.items() if k not in ("curve", "small_curve")} for n, r in results.items()},
+            "settings": {"steps": args.steps, "small_steps": small_steps, "continued_steps": cont_steps, "batch": args.batch, "seq": args.seq, "lr": args.lr},
+        }
+    )
+
+
+def _mean_loss(val: dict) -> float:
+    return sum(val[d]["loss"] for d in MIXTURE) / len(MIXTURE)
+
+
+def _first_crossing(curve: list[tuple[float, float]], target: float) -> float | None:
+    """FLOPs where the loss curve first reaches ``target`` (linear between evaluations)."""
+    previous = None
+    for flops, loss in curve:
+        if loss <= target:
+            if previous is None:
+                return flops
+            f0, l0 = previous
+            return f0 + (flops - f0) * (l0 - target) / (l0 - loss)
+        previous = (flops, loss)
+    return None
+
+
+def _chart(results: dict, scratch: dict, path: Path) -> None:
+    from lite_llm.plot import _pyplot, _save
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    for key, (target, flops, curve) in scratch.items():
+        ax.axhline(target, color="gray", linestyle=":", linewidth=1)
+    for name, r in results.items():
+        xs = [f for f, _ in r["small_curve"]] + [f for f, _ in r["curve"]]
+        ys = [l for _, l in r["small_curve"]] + [l for _, l in r["curve"]]
+        ax.plot(xs, ys, marker=".", label=f"{name}: S then grown")
+    for key, (target, flops, curve) in scratch.items():
+        ax.plot([f for f, _ in curve], [l for _, l in curve], marker="s", linestyle="--", label=f"scratch ({key})")
+    ax.set_xlabel("training FLOPs (S's included)")
+    ax.set_ylabel("validation loss, mean of prose and code (nats/token)")
+    ax.set_title("growth vs training from scratch (dotted: scratch final = target)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save(plt, fig, path)
+
+
+if __name__ == "__main__":
+    main()
