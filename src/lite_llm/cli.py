@@ -207,7 +207,7 @@ def train(
       lite-llm train --data data/code --init grown --curriculum curriculum.yaml -o runs/tier2
 
       lite-llm train --data data/std --init grown --domains code=1 --replay prose=1 --replay-share 0.25 \\
-          --ewc grown --ewc-weight 100 --freeze 'layers.[0-3].*@400' -o runs/code
+          --ewc grown --ewc-weight 100 --freeze 'layers.[0134].*@400' -o runs/code
     """
     from .checkpoint import CheckpointManager, load_checkpoint
     from .data import TokenData
