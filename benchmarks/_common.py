@@ -179,3 +179,16 @@ def print_table(headers: list[str], rows: list[list[object]], title: str | None 
 def emit_json(payload: dict) -> None:
     """The last line of a benchmark's output: one JSON object with every figure."""
     print(json.dumps(rounded(payload), sort_keys=False), flush=True)
+
+
+def stdlib_prose_and_code(workdir, max_bytes_per_domain: int = 4_000_000):
+    """The two real domains the growth benchmarks share, byte-level: ``prose`` (pydoc topics)
+    and ``code`` (the standard library's sources), prepared once under ``workdir/data``."""
+    from pathlib import Path
+
+    from lite_llm.data import ByteTokenizer, TokenData, prepare_data
+
+    data_dir = Path(workdir) / "data"
+    if not (data_dir / "index.json").exists():
+        prepare_data({"prose": "stdlib-docs", "code": "stdlib-code"}, data_dir, ByteTokenizer(), max_bytes_per_domain=max_bytes_per_domain)
+    return TokenData(data_dir)

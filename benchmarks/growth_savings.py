@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit_json, print_table, reexec_with_thp, rounded, setup_torch_threads  # noqa: E402
+from _common import emit_json, print_table, reexec_with_thp, rounded, setup_torch_threads, stdlib_prose_and_code  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MIXTURE = {"prose": 0.5, "code": 0.5}
@@ -62,17 +62,13 @@ def main() -> None:
     import torch
 
     from lite_llm import ModelConfig, build_model
-    from lite_llm.data import ByteTokenizer, TokenData, prepare_data
     from lite_llm.grow import get_op
     from lite_llm.grow.expand import materialize
     from lite_llm.model import stored_state
     from lite_llm.train import TrainConfig, Trainer, read_metrics
 
     work = args.workdir
-    data_dir = work / "data"
-    if not (data_dir / "index.json").exists():
-        prepare_data({"prose": "stdlib-docs", "code": "stdlib-code"}, data_dir, ByteTokenizer(), max_bytes_per_domain=4_000_000)
-    data = TokenData(data_dir)
+    data = stdlib_prose_and_code(work)
 
     def train(model, steps: int, run: str, eval_every: int | None = None):
         """Train on the mixture; returns (final mean val loss, FLOPs, [(flops, mean val loss)])."""

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit_json, reexec_with_thp, rounded, setup_torch_threads  # noqa: E402
+from _common import emit_json, reexec_with_thp, rounded, setup_torch_threads, stdlib_prose_and_code  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,17 +53,13 @@ def main() -> None:
 
     from lite_llm import ModelConfig, build_model
     from lite_llm.checkpoint import load_checkpoint, save_checkpoint
-    from lite_llm.data import ByteTokenizer, TokenData, prepare_data
     from lite_llm.eval import RetentionReport, evaluate
     from lite_llm.grow.expand import expand_checkpoint
     from lite_llm.grow.recipe import GrowthStep
     from lite_llm.train import TrainConfig, Trainer, estimate_fisher, save_ewc
 
     work = args.workdir
-    data_dir = work / "data"
-    if not (data_dir / "index.json").exists():
-        prepare_data({"prose": "stdlib-docs", "code": "stdlib-code"}, data_dir, ByteTokenizer(), max_bytes_per_domain=4_000_000)
-    data = TokenData(data_dir)
+    data = stdlib_prose_and_code(work)
 
     def train(model, steps: int, run: str, lr: float, **fields):
         cfg = TrainConfig(

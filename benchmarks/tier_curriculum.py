@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit_json, print_table, reexec_with_thp, rounded, setup_torch_threads  # noqa: E402
+from _common import emit_json, print_table, reexec_with_thp, rounded, setup_torch_threads, stdlib_prose_and_code  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,7 +57,6 @@ def main() -> None:
     import torch
 
     from lite_llm import ModelConfig, RoutingConfig, TierConfig, build_model
-    from lite_llm.data import ByteTokenizer, TokenData, prepare_data
     from lite_llm.eval import evaluate
     from lite_llm.grow import get_op
     from lite_llm.grow.expand import materialize
@@ -68,10 +67,7 @@ def main() -> None:
     from lite_llm.train.distill import Distillation
 
     work = args.workdir
-    data_dir = work / "data"
-    if not (data_dir / "index.json").exists():
-        prepare_data({"prose": "stdlib-docs", "code": "stdlib-code"}, data_dir, ByteTokenizer(), max_bytes_per_domain=4_000_000)
-    data = TokenData(data_dir)
+    data = stdlib_prose_and_code(work)
 
     def bpb(model) -> dict[str, float]:
         scores = evaluate(model, data, ["prose", "code"], batch_size=16, seq_len=args.seq, max_batches=16)
