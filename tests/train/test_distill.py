@@ -46,3 +46,13 @@ def test_callback_distils_only_the_chosen_domain(small_dataset):
     assert seen[1][1] > 0  # the student moved, the teacher did not
     with pytest.raises(ConfigError, match="must be positive"):
         Distillation(teacher, temperature=0)
+
+
+def test_a_teacher_with_another_vocabulary_is_refused_before_the_first_step(small_dataset):
+    config = ModelConfig.from_preset("tiny")
+    teacher = build_model(config.replace(vocab_size=512), seed=0)
+    cfg = TrainConfig(steps=1, batch_size=2, seq_len=16, eval_every=0, eval_batches=1, eval_batch_size=2)
+    trainer = Trainer(build_model(config, seed=0), TokenData(small_dataset), cfg, callbacks=[Distillation(teacher)], show_progress=False)
+    with pytest.raises(ConfigError, match="teacher has a vocabulary of 512 tokens but the model has 256"):
+        trainer.train()
+    assert trainer.step == 0

@@ -151,6 +151,38 @@ def test_entries_with_several_sources_get_no_fisher_and_are_counted():
     assert torch.equal(carried.fisher["layers.0.attn.q_proj.weight"], estimate.fisher["layers.0.attn.q_proj.weight"])
 
 
+def test_llama_pro_new_blocks_are_free_and_the_originals_keep_their_whole_fisher():
+    """The new blocks of llama_pro write zeros to the residual stream, so their copies of old
+    weights do not count as copies: Fisher 0 there, and each original block's Fisher unchanged."""
+    model = build_model(DENSE, seed=2)
+    estimate = _random_estimate(model, seed=5)
+    carried = carry_ewc(DENSE, stored_state(model), [(get_op("llama_pro"), {"target_layers": 4})], estimate.fisher, estimate.anchor)
+    # 2 -> 4 blocks: a new block after each old one (old 0 -> 0, old 1 -> 2; new: 1 and 3)
+    for old, new in ((0, 0), (1, 2)):
+        for name, f in estimate.fisher.items():
+            if name.startswith(f"layers.{old}."):
+                assert torch.equal(carried.fisher[name.replace(f"layers.{old}.", f"layers.{new}.", 1)], f), name
+    for name, f in carried.fisher.items():
+        if name.startswith(("layers.1.", "layers.3.")):
+            assert not f.any(), name
+    assert torch.equal(carried.fisher["embed.weight"], estimate.fisher["embed.weight"])
+    assert carried.unmapped == 0
+
+
+def test_an_estimate_for_another_model_is_refused(tmp_path, small_dataset):
+    data = TokenData(small_dataset)
+    base = save_checkpoint(tmp_path / "base", build_model(DENSE, seed=0))
+    other = estimate_fisher(build_model(DENSE.replace(d_model=64), seed=0), data, "prose", samples=2, seq_len=16)
+    with pytest.raises(ConfigError, match=r"has embed.weight of shape \(256, 64\) where the model.s is \(256, 32\)"):
+        save_ewc(base, other, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    mine = estimate_fisher(load_checkpoint(base).model, data, "prose", samples=2, seq_len=16)
+    with pytest.raises(CheckpointError, match="is the source checkpoint"):
+        save_ewc(base, mine, base)
+    with pytest.raises(ConfigError, match="names layers.9.attn_norm.weight, which the model does not have"):
+        carry_ewc(DENSE, stored_state(build_model(DENSE)), [], {"layers.9.attn_norm.weight": torch.ones(32)}, {})
+
+
 def test_estimate_is_stored_in_the_checkpoint_and_carried_by_expand(tmp_path, small_dataset):
     data = TokenData(small_dataset)
     model = build_model(DENSE, seed=3)

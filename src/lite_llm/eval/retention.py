@@ -53,7 +53,12 @@ class RetentionReport:
         return {"base": self.base, "domains": self.domains, "scores": self.scores, "rows": self.rows()}
 
     def write(self, directory: str | Path, *, chart: bool = True) -> list[Path]:
-        """``retention.json``, ``retention.md`` and (matplotlib permitting) ``retention.png``."""
+        """``retention.json``, ``retention.md`` and, when matplotlib is installed (the ``plot``
+        extra), ``retention.png``; without it the chart is skipped with a warning, since the
+        table is the report and the chart only draws it."""
+        import importlib.util
+        import warnings
+
         from ..plot import plot_retention
 
         out = Path(directory)
@@ -61,6 +66,8 @@ class RetentionReport:
         written = [out / "retention.json", out / "retention.md"]
         written[0].write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         written[1].write_text(self.to_markdown())
-        if chart:
+        if chart and importlib.util.find_spec("matplotlib") is None:
+            warnings.warn("retention chart skipped: matplotlib is not installed (pip install 'lite-llm[plot]')", stacklevel=2)
+        elif chart:
             written.append(plot_retention(self, out / "retention.png"))
         return written

@@ -18,6 +18,11 @@ the behaviour for free): zeros give ``b``, ones give ``c``, the global index ``i
 ``c (s + 1)``, and a pseudo-random value ``r(i)`` checks that no other entry was mixed in.  An
 entry that mixes several old entries (LEMON's new norm entries, a mean of the old ones; upcycling
 noise proportional to a tensor's own spread) has no single source: its Fisher is set to 0 and counted in ``unmapped``.
+
+A block whose residual writers (``o_proj`` and the FFN's down projections) grow as exact zeros
+(``llama_pro``'s new blocks) is silent: its copies of old weights do not touch the function, so
+they are not counted among the copies and get Fisher 0.  The original block keeps its whole
+Fisher, and the new block is free to learn — which is what the depth growth is for.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from typing import Any
 import torch
 
 from ..config import ModelConfig
+from ..errors import ConfigError
 from ..model.shapes import parameter_names
 from .registry import GrowthOp
 from .tensors import LazyTensors, Tensors, stored_names
@@ -97,10 +103,11 @@ def carry_ewc(
     ``tensors``: they supply the buffers the anchors lack) after the growth ``chain`` of
     (operation, resolved parameters) pairs, as the module docstring describes."""
     names = stored_names(config)
+    _check_estimate(config, tensors, fisher, anchor)
     offsets: dict[str, tuple[int, torch.Size]] = {}
     total = 0
     for name in names:
-        shape = torch.Size(tensors[name].shape) if name not in anchor else torch.Size(anchor[name].shape)
+        shape = torch.Size(tensors[name].shape)
         offsets[name] = (total, shape)
         total += shape.numel()
     flat_fisher = torch.zeros(total, dtype=torch.float64)
@@ -116,11 +123,15 @@ def carry_ewc(
         _run(config, _probe(offsets, fn), chain)[1]
         for fn in (torch.zeros_like, torch.ones_like, lambda i: i + 1.0, _mark)
     ]
+    silent = _silent_layers(new_config, runs)
     maps: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     coeff_sq = torch.zeros(total, dtype=torch.float64)
     unmapped = 0
     for name in keep:
         source, c, mixed = _sources(*(r[name] for r in runs), total)
+        if _layer_of(name) in silent:
+            source = torch.full_like(source, -1)
+            c, mixed = torch.zeros_like(c), torch.zeros_like(mixed)
         maps[name] = (source, c)
         hit = source >= 0
         coeff_sq.index_add_(0, source[hit], c[hit].square())
@@ -136,3 +147,39 @@ def carry_ewc(
         out_fisher[name] = f.reshape(shape).float()
         out_anchor[name] = grown_anchor[name].float()
     return CarriedEWC(out_fisher, out_anchor, unmapped)
+
+
+def _check_estimate(config: ModelConfig, tensors: Tensors, fisher: Mapping[str, torch.Tensor], anchor: Mapping[str, torch.Tensor]) -> None:
+    """One sentence for an estimate that does not belong to this model (instead of a KeyError
+    or a shape error from deep inside the probes)."""
+    for kind, given in (("Fisher", fisher), ("anchor", anchor)):
+        for name, value in given.items():
+            if name not in tensors:
+                raise ConfigError(f"the EWC {kind} names {name}, which the model does not have; re-estimate it on this checkpoint (`lite-llm ewc estimate`)")
+            if tuple(value.shape) != tuple(tensors[name].shape):
+                raise ConfigError(
+                    f"the EWC {kind} of {name} has shape {tuple(value.shape)} but the weight's is {tuple(tensors[name].shape)}; re-estimate it on this checkpoint (`lite-llm ewc estimate`)"
+                )
+
+
+def _layer_of(name: str) -> int | None:
+    parts = name.split(".")
+    return int(parts[1]) if parts[0] == "layers" else None
+
+
+def _is_residual_writer(name: str) -> bool:
+    return name.endswith(("attn.o_proj.weight", "ffn.down_proj.weight")) or (".ffn.experts." in name and name.endswith(".down_proj"))
+
+
+def _silent_layers(config: ModelConfig, runs: Sequence[Tensors]) -> set[int]:
+    """Blocks whose residual writers came out of growth as exact zeros whatever the input
+    (zero offset and zero coefficient everywhere): they add nothing to the residual stream."""
+    zeros, ones = runs[0], runs[1]
+    writers: dict[int, list[str]] = {}
+    for name in parameter_names(config):
+        if _is_residual_writer(name):
+            writers.setdefault(_layer_of(name), []).append(name)
+    return {
+        layer for layer, names in writers.items()
+        if all(not bool(zeros[n].any()) and not bool(ones[n].any()) for n in names)
+    }

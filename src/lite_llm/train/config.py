@@ -92,6 +92,12 @@ class TrainConfig:
             raise ConfigError("train.replay_share is set but train.replay names no old domain with a positive weight, e.g. {prose: 1.0}")
         if any(not v >= 0 for v in self.replay.values()):
             raise ConfigError(f"train.replay weights must be >= 0, got {self.replay}")
+        if self.replay and self.replay_share == 0:
+            raise ConfigError("train.replay names old domains but train.replay_share is 0, so nothing would be replayed; set a share such as 0.25")
+        if self.replay_share > (self.batch_size - 1) / self.batch_size:
+            raise ConfigError(
+                f"train.replay_share {self.replay_share} leaves no row of new data in a micro-batch of {self.batch_size}; use at most {(self.batch_size - 1) / self.batch_size:.3g} or a larger batch"
+            )
         for i, rule in enumerate(self.freeze):
             if not isinstance(rule, dict) or set(rule) - {"patterns", "thaw_at"} or not rule.get("patterns"):
                 raise ConfigError(f"train.freeze[{i}] must be {{patterns: [...], thaw_at: STEP or null}}, got {rule!r}")

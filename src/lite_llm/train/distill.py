@@ -44,6 +44,13 @@ class Distillation(TrainerCallback):
         self.weight, self.temperature = float(weight), float(temperature)
         self.domains = set(domains) if domains else None
 
+    def on_train_begin(self, trainer: "Trainer") -> None:
+        student, teacher = trainer.model.config.vocab_size, self.teacher.config.vocab_size
+        if student != teacher:
+            raise ConfigError(
+                f"the distillation teacher has a vocabulary of {teacher} tokens but the model has {student}; distil from a checkpoint with the same tokenizer"
+            )
+
     def extra_loss(self, trainer: "Trainer", step: int, batch: torch.Tensor, output: "ModelOutput") -> torch.Tensor | None:
         rows = list(range(batch.shape[0]))
         if self.domains is not None:

@@ -173,13 +173,24 @@ def save_ewc(source: str | Path, estimate: FisherEstimate, output: str | Path) -
     from ..checkpoint.save import write_checkpoint
     from ..checkpoint.lazy import open_checkpoint
     from ..grow.expand import copied_tokenizer
-    from ..model.shapes import parameter_names
+    from ..model.shapes import parameter_names, tensor_shapes
 
     src = open_checkpoint(source)
-    params = set(parameter_names(src.config))
-    missing = sorted(params - set(estimate.fisher))
-    if missing:
-        raise ConfigError(f"the EWC estimate lacks parameter(s) {', '.join(missing[:3])} of {source}; estimate it on that checkpoint's model")
+    out = Path(output)
+    if out.resolve() == src.path.resolve():
+        raise CheckpointError(f"output {out} is the source checkpoint; write the checkpoint with its EWC estimate to a new directory")
+    if out.exists() and any(out.iterdir()):
+        raise CheckpointError(f"output {out} already exists and is not empty; choose a new directory or remove it first")
+    shapes = tensor_shapes(src.config)
+    params = parameter_names(src.config)
+    for kind, tensors in (("Fisher", estimate.fisher), ("anchor", estimate.anchor)):
+        missing = [n for n in params if n not in tensors]
+        extra = sorted(set(tensors) - set(params))
+        wrong = [n for n in params if n in tensors and tuple(tensors[n].shape) != tuple(shapes[n])]
+        if missing or extra or wrong:
+            what = (f"lacks {', '.join(missing[:3])}" if missing else f"has parameters the model lacks ({', '.join(extra[:3])})" if extra
+                    else f"has {wrong[0]} of shape {tuple(tensors[wrong[0]].shape)} where the model's is {tuple(shapes[wrong[0]])}")
+            raise ConfigError(f"the EWC {kind} {what} for the model of {source}; estimate it on that checkpoint's model")
     progressive = dict(src.progressive)
     progressive["ewc"] = dict(estimate.meta)
     return write_checkpoint(

@@ -123,6 +123,11 @@ class FreezeSchedule(TrainerCallback):
     state is a function of the step, so a resumed run freezes exactly what the original did.
     Freezing is by ``requires_grad``: a frozen parameter gets no gradient and AdamW skips it
     entirely, weight decay included, so it stays bitwise unchanged.
+
+    The schedule only ever clears ``requires_grad`` while a rule holds, every step (the trainer
+    runs it after other callbacks, so a curriculum phase that unfreezes everything cannot
+    unfreeze these); at the thaw it gives back the flag the parameter had when it was first
+    frozen, once, and then leaves it to whoever else manages it.
     """
 
     name = "freeze_schedule"
@@ -134,12 +139,17 @@ class FreezeSchedule(TrainerCallback):
             patterns = rule["patterns"]
             names = _matching(params, [patterns] if isinstance(patterns, str) else list(patterns))
             self.rules.append(([params[n] for n in names], rule.get("thaw_at")))
+        self._held: dict[int, tuple[nn.Parameter, bool]] = {}  # id -> (parameter, flag before freezing)
 
     def on_step_begin(self, trainer: "Trainer", step: int) -> None:
-        frozen = {id(p) for ps, thaw in self.rules if thaw is None or step < thaw for p in ps}
-        for ps, _ in self.rules:
-            for p in ps:
-                p.requires_grad_(id(p) not in frozen)
+        frozen = {id(p): p for ps, thaw in self.rules if thaw is None or step < thaw for p in ps}
+        for key in [k for k in self._held if k not in frozen]:
+            p, before = self._held.pop(key)
+            p.requires_grad_(before)
+        for key, p in frozen.items():
+            if key not in self._held:
+                self._held[key] = (p, p.requires_grad)
+            p.requires_grad_(False)
 
     def state_dict(self) -> dict[str, Any]:
         return {"rules": [{"parameters": len(ps), "thaw_at": thaw} for ps, thaw in self.rules]}

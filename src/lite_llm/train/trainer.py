@@ -13,6 +13,7 @@ hooks: they can change what is trainable, add loss terms, and keep JSON state in
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -90,11 +91,13 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         from .protection import protection_callbacks  # they subclass TrainerCallback, defined here
 
-        self.callbacks = protection_callbacks(config, model) + list(callbacks or [])
+        # protections last: a freezing schedule must have the final word on requires_grad
+        self.callbacks = list(callbacks or []) + protection_callbacks(config, model)
         self.show_progress = show_progress
         self.tokenizer = tokenizer if tokenizer is not None else getattr(data, "tokenizer", None)
-        self.weights = self._mixture(config.domains)
-        self.replay_weights = self._mixture(config.replay) if config.replay_share > 0 else {}
+        self.weights = self._mixture(config.domains, "domains")
+        self.replay_weights = self._mixture(config.replay, "replay") if config.replay_share > 0 else {}
+        self._check_domains(config.distill_domains, "distill_domains")
         self.tierset = TierSet.coerce(config.tierset)
         self.tierset.resolve(model.config)  # fail now on an unknown tier, not at step 1
         self.optimizer = self._build_optimizer()
@@ -112,7 +115,8 @@ class Trainer:
         """Start from a checkpoint's ``progressive.json``: keep its history (expansions, EWC,
         curriculum) and count its training compute as this run's ancestry, so a grown model's
         total cost includes the small model's training."""
-        self.progressive = {k: v for k, v in progressive.items() if k != "training"}
+        # the EWC estimate lives in the parent's ewc/, which this run's checkpoints do not copy
+        self.progressive = {k: v for k, v in progressive.items() if k not in ("training", "ewc")}
         done = progressive.get("training") or {}
         self.ancestor_flops = float(done.get("total_flops", done.get("flops", 0.0)) or 0.0)
 
@@ -120,15 +124,18 @@ class Trainer:
     def total_flops(self) -> float:
         return self.ancestor_flops + self.flops
 
-    def _mixture(self, domains: dict[str, float]) -> dict[str, float]:
+    def _mixture(self, domains: dict[str, float], setting: str) -> dict[str, float]:
         if not domains:
             return {d: 1.0 for d in self.data.domains}
+        self._check_domains(domains, setting)
+        return {d: float(w) for d, w in domains.items() if w > 0}
+
+    def _check_domains(self, domains: Iterable[str], setting: str) -> None:
         unknown = sorted(set(domains) - set(self.data.domains))
         if unknown:
             from ..errors import ConfigError
 
-            raise ConfigError(f"train.domains names unknown domain(s) {', '.join(unknown)}; the data has {', '.join(self.data.domains)}")
-        return {d: float(w) for d, w in domains.items() if w > 0}
+            raise ConfigError(f"train.{setting} names unknown domain(s) {', '.join(unknown)}; the data has {', '.join(self.data.domains)}")
 
     def _build_optimizer(self) -> torch.optim.AdamW:
         """AdamW over every parameter (frozen ones simply get no gradient and are skipped);
@@ -206,7 +213,10 @@ class Trainer:
         from ..errors import ConfigError
 
         mine = self.config.to_dict()
-        keys = ("steps", "batch_size", "seq_len", "grad_accum", "lr", "min_lr_ratio", "warmup_steps", "seed", "domains", "tierset", "replay", "replay_share", "freeze")
+        keys = (
+            "steps", "batch_size", "seq_len", "grad_accum", "lr", "min_lr_ratio", "warmup_steps", "seed", "domains", "tierset",
+            "replay", "replay_share", "freeze", "ewc_from", "ewc_weight", "distill_from", "distill_weight", "distill_temperature", "distill_domains",
+        )
         for key in keys:
             if key in saved and saved[key] != mine[key]:
                 raise ConfigError(
