@@ -1,16 +1,28 @@
 """Does growth pay?  Compute to reach a from-scratch model's quality, by growth path.
 
-    python benchmarks/growth_savings.py              # ~40 min on 2 cores
+    python benchmarks/growth_savings.py              # ~50 min on 2 cores
     python benchmarks/growth_savings.py --quick      # a smoke run (minutes), figures not meaningful
 
 For each path a small model S is trained, grown to L by a function-preserving chain of
-growth operations, and trained on; L is also trained from scratch with the same data (the
-standard library's prose and code, half each, byte-level), batch, learning rate and schedule
-family (linear warm-up, cosine to 10%).  The target is the scratch run's final validation loss
-(mean over the two domains).  A path's cost is S's training FLOPs plus the continued run's
-FLOPs up to the first evaluation at or below the target (linearly interpolated between
-evaluations); savings = 1 - cost / scratch FLOPs.  FLOPs are the trainer's count (6 x active
-parameters x tokens + attention), so runs of different shapes compare at equal compute.
+growth operations, and trained on; L is also trained from scratch on the same data (the
+standard library's prose and code, half each, byte-level) with the same batch and learning
+rate schedule (linear warm-up, cosine to 10%).  The target is the scratch run's final
+validation loss (mean over the two domains).  A path's cost is S's training FLOPs plus the
+grown run's FLOPs up to the first evaluation at or below the target (linearly interpolated
+between evaluations); savings = 1 - cost / scratch FLOPs.  FLOPs are the trainer's count
+(6 x active parameters x tokens + attention), so runs of different shapes compare at equal
+compute.  Also reported: the scratch run's loss at the grown run's final FLOPs (who is ahead at
+equal compute when the target is not reached).
+
+Protocols (``--protocol``):
+
+* ``takeover`` (default): one run, one schedule, the model changes mid-way.  S trains the first
+  ``t`` of the scratch run's steps (``--switch t``, several allowed), is grown, and L takes the
+  run over at that step: the same learning-rate schedule (no new warm-up) and the same data
+  stream as the scratch run from that step on.  The most direct comparison there is: only
+  the model differs, and only before the switch.
+* ``restart``: S trains ``--small-frac`` of the steps on its own full schedule, then the grown
+  L trains ``--cont-frac`` of them on a new warm-up + cosine schedule (a separate run).
 
 Paths (L = 4 layers, d 192, 6 query / 2 KV heads of 32, SwiGLU 512: 1.7 M parameters):
 
@@ -19,10 +31,10 @@ Paths (L = 4 layers, d 192, 6 query / 2 KV heads of 32, SwiGLU 512: 1.7 M parame
 * upcycle: S is L with SwiGLU 256;              ``upcycle`` to 4 experts of 256, top-2 — and its
   L (same active FLOPs per token as the dense L, 2.5x the FFN parameters) has its own scratch run.
 
-Scale: byte-level models of 0.5-1.7 M parameters on ~2 M training tokens (1000 steps of 16 x 128) per scratch run, so
-the whole study (5 small/scratch runs, 3 continuations) fits one session on 2 CPU cores.  That
-is small for the progressive-training literature (which grows 100M+ models over billions of
-tokens); ``--steps`` scales it.  Ends with one JSON line.
+Scale: byte-level models of 0.5-1.7 M parameters on ~2 M training tokens (1000 steps of 16 x 128)
+per scratch run, so the whole study fits one session on 2 CPU cores.  That is small for the
+progressive-training literature (which grows 100M+ models over billions of tokens); ``--steps``
+scales it.  Ends with one JSON line.
 """
 
 from __future__ import annotations
@@ -44,8 +56,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / "growth_savings")
     parser.add_argument("--steps", type=int, default=1000, help="Steps of each from-scratch run.")
-    parser.add_argument("--small-frac", type=float, default=0.6, help="Steps of S as a fraction of --steps.")
-    parser.add_argument("--cont-frac", type=float, default=0.5, help="Steps of the continued run as a fraction of --steps.")
+    parser.add_argument("--protocol", choices=["takeover", "restart"], default="takeover")
+    parser.add_argument("--switch", type=float, nargs="+", default=[0.5, 0.75], help="takeover: the fractions of the run S trains before L takes over.")
+    parser.add_argument("--small-frac", type=float, default=0.6, help="restart: steps of S as a fraction of --steps.")
+    parser.add_argument("--cont-frac", type=float, default=0.5, help="restart: steps of the continued run as a fraction of --steps.")
     parser.add_argument("--paths", nargs="+", default=["depth", "width", "upcycle"], choices=["depth", "width", "upcycle"])
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=128)
@@ -65,23 +79,29 @@ def main() -> None:
     from lite_llm.grow import get_op
     from lite_llm.grow.expand import materialize
     from lite_llm.model import stored_state
-    from lite_llm.train import TrainConfig, Trainer, read_metrics
+    from lite_llm.train import TrainConfig, Trainer, TrainerCallback, read_metrics
 
     work = args.workdir
     data = stdlib_prose_and_code(work)
 
-    def train(model, steps: int, run: str, eval_every: int | None = None):
-        """Train on the mixture; returns (final mean val loss, FLOPs, [(flops, mean val loss)])."""
-        cfg = TrainConfig(
+    def schedule(steps: int, eval_every: int) -> "TrainConfig":
+        return TrainConfig(
             steps=steps, batch_size=args.batch, seq_len=args.seq, lr=args.lr, warmup_steps=min(50, steps // 10), seed=1,
-            domains=MIXTURE, eval_every=eval_every or max(steps // 8, 1), eval_batches=6, eval_batch_size=16, keep_last=1,
+            domains=MIXTURE, eval_every=eval_every, eval_batches=6, eval_batch_size=16, keep_last=1,
         )
+
+    def train(model, cfg: "TrainConfig", run: str, start: int = 0, until: int | None = None):
+        """Train steps ``start .. until`` of the run ``cfg`` describes on the mixture; returns
+        (final mean val loss, FLOPs, [(flops, mean val loss)])."""
         shutil.rmtree(work / run, ignore_errors=True)
         trainer = Trainer(model, data, cfg, run_dir=work / run, show_progress=False)
+        trainer.step = start  # takeover: the grown model continues the run at this step
         started = time.perf_counter()
-        result = trainer.train()
+        result = trainer.train(until=until)
         curve = [(r["flops"], _mean_loss(r["val"])) for r in read_metrics(work / run) if "val" in r]
-        print(f"{run}: {steps} steps, {result.flops:.3e} FLOPs, val loss {curve[-1][1]:.4f}, {time.perf_counter() - started:.0f} s", flush=True)
+        if not curve or curve[-1][0] != result.flops:  # S stopped mid-run: evaluate where it stops
+            curve.append((result.flops, _mean_loss(trainer.evaluate())))
+        print(f"{run}: steps {start}..{trainer.step}, {result.flops:.3e} FLOPs, val loss {curve[-1][1]:.4f}, {time.perf_counter() - started:.0f} s", flush=True)
         return curve[-1][1], result.flops, curve
 
     dense = ModelConfig(
@@ -95,67 +115,105 @@ def main() -> None:
         ),
         "upcycle": (dense.replace(intermediate_size=256, name="S-moe"), [("upcycle", {"num_experts": 4, "k_expert": 2})]),
     }
-    small_steps, cont_steps = int(args.steps * args.small_frac), int(args.steps * args.cont_frac)
     scratch: dict[str, tuple[float, float, list]] = {}
     results = {}
+    ids = torch.randint(0, 256, (2, args.seq), generator=torch.Generator().manual_seed(0))
     for name in args.paths:
         small_cfg, chain = paths[name]
         small = build_model(small_cfg, seed=0)
-        _, small_flops, small_curve = train(small, small_steps, f"{name}-small")
-        config, tensors = small_cfg, stored_state(small)
-        for method, params in chain:
-            config, tensors = get_op(method)(config, tensors, **params)
-        grown = materialize(config, dict(tensors)).train()
-        ids = torch.randint(0, 256, (2, args.seq), generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            drift = float((small.eval()(ids).logits - grown.eval()(ids).logits).abs().max())
-        grown.train()
-        key = "moe" if name == "upcycle" else "dense"
-        if key not in scratch:
-            scratch[key] = train(build_model(config, seed=0), args.steps, f"scratch-{key}")
-        target, scratch_flops, _ = scratch[key]
-        final, cont_flops, curve = train(grown, cont_steps, f"{name}-grown", eval_every=args.eval_every)
-        reached = _first_crossing(curve, target)
-        cost = small_flops + reached if reached is not None else None
-        results[name] = {
-            "small_params": small_cfg.num_params(),
-            "large_params": config.num_params(),
-            "large_active_params": config.num_active_params(),
-            "growth_max_abs_logit_change": drift,
-            "small_flops": small_flops,
-            "continued_flops_to_target": reached,
-            "continued_flops_total": cont_flops,
-            "continued_final_loss": final,
-            "target_loss": target,
-            "scratch_flops": scratch_flops,
-            "savings": 1 - cost / scratch_flops if cost is not None else None,
-            "curve": [(small_flops + f, l) for f, l in curve],
-            "small_curve": small_curve,
-        }
+        if args.protocol == "takeover":
+            # S runs the scratch run's schedule and is snapshotted at every switch point.
+            switches = sorted({round(t * args.steps) for t in args.switch})
+            snapshots = {}
+
+            class Snapshot(TrainerCallback):
+                def on_step_end(self, trainer, step, record):
+                    if step + 1 in switches:
+                        snapshots[step + 1] = ({k: v.clone() for k, v in stored_state(trainer.model).items()}, trainer.flops)
+
+            cfg = schedule(args.steps, max(args.steps // 8, 1))
+            shutil.rmtree(work / f"{name}-small", ignore_errors=True)
+            Trainer(small, data, cfg, run_dir=work / f"{name}-small", callbacks=[Snapshot()], show_progress=False).train(until=switches[-1])
+            small_curve = [(r["flops"], _mean_loss(r["val"])) for r in read_metrics(work / f"{name}-small") if "val" in r]
+            starts = [(f"{name}@{k / args.steps:g}", k, snapshots[k][0], snapshots[k][1]) for k in switches]
+        else:
+            small_steps, cont_steps = int(args.steps * args.small_frac), int(args.steps * args.cont_frac)
+            _, small_flops, small_curve = train(small, schedule(small_steps, max(small_steps // 8, 1)), f"{name}-small")
+            starts = [(name, 0, stored_state(small), small_flops)]
+        for label, at, small_state, small_flops in starts:
+            config, tensors = small_cfg, small_state
+            for method, params in chain:
+                config, tensors = get_op(method)(config, tensors, **params)
+            grown = materialize(config, dict(tensors))
+            with torch.no_grad():
+                before = materialize(small_cfg, dict(small_state)).eval()(ids).logits
+                drift = float((before - grown.eval()(ids).logits).abs().max())
+            grown.train()
+            key = "moe" if name == "upcycle" else "dense"
+            if key not in scratch:
+                scratch[key] = train(build_model(config, seed=0), schedule(args.steps, args.eval_every), f"scratch-{key}")
+            target, scratch_flops, scratch_curve = scratch[key]
+            run = f"{label.replace('@', '-at-')}-grown"
+            if args.protocol == "takeover":
+                final, cont_flops, curve = train(grown, schedule(args.steps, args.eval_every), run, start=at)
+            else:
+                final, cont_flops, curve = train(grown, schedule(cont_steps, args.eval_every), run)
+            reached = _first_crossing(curve, target)
+            cost = small_flops + reached if reached is not None else None
+            results[label] = {
+                "switch_step": at if args.protocol == "takeover" else None,
+                "small_params": small_cfg.num_params(),
+                "large_params": config.num_params(),
+                "large_active_params": config.num_active_params(),
+                "growth_max_abs_logit_change": drift,
+                "small_flops": small_flops,
+                "continued_flops_to_target": reached,
+                "continued_flops_total": cont_flops,
+                "continued_final_loss": final,
+                "scratch_loss_at_equal_flops": _loss_at(scratch_curve, small_flops + cont_flops),
+                "target_loss": target,
+                "scratch_flops": scratch_flops,
+                "savings": 1 - cost / scratch_flops if cost is not None else None,
+                "curve": [(small_flops + f, l) for f, l in curve],
+                "small_curve": [(f, l) for f, l in small_curve if f <= small_flops],
+            }
 
     rows = []
     for name, r in results.items():
+        at_equal = r["scratch_loss_at_equal_flops"]
         rows.append([
             name, f"{r['small_params'] / 1e6:.2f}M -> {r['large_params'] / 1e6:.2f}M", f"{r['growth_max_abs_logit_change']:.1e}",
-            f"{r['target_loss']:.4f}", f"{r['continued_final_loss']:.4f}", f"{r['small_flops']:.3e}",
+            f"{r['target_loss']:.4f}", f"{r['continued_final_loss']:.4f}", "-" if at_equal is None else f"{at_equal:.4f}", f"{r['small_flops']:.3e}",
             "not reached" if r["continued_flops_to_target"] is None else f"{r['continued_flops_to_target']:.3e}",
             f"{r['scratch_flops']:.3e}", "-" if r["savings"] is None else f"{r['savings']:+.1%}",
         ])
-    print_table(["path", "params S -> L", "growth |dlogit|", "target", "grown final", "S FLOPs", "grown FLOPs to target", "scratch FLOPs", "savings"], rows,
-                title="compute to reach the from-scratch model's final validation loss (mean of prose and code, nats/token)")
+    print_table(
+        ["path", "params S -> L", "growth |dlogit|", "target", "grown final", "scratch at same FLOPs", "S FLOPs", "grown FLOPs to target", "scratch FLOPs", "savings"],
+        rows, title=f"compute to reach the from-scratch model's final validation loss (mean of prose and code, nats/token), protocol {args.protocol}",
+    )
     _chart(results, scratch, args.chart)
     print(f"chart: {args.chart}")
+    settings = {"protocol": args.protocol, "steps": args.steps, "batch": args.batch, "seq": args.seq, "lr": args.lr}
+    settings.update({"switch": args.switch} if args.protocol == "takeover" else {"small_frac": args.small_frac, "cont_frac": args.cont_frac})
     emit_json(
         {
             "benchmark": "growth_savings",
             "paths": {n: {k: rounded(v) for k, v in r.items() if k not in ("curve", "small_curve")} for n, r in results.items()},
-            "settings": {"steps": args.steps, "small_steps": small_steps, "continued_steps": cont_steps, "batch": args.batch, "seq": args.seq, "lr": args.lr},
+            "settings": settings,
         }
     )
 
 
 def _mean_loss(val: dict) -> float:
     return sum(val[d]["loss"] for d in MIXTURE) / len(MIXTURE)
+
+
+def _loss_at(curve: list[tuple[float, float]], flops: float) -> float | None:
+    """The loss of ``curve`` at ``flops`` (linear between evaluations; None outside it)."""
+    for (f0, l0), (f1, l1) in zip(curve, curve[1:]):
+        if f0 <= flops <= f1:
+            return l0 + (l1 - l0) * (flops - f0) / (f1 - f0)
+    return None
 
 
 def _first_crossing(curve: list[tuple[float, float]], target: float) -> float | None:
@@ -183,7 +241,7 @@ def _chart(results: dict, scratch: dict, path: Path) -> None:
         ys = [l for _, l in r["small_curve"]] + [l for _, l in r["curve"]]
         ax.plot(xs, ys, marker=".", label=f"{name}: S then grown")
     for key, (target, flops, curve) in scratch.items():
-        ax.plot([f for f, _ in curve], [l for _, l in curve], marker="s", linestyle="--", label=f"scratch ({key})")
+        ax.plot([f for f, _ in curve], [l for _, l in curve], marker="s", markersize=3, linestyle="--", label=f"scratch ({key})")
     ax.set_xlabel("training FLOPs (S's included)")
     ax.set_ylabel("validation loss, mean of prose and code (nats/token)")
     ax.set_title("growth vs training from scratch (dotted: scratch final = target)")
