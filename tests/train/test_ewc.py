@@ -14,6 +14,7 @@ from lite_llm.grow import get_op
 from lite_llm.grow.carry import carry_ewc
 from lite_llm.grow.expand import expand_checkpoint, materialize
 from lite_llm.grow.recipe import GrowthStep
+from lite_llm.grow.tiers import add_tier_checkpoint
 from lite_llm.model import stored_state
 from lite_llm.train import TrainConfig, Trainer
 from lite_llm.train.ewc import EWC, FisherEstimate, estimate_fisher, ewc_penalty, load_ewc, save_ewc
@@ -204,6 +205,26 @@ def test_estimate_is_stored_in_the_checkpoint_and_carried_by_expand(tmp_path, sm
     for name, f in expected.fisher.items():
         assert torch.equal(grown.fisher[name], f), name
     assert grown.fisher["embed.weight"].shape == (256, 64)
+
+
+def test_add_tier_carries_the_estimate_and_leaves_the_new_tier_free(tmp_path, small_dataset):
+    """add-tier passes every old tensor through bitwise and the new tier is unroutable, so old
+    entries keep their Fisher and anchors and the new tier's get Fisher 0."""
+    data = TokenData(small_dataset)
+    model = build_model(ModelConfig.from_preset("tiny"), seed=0)
+    base = save_checkpoint(tmp_path / "base", model)
+    estimate = estimate_fisher(model, data, "prose", samples=2, seq_len=16)
+    with_ewc = save_ewc(base, estimate, tmp_path / "base-ewc")
+    out = add_tier_checkpoint(with_ewc, tmp_path / "tiered", tier="tier_new", num_groups=2, experts_per_group=2, expert_hidden=64, init="copy")
+    carried = load_ewc(out)
+    assert carried.meta["carried_through"] == ["add_tier"] and carried.meta["domain"] == "prose"
+    grown = load_checkpoint(out).model
+    assert set(carried.fisher) == {n for n, _ in grown.named_parameters()}
+    for name, p in grown.named_parameters():
+        if "tier_new" in name:
+            assert not carried.fisher[name].any() and torch.equal(carried.anchor[name], p.detach()), name
+        else:
+            assert torch.equal(carried.fisher[name], estimate.fisher[name]) and torch.equal(carried.anchor[name], estimate.anchor[name]), name
 
 
 def test_ewc_holds_weights_near_their_anchor_in_training(small_dataset):

@@ -183,3 +183,18 @@ def _silent_layers(config: ModelConfig, runs: Sequence[Tensors]) -> set[int]:
         layer for layer, names in writers.items()
         if all(not bool(zeros[n].any()) and not bool(ones[n].any()) for n in names)
     }
+
+
+def extend_ewc(config: ModelConfig, tensors: Tensors, fisher: Mapping[str, torch.Tensor], anchor: Mapping[str, torch.Tensor]) -> CarriedEWC:
+    """The estimate after a growth that keeps every old tensor bitwise and only adds new ones
+    that do not touch the function yet (``add_tier``: the new tier is unroutable).  Old entries
+    keep their Fisher and anchors; new ones get Fisher 0 (they are free to learn) and their
+    initial values as anchors."""
+    out_fisher, out_anchor = {}, {}
+    for name in parameter_names(config):
+        if name in fisher:  # an old tensor, passed through bitwise
+            out_fisher[name], out_anchor[name] = fisher[name].float(), anchor[name].float()
+        else:
+            weight = tensors[name].float()
+            out_fisher[name], out_anchor[name] = torch.zeros_like(weight), weight
+    return CarriedEWC(out_fisher, out_anchor, 0)

@@ -16,7 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -27,7 +27,7 @@ from ..errors import CheckpointError, ConfigError, LiteLLMError
 from ..model import LiteLLM, load_stored, stored_state
 from .importance import layer_importance
 from .recipe import VALIDATE_MODES, GrowthStep
-from .carry import carry_ewc
+from .carry import CarriedEWC, carry_ewc
 from .registry import GrowthOp, get_op
 from .tensors import LazyTensors, Tensors, expected_specs
 from .validate import ValidationReport, sample_ids, validate_models
@@ -181,17 +181,30 @@ def _expand(
 
 
 def _carried_ewc(src: CheckpointTensors, chain: list[tuple[GrowthOp, dict[str, Any]]], progressive: dict) -> dict[str, dict[str, torch.Tensor]]:
-    """The source's EWC estimate carried through the growth (``{}`` when it has none); its
-    description in ``progressive`` gains the methods it went through."""
+    """The source's EWC estimate carried through the growth (``{}`` when it has none)."""
+    return carried_ewc_dirs(
+        src, progressive, [op.name for op, _ in chain], lambda f, a: carry_ewc(src.config, src.tensors, chain, f, a)
+    )
+
+
+def carried_ewc_dirs(
+    src: CheckpointTensors,
+    progressive: dict,
+    methods: list[str],
+    carry: "Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], CarriedEWC]",
+) -> dict[str, dict[str, torch.Tensor]]:
+    """The grown checkpoint's ``ewc/`` from the source's (``{}`` when it has none) by ``carry``
+    (fisher, anchor) -> :class:`CarriedEWC`; the estimate's description in ``progressive``
+    gains the growth ``methods`` it went through and the entries that lost their Fisher."""
     from ..checkpoint.load import load_extra
     from ..train.ewc import EWC_DIR, FisherEstimate
 
     if not any(f.get("kind") == "extra" and f.get("name") == EWC_DIR for f in src.manifest.get("files", [])):
         return {}
     estimate = FisherEstimate.from_tensors(load_extra(src.path, EWC_DIR, manifest=src.manifest))
-    carried = carry_ewc(src.config, src.tensors, chain, estimate.fisher, estimate.anchor)
+    carried = carry(estimate.fisher, estimate.anchor)
     meta = dict(progressive.get("ewc") or {})
-    meta["carried_through"] = list(meta.get("carried_through") or []) + [op.name for op, _ in chain]
+    meta["carried_through"] = list(meta.get("carried_through") or []) + methods
     meta["unmapped_entries"] = int(meta.get("unmapped_entries") or 0) + carried.unmapped
     progressive["ewc"] = meta
     return {EWC_DIR: FisherEstimate(carried.fisher, carried.anchor).to_tensors()}

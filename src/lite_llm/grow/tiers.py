@@ -41,12 +41,14 @@ from ..checkpoint.save import write_checkpoint
 from ..checkpoint.stream import TensorSpec
 from ..config import ModelConfig, TierConfig
 from ..errors import CheckpointError, ConfigError
+from .carry import extend_ewc
 from .expand import (
     GrowthError,
     _CopiedTokenizer,
     _now,
     _record,
     _tokenizer,
+    carried_ewc_dirs,
     materialize,
 )
 from .moe import (
@@ -420,6 +422,7 @@ def _write(
     progressive = dict(src.progressive)
     progressive["expansions"] = list(progressive.get("expansions") or []) + [_tier_record(src, params, config, tier, versions, tokens)]
     reference = params.get("source_tier") or src.config.tiers[0].name
+    extra_dirs = carried_ewc_dirs(src, progressive, ["add_tier"], lambda f, a: extend_ewc(config, tensors, f, a))
     written = _DigestingTensors(tensors, set(src.tensors))
     return write_checkpoint(
         out,
@@ -428,6 +431,7 @@ def _write(
         specs=_specs(src, config, tier.name, reference),
         tokenizer=_CopiedTokenizer(src.tokenizer_dir) if src.tokenizer_dir else None,
         progressive=progressive,
+        extra_dirs=extra_dirs,
         max_shard_bytes=max_shard_bytes,
         before_commit=lambda: _check_unchanged(digests.result(), written.digests),
         model_version=versions[1],
