@@ -10,7 +10,8 @@
 3. Continue the grown model on Python code (the standard library's sources), same steps,
    learning rate and schedule, with: no protection; EWC at two strengths; replay (25% prose
    rows); distillation to the base model on every row (LwF-style, T=2); freezing everything
-   but the two new blocks (the LLaMA-Pro recipe); and replay + freezing.
+   but the two new blocks (the LLaMA-Pro recipe); replay + freezing; and replay with
+   distillation on the replayed prose rows only.
 
 Reports prose and code bits per byte for each, the change against the base, and writes the
 retention report (``benchmarks/results/retention/``: table, JSON, chart) with the same code as
@@ -102,6 +103,10 @@ def main() -> None:
         f"distill (w={args.distill:g}, T=2)": {"distill_from": str(base_ckpt), "distill_weight": args.distill, "distill_temperature": 2.0},
         "freeze old blocks": {"freeze": frozen_old},
         f"freeze + replay {args.replay:.0%}": {"freeze": frozen_old, "replay": {"prose": 1.0}, "replay_share": args.replay},
+        f"replay {args.replay:.0%} + distill replayed rows": {
+            "replay": {"prose": 1.0}, "replay_share": args.replay,
+            "distill_from": str(base_ckpt), "distill_weight": args.distill, "distill_temperature": 2.0, "distill_domains": ["prose"],
+        },
     })
     for i, (name, fields) in enumerate(variants.items()):
         model = load_checkpoint(grown_path).model
