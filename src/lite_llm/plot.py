@@ -149,25 +149,27 @@ def _plot_ramp(plt, records, out: Path) -> Path:
 
 
 def plot_retention(report: Any, path: str | Path) -> Path:
-    """Grouped bars: bits per byte per domain for each model of a ``RetentionReport``, the
-    relative change against the base written above each bar."""
+    """One panel per domain, a horizontal bar per model (bits per byte), the relative change
+    against the base written at the end of each bar; the base's value is a dotted line.
+    Horizontal bars keep long model names readable however many models are compared."""
     plt = _pyplot()
     models, domains = list(report.scores), report.domains
-    width = 0.8 / len(models)
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(models) * len(domains) + 2), 4.5))
-    for i, model in enumerate(models):
-        xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(domains))]
-        values = [report.scores[model][d] for d in domains]
-        bars = ax.bar(xs, values, width, label=model)
-        if model != report.base:
-            for bar, d in zip(bars, domains):
-                ax.annotate(f"{report.change(model, d):+.1%}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                            ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(range(len(domains)), domains)
-    ax.set_ylabel("validation bits per byte (lower is better)")
-    ax.set_title(f"retention against {report.base}")
-    ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
+    fig, axes = plt.subplots(1, len(domains), figsize=(4.8 * len(domains) + 1.5, 0.42 * len(models) + 1.4), sharey=True, squeeze=False)
+    ys = list(range(len(models)))[::-1]  # first model on top
+    for ax, domain in zip(axes[0], domains):
+        values = [report.scores[m][domain] for m in models]
+        colors = ["tab:gray" if m == report.base else "tab:blue" for m in models]
+        ax.barh(ys, values, color=colors, height=0.7)
+        ax.axvline(report.scores[report.base][domain], color="black", linestyle=":", linewidth=1)
+        for y, model, value in zip(ys, models, values):
+            label = f"{value:.3f}" if model == report.base else f"{value:.3f} ({report.change(model, domain):+.1%})"
+            ax.annotate(label, (value, y), xytext=(3, 0), textcoords="offset points", va="center", fontsize=7)
+        ax.set_title(domain)
+        ax.set_xlabel("validation bits per byte (lower is better)")
+        ax.set_xlim(0, max(values) * 1.3)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][0].set_yticks(ys, models, fontsize=8)
+    fig.suptitle(f"retention against {report.base}")
     return _save(plt, fig, Path(path))
 
 
