@@ -45,6 +45,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--report", type=Path, default=ROOT / "benchmarks" / "results" / "retention")
+    parser.add_argument("--only", nargs="+", default=None, help="Run only the variants whose names contain one of these strings.")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     if args.quick:
@@ -108,6 +109,8 @@ def main() -> None:
             "distill_from": str(base_ckpt), "distill_weight": args.distill, "distill_temperature": 2.0, "distill_domains": ["prose"],
         },
     })
+    if args.only:
+        variants = {name: fields for name, fields in variants.items() if any(part in name for part in args.only)}
     for i, (name, fields) in enumerate(variants.items()):
         model = load_checkpoint(grown_path).model
         train(model, args.steps, f"code-{i}", lr=args.lr, domains={"code": 1.0}, **fields)
