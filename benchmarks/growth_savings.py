@@ -12,7 +12,8 @@ grown run's FLOPs up to the first evaluation at or below the target (linearly in
 between evaluations); savings = 1 - cost / scratch FLOPs.  FLOPs are the trainer's count
 (6 x active parameters x tokens + attention), so runs of different shapes compare at equal
 compute.  Also reported: the scratch run's loss at the grown run's final FLOPs (who is ahead at
-equal compute when the target is not reached).
+equal compute when the target is not reached), and the savings at the grown run's own final
+loss (1 - the grown path's total FLOPs / the scratch FLOPs to first reach that loss).
 
 Protocols (``--protocol``):
 
@@ -160,6 +161,8 @@ def main() -> None:
                 final, cont_flops, curve = train(grown, schedule(cont_steps, args.eval_every), run)
             reached = _first_crossing(curve, target)
             cost = small_flops + reached if reached is not None else None
+            # The same question asked at the grown run's own final loss: what would scratch pay for it?
+            scratch_to_final = _first_crossing(scratch_curve, final)
             results[label] = {
                 "switch_step": at if args.protocol == "takeover" else None,
                 "small_params": small_cfg.num_params(),
@@ -174,6 +177,8 @@ def main() -> None:
                 "target_loss": target,
                 "scratch_flops": scratch_flops,
                 "savings": 1 - cost / scratch_flops if cost is not None else None,
+                "scratch_flops_to_grown_final": scratch_to_final,
+                "savings_at_grown_final": 1 - (small_flops + cont_flops) / scratch_to_final if scratch_to_final else None,
                 "curve": [(small_flops + f, l) for f, l in curve],
                 "small_curve": [(f, l) for f, l in small_curve if f <= small_flops],
             }
@@ -186,9 +191,10 @@ def main() -> None:
             f"{r['target_loss']:.4f}", f"{r['continued_final_loss']:.4f}", "-" if at_equal is None else f"{at_equal:.4f}", f"{r['small_flops']:.3e}",
             "not reached" if r["continued_flops_to_target"] is None else f"{r['continued_flops_to_target']:.3e}",
             f"{r['scratch_flops']:.3e}", "-" if r["savings"] is None else f"{r['savings']:+.1%}",
+            "-" if r["savings_at_grown_final"] is None else f"{r['savings_at_grown_final']:+.1%}",
         ])
     print_table(
-        ["path", "params S -> L", "growth |dlogit|", "target", "grown final", "scratch at same FLOPs", "S FLOPs", "grown FLOPs to target", "scratch FLOPs", "savings"],
+        ["path", "params S -> L", "growth |dlogit|", "target", "grown final", "scratch at same FLOPs", "S FLOPs", "grown FLOPs to target", "scratch FLOPs", "savings", "savings at grown final loss"],
         rows, title=f"compute to reach the from-scratch model's final validation loss (mean of prose and code, nats/token), protocol {args.protocol}",
     )
     _chart(results, scratch, args.chart)
