@@ -129,10 +129,7 @@ def _expand(
     verified: Future | None,
 ) -> ExpandResult:
     out = Path(output)
-    if out.resolve() == src.path.resolve():
-        raise CheckpointError(f"output {out} is the source checkpoint; write the grown model to a new directory")
-    if out.exists() and any(out.iterdir()):
-        raise CheckpointError(f"output {out} already exists and is not empty; choose a new directory or remove it first")
+    check_new_output(out, src.path)
 
     config, tensors = src.config, src.tensors
     dtype = dtype or src.dtype
@@ -178,6 +175,15 @@ def _expand(
         model_version=_grown_version(src.manifest, steps),
     )
     return ExpandResult(path, config, records, reports)
+
+
+def check_new_output(out: Path, source: Path, what: str = "the grown model") -> None:
+    """Refuse to write ``what`` over its own source or into an existing non-empty path: a
+    derived checkpoint always goes to a new directory, so nothing the user had is lost."""
+    if out.resolve() == source.resolve():
+        raise CheckpointError(f"output {out} is the source checkpoint; write {what} to a new directory")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointError(f"output {out} already exists and is not empty; choose a new directory or remove it first")
 
 
 def _carried_ewc(src: CheckpointTensors, chain: list[tuple[GrowthOp, dict[str, Any]]], progressive: dict) -> dict[str, dict[str, torch.Tensor]]:

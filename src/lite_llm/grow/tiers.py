@@ -49,6 +49,7 @@ from .expand import (
     _record,
     _tokenizer,
     carried_ewc_dirs,
+    check_new_output,
     materialize,
 )
 from .moe import (
@@ -320,13 +321,6 @@ def _check_unchanged(expected: dict[str, str], written: dict[str, str]) -> None:
         )
 
 
-def _check_output(out: Path, source: Path) -> None:
-    if out.resolve() == source.resolve():
-        raise CheckpointError(f"output {out} is the source checkpoint; write the grown model to a new directory")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise CheckpointError(f"output {out} already exists and is not empty; choose a new directory or remove it first")
-
-
 def _check_logits(src: CheckpointTensors, config: ModelConfig, tensors: Tensors) -> tuple[dict[str, torch.Tensor], int]:
     """Run the source and the grown model on sample tokens; their logits must be bitwise equal.
 
@@ -391,7 +385,7 @@ def add_tier_checkpoint(
     """
     out = Path(output)
     src = open_checkpoint(source, verify=False)
-    _check_output(out, src.path)
+    check_new_output(out, src.path)
     config, tensors = get_op("add_tier")(src.config, src.tensors, **params)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hash-source") as pool:
         digests = pool.submit(_source_digests, src, verify)

@@ -172,15 +172,11 @@ def save_ewc(source: str | Path, estimate: FisherEstimate, output: str | Path) -
     atomically to ``output`` (the source is left as it is)."""
     from ..checkpoint.save import write_checkpoint
     from ..checkpoint.lazy import open_checkpoint
-    from ..grow.expand import copied_tokenizer
+    from ..grow.expand import check_new_output, copied_tokenizer
     from ..model.shapes import parameter_names, tensor_shapes
 
     src = open_checkpoint(source)
-    out = Path(output)
-    if out.resolve() == src.path.resolve():
-        raise CheckpointError(f"output {out} is the source checkpoint; write the checkpoint with its EWC estimate to a new directory")
-    if out.exists() and any(out.iterdir()):
-        raise CheckpointError(f"output {out} already exists and is not empty; choose a new directory or remove it first")
+    check_new_output(Path(output), src.path, "the checkpoint with its EWC estimate")
     shapes = tensor_shapes(src.config)
     params = parameter_names(src.config)
     for kind, tensors in (("Fisher", estimate.fisher), ("anchor", estimate.anchor)):
