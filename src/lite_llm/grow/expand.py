@@ -203,9 +203,9 @@ def carried_ewc_dirs(
     (fisher, anchor) -> :class:`CarriedEWC`; the estimate's description in ``progressive``
     gains the growth ``methods`` it went through and the entries that lost their Fisher."""
     from ..checkpoint.load import load_extra
-    from ..train.ewc import EWC_DIR, FisherEstimate
+    from ..train.ewc import EWC_DIR, FisherEstimate, has_ewc
 
-    if not any(f.get("kind") == "extra" and f.get("name") == EWC_DIR for f in src.manifest.get("files", [])):
+    if not has_ewc(src.manifest):
         return {}
     estimate = FisherEstimate.from_tensors(load_extra(src.path, EWC_DIR, manifest=src.manifest))
     carried = carry(estimate.fisher, estimate.anchor)

@@ -200,13 +200,18 @@ def save_ewc(source: str | Path, estimate: FisherEstimate, output: str | Path) -
     )
 
 
+def has_ewc(manifest: Mapping[str, Any]) -> bool:
+    """Whether a checkpoint's manifest lists an ``ewc/`` directory."""
+    return any(f.get("kind") == "extra" and f.get("name") == EWC_DIR for f in manifest.get("files", []))
+
+
 def load_ewc(checkpoint: str | Path) -> FisherEstimate:
     """The EWC estimate stored in ``checkpoint`` (hashes verified)."""
     from ..checkpoint.lazy import open_checkpoint
     from ..checkpoint.load import load_extra
 
     src = open_checkpoint(checkpoint, verify=False)  # the manifest and progressive.json only
-    if not any(f.get("kind") == "extra" and f.get("name") == EWC_DIR for f in src.manifest.get("files", [])):
+    if not has_ewc(src.manifest):
         raise CheckpointError(
             f"checkpoint {checkpoint} holds no EWC estimate; make one with `lite-llm ewc estimate {checkpoint} --data DIR --domain NAME -o OUT`"
         )
