@@ -60,9 +60,27 @@ def test_width_tiling_layout_and_tied_final_norm():
     src, out = stored_state(model), stored_state(grow(model, "width", d_model=108))
     assert torch.equal(out["embed.weight"], src["embed.weight"].repeat(1, 3))
     assert torch.equal(out["layers.0.attn.o_proj.weight"], src["layers.0.attn.o_proj.weight"].repeat(3, 1))
-    torch.testing.assert_close(out["layers.1.attn.q_proj.weight"], src["layers.1.attn.q_proj.weight"].repeat(1, 3) / 3)
+    q = src["layers.1.attn.q_proj.weight"]
+    torch.testing.assert_close(out["layers.1.attn.q_proj.weight"], torch.cat([q * share for share in split_fractions(3, 0.6)], dim=1))
     assert torch.equal(out["layers.0.ffn_norm.weight"], src["layers.0.ffn_norm.weight"].repeat(3))
     torch.testing.assert_close(out["norm.weight"], src["norm.weight"].repeat(3) / 3)  # the tied head's 1/k
+
+
+def test_width_tiling_copies_drift_apart_under_adam():
+    """Equal reader shares (W/k) would give every copy of a residual dimension the same
+    gradient at every step, so AdamW would keep them identical forever (the grown model a small
+    one in disguise); the default unequal shares let them drift apart after the first step."""
+    model = random_model(dense_shapes()["gqa2-untied"])  # d = 40
+    grown = grow(model, "width", d_model=80).train()
+    opt = torch.optim.AdamW(grown.parameters(), lr=1e-2)
+    ids = sample_ids(grown.config)
+    embed = dict(grown.named_parameters())["embed.weight"]
+    for _ in range(3):
+        grown(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    drift = (embed[:, :40] - embed[:, 40:]).abs().max()
+    assert drift > 0.1 * embed.abs().mean()
 
 
 def test_width_padding_rescales_norms_and_eps():
@@ -109,6 +127,7 @@ def test_width_padding_lets_gradient_reach_the_new_dimensions():
         ({"d_model": 40}, "d_model must be an integer larger than the current 40"),
         ({"d_model": 30}, "larger than the current 40"),
         ({"d_model": 80, "noise": -1.0}, "noise must be a non-negative number"),
+        ({"d_model": 80, "split": 0.5}, "split must not be 0.5: equal shares keep the copies identical"),
     ],
 )
 def test_width_bad_parameters(params, message):

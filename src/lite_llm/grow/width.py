@@ -7,10 +7,15 @@ is an RMSNorm scale.  Growing d -> D maps the residual stream x to a wider x' an
 tensor so that every reader still sees the same value:
 
 * D = k*d (tiling): x' = [x, x, ..., x].  Writers are tiled k times, so they write x'.  Readers
-  get their input columns tiled and divided by k: [W/k, ..., W/k] x' = W x.  RMSNorm's mean of
-  squares is the same over k identical copies, so the normalised x' is the tiled normalised x
-  and the scale is simply tiled.  With tied embeddings the shared matrix must stay tiled (it
-  writes the embedding), so the head's 1/k goes into the final norm's scale instead.
+  get their input columns tiled in shares that sum to one: [s_1 W, ..., s_k W] x' = W x.  The
+  shares are unequal (``split``, ``split`` of the rest, ...): with equal shares W/k every copy
+  of a residual dimension receives the same gradient forever, under SGD and Adam alike, so the
+  grown model would keep the small model's width in disguise; unequal reader shares make the
+  readers' updates (equal for every copy) stop being proportional to the shares after one
+  step, and the copies drift apart.  RMSNorm's mean of squares is the same over k identical
+  copies, so the normalised x' is the tiled normalised x and the scale is simply tiled.  With
+  tied embeddings the shared matrix must stay tiled (it writes the embedding), so the head
+  reads the copies equally and its 1/k goes into the final norm's scale instead.
 * otherwise (LEMON-style padding): x' = [x, 0].  Writers get zero rows; readers' new columns
   see only zeros, so they may hold anything: seeded N(0, init_std) noise, which lets gradient
   reach the new dimensions.  RMSNorm now averages over D instead of d: mean(x'^2) = mean(x^2)
@@ -193,10 +198,11 @@ def _with_noise_after(t: torch.Tensor, axis: int, start: int, std: float, gen: t
     return torch.cat([t.narrow(axis, 0, start), noisy], dim=axis)
 
 
-def tile_tensor(t: torch.Tensor, axis: int, k: int, scale: float = 1.0, noise_std: float = 0.0, gen: torch.Generator | None = None) -> torch.Tensor:
-    """``t`` repeated ``k`` times along ``axis``, times ``scale``, noise on copies 2..k."""
-    out = t if scale == 1.0 else (t.to(work_dtype(t)) * scale)
-    out = torch.cat([out] * k, dim=axis)
+def tile_tensor(t: torch.Tensor, axis: int, shares: list[float], noise_std: float = 0.0, gen: torch.Generator | None = None) -> torch.Tensor:
+    """``t`` repeated ``len(shares)`` times along ``axis``, copy r times ``shares[r]``, noise on
+    copies 2..k."""
+    work = t.to(work_dtype(t))
+    out = torch.cat([t if share == 1.0 else work * share for share in shares], dim=axis)
     if noise_std:
         out = _with_noise_after(out.to(work_dtype(t)), axis, t.shape[axis], noise_std, gen)
     return out.to(t.dtype)
@@ -210,16 +216,17 @@ def pad_tensor(t: torch.Tensor, axis: int, size: int, fill_std: float = 0.0, gen
     return torch.cat([t, fill], dim=axis)
 
 
-def _tiled_producer(tensors: Tensors, name: str, role: Role, axis: int, k: int, final_scale: float, noise_std: float, seed: int) -> Producer:
-    """Integer growth d -> k*d: writers tiled, readers tiled / k, norm scales tiled (the final
-    norm's times ``final_scale``, 1/k when the head is tied to the embedding)."""
+def _tiled_producer(tensors: Tensors, name: str, role: Role, axis: int, k: int, final_scale: float, split: float, noise_std: float, seed: int) -> Producer:
+    """Integer growth d -> k*d: writers tiled, readers tiled in the unequal shares ``split``
+    gives, norm scales tiled (the final norm's times ``final_scale``, 1/k when the head is
+    tied to the embedding)."""
     if role == "keep":
         return lambda: tensors[name]
     if role == "norm":
         scale = final_scale if name == "norm.weight" else 1.0
-        return lambda: tile_tensor(tensors[name], 0, k, scale)
-    scale = 1.0 / k if role == "reader" else 1.0
-    return lambda: tile_tensor(tensors[name], axis, k, scale, noise_std, tensor_generator(seed, name))
+        return lambda: tile_tensor(tensors[name], 0, [scale] * k)
+    shares = split_fractions(k, split) if role == "reader" else [1.0] * k
+    return lambda: tile_tensor(tensors[name], axis, shares, noise_std, tensor_generator(seed, name))
 
 
 def _padded_norm(g: torch.Tensor, size: int) -> torch.Tensor:
@@ -244,17 +251,22 @@ def _padded_producer(tensors: Tensors, name: str, role: Role, axis: int, size: i
 
 
 @register("width", family="width", exact=lambda p: not p.get("noise"))
-def hidden(config: ModelConfig, tensors: Tensors, *, d_model: int, noise: float = 0.0, seed: int = 0) -> tuple[ModelConfig, LazyTensors]:
+def hidden(
+    config: ModelConfig, tensors: Tensors, *, d_model: int, split: float = 0.6, noise: float = 0.0, seed: int = 0
+) -> tuple[ModelConfig, LazyTensors]:
     """Widen the residual stream to ``d_model``: tiling when it is a multiple of the current
     size, LEMON zero padding otherwise — exact either way.
 
-    head_dim, the heads and the FFN sizes are unchanged.  ``noise`` (a multiple of init_std,
+    head_dim, the heads and the FFN sizes are unchanged.  ``split`` (tiling) is the share of
+    each reader column the first copy gets (``split`` of the rest to the next, ...; not 1/2,
+    which would keep the copies identical under training).  ``noise`` (a multiple of init_std,
     default 0) perturbs the copies (tiling) or the zero rows of the writers (padding) so the new
     dimensions start apart; the function is then no longer exact.
     """
     d = config.d_model
     if not isinstance(d_model, int) or d_model <= d:
         raise ConfigError(f"d_model must be an integer larger than the current {d} (width growth only widens), got {d_model!r}")
+    check_split(split)
     _check_noise(noise)
     noise_std = float(noise) * config.init_std
     what = f"width growth to d_model={d_model}"
@@ -265,7 +277,7 @@ def hidden(config: ModelConfig, tensors: Tensors, *, d_model: int, noise: float 
         final_scale = 1.0 / k if config.tie_embeddings else 1.0
         for name in tensors:
             role, axis = residual_role(name)
-            producers[name] = _tiled_producer(tensors, name, role, axis, k, final_scale, noise_std, seed)
+            producers[name] = _tiled_producer(tensors, name, role, axis, k, final_scale, split, noise_std, seed)
     else:
         new_config = replace_within_budgets(config, what, d_model=d_model, norm_eps=config.norm_eps * d / d_model)
         for name in tensors:
