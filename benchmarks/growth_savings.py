@@ -65,6 +65,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument(
+        "--rewarm", type=int, default=30,
+        help="takeover: steps over which the grown model's learning rate ramps back up to the schedule's (its AdamW moments start fresh).",
+    )
     parser.add_argument("--eval-every", type=int, default=40, help="Evaluations of the continued runs (to find where they cross the target).")
     parser.add_argument("--chart", type=Path, default=ROOT / "benchmarks" / "results" / "growth_savings.png")
     parser.add_argument("--quick", action="store_true")
@@ -91,11 +95,23 @@ def main() -> None:
             domains=MIXTURE, eval_every=eval_every, eval_batches=6, eval_batch_size=16, keep_last=1,
         )
 
+    class Rewarm(TrainerCallback):
+        """The grown model's first ``steps`` steps ramp its learning rate linearly up to the
+        schedule's: fresh AdamW moments make the first updates ~lr * sign(gradient) for every
+        weight, which at the mid-run learning rate undoes part of what growth kept."""
+
+        def __init__(self, start: int, steps: int):
+            self.start, self.steps = start, steps
+
+        def lr_scale(self, trainer, step: int) -> float:
+            return min(1.0, (step - self.start + 1) / self.steps) if self.steps else 1.0
+
     def train(model, cfg: "TrainConfig", run: str, start: int = 0, until: int | None = None):
         """Train steps ``start .. until`` of the run ``cfg`` describes on the mixture; returns
         (final mean val loss, FLOPs, [(flops, mean val loss)])."""
         shutil.rmtree(work / run, ignore_errors=True)
-        trainer = Trainer(model, data, cfg, run_dir=work / run, show_progress=False)
+        callbacks = [Rewarm(start, args.rewarm)] if start else []
+        trainer = Trainer(model, data, cfg, run_dir=work / run, callbacks=callbacks, show_progress=False)
         trainer.step = start  # takeover: the grown model continues the run at this step
         started = time.perf_counter()
         result = trainer.train(until=until)
@@ -200,7 +216,7 @@ def main() -> None:
     _chart(results, scratch, args.chart)
     print(f"chart: {args.chart}")
     settings = {"protocol": args.protocol, "steps": args.steps, "batch": args.batch, "seq": args.seq, "lr": args.lr}
-    settings.update({"switch": args.switch} if args.protocol == "takeover" else {"small_frac": args.small_frac, "cont_frac": args.cont_frac})
+    settings.update({"switch": args.switch, "rewarm": args.rewarm} if args.protocol == "takeover" else {"small_frac": args.small_frac, "cont_frac": args.cont_frac})
     emit_json(
         {
             "benchmark": "growth_savings",
