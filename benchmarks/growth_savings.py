@@ -24,6 +24,14 @@ Protocols (``--protocol``):
   the model differs, and only before the switch.
 * ``restart``: S trains ``--small-frac`` of the steps on its own full schedule, then the grown
   L trains ``--cont-frac`` of them on a new warm-up + cosine schedule (a separate run).
+* ``budget``: the direct test of a savings claim.  The grown path gets ``--budget`` (e.g. 0.6)
+  of the scratch run's FLOPs as one run of its own length N (the same schedule family: warm-up,
+  cosine to 10% over N steps): S trains its first ``t`` of the steps, L takes over (as in
+  ``takeover``) and the run ends when the budget is spent.  N follows from the budget and the
+  two models' FLOPs per step.  If the final loss is at or below the scratch run's, the path
+  needs at most ``budget`` of the scratch FLOPs: savings >= 1 - budget.  Two controls at the
+  same budget, each on its own full schedule: L from scratch (what the scratch run reaches
+  with that compute) and S alone (whether growing was needed at all).
 
 Paths (L = 4 layers, d 192, 6 query / 2 KV heads of 32, SwiGLU 512: 1.7 M parameters):
 
@@ -57,8 +65,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / "growth_savings")
     parser.add_argument("--steps", type=int, default=1000, help="Steps of each from-scratch run.")
-    parser.add_argument("--protocol", choices=["takeover", "restart"], default="takeover")
-    parser.add_argument("--switch", type=float, nargs="+", default=[0.5, 0.75], help="takeover: the fractions of the run S trains before L takes over.")
+    parser.add_argument("--protocol", choices=["takeover", "restart", "budget"], default="takeover")
+    parser.add_argument("--switch", type=float, nargs="+", default=[0.5, 0.75], help="takeover, budget: the fractions of the run S trains before L takes over.")
+    parser.add_argument("--budget", type=float, default=0.6, help="budget: the grown path's FLOPs as a fraction of the scratch run's.")
     parser.add_argument("--small-frac", type=float, default=0.6, help="restart: steps of S as a fraction of --steps.")
     parser.add_argument("--cont-frac", type=float, default=0.5, help="restart: steps of the continued run as a fraction of --steps.")
     parser.add_argument("--paths", nargs="+", default=["depth", "width", "upcycle"], choices=["depth", "width", "upcycle"])
@@ -85,6 +94,7 @@ def main() -> None:
     from lite_llm.grow.expand import materialize
     from lite_llm.model import stored_state
     from lite_llm.train import TrainConfig, Trainer, TrainerCallback, read_metrics
+    from lite_llm.train.flops import flops_per_token
 
     work = args.workdir
     data = stdlib_prose_and_code(work)
@@ -133,6 +143,8 @@ def main() -> None:
         "upcycle": (dense.replace(intermediate_size=256, name="S-moe"), [("upcycle", {"num_experts": 4, "k_expert": 2})]),
     }
     scratch: dict[str, tuple[float, float, list]] = {}
+    controls: dict[str, tuple[str, tuple[float, float, list]]] = {}  # budget: other runs at the same FLOPs (and their scratch run)
+    lengths: dict[str, int] = {}  # budget: the steps of each grown path's run
     results = {}
     ids = torch.randint(0, 256, (2, args.seq), generator=torch.Generator().manual_seed(0))
     for name in args.paths:
@@ -153,6 +165,20 @@ def main() -> None:
             Trainer(small, data, cfg, run_dir=work / f"{name}-small", callbacks=[Snapshot()], show_progress=False).train(until=switches[-1])
             small_curve = [(r["flops"], _mean_loss(r["val"])) for r in read_metrics(work / f"{name}-small") if "val" in r]
             starts = [(f"{name}@{k / args.steps:g}", k, snapshots[k][0], snapshots[k][1]) for k in switches]
+        elif args.protocol == "budget":
+            # One run per switch point, of the length that spends the budget: S's steps, then L's.
+            per_step_small, per_step_large = (flops_per_token(c, args.seq) * args.batch * args.seq for c in (small_cfg, dense))
+            starts = []
+            for t in sorted(args.switch):
+                length = round(args.budget * args.steps * per_step_large / (t * per_step_small + (1 - t) * per_step_large))
+                at = round(t * length)
+                label = f"{name}@{t:g}"
+                lengths[label] = length
+                small = build_model(small_cfg, seed=0)
+                _, small_flops, small_curve = train(small, schedule(length, max(length // 8, 1)), f"{label.replace('@', '-at-')}-small", until=at)
+                starts.append((label, at, stored_state(small), small_flops))
+            alone_steps = round(args.budget * args.steps * per_step_large / per_step_small)
+            controls[f"{name}: S alone"] = (_scratch_key(name), train(build_model(small_cfg, seed=0), schedule(alone_steps, args.eval_every), f"{name}-small-alone"))
         else:
             small_steps, cont_steps = int(args.steps * args.small_frac), int(args.steps * args.cont_frac)
             _, small_flops, small_curve = train(small, schedule(small_steps, max(small_steps // 8, 1)), f"{name}-small")
@@ -166,13 +192,18 @@ def main() -> None:
                 before = materialize(small_cfg, dict(small_state)).eval()(ids).logits
                 drift = float((before - grown.eval()(ids).logits).abs().max())
             grown.train()
-            key = "moe" if name == "upcycle" else "dense"
+            key = _scratch_key(name)
             if key not in scratch:
                 scratch[key] = train(build_model(config, seed=0), schedule(args.steps, args.eval_every), f"scratch-{key}")
+                if args.protocol == "budget":
+                    steps = round(args.budget * args.steps)
+                    controls[f"scratch {key}"] = (key, train(build_model(config, seed=0), schedule(steps, args.eval_every), f"scratch-{key}-budget"))
             target, scratch_flops, scratch_curve = scratch[key]
             run = f"{label.replace('@', '-at-')}-grown"
             if args.protocol == "takeover":
                 final, cont_flops, curve = train(grown, schedule(args.steps, args.eval_every), run, start=at)
+            elif args.protocol == "budget":
+                final, cont_flops, curve = train(grown, schedule(lengths[label], args.eval_every), run, start=at)
             else:
                 final, cont_flops, curve = train(grown, schedule(cont_steps, args.eval_every), run)
             reached = _first_crossing(curve, target)
@@ -180,7 +211,8 @@ def main() -> None:
             # The same question asked at the grown run's own final loss: what would scratch pay for it?
             scratch_to_final = _first_crossing(scratch_curve, final)
             results[label] = {
-                "switch_step": at if args.protocol == "takeover" else None,
+                "switch_step": at if args.protocol != "restart" else None,
+                "run_steps": lengths.get(label, args.steps if args.protocol == "takeover" else None),
                 "small_params": small_cfg.num_params(),
                 "large_params": config.num_params(),
                 "large_active_params": config.num_active_params(),
@@ -213,17 +245,32 @@ def main() -> None:
         ["path", "params S -> L", "growth |dlogit|", "target", "grown final", "scratch at same FLOPs", "S FLOPs", "grown FLOPs to target", "scratch FLOPs", "savings", "savings at grown final loss"],
         rows, title=f"compute to reach the from-scratch model's final validation loss (mean of prose and code, nats/token), protocol {args.protocol}",
     )
+    if controls:
+        print_table(
+            ["control run (its own full schedule)", "FLOPs", "FLOPs / scratch", "final loss"],
+            [[n, f"{f:.3e}", f"{f / scratch[key][1]:.3f}", f"{l:.4f}"] for n, (key, (l, f, _)) in controls.items()],
+            title=f"controls at the budget ({args.budget:g} of the scratch FLOPs)",
+        )
     _chart(results, scratch, args.chart)
     print(f"chart: {args.chart}")
     settings = {"protocol": args.protocol, "steps": args.steps, "batch": args.batch, "seq": args.seq, "lr": args.lr}
-    settings.update({"switch": args.switch, "rewarm": args.rewarm} if args.protocol == "takeover" else {"small_frac": args.small_frac, "cont_frac": args.cont_frac})
+    if args.protocol == "restart":
+        settings.update({"small_frac": args.small_frac, "cont_frac": args.cont_frac})
+    else:
+        settings.update({"switch": args.switch, "rewarm": args.rewarm}, **({"budget": args.budget} if args.protocol == "budget" else {}))
     emit_json(
         {
             "benchmark": "growth_savings",
             "paths": {n: {k: rounded(v) for k, v in r.items() if k not in ("curve", "small_curve")} for n, r in results.items()},
+            "controls": {n: {"flops": rounded(f), "final_loss": rounded(l)} for n, (_, (l, f, _)) in controls.items()},
             "settings": settings,
         }
     )
+
+
+def _scratch_key(path: str) -> str:
+    """Which scratch run a path is measured against: upcycling grows a MoE, the others a dense L."""
+    return "moe" if path == "upcycle" else "dense"
 
 
 def _mean_loss(val: dict) -> float:
