@@ -71,6 +71,11 @@ def main() -> None:
     parser.add_argument("--small-frac", type=float, default=0.6, help="restart: steps of S as a fraction of --steps.")
     parser.add_argument("--cont-frac", type=float, default=0.5, help="restart: steps of the continued run as a fraction of --steps.")
     parser.add_argument("--paths", nargs="+", default=["depth", "width", "upcycle"], choices=["depth", "width", "upcycle"])
+    parser.add_argument("--d-model", type=int, default=192, help="L's hidden size (S halves it on the width path).")
+    parser.add_argument("--heads", type=int, default=6, help="L's query heads.")
+    parser.add_argument("--kv-heads", type=int, default=2, help="L's KV heads.")
+    parser.add_argument("--head-dim", type=int, default=32)
+    parser.add_argument("--ffn", type=int, default=512, help="L's SwiGLU hidden size.")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--lr", type=float, default=3e-3)
@@ -131,16 +136,18 @@ def main() -> None:
         print(f"{run}: steps {start}..{trainer.step}, {result.flops:.3e} FLOPs, val loss {curve[-1][1]:.4f}, {time.perf_counter() - started:.0f} s", flush=True)
         return curve[-1][1], result.flops, curve
 
+    d, h, kv, ffn = args.d_model, args.heads, args.kv_heads, args.ffn
     dense = ModelConfig(
-        vocab_size=256, d_model=192, n_layers=4, n_heads=6, n_kv_heads=2, head_dim=32, intermediate_size=512, max_seq_len=args.seq, name="L",
+        vocab_size=256, d_model=d, n_layers=4, n_heads=h, n_kv_heads=kv, head_dim=args.head_dim, intermediate_size=ffn, max_seq_len=args.seq,
+        name="L",
     )
-    paths = {
+    paths = {  # S is L halved along the path's axis
         "depth": (dense.replace(n_layers=2, name="S-depth"), [("llama_pro", {"target_layers": 4})]),
         "width": (
-            dense.replace(d_model=96, n_heads=3, n_kv_heads=1, intermediate_size=256, name="S-width"),
-            [("width", {"d_model": 192}), ("heads", {"n_heads": 6, "mode": "split"}), ("ffn_width", {"intermediate_size": 512, "mode": "split"})],
+            dense.replace(d_model=d // 2, n_heads=h // 2, n_kv_heads=kv // 2, intermediate_size=ffn // 2, name="S-width"),
+            [("width", {"d_model": d}), ("heads", {"n_heads": h, "mode": "split"}), ("ffn_width", {"intermediate_size": ffn, "mode": "split"})],
         ),
-        "upcycle": (dense.replace(intermediate_size=256, name="S-moe"), [("upcycle", {"num_experts": 4, "k_expert": 2})]),
+        "upcycle": (dense.replace(intermediate_size=ffn // 2, name="S-moe"), [("upcycle", {"num_experts": 4, "k_expert": 2})]),
     }
     scratch: dict[str, tuple[float, float, list]] = {}
     controls: dict[str, tuple[str, tuple[float, float, list]]] = {}  # budget: other runs at the same FLOPs (and their scratch run)
@@ -254,6 +261,7 @@ def main() -> None:
     _chart(results, scratch, args.chart)
     print(f"chart: {args.chart}")
     settings = {"protocol": args.protocol, "steps": args.steps, "batch": args.batch, "seq": args.seq, "lr": args.lr}
+    settings.update(d_model=d, heads=h, kv_heads=kv, head_dim=args.head_dim, ffn=ffn)
     if args.protocol == "restart":
         settings.update({"small_frac": args.small_frac, "cont_frac": args.cont_frac})
     else:
