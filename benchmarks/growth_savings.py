@@ -258,7 +258,7 @@ def main() -> None:
             [[n, f"{f:.3e}", f"{f / scratch[key][1]:.3f}", f"{l:.4f}"] for n, (key, (l, f, _)) in controls.items()],
             title=f"controls at the budget ({args.budget:g} of the scratch FLOPs)",
         )
-    _chart(results, scratch, args.chart)
+    _chart(results, scratch, args.chart, {name: curve for name, (_, (_, _, curve)) in controls.items()})
     print(f"chart: {args.chart}")
     settings = {"protocol": args.protocol, "steps": args.steps, "batch": args.batch, "seq": args.seq, "lr": args.lr}
     settings.update(d_model=d, heads=h, kv_heads=kv, head_dim=args.head_dim, ffn=ffn)
@@ -306,7 +306,7 @@ def _first_crossing(curve: list[tuple[float, float]], target: float) -> float | 
     return None
 
 
-def _chart(results: dict, scratch: dict, path: Path) -> None:
+def _chart(results: dict, scratch: dict, path: Path, controls: dict[str, list] | None = None) -> None:
     from lite_llm.plot import _pyplot, _save
 
     plt = _pyplot()
@@ -319,6 +319,8 @@ def _chart(results: dict, scratch: dict, path: Path) -> None:
         ax.plot(xs, ys, marker=".", label=f"{name}: S then grown")
     for key, (target, flops, curve) in scratch.items():
         ax.plot([f for f, _ in curve], [l for _, l in curve], marker="s", markersize=3, linestyle="--", label=f"scratch ({key})")
+    for name, curve in (controls or {}).items():
+        ax.plot([f for f, _ in curve], [l for _, l in curve], linestyle="-.", linewidth=1, label=f"control: {name}")
     ax.set_xlabel("training FLOPs (S's included)")
     ax.set_ylabel("validation loss, mean of prose and code (nats/token)")
     ax.set_title("growth vs training from scratch (dotted: scratch final = target)")

@@ -55,6 +55,15 @@ def test_width_is_exact(shape, size):
     assert_same_function(model, grown)
 
 
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_width_pad_mode_is_exact_at_an_integer_factor(shape):
+    model = random_model(SHAPES[shape])
+    d = model.config.d_model
+    grown = grow(model, "width", d_model=2 * d, mode="pad")
+    assert not stored_state(grown)["embed.weight"][:, d:].any()  # new dimensions start at zero, not as copies
+    assert_same_function(model, grown)
+
+
 def test_width_tiling_layout_and_tied_final_norm():
     model = random_model(dense_shapes()["gqa3-tied"])  # d = 36, tied
     src, out = stored_state(model), stored_state(grow(model, "width", d_model=108))
@@ -128,6 +137,8 @@ def test_width_padding_lets_gradient_reach_the_new_dimensions():
         ({"d_model": 30}, "larger than the current 40"),
         ({"d_model": 80, "noise": -1.0}, "noise must be a non-negative number"),
         ({"d_model": 80, "split": 0.5}, "split must not be 0.5: equal shares keep the copies identical"),
+        ({"d_model": 80, "mode": "copy"}, "unknown width mode 'copy'; choose one of auto, tile, pad"),
+        ({"d_model": 50, "mode": "tile"}, "width mode 'tile' needs d_model a multiple of the current 40, got 50"),
     ],
 )
 def test_width_bad_parameters(params, message):
@@ -183,7 +194,7 @@ def ffn_params(config: ModelConfig) -> dict:
     return params
 
 
-@pytest.mark.parametrize("mode", ["split", "paired_noise"])
+@pytest.mark.parametrize("mode", ["split", "paired_noise", "fresh"])
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_ffn_width_is_exact(shape, mode):
     model = random_model(SHAPES[shape])
@@ -193,6 +204,17 @@ def test_ffn_width_is_exact(shape, mode):
         assert grown.config.intermediate_size == params["intermediate_size"]
     assert_same_function(model, grown)
     assert get_op("ffn_width").exact({"mode": mode})
+
+
+def test_ffn_fresh_neurons_are_new_not_copies():
+    model = random_model(dense_shapes()["gqa2-untied"])
+    H = model.config.intermediate_size
+    src, out = stored_state(model), stored_state(grow(model, "ffn_width", intermediate_size=2 * H, mode="fresh", seed=1))
+    up, down = out["layers.0.ffn.up_proj.weight"], out["layers.0.ffn.down_proj.weight"]
+    assert torch.equal(up[:H], src["layers.0.ffn.up_proj.weight"]) and torch.equal(down[:, :H], src["layers.0.ffn.down_proj.weight"])
+    assert not down[:, H:].any()
+    assert 0.5 * model.config.init_std < up[H:].std() < 2 * model.config.init_std
+    assert not torch.allclose(up[H:], up[:H])
 
 
 def test_ffn_split_shares_are_asymmetric_and_sum_to_one():

@@ -106,11 +106,14 @@ MOE = ModelConfig(
         # (they scale zeros at first): 8 new entries in each of the 5 norms get no Fisher.
         (DENSE, "width", {"d_model": 40}, 5 * 8),
         (DENSE, "ffn_width", {"intermediate_size": 80, "mode": "split"}, 0),
+        # fresh neurons: random incoming rows and zero outgoing columns come from no source
+        # (Fisher 0, like LEMON's random reader columns; only mixed sources count as unmapped)
+        (DENSE, "ffn_width", {"intermediate_size": 80, "mode": "fresh"}, 0),
         (DENSE, "llama_pro", {"target_layers": 4}, 0),
         (DENSE, "upcycle", {"num_experts": 4, "k_expert": 2}, 0),
         (MOE, "add_experts", {"tier": "tier_a", "count": 2}, 0),
     ],
-    ids=["width-tile", "width-pad", "ffn-split", "llama-pro", "upcycle", "add-experts"],
+    ids=["width-tile", "width-pad", "ffn-split", "ffn-fresh", "llama-pro", "upcycle", "add-experts"],
 )
 def test_carried_estimate_gives_the_same_penalty_for_the_same_change(config, method, params, unmapped):
     """Grow theta* and theta* + delta by the same map: the grown penalty of the grown change

@@ -51,7 +51,8 @@ from .registry import register
 from .tensors import LazyTensors, Producer, Tensors
 
 Role = Literal["reader", "writer", "norm", "keep"]
-FFN_MODES: tuple[str, ...] = ("split", "paired_noise", "noise_copies")
+FFN_MODES: tuple[str, ...] = ("split", "paired_noise", "noise_copies", "fresh")
+WIDTH_MODES: tuple[str, ...] = ("auto", "tile", "pad")
 
 # ----------------------------------------------------------------------------- shared helpers
 
@@ -252,10 +253,12 @@ def _padded_producer(tensors: Tensors, name: str, role: Role, axis: int, size: i
 
 @register("width", family="width", exact=lambda p: not p.get("noise"))
 def hidden(
-    config: ModelConfig, tensors: Tensors, *, d_model: int, split: float = 0.6, noise: float = 0.0, seed: int = 0
+    config: ModelConfig, tensors: Tensors, *, d_model: int, mode: str = "auto", split: float = 0.6, noise: float = 0.0, seed: int = 0
 ) -> tuple[ModelConfig, LazyTensors]:
     """Widen the residual stream to ``d_model``: tiling when it is a multiple of the current
-    size, LEMON zero padding otherwise — exact either way.
+    size, LEMON zero padding otherwise (``mode`` ``auto``) — exact either way.  ``mode``
+    ``pad`` pads at any size: the new dimensions start at zero with fresh readers, as new
+    capacity rather than copies; ``tile`` insists on tiling.
 
     head_dim, the heads and the FFN sizes are unchanged.  ``split`` (tiling) is the share of
     each reader column the first copy gets (``split`` of the rest to the next, ...; not 1/2,
@@ -266,12 +269,16 @@ def hidden(
     d = config.d_model
     if not isinstance(d_model, int) or d_model <= d:
         raise ConfigError(f"d_model must be an integer larger than the current {d} (width growth only widens), got {d_model!r}")
+    if mode not in WIDTH_MODES:
+        raise ConfigError(f"unknown width mode {mode!r}; choose one of {', '.join(WIDTH_MODES)}")
+    if mode == "tile" and d_model % d:
+        raise ConfigError(f"width mode 'tile' needs d_model a multiple of the current {d}, got {d_model}; use mode 'pad' (or 'auto')")
     check_split(split)
     _check_noise(noise)
     noise_std = float(noise) * config.init_std
     what = f"width growth to d_model={d_model}"
     producers: dict[str, Producer] = {}
-    if d_model % d == 0:
+    if d_model % d == 0 and mode != "pad":
         k = d_model // d
         new_config = replace_within_budgets(config, what, d_model=d_model)
         final_scale = 1.0 / k if config.tie_embeddings else 1.0
@@ -295,10 +302,12 @@ _EXPERT = re.compile(r"layers\.\d+\.ffn\.experts\.([a-z][a-z0-9_]*)\.(gate_up_pr
 
 @dataclasses.dataclass(frozen=True)
 class NeuronSplit:
-    """How ``old`` neurons become ``new``: new neuron j copies neuron ``j % old``.
+    """How ``old`` neurons become ``new``: new neuron j copies neuron ``j % old`` — or, in mode
+    ``fresh``, is a new neuron (N(0, noise_std^2) incoming rows, zero outgoing column).
 
     ``mode`` says how each source's outgoing column is shared among its copies; ``noise_std``
-    is the absolute std of the symmetry-breaking noise (modes ``paired_noise``, ``noise_copies``).
+    is the absolute std of the symmetry-breaking noise (modes ``paired_noise``, ``noise_copies``)
+    or of the new neurons' incoming rows (``fresh``).
     """
 
     old: int
@@ -314,6 +323,8 @@ class NeuronSplit:
     def incoming(self, rows: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """Rows (neuron axis -2) of gate or up for the new neurons: copies of their sources,
         with independent noise on the copies in mode ``noise_copies`` (not exact)."""
+        if self.mode == "fresh":
+            return pad_tensor(rows, -2, self.new, self.noise_std, gen)
         out = rows.index_select(-2, torch.tensor(self.source))
         if self.mode == "noise_copies":
             out = _with_noise_after(out.to(work_dtype(rows)), -2, self.old, self.noise_std, gen).to(rows.dtype)
@@ -322,6 +333,8 @@ class NeuronSplit:
     def outgoing(self, down: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """Columns (neuron axis -1) of down for the new neurons: each source's column shared
         among its copies in fractions summing to one, so sum_j down'_j h_j = sum_s down_s h_s."""
+        if self.mode == "fresh":
+            return pad_tensor(down, -1, self.new)
         source = torch.tensor(self.source)
         cols = down.to(work_dtype(down)).index_select(-1, source)
         if self.mode == "split":
@@ -388,13 +401,16 @@ def ffn(
     New neuron j copies neuron j mod H.  ``mode``: ``split`` shares each outgoing column as
     ``split``, ``split`` of the rest, ... (exact); ``paired_noise`` shares it equally plus
     zero-sum noise of ``noise`` * init_std across the copies (exact); ``noise_copies`` adds
-    independent noise to the copies' incoming rows (not exact).
+    independent noise to the copies' incoming rows (not exact); ``fresh`` copies nothing: the
+    new neurons get seeded N(0, init_std) incoming rows and zero outgoing columns (exact, like
+    LEMON's padding), so they start as new capacity instead of copies that must first drift
+    apart.
     """
     if mode not in FFN_MODES:
         raise ConfigError(f"unknown ffn_width mode {mode!r}; choose one of {', '.join(FFN_MODES)}")
     check_split(split)
     _check_noise(noise)
-    if mode != "split" and noise == 0:
+    if mode in ("paired_noise", "noise_copies") and noise == 0:
         raise ConfigError(f"mode {mode!r} needs noise > 0 to make the copies differ; give noise (e.g. 0.01) or use mode 'split'")
     targets = _expert_targets(config, expert_hidden)
     if intermediate_size is None and not targets:
@@ -404,7 +420,7 @@ def ffn(
     for tier_name, size in targets.items():
         _check_growth(f"tiers[{tier_name}].expert_hidden", config.tier(tier_name).expert_hidden, size)
 
-    noise_std = float(noise) * config.init_std
+    noise_std = config.init_std if mode == "fresh" else float(noise) * config.init_std
     dense = NeuronSplit(config.intermediate_size, intermediate_size, mode, split, noise_std) if intermediate_size else None
     experts = {t: NeuronSplit(config.tier(t).expert_hidden, h, mode, split, noise_std) for t, h in targets.items()}
     tiers = [dataclasses.replace(t, expert_hidden=targets.get(t.name, t.expert_hidden)) for t in config.tiers]
