@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=0.6, help="budget: the grown path's FLOPs as a fraction of the scratch run's.")
     parser.add_argument("--small-frac", type=float, default=0.6, help="restart: steps of S as a fraction of --steps.")
     parser.add_argument("--cont-frac", type=float, default=0.5, help="restart: steps of the continued run as a fraction of --steps.")
-    parser.add_argument("--paths", nargs="+", default=["depth", "width", "upcycle"], choices=["depth", "width", "upcycle"])
+    parser.add_argument("--paths", nargs="+", default=["depth", "width", "upcycle"], choices=["depth", "width", "width_fresh", "upcycle"])
     parser.add_argument("--d-model", type=int, default=192, help="L's hidden size (S halves it on the width path).")
     parser.add_argument("--heads", type=int, default=6, help="L's query heads.")
     parser.add_argument("--kv-heads", type=int, default=2, help="L's KV heads.")
@@ -147,11 +147,19 @@ def main() -> None:
             dense.replace(d_model=d // 2, n_heads=h // 2, n_kv_heads=kv // 2, intermediate_size=ffn // 2, name="S-width"),
             [("width", {"d_model": d}), ("heads", {"n_heads": h, "mode": "split"}), ("ffn_width", {"intermediate_size": ffn, "mode": "split"})],
         ),
+        # the same S and sizes as "width", grown as fresh capacity instead of copies: zero new
+        # residual dimensions (LEMON padding), silent copies of the heads, fresh FFN neurons
+        "width_fresh": (
+            dense.replace(d_model=d // 2, n_heads=h // 2, n_kv_heads=kv // 2, intermediate_size=ffn // 2, name="S-width"),
+            [("width", {"d_model": d, "mode": "pad"}), ("heads", {"n_heads": h, "mode": "copy"}), ("ffn_width", {"intermediate_size": ffn, "mode": "fresh"})],
+        ),
         "upcycle": (dense.replace(intermediate_size=ffn // 2, name="S-moe"), [("upcycle", {"num_experts": 4, "k_expert": 2})]),
     }
     scratch: dict[str, tuple[float, float, list]] = {}
     controls: dict[str, tuple[str, tuple[float, float, list]]] = {}  # budget: other runs at the same FLOPs (and their scratch run)
     lengths: dict[str, int] = {}  # budget: the steps of each grown path's run
+    small_runs: dict[tuple, tuple] = {}  # budget: S runs by (S, schedule, switch step)
+    small_curves: dict[str, list] = {}  # S's curve before each grown run
     results = {}
     ids = torch.randint(0, 256, (2, args.seq), generator=torch.Generator().manual_seed(0))
     for name in args.paths:
@@ -181,11 +189,17 @@ def main() -> None:
                 at = round(t * length)
                 label = f"{name}@{t:g}"
                 lengths[label] = length
-                small = build_model(small_cfg, seed=0)
-                _, small_flops, small_curve = train(small, schedule(length, max(length // 8, 1)), f"{label.replace('@', '-at-')}-small", until=at)
-                starts.append((label, at, stored_state(small), small_flops))
-            alone_steps = round(args.budget * args.steps * per_step_large / per_step_small)
-            controls[f"{name}: S alone"] = (_scratch_key(name), train(build_model(small_cfg, seed=0), schedule(alone_steps, args.eval_every), f"{name}-small-alone"))
+                key = (repr(small_cfg), length, at)  # paths that share S (and so the schedule) share its run
+                if key not in small_runs:
+                    small = build_model(small_cfg, seed=0)
+                    _, flops, curve = train(small, schedule(length, max(length // 8, 1)), f"{label.replace('@', '-at-')}-small", until=at)
+                    small_runs[key] = (stored_state(small), flops, curve)
+                small_state, small_flops, small_curves[label] = small_runs[key]
+                starts.append((label, at, small_state, small_flops))
+            alone = f"{small_cfg.name} alone"
+            if alone not in controls:
+                alone_steps = round(args.budget * args.steps * per_step_large / per_step_small)
+                controls[alone] = (_scratch_key(name), train(build_model(small_cfg, seed=0), schedule(alone_steps, args.eval_every), f"{name}-small-alone"))
         else:
             small_steps, cont_steps = int(args.steps * args.small_frac), int(args.steps * args.cont_frac)
             _, small_flops, small_curve = train(small, schedule(small_steps, max(small_steps // 8, 1)), f"{name}-small")
@@ -235,7 +249,7 @@ def main() -> None:
                 "scratch_flops_to_grown_final": scratch_to_final,
                 "savings_at_grown_final": 1 - (small_flops + cont_flops) / scratch_to_final if scratch_to_final else None,
                 "curve": [(small_flops + f, l) for f, l in curve],
-                "small_curve": [(f, l) for f, l in small_curve if f <= small_flops],
+                "small_curve": [(f, l) for f, l in (small_curves[label] if label in small_curves else small_curve) if f <= small_flops],
             }
 
     rows = []
