@@ -37,8 +37,12 @@ Paths (L = 4 layers, d 192, 6 query / 2 KV heads of 32, SwiGLU 512: 1.7 M parame
 
 * depth:   S has 2 layers;                      ``llama_pro`` to 4 (new blocks silent);
 * width:   S has d 96, 3/1 heads, SwiGLU 256;   ``width`` 192, ``heads`` 6 (split), ``ffn_width`` 512;
+* width_fresh: the same S;                     ``width`` 192 ``mode: pad``, ``heads`` 6 ``copy``,
+  ``ffn_width`` 512 ``fresh`` — the new half of each axis starts as fresh capacity, not copies;
 * upcycle: S is L with SwiGLU 256;              ``upcycle`` to 4 experts of 256, top-2 — and its
   L (same active FLOPs per token as the dense L, 2.5x the FFN parameters) has its own scratch run.
+
+``--d-model --heads --kv-heads --head-dim --ffn`` change L's shape (S halves it along each path).
 
 Scale: byte-level models of 0.5-1.7 M parameters on ~2 M training tokens (1000 steps of 16 x 128)
 per scratch run, so the whole study fits one session on 2 CPU cores.  That is small for the
