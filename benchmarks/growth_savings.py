@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument(
         "--rewarm", type=int, default=30,
-        help="takeover: steps over which the grown model's learning rate ramps back up to the schedule's (its AdamW moments start fresh).",
+        help="takeover, budget: steps over which the grown model's learning rate ramps back up to the schedule's (its AdamW moments start fresh).",
     )
     parser.add_argument("--eval-every", type=int, default=40, help="Evaluations of the continued runs (to find where they cross the target).")
     parser.add_argument("--chart", type=Path, default=ROOT / "benchmarks" / "results" / "growth_savings.png")
