@@ -202,7 +202,7 @@ def _with_noise_after(t: torch.Tensor, axis: int, start: int, std: float, gen: t
 def tile_tensor(t: torch.Tensor, axis: int, shares: list[float], noise_std: float = 0.0, gen: torch.Generator | None = None) -> torch.Tensor:
     """``t`` repeated ``len(shares)`` times along ``axis``, copy r times ``shares[r]``, noise on
     copies 2..k."""
-    work = t.to(work_dtype(t))
+    work = t.to(work_dtype(t)) if any(share != 1.0 for share in shares) else t  # writers need no upcast
     out = torch.cat([t if share == 1.0 else work * share for share in shares], dim=axis)
     if noise_std:
         out = _with_noise_after(out.to(work_dtype(t)), axis, t.shape[axis], noise_std, gen)
