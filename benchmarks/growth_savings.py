@@ -168,7 +168,6 @@ def main() -> None:
     ids = torch.randint(0, 256, (2, args.seq), generator=torch.Generator().manual_seed(0))
     for name in args.paths:
         small_cfg, chain = paths[name]
-        small = build_model(small_cfg, seed=0)
         if args.protocol == "takeover":
             # S runs the scratch run's schedule and is snapshotted at every switch point.
             switches = sorted({round(t * args.steps) for t in args.switch})
@@ -181,9 +180,10 @@ def main() -> None:
 
             cfg = schedule(args.steps, max(args.steps // 8, 1))
             shutil.rmtree(work / f"{name}-small", ignore_errors=True)
-            Trainer(small, data, cfg, run_dir=work / f"{name}-small", callbacks=[Snapshot()], show_progress=False).train(until=switches[-1])
+            Trainer(build_model(small_cfg, seed=0), data, cfg, run_dir=work / f"{name}-small", callbacks=[Snapshot()], show_progress=False).train(until=switches[-1])
             small_curve = [(r["flops"], _mean_loss(r["val"])) for r in read_metrics(work / f"{name}-small") if "val" in r]
             starts = [(f"{name}@{k / args.steps:g}", k, snapshots[k][0], snapshots[k][1]) for k in switches]
+            small_curves.update({label: small_curve for label, *_ in starts})
         elif args.protocol == "budget":
             # One run per switch point, of the length that spends the budget: S's steps, then L's.
             per_step_small, per_step_large = (flops_per_token(c, args.seq) * args.batch * args.seq for c in (small_cfg, dense))
@@ -206,7 +206,8 @@ def main() -> None:
                 controls[alone] = (_scratch_key(name), train(build_model(small_cfg, seed=0), schedule(alone_steps, args.eval_every), f"{name}-small-alone"))
         else:
             small_steps, cont_steps = int(args.steps * args.small_frac), int(args.steps * args.cont_frac)
-            _, small_flops, small_curve = train(small, schedule(small_steps, max(small_steps // 8, 1)), f"{name}-small")
+            small = build_model(small_cfg, seed=0)
+            _, small_flops, small_curves[name] = train(small, schedule(small_steps, max(small_steps // 8, 1)), f"{name}-small")
             starts = [(name, 0, stored_state(small), small_flops)]
         for label, at, small_state, small_flops in starts:
             config, tensors = small_cfg, small_state
@@ -253,7 +254,7 @@ def main() -> None:
                 "scratch_flops_to_grown_final": scratch_to_final,
                 "savings_at_grown_final": 1 - (small_flops + cont_flops) / scratch_to_final if scratch_to_final else None,
                 "curve": [(small_flops + f, l) for f, l in curve],
-                "small_curve": [(f, l) for f, l in (small_curves[label] if label in small_curves else small_curve) if f <= small_flops],
+                "small_curve": [(f, l) for f, l in small_curves[label] if f <= small_flops],
             }
 
     rows = []
