@@ -36,6 +36,7 @@ Protocols (``--protocol``):
 Paths (L = 4 layers, d 192, 6 query / 2 KV heads of 32, SwiGLU 512: 1.7 M parameters):
 
 * depth:   S has 2 layers;                      ``llama_pro`` to 4 (new blocks silent);
+* depth_stack: the same S;                   ``stack`` to 4 (G_stack: both copies live; not exact);
 * width:   S has d 96, 3/1 heads, SwiGLU 256;   ``width`` 192, ``heads`` 6 (split), ``ffn_width`` 512;
 * width_fresh: the same S;                     ``width`` 192 ``mode: pad``, ``heads`` 6 ``copy``,
   ``ffn_width`` 512 ``fresh`` — the new half of each axis starts as fresh capacity, not copies;
@@ -74,7 +75,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=0.6, help="budget: the grown path's FLOPs as a fraction of the scratch run's.")
     parser.add_argument("--small-frac", type=float, default=0.6, help="restart: steps of S as a fraction of --steps.")
     parser.add_argument("--cont-frac", type=float, default=0.5, help="restart: steps of the continued run as a fraction of --steps.")
-    parser.add_argument("--paths", nargs="+", default=["depth", "width", "upcycle"], choices=["depth", "width", "width_fresh", "upcycle"])
+    parser.add_argument("--paths", nargs="+", default=["depth", "width", "upcycle"], choices=["depth", "depth_stack", "width", "width_fresh", "upcycle"])
     parser.add_argument("--d-model", type=int, default=192, help="L's hidden size (S halves it on the width path).")
     parser.add_argument("--heads", type=int, default=6, help="L's query heads.")
     parser.add_argument("--kv-heads", type=int, default=2, help="L's KV heads.")
@@ -147,6 +148,9 @@ def main() -> None:
     )
     paths = {  # S is L halved along the path's axis
         "depth": (dense.replace(n_layers=2, name="S-depth"), [("llama_pro", {"target_layers": 4})]),
+        # G_stack (Du et al. 2024, "Stacking Your Transformers"): the same S, its whole stack
+        # repeated — not function-preserving; that paper finds it beats identity-initialised depth
+        "depth_stack": (dense.replace(n_layers=2, name="S-depth"), [("stack", {"times": 2})]),
         "width": (
             dense.replace(d_model=d // 2, n_heads=h // 2, n_kv_heads=kv // 2, intermediate_size=ffn // 2, name="S-width"),
             [("width", {"d_model": d}), ("heads", {"n_heads": h, "mode": "split"}), ("ffn_width", {"intermediate_size": ffn, "mode": "split"})],
@@ -170,7 +174,8 @@ def main() -> None:
         small_cfg, chain = paths[name]
         if args.protocol == "takeover":
             # S runs the scratch run's schedule and is snapshotted at every switch point.
-            switches = sorted({round(t * args.steps) for t in args.switch})
+            fraction_at = {round(t * args.steps): t for t in sorted(args.switch)}  # labelled by the fraction asked for
+            switches = sorted(fraction_at)
             snapshots = {}
 
             class Snapshot(TrainerCallback):
@@ -182,7 +187,7 @@ def main() -> None:
             shutil.rmtree(work / f"{name}-small", ignore_errors=True)
             Trainer(build_model(small_cfg, seed=0), data, cfg, run_dir=work / f"{name}-small", callbacks=[Snapshot()], show_progress=False).train(until=switches[-1])
             small_curve = [(r["flops"], _mean_loss(r["val"])) for r in read_metrics(work / f"{name}-small") if "val" in r]
-            starts = [(f"{name}@{k / args.steps:g}", k, snapshots[k][0], snapshots[k][1]) for k in switches]
+            starts = [(f"{name}@{fraction_at[k]:g}", k, snapshots[k][0], snapshots[k][1]) for k in switches]
             small_curves.update({label: small_curve for label, *_ in starts})
         elif args.protocol == "budget":
             # One run per switch point, of the length that spends the budget: S's steps, then L's.

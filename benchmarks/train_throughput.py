@@ -8,10 +8,14 @@ layer, reported below).  Both train full steps (forward, backward, AdamW) on the
 the same process, interleaved; Mixtral runs with each experts implementation and the fastest
 one is the reference.
 
-    THP_MEM_ALLOC_ENABLE=1 python benchmarks/train_throughput.py [--steps 6] [--batch 16] [--seq 256]
+    THP_MEM_ALLOC_ENABLE=1 python benchmarks/train_throughput.py [--steps 6] [--batch 16] [--seq 256] [--profile]
 
 Prints tokens/s per candidate and the ratio ours / fastest Mixtral (target >= 1.5), then one
-JSON line.
+JSON line.  ``--profile`` also splits two steps of each model (torch.profiler, self CPU time)
+into matrix multiplies, attention and everything else, and prints the ceiling the matmuls
+and attention put on the speed-up: the fastest Mixtral's step divided by our matmul +
+attention time (our step times the profiled share), i.e. what ours / Mixtral would be if all
+our other work cost nothing.
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per candidate")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--profile", action="store_true", help="split each model's step into matmul / attention / other")
     args = parser.parse_args()
     threads = setup_torch_threads(args.threads)
 
@@ -107,6 +112,20 @@ def main() -> None:
     fastest = max(mixtral, key=mixtral.get) if mixtral else None
     speedup = tps["lite_llm"] / mixtral[fastest] if fastest else None
     print(f"\nLite LLM / fastest Mixtral ({fastest}): {speedup:.2f}x (target >= 1.5)" if speedup else "no Mixtral reference ran")
+    split = {name: profile_split(run) for name, run in candidates.items()} if args.profile else {}
+    ceiling = None
+    if split and fastest:
+        print_table(
+            ["model", "profiled s / step", "matmul", "attention", "other"],
+            [[n, f"{v['total']:.3f}", f"{v['matmul']:.3f}", f"{v['attention']:.3f}", f"{v['other']:.3f}"] for n, v in split.items()],
+            title="where a step's time goes (torch.profiler, self CPU time, mean of 2 steps)",
+        )
+        # The profiler's own overhead inflates its totals: take our matmul + attention *share*
+        # from the profile and the step times from the timed runs.
+        ours = split["lite_llm"]
+        floor = timings["lite_llm"].median * (ours["matmul"] + ours["attention"]) / ours["total"]
+        ceiling = timings[fastest].median / floor
+        print(f"ceiling: with every non-matmul, non-attention op free, ours / {fastest} would be {ceiling:.2f}x")
     emit_json(
         {
             "benchmark": "train_throughput",
@@ -118,8 +137,31 @@ def main() -> None:
             "fastest_mixtral": fastest,
             "speedup_vs_fastest_mixtral": speedup,
             "target_met": bool(speedup and speedup >= 1.5),
+            **({"profile_s_per_step": split, "ceiling_vs_fastest_mixtral": ceiling} if split else {}),
         }
     )
+
+
+MATMUL_OPS = {"aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm"}
+
+
+def profile_split(run, steps: int = 2) -> dict[str, float]:
+    """Seconds per step of ``run`` spent in matmuls, in attention kernels and in everything
+    else (self CPU time, so a matmul inside ``grouped_mm`` counts as matmul)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            run()
+    total = matmul = attention = 0.0
+    for event in prof.key_averages():
+        seconds = event.self_cpu_time_total / 1e6 / steps
+        total += seconds
+        if event.key in MATMUL_OPS:
+            matmul += seconds
+        elif "scaled_dot_product" in event.key:
+            attention += seconds
+    return {"total": total, "matmul": matmul, "attention": attention, "other": total - matmul - attention}
 
 
 if __name__ == "__main__":
