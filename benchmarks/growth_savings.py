@@ -45,6 +45,13 @@ Paths (L = 4 layers, d 192, 6 query / 2 KV heads of 32, SwiGLU 512: 1.7 M parame
 
 ``--d-model --heads --kv-heads --head-dim --ffn`` change L's shape (S halves it along each path).
 
+Each path is measured against a scratch run of the very config it grows into (a path whose growth
+changes a field — ``width mode: pad`` halves ``norm_eps`` — gets its own scratch run).  Single
+runs differ by ~0.01-0.02 nats from seed to seed, as much as the savings being measured, so
+``--seeds 1 2 3`` repeats the whole study per seed (data order, initialisation and growth noise
+all change) and adds a table of each path's final loss minus its own scratch run's, seed by
+seed, with the mean and standard deviation.
+
 Scale: byte-level models of 0.5-1.7 M parameters on ~2 M training tokens (1000 steps of 16 x 128)
 per scratch run, so the whole study fits one session on 2 CPU cores.  That is small for the
 progressive-training literature (which grows 100M+ models over billions of tokens); ``--steps``
@@ -90,12 +97,54 @@ def main() -> None:
     )
     parser.add_argument("--eval-every", type=int, default=40, help="Evaluations of the continued runs (to find where they cross the target).")
     parser.add_argument("--chart", type=Path, default=ROOT / "benchmarks" / "results" / "growth_savings.png")
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[1],
+        help="Repeat the whole study once per seed (data order, initialisation, growth noise), each in workdir/seed<N>, "
+        "and report each path against its own scratch run, seed by seed, with the mean and spread.",
+    )
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     if args.quick:
         args.steps, args.eval_every = 40, 5
     reexec_with_thp()
     setup_torch_threads()
+
+    studies = {}
+    for seed in args.seeds:
+        several = len(args.seeds) > 1
+        work = args.workdir / f"seed{seed}" if several else args.workdir
+        chart = args.chart.with_name(f"{args.chart.stem}_seed{seed}{args.chart.suffix}") if several else args.chart
+        if several:
+            print(f"=== seed {seed} ===", flush=True)
+        studies[seed] = _study(args, seed, work)
+        _report(args, *studies[seed], chart)
+    settings = {"protocol": args.protocol, "steps": args.steps, "batch": args.batch, "seq": args.seq, "lr": args.lr, "seeds": args.seeds}
+    settings.update(d_model=args.d_model, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim, ffn=args.ffn)
+    if args.protocol == "restart":
+        settings.update({"small_frac": args.small_frac, "cont_frac": args.cont_frac})
+    else:
+        settings.update({"switch": args.switch, "rewarm": args.rewarm}, **({"budget": args.budget} if args.protocol == "budget" else {}))
+    payload: dict = {"benchmark": "growth_savings"}
+    for seed, (results, _, controls) in studies.items():
+        figures = {
+            "paths": {n: {k: rounded(v) for k, v in r.items() if k not in ("curve", "small_curve")} for n, r in results.items()},
+            "controls": {n: {"flops": rounded(f), "final_loss": rounded(l)} for n, (_, (l, f, _)) in controls.items()},
+        }
+        if len(studies) == 1:
+            payload.update(figures)
+        else:
+            payload.setdefault("per_seed", {})[seed] = figures
+    if len(studies) > 1:
+        payload["summary"] = _summarise({seed: results for seed, (results, _, _) in studies.items()})
+    payload["settings"] = settings
+    emit_json(payload)
+
+
+def _study(args: argparse.Namespace, seed: int, work: Path) -> tuple[dict, dict, dict]:
+    """Run every path of ``args`` once with ``seed``; returns (results by path label, scratch runs
+    by key, control runs by name).  Seed 1 is the seed of every run recorded before ``--seeds``
+    existed (data order 1, initialisation 0, growth noise 0) and reproduces them bitwise."""
+    import inspect
 
     import torch
 
@@ -106,12 +155,12 @@ def main() -> None:
     from lite_llm.train import TrainConfig, Trainer, TrainerCallback, read_metrics
     from lite_llm.train.flops import flops_per_token
 
-    work = args.workdir
     data = stdlib_prose_and_code(work)
+    init_seed = seed - 1  # initialisation and growth noise; the data order uses ``seed`` itself
 
     def schedule(steps: int, eval_every: int) -> "TrainConfig":
         return TrainConfig(
-            steps=steps, batch_size=args.batch, seq_len=args.seq, lr=args.lr, warmup_steps=min(50, steps // 10), seed=1,
+            steps=steps, batch_size=args.batch, seq_len=args.seq, lr=args.lr, warmup_steps=min(50, steps // 10), seed=seed,
             domains=MIXTURE, eval_every=eval_every, eval_batches=6, eval_batch_size=16, keep_last=1,
         )
 
@@ -168,6 +217,7 @@ def main() -> None:
     lengths: dict[str, int] = {}  # budget: the steps of each grown path's run
     small_runs: dict[tuple, tuple] = {}  # budget: S runs by (S, schedule, switch step)
     small_curves: dict[str, list] = {}  # S's curve before each grown run
+    path_scratch: dict[str, str] = {}  # the scratch run each path is measured against
     results = {}
     ids = torch.randint(0, 256, (2, args.seq), generator=torch.Generator().manual_seed(0))
     for name in args.paths:
@@ -185,7 +235,7 @@ def main() -> None:
 
             cfg = schedule(args.steps, max(args.steps // 8, 1))
             shutil.rmtree(work / f"{name}-small", ignore_errors=True)
-            Trainer(build_model(small_cfg, seed=0), data, cfg, run_dir=work / f"{name}-small", callbacks=[Snapshot()], show_progress=False).train(until=switches[-1])
+            Trainer(build_model(small_cfg, seed=init_seed), data, cfg, run_dir=work / f"{name}-small", callbacks=[Snapshot()], show_progress=False).train(until=switches[-1])
             small_curve = [(r["flops"], _mean_loss(r["val"])) for r in read_metrics(work / f"{name}-small") if "val" in r]
             starts = [(f"{name}@{fraction_at[k]:g}", k, snapshots[k][0], snapshots[k][1]) for k in switches]
             small_curves.update({label: small_curve for label, *_ in starts})
@@ -200,7 +250,7 @@ def main() -> None:
                 lengths[label] = length
                 key = (repr(small_cfg), length, at)  # paths that share S (and so the schedule) share its run
                 if key not in small_runs:
-                    small = build_model(small_cfg, seed=0)
+                    small = build_model(small_cfg, seed=init_seed)
                     _, flops, curve = train(small, schedule(length, max(length // 8, 1)), f"{label.replace('@', '-at-')}-small", until=at)
                     small_runs[key] = (stored_state(small), flops, curve)
                 small_state, small_flops, small_curves[label] = small_runs[key]
@@ -208,27 +258,29 @@ def main() -> None:
             alone = f"{small_cfg.name} alone"
             if alone not in controls:
                 alone_steps = round(args.budget * args.steps * per_step_large / per_step_small)
-                controls[alone] = (_scratch_key(name), train(build_model(small_cfg, seed=0), schedule(alone_steps, args.eval_every), f"{name}-small-alone"))
+                controls[alone] = (name, train(build_model(small_cfg, seed=init_seed), schedule(alone_steps, args.eval_every), f"{name}-small-alone"))
         else:
             small_steps, cont_steps = int(args.steps * args.small_frac), int(args.steps * args.cont_frac)
-            small = build_model(small_cfg, seed=0)
+            small = build_model(small_cfg, seed=init_seed)
             _, small_flops, small_curves[name] = train(small, schedule(small_steps, max(small_steps // 8, 1)), f"{name}-small")
             starts = [(name, 0, stored_state(small), small_flops)]
         for label, at, small_state, small_flops in starts:
             config, tensors = small_cfg, small_state
             for method, params in chain:
-                config, tensors = get_op(method)(config, tensors, **params)
+                op = get_op(method)
+                seeded = {"seed": init_seed} if "seed" in inspect.signature(op).parameters else {}
+                config, tensors = op(config, tensors, **params, **seeded)
             grown = materialize(config, dict(tensors))
             with torch.no_grad():
                 before = materialize(small_cfg, dict(small_state)).eval()(ids).logits
                 drift = float((before - grown.eval()(ids).logits).abs().max())
             grown.train()
-            key = _scratch_key(name)
+            key = path_scratch[name] = _scratch_key(config, dense)
             if key not in scratch:
-                scratch[key] = train(build_model(config, seed=0), schedule(args.steps, args.eval_every), f"scratch-{key}")
+                scratch[key] = train(build_model(config, seed=init_seed), schedule(args.steps, args.eval_every), f"scratch-{key}")
                 if args.protocol == "budget":
                     steps = round(args.budget * args.steps)
-                    controls[f"scratch {key}"] = (key, train(build_model(config, seed=0), schedule(steps, args.eval_every), f"scratch-{key}-budget"))
+                    controls[f"scratch {key}"] = (name, train(build_model(config, seed=init_seed), schedule(steps, args.eval_every), f"scratch-{key}-budget"))
             target, scratch_flops, scratch_curve = scratch[key]
             run = f"{label.replace('@', '-at-')}-grown"
             if args.protocol == "takeover":
@@ -242,6 +294,7 @@ def main() -> None:
             # The same question asked at the grown run's own final loss: what would scratch pay for it?
             scratch_to_final = _first_crossing(scratch_curve, final)
             results[label] = {
+                "scratch_run": key,
                 "switch_step": at if args.protocol != "restart" else None,
                 "run_steps": lengths.get(label, args.steps if args.protocol == "takeover" else None),
                 "small_params": small_cfg.num_params(),
@@ -254,6 +307,7 @@ def main() -> None:
                 "continued_final_loss": final,
                 "scratch_loss_at_equal_flops": _loss_at(scratch_curve, small_flops + cont_flops),
                 "target_loss": target,
+                "grown_minus_scratch_final": final - target,
                 "scratch_flops": scratch_flops,
                 "savings": 1 - cost / scratch_flops if cost is not None else None,
                 "scratch_flops_to_grown_final": scratch_to_final,
@@ -262,6 +316,12 @@ def main() -> None:
                 "small_curve": [(f, l) for f, l in small_curves[label] if f <= small_flops],
             }
 
+    controls = {n: (path_scratch[path], run) for n, (path, run) in controls.items()}  # normalised by the path's scratch run
+    return results, scratch, controls
+
+
+def _report(args: argparse.Namespace, results: dict, scratch: dict, controls: dict, chart: Path) -> None:
+    """The tables and chart of one study."""
     rows = []
     for name, r in results.items():
         at_equal = r["scratch_loss_at_equal_flops"]
@@ -282,27 +342,69 @@ def main() -> None:
             [[n, f"{f:.3e}", f"{f / scratch[key][1]:.3f}", f"{l:.4f}"] for n, (key, (l, f, _)) in controls.items()],
             title=f"controls at the budget ({args.budget:g} of the scratch FLOPs)",
         )
-    _chart(results, scratch, args.chart, {name: curve for name, (_, (_, _, curve)) in controls.items()})
-    print(f"chart: {args.chart}")
-    settings = {"protocol": args.protocol, "steps": args.steps, "batch": args.batch, "seq": args.seq, "lr": args.lr}
-    settings.update(d_model=d, heads=h, kv_heads=kv, head_dim=args.head_dim, ffn=ffn)
-    if args.protocol == "restart":
-        settings.update({"small_frac": args.small_frac, "cont_frac": args.cont_frac})
-    else:
-        settings.update({"switch": args.switch, "rewarm": args.rewarm}, **({"budget": args.budget} if args.protocol == "budget" else {}))
-    emit_json(
-        {
-            "benchmark": "growth_savings",
-            "paths": {n: {k: rounded(v) for k, v in r.items() if k not in ("curve", "small_curve")} for n, r in results.items()},
-            "controls": {n: {"flops": rounded(f), "final_loss": rounded(l)} for n, (_, (l, f, _)) in controls.items()},
-            "settings": settings,
+    _chart(results, scratch, chart, {name: curve for name, (_, (_, _, curve)) in controls.items()})
+    print(f"chart: {chart}")
+
+
+def _scratch_key(config: "ModelConfig", reference: "ModelConfig") -> str:
+    """The scratch run a grown ``config`` is measured against: the same architecture trained from
+    scratch.  Named by kind (upcycling grows a MoE, the other paths a dense L) and by every float
+    field where it differs from the dense L (``width mode: pad`` halves ``norm_eps`` to stay
+    exact), so paths that grow into the same config share a run and no path is measured
+    against a model it could not have become."""
+    from dataclasses import fields
+
+    kind = "moe" if config.tiers else "dense"
+    differs = [
+        f"{f.name}{getattr(config, f.name):g}"
+        for f in fields(config)
+        if isinstance(getattr(config, f.name), float) and getattr(config, f.name) != getattr(reference, f.name)
+    ]
+    return "-".join([kind, *differs])
+
+
+def _summarise(per_seed: dict[int, dict]) -> dict:
+    """Each path's figures over seeds, each seed against its own scratch run: the paired
+    difference of final losses (grown - scratch; negative = growth ahead), the savings where
+    the target was reached, and the spread of the scratch runs themselves (the noise floor)."""
+    from statistics import mean, stdev
+
+    def spread(values: list[float]) -> float:
+        return stdev(values) if len(values) > 1 else 0.0
+
+    summary: dict[str, dict] = {}
+    labels = dict.fromkeys(label for results in per_seed.values() for label in results)
+    for label in labels:
+        runs = [results[label] for results in per_seed.values() if label in results]
+        diffs = [r["grown_minus_scratch_final"] for r in runs]
+        targets = [r["target_loss"] for r in runs]
+        savings = [r["savings"] for r in runs]
+        at_own = [r["savings_at_grown_final"] for r in runs]
+        summary[label] = {
+            "seeds": len(runs),
+            "grown_minus_scratch_final": diffs,
+            "mean_difference": mean(diffs),
+            "difference_stdev": spread(diffs),
+            "scratch_final": targets,
+            "scratch_final_stdev": spread(targets),
+            "reached": sum(s is not None for s in savings),
+            "savings": savings,
+            "savings_at_grown_final": at_own,
         }
+    rows = [
+        [
+            label, s["seeds"], " ".join(f"{d:+.4f}" for d in s["grown_minus_scratch_final"]), f"{s['mean_difference']:+.4f} +- {s['difference_stdev']:.4f}",
+            f"{mean(s['scratch_final']):.4f} +- {s['scratch_final_stdev']:.4f}", f"{s['reached']}/{s['seeds']}",
+            " ".join("-" if v is None else f"{v:+.1%}" for v in s["savings"]),
+            " ".join("-" if v is None else f"{v:+.1%}" for v in s["savings_at_grown_final"]),
+        ]
+        for label, s in summary.items()
+    ]
+    print_table(
+        ["path", "seeds", "grown - scratch final, per seed", "mean +- stdev", "scratch final, mean +- stdev", "reached", "savings per seed", "savings at own final loss"],
+        rows, title="over seeds, each seed's grown run against its own scratch run (negative difference: growth ahead)",
     )
-
-
-def _scratch_key(path: str) -> str:
-    """Which scratch run a path is measured against: upcycling grows a MoE, the others a dense L."""
-    return "moe" if path == "upcycle" else "dense"
+    return summary
 
 
 def _mean_loss(val: dict) -> float:
