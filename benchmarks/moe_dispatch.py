@@ -60,6 +60,7 @@ reexec_with_thp()
 import argparse  # noqa: E402
 import gc  # noqa: E402
 import platform  # noqa: E402
+import statistics  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 
 import torch  # noqa: E402
@@ -369,6 +370,29 @@ def measure_training(num_experts: int, args: argparse.Namespace, log: Callable[[
     return {"timings": timings, "skipped": skipped, "load": load, "checks": checks}
 
 
+def paired_speedup(timings: dict[str, Timing], impl_names: list[str]) -> dict | None:
+    """Repeat by repeat, the fastest transformers implementation's time over ours.
+
+    Interleaving puts sample i of every candidate in the same repeat, so a ratio within a
+    repeat cancels the machine's drift between repeats; the spread of these ratios says whether
+    a difference of a few percent between medians is real or a tie."""
+    ours = timings.get("ours")
+    if ours is None or ours.median is None or ours.single_shot:
+        return None
+    others = [
+        timings[n] for n in impl_names
+        if n in timings and timings[n].median is not None and not timings[n].single_shot and len(timings[n].samples) == len(ours.samples)
+    ]
+    if not others:
+        return None
+    ratios = [min(t.samples[i] for t in others) / ours.samples[i] for i in range(len(ours.samples))]
+    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
+    return {
+        "median": statistics.median(ratios), "q1": q1, "q3": q3, "repeats": len(ratios),
+        "ours_at_least_as_fast": sum(r >= 1.0 for r in ratios),
+    }
+
+
 def measure_decode(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, dict[int, Timing]]:
     """Interleaved single-token, no-grad, eval-mode timings at every E."""
     torch.manual_seed(args.seed + 1)
@@ -461,6 +485,7 @@ def main() -> None:
         measured = [(seconds[e][n], n) for n in impl_names if seconds[e].get(n) is not None]
         fastest_tf[e] = min(measured) if measured else None
     vs_fastest = {e: ratio(fastest_tf[e][0], seconds[e].get("ours")) if fastest_tf[e] else None for e in E}
+    paired = {e: paired_speedup(train[e]["timings"], impl_names) for e in E}
     single_shot = [f"{n}@{e}" for e in E for n, t in train[e]["timings"].items() if t.single_shot]
 
     lo, hi = min(E), max(E)
@@ -489,6 +514,10 @@ def main() -> None:
     for e in E:
         for n, why in train[e]["skipped"].items():
             print(f"  E={e} {n}: skipped: {why}")
+    for e, p in paired.items():
+        if p:
+            print(f"  E={e}: per repeat, fastest transformers / ours: median {p['median']:.3f} (quartiles {p['q1']:.3f}-{p['q3']:.3f}); "
+                  f"ours at least as fast in {p['ours_at_least_as_fast']}/{p['repeats']} repeats")
     print_table(
         ["layer"] + [f"E={e} ms" for e in E] + [f"E={hi}/E={lo}"],
         [[name] + [per_e.get(e) for e in E] + [decode_ratio[name]] for name, per_e in decode_ms.items()],
@@ -530,6 +559,7 @@ def main() -> None:
         "single_shot": single_shot,
         "speedup_vs_mixtral_eager": key(vs_eager),
         "speedup_vs_fastest_transformers": key(vs_fastest),
+        "paired_speedup_vs_fastest_transformers": key(paired),
         "fastest_transformers_impl": {str(e): (fastest_tf[e][1].removeprefix("mixtral_") if fastest_tf[e] else None) for e in E},
         "routing_load": {str(e): train[e]["load"] for e in E},
         "kernel_checks": {str(e): train[e]["checks"] for e in E},
