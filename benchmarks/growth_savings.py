@@ -110,14 +110,21 @@ def main() -> None:
     setup_torch_threads()
 
     studies = {}
+    several = len(args.seeds) > 1
     for seed in args.seeds:
-        several = len(args.seeds) > 1
         work = args.workdir / f"seed{seed}" if several else args.workdir
-        chart = args.chart.with_name(f"{args.chart.stem}_seed{seed}{args.chart.suffix}") if several else args.chart
         if several:
             print(f"=== seed {seed} ===", flush=True)
         studies[seed] = _study(args, seed, work)
-        _report(args, *studies[seed], chart)
+        _report(args, *studies[seed], None if several else args.chart)
+    if several:  # one chart for all seeds: each grown run's lead over its own scratch run, step by step
+        pairs = {
+            label: [(seed, args.workdir / f"seed{seed}" / f"{label.replace('@', '-at-')}-grown", args.workdir / f"seed{seed}" / f"scratch-{r['scratch_run']}")
+                    for seed, (results, _, _) in studies.items() for lbl, r in results.items() if lbl == label]
+            for label in dict.fromkeys(lbl for results, _, _ in studies.values() for lbl in results)
+        }
+        gap_chart(pairs, args.chart)
+        print(f"chart: {args.chart}")
     settings = {"protocol": args.protocol, "steps": args.steps, "batch": args.batch, "seq": args.seq, "lr": args.lr, "seeds": args.seeds}
     settings.update(d_model=args.d_model, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim, ffn=args.ffn)
     if args.protocol == "restart":
@@ -320,8 +327,8 @@ def _study(args: argparse.Namespace, seed: int, work: Path) -> tuple[dict, dict,
     return results, scratch, controls
 
 
-def _report(args: argparse.Namespace, results: dict, scratch: dict, controls: dict, chart: Path) -> None:
-    """The tables and chart of one study."""
+def _report(args: argparse.Namespace, results: dict, scratch: dict, controls: dict, chart: Path | None) -> None:
+    """The tables and (given a path) the chart of one study."""
     rows = []
     for name, r in results.items():
         at_equal = r["scratch_loss_at_equal_flops"]
@@ -342,8 +349,9 @@ def _report(args: argparse.Namespace, results: dict, scratch: dict, controls: di
             [[n, f"{f:.3e}", f"{f / scratch[key][1]:.3f}", f"{l:.4f}"] for n, (key, (l, f, _)) in controls.items()],
             title=f"controls at the budget ({args.budget:g} of the scratch FLOPs)",
         )
-    _chart(results, scratch, chart, {name: curve for name, (_, (_, _, curve)) in controls.items()})
-    print(f"chart: {chart}")
+    if chart is not None:
+        _chart(results, scratch, chart, {name: curve for name, (_, (_, _, curve)) in controls.items()})
+        print(f"chart: {chart}")
 
 
 def _scratch_key(config: "ModelConfig", reference: "ModelConfig") -> str:
@@ -430,6 +438,39 @@ def _first_crossing(curve: list[tuple[float, float]], target: float) -> float | 
             return f0 + (flops - f0) * (l0 - target) / (l0 - loss)
         previous = (flops, loss)
     return None
+
+
+def gap_chart(pairs: dict[str, list[tuple[int, Path, Path]]], path: Path) -> None:
+    """Grown minus scratch validation loss at each evaluation step, one line per (path, seed).
+
+    ``pairs`` maps a path label to (seed, grown run dir, scratch run dir) triples; the two runs
+    of a seed share data order and evaluation batches, so their difference at a step is paired.
+    Below zero the grown model is ahead.  Usable on runs of several invocations (e.g. seeds 1-3
+    and 4-6 in two workdirs)."""
+    from lite_llm.plot import _pyplot, _save
+    from lite_llm.train import read_metrics
+
+    def by_step(run: Path) -> dict[int, float]:
+        return {r["step"]: _mean_loss(r["val"]) for r in read_metrics(run) if "val" in r}
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    ax.axhline(0.0, color="gray", linewidth=1)
+    for (label, triples), color in zip(pairs.items(), ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")):
+        for seed, grown_dir, scratch_dir in triples:
+            grown, scratch = by_step(grown_dir), by_step(scratch_dir)
+            steps = sorted(set(grown) & set(scratch))
+            ax.plot(steps, [grown[s] - scratch[s] for s in steps], color=color, alpha=0.8, linewidth=1,
+                    label=label if seed == triples[0][0] else None)
+            ax.annotate(f"s{seed}", (steps[-1], grown[steps[-1]] - scratch[steps[-1]]), fontsize=7, color=color)
+    ax.set_xlabel("step (the grown model takes over at its switch step)")
+    ax.set_ylabel("grown - scratch validation loss (nats/token)")
+    ax.set_title("each seed's grown run against its own scratch run (below 0: growth ahead)")
+    ax.set_ylim(-0.12, 0.12)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save(plt, fig, path)
 
 
 def _chart(results: dict, scratch: dict, path: Path, controls: dict[str, list] | None = None) -> None:
