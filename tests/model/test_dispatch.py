@@ -83,3 +83,17 @@ def test_bf16_grouped_path_runs_and_stays_close():
         low = dispatch(x.bfloat16(), ids, weights, banks, offsets, "grouped_mm")
     assert low.dtype == torch.bfloat16
     torch.testing.assert_close(low.float(), ref, atol=0.05, rtol=0.05)
+
+
+def test_auto_picks_the_loop_for_few_large_experts_on_cpu():
+    """auto: the per-expert loop when every active expert has >= CPU_LOOP_ROWS_PER_EXPERT rows
+    (measured faster on CPU), grouped_mm for many small groups, the loop for decode."""
+    from lite_llm.model.experts import CPU_LOOP_ROWS_PER_EXPERT
+
+    bank = ExpertBank(8, 16, 16)
+    big = torch.zeros(2 * CPU_LOOP_ROWS_PER_EXPERT, 16, requires_grad=True)
+    assert bank._choose(big, [CPU_LOOP_ROWS_PER_EXPERT, CPU_LOOP_ROWS_PER_EXPERT] + [0] * 6) == "loop"
+    spread = [big.shape[0] // 8] * 8  # 8 active experts, a quarter of the threshold each
+    assert bank._choose(big, spread) == "grouped_mm"
+    with torch.no_grad():
+        assert bank._choose(torch.zeros(4, 16), [1, 3, 0, 0, 0, 0, 0, 0]) == "loop"

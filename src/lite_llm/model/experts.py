@@ -17,7 +17,8 @@ Three implementations of the per-bank compute, chosen by ``impl``:
   ``grouped_mm`` or for unaligned shapes, and the reference the fast path is tested against;
 * ``auto`` — ``grouped_mm`` when available and aligned; the per-active-expert loop when no
   gradient is needed and only a few rows are routed (decoding), so per-token cost does not
-  grow with the number of experts.
+  grow with the number of experts, and on CPU when every active expert gets >= 1,024 rows on
+  average (few large matmuls, where the loop measured faster).
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ from torch import nn
 DispatchImpl = Literal["auto", "grouped_mm", "loop"]
 HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 DECODE_ROWS = 64  # at most this many routed rows without autograd -> loop over the active experts only
+# On CPU, few experts with many rows each run faster as one matmul per expert than through
+# grouped_mm (whose CPU kernel is itself a loop, with more work around it): at E=8 (2,048 rows
+# per expert) the loop took 0.94x grouped_mm's time for forward+backward; at E=64 (256 rows)
+# grouped_mm was 1.6x faster (benchmarks/moe_dispatch.py, BENCHMARKS.md).
+CPU_LOOP_ROWS_PER_EXPERT = 1024
 
 
 class ExpertBank(nn.Module):
@@ -53,6 +59,9 @@ class ExpertBank(nn.Module):
     def _choose(self, x: torch.Tensor, counts: list[int]) -> DispatchImpl:
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.gate_up_proj.requires_grad)
         if not needs_grad and x.shape[0] <= DECODE_ROWS:
+            return "loop"
+        active = sum(1 for n in counts if n)
+        if x.device.type == "cpu" and x.shape[0] >= CPU_LOOP_ROWS_PER_EXPERT * max(active, 1):
             return "loop"
         if HAS_GROUPED_MM and _aligned(x, self.gate_up_proj, self.down_proj):
             return "grouped_mm"
