@@ -17,8 +17,8 @@ Three implementations of the per-bank compute, chosen by ``impl``:
   ``grouped_mm`` or for unaligned shapes, and the reference the fast path is tested against;
 * ``auto`` — ``grouped_mm`` when available and aligned; the per-active-expert loop when no
   gradient is needed and only a few rows are routed (decoding), so per-token cost does not
-  grow with the number of experts, and on CPU when every active expert gets >= 1,024 rows on
-  average (few large matmuls, where the loop measured faster).
+  grow with the number of experts, and on CPU when the active experts average >= 1,024 rows
+  each (few large matmuls, where the loop measured faster).
 """
 
 from __future__ import annotations
