@@ -118,11 +118,10 @@ def main() -> None:
         studies[seed] = _study(args, seed, work)
         _report(args, *studies[seed], None if several else args.chart)
     if several:  # one chart for all seeds: each grown run's lead over its own scratch run, step by step
-        pairs = {
-            label: [(seed, args.workdir / f"seed{seed}" / f"{label.replace('@', '-at-')}-grown", args.workdir / f"seed{seed}" / f"scratch-{r['scratch_run']}")
-                    for seed, (results, _, _) in studies.items() for lbl, r in results.items() if lbl == label]
-            for label in dict.fromkeys(lbl for results, _, _ in studies.values() for lbl in results)
-        }
+        pairs: dict[str, list[tuple[int, Path, Path]]] = {}
+        for seed, (results, _, _) in studies.items():
+            for label, r in results.items():
+                pairs.setdefault(label, []).append((seed, Path(r["grown_dir"]), Path(r["scratch_dir"])))
         gap_chart(pairs, args.chart)
         print(f"chart: {args.chart}")
     settings = {"protocol": args.protocol, "steps": args.steps, "batch": args.batch, "seq": args.seq, "lr": args.lr, "seeds": args.seeds}
@@ -137,11 +136,11 @@ def main() -> None:
             "paths": {n: {k: rounded(v) for k, v in r.items() if k not in ("curve", "small_curve")} for n, r in results.items()},
             "controls": {n: {"flops": rounded(f), "final_loss": rounded(l)} for n, (_, (l, f, _)) in controls.items()},
         }
-        if len(studies) == 1:
-            payload.update(figures)
-        else:
+        if several:
             payload.setdefault("per_seed", {})[seed] = figures
-    if len(studies) > 1:
+        else:
+            payload.update(figures)
+    if several:
         payload["summary"] = _summarise({seed: results for seed, (results, _, _) in studies.items()})
     payload["settings"] = settings
     emit_json(payload)
@@ -302,6 +301,8 @@ def _study(args: argparse.Namespace, seed: int, work: Path) -> tuple[dict, dict,
             scratch_to_final = _first_crossing(scratch_curve, final)
             results[label] = {
                 "scratch_run": key,
+                "grown_dir": str(work / run),
+                "scratch_dir": str(work / f"scratch-{key}"),
                 "switch_step": at if args.protocol != "restart" else None,
                 "run_steps": lengths.get(label, args.steps if args.protocol == "takeover" else None),
                 "small_params": small_cfg.num_params(),

@@ -86,7 +86,7 @@ def test_bf16_grouped_path_runs_and_stays_close():
 
 
 def test_auto_picks_the_loop_for_few_large_experts_on_cpu():
-    """auto: the per-expert loop when every active expert has >= CPU_LOOP_ROWS_PER_EXPERT rows
+    """auto: the per-expert loop when the active experts average >= CPU_LOOP_ROWS_PER_EXPERT rows
     (measured faster on CPU), grouped_mm for many small groups, the loop for decode."""
     from lite_llm.model.experts import CPU_LOOP_ROWS_PER_EXPERT
 

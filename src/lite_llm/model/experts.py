@@ -60,8 +60,7 @@ class ExpertBank(nn.Module):
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.gate_up_proj.requires_grad)
         if not needs_grad and x.shape[0] <= DECODE_ROWS:
             return "loop"
-        active = sum(1 for n in counts if n)
-        if x.device.type == "cpu" and x.shape[0] >= CPU_LOOP_ROWS_PER_EXPERT * max(active, 1):
+        if x.device.type == "cpu" and x.shape[0] >= CPU_LOOP_ROWS_PER_EXPERT * max(sum(1 for n in counts if n), 1):
             return "loop"
         if HAS_GROUPED_MM and _aligned(x, self.gate_up_proj, self.down_proj):
             return "grouped_mm"
