@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lite_llm.model.experts import HAS_GROUPED_MM, ExpertBank, dispatch, dispatch_reference
+from lite_llm.model.experts import HAS_GROUPED_MM, ExpertBank, dispatch, dispatch_reference, swiglu
 
 pytestmark = pytest.mark.skipif(not HAS_GROUPED_MM, reason="this torch has no torch.nn.functional.grouped_mm")
 
@@ -97,3 +97,21 @@ def test_auto_picks_the_loop_for_few_large_experts_on_cpu():
     assert bank._choose(big, spread) == "grouped_mm"
     with torch.no_grad():
         assert bank._choose(torch.zeros(4, 16), [1, 3, 0, 0, 0, 0, 0, 0]) == "loop"
+
+
+def test_fused_swiglu_is_bitwise_autograds_own_chunk_silu_mul():
+    """The fused backward must give exactly what autograd gives for chunk + silu + mul."""
+    gen = torch.Generator().manual_seed(3)
+    h = torch.randn(37, 2 * 24, generator=gen) * 3
+    grad = torch.randn(37, 24, generator=gen)
+    fused_in = h.clone().requires_grad_()
+    out = swiglu(fused_in)
+    out.backward(grad)
+    plain_in = h.clone().requires_grad_()
+    gate, up = plain_in.chunk(2, dim=-1)
+    expected = torch.nn.functional.silu(gate) * up
+    expected.backward(grad)
+    assert torch.equal(out, expected)
+    assert torch.equal(fused_in.grad, plain_in.grad)
+    with torch.no_grad():  # inference takes the plain expression
+        assert torch.equal(swiglu(h), expected)

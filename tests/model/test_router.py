@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lite_llm import ModelConfig, RoutingConfig, TierConfig
-from lite_llm.model.router import HSERRouter, stable_topk, stable_topk_reference
+from lite_llm.model.router import HSERRouter, _topk_by_exact_key, stable_topk, stable_topk_reference
 
 from ..conftest import two_tier_config
 
@@ -77,16 +77,20 @@ def test_stable_topk_orders_ties_by_rank():
     assert stable_topk(scores, 4, torch.tensor([3, 4, 0, 1, 2])).tolist() == [[2, 4, 1, 0]]
 
 
+@pytest.mark.parametrize("topk", [stable_topk, _topk_by_exact_key], ids=["cpu_fast_path", "exact_keys"])
 @pytest.mark.parametrize("n", [2, 7, 64, 512])
-def test_stable_topk_equals_the_stable_sort_reference(n):
+def test_stable_topk_equals_the_stable_sort_reference(n, topk):
     gen = torch.Generator().manual_seed(n)
-    # Few distinct values: many exact ties, plus neighbouring floats that must not be confused.
-    base = torch.randint(0, 4, (300, n), generator=gen).float()
+    # Few distinct values: many exact ties, plus neighbouring floats that must not be confused;
+    # signed zeros (equal, so a tie), -inf (masked candidates) and distinct random scores.
+    base = torch.randint(-2, 2, (300, n), generator=gen).float()
     nudged = torch.where(torch.rand(300, n, generator=gen) < 0.2, torch.nextafter(base, torch.tensor(9.0)), base)
-    scores = torch.cat([base, nudged, torch.randn(300, n, generator=gen) * 1e4])
+    signed = torch.where(torch.rand(300, n, generator=gen) < 0.5, -0.0, 0.0)
+    masked = torch.where(torch.rand(300, n, generator=gen) < 0.5, float("-inf"), base)
+    scores = torch.cat([base, nudged, signed, masked, torch.randn(300, n, generator=gen) * 1e4])
     rank = torch.randperm(n, generator=gen)
-    for k in sorted({1, min(2, n), n}):
-        assert torch.equal(stable_topk(scores, k, rank), stable_topk_reference(scores, k, rank))
+    for k in sorted({1, min(2, n), min(4, n), n}):
+        assert torch.equal(topk(scores, k, rank), stable_topk_reference(scores, k, rank))
 
 
 def _tie_config(seed: int) -> ModelConfig:

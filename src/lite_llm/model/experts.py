@@ -72,25 +72,58 @@ class ExpertBank(nn.Module):
         if x.dtype != w_gu.dtype:
             w_gu, w_d = w_gu.to(x.dtype), w_d.to(x.dtype)
         h = F.grouped_mm(x, w_gu.transpose(-2, -1), offs=offs)
-        gate, up = h.chunk(2, dim=-1)
-        return F.grouped_mm(F.silu(gate) * up, w_d.transpose(-2, -1), offs=offs)
+        return F.grouped_mm(swiglu(h), w_d.transpose(-2, -1), offs=offs)
 
     def _loop(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         if torch.is_grad_enabled() and self.gate_up_proj.requires_grad:
             gate_ups, downs = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
         else:  # plain views, no autograd: indexing copies nothing
             gate_ups, downs = self.gate_up_proj, self.down_proj
-        outs, start = [], 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            rows = x[start : start + n]
-            gate, up = F.linear(rows, gate_ups[e].to(x.dtype)).chunk(2, dim=-1)
-            outs.append(F.linear(F.silu(gate) * up, downs[e].to(x.dtype)))
-            start += n
+        # split, not slicing: split's backward is one cat, a slice's a zero-filled copy of all of x
+        outs = [
+            F.linear(swiglu(F.linear(rows, gate_ups[e].to(x.dtype))), downs[e].to(x.dtype))
+            for e, rows in enumerate(x.split(counts))
+            if counts[e]
+        ]
         if not outs:
             return x.new_zeros(0, self.d_model)
         return torch.cat(outs)
+
+
+def swiglu(h: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` of a fused ``[gate | up]`` tensor (..., 2H) -> (..., H)."""
+    if torch.is_grad_enabled() and h.requires_grad:
+        return _FusedSwiGLU.apply(h)
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+class _FusedSwiGLU(torch.autograd.Function):
+    """SwiGLU over the fused tensor, with a backward that writes the (rows, 2H) gradient once.
+
+    Autograd's own version (``h.chunk(2)``, silu, mul) differentiates each chunk into its own
+    zero-filled (rows, 2H) tensor and adds the two: two memsets, two copies and an add over
+    the layer's largest activation.  This backward runs the same ops autograd would
+    (``silu_backward(grad * up, gate)`` and ``grad * silu(gate)``) into the two halves of one
+    buffer, so gradients are bitwise equal; it saves ``h`` only and recomputes ``silu(gate)``.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(h)
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        (h,) = ctx.saved_tensors
+        gate, up = h.chunk(2, dim=-1)
+        grad_h = torch.empty_like(h)
+        grad_gate, grad_up = grad_h.chunk(2, dim=-1)
+        torch.mul(grad, F.silu(gate), out=grad_up)
+        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=grad_gate)
+        return grad_h
 
 
 def _aligned(x: torch.Tensor, *weights: torch.Tensor) -> bool:
@@ -123,16 +156,17 @@ def dispatch(
     rows = token_of_route[order]
     counts = torch.bincount(flat, minlength=tier_offsets[-1]).tolist()
     xs = x.index_select(0, rows)
-    outs, start = [], 0
-    for t, bank in enumerate(banks):
-        tier_counts = counts[tier_offsets[t] : tier_offsets[t + 1]]
-        n = sum(tier_counts)
-        if n == 0:
-            continue
-        if bank is None:
+    tier_counts = [counts[a:b] for a, b in zip(tier_offsets[:-1], tier_offsets[1:])]
+    tier_rows = [sum(c) for c in tier_counts]
+    active = [t for t, n in enumerate(tier_rows) if n]
+    # Each active tier's rows: split, not slicing (split's backward is one cat, a slice's a
+    # zero-filled copy of all rows), and no split at all when one tier has every row.
+    pieces = [xs] if len(active) == 1 else [p for p in xs.split(tier_rows) if p.shape[0]]
+    outs = []
+    for t, tier_xs in zip(active, pieces):
+        if banks[t] is None:
             raise RuntimeError(f"tokens were routed to tier #{t}, whose experts are not loaded")
-        outs.append(bank(xs[start : start + n], tier_counts, impl))
-        start += n
+        outs.append(banks[t](tier_xs, tier_counts[t], impl))
     out = torch.zeros_like(x)
     if outs:
         ys = torch.cat(outs) if len(outs) > 1 else outs[0]

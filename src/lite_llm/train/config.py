@@ -30,6 +30,10 @@ class TrainConfig:
       weight ``ewc_weight``;
     * distillation: ``distill_from`` a teacher checkpoint, ``distill_weight`` x T^2 KL at
       ``distill_temperature`` on the rows of ``distill_domains`` (empty: every row).
+
+    ``keep_freed_cpu_memory`` (on CPU only) tells glibc to keep freed memory for the next step
+    instead of returning it to the OS (:mod:`lite_llm.cpu_memory`): the numbers are unchanged,
+    steps of large MoE layers run up to ~2x faster, and the process keeps its peak memory.
     """
 
     steps: int = 200
@@ -62,6 +66,7 @@ class TrainConfig:
     distill_weight: float = 1.0
     distill_temperature: float = 2.0
     distill_domains: list[str] = field(default_factory=list)
+    keep_freed_cpu_memory: bool = True
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "eval_batch_size", "keep_last", "log_every"):

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..config import TierSet
+from ..cpu_memory import keep_freed_memory
 from ..eval import evaluate
 from .config import TrainConfig
 from .flops import flops_per_token
@@ -259,6 +260,8 @@ class Trainer:
         end = min(until if until is not None else c.steps, c.steps)
         result = TrainResult(steps=0)
         per_token = flops_per_token(self.model.config, c.seq_len, self.tierset)
+        if c.keep_freed_cpu_memory and next(self.model.parameters()).device.type == "cpu":
+            keep_freed_memory()
         for cb in self.callbacks:
             cb.on_train_begin(self)
         self.model.train()
