@@ -32,7 +32,10 @@ Methodology: warm-up calls, then the median of N repeats timed with ``time.perf_
 the candidates of one E are interleaved (each repeat runs every candidate once, in rotated
 order) on the same input tensor, so drift of a noisy machine hits all alike.  A candidate
 whose warm-up call exceeds ``--slow-step-s`` keeps that single call as its figure (marked
-``*``: it includes first-call costs).  Ratios of the fastest samples (min/min) are reported
+``*``: it includes first-call costs).  On CPU, freed memory is kept for reuse
+(``lite_llm.cpu_memory``, as ``lite-llm`` training does; process-wide, so for every candidate
+alike) unless ``--no-keep-memory`` is given: without it, each step faults ~4 GB of fresh pages
+in at E=512 and that system time, not the kernels, decides the comparison.  Ratios of the fastest samples (min/min) are reported
 beside the medians: on a shared machine noise only adds time, so they are the steadier figure.  The script re-executes itself with
 ``THP_MEM_ALLOC_ENABLE=1`` (torch reads it at import) unless ``--no-thp`` is given.
 
@@ -70,6 +73,7 @@ from _common import (  # noqa: E402
     Timing,
     available_cpus,
     emit_json,
+    keep_freed_memory_unless,
     measure_interleaved,
     print_table,
     ratio,
@@ -110,6 +114,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--profile", action="store_true", help="print the top ops of one training step of our layer per E")
     p.add_argument("--quick", action="store_true", help="2 warm-ups, 3 repeats, fewer decode samples, Mixtral eager up to E=64")
     p.add_argument("--no-thp", action="store_true", help="do not re-execute with THP_MEM_ALLOC_ENABLE=1")
+    p.add_argument("--no-keep-memory", action="store_true",
+                   help="leave glibc's malloc as it is (by default freed memory is kept for reuse, as training on CPU does)")
     p.add_argument("--device", default="cpu", help="torch device to measure on (cpu, cuda, cuda:1, ...)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of parameters and inputs")
     p.add_argument("--train-inner", type=int, default=None,
@@ -427,6 +433,7 @@ def measure_decode(args: argparse.Namespace, log: Callable[[str], None]) -> dict
 def main() -> None:
     args = parse_args()
     threads = setup_torch_threads(args.threads)
+    kept = keep_freed_memory_unless(args.no_keep_memory or args.device.type != "cpu")
     try:
         import transformers
 
@@ -441,6 +448,7 @@ def main() -> None:
     settings = {
         "d_model": args.d_model, "expert_hidden": args.hidden, "tokens": args.tokens, "k": args.k, "experts": args.experts,
         "dtype": args.dtype, "device": str(args.device), "threads": threads, "thp": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1",
+        "keep_freed_memory": kept,
         "torch": torch.__version__, "transformers": tf_version, "warmup": args.warmup, "repeats": args.repeats,
         "cpu": platform.processor() or platform.machine(),
         "loadavg_start": list(os.getloadavg()),

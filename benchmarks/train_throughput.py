@@ -25,7 +25,14 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit_json, measure_interleaved, print_table, reexec_with_thp, setup_torch_threads  # noqa: E402
+from _common import (  # noqa: E402
+    emit_json,
+    keep_freed_memory_unless,
+    measure_interleaved,
+    print_table,
+    reexec_with_thp,
+    setup_torch_threads,
+)
 
 reexec_with_thp()
 
@@ -70,8 +77,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--profile", action="store_true", help="split each model's step into matmul / attention / other")
+    parser.add_argument("--no-keep-memory", action="store_true", help="leave glibc's malloc as it is (see lite_llm.cpu_memory)")
     args = parser.parse_args()
     threads = setup_torch_threads(args.threads)
+    kept = keep_freed_memory_unless(args.no_keep_memory)
 
     cfg = ModelConfig.from_preset("small")
     ours = build_model(cfg, seed=0)
@@ -132,6 +141,7 @@ def main() -> None:
             "batch": args.batch,
             "seq_len": args.seq,
             "threads": threads,
+            "keep_freed_memory": kept,
             "tokens_per_s": tps,
             "params": {k: {"total": v[0], "active": v[1]} for k, v in counts.items()},
             "fastest_mixtral": fastest,

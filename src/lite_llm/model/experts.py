@@ -79,11 +79,12 @@ class ExpertBank(nn.Module):
             gate_ups, downs = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
         else:  # plain views, no autograd: indexing copies nothing
             gate_ups, downs = self.gate_up_proj, self.down_proj
-        # split, not slicing: split's backward is one cat, a slice's a zero-filled copy of all of x
+        # split, not slicing: split's backward is one cat, a slice's a zero-filled copy of all
+        # of x; and only the experts with rows (decoding at E=512 routes to 4 of them)
+        active = [e for e, n in enumerate(counts) if n]
         outs = [
             F.linear(swiglu(F.linear(rows, gate_ups[e].to(x.dtype))), downs[e].to(x.dtype))
-            for e, rows in enumerate(x.split(counts))
-            if counts[e]
+            for e, rows in zip(active, x.split([counts[e] for e in active]))
         ]
         if not outs:
             return x.new_zeros(0, self.d_model)
