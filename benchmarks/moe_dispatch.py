@@ -4,8 +4,8 @@ What it measures (fp32, CPU, all threads the process may use; d=512, expert hidd
 4096 tokens, K=4 active experts per token, E in {8, 64, 512} experts by default):
 
 1. Training: forward + backward time of our ``lite_llm.model.moe.TieredMoE`` (one tier of E
-   experts, routing k_tier=1, k_group=1, k_expert=K, default ``dispatch_impl="auto"``, which
-   resolves to ``grouped_mm`` when gradients are needed) divided by the time of a dense SwiGLU
+   experts, routing k_tier=1, k_group=1, k_expert=K, default ``dispatch_impl="auto"``: ``grouped_mm``
+   when gradients are needed, except on CPU with >= 1,024 rows per expert, where the loop is) divided by the time of a dense SwiGLU
    FFN with the same active FLOPs (``DenseFFN(d, K*H)``) on the same tokens.  The backward goes
    through the layer output (a fixed random upstream gradient) plus the router's balance and
    z losses; gradients are dropped after every step (``set_to_none``, as optimisers do).
@@ -18,7 +18,8 @@ What it measures (fp32, CPU, all threads the process may use; d=512, expert hidd
 3. Decode: one token, forward only, ``torch.no_grad()``, eval mode: our layer's time at the
    largest E divided by its time at the smallest E (bounded active compute means ~1.0), and
    the same for the Mixtral implementations for reference.
-4. Our ``grouped_mm`` path against our ``loop`` path (``moe.dispatch_impl = "loop"``) in training.
+4. The path ``auto`` picks for the full batch (``grouped_mm``, or on CPU the per-expert loop when
+   experts get >= 1,024 rows each) against the other one (``moe.dispatch_impl``), in training.
 
 Device and dtype: ``--device cuda --dtype bfloat16`` puts every module's parameters and the
 inputs on the GPU in that dtype (no autocast: weights, activations and gradients are all bf16;
@@ -332,10 +333,15 @@ def measure_training(num_experts: int, args: argparse.Namespace, log: Callable[[
     log(f"E={num_experts}: routes per expert max/mean {load['max_over_mean']:.2f}, unused {load['unused_experts']}; "
         f"our kernel checks {checks}")
 
+    # "ours" runs what `auto` picks for these rows; the other path is timed beside it, to check the pick.
+    rows = torch.empty(int(counts.sum()), args.d_model, device=x.device, dtype=x.dtype, requires_grad=True)
+    picked = moe.experts["tier_0"].choose(rows, counts.long().tolist())
+    other = "grouped_mm" if picked == "loop" else "loop"
+    log(f"  auto picks {picked} for the full batch; also timing {other}")
     candidates: dict[str, Callable[[], None]] = {
         "dense": train_step_dense(dense, x, gy),
         "ours": train_step_ours(moe, "auto", x, gy),
-        "ours_loop": train_step_ours(moe, "loop", x, gy),
+        f"ours_{other}": train_step_ours(moe, other, x, gy),
     }
     skipped: dict[str, str] = {}
     block = None
@@ -373,7 +379,7 @@ def measure_training(num_experts: int, args: argparse.Namespace, log: Callable[[
 
     del moe, dense, block, candidates, x, gy
     gc.collect()
-    return {"timings": timings, "skipped": skipped, "load": load, "checks": checks}
+    return {"timings": timings, "skipped": skipped, "load": load, "checks": checks, "auto_picks": picked, "other_path": other}
 
 
 def paired_speedup(timings: dict[str, Timing], impl_names: list[str]) -> dict | None:
@@ -483,8 +489,9 @@ def main() -> None:
     dense_s = {e: seconds[e]["dense"] for e in E}
     train_ratio = {e: ratio(seconds[e].get("ours"), dense_s[e]) for e in E}
     train_ratio_min = {e: ratio(best[e].get("ours"), best[e]["dense"]) for e in E}
-    loop_ratio = {e: ratio(seconds[e].get("ours_loop"), dense_s[e]) for e in E}
-    grouped_vs_loop = {e: ratio(seconds[e].get("ours_loop"), seconds[e].get("ours")) for e in E}
+    other_name = {e: f"ours_{train[e]['other_path']}" for e in E}
+    other_ratio = {e: ratio(seconds[e].get(other_name[e]), dense_s[e]) for e in E}
+    auto_vs_other = {e: ratio(seconds[e].get(other_name[e]), seconds[e].get("ours")) for e in E}
     mixtral_ratio = {n: {e: ratio(seconds[e].get(n), dense_s[e]) for e in E} for n in impl_names}
     mixtral_ratio_min = {n: {e: ratio(best[e].get(n), best[e]["dense"]) for e in E} for n in impl_names}
     vs_eager = {e: ratio(seconds[e].get("mixtral_eager"), seconds[e].get("ours")) for e in E}
@@ -508,10 +515,11 @@ def main() -> None:
         return f"{t.median / dense_s[e]:.3f}" + ("*" if t.single_shot else "")
 
     print_table(
-        ["E", "dense s", "ours s", "ours/dense", "(min/min)", "loop/dense", "loop/ours"] + [n.replace("mixtral_", "mx ") + "/dense" for n in impl_names]
+        ["E", "dense s", "ours s", "ours/dense", "(min/min)", "auto picks", "other/dense", "other/ours"] + [n.replace("mixtral_", "mx ") + "/dense" for n in impl_names]
         + ["mx eager/ours", "best tf/ours", "load max/mean"],
         [
-            [e, dense_s[e], seconds[e].get("ours"), train_ratio[e], train_ratio_min[e], loop_ratio[e], grouped_vs_loop[e]]
+            [e, dense_s[e], seconds[e].get("ours"), train_ratio[e], train_ratio_min[e], train[e]["auto_picks"], other_ratio[e],
+             auto_vs_other[e]]
             + [mark(e, n) for n in impl_names]
             + [vs_eager[e], vs_fastest[e], train[e]["load"]["max_over_mean"]]
             for e in E
@@ -559,8 +567,9 @@ def main() -> None:
         "train_seconds": {str(e): seconds[e] for e in E},
         "train_ratio": key(train_ratio),
         "train_ratio_min": key(train_ratio_min),
-        "loop_ratio": key(loop_ratio),
-        "grouped_mm_speedup_vs_loop": key(grouped_vs_loop),
+        "auto_picks": {str(e): train[e]["auto_picks"] for e in E},
+        "other_path_ratio": key(other_ratio),
+        "auto_speedup_vs_other_path": key(auto_vs_other),
         "mixtral_ratio": {n.removeprefix("mixtral_"): key(v) for n, v in mixtral_ratio.items()},
         "mixtral_ratio_min": {n.removeprefix("mixtral_"): key(v) for n, v in mixtral_ratio_min.items()},
         "mixtral_skipped": {str(e): train[e]["skipped"] for e in E},

@@ -92,11 +92,11 @@ def test_auto_picks_the_loop_for_few_large_experts_on_cpu():
 
     bank = ExpertBank(8, 16, 16)
     big = torch.zeros(2 * CPU_LOOP_ROWS_PER_EXPERT, 16, requires_grad=True)
-    assert bank._choose(big, [CPU_LOOP_ROWS_PER_EXPERT, CPU_LOOP_ROWS_PER_EXPERT] + [0] * 6) == "loop"
+    assert bank.choose(big, [CPU_LOOP_ROWS_PER_EXPERT, CPU_LOOP_ROWS_PER_EXPERT] + [0] * 6) == "loop"
     spread = [big.shape[0] // 8] * 8  # 8 active experts, a quarter of the threshold each
-    assert bank._choose(big, spread) == "grouped_mm"
+    assert bank.choose(big, spread) == "grouped_mm"
     with torch.no_grad():
-        assert bank._choose(torch.zeros(4, 16), [1, 3, 0, 0, 0, 0, 0, 0]) == "loop"
+        assert bank.choose(torch.zeros(4, 16), [1, 3, 0, 0, 0, 0, 0, 0]) == "loop"
 
 
 def test_fused_swiglu_is_bitwise_autograds_own_chunk_silu_mul():

@@ -51,12 +51,13 @@ class ExpertBank(nn.Module):
     def forward(self, x: torch.Tensor, counts: list[int], impl: DispatchImpl = "auto") -> torch.Tensor:
         """Run rows ``x`` (sorted by expert; ``counts[e]`` rows for expert e) through their experts."""
         if impl == "auto":
-            impl = self._choose(x, counts)
+            impl = self.choose(x, counts)
         if impl == "grouped_mm":
             return self._grouped(x, counts)
         return self._loop(x, counts)
 
-    def _choose(self, x: torch.Tensor, counts: list[int]) -> DispatchImpl:
+    def choose(self, x: torch.Tensor, counts: list[int]) -> DispatchImpl:
+        """The implementation ``auto`` runs for rows ``x`` split as ``counts`` (see the module docstring)."""
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.gate_up_proj.requires_grad)
         if not needs_grad and x.shape[0] <= DECODE_ROWS:
             return "loop"
