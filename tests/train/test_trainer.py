@@ -121,3 +121,13 @@ def test_unknown_domain_and_tier_fail_before_training(small_dataset):
         Trainer(build_model(ModelConfig.from_preset("tiny")), data, _cfg(domains={"math": 1.0}), show_progress=False)
     with pytest.raises(TierSetError, match="unknown tier"):
         Trainer(build_model(ModelConfig.from_preset("tiny")), data, _cfg(tierset="tier_9"), show_progress=False)
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_training_on_cpu_keeps_freed_memory_unless_told_not_to(small_dataset, monkeypatch, keep):
+    calls = []
+    monkeypatch.setattr("lite_llm.train.trainer.keep_freed_memory", lambda: calls.append(1) or True)
+    data = TokenData(small_dataset)
+    cfg = _cfg(steps=1, keep_freed_cpu_memory=keep)
+    Trainer(build_model(ModelConfig.from_preset("tiny")), data, cfg, show_progress=False).train()
+    assert len(calls) == (1 if keep else 0)
