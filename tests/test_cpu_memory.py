@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import platform
+import statistics
 import subprocess
 import sys
 
@@ -13,8 +14,10 @@ pytestmark = pytest.mark.skipif(
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="keep_freed_memory acts on glibc only"
 )
 
-# Allocate, touch and free a 96 MiB tensor twice; print the page faults of the second round.
-# Without the setting both rounds get fresh pages from mmap; with it the second reuses the first's.
+# Allocate, touch and free a 96 MiB tensor nine times; print the page faults of each of the last
+# six rounds.  Without the setting every round gets fresh pages from mmap; with it the heap hands
+# the same memory back once it has settled (where a block lands depends on where the randomised
+# heap starts, and an early round's block may not fit the next, differently aligned request).
 _PROBE = """
 import resource, sys, torch
 from lite_llm.cpu_memory import keep_freed_memory
@@ -25,18 +28,17 @@ def faults_of_one_round():
     t = torch.ones(96 * 2**20 // 4)
     del t
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-faults_of_one_round()
-print(faults_of_one_round())
+print(*[faults_of_one_round() for _ in range(9)][3:])
 """
 
 
-def _second_round_faults(mode: str) -> int:
+def _faults_per_round(mode: str) -> list[int]:
     out = subprocess.run([sys.executable, "-c", _PROBE, mode], check=True, capture_output=True, text=True)
-    return int(out.stdout.strip().splitlines()[-1])
+    return [int(n) for n in out.stdout.split()]
 
 
 def test_freed_memory_is_reused_without_new_page_faults() -> None:
-    system = _second_round_faults("system")
-    kept = _second_round_faults("keep")
-    assert system >= 24, f"without the setting a fresh 96 MiB block should fault (>= 24 huge pages), saw {system}"
-    assert kept <= system // 10, f"with memory kept the second round should barely fault: {kept} vs {system}"
+    system = _faults_per_round("system")
+    kept = _faults_per_round("keep")
+    assert min(system) >= 48, f"without the setting each fresh 96 MiB block should fault (>= 48 huge pages), saw {system}"
+    assert statistics.median(kept) <= min(system) // 10, f"with memory kept, most rounds should not fault: {kept} vs {system}"

@@ -21,7 +21,6 @@ the call; the same effect at start-up without code is
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import platform
 
 # mallopt parameters, from glibc's <malloc.h>.
@@ -42,7 +41,7 @@ def keep_freed_memory() -> bool:
         return True
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc = ctypes.CDLL(None)  # this process's own symbols: glibc's mallopt
     # mallopt returns 1 on success.  The trim threshold is an int argument that glibc reads
     # as size_t, so -1 means "never trim".
     _applied = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, -1) == 1

@@ -87,7 +87,10 @@ def test_stable_topk_equals_the_stable_sort_reference(n, topk):
     nudged = torch.where(torch.rand(300, n, generator=gen) < 0.2, torch.nextafter(base, torch.tensor(9.0)), base)
     signed = torch.where(torch.rand(300, n, generator=gen) < 0.5, -0.0, 0.0)
     masked = torch.where(torch.rand(300, n, generator=gen) < 0.5, float("-inf"), base)
-    scores = torch.cat([base, nudged, signed, masked, torch.randn(300, n, generator=gen) * 1e4])
+    # NaNs of both sign bits (x86's inf - inf is a negative NaN): rank orders them, first
+    nan = torch.tensor(float("nan"))
+    nans = torch.where(torch.rand(300, n, generator=gen) < 0.05, torch.where(torch.rand(300, n, generator=gen) < 0.5, nan, -nan), base)
+    scores = torch.cat([base, nudged, signed, masked, nans, torch.randn(300, n, generator=gen) * 1e4])
     rank = torch.randperm(n, generator=gen)
     for k in sorted({1, min(2, n), min(4, n), n}):
         assert torch.equal(topk(scores, k, rank), stable_topk_reference(scores, k, rank))

@@ -49,7 +49,8 @@ class ExpertBank(nn.Module):
         self.down_proj = nn.Parameter(torch.zeros(num_experts, d_model, hidden))
 
     def forward(self, x: torch.Tensor, counts: list[int], impl: DispatchImpl = "auto") -> torch.Tensor:
-        """Run rows ``x`` (sorted by expert; ``counts[e]`` rows for expert e) through their experts."""
+        """Run rows ``x`` (sorted by expert; ``counts[e]`` rows for expert e, summing to all of
+        ``x``'s rows) through their experts."""
         if impl == "auto":
             impl = self.choose(x, counts)
         if impl == "grouped_mm":
@@ -103,11 +104,13 @@ def swiglu(h: torch.Tensor) -> torch.Tensor:
 class _FusedSwiGLU(torch.autograd.Function):
     """SwiGLU over the fused tensor, with a backward that writes the (rows, 2H) gradient once.
 
-    Autograd's own version (``h.chunk(2)``, silu, mul) differentiates each chunk into its own
-    zero-filled (rows, 2H) tensor and adds the two: two memsets, two copies and an add over
-    the layer's largest activation.  This backward runs the same ops autograd would
-    (``silu_backward(grad * up, gate)`` and ``grad * silu(gate)``) into the two halves of one
-    buffer, so gradients are bitwise equal; it saves ``h`` only and recomputes ``silu(gate)``.
+    Autograd's own version (``h.chunk(2)``, silu, mul) computes the two halves' gradients as
+    separate tensors and ``cat``s them (``SplitBackward0``), and keeps ``silu(gate)`` alive for
+    the backward.  This backward runs the same ops autograd would (``silu_backward(grad * up,
+    gate)`` and ``grad * silu(gate)``) straight into the two halves of one buffer, so gradients
+    are bitwise equal (tested), without the copy; it saves ``h`` only and recomputes
+    ``silu(gate)`` (one (rows, H) activation less per layer).  Forward+backward at
+    16,384 x 2,048 fp32 on 2 cores: 80 ms against autograd's 85.  Not twice differentiable.
     """
 
     @staticmethod

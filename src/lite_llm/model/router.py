@@ -85,7 +85,8 @@ def stable_topk(scores: torch.Tensor, k: int, rank: torch.Tensor) -> torch.Tenso
     if scores.device.type != "cpu" or k >= n:
         return _topk_by_exact_key(scores, k, rank)
     values, indices = torch.topk(scores.float(), k + 1, dim=-1, sorted=True)
-    tied = ((values[..., 1:] == values[..., :-1]) | values[..., 1:].isnan()).any(-1)
+    # topk puts NaNs first, so a row with any NaN has one in front
+    tied = (values[..., 1:] == values[..., :-1]).any(-1) | values[..., 0].isnan()
     indices = indices[..., :k]
     if not bool(tied.any()):
         return indices
@@ -98,12 +99,14 @@ def _topk_by_exact_key(scores: torch.Tensor, k: int, rank: torch.Tensor) -> torc
     """``stable_topk`` through integer keys: ``topk`` over ``order(score) * n + (n - 1 - rank)``.
 
     IEEE floats order like sign-magnitude integers, so ``+-(bits & 0x7fffffff)`` orders like
-    the float itself (-0.0 and +0.0 both become 0, as they compare equal); -inf is the lowest
-    non-NaN key, and NaNs sort to the ends, deterministically either way.
+    the float itself (-0.0 and +0.0 both become 0, as they compare equal; -inf is the lowest).
+    Every NaN, whatever its sign bit, gets one key above +inf: first, as ``torch.topk`` and
+    ``torch.sort`` put NaNs, with ties among them broken by rank like any other.
     """
-    bits = scores.float().view(torch.int32)
+    s32 = scores.float()
+    bits = s32.view(torch.int32)
     magnitude = bits & 0x7FFFFFFF
-    ordered = torch.where(bits < 0, -magnitude, magnitude).long()
+    ordered = torch.where(bits < 0, -magnitude, magnitude).long().masked_fill(s32.isnan(), 1 << 31)
     n = scores.shape[-1]
     keys = ordered * n + (n - 1 - rank)
     return torch.topk(keys, k, dim=-1, sorted=True).indices
@@ -379,7 +382,7 @@ class HSERRouter(nn.Module):
         and router z-loss, both over the allowed tiers only so masked tiers get no gradient."""
         r = self.routing
         # The allowed tiers' slices; with every tier allowed, the tensors themselves (no copies).
-        idx = None if all(allowed) else torch.tensor([t for t, ok in enumerate(allowed) if ok], device=p_tier.device)
+        idx = None if all(allowed) else torch.tensor([t for t, ok in enumerate(allowed) if ok], dtype=torch.long, device=p_tier.device)
 
         def pick(t: torch.Tensor, dim: int = 1) -> torch.Tensor:
             return t if idx is None else t.index_select(dim, idx)
