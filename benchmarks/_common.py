@@ -50,6 +50,22 @@ def keep_freed_memory_unless(opted_out: bool) -> bool:
     return keep_freed_memory()
 
 
+def cpu_description() -> str:
+    """The CPU's model name and its widest vector/matrix extensions, from /proc/cpuinfo: these VMs
+    change CPUs between sessions (AMD EPYC with AVX2, Intel Xeon with AVX-512 and AMX), and the
+    kernels MKL picks, hence every absolute time, change with them."""
+    import platform
+
+    try:
+        info = open("/proc/cpuinfo").read()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "unknown CPU")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    extensions = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{name} ({', '.join(extensions) or 'no AVX2'})"
+
+
 def available_cpus() -> int:
     """CPUs this process may run on (respects affinity masks, unlike ``os.cpu_count``)."""
     try:

@@ -63,7 +63,6 @@ reexec_with_thp()
 
 import argparse  # noqa: E402
 import gc  # noqa: E402
-import platform  # noqa: E402
 import statistics  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 
@@ -73,6 +72,7 @@ from torch import nn  # noqa: E402
 from _common import (  # noqa: E402
     Timing,
     available_cpus,
+    cpu_description,
     emit_json,
     keep_freed_memory_unless,
     measure_interleaved,
@@ -456,7 +456,7 @@ def main() -> None:
         "dtype": args.dtype, "device": str(args.device), "threads": threads, "thp": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1",
         "keep_freed_memory": kept,
         "torch": torch.__version__, "transformers": tf_version, "warmup": args.warmup, "repeats": args.repeats,
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_description(),
         "loadavg_start": list(os.getloadavg()),
     }
     if args.device.type == "cuda":

@@ -26,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
+    cpu_description,
     emit_json,
     keep_freed_memory_unless,
     measure_interleaved,
@@ -141,6 +142,7 @@ def main() -> None:
             "batch": args.batch,
             "seq_len": args.seq,
             "threads": threads,
+            "cpu": cpu_description(),
             "keep_freed_memory": kept,
             "tokens_per_s": tps,
             "params": {k: {"total": v[0], "active": v[1]} for k, v in counts.items()},
