@@ -4,8 +4,9 @@ What it measures (fp32, CPU, all threads the process may use; d=512, expert hidd
 4096 tokens, K=4 active experts per token, E in {8, 64, 512} experts by default):
 
 1. Training: forward + backward time of our ``lite_llm.model.moe.TieredMoE`` (one tier of E
-   experts, routing k_tier=1, k_group=1, k_expert=K, default ``dispatch_impl="auto"``: ``grouped_mm``
-   when gradients are needed, except on CPU with >= 1,024 rows per expert, where the loop is) divided by the time of a dense SwiGLU
+   experts, routing k_tier=1, k_group=1, k_expert=K, default ``dispatch_impl="auto"``:
+   ``grouped_mm`` when gradients are needed, except on CPU with >= 1,024 rows per expert,
+   where it is the loop) divided by the time of a dense SwiGLU
    FFN with the same active FLOPs (``DenseFFN(d, K*H)``) on the same tokens.  The backward goes
    through the layer output (a fixed random upstream gradient) plus the router's balance and
    z losses; gradients are dropped after every step (``set_to_none``, as optimisers do).
@@ -36,8 +37,8 @@ whose warm-up call exceeds ``--slow-step-s`` keeps that single call as its figur
 ``*``: it includes first-call costs).  On CPU, freed memory is kept for reuse
 (``lite_llm.cpu_memory``, as ``lite-llm`` training does; process-wide, so for every candidate
 alike) unless ``--no-keep-memory`` is given: without it, each step faults ~4 GB of fresh pages
-in at E=512 and that system time, not the kernels, decides the comparison.  Ratios of the fastest samples (min/min) are reported
-beside the medians: on a shared machine noise only adds time, so they are the steadier figure.  The script re-executes itself with
+in at E=512 and that system time, not the kernels, decides the comparison.  Ratios of the
+fastest samples (min/min) are reported beside the medians: on a shared machine noise only adds time, so they are the steadier figure.  The script re-executes itself with
 ``THP_MEM_ALLOC_ENABLE=1`` (torch reads it at import) unless ``--no-thp`` is given.
 
 Run (from the repository root, several minutes; the Mixtral eager layer alone needs minutes

@@ -3,16 +3,15 @@
 
 from __future__ import annotations
 
-import platform
 import statistics
 import subprocess
 import sys
 
 import pytest
 
-pytestmark = pytest.mark.skipif(
-    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="keep_freed_memory acts on glibc only"
-)
+from lite_llm.cpu_memory import GLIBC
+
+pytestmark = pytest.mark.skipif(not GLIBC, reason="keep_freed_memory acts on glibc only")
 
 # Allocate, touch and free a 96 MiB tensor nine times; print the page faults of each of the last
 # six rounds.  Without the setting every round gets fresh pages from mmap; with it the heap hands

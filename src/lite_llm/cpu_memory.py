@@ -27,6 +27,9 @@ import platform
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 
+# mallopt is glibc's; macOS, Windows and musl have no such knob.
+GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
 _applied = False
 
 
@@ -39,7 +42,7 @@ def keep_freed_memory() -> bool:
     global _applied
     if _applied:
         return True
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not GLIBC:
         return False
     libc = ctypes.CDLL(None)  # this process's own symbols: glibc's mallopt
     # mallopt returns 1 on success.  The trim threshold is an int argument that glibc reads

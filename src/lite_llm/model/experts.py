@@ -81,16 +81,27 @@ class ExpertBank(nn.Module):
             gate_ups, downs = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
         else:  # plain views, no autograd: indexing copies nothing
             gate_ups, downs = self.gate_up_proj, self.down_proj
-        # split, not slicing: split's backward is one cat, a slice's a zero-filled copy of all
-        # of x; and only the experts with rows (decoding at E=512 routes to 4 of them)
-        active = [e for e, n in enumerate(counts) if n]
         outs = [
             F.linear(swiglu(F.linear(rows, gate_ups[e].to(x.dtype))), downs[e].to(x.dtype))
-            for e, rows in zip(active, x.split([counts[e] for e in active]))
+            for e, rows in nonempty_groups(x, counts)
         ]
         if not outs:
             return x.new_zeros(0, self.d_model)
         return torch.cat(outs)
+
+
+def nonempty_groups(x: torch.Tensor, sizes: list[int]) -> list[tuple[int, torch.Tensor]]:
+    """``(i, rows)`` for each group ``i`` with ``sizes[i] > 0`` rows, consecutive in ``x``.
+
+    ``split``, not slicing: split's backward is one ``cat``, while each slice's backward
+    zero-fills a gradient the size of all of ``x`` (a fill and an add per group); only the
+    non-empty groups (decoding at E=512 touches 4 experts, not 512 views); and ``x`` itself
+    when one group has every row (even a one-piece split copies in its backward).
+    """
+    active = [i for i, n in enumerate(sizes) if n]
+    if len(active) == 1:
+        return [(active[0], x)]
+    return list(zip(active, x.split([sizes[i] for i in active])))
 
 
 def swiglu(h: torch.Tensor) -> torch.Tensor:
@@ -162,13 +173,8 @@ def dispatch(
     counts = torch.bincount(flat, minlength=tier_offsets[-1]).tolist()
     xs = x.index_select(0, rows)
     tier_counts = [counts[a:b] for a, b in zip(tier_offsets[:-1], tier_offsets[1:])]
-    tier_rows = [sum(c) for c in tier_counts]
-    active = [t for t, n in enumerate(tier_rows) if n]
-    # Each active tier's rows: split, not slicing (split's backward is one cat, a slice's a
-    # zero-filled copy of all rows), and no split at all when one tier has every row.
-    pieces = [xs] if len(active) == 1 else [p for p in xs.split(tier_rows) if p.shape[0]]
     outs = []
-    for t, tier_xs in zip(active, pieces):
+    for t, tier_xs in nonempty_groups(xs, [sum(c) for c in tier_counts]):
         if banks[t] is None:
             raise RuntimeError(f"tokens were routed to tier #{t}, whose experts are not loaded")
         outs.append(banks[t](tier_xs, tier_counts[t], impl))
