@@ -47,6 +47,10 @@ class LazyTensorFiles(Mapping[str, torch.Tensor]):
     def spec(self, name: str) -> TensorSpec:
         return self._where[name].spec(name)
 
+    def location(self, name: str) -> tuple[Path, int, int]:
+        """(file, byte offset, byte count) of ``name``'s raw data (see :meth:`SafetensorsReader.location`)."""
+        return self._where[name].location(name)
+
 
 @dataclass
 class CheckpointTensors:

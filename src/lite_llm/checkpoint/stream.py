@@ -109,6 +109,12 @@ class SafetensorsReader:
         dtype, shape, _, _ = self._entries[name]
         return TensorSpec(dtype, shape)
 
+    def location(self, name: str) -> tuple[Path, int, int]:
+        """(file, byte offset, byte count) of ``name``'s raw little-endian data, for copying it
+        unchanged without decoding it."""
+        _, _, begin, end = self._entries[name]
+        return self.path, self._data_start + begin, end - begin
+
     def get(self, name: str) -> torch.Tensor:
         """A fresh (writable, 64-byte aligned) tensor holding ``name``."""
         dtype, shape, begin, end = self._entries[name]

@@ -7,6 +7,11 @@ models are small enough (``validate="auto"``, below ``max_validate_params``) eve
 also materialised and checked with :func:`validate_models`; an exact step that fails to
 preserve the logits stops the growth before anything is written.  Each step appends a record
 to ``progressive.json``'s ``expansions``.
+
+Where the source comes from and what the result is written as are pluggable: ``open_source``
+opens something else that looks like a :class:`CheckpointTensors` (a Hugging Face folder, in
+:mod:`lite_llm.interop.hf_stream`) and ``write_output`` writes the :class:`GrownModel` in
+another format; by default both are the Lite LLM checkpoint.
 """
 
 from __future__ import annotations
@@ -35,6 +40,29 @@ from .validate import ValidationReport, sample_ids, validate_models
 
 class GrowthError(LiteLLMError):
     """A growth that would not keep its promise (an exact step changed the function)."""
+
+
+SourceOpener = Callable[[Path], "tuple[Any, Callable[[], None] | None]"]
+"""path -> (a :class:`CheckpointTensors` look-alike, a check of its integrity to run beside
+the growth, or None)."""
+
+
+@dataclass
+class GrownModel:
+    """What a growth hands its writer: the grown model as lazy tensors (our names, not yet cast
+    to ``dtype``), the steps that made it, and what its record says."""
+
+    source: Any  # CheckpointTensors, or a look-alike from an ``open_source``
+    config: ModelConfig
+    tensors: Tensors
+    dtype: torch.dtype
+    progressive: dict[str, Any]
+    chain: list[tuple[GrowthOp, dict[str, Any]]]
+    model_version: str
+
+
+OutputWriter = Callable[..., Path]
+"""(output, grown, *, max_shard_bytes, before_commit) -> the path written, atomically."""
 
 
 @dataclass
@@ -96,8 +124,11 @@ def expand_checkpoint(
     verify: bool = True,
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = 2 * 1024**3,
+    open_source: SourceOpener | None = None,
+    write_output: OutputWriter | None = None,
 ) -> ExpandResult:
-    """Grow the checkpoint at ``source`` by ``steps`` into a new checkpoint at ``output``."""
+    """Grow the checkpoint at ``source`` by ``steps`` into a new checkpoint at ``output``
+    (or, with ``open_source`` / ``write_output``, another kind of source / output)."""
     if validate not in VALIDATE_MODES:
         raise ConfigError(f"validate must be one of {', '.join(VALIDATE_MODES)}, got {validate!r}")
     if not steps:
@@ -105,11 +136,16 @@ def expand_checkpoint(
     # The source's hashes are checked in a background thread while the growth runs, and the
     # output is committed only if they pass: a corrupt source still leaves nothing behind, and
     # one sequential read of the source overlaps the writing instead of preceding it.
-    src = open_checkpoint(source, verify=False)
+    if open_source is None:
+        src = open_checkpoint(source, verify=False)
+        check: Callable[[], None] | None = lambda: check_sound(src.path)  # noqa: E731
+    else:
+        src, check = open_source(Path(source))
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify-source") as pool:
-        verified = pool.submit(check_sound, src.path) if verify else None
+        verified = pool.submit(check) if verify and check is not None else None
         try:
-            return _expand(src, output, steps, validate, max_validate_params, tolerance, dtype, max_shard_bytes, verified)
+            write = write_output or write_grown_checkpoint
+            return _expand(src, output, steps, validate, max_validate_params, tolerance, dtype, max_shard_bytes, verified, write)
         except Exception:
             # A corrupt source explains any later failure best: report its problem first.
             if verified is not None and verified.exception() is not None:
@@ -127,6 +163,7 @@ def _expand(
     dtype: torch.dtype | None,
     max_shard_bytes: int,
     verified: Future | None,
+    write: OutputWriter,
 ) -> ExpandResult:
     out = Path(output)
     check_new_output(out, src.path)
@@ -158,23 +195,30 @@ def _expand(
 
     progressive = dict(src.progressive)
     progressive["expansions"] = list(progressive.get("expansions") or []) + records
-    extra_dirs = _carried_ewc(src, chain, progressive)
-    specs = expected_specs(config, dtype)
-    tensors = _cast(tensors, dtype)
-    tokenizer = copied_tokenizer(src)
-    path = write_checkpoint(
+    grown = GrownModel(src, config, tensors, dtype, progressive, chain, _grown_version(src.manifest, steps))
+    path = write(out, grown, max_shard_bytes=max_shard_bytes, before_commit=verified.result if verified is not None else None)
+    return ExpandResult(path, config, records, reports)
+
+
+def write_grown_checkpoint(
+    out: Path, grown: GrownModel, *, max_shard_bytes: int, before_commit: Callable[[], None] | None, tokenizer: Any = None
+) -> Path:
+    """The default writer: ``grown`` as a Lite LLM checkpoint, its EWC estimate carried along,
+    its tokenizer ``tokenizer`` (default: a copy of the source checkpoint's)."""
+    progressive = dict(grown.progressive)
+    extra_dirs = _carried_ewc(grown.source, grown.chain, progressive)
+    return write_checkpoint(
         out,
-        config,
-        tensors,
-        specs=specs,
-        tokenizer=tokenizer,
+        grown.config,
+        _cast(grown.tensors, grown.dtype),
+        specs=expected_specs(grown.config, grown.dtype),
+        tokenizer=tokenizer if tokenizer is not None else copied_tokenizer(grown.source),
         progressive=progressive,
         extra_dirs=extra_dirs,
         max_shard_bytes=max_shard_bytes,
-        before_commit=verified.result if verified is not None else None,
-        model_version=_grown_version(src.manifest, steps),
+        before_commit=before_commit,
+        model_version=grown.model_version,
     )
-    return ExpandResult(path, config, records, reports)
 
 
 def check_new_output(out: Path, source: Path, what: str = "the grown model") -> None:

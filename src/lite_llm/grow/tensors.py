@@ -7,6 +7,11 @@ chains closures; writing the result (``write_checkpoint`` with specs) asks for o
 time, so a chain of growths over a checkpoint opened with ``open_checkpoint`` never holds
 more than a few tensors in memory.  Looking a tensor up twice computes it twice: materialise
 with ``dict(lazy)`` when that matters more than memory.
+
+A tensor passed through unchanged is produced by a :class:`Ref` rather than an opaque closure,
+so a writer can ask :func:`origin` where its bytes already lie: a source file holding them can
+then be copied byte for byte (the one-pass Hugging Face growth does) instead of decoded and
+encoded again.
 """
 
 from __future__ import annotations
@@ -39,10 +44,40 @@ class LazyTensors(Mapping[str, torch.Tensor]):
     def __len__(self) -> int:
         return len(self._producers)
 
+    def reference(self, name: str) -> tuple[Tensors, str] | None:
+        """(mapping, name) that ``name`` is an unchanged copy of, or None when it is computed."""
+        producer = self._producers[name]
+        return (producer.tensors, producer.name) if isinstance(producer, Ref) else None
+
+
+class Ref:
+    """A producer returning ``tensors[name]`` unchanged, and saying so (see :func:`origin`)."""
+
+    __slots__ = ("tensors", "name")
+
+    def __init__(self, tensors: Tensors, name: str) -> None:
+        self.tensors = tensors
+        self.name = name
+
+    def __call__(self) -> torch.Tensor:
+        return self.tensors[self.name]
+
 
 def ref(tensors: Tensors, name: str) -> Producer:
     """A producer that returns input tensor ``name`` unchanged."""
-    return lambda: tensors[name]
+    return Ref(tensors, name)
+
+
+def origin(tensors: Tensors, name: str) -> tuple[Tensors, str]:
+    """The mapping (and the name in it) that ``tensors[name]`` is an unchanged copy of, following
+    chains of :class:`Ref` back through every growth step to the first computed tensor or the
+    source; ``(tensors, name)`` itself when the tensor is computed."""
+    while True:
+        reference = getattr(tensors, "reference", None)
+        found = reference(name) if reference is not None else None
+        if found is None:
+            return tensors, name
+        tensors, name = found
 
 
 def derive(fn: Callable[..., torch.Tensor], tensors: Tensors, *names: str) -> Producer:
