@@ -129,6 +129,24 @@ class SafetensorsReader:
         return out
 
 
+def safetensors_header(specs: Mapping[str, TensorSpec], metadata: Mapping[str, str] | None = None) -> bytes:
+    """The bytes a safetensors file of ``specs`` (in that order) starts with: the 8-byte header
+    length and the JSON header, padded to 8 bytes; the tensors' data follows back to back."""
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    for name, spec in specs.items():
+        code = _TO_CODE.get(spec.dtype)
+        if code is None:
+            raise CheckpointError(f"tensor {name} has dtype {spec.dtype}, which safetensors cannot store")
+        header[name] = {"dtype": code, "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]}
+        offset += spec.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)
+    return struct.pack("<Q", len(blob)) + blob
+
+
 def write_safetensors(
     path: str | os.PathLike,
     specs: Mapping[str, TensorSpec],
@@ -143,24 +161,13 @@ def write_safetensors(
     A produced tensor whose dtype or shape differs from its spec is refused: the header was
     already written from the specs, and a silent mismatch would corrupt the file.
     """
-    header: dict[str, object] = {}
-    if metadata:
-        header["__metadata__"] = dict(metadata)
-    offset = 0
-    for name, spec in specs.items():
-        code = _TO_CODE.get(spec.dtype)
-        if code is None:
-            raise CheckpointError(f"tensor {name} has dtype {spec.dtype}, which safetensors cannot store")
-        header[name] = {"dtype": code, "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]}
-        offset += spec.nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    blob += b" " * (-len(blob) % 8)
+    blob = safetensors_header(specs, metadata)
     digest = hashlib.sha256()
     # Hashing a tensor overlaps writing it (hashlib and file I/O release the GIL).  Tensors
     # are produced on this thread, one at a time: producing the next one ahead would overlap
     # more but hold two large tensors at once and fragment memory across threads.
     with open(path, "wb") as f, ThreadPoolExecutor(max_workers=1, thread_name_prefix="safetensors-hash") as pool:
-        for chunk in (struct.pack("<Q", len(blob)), blob):
+        for chunk in (blob[:8], blob[8:]):
             digest.update(chunk)
             f.write(chunk)
         for name, spec in specs.items():

@@ -1,0 +1,410 @@
+"""One-pass growth of Hugging Face folders: read the safetensors lazily, write a transformers folder.
+
+Growing a Hugging Face model used to take three passes (import, expand, export), each reading
+and writing the whole model.  Here :func:`expand_model` runs the ordinary growth
+(:func:`lite_llm.grow.expand.expand_checkpoint`, same steps, same validation, same record)
+over a Hugging Face folder opened in place (:func:`open_hf_folder`: names mapped through the
+tables of :mod:`.hf_mapping`, nothing read until a tensor is asked for) and/or writes the
+grown model as a Hugging Face folder (:func:`write_grown_hf`): ``config.json``, safetensors
+shards with an index when there are several, the tokenizer and generation files of the
+source, and ``progressive.json`` with the growth record beside them.
+
+Speed comes from not touching what does not change: a tensor the growth passes through
+unchanged (every tensor of a SOLAR or stacked depth growth, the embeddings of any depth
+growth) is found by :func:`lite_llm.grow.tensors.origin`, and its bytes are copied from the
+source file by the kernel (``copy_file_range``) with no decoding, no Python buffer and no
+resident copy.  Shards are fsynced in the background while the next one is written; the
+folder is built under a temporary name and renamed into place, so a failure leaves nothing.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from ..checkpoint import atomic
+from ..checkpoint.manifest import MANIFEST, MODEL_VERSION_DEFAULT, PROGRESSIVE, fill_progressive, one_line, split_by_bytes
+from ..checkpoint.stream import TensorSpec, _as_bytes, safetensors_header
+from ..config import ModelConfig
+from ..data.tokenizer import HF_TOKENIZER_FILE
+from ..errors import CheckpointError, ConfigError
+from ..grow.expand import ExpandResult, GrownModel, expand_checkpoint, write_grown_checkpoint
+from ..grow.recipe import GrowthStep
+from ..grow.tensors import Producer, Tensors, expected_specs, origin, stored_names
+from .hf_export import GENERATION_CONFIG_FILE, _dtype_fields, _special_token_ids, _tokenizer_files, check_exportable, plan_export
+from .hf_import import HF_CONFIG_FILE, HF_INDEX_FILE, HF_TOKENIZER_EXTRAS, HF_WEIGHTS_FILE, HFWeights, _lite_config, plan_import, read_hf_config, read_hf_tokenizer
+from .hf_mapping import hf_config_dict, lite_names_to_hf, mixtral_block_to_classic
+
+OUTPUT_FORMATS = ("checkpoint", "hf")
+# Files of a Hugging Face folder that describe its tokenizer and generation defaults: a grown
+# folder gets them unchanged (the vocabulary does not change with growth).
+HF_SIDE_FILES = (HF_TOKENIZER_FILE, *HF_TOKENIZER_EXTRAS, "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", GENERATION_CONFIG_FILE)
+MODEL_VERSION_KEY = "model_version"  # in a grown folder's progressive.json (there is no manifest)
+_COPY_CHUNK = 64 * 1024**2
+
+
+# ------------------------------------------------------------------------------- the entry point
+def expand_model(
+    source: str | os.PathLike,
+    output: str | os.PathLike,
+    steps: Sequence[GrowthStep],
+    *,
+    output_format: str = "checkpoint",
+    **options: Any,
+) -> ExpandResult:
+    """Grow ``source`` (a Lite LLM checkpoint or a Hugging Face folder) by ``steps`` into
+    ``output``, written as a Lite LLM checkpoint (``output_format="checkpoint"``) or a Hugging
+    Face folder (``"hf"``), in one pass.  ``options`` are those of ``expand_checkpoint``
+    (``validate``, ``tolerance``, ``max_shard_bytes`` ...)."""
+    if output_format not in OUTPUT_FORMATS:
+        raise ConfigError(f"output format must be one of {', '.join(OUTPUT_FORMATS)}, got {output_format!r}")
+    src = Path(source)
+    hf_source = is_hf_folder(src)
+    if src.is_dir() and not hf_source and not (src / MANIFEST).is_file():
+        raise CheckpointError(
+            f"{src} is neither a lite-llm checkpoint (no {MANIFEST}) nor a Hugging Face model folder (no {HF_CONFIG_FILE}); point to one of those"
+        )
+    if output_format == "hf":
+        writer: Callable[..., Path] | None = write_grown_hf
+    elif hf_source:
+        writer = functools.partial(write_grown_checkpoint, tokenizer=read_hf_tokenizer(src))
+    else:
+        writer = None
+    return expand_checkpoint(src, output, steps, open_source=open_hf_folder if hf_source else None, write_output=writer, **options)
+
+
+def is_hf_folder(path: Path) -> bool:
+    """A folder with a ``config.json`` and no ``manifest.json``: a Hugging Face model folder."""
+    return path.is_dir() and (path / HF_CONFIG_FILE).is_file() and not (path / MANIFEST).is_file()
+
+
+# ------------------------------------------------------------------------------- the source
+class HFTensors(Mapping[str, torch.Tensor]):
+    """Our name -> tensor over a Hugging Face folder, read when looked up.
+
+    ``direct`` names map one to one onto a stored tensor of the same dtype and shape: those
+    are read as they are and report their file location, so a writer may copy their bytes.
+    The rest (cast dtypes, fused Mixtral banks, router state Hugging Face lacks) come from
+    the importer's producers.
+    """
+
+    def __init__(self, weights: HFWeights, specs: dict[str, TensorSpec], producers: dict[str, Producer], direct: dict[str, str]) -> None:
+        self._weights = weights
+        self._specs = specs
+        self._producers = producers
+        self._direct = direct
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        theirs = self._direct.get(name)
+        return self._weights[theirs] if theirs is not None else self._producers[name]()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._specs)
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    def spec(self, name: str) -> TensorSpec:
+        return self._specs[name]
+
+    def location(self, name: str) -> tuple[Path, int, int] | None:
+        theirs = self._direct.get(name)
+        return self._weights.location(theirs) if theirs is not None else None
+
+
+@dataclass
+class HFFolder:
+    """A Hugging Face folder opened for growth: what ``expand_checkpoint`` reads from a
+    :class:`~lite_llm.checkpoint.lazy.CheckpointTensors`, plus the folder's own ``config.json``."""
+
+    path: Path
+    config: ModelConfig
+    hf_config: dict[str, Any]
+    manifest: dict[str, Any]
+    progressive: dict[str, Any]
+    tensors: HFTensors
+
+    @property
+    def tokenizer_dir(self) -> Path | None:
+        return self.path if (self.path / HF_TOKENIZER_FILE).is_file() else None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tensors.spec("embed.weight").dtype
+
+    def manifest_sha256(self) -> str:
+        """A Hugging Face folder has no manifest: the sha256 of its ``config.json`` stands in."""
+        return hashlib.sha256((self.path / HF_CONFIG_FILE).read_bytes()).hexdigest()
+
+
+def open_hf_folder(path: Path) -> tuple[HFFolder, None]:
+    """Open a Hugging Face Llama/Mistral/Qwen2/Mixtral folder for growth, checking its names and
+    header shapes against ``config.json`` before anything is read.  There are no hashes to
+    check beside the growth (hence the None)."""
+    hf_config = read_hf_config(path)
+    config = _lite_config(hf_config, path)
+    weights = HFWeights(path)
+    embed = "model.embed_tokens.weight"
+    dtype = weights.spec(embed).dtype if embed in weights else torch.float32
+    if not dtype.is_floating_point:
+        raise ConfigError(f"{path} stores its embedding as {dtype}, not a floating-point type; grow a float32, bfloat16 or float16 model")
+    specs = expected_specs(config, dtype)
+    producers = plan_import(config, weights, specs, path)
+    direct = {}
+    for ours, theirs in lite_names_to_hf(specs, config).items():
+        for candidate in (theirs, mixtral_block_to_classic(theirs)) if config.is_moe else (theirs,):
+            if candidate in weights and weights.spec(candidate) == specs[ours]:
+                direct[ours] = candidate
+                break
+    progressive = _read_progressive(path)
+    manifest = {"model_version": progressive.pop(MODEL_VERSION_KEY, MODEL_VERSION_DEFAULT), "files": []}
+    return HFFolder(path, config, hf_config, manifest, progressive, HFTensors(weights, specs, producers, direct)), None
+
+
+def _read_progressive(path: Path) -> dict[str, Any]:
+    """The growth history of a folder we grew before (its ``progressive.json``), else empty."""
+    file = path / PROGRESSIVE
+    if not file.is_file():
+        return fill_progressive(None)
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{file} is not valid JSON ({one_line(exc)}); remove it or restore it from a backup") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file} does not hold a JSON object; remove it or restore it from a backup")
+    return fill_progressive(data)
+
+
+# ------------------------------------------------------------------------------- the output
+class _Specced(Mapping[str, torch.Tensor]):
+    """Lazy tensors with the specs they will have (what ``plan_export`` asks of a checkpoint)."""
+
+    def __init__(self, tensors: Tensors, specs: dict[str, TensorSpec]) -> None:
+        self._tensors, self._specs = tensors, specs
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._specs)
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    def spec(self, name: str) -> TensorSpec:
+        return self._specs[name]
+
+
+RawSource = tuple[Path, int, int]  # file, byte offset, byte count
+
+
+def write_grown_hf(out: Path, grown: GrownModel, *, max_shard_bytes: int, before_commit: Callable[[], None] | None) -> Path:
+    """Write ``grown`` as a Hugging Face folder at ``out``, atomically (an ``OutputWriter``).
+
+    Refuses, with the reason, a model no Hugging Face architecture computes (several tiers,
+    several expert groups, dense and MoE layers mixed).  The source's EWC estimate has no
+    place in a Hugging Face folder and is not carried (a warning says so).
+    """
+    view = SimpleNamespace(config=grown.config, tensors=_Specced(grown.tensors, expected_specs(grown.config, grown.dtype)), path=grown.source.path)
+    check_exportable(view)
+    specs, producers = plan_export(view, grown.dtype)
+    raw = _raw_sources(grown, specs)
+    side_files = _side_files(grown)
+    hf_config = _hf_config(grown, side_files)
+    if "ewc" in {f.get("name") for f in grown.source.manifest.get("files", []) if isinstance(f, dict)}:
+        warnings.warn(f"the EWC estimate of {grown.source.path} is not carried into the Hugging Face folder {out}, which has no place for it", stacklevel=3)
+    progressive = {**grown.progressive, MODEL_VERSION_KEY: grown.model_version}
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic.recover(out, HF_CONFIG_FILE)
+    tmp = atomic.temp_sibling(out, "tmp")
+    tmp.mkdir()
+    try:
+        write_weights(tmp, specs, raw, lambda name: producers[name](), max_shard_bytes)
+        _write_json(tmp / HF_CONFIG_FILE, hf_config)
+        for name, data in side_files.items():
+            (tmp / name).write_bytes(data)
+        _write_json(tmp / PROGRESSIVE, progressive)
+        atomic.fsync_tree(tmp)
+        if before_commit is not None:
+            before_commit()
+        atomic.swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _raw_sources(grown: GrownModel, specs: dict[str, TensorSpec]) -> dict[str, RawSource]:
+    """Hugging Face name -> where in a source file its bytes already lie, for every output
+    tensor that is an unchanged copy of a stored tensor of the same dtype and shape."""
+    ours_of = {theirs: ours for ours, theirs in lite_names_to_hf(stored_names(grown.config), grown.config).items()}
+    raw = {}
+    for theirs, spec in specs.items():
+        ours = ours_of.get(theirs)
+        if ours is None:
+            continue  # renamed with a change (a Mixtral gate divided by its temperature) or split
+        mapping, name = origin(grown.tensors, ours)
+        location, spec_of = getattr(mapping, "location", None), getattr(mapping, "spec", None)
+        if location is None or spec_of is None or spec_of(name) != spec:
+            continue
+        where = location(name)
+        if where is not None:
+            raw[theirs] = where
+    return raw
+
+
+def _side_files(grown: GrownModel) -> dict[str, bytes]:
+    """File name -> bytes of the tokenizer and generation files the grown folder gets."""
+    src = grown.source
+    if isinstance(src, HFFolder):
+        return {name: (src.path / name).read_bytes() for name in HF_SIDE_FILES if (src.path / name).is_file()}
+    files = _tokenizer_files(src)
+    special = _special_token_ids(files)
+    files[GENERATION_CONFIG_FILE] = (json.dumps({"_from_model_config": True, **special}, indent=2) + "\n").encode("utf-8")
+    return files
+
+
+def _hf_config(grown: GrownModel, side_files: Mapping[str, bytes]) -> dict[str, Any]:
+    """``config.json``: a Hugging Face source's own, with the fields the growth changed; else
+    the one ``export`` writes."""
+    new = hf_config_dict(grown.config)
+    src = grown.source
+    if isinstance(src, HFFolder):
+        old = hf_config_dict(src.config)
+        if new["model_type"] == old["model_type"]:
+            base = {**src.hf_config, **{k: v for k, v in new.items() if old.get(k) != v}}
+        else:  # dense -> MoE: a new architecture; keep only the token ids
+            base = {**new, **{k: src.hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in src.hf_config}}
+    else:
+        base = {**new, **_special_token_ids(side_files)}
+    return {**base, **_dtype_fields(grown.dtype)}
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_bytes((json.dumps(data, indent=2) + "\n").encode("utf-8"))
+
+
+# ------------------------------------------------------------------------------- the weights
+def write_weights(
+    folder: Path, specs: dict[str, TensorSpec], raw: Mapping[str, RawSource], produce: Callable[[str], torch.Tensor], max_shard_bytes: int
+) -> None:
+    """``model.safetensors``, or shards of at most ``max_shard_bytes`` plus the index
+    transformers reads them through.  Each finished shard is fsynced in the background while
+    the next one is written."""
+    pieces = split_by_bytes([(n, s.nbytes) for n, s in specs.items()], max_shard_bytes)
+    names = [HF_WEIGHTS_FILE] if len(pieces) == 1 else [f"model-{k:05d}-of-{len(pieces):05d}.safetensors" for k in range(1, len(pieces) + 1)]
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-fsync") as syncer, _SourceFiles() as sources:
+        syncs = []
+        for file_name, piece in zip(names, pieces):
+            write_safetensors_raw(folder / file_name, {n: specs[n] for n in piece}, raw, produce, sources)
+            syncs.append(syncer.submit(atomic.fsync_file, folder / file_name))
+        for done in syncs:
+            done.result()
+    if len(pieces) > 1:
+        weight_map = {n: file_name for file_name, piece in zip(names, pieces) for n in piece}
+        _write_json(folder / HF_INDEX_FILE, {"metadata": {"total_size": sum(s.nbytes for s in specs.values())}, "weight_map": weight_map})
+
+
+class _SourceFiles:
+    """Read-only descriptors of the source files, opened once each."""
+
+    def __init__(self) -> None:
+        self._fds: dict[Path, int] = {}
+
+    def fd(self, path: Path) -> int:
+        if path not in self._fds:
+            self._fds[path] = os.open(path, os.O_RDONLY)
+        return self._fds[path]
+
+    def __enter__(self) -> "_SourceFiles":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+
+
+def write_safetensors_raw(
+    path: Path, specs: Mapping[str, TensorSpec], raw: Mapping[str, RawSource], produce: Callable[[str], torch.Tensor], sources: _SourceFiles
+) -> None:
+    """One safetensors file of ``specs``, in order: tensors in ``raw`` copied byte for byte from
+    their source file (runs that are contiguous there in one call), the others produced and
+    written one at a time.  Not fsynced (the caller does)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        _write_all(fd, memoryview(safetensors_header(specs, {"format": "pt"})))
+        run: list[Any] = []  # [file, offset, count] of the pending contiguous raw copy
+        for name, spec in specs.items():
+            where = raw.get(name)
+            if where is not None:
+                if run and run[0] == where[0] and run[1] + run[2] == where[1]:
+                    run[2] += where[2]
+                    continue
+                if run:
+                    _copy_range(sources.fd(run[0]), run[1], run[2], fd, run[0])
+                run = list(where)
+                continue
+            if run:
+                _copy_range(sources.fd(run[0]), run[1], run[2], fd, run[0])
+                run = []
+            tensor = produce(name)
+            if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+                raise CheckpointError(
+                    f"tensor {name} came out as {tensor.dtype} {tuple(tensor.shape)} but {spec.dtype} {spec.shape} was planned; this is a bug in the operation that produced it"
+                )
+            _write_all(fd, _as_bytes(tensor))
+            del tensor
+        if run:
+            _copy_range(sources.fd(run[0]), run[1], run[2], fd, run[0])
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    data = data.cast("B")
+    while data:
+        written = os.write(fd, data)
+        data = data[written:]
+
+
+_NO_IN_KERNEL_COPY = (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM)
+
+
+def _copy_range(src_fd: int, offset: int, count: int, dst_fd: int, src_path: Path) -> None:
+    """Append ``count`` bytes of ``src_fd`` from ``offset`` to ``dst_fd``: in the kernel
+    (``copy_file_range``) where it can, else through a bounded buffer."""
+    end = offset + count
+    copy = getattr(os, "copy_file_range", None)
+    while offset < end and copy is not None:
+        try:
+            n = copy(src_fd, dst_fd, end - offset, offset)
+        except OSError as exc:
+            if exc.errno not in _NO_IN_KERNEL_COPY:
+                raise
+            break
+        if n == 0:
+            raise CheckpointError(f"{src_path} is truncated: it ended while its tensors were being copied; download the model folder again")
+        offset += n
+    while offset < end:
+        data = os.pread(src_fd, min(_COPY_CHUNK, end - offset), offset)
+        if not data:
+            raise CheckpointError(f"{src_path} is truncated: it ended while its tensors were being copied; download the model folder again")
+        _write_all(dst_fd, memoryview(data))
+        offset += len(data)
+
+
+__all__ = ["HFFolder", "HFTensors", "OUTPUT_FORMATS", "expand_model", "is_hf_folder", "open_hf_folder", "write_grown_hf", "write_weights"]
