@@ -170,10 +170,15 @@ def plan(
     from_: Path = typer.Option(..., "--from", help="Checkpoint, config file or preset name to grow from."),
     to: str = typer.Option(..., "--to", help="Target size (7B, 350M) or a config file / preset whose size to reach."),
     strategy: str = typer.Option("all", help="depth_first, width_first, balanced, moe, or all."),
+    tolerance: float = typer.Option(0.1, help="How far (a fraction) the plan's final size may be from the target."),
     tokens_per_param: float = typer.Option(20.0, help="Continued-training tokens per added parameter (cost model)."),
     write_recipe: Optional[Path] = typer.Option(None, "--write-recipe", help="Write the (single) strategy's plan as a recipe YAML."),
 ) -> None:
     """Propose growth steps to a target size, with parameter counts and training FLOPs.
+
+    Every proposed plan has been run through the growth operations' own checks (tier
+    budgets, head groups, routing limits) and ends within --tolerance of the target; when no
+    plan of sane steps fits, one line says so with the closest size that does.
 
     Examples:
 
@@ -182,7 +187,7 @@ def plan(
       lite-llm plan --from small --to 350M --strategy moe --write-recipe grow.yaml
     """
     from .config import format_size, parse_size
-    from .grow.planner import STRATEGIES, plan_growth
+    from .grow.planner import STRATEGIES, PlanError, plan_growth
 
     source = _config_of(from_)
     try:
@@ -192,9 +197,21 @@ def plan(
     strategies = list(STRATEGIES) if strategy == "all" else [strategy]
     if write_recipe and len(strategies) != 1:
         raise ConfigError("--write-recipe needs one --strategy")
-    for name in strategies:
-        p = plan_growth(source, target, name, tokens_per_param=tokens_per_param)
-        table = Table("step", "method", "parameters", "total", "active", "tokens", "FLOPs", title=f"{name}: {format_size(source.num_params())} → {format_size(p.final.num_params())}")
+    if len(strategies) == 1:
+        plans = [plan_growth(source, target, strategies[0], tokens_per_param=tokens_per_param, tolerance=tolerance)]
+    else:  # every strategy: one without a plan says why, the others are still shown
+        plans = []
+        for name in strategies:
+            try:
+                plans.append(plan_growth(source, target, name, tokens_per_param=tokens_per_param, tolerance=tolerance))
+            except PlanError as exc:
+                err_console.print(f"[yellow]{name}:[/yellow] {escape(str(exc))}", highlight=False)
+        if not plans:
+            raise PlanError(f"no strategy has a plan from {format_size(source.num_params())} to {format_size(target)} within {tolerance:.0%}; see the reasons above")
+    for p in plans:
+        final = p.final.num_params()
+        title = f"{p.strategy}: {format_size(source.num_params())} → {format_size(final)} ({p.error:+.1%} of {format_size(target)})"
+        table = Table("step", "method", "parameters", "total", "active", "tokens", "FLOPs", title=title)
         for i, s in enumerate(p.steps, 1):
             table.add_row(str(i), s.step.method, json.dumps(s.step.params), format_size(s.params), format_size(s.active_params), format_size(s.tokens), f"{s.flops:.2e}")
         console.print(table)
