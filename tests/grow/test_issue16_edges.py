@@ -73,7 +73,7 @@ def test_add_tier_raising_k_tier_is_refused_in_one_sentence_and_nothing_is_writt
     assert result.exit_code == 1
     assert text(result) == (
         "error: k_tier=2 changes which tiers every token uses (it would mix 2 of the 2 existing tiers instead of 1), so the model's output "
-        "cannot be preserved; add --change-routing (change_routing: true in a recipe) to add the tier as a recorded non-exact change with "
+        "cannot be preserved; add --change-routing (in a recipe or --set: change_routing: true) to add the tier as a recorded non-exact change with "
         "its measured loss jump, or leave k_tier out to keep the output exact"
     )
     assert not out.exists() and tree_sha256(src) == before

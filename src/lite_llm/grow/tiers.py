@@ -132,7 +132,7 @@ def _check_routing_change(config: ModelConfig, k_tier: int | None, change_routin
     if before != after and not change_routing:
         raise ConfigError(
             f"k_tier={k_tier} changes which tiers every token uses (it would mix {after} of the {len(config.tiers)} existing tiers instead of {before}), "
-            "so the model's output cannot be preserved; add --change-routing (change_routing: true in a recipe) to add the tier "
+            "so the model's output cannot be preserved; add --change-routing (in a recipe or --set: change_routing: true) to add the tier "
             "as a recorded non-exact change with its measured loss jump, or leave k_tier out to keep the output exact"
         )
     if change_routing and before == after:
