@@ -173,3 +173,12 @@ def test_export_of_an_moe_model_warns_in_one_plain_line(tmp_path):
     ]
     assert "UserWarning" not in result.output and ".py:" not in result.output
     assert (tmp_path / "hf" / "config.json").is_file()
+
+
+def test_add_tier_over_an_advisory_budget_warns_in_one_plain_line(tiny, tmp_path):
+    src, _ = tiny
+    result = runner.invoke(app, ["add-tier", str(src), *ADD, "--budget", "10k", "--budget-mode", "advisory", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if "warning" in line.lower()]
+    assert len(lines) == 1 and lines[0].startswith("warning: tiers[tier_new] needs 198K parameters (198016) but its budget is 10K")
+    assert "UserWarning" not in result.output
