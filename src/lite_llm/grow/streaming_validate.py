@@ -1,0 +1,322 @@
+"""The preservation check that streams: two models evaluated block by block, in float64,
+from their lazy tensor mappings.
+
+Why it is built this way (DESIGN.md, "Exactness, measured"):
+
+* **float64.**  fp32 sums taken in another order differ by ~1e-6 relative per layer: a
+  width-grown SmolLM2 (30 layers, logits near 37) differed from its source by 1.3e-4 in fp32
+  although it is exact in real arithmetic.  Every stored weight converts to float64 exactly,
+  so in float64 what remains is the rounding of the grown weights themselves.
+* **One block at a time.**  Materialising both models held two whole models (3.5 GiB and 9x
+  the growth's time for SmolLM2 grown to 40 layers).  Here the sample's hidden states (a few
+  hundred tokens, a few MB) go through one block at a time: the block's tensors are looked up
+  in the lazy mapping, copied into reused float64 buffers (fresh 100 MB allocations cost more
+  in page faults than the copy), the states run through, the block is dropped.  Memory: one
+  block in float64, the states, and the embedding-sized tensors at the two ends.
+* **Shared blocks are computed once.**  A grown block whose tensors are bitwise those of the
+  original's next block, fed bitwise the states the original feeds it, gives bitwise the
+  original's output.  So depth growth costs the original's forward plus its new blocks.
+* **The head in slices.**  The final norm and the head are applied one slice of the
+  vocabulary at a time for both models, compared as they are made, and the next-token losses
+  come from the same slices (a running log-sum-exp): no (tokens x vocabulary) logits are held.
+* **Gradient flow where growth created something.**  Each grown block that is not shared with
+  the original runs forward and backward on its first ``GRAD_TOKENS`` tokens under a fixed
+  random projection of its output (plus its routers' balance and z-losses).  A parameter with
+  an all-zero gradient gets one plain SGD step of the whole block and a second chance (a
+  LLaMA-Pro block's q/k/v sit behind its zeroed o_proj).  The embedding, final norm and head
+  are not checked: their gradients come straight from the loss and the residual stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..config import ModelConfig, TierSet
+from ..model.layers import RMSNorm, rope_tables
+from ..model.transformer import Block
+from .tensors import Tensors, layer_names, layer_prefix, stored_names
+
+FP64 = torch.float64
+GRAD_TOKENS = 32  # tokens of the gradient-flow check (existence of a gradient needs few)
+SGD_LR = 1e-2
+HEAD_SLICE_BYTES = 32 * 1024**2  # float64 bytes of one slice of the head's rows
+
+
+@dataclass
+class Comparison:
+    """Raw figures of one streamed comparison of an original ``a`` and a grown ``b``."""
+
+    max_abs: float  # max |a - b| over every logit of the sample
+    scale: float  # max |a|
+    sse: float  # sum of (a - b)^2
+    logits: int  # how many logits were compared
+    loss_a: float
+    loss_b: float
+    tokens: int
+    params_a: int  # parameters the tensors hold (embedding counted once when tied)
+    params_b: int
+    new_params: list[str] = field(default_factory=list)  # grown parameters gradient-checked
+    dead_params: list[str] = field(default_factory=list)  # of those, the ones still without gradient
+    shared_blocks: int = 0  # grown blocks computed once for both models
+
+
+class _Buffers:
+    """float64 buffers reused from block to block (a model's blocks share their shapes)."""
+
+    def __init__(self) -> None:
+        self._free: dict[tuple[int, ...], list[torch.Tensor]] = {}
+
+    def take(self, t: torch.Tensor) -> torch.Tensor:
+        pool = self._free.get(tuple(t.shape))
+        out = pool.pop() if pool else torch.empty(t.shape, dtype=FP64)
+        return out.copy_(t)
+
+    def give(self, tensors) -> None:
+        for t in tensors:
+            self._free.setdefault(tuple(t.shape), []).append(t.detach())
+
+
+def _block_key(config: ModelConfig, layer: int) -> tuple:
+    """What, besides its tensors, a block's function depends on (MoE routing breaks ties by
+    the layer index, so a MoE block is only shared at the same index)."""
+    key = (config.d_model, config.n_heads, config.n_kv_heads, config.head_dim, config.norm_eps, config.rope_theta, config.attention_bias)
+    if config.is_moe_layer(layer):
+        return key + (layer, repr(config.tiers), repr(config.routing))
+    return key
+
+
+def _layer(tensors: Tensors, i: int) -> dict[str, torch.Tensor]:
+    prefix = layer_prefix(i)
+    return {name: tensors[prefix + name] for name in layer_names(list(tensors), i)}
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+
+
+def _allowed(config: ModelConfig) -> torch.Tensor | None:
+    """The default TierSet's mask, as ``LiteLLM.allowed_tiers(None)`` gives it."""
+    if not config.is_moe:
+        return None
+    names = set(TierSet.coerce(None).resolve(config))
+    return torch.tensor([t.name in names for t in config.tiers], dtype=torch.bool)
+
+
+class _Model:
+    """One side of the comparison: its config, tensors, RoPE tables and tier mask."""
+
+    def __init__(self, config: ModelConfig, tensors: Tensors, seq: int) -> None:
+        expected, held = set(stored_names(config)), set(tensors)
+        if expected != held:
+            odd = sorted(expected ^ held)[0]
+            raise ValueError(f"the tensors do not fit the config ({odd} is {'missing' if odd in expected else 'extra'})")
+        self.config, self.tensors = config, tensors
+        self.cos, self.sin = rope_tables(config.head_dim, config.rope_theta, torch.arange(seq))
+        self.allowed = _allowed(config)
+        self.params = 0
+
+    def head(self) -> torch.Tensor:
+        return self.tensors["embed.weight" if self.config.tie_embeddings else "lm_head.weight"]
+
+    def block(self, layer: int, stored: dict[str, torch.Tensor], buffers: _Buffers) -> tuple[Block, dict[str, torch.Tensor]]:
+        """Block ``layer`` holding ``stored`` (emptied) in float64 buffers."""
+        if self.config.is_moe_layer(layer):
+            # The router computes its routing tables (buffers no checkpoint holds) when built,
+            # which the meta device cannot do; the expert banks start as (lazily paged) zeros.
+            block = Block(self.config, layer)
+        else:
+            with torch.device("meta"):  # no allocation and no random initialisation
+                block = Block(self.config, layer)
+        state = {name: buffers.take(stored.pop(name)) for name in list(stored)}
+        try:
+            block.load_state_dict(state, strict=True, assign=True)
+        except RuntimeError as exc:
+            raise ValueError(f"layer {layer}'s tensors do not fit the config ({' '.join(str(exc).split())[:200]})") from None
+        for p in block.parameters():
+            p.requires_grad_(True)
+        return block.eval(), state
+
+    def run(self, layer: int, stored: dict[str, torch.Tensor], x: torch.Tensor, buffers: _Buffers, check_gradients: bool) -> tuple[torch.Tensor, list[str], list[str], int]:
+        """Block ``layer``'s output on ``x``, (when asked) its parameters and the dead ones,
+        and its parameter count (stored router biases are buffers, not parameters)."""
+        block, state = self.block(layer, stored, buffers)
+        count = sum(p.numel() for p in block.parameters())
+        try:
+            with torch.no_grad():
+                y, _ = block(x, self.cos, self.sin, self.allowed, None, None)
+            names, dead = [], []
+            if check_gradients:
+                prefix = layer_prefix(layer)
+                names = [prefix + n for n, _ in block.named_parameters()]
+                dead = [prefix + n for n in _dead_parameters(block, x, self, layer)]
+            return y, names, dead, count
+        finally:
+            del block
+            buffers.give(state.values())
+
+
+def _dead_parameters(block: Block, x: torch.Tensor, model: _Model, layer: int) -> list[str]:
+    """Parameters of ``block`` whose gradient is all zero, even after one SGD step (which
+    changes ``block``'s weights: it is dropped after)."""
+    n = min(GRAD_TOKENS, x.shape[1])
+    x = x[:1, :n].detach()
+    cos, sin = model.cos[:n], model.sin[:n]
+    direction = torch.randn(x.shape, generator=torch.Generator().manual_seed(layer), dtype=FP64)
+    params = dict(block.named_parameters())
+    block.train()
+
+    def silent(names: list[str]) -> list[str]:
+        block.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            out, routes = block(x, cos, sin, model.allowed, None, None)
+            loss = (out * direction).sum()
+            if routes is not None:
+                loss = loss + routes.balance_loss + routes.z_loss
+            loss.backward()
+        return [name for name in names if params[name].grad is None or not bool(params[name].grad.any())]
+
+    dead = silent(list(params))
+    if dead:
+        with torch.no_grad():
+            for p in params.values():
+                if p.grad is not None:
+                    p.sub_(SGD_LR * p.grad)
+        dead = silent(dead)
+    block.zero_grad(set_to_none=True)
+    return dead
+
+
+def _embed(model: _Model, ids: torch.Tensor) -> torch.Tensor:
+    table = model.tensors["embed.weight"]
+    model.params += table.numel()
+    return table[ids].to(FP64)
+
+
+def _equal(x: torch.Tensor, y: torch.Tensor) -> bool:
+    return x is y or (x.shape == y.shape and torch.equal(x, y))
+
+
+def _final_states(model: _Model, x: torch.Tensor, norm_weight: torch.Tensor) -> torch.Tensor:
+    norm = RMSNorm(model.config.d_model, model.config.norm_eps)
+    norm.weight = torch.nn.Parameter(norm_weight.to(FP64), requires_grad=False)
+    with torch.no_grad():
+        return norm(x).reshape(-1, x.shape[-1])
+
+
+class _HeadStats:
+    """Running figures over the vocabulary slices: logit differences and log-sum-exps."""
+
+    def __init__(self, labels: torch.Tensor) -> None:
+        self.labels = labels
+        n = labels.numel()
+        self.lse = [torch.full((n,), float("-inf"), dtype=FP64) for _ in range(2)]
+        self.target = [torch.zeros(n, dtype=FP64) for _ in range(2)]
+        self.max_abs, self.scale, self.sse, self.count = 0.0, 0.0, 0.0, 0
+
+    def add(self, start: int, logits: tuple[torch.Tensor, torch.Tensor]) -> None:
+        inside = (self.labels >= start) & (self.labels < start + logits[0].shape[1])
+        for side, z in enumerate(logits):
+            self.lse[side] = torch.logaddexp(self.lse[side], torch.logsumexp(z, dim=-1))
+            self.target[side][inside] = z[inside].gather(1, (self.labels[inside] - start)[:, None]).squeeze(1)
+        a, b = logits
+        diff = a - b if a is not b else None
+        self.scale = max(self.scale, float(a.abs().max()))
+        if diff is not None:
+            self.max_abs = max(self.max_abs, float(diff.abs().max()))
+            self.sse += float(diff.square().sum())
+        self.count += a.numel()
+
+    def loss(self, side: int) -> float:
+        valid = self.labels >= 0
+        return float((self.lse[side] - self.target[side])[valid].mean())
+
+
+def _next_token_labels(ids: torch.Tensor) -> torch.Tensor:
+    """Each position's next token (-1 at the end of a row), flattened like the states."""
+    labels = torch.full_like(ids, -1)
+    labels[:, :-1] = ids[:, 1:]
+    return labels.reshape(-1)
+
+
+def _heads(a: _Model, b: _Model, xa: torch.Tensor, xb: torch.Tensor, ids: torch.Tensor) -> _HeadStats:
+    """Both models' final norm and head, slice by slice of the vocabulary."""
+    norm_a, norm_b = a.tensors["norm.weight"], b.tensors["norm.weight"]
+    head_a, head_b = a.head(), b.head()
+    for model, norm, head in ((a, norm_a, head_a), (b, norm_b, head_b)):
+        model.params += norm.numel() + (0 if model.config.tie_embeddings else head.numel())
+    shared = (
+        _equal(xa, xb) and a.config.norm_eps == b.config.norm_eps and _equal(norm_a, norm_b) and head_a.dtype == head_b.dtype and _equal(head_a, head_b)
+    )
+    ha = _final_states(a, xa, norm_a)
+    hb = ha if shared else _final_states(b, xb, norm_b)
+    stats = _HeadStats(_next_token_labels(ids))
+    rows = max(256, HEAD_SLICE_BYTES // (8 * max(head_a.shape[1], head_b.shape[1])))
+    with torch.no_grad():
+        for start in range(0, head_a.shape[0], rows):
+            za = F.linear(ha, head_a[start : start + rows].to(FP64))
+            zb = za if shared else F.linear(hb, head_b[start : start + rows].to(FP64))
+            stats.add(start, (za, zb))
+    return stats
+
+
+def compare_streamed(
+    config_a: ModelConfig,
+    tensors_a: Tensors,
+    config_b: ModelConfig,
+    tensors_b: Tensors,
+    ids: torch.Tensor,
+    *,
+    check_gradients: bool = True,
+) -> Comparison:
+    """Evaluate the original ``a`` and the grown ``b`` on ``ids`` (B, S) block by block in
+    float64 and compare their logits, losses, parameter counts and (``check_gradients``) the
+    gradient flow into ``b``'s unshared blocks; see the module docstring."""
+    if config_a.vocab_size != config_b.vocab_size:
+        raise ValueError(f"the models have different vocabularies ({config_a.vocab_size} vs {config_b.vocab_size} tokens); growth never changes the vocabulary")
+    a, b = _Model(config_a, tensors_a, ids.shape[1]), _Model(config_b, tensors_b, ids.shape[1])
+    buffers = _Buffers()
+    xa, xb = _embed(a, ids), _embed(b, ids)
+    if _equal(xa, xb):
+        xb = xa
+    i, shared = 0, 0
+    new: list[str] = []
+    dead: list[str] = []
+    for j in range(config_b.n_layers):
+        stored_b = _layer(tensors_b, j)
+        if i < config_a.n_layers and _equal(xa, xb) and _block_key(config_a, i) == _block_key(config_b, j):
+            stored_a = _layer(tensors_a, i)
+            if _same(stored_a, stored_b):
+                del stored_a
+                xa, _, _, count = b.run(j, stored_b, xb, buffers, check_gradients=False)
+                xb = xa
+                a.params, b.params = a.params + count, b.params + count
+                i, shared = i + 1, shared + 1
+                continue
+            del stored_a
+        xb_new, names, silent, count = b.run(j, stored_b, xb, buffers, check_gradients)
+        b.params += count
+        xb = xa if _equal(xb_new, xa) else xb_new
+        new += names
+        dead += silent
+    for k in range(i, config_a.n_layers):
+        xa, _, _, count = a.run(k, _layer(tensors_a, k), xa, buffers, check_gradients=False)
+        a.params += count
+    del buffers
+    stats = _heads(a, b, xa, xb, ids)
+    return Comparison(
+        max_abs=stats.max_abs,
+        scale=stats.scale,
+        sse=stats.sse,
+        logits=stats.count,
+        loss_a=stats.loss(0),
+        loss_b=stats.loss(1),
+        tokens=int(ids.numel()),
+        params_a=a.params,
+        params_b=b.params,
+        new_params=new,
+        dead_params=dead,
+        shared_blocks=shared,
+    )
