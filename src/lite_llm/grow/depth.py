@@ -19,7 +19,7 @@ import torch
 from ..config import ModelConfig
 from ..errors import ConfigError
 from .registry import register
-from .tensors import LazyTensors, Tensors, layer_prefix
+from .tensors import LazyTensors, Tensors, layer_prefix, ref
 
 # Tensors that write into the residual stream: zero them and the block adds nothing.
 _RESIDUAL_WRITERS = re.compile(r"^(attn\.o_proj\.weight|ffn\.down_proj\.weight|ffn\.experts\.[a-z][a-z0-9_]*\.down_proj)$")
@@ -47,7 +47,7 @@ def apply_layer_plan(config: ModelConfig, tensors: Tensors, plan: LayerPlan) -> 
         if match:
             per_layer.setdefault(int(match.group(1)), []).append(match.group(2))
         else:
-            producers[name] = (lambda name=name: tensors[name])
+            producers[name] = ref(tensors, name)
     body = {}
     for j, (src, silenced) in enumerate(plan):
         for rest in per_layer.get(src, []):
@@ -55,7 +55,7 @@ def apply_layer_plan(config: ModelConfig, tensors: Tensors, plan: LayerPlan) -> 
             if silenced and _RESIDUAL_WRITERS.match(rest):
                 body[layer_prefix(j) + rest] = lambda s=source_name: torch.zeros_like(tensors[s])
             else:
-                body[layer_prefix(j) + rest] = lambda s=source_name: tensors[s]
+                body[layer_prefix(j) + rest] = ref(tensors, source_name)
     # Keep the stored order: embedding, blocks, then final norm and head.
     head = {k: v for k, v in producers.items() if k.startswith("embed.")}
     tail = {k: v for k, v in producers.items() if k not in head}

@@ -15,10 +15,14 @@ Why it is built this way (DESIGN.md, "Exactness, measured"):
   block in float64, the states, and the embedding-sized tensors at the two ends.
 * **Shared blocks are computed once.**  A grown block whose tensors are bitwise those of the
   original's next block, fed bitwise the states the original feeds it, gives bitwise the
-  original's output.  So depth growth costs the original's forward plus its new blocks.
+  original's output.  So depth growth costs the original's forward plus its new blocks.  A
+  tensor the growth passes on unchanged (:func:`~lite_llm.grow.tensors.origin`) is known to be
+  the same without reading it twice; any other is compared bitwise.
 * **The head in slices.**  The final norm and the head are applied one slice of the
-  vocabulary at a time for both models, compared as they are made, and the next-token losses
-  come from the same slices (a running log-sum-exp): no (tokens x vocabulary) logits are held.
+  vocabulary at a time, and the next-token losses come from the same slices (a running
+  log-sum-exp).  When the two heads differ, the original's logits are kept (tokens x
+  vocabulary in float64) while its head is dropped and the grown head loaded, so at most one
+  head is in memory.
 * **Gradient flow where growth created something.**  Each grown block that is not shared with
   the original runs forward and backward on its first ``GRAD_TOKENS`` tokens under a fixed
   random projection of its output (plus its routers' balance and z-losses).  A parameter with
@@ -37,10 +41,10 @@ import torch.nn.functional as F
 from ..config import ModelConfig, TierSet
 from ..model.layers import RMSNorm, rope_tables
 from ..model.transformer import Block
-from .tensors import Tensors, layer_names, layer_prefix, stored_names
+from .tensors import Tensors, layer_names, layer_prefix, origin, stored_names
 
 FP64 = torch.float64
-GRAD_TOKENS = 32  # tokens of the gradient-flow check (existence of a gradient needs few)
+GRAD_TOKENS = 8  # tokens of the gradient-flow check (whether a gradient exists needs few)
 SGD_LR = 1e-2
 HEAD_SLICE_BYTES = 32 * 1024**2  # float64 bytes of one slice of the head's rows
 
@@ -97,6 +101,18 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
 
 
+def _one_origin(ta: Tensors, na: str, tb: Tensors, nb: str) -> bool:
+    """Whether ``tb[nb]`` is ``ta[na]`` passed on unchanged (known without reading either)."""
+    (ma, ka), (mb, kb) = origin(ta, na), origin(tb, nb)
+    return ma is mb and ka == kb
+
+
+def _layer_of_one_origin(ta: Tensors, i: int, tb: Tensors, j: int) -> bool:
+    names_a, names_b = layer_names(list(ta), i), layer_names(list(tb), j)
+    pa, pb = layer_prefix(i), layer_prefix(j)
+    return sorted(names_a) == sorted(names_b) and all(_one_origin(ta, pa + n, tb, pb + n) for n in names_b)
+
+
 def _allowed(config: ModelConfig) -> torch.Tensor | None:
     """The default TierSet's mask, as ``LiteLLM.allowed_tiers(None)`` gives it."""
     if not config.is_moe:
@@ -114,7 +130,8 @@ class _Model:
             odd = sorted(expected ^ held)[0]
             raise ValueError(f"the tensors do not fit the config ({odd} is {'missing' if odd in expected else 'extra'})")
         self.config, self.tensors = config, tensors
-        self.cos, self.sin = rope_tables(config.head_dim, config.rope_theta, torch.arange(seq))
+        cos, sin = rope_tables(config.head_dim, config.rope_theta, torch.arange(seq))
+        self.cos, self.sin = cos.to(FP64), sin.to(FP64)  # cast once, not in every block
         self.allowed = _allowed(config)
         self.params = 0
 
@@ -189,10 +206,9 @@ def _dead_parameters(block: Block, x: torch.Tensor, model: _Model, layer: int) -
     return dead
 
 
-def _embed(model: _Model, ids: torch.Tensor) -> torch.Tensor:
+def _embed(model: _Model, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     table = model.tensors["embed.weight"]
-    model.params += table.numel()
-    return table[ids].to(FP64)
+    return table[ids].to(FP64), table.numel()
 
 
 def _equal(x: torch.Tensor, y: torch.Tensor) -> bool:
@@ -216,15 +232,16 @@ class _HeadStats:
         self.target = [torch.zeros(n, dtype=FP64) for _ in range(2)]
         self.max_abs, self.scale, self.sse, self.count = 0.0, 0.0, 0.0, 0
 
-    def add(self, start: int, logits: tuple[torch.Tensor, torch.Tensor]) -> None:
-        inside = (self.labels >= start) & (self.labels < start + logits[0].shape[1])
-        for side, z in enumerate(logits):
-            self.lse[side] = torch.logaddexp(self.lse[side], torch.logsumexp(z, dim=-1))
-            self.target[side][inside] = z[inside].gather(1, (self.labels[inside] - start)[:, None]).squeeze(1)
-        a, b = logits
-        diff = a - b if a is not b else None
+    def add_one(self, side: int, start: int, z: torch.Tensor) -> None:
+        """One model's slice of logits: its log-sum-exp and its targets' logits."""
+        inside = (self.labels >= start) & (self.labels < start + z.shape[1])
+        self.lse[side] = torch.logaddexp(self.lse[side], torch.logsumexp(z, dim=-1))
+        self.target[side][inside] = z[inside].gather(1, (self.labels[inside] - start)[:, None]).squeeze(1)
+
+    def compare(self, a: torch.Tensor, b: torch.Tensor) -> None:
         self.scale = max(self.scale, float(a.abs().max()))
-        if diff is not None:
+        if a is not b:
+            diff = a - b
             self.max_abs = max(self.max_abs, float(diff.abs().max()))
             self.sse += float(diff.square().sum())
         self.count += a.numel()
@@ -241,24 +258,47 @@ def _next_token_labels(ids: torch.Tensor) -> torch.Tensor:
     return labels.reshape(-1)
 
 
+def _head_name(config: ModelConfig) -> str:
+    return "embed.weight" if config.tie_embeddings else "lm_head.weight"
+
+
+def _slices(head: torch.Tensor, h: torch.Tensor, rows: int):
+    """(start, logits) of ``h`` under ``head``, one slice of the vocabulary at a time."""
+    for start in range(0, head.shape[0], rows):
+        yield start, F.linear(h, head[start : start + rows].to(FP64))
+
+
 def _heads(a: _Model, b: _Model, xa: torch.Tensor, xb: torch.Tensor, ids: torch.Tensor) -> _HeadStats:
     """Both models' final norm and head, slice by slice of the vocabulary."""
     norm_a, norm_b = a.tensors["norm.weight"], b.tensors["norm.weight"]
-    head_a, head_b = a.head(), b.head()
-    for model, norm, head in ((a, norm_a, head_a), (b, norm_b, head_b)):
-        model.params += norm.numel() + (0 if model.config.tie_embeddings else head.numel())
-    shared = (
-        _equal(xa, xb) and a.config.norm_eps == b.config.norm_eps and _equal(norm_a, norm_b) and head_a.dtype == head_b.dtype and _equal(head_a, head_b)
-    )
     ha = _final_states(a, xa, norm_a)
-    hb = ha if shared else _final_states(b, xb, norm_b)
+    same_norm = _equal(xa, xb) and a.config.norm_eps == b.config.norm_eps and _equal(norm_a, norm_b)
+    hb = ha if same_norm else _final_states(b, xb, norm_b)
+    name_a, name_b = _head_name(a.config), _head_name(b.config)
+    shared = hb is ha and _one_origin(a.tensors, name_a, b.tensors, name_b)
+    head = a.tensors[name_a]
+    a.params += norm_a.numel() + (0 if a.config.tie_embeddings else head.numel())
+    b.params += norm_b.numel() + (0 if b.config.tie_embeddings or not shared else head.numel())
     stats = _HeadStats(_next_token_labels(ids))
-    rows = max(256, HEAD_SLICE_BYTES // (8 * max(head_a.shape[1], head_b.shape[1])))
+    rows = max(256, HEAD_SLICE_BYTES // (8 * max(a.config.d_model, b.config.d_model)))
+    kept: list[torch.Tensor] = []
     with torch.no_grad():
-        for start in range(0, head_a.shape[0], rows):
-            za = F.linear(ha, head_a[start : start + rows].to(FP64))
-            zb = za if shared else F.linear(hb, head_b[start : start + rows].to(FP64))
-            stats.add(start, (za, zb))
+        for start, za in _slices(head, ha, rows):
+            stats.add_one(0, start, za)
+            if shared:
+                stats.add_one(1, start, za)
+                stats.compare(za, za)
+            else:
+                kept.append(za)
+        if shared:
+            return stats
+        del head  # one head in memory at a time: the original's logits stay instead
+        head = b.tensors[name_b]
+        if not b.config.tie_embeddings:
+            b.params += head.numel()
+        for (start, zb), za in zip(_slices(head, hb, rows), kept):
+            stats.add_one(1, start, zb)
+            stats.compare(za, zb)
     return stats
 
 
@@ -278,24 +318,29 @@ def compare_streamed(
         raise ValueError(f"the models have different vocabularies ({config_a.vocab_size} vs {config_b.vocab_size} tokens); growth never changes the vocabulary")
     a, b = _Model(config_a, tensors_a, ids.shape[1]), _Model(config_b, tensors_b, ids.shape[1])
     buffers = _Buffers()
-    xa, xb = _embed(a, ids), _embed(b, ids)
-    if _equal(xa, xb):
+    xa, count = _embed(a, ids)
+    a.params += count
+    if _one_origin(tensors_a, "embed.weight", tensors_b, "embed.weight"):
         xb = xa
+        b.params += count
+    else:
+        xb, count = _embed(b, ids)
+        b.params += count
+        xb = xa if _equal(xa, xb) else xb
     i, shared = 0, 0
     new: list[str] = []
     dead: list[str] = []
     for j in range(config_b.n_layers):
         stored_b = _layer(tensors_b, j)
         if i < config_a.n_layers and _equal(xa, xb) and _block_key(config_a, i) == _block_key(config_b, j):
-            stored_a = _layer(tensors_a, i)
-            if _same(stored_a, stored_b):
-                del stored_a
+            if _layer_of_one_origin(tensors_a, i, tensors_b, j) or _same(stored_a := _layer(tensors_a, i), stored_b):
+                stored_a = None
                 xa, _, _, count = b.run(j, stored_b, xb, buffers, check_gradients=False)
                 xb = xa
                 a.params, b.params = a.params + count, b.params + count
                 i, shared = i + 1, shared + 1
                 continue
-            del stored_a
+            stored_a = None
         xb_new, names, silent, count = b.run(j, stored_b, xb, buffers, check_gradients)
         b.params += count
         xb = xa if _equal(xb_new, xa) else xb_new

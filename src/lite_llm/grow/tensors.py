@@ -40,9 +40,30 @@ class LazyTensors(Mapping[str, torch.Tensor]):
         return len(self._producers)
 
 
+class _Ref:
+    """A producer that returns input tensor ``name`` unchanged, and says so (:func:`origin`)."""
+
+    __slots__ = ("tensors", "name")
+
+    def __init__(self, tensors: Tensors, name: str) -> None:
+        self.tensors, self.name = tensors, name
+
+    def __call__(self) -> torch.Tensor:
+        return self.tensors[self.name]
+
+
 def ref(tensors: Tensors, name: str) -> Producer:
     """A producer that returns input tensor ``name`` unchanged."""
-    return lambda: tensors[name]
+    return _Ref(tensors, name)
+
+
+def origin(tensors: Tensors, name: str) -> tuple[Tensors, str]:
+    """The mapping and name that ``tensors[name]`` passes on unchanged through :func:`ref`
+    producers: two names of one origin hold the same tensor, known without reading either
+    (the streamed validation computes such blocks once for both models)."""
+    while isinstance(tensors, LazyTensors) and isinstance(producer := tensors._producers.get(name), _Ref):
+        tensors, name = producer.tensors, producer.name
+    return tensors, name
 
 
 def derive(fn: Callable[..., torch.Tensor], tensors: Tensors, *names: str) -> Producer:
