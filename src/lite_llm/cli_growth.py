@@ -116,7 +116,7 @@ def validate_command(
     original: Path = typer.Argument(..., help="The checkpoint before growth."),
     grown: Path = typer.Argument(..., help="The grown checkpoint."),
     tolerance: float = typer.Option(1e-5, help="Largest relative logit change (max|Δ| / max|logit|, float64) allowed for exact growth."),
-    tokens: int = typer.Option(256, help="Sample tokens to compare on."),
+    tokens: int = typer.Option(128, help="Sample tokens to compare on."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON here."),
 ) -> None:
     """Check a grown model against its original: logits, gradient flow, parameter count, loss jump.

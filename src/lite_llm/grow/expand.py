@@ -31,7 +31,7 @@ from .recipe import VALIDATE_MODES, GrowthStep
 from .carry import CarriedEWC, carry_ewc
 from .registry import GrowthOp, get_op
 from .tensors import LazyTensors, Tensors, expected_specs
-from .validate import DEFAULT_TOLERANCE, ValidationReport, check_growth, check_sample
+from .validate import DEFAULT_TOLERANCE, SAMPLE_TOKENS, ValidationReport, check_growth, check_sample
 
 
 class GrowthError(LiteLLMError):
@@ -93,6 +93,7 @@ def expand_checkpoint(
     *,
     validate: str = "auto",
     tolerance: float | None = None,
+    check_tokens: int = SAMPLE_TOKENS,
     verify: bool = True,
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = 2 * 1024**3,
@@ -100,8 +101,8 @@ def expand_checkpoint(
     """Grow the checkpoint at ``source`` by ``steps`` into a new checkpoint at ``output``.
 
     ``validate``: ``auto`` and ``always`` check every step (streamed, at any size), ``never``
-    skips the check.  ``tolerance`` is the relative logit change an exact step may make (a
-    step's own ``tolerance`` wins; None: ``DEFAULT_TOLERANCE``)."""
+    skips the check, ``check_tokens`` is its sample size.  ``tolerance`` is the relative logit
+    change an exact step may make (a step's own ``tolerance`` wins; None: ``DEFAULT_TOLERANCE``)."""
     if validate not in VALIDATE_MODES:
         raise ConfigError(f"validate must be one of {', '.join(VALIDATE_MODES)}, got {validate!r}")
     if not steps:
@@ -113,7 +114,8 @@ def expand_checkpoint(
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify-source") as pool:
         verified = pool.submit(check_sound, src.path) if verify else None
         try:
-            return _expand(src, output, steps, validate, DEFAULT_TOLERANCE if tolerance is None else tolerance, dtype, max_shard_bytes, verified)
+            tol = DEFAULT_TOLERANCE if tolerance is None else tolerance
+            return _expand(src, output, steps, validate, tol, check_tokens, dtype, max_shard_bytes, verified)
         except Exception:
             # A corrupt source explains any later failure best: report its problem first.
             if verified is not None and verified.exception() is not None:
@@ -127,6 +129,7 @@ def _expand(
     steps: Sequence[GrowthStep],
     validate: str,
     tolerance: float,
+    check_tokens: int,
     dtype: torch.dtype | None,
     max_shard_bytes: int,
     verified: Future | None,
@@ -139,7 +142,7 @@ def _expand(
     records, reports = [], []
     chain: list[tuple[GrowthOp, dict[str, Any]]] = []
     do_validate = validate != "never"
-    ids = check_sample([config], _tokenizer(src)) if do_validate or _measures_importance(steps) else None
+    ids = check_sample([config], _tokenizer(src), check_tokens) if do_validate or _measures_importance(steps) else None
     for step in steps:
         op = get_op(step.method)
         params = _resolve_params(step, config, tensors, ids)

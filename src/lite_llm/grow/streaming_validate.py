@@ -23,9 +23,11 @@ Why it is built this way (DESIGN.md, "Exactness, measured"):
   log-sum-exp).  When the two heads differ, the original's logits are kept (tokens x
   vocabulary in float64) while its head is dropped and the grown head loaded, so at most one
   head is in memory.
-* **Gradient flow where growth created something.**  Each grown block that is not shared with
-  the original runs forward and backward on its first ``GRAD_TOKENS`` tokens under a fixed
-  random projection of its output (plus its routers' balance and z-losses).  A parameter with
+* **Gradient flow where growth created something.**  The first and the last grown block that
+  is not shared with the original (every growth builds its blocks alike; one backward of a
+  1.6 GB model's block costs ~0.2 s here, so not all of them) run forward and backward on
+  their first ``GRAD_TOKENS`` tokens under a fixed random projection of the output (plus the
+  routers' balance and z-losses).  A parameter with
   an all-zero gradient gets one plain SGD step of the whole block and a second chance (a
   LLaMA-Pro block's q/k/v sit behind its zeroed o_proj).  The embedding, final norm and head
   are not checked: their gradients come straight from the loss and the residual stream.
@@ -62,7 +64,7 @@ class Comparison:
     tokens: int
     params_a: int  # parameters the tensors hold (embedding counted once when tied)
     params_b: int
-    new_params: list[str] = field(default_factory=list)  # grown parameters gradient-checked
+    new_params: list[str] = field(default_factory=list)  # grown parameters gradient-checked (first and last unshared block)
     dead_params: list[str] = field(default_factory=list)  # of those, the ones still without gradient
     shared_blocks: int = 0  # grown blocks computed once for both models
 
@@ -77,6 +79,10 @@ class _Buffers:
         pool = self._free.get(tuple(t.shape))
         out = pool.pop() if pool else torch.empty(t.shape, dtype=FP64)
         return out.copy_(t)
+
+    def zeros(self, shape: torch.Size) -> torch.Tensor:
+        pool = self._free.get(tuple(shape))
+        return pool.pop().zero_() if pool else torch.zeros(shape, dtype=FP64)
 
     def give(self, tensors) -> None:
         for t in tensors:
@@ -168,41 +174,45 @@ class _Model:
             if check_gradients:
                 prefix = layer_prefix(layer)
                 names = [prefix + n for n, _ in block.named_parameters()]
-                dead = [prefix + n for n in _dead_parameters(block, x, self, layer)]
+                dead = [prefix + n for n in _dead_parameters(block, x, self, layer, buffers)]
             return y, names, dead, count
         finally:
             del block
             buffers.give(state.values())
 
 
-def _dead_parameters(block: Block, x: torch.Tensor, model: _Model, layer: int) -> list[str]:
+def _dead_parameters(block: Block, x: torch.Tensor, model: _Model, layer: int, buffers: _Buffers) -> list[str]:
     """Parameters of ``block`` whose gradient is all zero, even after one SGD step (which
-    changes ``block``'s weights: it is dropped after)."""
+    changes ``block``'s weights: it is dropped after).  The gradients accumulate into pooled
+    buffers: fresh ones cost more in page faults than the backward itself."""
     n = min(GRAD_TOKENS, x.shape[1])
     x = x[:1, :n].detach()
     cos, sin = model.cos[:n], model.sin[:n]
     direction = torch.randn(x.shape, generator=torch.Generator().manual_seed(layer), dtype=FP64)
     params = dict(block.named_parameters())
+    for p in params.values():
+        p.grad = buffers.zeros(p.shape)
     block.train()
 
     def silent(names: list[str]) -> list[str]:
-        block.zero_grad(set_to_none=True)
         with torch.enable_grad():
             out, routes = block(x, cos, sin, model.allowed, None, None)
             loss = (out * direction).sum()
             if routes is not None:
                 loss = loss + routes.balance_loss + routes.z_loss
             loss.backward()
-        return [name for name in names if params[name].grad is None or not bool(params[name].grad.any())]
+        return [name for name in names if not bool(params[name].grad.any())]
 
     dead = silent(list(params))
     if dead:
         with torch.no_grad():
             for p in params.values():
-                if p.grad is not None:
-                    p.sub_(SGD_LR * p.grad)
+                p.sub_(SGD_LR * p.grad)
+                p.grad.zero_()
         dead = silent(dead)
-    block.zero_grad(set_to_none=True)
+    buffers.give(p.grad for p in params.values())
+    for p in params.values():
+        p.grad = None
     return dead
 
 
@@ -263,9 +273,12 @@ def _head_name(config: ModelConfig) -> str:
 
 
 def _slices(head: torch.Tensor, h: torch.Tensor, rows: int):
-    """(start, logits) of ``h`` under ``head``, one slice of the vocabulary at a time."""
+    """(start, logits) of ``h`` under ``head``, one slice of the vocabulary at a time (one
+    float64 buffer for the slices)."""
+    buffer = torch.empty((min(rows, head.shape[0]), head.shape[1]), dtype=FP64)
     for start in range(0, head.shape[0], rows):
-        yield start, F.linear(h, head[start : start + rows].to(FP64))
+        part = head[start : start + rows]
+        yield start, F.linear(h, buffer[: part.shape[0]].copy_(part))
 
 
 def _heads(a: _Model, b: _Model, xa: torch.Tensor, xb: torch.Tensor, ids: torch.Tensor) -> _HeadStats:
@@ -330,6 +343,7 @@ def compare_streamed(
     i, shared = 0, 0
     new: list[str] = []
     dead: list[str] = []
+    last: tuple[int, torch.Tensor] | None = None  # the latest unshared block not yet gradient-checked, and its input
     for j in range(config_b.n_layers):
         stored_b = _layer(tensors_b, j)
         if i < config_a.n_layers and _equal(xa, xb) and _block_key(config_a, i) == _block_key(config_b, j):
@@ -341,9 +355,16 @@ def compare_streamed(
                 i, shared = i + 1, shared + 1
                 continue
             stored_a = None
-        xb_new, names, silent, count = b.run(j, stored_b, xb, buffers, check_gradients)
+        first = check_gradients and not new
+        xb_new, names, silent, count = b.run(j, stored_b, xb, buffers, first)
+        if check_gradients and not first:
+            last = (j, xb)
         b.params += count
         xb = xa if _equal(xb_new, xa) else xb_new
+        new += names
+        dead += silent
+    if last is not None:  # the last unshared block too (the first was checked on the way)
+        _, names, silent, _ = b.run(last[0], _layer(tensors_b, last[0]), last[1], buffers, True)
         new += names
         dead += silent
     for k in range(i, config_a.n_layers):
