@@ -20,9 +20,10 @@ Why it is built this way (DESIGN.md, "Exactness, measured"):
   the same without reading it twice; any other is compared bitwise.
 * **The head in slices.**  The final norm and the head are applied one slice of the
   vocabulary at a time, and the next-token losses come from the same slices (a running
-  log-sum-exp).  When the two heads differ, the original's logits are kept (tokens x
-  vocabulary in float64) while its head is dropped and the grown head loaded, so at most one
-  head is in memory.
+  log-sum-exp).  When the grown head is the original's passed on unchanged, both models' states
+  go through each slice; when it differs (width growth), the grown model's logits are kept
+  (tokens x vocabulary in float64) while its head is dropped and the original's loaded, so at
+  most one head is in memory.
 * **Gradient flow where growth created something.**  The first and the last grown block that
   is not shared with the original (every growth builds its blocks alike; one backward of a
   1.6 GB model's block costs ~0.2 s here, so not all of them) run forward and backward on
@@ -41,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ModelConfig, TierSet
+from ..cpu_memory import release_freed_memory
 from ..model.layers import RMSNorm, rope_tables
 from ..model.transformer import Block
 from .tensors import Tensors, layer_names, layer_prefix, origin, stored_names
@@ -48,7 +50,7 @@ from .tensors import Tensors, layer_names, layer_prefix, origin, stored_names
 FP64 = torch.float64
 GRAD_TOKENS = 8  # tokens of the gradient-flow check (whether a gradient exists needs few)
 SGD_LR = 1e-2
-HEAD_SLICE_BYTES = 32 * 1024**2  # float64 bytes of one slice of the head's rows
+HEAD_SLICE_BYTES = 8 * 1024**2  # float64 bytes of one slice of the head's rows
 
 
 @dataclass
@@ -272,13 +274,12 @@ def _head_name(config: ModelConfig) -> str:
     return "embed.weight" if config.tie_embeddings else "lm_head.weight"
 
 
-def _slices(head: torch.Tensor, h: torch.Tensor, rows: int):
-    """(start, logits) of ``h`` under ``head``, one slice of the vocabulary at a time (one
-    float64 buffer for the slices)."""
+def _slices(head: torch.Tensor, rows: int):
+    """(start, float64 slice of ``head``), one slice of the vocabulary at a time in one buffer."""
     buffer = torch.empty((min(rows, head.shape[0]), head.shape[1]), dtype=FP64)
     for start in range(0, head.shape[0], rows):
         part = head[start : start + rows]
-        yield start, F.linear(h, buffer[: part.shape[0]].copy_(part))
+        yield start, buffer[: part.shape[0]].copy_(part)
 
 
 def _heads(a: _Model, b: _Model, xa: torch.Tensor, xb: torch.Tensor, ids: torch.Tensor) -> _HeadStats:
@@ -288,30 +289,38 @@ def _heads(a: _Model, b: _Model, xa: torch.Tensor, xb: torch.Tensor, ids: torch.
     same_norm = _equal(xa, xb) and a.config.norm_eps == b.config.norm_eps and _equal(norm_a, norm_b)
     hb = ha if same_norm else _final_states(b, xb, norm_b)
     name_a, name_b = _head_name(a.config), _head_name(b.config)
-    shared = hb is ha and _one_origin(a.tensors, name_a, b.tensors, name_b)
-    head = a.tensors[name_a]
-    a.params += norm_a.numel() + (0 if a.config.tie_embeddings else head.numel())
-    b.params += norm_b.numel() + (0 if b.config.tie_embeddings or not shared else head.numel())
+    one_head = _one_origin(a.tensors, name_a, b.tensors, name_b)
+    a_head_numel = 0
     stats = _HeadStats(_next_token_labels(ids))
     rows = max(256, HEAD_SLICE_BYTES // (8 * max(a.config.d_model, b.config.d_model)))
-    kept: list[torch.Tensor] = []
     with torch.no_grad():
-        for start, za in _slices(head, ha, rows):
-            stats.add_one(0, start, za)
-            if shared:
-                stats.add_one(1, start, za)
-                stats.compare(za, za)
-            else:
-                kept.append(za)
-        if shared:
-            return stats
-        del head  # one head in memory at a time: the original's logits stay instead
-        head = b.tensors[name_b]
-        if not b.config.tie_embeddings:
-            b.params += head.numel()
-        for (start, zb), za in zip(_slices(head, hb, rows), kept):
-            stats.add_one(1, start, zb)
-            stats.compare(za, zb)
+        if one_head:  # one head for both: the grown states go through the same slices
+            head = a.tensors[name_a]
+            a_head_numel = b_head_numel = head.numel()
+            for start, w in _slices(head, rows):
+                za = F.linear(ha, w)
+                zb = za if hb is ha else F.linear(hb, w)
+                stats.add_one(0, start, za)
+                stats.add_one(1, start, zb)
+                stats.compare(za, zb)
+        else:
+            # One head in memory at a time, the grown one first (making it is the growth's
+            # own peak): its logits are kept while the original's head is loaded.
+            head = b.tensors[name_b]
+            b_head_numel = head.numel()
+            kept = []
+            for start, w in _slices(head, rows):
+                kept.append(F.linear(hb, w))
+                stats.add_one(1, start, kept[-1])
+            del head
+            head = a.tensors[name_a]
+            a_head_numel = head.numel()
+            for (start, w), zb in zip(_slices(head, rows), kept):
+                za = F.linear(ha, w)
+                stats.add_one(0, start, za)
+                stats.compare(za, zb)
+    a.params += norm_a.numel() + (0 if a.config.tie_embeddings else a_head_numel)
+    b.params += norm_b.numel() + (0 if b.config.tie_embeddings else b_head_numel)
     return stats
 
 
@@ -371,6 +380,7 @@ def compare_streamed(
         xa, _, _, count = a.run(k, _layer(tensors_a, k), xa, buffers, check_gradients=False)
         a.params += count
     del buffers
+    release_freed_memory()
     stats = _heads(a, b, xa, xb, ids)
     return Comparison(
         max_abs=stats.max_abs,
