@@ -49,7 +49,13 @@ class ValidationError(LiteLLMError):
 
 
 def check_tolerance(value: Any, where: str) -> float:
-    """A tolerance as given by a user: a positive finite number."""
+    """A tolerance as given by a user: a positive finite number (YAML reads ``1e-5``, without a
+    dot, as a string, so a string that spells a number is taken as that number)."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ConfigError(f"{where}: tolerance must be a positive number (the largest relative logit change allowed), got {value!r}")
     return float(value)
