@@ -8,8 +8,8 @@ Why it is built this way (DESIGN.md, "Exactness, measured"):
   although it is exact in real arithmetic.  Every stored weight converts to float64 exactly,
   so in float64 what remains is the rounding of the grown weights themselves.
 * **One block at a time.**  Materialising both models held two whole models (3.5 GiB and 9x
-  the growth's time for SmolLM2 grown to 40 layers).  Here the sample's hidden states (a few
-  hundred tokens, a few MB) go through one block at a time: the block's tensors are looked up
+  the growth's time for SmolLM2 grown to 40 layers).  Here the sample's hidden states (128
+  tokens by default, a few MB) go through one block at a time: the block's tensors are looked up
   in the lazy mapping, copied into reused float64 buffers (fresh 100 MB allocations cost more
   in page faults than the copy), the states run through, the block is dropped.  Memory: one
   block in float64, the states, and the embedding-sized tensors at the two ends.
@@ -28,9 +28,9 @@ Why it is built this way (DESIGN.md, "Exactness, measured"):
   is not shared with the original (every growth builds its blocks alike; one backward of a
   1.6 GB model's block costs ~0.2 s here, so not all of them) run forward and backward on
   their first ``GRAD_TOKENS`` tokens under a fixed random projection of the output (plus the
-  routers' balance and z-losses).  A parameter with
-  an all-zero gradient gets one plain SGD step of the whole block and a second chance (a
-  LLaMA-Pro block's q/k/v sit behind its zeroed o_proj).  The embedding, final norm and head
+  routers' balance and z-losses).  A parameter with an all-zero gradient gets one plain SGD
+  step of the whole block and a second chance (a LLaMA-Pro block's q/k/v sit behind its
+  zeroed o_proj).  The embedding, final norm and head
   are not checked: their gradients come straight from the loss and the residual stream.
 """
 
@@ -81,10 +81,6 @@ class _Buffers:
         pool = self._free.get(tuple(t.shape))
         out = pool.pop() if pool else torch.empty(t.shape, dtype=FP64)
         return out.copy_(t)
-
-    def zeros(self, shape: torch.Size) -> torch.Tensor:
-        pool = self._free.get(tuple(shape))
-        return pool.pop().zero_() if pool else torch.zeros(shape, dtype=FP64)
 
     def give(self, tensors) -> None:
         for t in tensors:
@@ -138,6 +134,7 @@ class _Model:
             odd = sorted(expected ^ held)[0]
             raise ValueError(f"the tensors do not fit the config ({odd} is {'missing' if odd in expected else 'extra'})")
         self.config, self.tensors = config, tensors
+        self.names = list(tensors)
         cos, sin = rope_tables(config.head_dim, config.rope_theta, torch.arange(seq))
         self.cos, self.sin = cos.to(FP64), sin.to(FP64)  # cast once, not in every block
         self.allowed = _allowed(config)
@@ -146,8 +143,9 @@ class _Model:
     def head(self) -> torch.Tensor:
         return self.tensors["embed.weight" if self.config.tie_embeddings else "lm_head.weight"]
 
-    def block(self, layer: int, stored: dict[str, torch.Tensor], buffers: _Buffers) -> tuple[Block, dict[str, torch.Tensor]]:
-        """Block ``layer`` holding ``stored`` (emptied) in float64 buffers."""
+    def block(self, layer: int, stored: dict[str, torch.Tensor] | None, buffers: _Buffers) -> tuple[Block, dict[str, torch.Tensor]]:
+        """Block ``layer`` in float64 buffers, from ``stored`` (emptied) or, when None, from the
+        mapping one tensor at a time (never the whole block in its stored dtype beside it)."""
         if self.config.is_moe_layer(layer):
             # The router computes its routing tables (buffers no checkpoint holds) when built,
             # which the meta device cannot do; the expert banks start as (lazily paged) zeros.
@@ -155,7 +153,11 @@ class _Model:
         else:
             with torch.device("meta"):  # no allocation and no random initialisation
                 block = Block(self.config, layer)
-        state = {name: buffers.take(stored.pop(name)) for name in list(stored)}
+        prefix = layer_prefix(layer)
+        if stored is None:
+            state = {name: buffers.take(self.tensors[prefix + name]) for name in layer_names(self.names, layer)}
+        else:
+            state = {name: buffers.take(stored.pop(name)) for name in list(stored)}
         try:
             block.load_state_dict(state, strict=True, assign=True)
         except RuntimeError as exc:
@@ -164,7 +166,7 @@ class _Model:
             p.requires_grad_(True)
         return block.eval(), state
 
-    def run(self, layer: int, stored: dict[str, torch.Tensor], x: torch.Tensor, buffers: _Buffers, check_gradients: bool) -> tuple[torch.Tensor, list[str], list[str], int]:
+    def run(self, layer: int, stored: dict[str, torch.Tensor] | None, x: torch.Tensor, buffers: _Buffers, check_gradients: bool) -> tuple[torch.Tensor, list[str], list[str], int]:
         """Block ``layer``'s output on ``x``, (when asked) its parameters and the dead ones,
         and its parameter count (stored router biases are buffers, not parameters)."""
         block, state = self.block(layer, stored, buffers)
@@ -176,46 +178,51 @@ class _Model:
             if check_gradients:
                 prefix = layer_prefix(layer)
                 names = [prefix + n for n, _ in block.named_parameters()]
-                dead = [prefix + n for n in _dead_parameters(block, x, self, layer, buffers)]
+                dead = [prefix + n for n in _dead_parameters(block, x, self, layer)]
             return y, names, dead, count
         finally:
             del block
             buffers.give(state.values())
 
 
-def _dead_parameters(block: Block, x: torch.Tensor, model: _Model, layer: int, buffers: _Buffers) -> list[str]:
-    """Parameters of ``block`` whose gradient is all zero, even after one SGD step (which
-    changes ``block``'s weights: it is dropped after).  The gradients accumulate into pooled
-    buffers: fresh ones cost more in page faults than the backward itself."""
+def _dead_parameters(block: Block, x: torch.Tensor, model: _Model, layer: int) -> list[str]:
+    """Parameters of ``block`` whose gradient stays all zero through two sweeps (``block``'s
+    weights change: it is dropped after).
+
+    One parameter's gradient at a time (a whole block's gradients in float64 would double the
+    check's peak memory); a parameter with a gradient takes its plain SGD step at once, so one
+    behind a zero-initialised writer sees that writer moved on the second sweep at the latest."""
     n = min(GRAD_TOKENS, x.shape[1])
     x = x[:1, :n].detach()
     cos, sin = model.cos[:n], model.sin[:n]
     direction = torch.randn(x.shape, generator=torch.Generator().manual_seed(layer), dtype=FP64)
     params = dict(block.named_parameters())
     for p in params.values():
-        p.grad = buffers.zeros(p.shape)
+        p.requires_grad_(False)
     block.train()
 
-    def silent(names: list[str]) -> list[str]:
-        with torch.enable_grad():
-            out, routes = block(x, cos, sin, model.allowed, None, None)
-            loss = (out * direction).sum()
-            if routes is not None:
-                loss = loss + routes.balance_loss + routes.z_loss
-            loss.backward()
-        return [name for name in names if not bool(params[name].grad.any())]
-
-    dead = silent(list(params))
-    if dead:
+    def moves(name: str) -> bool:
+        p = params[name]
+        p.requires_grad_(True)
+        try:
+            with torch.enable_grad():
+                out, routes = block(x, cos, sin, model.allowed, None, None)
+                loss = (out * direction).sum()
+                if routes is not None:
+                    loss = loss + routes.balance_loss + routes.z_loss
+                if not loss.requires_grad:
+                    return False
+                (grad,) = torch.autograd.grad(loss, [p], allow_unused=True)
+        finally:
+            p.requires_grad_(False)
+        if grad is None or not bool(grad.any()):
+            return False
         with torch.no_grad():
-            for p in params.values():
-                p.sub_(SGD_LR * p.grad)
-                p.grad.zero_()
-        dead = silent(dead)
-    buffers.give(p.grad for p in params.values())
-    for p in params.values():
-        p.grad = None
-    return dead
+            p.sub_(SGD_LR * grad)
+        return True
+
+    dead = [name for name in params if not moves(name)]
+    return [name for name in dead if not moves(name)]
 
 
 def _embed(model: _Model, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -354,16 +361,18 @@ def compare_streamed(
     dead: list[str] = []
     last: tuple[int, torch.Tensor] | None = None  # the latest unshared block not yet gradient-checked, and its input
     for j in range(config_b.n_layers):
-        stored_b = _layer(tensors_b, j)
+        stored_b = None  # block j's tensors, read ahead only to compare them bitwise
         if i < config_a.n_layers and _equal(xa, xb) and _block_key(config_a, i) == _block_key(config_b, j):
-            if _layer_of_one_origin(tensors_a, i, tensors_b, j) or _same(stored_a := _layer(tensors_a, i), stored_b):
-                stored_a = None
+            same = _layer_of_one_origin(tensors_a, i, tensors_b, j)
+            if not same:
+                stored_b = _layer(tensors_b, j)
+                same = _same(_layer(tensors_a, i), stored_b)
+            if same:
                 xa, _, _, count = b.run(j, stored_b, xb, buffers, check_gradients=False)
                 xb = xa
                 a.params, b.params = a.params + count, b.params + count
                 i, shared = i + 1, shared + 1
                 continue
-            stored_a = None
         first = check_gradients and not new
         xb_new, names, silent, count = b.run(j, stored_b, xb, buffers, first)
         if check_gradients and not first:
@@ -373,11 +382,11 @@ def compare_streamed(
         new += names
         dead += silent
     if last is not None:  # the last unshared block too (the first was checked on the way)
-        _, names, silent, _ = b.run(last[0], _layer(tensors_b, last[0]), last[1], buffers, True)
+        _, names, silent, _ = b.run(last[0], None, last[1], buffers, True)
         new += names
         dead += silent
     for k in range(i, config_a.n_layers):
-        xa, _, _, count = a.run(k, _layer(tensors_a, k), xa, buffers, check_gradients=False)
+        xa, _, _, count = a.run(k, None, xa, buffers, check_gradients=False)
         a.params += count
     del buffers
     release_freed_memory()
