@@ -52,10 +52,11 @@ def test_streamed_check_equals_a_whole_model_float64_forward(shape, method):
     config = {**dense_shapes(), **moe_shapes()}[shape]
     model = random_model(config)
     params = GROWTHS[method](config)
-    new_config, tensors = get_op(method)(config, stored_state(model), **params)
+    state = stored_state(model)
+    new_config, tensors = get_op(method)(config, state, **params)
     grown = model_from(new_config, tensors)
     ids = check_sample([config])
-    report = check_growth(config, stored_state(model), new_config, tensors, ids, exact_expected=get_op(method).exact(params))
+    report = check_growth(config, state, new_config, tensors, ids, exact_expected=get_op(method).exact(params))
     a, loss_a = _reference(model, ids)
     b, loss_b = _reference(grown, ids)
     assert report.max_abs == pytest.approx(float((a - b).abs().max()), rel=1e-9, abs=1e-13)
@@ -95,10 +96,11 @@ def test_gradient_check_finds_a_dead_new_block():
     no SGD step ever gives the FFN a gradient; the attention (behind the zeroed o_proj) revives."""
     config = dense_shapes()["gqa2-untied"]
     model = random_model(config)
-    new_config, tensors = get_op("llama_pro")(config, stored_state(model), positions=[0])
+    state = stored_state(model)
+    new_config, tensors = get_op("llama_pro")(config, state, positions=[0])
     tensors = dict(tensors)
     tensors["layers.1.ffn_norm.weight"] = torch.zeros_like(tensors["layers.1.ffn_norm.weight"])
-    report = check_growth(config, stored_state(model), new_config, tensors, check_sample([config]), exact_expected=True)
+    report = check_growth(config, state, new_config, tensors, check_sample([config]), exact_expected=True)
     assert report.preserved  # still the identity: the check of the function is not the check of the gradients
     assert sorted(report.dead_params) == ["layers.1.ffn.down_proj.weight", "layers.1.ffn.gate_proj.weight", "layers.1.ffn.up_proj.weight", "layers.1.ffn_norm.weight"]
     assert "layers.1.attn.q_proj.weight" in report.new_params and not report.passed
@@ -185,3 +187,15 @@ def test_validate_refuses_checkpoints_that_are_not_a_growth(source, tmp_path):
     assert report["passed"] and 0 < report["max_rel"] <= 1e-6 and report["tolerance"] == DEFAULT_TOLERANCE
     strict = runner.invoke(app, ["validate", str(path), str(grown), "--tolerance", "1e-10"])
     assert strict.exit_code == 1 and "FAIL" in strict.output
+
+
+def test_validate_of_checkpoints_on_disk_shares_bitwise_equal_blocks(source, tmp_path):
+    """From disk nothing says which tensors were passed on: blocks are compared bitwise, so
+    the original's blocks are still computed once for both models."""
+    model, path = source
+    grown = expand_checkpoint(path, tmp_path / "deeper", [GrowthStep("llama_pro", {"target_layers": 6})]).path
+    report_file = tmp_path / "report.json"
+    result = runner.invoke(app, ["validate", str(path), str(grown), "--json", str(report_file)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(report_file.read_text())
+    assert report["max_abs"] == 0.0 and report["shared_blocks"] == model.config.n_layers and report["passed"]

@@ -17,7 +17,8 @@ Why it is built this way (DESIGN.md, "Exactness, measured"):
   original's next block, fed bitwise the states the original feeds it, gives bitwise the
   original's output.  So depth growth costs the original's forward plus its new blocks.  A
   tensor the growth passes on unchanged (:func:`~lite_llm.grow.tensors.origin`) is known to be
-  the same without reading it twice; any other is compared bitwise.
+  the same without reading it twice; a growth's block that is not all passed on is computed
+  as new; blocks of two checkpoints on disk are compared bitwise, one tensor pair at a time.
 * **The head in slices.**  The final norm and the head are applied one slice of the
   vocabulary at a time, and the next-token losses come from the same slices (a running
   log-sum-exp).  When the grown head is the original's passed on unchanged, both models' states
@@ -45,7 +46,7 @@ from ..config import ModelConfig, TierSet
 from ..cpu_memory import release_freed_memory
 from ..model.layers import RMSNorm, rope_tables
 from ..model.transformer import Block
-from .tensors import Tensors, layer_names, layer_prefix, origin, stored_names
+from .tensors import LazyTensors, Tensors, layer_names, layer_prefix, origin, stored_names
 
 FP64 = torch.float64
 GRAD_TOKENS = 8  # tokens of the gradient-flow check (whether a gradient exists needs few)
@@ -96,13 +97,17 @@ def _block_key(config: ModelConfig, layer: int) -> tuple:
     return key
 
 
-def _layer(tensors: Tensors, i: int) -> dict[str, torch.Tensor]:
-    prefix = layer_prefix(i)
-    return {name: tensors[prefix + name] for name in layer_names(list(tensors), i)}
-
-
-def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+def _same_layer(ta: Tensors, i: int, tb: Tensors, j: int) -> bool:
+    """Whether layer ``i`` of ``ta`` and layer ``j`` of ``tb`` hold bitwise the same tensors
+    (read one pair at a time, stopping at the first difference)."""
+    names = layer_names(list(ta), i)
+    if sorted(names) != sorted(layer_names(list(tb), j)):
+        return False
+    for name in names:
+        x, y = ta[layer_prefix(i) + name], tb[layer_prefix(j) + name]
+        if x.dtype != y.dtype or not _equal(x, y):
+            return False
+    return True
 
 
 def _one_origin(ta: Tensors, na: str, tb: Tensors, nb: str) -> bool:
@@ -143,9 +148,9 @@ class _Model:
     def head(self) -> torch.Tensor:
         return self.tensors["embed.weight" if self.config.tie_embeddings else "lm_head.weight"]
 
-    def block(self, layer: int, stored: dict[str, torch.Tensor] | None, buffers: _Buffers) -> tuple[Block, dict[str, torch.Tensor]]:
-        """Block ``layer`` in float64 buffers, from ``stored`` (emptied) or, when None, from the
-        mapping one tensor at a time (never the whole block in its stored dtype beside it)."""
+    def block(self, layer: int, buffers: _Buffers) -> tuple[Block, dict[str, torch.Tensor]]:
+        """Block ``layer`` in float64 buffers, read from the mapping one tensor at a time (never
+        the whole block in its stored dtype beside it)."""
         if self.config.is_moe_layer(layer):
             # The router computes its routing tables (buffers no checkpoint holds) when built,
             # which the meta device cannot do; the expert banks start as (lazily paged) zeros.
@@ -154,10 +159,7 @@ class _Model:
             with torch.device("meta"):  # no allocation and no random initialisation
                 block = Block(self.config, layer)
         prefix = layer_prefix(layer)
-        if stored is None:
-            state = {name: buffers.take(self.tensors[prefix + name]) for name in layer_names(self.names, layer)}
-        else:
-            state = {name: buffers.take(stored.pop(name)) for name in list(stored)}
+        state = {name: buffers.take(self.tensors[prefix + name]) for name in layer_names(self.names, layer)}
         try:
             block.load_state_dict(state, strict=True, assign=True)
         except RuntimeError as exc:
@@ -166,10 +168,10 @@ class _Model:
             p.requires_grad_(True)
         return block.eval(), state
 
-    def run(self, layer: int, stored: dict[str, torch.Tensor] | None, x: torch.Tensor, buffers: _Buffers, check_gradients: bool) -> tuple[torch.Tensor, list[str], list[str], int]:
+    def run(self, layer: int, x: torch.Tensor, buffers: _Buffers, check_gradients: bool) -> tuple[torch.Tensor, list[str], list[str], int]:
         """Block ``layer``'s output on ``x``, (when asked) its parameters and the dead ones,
         and its parameter count (stored router biases are buffers, not parameters)."""
-        block, state = self.block(layer, stored, buffers)
+        block, state = self.block(layer, buffers)
         count = sum(p.numel() for p in block.parameters())
         try:
             with torch.no_grad():
@@ -218,7 +220,7 @@ def _dead_parameters(block: Block, x: torch.Tensor, model: _Model, layer: int) -
         if grad is None or not bool(grad.any()):
             return False
         with torch.no_grad():
-            p.sub_(SGD_LR * grad)
+            p.add_(grad, alpha=-SGD_LR)  # in place: no parameter-sized temporary
         return True
 
     dead = [name for name in params if not moves(name)]
@@ -361,20 +363,18 @@ def compare_streamed(
     dead: list[str] = []
     last: tuple[int, torch.Tensor] | None = None  # the latest unshared block not yet gradient-checked, and its input
     for j in range(config_b.n_layers):
-        stored_b = None  # block j's tensors, read ahead only to compare them bitwise
         if i < config_a.n_layers and _equal(xa, xb) and _block_key(config_a, i) == _block_key(config_b, j):
             same = _layer_of_one_origin(tensors_a, i, tensors_b, j)
-            if not same:
-                stored_b = _layer(tensors_b, j)
-                same = _same(_layer(tensors_a, i), stored_b)
+            if not same and not isinstance(tensors_b, LazyTensors):
+                same = _same_layer(tensors_a, i, tensors_b, j)  # from disk: compare bitwise
             if same:
-                xa, _, _, count = b.run(j, stored_b, xb, buffers, check_gradients=False)
+                xa, _, _, count = b.run(j, xb, buffers, check_gradients=False)
                 xb = xa
                 a.params, b.params = a.params + count, b.params + count
                 i, shared = i + 1, shared + 1
                 continue
         first = check_gradients and not new
-        xb_new, names, silent, count = b.run(j, stored_b, xb, buffers, first)
+        xb_new, names, silent, count = b.run(j, xb, buffers, first)
         if check_gradients and not first:
             last = (j, xb)
         b.params += count
@@ -382,11 +382,11 @@ def compare_streamed(
         new += names
         dead += silent
     if last is not None:  # the last unshared block too (the first was checked on the way)
-        _, names, silent, _ = b.run(last[0], None, last[1], buffers, True)
+        _, names, silent, _ = b.run(last[0], last[1], buffers, True)
         new += names
         dead += silent
     for k in range(i, config_a.n_layers):
-        xa, _, _, count = a.run(k, None, xa, buffers, check_gradients=False)
+        xa, _, _, count = a.run(k, xa, buffers, check_gradients=False)
         a.params += count
     del buffers
     release_freed_memory()
