@@ -4,7 +4,7 @@ The source is opened with :func:`open_checkpoint` (hash-verified, nothing loaded
 are chained as lazy tensor mappings, and the output is written with ``write_checkpoint`` one
 tensor at a time — so a growth needs memory for a few tensors, not two models.  Unless
 ``validate="never"``, every step is checked at every size by :func:`check_growth`, which
-streams both models block by block in float64 on a few hundred sample tokens; an exact step
+streams both models block by block in float64 on 128 sample tokens; an exact step
 whose relative logit change exceeds its tolerance stops the growth before anything is
 written.  Each step appends a record (with the figures) to ``progressive.json``'s
 ``expansions``.
