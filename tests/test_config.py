@@ -127,7 +127,8 @@ def test_total_params_match_built_model(cfg):
 def _touched_params(model, token: int, tierset) -> int:
     """Independent count of active parameters: what one token's gradient reaches.
 
-    Dense weights and exactly the expert slices the token routed to get a non-zero gradient.
+    Dense weights count whole; of the expert banks, exactly the slices the token routed to get a
+    non-zero gradient.
     Router heads of allowed tiers are read by every token (counted whole; a lone allowed
     tier's score has probability 1 and so no gradient); those of masked tiers must get none."""
     allowed = set(TierSet.coerce(tierset).resolve(model.config))
@@ -143,12 +144,13 @@ def _touched_params(model, token: int, tierset) -> int:
             else:
                 assert p.grad is None or not p.grad.any(), f"masked tier parameter {name} got a gradient"
             continue
-        if p.grad is None or not bool(p.grad.any()):
-            continue
-        if p.dim() == 3:  # expert bank: count the experts whose slice has gradient
-            touched += int((p.grad.flatten(1).abs().sum(1) > 0).sum()) * p[0].numel()
-        else:
+        if p.dim() != 3:
+            # Dense weights are read by every token.  Counted whole rather than by gradient:
+            # a lone token's attention softmax has one key, so q_proj/k_proj get a gradient of
+            # exactly zero in exact arithmetic (some CPUs' kernels leave rounding noise there).
             touched += p.numel()
+        elif p.grad is not None:  # expert bank: count the experts whose slice has gradient
+            touched += int((p.grad.flatten(1).abs().sum(1) > 0).sum()) * p[0].numel()
     return touched
 
 

@@ -5,15 +5,36 @@ Registered on the main app by :mod:`lite_llm.cli` (kept apart so each module sta
 
 from __future__ import annotations
 
+import contextlib
 import json
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from .cli import app, console, err_console, friendly_errors
 from .errors import ConfigError
+
+
+@contextlib.contextmanager
+def plain_warnings() -> Iterator[None]:
+    """Warnings raised inside as one plain ``warning: ...`` line on stderr each, instead of
+    Python's ``file:line: UserWarning`` with a source line (which reads like a crash)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            seen: set[str] = set()
+            for w in caught:
+                text = str(w.message)
+                if text not in seen:
+                    seen.add(text)
+                    err_console.print(f"[yellow]warning:[/yellow] {escape(text)}", highlight=False)
 
 
 def _parse_set(items: list[str]) -> dict[str, Any]:
@@ -187,10 +208,15 @@ def plan(
     from_: Path = typer.Option(..., "--from", help="Checkpoint, config file or preset name to grow from."),
     to: str = typer.Option(..., "--to", help="Target size (7B, 350M) or a config file / preset whose size to reach."),
     strategy: str = typer.Option("all", help="depth_first, width_first, balanced, moe, or all."),
+    tolerance: float = typer.Option(0.1, help="How far (a fraction) the plan's final size may be from the target."),
     tokens_per_param: float = typer.Option(20.0, help="Continued-training tokens per added parameter (cost model)."),
     write_recipe: Optional[Path] = typer.Option(None, "--write-recipe", help="Write the (single) strategy's plan as a recipe YAML."),
 ) -> None:
     """Propose growth steps to a target size, with parameter counts and training FLOPs.
+
+    Every proposed plan has been run through the growth operations' own checks (tier
+    budgets, head groups, routing limits) and ends within --tolerance of the target; when no
+    plan of sane steps fits, one line says so with the closest size that does.
 
     Examples:
 
@@ -199,7 +225,7 @@ def plan(
       lite-llm plan --from small --to 350M --strategy moe --write-recipe grow.yaml
     """
     from .config import format_size, parse_size
-    from .grow.planner import STRATEGIES, plan_growth
+    from .grow.planner import STRATEGIES, PlanError, plan_growth
 
     source = _config_of(from_)
     try:
@@ -209,9 +235,21 @@ def plan(
     strategies = list(STRATEGIES) if strategy == "all" else [strategy]
     if write_recipe and len(strategies) != 1:
         raise ConfigError("--write-recipe needs one --strategy")
-    for name in strategies:
-        p = plan_growth(source, target, name, tokens_per_param=tokens_per_param)
-        table = Table("step", "method", "parameters", "total", "active", "tokens", "FLOPs", title=f"{name}: {format_size(source.num_params())} → {format_size(p.final.num_params())}")
+    if len(strategies) == 1:
+        plans = [plan_growth(source, target, strategies[0], tokens_per_param=tokens_per_param, tolerance=tolerance)]
+    else:  # every strategy: one without a plan says why, the others are still shown
+        plans = []
+        for name in strategies:
+            try:
+                plans.append(plan_growth(source, target, name, tokens_per_param=tokens_per_param, tolerance=tolerance))
+            except PlanError as exc:
+                err_console.print(f"[yellow]{name}:[/yellow] {escape(str(exc))}", highlight=False)
+        if not plans:
+            raise PlanError(f"no strategy has a plan from {format_size(source.num_params())} to {format_size(target)} within {tolerance:.0%}; see the reasons above")
+    for p in plans:
+        final = p.final.num_params()
+        title = f"{p.strategy}: {format_size(source.num_params())} → {format_size(final)} ({p.error:+.1%} of {format_size(target)})"
+        table = Table("step", "method", "parameters", "total", "active", "tokens", "FLOPs", title=title)
         for i, s in enumerate(p.steps, 1):
             table.add_row(str(i), s.step.method, json.dumps(s.step.params), format_size(s.params), format_size(s.active_params), format_size(s.tokens), f"{s.flops:.2e}")
         console.print(table)
@@ -276,7 +314,7 @@ def export_command(
     """
     from .interop import export_hf
 
-    with console.status("exporting…"):
+    with console.status("exporting…"), plain_warnings():
         path = export_hf(checkpoint, output, dtype=_dtype(dtype))
     console.print(f"wrote {path} (load with transformers.AutoModelForCausalLM.from_pretrained)")
 
@@ -308,13 +346,18 @@ def add_tier_command(
     source_tier: Optional[str] = typer.Option(None, "--source-tier", help="Tier to copy/upcycle from (default: the first)."),
     k_group: Optional[int] = typer.Option(None, "--k-group", help="Groups per token in this tier (default: the routing's)."),
     k_expert: Optional[int] = typer.Option(None, "--k-expert", help="Experts per group per token in this tier (default: the routing's)."),
-    k_tier: Optional[int] = typer.Option(None, "--k-tier", help="Tiers per token from now on (2 lets the router weigh old and new tiers; default: unchanged)."),
+    k_tier: Optional[int] = typer.Option(None, "--k-tier", help="Tiers per token from now on (default: unchanged); a change needs --change-routing."),
+    change_routing: bool = typer.Option(
+        False, "--change-routing", help="Accept that a new --k-tier changes which tiers every token uses: recorded as not exact, with its loss jump."
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of the new router gates and random experts."),
 ) -> None:
     """Add a tier of experts that no token reaches yet: the model computes exactly what it did.
 
     Every existing tensor is kept bitwise (checked by hash) and the logits are checked bitwise
-    on sample tokens; the manifest's model_version gets a minor bump.
+    on sample tokens; the manifest's model_version gets a minor bump.  A --k-tier that changes
+    how many tiers a token mixes cannot keep the output: it needs --change-routing, and the
+    change of the logits and the loss is measured and recorded instead.
 
     Example:
 
@@ -339,7 +382,9 @@ def add_tier_command(
         "k_tier": k_tier,
         "seed": seed,
     }
-    with console.status("adding the tier…"):
+    if change_routing:
+        params["change_routing"] = True
+    with console.status("adding the tier…"), plain_warnings():
         path = add_tier_checkpoint(checkpoint, output, **params)
     manifest = read_manifest(path)
     meta = manifest["tiers"][tier]
@@ -353,4 +398,8 @@ def add_tier_command(
         manifest["model_version"],
     )
     console.print(table)
+    if change_routing:
+        p = json.loads((path / "progressive.json").read_text())["expansions"][-1]["preservation"]
+        change = f"max |Δlogit| {p['max_abs']:.3g}, loss jump {p['loss_jump']:+.4f} on {p['tokens']} sample tokens" if p else "not measured"
+        console.print(f"k_tier is now {manifest['model_config']['routing']['k_tier']}: the output changed ({change}); recorded as not exact")
     console.print(f"wrote {path} ({manifest['num_params']:,} parameters; the new tier is unroutable until ramped in)")

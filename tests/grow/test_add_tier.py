@@ -183,6 +183,33 @@ def test_k_overrides_and_k_tier():
         assert float((model(ids).logits - grown(ids).logits).abs().max()) <= 1e-5
 
 
+def test_a_k_tier_that_changes_the_routing_needs_change_routing_and_is_not_exact():
+    model = random_model(MOE["two-tier-k1"])  # two tiers, one per token
+    with pytest.raises(ConfigError, match=r"^k_tier=2 changes which tiers every token uses \(it would mix 2 of the 2 existing tiers instead of 1\)"):
+        add(model, k_tier=2)
+    config, _, _, grown = add(model, k_tier=2, change_routing=True)
+    assert config.routing.k_tier == 2 and not get_op("add_tier").exact({"k_tier": 2, "change_routing": True})
+    ids = sample_ids(model.config, batch=4, seq=40)
+    with torch.no_grad():
+        assert float((model(ids).logits - grown(ids).logits).abs().max()) > 1e-3  # routing changed by design
+    lowered = random_model(MOE["two-tier"])  # k_tier=2: lowering it changes the routing too
+    with pytest.raises(ConfigError, match=r"^k_tier=1 changes which tiers every token uses \(it would mix 1 of the 2 existing tiers instead of 2\)"):
+        add(lowered, k_tier=1)
+    with pytest.raises(ConfigError, match="^add_tier's change_routing must be true or false, got 'yes'"):
+        add(model, k_tier=2, change_routing="yes")
+
+
+def test_change_routing_in_a_recipe_is_recorded_as_not_exact_with_its_loss_jump(tmp_path):
+    from lite_llm.grow.expand import expand_checkpoint
+    from lite_llm.grow.recipe import GrowthStep
+
+    path = save_checkpoint(tmp_path / "src", random_model(MOE["two-tier-k1"]))
+    out = expand_checkpoint(path, tmp_path / "out", [GrowthStep("add_tier", {**NEW, "k_tier": 2, "change_routing": True})])
+    (record,) = out.records
+    assert record["exact"] is False and record["preservation"]["max_abs"] > 1e-3
+    assert isinstance(record["preservation"]["loss_jump"], float)
+
+
 def test_a_tier_that_widens_the_slots_is_bitwise_too():
     """The router renormalises slot by slot, so more (empty) slots do not change old routes."""
     model = random_model(MOE["two-tier"])

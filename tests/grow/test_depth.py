@@ -53,6 +53,44 @@ def test_uniform_positions_follow_llama_pro():
     assert uniform_positions(5, 2) == [1, 4]
 
 
+def test_uniform_positions_at_twice_the_depth_or_more_put_several_after_each_block():
+    assert uniform_positions(2, 2) == [0, 1]
+    assert uniform_positions(2, 4) == [0, 0, 1, 1]  # was [-1, 0, 0, 1]: "layer indices [-1]"
+    assert uniform_positions(2, 5) == [0, 0, 1, 1, 1]
+    assert uniform_positions(3, 7) == [0, 0, 1, 1, 2, 2, 2]
+    for n, new in ((2, 9), (4, 13), (30, 70)):
+        positions = uniform_positions(n, new)
+        assert len(positions) == new and all(0 <= p < n for p in positions)
+        counts = [positions.count(i) for i in range(n)]
+        assert max(counts) - min(counts) <= 1  # spread evenly
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_llama_pro_to_three_times_the_depth_is_bitwise_exact(shape):
+    model = random_model(SHAPES[shape])
+    n = model.config.n_layers
+    grown = grow(model, "llama_pro", target_layers=3 * n)
+    assert grown.config.n_layers == 3 * n and grown.config.num_params() == grown.num_params()
+    src, out = stored_state(model), stored_state(grown)
+    for j in range(3 * n):  # block i, then two silenced copies of it
+        i, copy = divmod(j, 3)
+        assert torch.equal(out[f"layers.{j}.attn.q_proj.weight"], src[f"layers.{i}.attn.q_proj.weight"])
+        assert bool(out[f"layers.{j}.attn.o_proj.weight"].any()) is (copy == 0)
+    ids = sample_ids(model.config)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, grown(ids).logits)
+
+
+def test_llama_pro_by_importance_beyond_one_per_block():
+    model = random_model(dense_shapes()["gqa2-untied"])  # 3 layers
+    grown = grow(model, "llama_pro", target_layers=8, importance=[0.1, 0.9, 0.5])  # 5 new: one each, two more by importance
+    silenced = [not stored_state(grown)[f"layers.{j}.attn.o_proj.weight"].any() for j in range(8)]
+    assert silenced == [False, True, False, True, True, False, True, True]
+    ids = sample_ids(model.config)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, grown(ids).logits)
+
+
 def test_llama_pro_by_importance_inserts_after_the_most_changing_blocks():
     model = random_model(dense_shapes()["gqa3-tied"])
     scores = layer_importance(model, sample_ids(model.config))

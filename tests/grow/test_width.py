@@ -304,3 +304,21 @@ def test_ffn_width_refuses_to_break_a_strict_tier_budget():
         get_op("ffn_width")(budgeted, stored_state(random_model(budgeted)), expert_hidden=20)
     grown = model_from(*get_op("ffn_width")(budgeted, stored_state(random_model(budgeted)), intermediate_size=50))
     assert grown.config.intermediate_size == 50  # dense growth does not touch the tier
+
+
+def test_ffn_width_intermediate_size_on_an_all_moe_model_grows_every_tier():
+    """Every block is MoE: intermediate_size names the experts' new size (it used to change a
+    config field no tensor uses, parameters unchanged, recorded as exact)."""
+    model = random_model(moe_shapes()["two-tier"])  # tier_a: hidden 20, tier_b: 14, every layer MoE
+    by_field = grow(model, "ffn_width", intermediate_size=40)
+    by_tiers = grow(model, "ffn_width", expert_hidden={"tier_a": 40, "tier_b": 40})
+    assert [t.expert_hidden for t in by_field.config.tiers] == [40, 40]
+    assert by_field.config.num_params() == by_tiers.config.num_params() > model.config.num_params()
+    a, b = stored_state(by_field), stored_state(by_tiers)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert_same_function(model, by_field)
+    one = grow(model, "ffn_width", intermediate_size=30, tier="tier_b")
+    assert [t.expert_hidden for t in one.config.tiers] == [20, 30]
+    partial = random_model(moe_shapes()["partial-moe-tied"])  # dense layers too: intermediate_size is theirs
+    with pytest.raises(ConfigError, match="^tier='tier_0' names the tier whose experts grow, but no expert size was given"):
+        grow(partial, "ffn_width", intermediate_size=50, tier="tier_0")

@@ -64,14 +64,25 @@ def apply_layer_plan(config: ModelConfig, tensors: Tensors, plan: LayerPlan) -> 
 
 def uniform_positions(n_layers: int, new_blocks: int) -> list[int]:
     """LLaMA-Pro's placement: split the stack into ``new_blocks`` equal groups (as equal as
-    integers allow) and insert after the last block of each."""
-    return [round((k + 1) * n_layers / new_blocks) - 1 for k in range(new_blocks)]
+    integers allow) and insert after the last block of each.
+
+    With ``new_blocks > n_layers`` every block gets ``new_blocks // n_layers`` copies after it
+    and the remaining ``new_blocks % n_layers`` are placed as above, so the new blocks stay
+    spread evenly however many there are (``n -> 3n``: two after each block)."""
+    full, rest = divmod(new_blocks, n_layers)
+    extra = [round((k + 1) * n_layers / rest) - 1 for k in range(rest)]  # each >= 0: n/rest > 1
+    return sorted([i for i in range(n_layers) for _ in range(full)] + extra)
 
 
 def most_important(importance: list[float], count: int) -> list[int]:
-    """The ``count`` blocks with the highest importance score (ties to the earlier block)."""
-    order = sorted(range(len(importance)), key=lambda i: (-importance[i], i))
-    return sorted(order[:count])
+    """The ``count`` blocks with the highest importance score (ties to the earlier block).
+
+    More than one per block (``count > len(importance)``): every block gets
+    ``count // n`` copies and the ``count % n`` most important one more."""
+    n = len(importance)
+    full, rest = divmod(count, n)
+    order = sorted(range(n), key=lambda i: (-importance[i], i))
+    return sorted([i for i in range(n) for _ in range(full)] + order[:rest])
 
 
 def _target(config: ModelConfig, target_layers: int | None, what: str) -> int:
@@ -95,7 +106,8 @@ def llama_pro(
 
     Where: after each of ``positions`` (source block indices, repeats allowed); else after the
     ``target_layers - n`` blocks with the highest ``importance`` score; else after every group
-    of ``n / (target_layers - n)`` blocks, as in LLaMA-Pro.
+    of ``n / (target_layers - n)`` blocks, as in LLaMA-Pro.  Growing to twice the depth or more
+    puts several copies after a block (spread evenly, or the extra ones by importance).
     """
     n = config.n_layers
     if positions is None:
@@ -103,8 +115,6 @@ def llama_pro(
         if importance is not None:
             if len(importance) != n:
                 raise ConfigError(f"importance has {len(importance)} scores but the model has {n} layers")
-            if new_blocks > n:
-                raise ConfigError(f"importance can place at most {n} new blocks (one after each layer); use positions for more")
             positions = most_important(list(importance), new_blocks)
         else:
             positions = uniform_positions(n, new_blocks)

@@ -3,7 +3,27 @@
 A plan is a list of recipe steps (so ``lite-llm plan ... --write-recipe grow.yaml`` feeds
 ``lite-llm expand --recipe``).  Each step's resulting config comes from running the growth
 operation itself on a names-only tensor mapping (operations are lazy, so no weight is ever
-touched), which keeps the planner's arithmetic identical to what ``expand`` will build.
+touched), which keeps the planner's arithmetic identical to what ``expand`` will build — and
+runs every check ``expand`` runs (tier budgets, head groups, k limits).
+
+How a plan is found.  The planner enumerates *shapes* a user would grow to, in steps a user
+would take, and proposes one only after running its whole chain of operations:
+
+* depth: LLaMA-Pro identity blocks, at most twice the depth per step and
+  :data:`MAX_DEPTH_FACTOR` times the source's depth in all;
+* width: doublings (hidden size, attention heads as whole KV groups, FFN / expert widths),
+  at most :data:`MAX_WIDTH_DOUBLINGS`;
+* experts (strategy ``moe``): a dense model is upcycled to a power of two of experts (at
+  most :data:`MAX_EXPERTS` per tier); a tier's experts are doubled up to that; further
+  capacity comes as new tiers (at most :data:`MAX_NEW_TIERS`, each a power of two of experts,
+  copies of the first tier or fresh experts 2x/4x as wide), and only when that cannot reach
+  the target is the dense part grown first.
+
+A plan is proposed when its final size is within ``tolerance`` (relative) of the target.
+The strategies differ in which shape they prefer: ``depth_first`` the least width growth,
+``width_first`` the most, ``balanced`` depth and width factors alike, ``moe`` the least
+compute per token.  When no shape fits, :class:`PlanError` says so in one sentence with the
+closest size that passes the checks.
 
 Cost model (a heuristic, stated so it can be argued with): after each growth the model is
 trained on ``tokens_per_param`` tokens per parameter *added* by that step (Chinchilla's 20
@@ -14,10 +34,11 @@ per token (6 x active parameters + attention).  Training the target from scratch
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -29,6 +50,17 @@ from .registry import get_op
 from .tensors import stored_names
 
 STRATEGIES = ("depth_first", "width_first", "balanced", "moe")
+DEFAULT_TOLERANCE = 0.1
+MAX_DEPTH_FACTOR = 4  # layers: at most 4x the source's
+MAX_WIDTH_DOUBLINGS = 3  # hidden size: at most 8x the source's
+MAX_EXPERTS = 64  # experts per tier, a power of two
+MAX_NEW_TIERS = 3
+_EXPERT_COUNTS = tuple(2**i for i in range(1, int(math.log2(MAX_EXPERTS)) + 1))
+_TIER_WIDTHS = (1, 2, 4)  # a new tier's expert hidden size, in multiples of the first tier's
+
+
+class PlanError(ConfigError):
+    """No plan of sane steps reaches the target within the tolerance."""
 
 
 class _NamesOnly(Mapping[str, torch.Tensor]):
@@ -66,6 +98,7 @@ class Plan:
     steps: list[PlannedStep] = field(default_factory=list)
     seq_len: int = 2048
     tokens_per_param: float = 20.0
+    tolerance: float = DEFAULT_TOLERANCE
 
     @property
     def final(self) -> ModelConfig:
@@ -80,6 +113,11 @@ class Plan:
         final = self.final
         return float(flops_per_token(final, self.seq_len)) * self.tokens_per_param * final.num_params()
 
+    @property
+    def error(self) -> float:
+        """The final size's relative distance from the target."""
+        return self.final.num_params() / self.target_params - 1.0
+
     def recipe(self) -> dict[str, Any]:
         return {"steps": [{"method": s.step.method, **s.step.params} for s in self.steps]}
 
@@ -89,6 +127,7 @@ class Plan:
             "source_params": self.source.num_params(),
             "target_params": self.target_params,
             "final_params": self.final.num_params(),
+            "tolerance": self.tolerance,
             "growth_flops": self.growth_flops,
             "scratch_flops": self.scratch_flops,
             "steps": [
@@ -99,17 +138,26 @@ class Plan:
 
 
 def _apply(config: ModelConfig, method: str, **params: Any) -> ModelConfig:
+    """The config ``method`` makes of ``config``: the real operation with all its checks."""
     new_config, _ = get_op(method)(config, _NamesOnly(config), **params)
     return new_config
 
 
-def _depth_to(config: ModelConfig, target: int, cap_factor: float = 2.0) -> GrowthStep | None:
-    """A llama_pro step toward ``target`` parameters: as many layers as needed, at most
-    ``cap_factor`` times the current depth."""
-    per_layer = config.replace(n_layers=config.n_layers + 1).num_params() - config.num_params()
-    need = math.ceil((target - config.num_params()) / per_layer) if per_layer > 0 else 0
-    layers = config.n_layers + max(1, min(need, int(config.n_layers * (cap_factor - 1))))
-    return GrowthStep("llama_pro", {"target_layers": layers})
+# ----------------------------------------------------------------------------------- moves
+# A candidate is a list of *moves*; a move becomes recipe steps only when the chain is run,
+# because a width doubling's parameters depend on the config it meets.
+
+
+def _depth_targets(start: int, end: int) -> list[int]:
+    """Layer counts from ``start`` to ``end`` in steps of at most 2x, spaced geometrically."""
+    if end <= start:
+        return []
+    count = math.ceil(math.log2(end / start) - 1e-12)
+    out: list[int] = []
+    for i in range(1, count + 1):
+        layers = max(round(start * (end / start) ** (i / count)), (out[-1] if out else start) + 1)
+        out.append(min(layers, end))
+    return out
 
 
 def _width_steps(config: ModelConfig) -> list[GrowthStep]:
@@ -117,7 +165,7 @@ def _width_steps(config: ModelConfig) -> list[GrowthStep]:
     GQA stays intact) and FFN / expert hidden sizes."""
     steps = [GrowthStep("width", {"d_model": 2 * config.d_model}), GrowthStep("heads", {"n_heads": 2 * config.n_heads, "mode": "split"})]
     ffn: dict[str, Any] = {}
-    if not config.is_moe or (config.moe_layers is not None and len(config.moe_layers) < config.n_layers):
+    if len(config.moe_layer_indices) < config.n_layers:
         ffn["intermediate_size"] = 2 * config.intermediate_size
     if config.tiers:
         ffn["expert_hidden"] = {t.name: 2 * t.expert_hidden for t in config.tiers}
@@ -125,39 +173,246 @@ def _width_steps(config: ModelConfig) -> list[GrowthStep]:
     return steps
 
 
-def _moe_steps(config: ModelConfig, target: int) -> list[GrowthStep]:
-    if not config.tiers:
-        one = _apply(config, "upcycle", num_experts=2)
-        per_expert = _apply(config, "upcycle", num_experts=3).num_params() - one.num_params()
-        experts = max(2, 2 + math.ceil((target - one.num_params()) / per_expert))
-        return [GrowthStep("upcycle", {"num_experts": experts})]
-    tier = max(config.tiers, key=lambda t: t.num_experts)
-    plus = _apply(config, "add_experts", tier=tier.name, count=1).num_params() - config.num_params()
-    count = max(1, math.ceil((target - config.num_params()) / plus))
-    return [GrowthStep("add_experts", {"tier": tier.name, "count": count})]
-
-
-def _next_steps(config: ModelConfig, target: int, strategy: str, round_: int, source: ModelConfig) -> list[GrowthStep]:
-    if strategy == "moe":
-        return _moe_steps(config, target)
-    width_fits = _chain(config, _width_steps(config)).num_params() <= target
-    if strategy == "width_first":
-        return _width_steps(config) if width_fits else [_depth_to(config, target)]
+def _dense_moves(n: int, layers: int, doublings: int, strategy: str) -> list[tuple]:
+    """The moves growing ``n`` layers to ``layers`` and the width by 2**``doublings``, in the
+    strategy's order: depth first, width first, or alternating (balanced, moe)."""
+    depth = [("depth", t) for t in _depth_targets(n, layers)]
+    width = [("width",)] * doublings
     if strategy == "depth_first":
-        deep_enough = config.n_layers >= 4 * source.n_layers
-        if deep_enough and width_fits:
-            return _width_steps(config)
-        return [_depth_to(config, target, cap_factor=2.0 if not deep_enough else 1.5)]
-    # balanced: alternate doubling depth and width while a width doubling still fits.
-    if round_ % 2 == 1 and width_fits:
-        return _width_steps(config)
-    return [_depth_to(config, target)]
+        return depth + width
+    if strategy == "width_first":
+        return width + depth
+    out: list[tuple] = []
+    for d, w in itertools.zip_longest(depth, width):
+        out += [m for m in (d, w) if m is not None]
+    return out
 
 
-def _chain(config: ModelConfig, steps: list[GrowthStep]) -> ModelConfig:
-    for step in steps:
-        config = _apply(config, step.method, **step.params)
-    return config
+def _run(source: ModelConfig, moves: list[tuple]) -> list[tuple[GrowthStep, ModelConfig]]:
+    """Every step of ``moves`` with the config after it (raises the first check that fails)."""
+    config, out = source, []
+    for move in moves:
+        if move[0] == "depth":
+            steps = [GrowthStep("llama_pro", {"target_layers": move[1]})]
+        elif move[0] == "width":
+            steps = _width_steps(config)
+        else:
+            steps = [move[1]]
+        for step in steps:
+            config = _apply(config, step.method, **step.params)
+            out.append((step, config))
+    return out
+
+
+# ----------------------------------------------------------------------------------- shapes
+@dataclass(frozen=True)
+class _Candidate:
+    moves: tuple
+    estimate: int  # parameters the moves should reach (verified by running them)
+    preference: tuple  # the strategy's order (lower first); closeness breaks ties
+
+
+def _closeness(estimate: int, target: int) -> float:
+    return abs(estimate / target - 1.0)
+
+
+class _Refusals:
+    """The first check a candidate failed: reported when no plan fits."""
+
+    def __init__(self) -> None:
+        self.first: str | None = None
+
+    def note(self, exc: ConfigError) -> None:
+        self.first = self.first or str(exc)
+
+
+def _dense_bases(source: ModelConfig, refusals: _Refusals) -> list[tuple[int, ModelConfig, int | None]]:
+    """Per width doubling w that passes its checks: (w, the widened config, parameters one
+    more layer adds, None when depth growth is refused)."""
+    out = []
+    for w in range(MAX_WIDTH_DOUBLINGS + 1):
+        try:
+            config = _run(source, [("width",)] * w)[-1][1] if w else source
+        except ConfigError as exc:
+            refusals.note(exc)
+            break
+        try:
+            per_layer = _apply(config, "llama_pro", target_layers=config.n_layers + 1).num_params() - config.num_params()
+        except ConfigError as exc:
+            refusals.note(exc)
+            per_layer = None
+        out.append((w, config, per_layer))
+    return out
+
+
+def _dense_shapes(source: ModelConfig, refusals: _Refusals) -> Iterator[tuple[int, int, int]]:
+    """(layers, width doublings, estimated parameters) of every shape within the caps."""
+    n = source.n_layers
+    for w, config, per_layer in _dense_bases(source, refusals):
+        top = n * MAX_DEPTH_FACTOR if per_layer is not None else n
+        for layers in range(n, top + 1):
+            yield layers, w, config.num_params() + (layers - n) * (per_layer or 0)
+
+
+def _dense_preference(strategy: str, n: int, layers: int, w: int) -> tuple:
+    if strategy == "depth_first":
+        return (w,)
+    if strategy == "width_first":
+        return (-w,)
+    # balanced: depth and width factors alike, to half a doubling (closeness decides within)
+    return (round(2 * abs(math.log2(layers / n) - w)) / 2,)
+
+
+def _dense_candidates(source: ModelConfig, strategy: str, refusals: _Refusals) -> Iterator[_Candidate]:
+    for layers, w, estimate in _dense_shapes(source, refusals):
+        if (layers, w) != (source.n_layers, 0):
+            moves = tuple(_dense_moves(source.n_layers, layers, w, strategy))
+            yield _Candidate(moves, estimate, _dense_preference(strategy, source.n_layers, layers, w))
+
+
+# ----------------------------------------------------------------------------------- experts
+def _tier_name(params: int, taken: set[str]) -> str:
+    """A new tier's name from its size (``tier_151m``), unique among ``taken``."""
+    for scale, suffix in ((10**9, "b"), (10**6, "m"), (10**3, "k"), (1, "")):
+        if params >= scale:
+            base = f"tier_{round(params / scale)}{suffix}"
+            break
+    name, k = base, 2
+    while name in taken:
+        name, k = f"{base}_{k}", k + 1
+    taken.add(name)
+    return name
+
+
+@dataclass(frozen=True)
+class _TierOption:
+    """A tier the planner may add: its add_tier parameters (but the name) and its size."""
+
+    params: dict
+    size: int
+    fresh: bool  # random experts (wider than the first tier's), not copies
+
+
+def _tier_options(config: ModelConfig, refusals: _Refusals) -> list[_TierOption]:
+    """New tiers shaped like the first tier (same groups), a power of two of experts, copies
+    of its experts or fresh ones 2x/4x as wide — each checked by running add_tier."""
+    ref = config.tiers[0]
+    out = []
+    for total, factor in itertools.product(_EXPERT_COUNTS, _TIER_WIDTHS):
+        if total % ref.num_groups:
+            continue
+        params = {"num_groups": ref.num_groups, "experts_per_group": total // ref.num_groups, "expert_hidden": ref.expert_hidden * factor}
+        params["init"] = "copy" if factor == 1 else "random"
+        try:
+            size = _apply(config, "add_tier", tier="tier_planned", **params).num_params() - config.num_params()
+        except ConfigError as exc:
+            refusals.note(exc)
+            continue
+        out.append(_TierOption(params, size, factor != 1))
+    return out
+
+
+def _expert_options(config: ModelConfig, refusals: _Refusals) -> list[list[tuple[GrowthStep | None, int]]]:
+    """Per existing tier: (step, added parameters) for keeping it, or doubling its experts
+    (once, twice, ...) while it stays within MAX_EXPERTS and its budget."""
+    out = []
+    for tier in config.tiers:
+        options: list[tuple[GrowthStep | None, int]] = [(None, 0)]
+        total = tier.num_experts * 2
+        while total <= MAX_EXPERTS:
+            count = total // tier.num_groups - tier.experts_per_group
+            step = GrowthStep("add_experts", {"tier": tier.name, "count": count})
+            try:
+                options.append((step, _apply(config, "add_experts", **step.params).num_params() - config.num_params()))
+            except ConfigError as exc:
+                refusals.note(exc)
+                break
+            total *= 2
+        out.append(options)
+    return out
+
+
+def _moe_candidates(source: ModelConfig, refusals: _Refusals) -> Iterator[list[_Candidate]]:
+    """Expert growth on top of each dense prelude (none first, then by size; one list per
+    prelude, built when asked for): upcycling (dense) or doubling tiers' experts (MoE), then up
+    to MAX_NEW_TIERS new tiers."""
+    n = source.n_layers
+    preludes = sorted(((est, layers, w) for layers, w, est in _dense_shapes(source, refusals) if layers in (n, 2 * n, 4 * n) and w <= 2))
+    for rank, (_, layers, w) in enumerate(preludes):
+        prelude = tuple(_dense_moves(n, layers, w, "balanced"))
+        try:
+            base = _run(source, list(prelude))[-1][1] if prelude else source
+        except ConfigError as exc:
+            refusals.note(exc)
+            continue
+        if base.tiers:
+            starts = _existing_tier_starts(base, refusals)
+            with_tiers = base
+        else:
+            starts = _upcycle_starts(base, refusals)
+            with_tiers = _apply(base, "upcycle", num_experts=_EXPERT_COUNTS[0]) if starts else None
+        options = _tier_options(with_tiers, refusals) if with_tiers is not None else []
+        group = []
+        for moves, size, steps in starts:
+            for count in range(MAX_NEW_TIERS + 1):
+                for tiers in itertools.combinations_with_replacement(options, count):
+                    estimate = size + sum(t.size for t in tiers)
+                    fresh = sum(t.fresh for t in tiers)
+                    group.append(_Candidate(prelude + moves + tuple(("tier", t) for t in tiers), estimate, (rank, steps + count, fresh)))
+        yield group
+
+
+def _upcycle_starts(base: ModelConfig, refusals: _Refusals) -> list[tuple[tuple, int, int]]:
+    out = []
+    for experts in _EXPERT_COUNTS:
+        step = GrowthStep("upcycle", {"num_experts": experts})
+        try:
+            out.append(((("step", step),), _apply(base, "upcycle", **step.params).num_params(), 1))
+        except ConfigError as exc:
+            refusals.note(exc)
+    return out
+
+
+def _existing_tier_starts(base: ModelConfig, refusals: _Refusals) -> list[tuple[tuple, int, int]]:
+    out = []
+    for choice in itertools.product(*_expert_options(base, refusals)):
+        steps = [("step", step) for step, _ in choice if step is not None]
+        out.append((tuple(steps), base.num_params() + sum(added for _, added in choice), len(steps)))
+    return out
+
+
+def _named(moves: tuple, config: ModelConfig) -> list[tuple]:
+    """Moves with each planned tier turned into an add_tier step with its own name."""
+    taken = {t.name for t in config.tiers}
+    out = []
+    for move in moves:
+        if move[0] == "tier":
+            option: _TierOption = move[1]
+            out.append(("step", GrowthStep("add_tier", {"tier": _tier_name(option.size, taken), **option.params})))
+        else:
+            out.append(move)
+    return out
+
+
+# ----------------------------------------------------------------------------------- planning
+def _candidate_groups(source: ModelConfig, strategy: str, refusals: _Refusals) -> Iterator[list[_Candidate]]:
+    """The candidates in groups, best first: a later group is only looked at when no
+    candidate of the earlier ones makes a plan (moe: a dense prelude only when needed)."""
+    if strategy == "moe":
+        return _moe_candidates(source, refusals)
+    return iter([list(_dense_candidates(source, strategy, refusals))])
+
+
+def _plan_of(source: ModelConfig, target: int, strategy: str, chain: list[tuple[GrowthStep, ModelConfig]], tokens_per_param: float, seq_len: int, tolerance: float) -> Plan:
+    plan = Plan(strategy, source, target, seq_len=seq_len, tokens_per_param=tokens_per_param, tolerance=tolerance)
+    before = source
+    for step, config in chain:
+        added = config.num_params() - before.num_params()
+        tokens = int(tokens_per_param * max(added, 0))
+        flops = float(flops_per_token(config, seq_len)) * tokens
+        plan.steps.append(PlannedStep(step, config, config.num_params(), config.num_active_params(), added, tokens, flops))
+        before = config
+    return plan
 
 
 def plan_growth(
@@ -167,27 +422,54 @@ def plan_growth(
     *,
     tokens_per_param: float = 20.0,
     seq_len: int = 2048,
-    max_steps: int = 24,
+    tolerance: float = DEFAULT_TOLERANCE,
 ) -> Plan:
-    """Plan growth steps from ``source`` to at least ``target_params`` parameters."""
+    """A plan of growth steps from ``source`` to ``target_params`` parameters (within
+    ``tolerance``, relative), every step checked by running its operation; see the module
+    docstring.  Raises :class:`PlanError` (one sentence, with the closest achievable size) when
+    no plan fits."""
     if strategy not in STRATEGIES:
         raise ConfigError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    if not isinstance(tolerance, (int, float)) or isinstance(tolerance, bool) or not 0 < tolerance < 1:
+        raise ConfigError(f"tolerance must be a fraction between 0 and 1 (e.g. 0.1 for 10%), got {tolerance!r}")
     if target_params <= source.num_params():
         raise ConfigError(
             f"the model already has {format_size(source.num_params())} parameters; the target ({format_size(target_params)}) must be larger"
         )
-    plan = Plan(strategy, source, target_params, seq_len=seq_len, tokens_per_param=tokens_per_param)
-    config = source
-    for round_ in range(max_steps):
-        if config.num_params() >= target_params:
+    refusals = _Refusals()
+    candidates: list[_Candidate] = []
+    for group in _candidate_groups(source, strategy, refusals):
+        candidates += group
+        fitting = [c for c in group if _closeness(c.estimate, target_params) <= tolerance]
+        for candidate in sorted(fitting, key=lambda c: (c.preference, _closeness(c.estimate, target_params))):
+            try:
+                chain = _run(source, _named(candidate.moves, source))
+            except ConfigError as exc:
+                refusals.note(exc)
+                continue
+            plan = _plan_of(source, target_params, strategy, chain, tokens_per_param, seq_len, tolerance)
+            if abs(plan.error) <= tolerance:
+                return plan
+    raise PlanError(_no_plan(source, target_params, strategy, tolerance, candidates, refusals))
+
+
+def _no_plan(source: ModelConfig, target: int, strategy: str, tolerance: float, candidates: list[_Candidate], refusals: _Refusals) -> str:
+    """One sentence: no plan fits, the closest grown size that passes the checks (or the check
+    that refuses every growth), and what to do."""
+    closest = None
+    for candidate in sorted(candidates, key=lambda c: _closeness(c.estimate, target)):
+        try:
+            closest = _run(source, _named(candidate.moves, source))[-1][1].num_params()
             break
-        for step in _next_steps(config, target_params, strategy, round_, source):
-            before = config
-            config = _apply(config, step.method, **step.params)
-            added = config.num_params() - before.num_params()
-            tokens = int(tokens_per_param * max(added, 0))
-            flops = float(flops_per_token(config, seq_len)) * tokens
-            plan.steps.append(PlannedStep(step, config, config.num_params(), config.num_active_params(), added, tokens, flops))
-    else:
-        raise ConfigError(f"no plan reaches {format_size(target_params)} within {max_steps} growth rounds; choose a closer target or another strategy")
-    return plan
+        except ConfigError as exc:
+            refusals.note(exc)
+    limits = (
+        f"at most {MAX_DEPTH_FACTOR}x the layers and {2**MAX_WIDTH_DOUBLINGS}x the width"
+        + (f", {MAX_EXPERTS} experts per tier and {MAX_NEW_TIERS} new tiers" if strategy == "moe" else "")
+    )
+    head = f"no {strategy} plan reaches {format_size(target)} within {tolerance:.0%} in steps of {limits}"
+    if closest is None:
+        reason = (refusals.first or "no growth step applies").rstrip(".")
+        return f"{head}: every growth of this model is refused ({reason}); fix that first or try another --strategy"
+    why = f" (a check refused others: {refusals.first.rstrip('.')})" if refusals.first else ""
+    return f"{head}: the closest that passes the checks is {format_size(closest)}{why}; aim near that, raise --tolerance, or try another --strategy"

@@ -10,6 +10,11 @@ touching it.  :func:`add_tier` keeps the model's function exactly:
 * the router computes each tier's logits with its own matmul and breaks ties by a hash of the
   tier *name*, so the old tiers' logits and tie-breaks do not depend on the new tier.
 
+Raising (or lowering) ``k_tier`` is different: it changes how many of the existing tiers every
+token mixes, so the output cannot be preserved whatever the new tier holds.  :func:`add_tier`
+refuses it unless ``change_routing`` acknowledges the change; the growth is then recorded as
+not exact, with the measured change of the logits and of the loss.
+
 The new experts start ``random`` (initialised like the model's own ``reset_parameters``),
 as ``copy`` (cyclic copies of a source tier's experts) or as ``upcycle`` (every expert the mean
 of the source tier's experts); a curriculum ramps ``tier_bias`` up later.
@@ -109,6 +114,34 @@ def _reference_tier(config: ModelConfig, init: str, source_tier: str | None, exp
     return source
 
 
+def routed_tiers(config: ModelConfig, k_tier: int | None) -> tuple[int, int]:
+    """How many of ``config``'s tiers a token mixes now, and after adding an unroutable tier
+    with ``k_tier`` (None: unchanged).  The new tier is never among them, so the old tiers'
+    top-k is ``min(k_tier, number of old tiers)``."""
+    old = min(config.routing.k_tier, len(config.tiers))
+    return old, old if k_tier is None else min(k_tier, len(config.tiers))
+
+
+def _check_routing_change(config: ModelConfig, k_tier: int | None, change_routing: object) -> None:
+    """A k_tier that changes which tiers tokens use needs ``change_routing``; a
+    ``change_routing`` with nothing to change is refused too, so a record never calls an
+    exact growth inexact."""
+    if not isinstance(change_routing, bool):
+        raise ConfigError(f"add_tier's change_routing must be true or false, got {change_routing!r}")
+    before, after = routed_tiers(config, k_tier)
+    if before != after and not change_routing:
+        raise ConfigError(
+            f"k_tier={k_tier} changes which tiers every token uses (it would mix {after} of the {len(config.tiers)} existing tiers instead of {before}), "
+            "so the model's output cannot be preserved; add --change-routing (in a recipe or --set: change_routing: true) to add the tier "
+            "as a recorded non-exact change with its measured loss jump, or leave k_tier out to keep the output exact"
+        )
+    if change_routing and before == after:
+        raise ConfigError(
+            f"change_routing was given but the routing does not change (every token still mixes {before} of the {len(config.tiers)} existing tiers"
+            f"{'' if k_tier is None else f' with k_tier={k_tier}'}), so adding the tier is exact; leave change_routing out"
+        )
+
+
 def _grown_config(config: ModelConfig, new_tier: TierConfig, k_tier: int | None) -> ModelConfig:
     """``config`` with ``new_tier`` appended (and ``k_tier`` when given), budget checked.
 
@@ -118,7 +151,6 @@ def _grown_config(config: ModelConfig, new_tier: TierConfig, k_tier: int | None)
     """
     changes: dict[str, Any] = {"tiers": [*config.tiers, new_tier]}
     if k_tier is not None:
-        _check_positive_int("add_tier's k_tier", k_tier)
         changes["routing"] = dataclasses.replace(config.routing, k_tier=k_tier)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -204,7 +236,7 @@ def _bank_producers(spec: _NewTier, layer: int, tensors: Tensors, dtype_of: Call
     return {bank + kind: make(kind) for kind in shapes}
 
 
-@register("add_tier", family="moe", exact=lambda p: True)
+@register("add_tier", family="moe", exact=lambda p: not p.get("change_routing"))
 def add_tier(
     config: ModelConfig,
     tensors: Tensors,
@@ -221,6 +253,7 @@ def add_tier(
     k_group: int | None = None,
     k_expert: int | None = None,
     k_tier: int | None = None,
+    change_routing: bool = False,
     seed: int = 0,
     unroutable_bias: float = -1e4,
     noise: float = 0.0,
@@ -232,6 +265,8 @@ def add_tier(
     or ``upcycle`` (each the mean of the source tier's experts), plus optional ``noise``.  Its
     ``tier_bias`` is ``unroutable_bias``: routing probability exactly 0, output unchanged.
     ``budget`` is checked like any tier's (``budget_mode`` strict: error; advisory: warning).
+    A ``k_tier`` that changes how many old tiers a token mixes is refused unless
+    ``change_routing`` (then not exact: the routing of every token changes).
     """
     _check_new_name(config, tier)
     for what, value in (("num_groups", num_groups), ("experts_per_group", experts_per_group), ("expert_hidden", expert_hidden)):
@@ -239,6 +274,8 @@ def add_tier(
     _check_choice("add_tier's init", init, INITS)
     _check_noise(noise)
     _check_unroutable(unroutable_bias)
+    if k_tier is not None:
+        _check_positive_int("add_tier's k_tier", k_tier)
     reference = _reference_tier(config, init, source_tier, expert_hidden, noise)
     new_tier = TierConfig(
         tier,
@@ -254,6 +291,7 @@ def add_tier(
         created_at=_now(),
     )
     new_config = _grown_config(config, new_tier, k_tier)
+    _check_routing_change(config, k_tier, change_routing)
     spec = _NewTier(
         tier=new_tier,
         reference=reference.name,
@@ -321,21 +359,43 @@ def _check_unchanged(expected: dict[str, str], written: dict[str, str]) -> None:
         )
 
 
-def _check_logits(src: CheckpointTensors, config: ModelConfig, tensors: Tensors) -> tuple[dict[str, torch.Tensor], int]:
-    """Run the source and the grown model on sample tokens; their logits must be bitwise equal.
-
-    Returns the grown model's tensors (now in memory, so writing reads nothing again) and the
-    number of tokens compared."""
+def _run_both(src: CheckpointTensors, config: ModelConfig, tensors: Tensors) -> tuple[dict[str, torch.Tensor], torch.Tensor, Any, Any]:
+    """The grown tensors in memory (so writing reads nothing again), the sample tokens, and
+    the model outputs (logits and loss) of the source and the grown model on them."""
     before = materialize(src.config, src.tensors)
     state = {name: tensors[name] for name in tensors}
     grown = materialize(config, state)
     ids = sample_ids(src.config.vocab_size, _tokenizer(src))
     with torch.no_grad():
-        a, b = before(ids).logits, grown(ids).logits
-    if not torch.equal(a, b):
-        diff = float((a.double() - b.double()).abs().max())
+        return state, ids, before(ids, labels=ids), grown(ids, labels=ids)
+
+
+def _check_logits(src: CheckpointTensors, config: ModelConfig, tensors: Tensors) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Run the source and the grown model on sample tokens; their logits must be bitwise equal.
+
+    Returns the grown model's tensors and the preservation record."""
+    state, ids, a, b = _run_both(src, config, tensors)
+    if not torch.equal(a.logits, b.logits):
+        diff = float((a.logits.double() - b.logits.double()).abs().max())
         raise GrowthError(f"adding the tier changed the logits (max abs difference {diff:.3g}); nothing was written — please report this")
-    return state, int(ids.numel())
+    return state, {"max_abs": 0.0, "mse": 0.0, "loss_jump": 0.0, "tokens": int(ids.numel()), "bitwise": True}
+
+
+def _measure_change(src: CheckpointTensors, config: ModelConfig, tensors: Tensors) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A growth that changes the routing on purpose: how much the logits (compared in fp64)
+    and the next-token loss on sample tokens moved."""
+    state, ids, a, b = _run_both(src, config, tensors)
+    diff = a.logits.double() - b.logits.double()
+    loss_before, loss_after = float(a.lm_loss), float(b.lm_loss)
+    return state, {
+        "max_abs": float(diff.abs().max()),
+        "mse": float(diff.square().mean()),
+        "loss_before": loss_before,
+        "loss_after": loss_after,
+        "loss_jump": loss_after - loss_before,
+        "tokens": int(ids.numel()),
+        "bitwise": False,
+    }
 
 
 def _specs(src: CheckpointTensors, config: ModelConfig, tier: str, reference: str) -> dict[str, TensorSpec]:
@@ -349,10 +409,23 @@ def _specs(src: CheckpointTensors, config: ModelConfig, tier: str, reference: st
 
 
 def _tier_record(
-    src: CheckpointTensors, params: dict[str, Any], after: ModelConfig, tier: TierConfig, versions: tuple[str, str], tokens: int | None
+    src: CheckpointTensors,
+    params: dict[str, Any],
+    after: ModelConfig,
+    tier: TierConfig,
+    versions: tuple[str, str],
+    preservation: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    """The ``progressive.json`` record: expand's record, plus the tier and the versions."""
-    record = _record(src, "add_tier", params, True, src.config, after, None)
+    """The ``progressive.json`` record: expand's record, plus the tier and the versions; a
+    routing change is recorded as not exact, with what it did to the output."""
+    exact = not params.get("change_routing")
+    record = _record(src, "add_tier", params, exact, src.config, after, None)
+    note = None
+    if not exact:
+        before_k, after_k = routed_tiers(src.config, params.get("k_tier"))
+        note = f"k_tier {src.config.routing.k_tier} -> {after.routing.k_tier}: every token now mixes {after_k} old tiers instead of {before_k}; not function-preserving"
+    if preservation is None:
+        note = (note + "; " if note else "") + "logits not compared: model larger than max_validate_params (run lite-llm validate)"
     record.update(
         tier=tier.name,
         created_at=tier.created_at,
@@ -360,8 +433,8 @@ def _tier_record(
         model_version_before=versions[0],
         model_version_after=versions[1],
         old_tensors_verified="sha256",
-        preservation=None if tokens is None else {"max_abs": 0.0, "mse": 0.0, "loss_jump": 0.0, "tokens": tokens, "bitwise": True},
-        note=None if tokens is not None else "logits not compared: model larger than max_validate_params (run lite-llm validate)",
+        preservation=preservation,
+        note=note,
     )
     return record
 
@@ -380,7 +453,8 @@ def add_tier_checkpoint(
 
     Nothing is committed unless the source is sound (``verify``), every pre-existing tensor of
     the output hashes like the source's, and — below ``max_validate_params`` parameters — the
-    logits on sample tokens are bitwise equal.  The manifest's ``model_version`` is the
+    logits on sample tokens are bitwise equal (``change_routing``: their change is measured and
+    recorded instead).  The manifest's ``model_version`` is the
     source's with the minor version bumped; ``progressive.json`` gains an ``add_tier`` record.
     """
     out = Path(output)
@@ -408,13 +482,14 @@ def _write(
     max_validate_params: int,
     max_shard_bytes: int,
 ) -> Path:
-    tokens = None
+    preservation = None
     if src.config.num_params() <= max_validate_params:
-        tensors, tokens = _check_logits(src, config, tensors)
+        check = _measure_change if params.get("change_routing") else _check_logits
+        tensors, preservation = check(src, config, tensors)
     tier = config.tiers[-1]
     versions = (src.manifest["model_version"], next_minor_version(src.manifest["model_version"]))
     progressive = dict(src.progressive)
-    progressive["expansions"] = list(progressive.get("expansions") or []) + [_tier_record(src, params, config, tier, versions, tokens)]
+    progressive["expansions"] = list(progressive.get("expansions") or []) + [_tier_record(src, params, config, tier, versions, preservation)]
     reference = params.get("source_tier") or src.config.tiers[0].name
     extra_dirs = carried_ewc_dirs(src, progressive, ["add_tier"], lambda f, a: extend_ewc(config, tensors, f, a))
     written = _DigestingTensors(tensors, set(src.tensors))

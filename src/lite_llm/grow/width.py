@@ -361,14 +361,20 @@ def _fused_incoming(split: NeuronSplit, gate_up: torch.Tensor, gen: torch.Genera
     return torch.cat([split.incoming(gate, gen), split.incoming(up, gen)], dim=-2)
 
 
-def _expert_targets(config: ModelConfig, expert_hidden: dict[str, int] | int | None) -> dict[str, int]:
-    """tier name -> new expert_hidden, for the tiers that grow."""
+def _expert_targets(config: ModelConfig, expert_hidden: dict[str, int] | int | None, tier: str | None) -> dict[str, int]:
+    """tier name -> new expert_hidden, for the tiers that grow (``tier``: only that one)."""
+    if tier is not None:
+        known = [t.name for t in config.tiers]
+        if tier not in known:
+            raise ConfigError(f"unknown tier {tier!r}; this model has tiers {', '.join(known) or '(none: it is dense)'}")
+        if isinstance(expert_hidden, dict):
+            raise ConfigError("give tier with one expert_hidden size, or expert_hidden as a mapping of tier name to size, not both")
     if expert_hidden is None:
         return {}
     if not config.tiers:
         raise ConfigError("expert_hidden was given but this model has no tiers of experts; grow intermediate_size instead")
     if isinstance(expert_hidden, int) and not isinstance(expert_hidden, bool):
-        return {t.name: expert_hidden for t in config.tiers}
+        return {t.name: expert_hidden for t in config.tiers if tier is None or t.name == tier}
     if not isinstance(expert_hidden, dict):
         raise ConfigError(f"expert_hidden must be an integer (every tier) or a mapping of tier name to size, got {expert_hidden!r}")
     known = [t.name for t in config.tiers]
@@ -376,6 +382,30 @@ def _expert_targets(config: ModelConfig, expert_hidden: dict[str, int] | int | N
     if unknown:
         raise ConfigError(f"expert_hidden names unknown tier(s) {', '.join(unknown)}; this model has tiers {', '.join(known)}")
     return dict(expert_hidden)
+
+
+def _has_dense_ffn(config: ModelConfig) -> bool:
+    """Whether some block has a dense FFN (of ``intermediate_size``): not when every block is MoE."""
+    return len(config.moe_layer_indices) < config.n_layers
+
+
+def _experts_for_intermediate(config: ModelConfig, intermediate_size: int, expert_hidden: object, tier: str | None) -> dict[str, int]:
+    """On a model whose every FFN is a mixture of experts, ``intermediate_size`` names the
+    experts' new hidden size (every tier, or ``tier``): growing a field no tensor uses would
+    change nothing while claiming growth."""
+    if expert_hidden is not None:
+        raise ConfigError(
+            "this model has no dense FFN layer (every block is a mixture of experts), so intermediate_size would change nothing; give expert_hidden alone"
+        )
+    targets = {t.name: intermediate_size for t in config.tiers if tier is None or t.name == tier}
+    for name, size in targets.items():
+        old = config.tier(name).expert_hidden
+        if not isinstance(size, int) or isinstance(size, bool) or size <= old:
+            raise ConfigError(
+                f"every FFN of this model is a mixture of experts, so intermediate_size={size!r} grows the experts, but tiers[{name}].expert_hidden "
+                f"is already {old}; give a size larger than {old} (or expert_hidden per tier)"
+            )
+    return targets
 
 
 def _check_growth(field: str, old: int, new: int) -> None:
@@ -390,13 +420,18 @@ def ffn(
     *,
     intermediate_size: int | None = None,
     expert_hidden: dict[str, int] | int | None = None,
+    tier: str | None = None,
     split: float = 0.6,
     mode: str = "split",
     seed: int = 0,
     noise: float = 0.01,
 ) -> tuple[ModelConfig, LazyTensors]:
     """Widen the dense FFNs (``intermediate_size``) and/or the experts (``expert_hidden``, one
-    size for every tier or a mapping per tier) by neuron splitting.
+    size for every tier or ``tier``, or a mapping per tier) by neuron splitting.
+
+    On a model whose every block is a mixture of experts, ``intermediate_size`` is the experts'
+    new hidden size (every tier, or ``tier``): it is what the FFN is there; the unused config
+    field is left as it is.
 
     New neuron j copies neuron j mod H.  ``mode``: ``split`` shares each outgoing column as
     ``split``, ``split`` of the rest, ... (exact); ``paired_noise`` shares it equally plus
@@ -412,7 +447,12 @@ def ffn(
     _check_noise(noise)
     if mode in ("paired_noise", "noise_copies") and noise == 0:
         raise ConfigError(f"mode {mode!r} needs noise > 0 to make the copies differ; give noise (e.g. 0.01) or use mode 'split'")
-    targets = _expert_targets(config, expert_hidden)
+    targets = _expert_targets(config, expert_hidden, tier)
+    if intermediate_size is not None and config.tiers and not _has_dense_ffn(config):
+        targets = _experts_for_intermediate(config, intermediate_size, expert_hidden, tier)
+        intermediate_size = None
+    if tier is not None and not targets:
+        raise ConfigError(f"tier={tier!r} names the tier whose experts grow, but no expert size was given; add expert_hidden (the tier's new hidden size)")
     if intermediate_size is None and not targets:
         raise ConfigError("ffn_width needs intermediate_size and/or expert_hidden (the new sizes)")
     if intermediate_size is not None:
