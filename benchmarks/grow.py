@@ -1,8 +1,9 @@
-"""Streaming growth of a >= 1 GB checkpoint: wall time against copying its files, and peak
-memory against the size of the output.
+"""Streaming growth of a >= 1 GB checkpoint: wall time against copying its files, peak
+memory against the size of the output, and what the default validation adds to both.
 
-    python benchmarks/grow.py                       # ~1.2 GB bf16 Llama-shaped source, 9 -> 14 layers
-    python benchmarks/grow.py --layers 4 --d-model 1024   # a quick small run
+    python benchmarks/grow.py                       # ~1.7 GB bf16 Llama-shaped source, 16 -> 24 layers
+    python benchmarks/grow.py --layers 9 --target-layers 14   # the issue-4 figures (~1.1 GB)
+    python benchmarks/grow.py --layers 4 --d-model 1024 --no-smollm2   # a quick small run
 
 Each measurement runs in a fresh subprocess so its peak RSS (VmHWM) is its own:
 
@@ -10,11 +11,19 @@ Each measurement runs in a fresh subprocess so its peak RSS (VmHWM) is its own:
   ``copy-nofsync``: the same without fsync (what ``cp`` alone measures);
 * ``grow``: ``expand_checkpoint(..., validate="never")``, LLaMA-Pro depth growth, with the
   source's sha256 verified first (the default) and without (``--no-verify`` figure);
+* ``grow-validate``: the same growth with the default validation (the streamed float64 check
+  of :mod:`lite_llm.grow.streaming_validate`, 128 sample tokens), and ``grow-validate-256`` with
+  256 sample tokens;
+* the same ``grow`` / ``grow-validate`` pair on SmolLM2-135M-Instruct imported from its GGUF
+  (``--smollm2 FILE``, default ``models/SmolLM2-135M-Instruct.Q4_1.gguf`` when present), grown by
+  ``--smollm2-steps`` (default: llama_pro to 40 layers, and width to d_model 1152);
 * ``mergekit`` (when the ``mergekit-yaml`` command is installed): the same depth growth as a
   passthrough merge of the exported Llama folder.
 
-Targets (issue 4): growth time / copy time <= 2.0; peak RSS minus the interpreter's baseline
-(after importing torch and lite_llm) <= 25% of the output size.  Ends with one JSON line.
+Targets: growth time / copy time <= 2.0; peak RSS minus the interpreter's baseline (after
+importing torch and lite_llm) <= 25% of the output size (issue 4); validation adds <= 25% to
+the growth's time and keeps the peak within 25% of the output size (issue 16).  Ends with one
+JSON line.
 """
 
 from __future__ import annotations
@@ -48,9 +57,11 @@ def _child(args: argparse.Namespace) -> None:
 
     from lite_llm.grow.expand import expand_checkpoint
     from lite_llm.grow.recipe import GrowthStep
+    from lite_llm.grow.validate import SAMPLE_TOKENS
 
     baseline = _hwm_kib()
     start = time.perf_counter()
+    step = GrowthStep(**json.loads(args.step))
     if args.child in ("copy", "copy-nofsync"):
         dst = Path(args.out)
         dst.mkdir(parents=True)
@@ -64,18 +75,57 @@ def _child(args: argparse.Namespace) -> None:
                     os.fsync(fd)
                     os.close(fd)
     else:
-        steps = [GrowthStep("llama_pro", {"target_layers": args.target_layers})]
-        expand_checkpoint(args.src, args.out, steps, validate="never", verify=args.child == "grow", max_shard_bytes=args.shard_bytes)
+        validate = "never" if args.child in ("grow", "grow-noverify") else "auto"
+        tokens = 256 if args.child == "grow-validate-256" else SAMPLE_TOKENS
+        verify = args.child != "grow-noverify"
+        expand_checkpoint(args.src, args.out, [step], validate=validate, check_tokens=tokens, verify=verify, max_shard_bytes=args.shard_bytes)
     seconds = time.perf_counter() - start
     print(json.dumps({"seconds": seconds, "baseline_kib": baseline, "peak_kib": _hwm_kib()}))
 
 
-def _run_child(kind: str, src: Path, out: Path, args: argparse.Namespace) -> dict:
+def _run_child(kind: str, src: Path, out: Path, args: argparse.Namespace, step: dict | None = None) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, __file__, "--child", kind, "--src", str(src), "--out", str(out), "--target-layers", str(args.target_layers), "--shard-bytes", str(args.shard_bytes)]
+    step = step or {"method": "llama_pro", "params": {"target_layers": args.target_layers}}
+    cmd = [sys.executable, __file__, "--child", kind, "--src", str(src), "--out", str(out), "--step", json.dumps(step), "--shard-bytes", str(args.shard_bytes)]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["out_bytes"] = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    return result
+
+
+def _validation_figures(runs: dict[str, list[dict]], kinds: list[str]) -> dict[str, dict]:
+    """Per validated kind: best time, its addition to the best unvalidated growth, and peak
+    RSS above baseline over the output size (worst of the repeats)."""
+    grow = min(r["seconds"] for r in runs["grow"])
+    out = {}
+    for kind in kinds:
+        best = min(r["seconds"] for r in runs[kind])
+        peak = max(r["peak_kib"] - r["baseline_kib"] for r in runs[kind]) * 1024
+        out[kind] = {"seconds": best, "added": best / grow - 1, "peak_bytes": peak, "peak_over_output": peak / runs[kind][0]["out_bytes"]}
+    return out
+
+
+def _smollm2(gguf: Path, work: Path, args: argparse.Namespace) -> list[dict]:
+    """Growth with and without validation on the imported SmolLM2, for each of ``--smollm2-steps``."""
+    from lite_llm.interop import import_gguf
+
+    src = import_gguf(gguf, work / "smollm2")
+    results = []
+    for spec in args.smollm2_steps:
+        method, _, rest = spec.partition(":")
+        params = json.loads(rest) if rest else {}
+        step = {"method": method, "params": params}
+        runs: dict[str, list[dict]] = {"grow": [], "grow-validate": []}
+        for _ in range(args.repeats):
+            for kind in runs:
+                runs[kind].append(_run_child(kind, src, work / f"smol-{kind}", args, step))
+        figures = _validation_figures(runs, ["grow-validate"])["grow-validate"]
+        peak_grow = max(r["peak_kib"] - r["baseline_kib"] for r in runs["grow"]) * 1024
+        results.append({"step": spec, "grow_s": min(r["seconds"] for r in runs["grow"]), "grow_peak_bytes": peak_grow, "out_bytes": runs["grow"][0]["out_bytes"], **figures})
+        shutil.rmtree(work / "smol-grow", ignore_errors=True)
+        shutil.rmtree(work / "smol-grow-validate", ignore_errors=True)
+    return results
 
 
 def _make_source(path: Path, args: argparse.Namespace) -> tuple[int, object]:
@@ -141,15 +191,21 @@ def _mergekit(src: Path, work: Path, args: argparse.Namespace) -> dict | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--d-model", type=int, default=2048)
-    parser.add_argument("--layers", type=int, default=9)
-    parser.add_argument("--target-layers", type=int, default=14)
+    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--target-layers", type=int, default=24)
     parser.add_argument("--shard-bytes", type=int, default=512 * 1024**2)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=None, help="Where the checkpoints go (default: a temp dir).")
     parser.add_argument("--mergekit", default=shutil.which("mergekit-yaml"), help="mergekit-yaml executable (default: from PATH).")
-    parser.add_argument("--child", choices=["copy", "copy-nofsync", "grow", "grow-noverify"], help=argparse.SUPPRESS)
+    parser.add_argument("--smollm2", type=Path, default=ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf", help="SmolLM2 GGUF for the real-model validation figures.")
+    parser.add_argument("--no-smollm2", action="store_true", help="Skip the SmolLM2 figures.")
+    parser.add_argument(
+        "--smollm2-steps", nargs="+", default=['llama_pro:{"target_layers": 40}', 'width:{"d_model": 1152}'], help="METHOD:JSON_PARAMS growths of SmolLM2."
+    )
+    parser.add_argument("--child", choices=["copy", "copy-nofsync", "grow", "grow-noverify", "grow-validate", "grow-validate-256"], help=argparse.SUPPRESS)
     parser.add_argument("--src", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--step", default='{"method": "llama_pro", "params": {"target_layers": 14}}', help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         _child(args)
@@ -161,7 +217,7 @@ def main() -> None:
         t0 = time.perf_counter()
         src_bytes, config = _make_source(src, args)
         print(f"source: {src_bytes / 1e9:.2f} GB, {config.n_layers} layers, d_model {config.d_model} (made in {time.perf_counter() - t0:.1f} s)")
-        runs: dict[str, list[dict]] = {"copy": [], "copy-nofsync": [], "grow": [], "grow-noverify": []}
+        runs: dict[str, list[dict]] = {"copy": [], "copy-nofsync": [], "grow": [], "grow-noverify": [], "grow-validate": [], "grow-validate-256": []}
         for _ in range(args.repeats):  # interleaved, so drift hits every variant alike
             for kind in runs:
                 runs[kind].append(_run_child(kind, src, work / f"out-{kind}", args))
@@ -178,6 +234,19 @@ def main() -> None:
         print_table(["run", "seconds", "/ copy", "peak RSS - baseline (MB)", "/ output size"], rows, title=f"growth {config.n_layers} -> {args.target_layers} layers, output {out_bytes / 1e9:.2f} GB")
         if mk is None:
             print("mergekit: not installed (pip install mergekit to compare)")
+        validation = _validation_figures(runs, ["grow-validate", "grow-validate-256"])
+        print_table(
+            ["run", "seconds", "added to grow", "peak RSS - baseline (MB)", "/ output size"],
+            [[k, f"{v['seconds']:.2f}", f"{v['added']:+.0%}", f"{v['peak_bytes'] / 1e6:.0f}", f"{v['peak_over_output']:.1%}"] for k, v in validation.items()],
+            title="default validation (targets: adds <= 25%, peak <= 25% of the output)",
+        )
+        smol = [] if args.no_smollm2 or not args.smollm2.exists() else _smollm2(args.smollm2, work, args)
+        if smol:
+            print_table(
+                ["SmolLM2-135M growth", "output (GB)", "grow (s)", "grow + validate (s)", "added", "peak RSS grow / validated (MB)", "validated peak / output"],
+                [[r["step"], f"{r['out_bytes'] / 1e9:.2f}", f"{r['grow_s']:.2f}", f"{r['seconds']:.2f}", f"{r['added']:+.0%}", f"{r['grow_peak_bytes'] / 1e6:.0f} / {r['peak_bytes'] / 1e6:.0f}", f"{r['peak_over_output']:.1%}"] for r in smol],
+                title="validation on the real model",
+            )
         emit_json(
             {
                 "benchmark": "grow",
@@ -196,6 +265,16 @@ def main() -> None:
                 "mergekit_s": rounded(mk["seconds"], 3) if mk else None,
                 "mergekit_over_copy": rounded(ratio(mk["seconds"], best["copy"]["seconds"]), 3) if mk else None,
                 "mergekit_peak_mb": rounded(mk["peak_kib"] * 1024 / 1e6, 1) if mk else None,
+                "validate_s": rounded(validation["grow-validate"]["seconds"], 3),
+                "validate_added": rounded(validation["grow-validate"]["added"], 3),
+                "validate_peak_over_output": rounded(validation["grow-validate"]["peak_over_output"], 4),
+                "validate256_added": rounded(validation["grow-validate-256"]["added"], 3),
+                "validate256_peak_over_output": rounded(validation["grow-validate-256"]["peak_over_output"], 4),
+                "smollm2": [
+                    {"step": r["step"], "grow_s": rounded(r["grow_s"], 3), "validate_s": rounded(r["seconds"], 3), "validate_added": rounded(r["added"], 3),
+                     "validate_peak_over_output": rounded(r["peak_over_output"], 4), "output_gb": rounded(r["out_bytes"] / 1e9, 3)}
+                    for r in smol
+                ],
             }
         )
     finally:

@@ -53,7 +53,7 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
 def _print_records(records: list[dict[str, Any]]) -> None:
     from .config import format_size
 
-    table = Table("step", "method", "params", "exact", "max |Δlogit|", "loss jump", title="growth")
+    table = Table("step", "method", "params", "exact", "max |Δlogit| / max |logit|", "max |Δlogit|", "loss jump", title="growth (logits in float64)")
     for i, r in enumerate(records, 1):
         p = r["preservation"]
         shown = {k: v for k, v in r["params"].items() if k != "importance"}
@@ -62,7 +62,8 @@ def _print_records(records: list[dict[str, Any]]) -> None:
             r["method"],
             f"{format_size(r['params_before'])} → {format_size(r['params_after'])}  {json.dumps(shown)}",
             "yes" if r["exact"] else "no",
-            f"{p['max_abs']:.2e}" if p else "not measured",
+            f"{p['max_rel']:.2e}" if p else "not measured",
+            f"{p['max_abs']:.2e}" if p else "-",
             f"{p['loss_jump']:+.4f}" if p else "-",
         )
     console.print(table)
@@ -77,7 +78,10 @@ def expand(
     method: Optional[str] = typer.Option(None, "--method", help="One growth method (see --list)."),
     target_layers: Optional[int] = typer.Option(None, "--target-layers", help="Depth methods: layers after growth."),
     set_: list[str] = typer.Option([], "--set", help="Method parameter KEY=VALUE (repeatable), e.g. --set d_model=512."),
-    validate: str = typer.Option("auto", help="auto (when small enough), always, never: measure preservation."),
+    validate: str = typer.Option("auto", help="auto or always: check every step (streamed, any size); never: skip the check."),
+    tolerance: Optional[float] = typer.Option(
+        None, "--tolerance", help="Largest relative logit change (max|Δ| / max|logit|, float64) an exact step may make [default: 1e-05, or the recipe's]."
+    ),
     list_methods: bool = typer.Option(False, "--list", help="List the growth methods and exit."),
 ) -> None:
     """Grow a checkpoint into a bigger one that computes the same function.
@@ -93,6 +97,7 @@ def expand(
     from .grow import available_ops
     from .grow.expand import expand_checkpoint
     from .grow.recipe import Recipe, parse_step
+    from .grow.validate import check_tolerance
 
     if list_methods:
         table = Table("method", "family", "parameters", "what it does", title="growth methods")
@@ -116,8 +121,12 @@ def expand(
     if source is None or out is None:
         raise ConfigError("name the source checkpoint and the output (-o), on the command line or as source:/output: in the recipe")
     mode = validate if recipe is None or validate != "auto" else plan.validate
+    if tolerance is not None:
+        check_tolerance(tolerance, "--tolerance")
+    # A step's own tolerance wins, then --tolerance, then the recipe's, then the default.
+    tol = tolerance if tolerance is not None else plan.tolerance
     with console.status("growing…"):
-        result = expand_checkpoint(source, out, plan.steps, validate=mode)
+        result = expand_checkpoint(source, out, plan.steps, validate=mode, tolerance=tol)
     _print_records(result.records)
     console.print(f"wrote {result.path} ({result.config.num_params():,} parameters)")
 
@@ -127,30 +136,38 @@ def expand(
 def validate_command(
     original: Path = typer.Argument(..., help="The checkpoint before growth."),
     grown: Path = typer.Argument(..., help="The grown checkpoint."),
-    tolerance: float = typer.Option(1e-5, help="Max abs logit difference allowed for exact growth."),
-    seq: int = typer.Option(64, help="Tokens per sample sequence."),
+    tolerance: float = typer.Option(1e-5, help="Largest relative logit change (max|Δ| / max|logit|, float64) allowed for exact growth."),
+    tokens: int = typer.Option(128, help="Sample tokens to compare on."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON here."),
 ) -> None:
     """Check a grown model against its original: logits, gradient flow, parameter count, loss jump.
 
+    Both are read block by block (never two whole models in memory) and compared in float64.
     Exits non-zero when an exact growth changed the logits beyond the tolerance, a new
-    parameter gets no gradient, or the parameter count disagrees with the config.
+    parameter gets no gradient, the parameter count disagrees with the config, or GROWN was
+    not grown from ORIGINAL.
 
     Example:
 
       lite-llm validate runs/small/final runs/grown
     """
-    from .checkpoint import load_checkpoint
-    from .grow.validate import sample_ids, validate_models
+    from .checkpoint.lazy import open_checkpoint
+    from .grow.expand import _tokenizer
+    from .grow.validate import check_growth, check_sample, check_tolerance
 
-    a, b = load_checkpoint(original), load_checkpoint(grown)
-    records = b.progressive.get("expansions") or []
-    exact = all(r.get("exact") for r in records) if records else None
-    ids = sample_ids(a.config.vocab_size, a.tokenizer, seq=seq)
-    report = validate_models(a.model, b.model, ids, exact_expected=exact, tolerance=tolerance)
+    check_tolerance(tolerance, "--tolerance")
+    if tokens < 2:
+        raise ConfigError(f"--tokens must be at least 2, got {tokens}")
+    a, b = open_checkpoint(original), open_checkpoint(grown)
+    records = _records_since(a, b)
+    exact = all(r.get("exact") for r in records)
+    ids = check_sample([a.config, b.config], _tokenizer(a), tokens)
+    report = check_growth(a.config, a.tensors, b.config, b.tensors, ids, exact_expected=exact, tolerance=tolerance)
     table = Table("check", "value", "result", title=f"{original} → {grown}")
     ok, bad = "[green]ok[/green]", "[bold red]FAIL[/bold red]"
-    table.add_row("max |Δlogit| (fp32)", f"{report.max_abs:.3e}", (ok if report.preserved else bad) if exact else "not exact by design")
+    verdict = (ok if report.preserved else bad) if exact else "not exact by design"
+    table.add_row("max |Δlogit| / max |logit| (float64)", f"{report.max_rel:.3e} (tolerance {tolerance:g})", verdict)
+    table.add_row("max |Δlogit|", f"{report.max_abs:.3e} (logits up to {report.logits_scale:.3g})", "")
     table.add_row("MSE of logits", f"{report.mse:.3e}", "")
     table.add_row("loss jump", f"{report.loss_jump:+.5f} ({report.loss_original:.4f} → {report.loss_grown:.4f})", "")
     table.add_row("parameters", f"{report.params_original:,} → {report.params_grown:,} (config: {report.params_analytic:,})", ok if report.count_ok else bad)
@@ -162,6 +179,27 @@ def validate_command(
         json_out.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     if not report.passed:
         raise typer.Exit(1)
+
+
+def _records_since(original: Any, grown: Any) -> list[dict[str, Any]]:
+    """The expansion records of ``grown`` from the one whose source is ``original`` on; a
+    checkpoint not grown from ``original`` is refused (there is nothing to validate)."""
+    from .grow.validate import ValidationError
+
+    if original.config.vocab_size != grown.config.vocab_size:
+        raise ValidationError(
+            f"{grown.path} has a vocabulary of {grown.config.vocab_size} tokens and {original.path} one of {original.config.vocab_size}, "
+            "so it was not grown from it; validate compares a grown checkpoint with the one it was grown from"
+        )
+    records = grown.progressive.get("expansions") or []
+    digest = original.manifest_sha256()
+    for k, record in enumerate(records):
+        if record.get("source_manifest_sha256") == digest:
+            return records[k:]
+    raise ValidationError(
+        f"{grown.path} was not grown from {original.path} (no expansion record in its progressive.json names that checkpoint as its source); "
+        "validate compares a grown checkpoint with the one it was grown from"
+    )
 
 
 @app.command()

@@ -49,3 +49,12 @@ def keep_freed_memory() -> bool:
     # as size_t, so -1 means "never trim".
     _applied = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, -1) == 1
     return _applied
+
+
+def release_freed_memory() -> None:
+    """Give freed heap memory back to the OS now (glibc ``malloc_trim``), unless
+    :func:`keep_freed_memory` asked to keep it.  Blocks of up to 32 MiB come from the heap and
+    stay resident after they are freed; a phase that frees many of them (the streamed
+    validation's float64 blocks) calls this so the next phase's peak is not added to them."""
+    if GLIBC and not _applied:
+        ctypes.CDLL(None).malloc_trim(0)

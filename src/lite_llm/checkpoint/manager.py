@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import re
 from pathlib import Path
 from typing import Any, Iterable
@@ -84,6 +85,17 @@ class CheckpointManager:
         name = self._name(ref)
         self.protected.difference_update({p for p in self.protected if self._name(p) == name})
         self._write_persisted(self._persisted() - {name})
+
+    def clean_interrupted(self) -> list[Path]:
+        """Remove what a killed process left half-done: checkpoint directories renamed for
+        deletion (``.step-N.deleting-*``) and unfinished writes (``.step-N.tmp-*``) of
+        processes that are gone.  Call it only while holding the run's lock."""
+        if not self.dir.is_dir():
+            return []
+        leftovers = [p for p in self.dir.iterdir() if p.is_dir() and p.name.startswith(".step-") and (".deleting-" in p.name or ".tmp-" in p.name)]
+        for p in leftovers:
+            shutil.rmtree(p, ignore_errors=True)
+        return leftovers
 
     # ----------------------------------------------------------------------------- listing
     def list(self) -> list[Path]:

@@ -2,11 +2,12 @@
 
 The source is opened with :func:`open_checkpoint` (hash-verified, nothing loaded), the steps
 are chained as lazy tensor mappings, and the output is written with ``write_checkpoint`` one
-tensor at a time — so a growth needs memory for a few tensors, not two models.  When the
-models are small enough (``validate="auto"``, below ``max_validate_params``) every step is
-also materialised and checked with :func:`validate_models`; an exact step that fails to
-preserve the logits stops the growth before anything is written.  Each step appends a record
-to ``progressive.json``'s ``expansions``.
+tensor at a time — so a growth needs memory for a few tensors, not two models.  Unless
+``validate="never"``, every step is checked at every size by :func:`check_growth`, which
+streams both models block by block in float64 on 128 sample tokens; an exact step
+whose relative logit change exceeds its tolerance stops the growth before anything is
+written.  Each step appends a record (with the figures) to ``progressive.json``'s
+``expansions``.
 
 Where the source comes from and what the result is written as are pluggable: ``open_source``
 opens something else that looks like a :class:`CheckpointTensors` (a Hugging Face folder, in
@@ -29,13 +30,13 @@ from ..checkpoint.lazy import CheckpointTensors, check_sound, open_checkpoint
 from ..checkpoint.save import write_checkpoint
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError, LiteLLMError
-from ..model import LiteLLM, load_stored, stored_state
+from ..model import LiteLLM, load_stored
 from .importance import layer_importance
 from .recipe import VALIDATE_MODES, GrowthStep
 from .carry import CarriedEWC, carry_ewc
 from .registry import GrowthOp, get_op
 from .tensors import LazyTensors, Tensors, expected_specs
-from .validate import ValidationReport, sample_ids, validate_models
+from .validate import DEFAULT_TOLERANCE, SAMPLE_TOKENS, ValidationReport, check_growth, check_sample
 
 
 class GrowthError(LiteLLMError):
@@ -108,7 +109,7 @@ def _resolve_params(step: GrowthStep, config: ModelConfig, tensors: Tensors, ids
     params = dict(step.params)
     if params.get("importance") == "measured":
         if ids is None:
-            raise ConfigError("importance: measured needs the model to be small enough to run (raise max_validate_params) or explicit scores")
+            raise ConfigError("importance: measured needs sample tokens; give explicit scores instead")
         params["importance"] = layer_importance(materialize(config, tensors), ids)
     return params
 
@@ -119,8 +120,8 @@ def expand_checkpoint(
     steps: Sequence[GrowthStep],
     *,
     validate: str = "auto",
-    max_validate_params: int = 400_000_000,
-    tolerance: float = 1e-5,
+    tolerance: float | None = None,
+    check_tokens: int = SAMPLE_TOKENS,
     verify: bool = True,
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = 2 * 1024**3,
@@ -128,7 +129,11 @@ def expand_checkpoint(
     write_output: OutputWriter | None = None,
 ) -> ExpandResult:
     """Grow the checkpoint at ``source`` by ``steps`` into a new checkpoint at ``output``
-    (or, with ``open_source`` / ``write_output``, another kind of source / output)."""
+    (or, with ``open_source`` / ``write_output``, another kind of source / output).
+
+    ``validate``: ``auto`` and ``always`` check every step (streamed, at any size), ``never``
+    skips the check, ``check_tokens`` is its sample size.  ``tolerance`` is the relative logit
+    change an exact step may make (a step's own ``tolerance`` wins; None: ``DEFAULT_TOLERANCE``)."""
     if validate not in VALIDATE_MODES:
         raise ConfigError(f"validate must be one of {', '.join(VALIDATE_MODES)}, got {validate!r}")
     if not steps:
@@ -144,8 +149,9 @@ def expand_checkpoint(
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify-source") as pool:
         verified = pool.submit(check) if verify and check is not None else None
         try:
+            tol = DEFAULT_TOLERANCE if tolerance is None else tolerance
             write = write_output or write_grown_checkpoint
-            return _expand(src, output, steps, validate, max_validate_params, tolerance, dtype, max_shard_bytes, verified, write)
+            return _expand(src, output, steps, validate, tol, check_tokens, dtype, max_shard_bytes, verified, write)
         except Exception:
             # A corrupt source explains any later failure best: report its problem first.
             if verified is not None and verified.exception() is not None:
@@ -158,8 +164,8 @@ def _expand(
     output: str | os.PathLike,
     steps: Sequence[GrowthStep],
     validate: str,
-    max_validate_params: int,
     tolerance: float,
+    check_tokens: int,
     dtype: torch.dtype | None,
     max_shard_bytes: int,
     verified: Future | None,
@@ -172,22 +178,13 @@ def _expand(
     dtype = dtype or src.dtype
     records, reports = [], []
     chain: list[tuple[GrowthOp, dict[str, Any]]] = []
-    do_validate = validate == "always" or (validate == "auto" and _small_enough(config, max_validate_params))
-    ids = sample_ids(config.vocab_size, _tokenizer(src)) if do_validate else None
-    current = materialize(config, tensors) if do_validate else None
+    do_validate = validate != "never"
+    ids = check_sample([config], _tokenizer(src), check_tokens) if do_validate or _measures_importance(steps) else None
     for step in steps:
         op = get_op(step.method)
         params = _resolve_params(step, config, tensors, ids)
         new_config, new_tensors = op(config, tensors, **params)
-        report = None
-        if do_validate:
-            grown = materialize(new_config, new_tensors)
-            report = validate_models(current, grown, ids, exact_expected=op.exact(params), tolerance=tolerance)
-            if report.exact_expected and not report.preserved:
-                raise GrowthError(
-                    f"{step.describe()} is meant to be exact but changed the logits by {report.max_abs:.3g} (> {tolerance:g}); nothing was written — please report this"
-                )
-            current, new_tensors = grown, stored_state(grown)
+        report = _check_step(step, op.exact(params), config, tensors, new_config, new_tensors, ids, tolerance) if do_validate else None
         chain.append((op, params))
         records.append(_record(src, step.method, params, op.exact(params), config, new_config, report))
         reports.append(report)
@@ -270,10 +267,23 @@ def _grown_version(manifest: dict, steps: Sequence[GrowthStep]) -> str:
     return next_minor_version(version) if additive else next_major_version(version)
 
 
-def _small_enough(config: ModelConfig, limit: int) -> bool:
-    """Whether to materialise and validate: the source is under ``limit`` parameters (its growths
-    then fit in memory beside it)."""
-    return config.num_params() <= limit
+def _measures_importance(steps: Sequence[GrowthStep]) -> bool:
+    return any(step.params.get("importance") == "measured" for step in steps)
+
+
+def _check_step(
+    step: GrowthStep, exact: bool, before: ModelConfig, tensors: Tensors, after: ModelConfig, grown: Tensors, ids: torch.Tensor, tolerance: float
+) -> ValidationReport:
+    """The streamed check of one step; an exact step that changed the logits is refused."""
+    tolerance = step.tolerance if step.tolerance is not None else tolerance
+    report = check_growth(before, tensors, after, grown, ids, exact_expected=exact, tolerance=tolerance)
+    if exact and not report.preserved:
+        raise GrowthError(
+            f"{step.describe()} is meant to be exact but changed the logits by {report.max_rel:.3g} of their scale "
+            f"({report.max_abs:.3g} absolute, float64; tolerance {tolerance:g}); nothing was written — "
+            "pass a larger --tolerance (or tolerance: in the recipe) to accept it, or report this"
+        )
+    return report
 
 
 def _tokenizer(src: CheckpointTensors) -> Any:
@@ -288,7 +298,7 @@ def _tokenizer(src: CheckpointTensors) -> Any:
 
 
 def _cast(tensors: Tensors, dtype: torch.dtype) -> Tensors:
-    """``tensors`` held in ``dtype`` (validation works in fp32; the output keeps the source's)."""
+    """``tensors`` held in ``dtype`` (the output dtype; by default the source's)."""
 
     def cast(name: str) -> torch.Tensor:
         t = tensors[name]
@@ -319,5 +329,5 @@ def _record(
         "timestamp": _now(),
         "preservation": report.preservation() if report is not None else None,
         "gradient_flow_dead": report.dead_params if report is not None else None,
-        "note": None if report is not None else "not measured: model larger than max_validate_params (run lite-llm validate)",
+        "note": None if report is not None else "not measured: validation was off (validate: never); run lite-llm validate",
     }

@@ -29,7 +29,7 @@ import torch
 from ..config import ModelConfig
 from ..errors import ConfigError
 from .registry import register
-from .tensors import LazyTensors, Producer, Tensors
+from .tensors import LazyTensors, Producer, Tensors, ref
 from .width import check_split, copy_ranks, lazy_in_order, split_shares, work_dtype
 
 HEAD_METHODS: tuple[str, ...] = ("split", "copy", "gqa")
@@ -144,7 +144,7 @@ def _head_producer(tensors: Tensors, name: str, plan: HeadPlan, head_dim: int) -
         return lambda: tensors[name].index_select(0, rows)
     if _OUTPUT.fullmatch(name):
         return lambda: grow_output(tensors[name], plan, head_dim)
-    return lambda: tensors[name]
+    return ref(tensors, name)
 
 
 @register("heads", family="heads", exact=True)

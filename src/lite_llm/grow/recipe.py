@@ -10,8 +10,11 @@ steps:
   - method: width
     d_model: 384
 validate: auto                  # auto | always | never
+tolerance: 1e-5                 # optional: largest relative logit change an exact step may make
 ```
-Each step is a method name from :func:`available_ops` and that method's parameters.
+Each step is a method name from :func:`available_ops` and that method's parameters, and
+optionally its own ``tolerance`` (which wins over the recipe's).  A tolerance is relative to the
+logits' scale: ``max|a - b| / max|a|`` in float64 (see :mod:`lite_llm.grow.validate`).
 ``importance: measured`` (for ``llama_pro``) measures layer importance on sample data first.
 """
 
@@ -23,6 +26,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from .registry import get_op
+from .validate import check_tolerance
 
 VALIDATE_MODES = ("auto", "always", "never")
 
@@ -31,6 +35,7 @@ VALIDATE_MODES = ("auto", "always", "never")
 class GrowthStep:
     method: str
     params: dict[str, Any] = field(default_factory=dict)
+    tolerance: float | None = None  # this step's own; None: the recipe's or the default
 
     def describe(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
@@ -43,22 +48,24 @@ class Recipe:
     source: str | None = None
     output: str | None = None
     validate: str = "auto"
+    tolerance: float | None = None
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "recipe") -> "Recipe":
         if not isinstance(data, dict):
             raise ConfigError(f"{where} must be a mapping with a 'steps' list")
-        unknown = sorted(set(data) - {"steps", "source", "output", "validate"})
+        unknown = sorted(set(data) - {"steps", "source", "output", "validate", "tolerance"})
         if unknown:
-            raise ConfigError(f"{where} has unknown key {unknown[0]!r}; expected steps, source, output, validate")
+            raise ConfigError(f"{where} has unknown key {unknown[0]!r}; expected steps, source, output, validate, tolerance")
         raw_steps = data.get("steps")
         if not isinstance(raw_steps, list) or not raw_steps:
             raise ConfigError(f"{where} needs a non-empty 'steps' list, each step a mapping with a 'method'")
         validate = str(data.get("validate", "auto"))
         if validate not in VALIDATE_MODES:
             raise ConfigError(f"{where}: validate must be one of {', '.join(VALIDATE_MODES)}, got {validate!r}")
+        tolerance = check_tolerance(data["tolerance"], where) if data.get("tolerance") is not None else None
         steps = [parse_step(raw, f"{where} step {i + 1}") for i, raw in enumerate(raw_steps)]
-        return cls(steps, data.get("source"), data.get("output"), validate)
+        return cls(steps, data.get("source"), data.get("output"), validate, tolerance)
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Recipe":
@@ -78,7 +85,8 @@ def parse_step(raw: Any, where: str) -> GrowthStep:
     """One step, its method looked up and its parameter names checked."""
     if not isinstance(raw, dict) or "method" not in raw:
         raise ConfigError(f"{where} must be a mapping with a 'method' key, got {raw!r}")
-    params = {k: v for k, v in raw.items() if k != "method"}
+    params = {k: v for k, v in raw.items() if k not in ("method", "tolerance")}
+    tolerance = check_tolerance(raw["tolerance"], where) if raw.get("tolerance") is not None else None
     try:
         op = get_op(str(raw["method"]))
     except ConfigError as exc:
@@ -86,4 +94,4 @@ def parse_step(raw: Any, where: str) -> GrowthStep:
     unknown = sorted(set(params) - set(op.parameters()))
     if unknown:
         raise ConfigError(f"{where}: growth method {op.name!r} has no parameter {unknown[0]!r}; its parameters are {', '.join(op.parameters())}")
-    return GrowthStep(op.name, params)
+    return GrowthStep(op.name, params, tolerance)

@@ -48,7 +48,7 @@ from ..config import ModelConfig, format_size
 from ..errors import ConfigError
 from ..model.router import seeded_hash
 from .registry import register
-from .tensors import LazyTensors, Producer, Tensors
+from .tensors import LazyTensors, Producer, Tensors, ref
 
 Role = Literal["reader", "writer", "norm", "keep"]
 FFN_MODES: tuple[str, ...] = ("split", "paired_noise", "noise_copies", "fresh")
@@ -486,4 +486,4 @@ def _ffn_producer(tensors: Tensors, name: str, dense: NeuronSplit | None, expert
         if match.group(2) == "gate_up_proj":
             return lambda: _fused_incoming(grow, tensors[name], tensor_generator(seed, name))
         return lambda: grow.outgoing(tensors[name], tensor_generator(seed, name))
-    return lambda: tensors[name]
+    return ref(tensors, name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import math
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,24 @@ class MetricsLogger:
             step = int(record.get("step", 0))
             for name, value in _scalars({k: v for k, v in record.items() if k not in ("step", "expert_routes")}).items():
                 self._tb.add_scalar(name, value, step)
+
+    def drop_from(self, step: int) -> int:
+        """Remove the rows of steps ``>= step`` (a resumed run re-runs them, and its rows replace
+        theirs rather than follow them).  The file is rewritten atomically.  Returns how many
+        rows were dropped."""
+        if self.path is None or not self.path.exists():
+            return 0
+        from ..checkpoint.atomic import temp_sibling
+
+        if self._file is not None:
+            self._file.close()
+        lines = self.path.read_text().splitlines()
+        kept = [line for line in lines if line.strip() and int(json.loads(line).get("step", -1)) < step]
+        tmp = temp_sibling(self.path, "rewrite")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+        self._file = self.path.open("a")
+        return len([line for line in lines if line.strip()]) - len(kept)
 
     def last(self, key: str) -> Any:
         return self._last.get(key)

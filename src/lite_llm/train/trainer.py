@@ -208,14 +208,23 @@ class Trainer:
         self.model.load_state_dict(loaded.model.state_dict())
         self.progressive = loaded.progressive
         self.load_training_state(loaded.training.tensors, loaded.training.meta)
+        self.logger.drop_from(self.step)  # the steps after the checkpoint run again
 
     def _check_same_schedule(self, saved: dict[str, Any]) -> None:
-        """Resuming with a different schedule would silently change the run: refuse."""
+        """Resuming with a different schedule would silently change the run: refuse.
+
+        ``steps`` may grow (extending a run): the schedule is a function of (step, total steps),
+        so an extended run continues on the schedule it would have had with the new total
+        from the start (its warm-up is long past; the decay stretches over the new total)."""
         from ..errors import ConfigError
 
         mine = self.config.to_dict()
+        if "steps" in saved and mine["steps"] < int(saved["steps"]):
+            raise ConfigError(
+                f"cannot resume: the run was planned for {saved['steps']} steps and --steps {mine['steps']} would shorten it; give at least {saved['steps']} (or omit --steps)"
+            )
         keys = (
-            "steps", "batch_size", "seq_len", "grad_accum", "lr", "min_lr_ratio", "warmup_steps", "seed", "domains", "tierset",
+            "batch_size", "seq_len", "grad_accum", "lr", "min_lr_ratio", "warmup_steps", "seed", "domains", "tierset",
             "replay", "replay_share", "freeze", "ewc_from", "ewc_weight", "distill_from", "distill_weight", "distill_temperature", "distill_domains",
         )
         for key in keys:

@@ -1,0 +1,407 @@
+"""The preservation check that streams: two models evaluated block by block, in float64,
+from their lazy tensor mappings.
+
+Why it is built this way (DESIGN.md, "Exactness, measured"):
+
+* **float64.**  fp32 sums taken in another order differ by ~1e-6 relative per layer: a
+  width-grown SmolLM2 (30 layers, logits near 37) differed from its source by 1.3e-4 in fp32
+  although it is exact in real arithmetic.  Every stored weight converts to float64 exactly,
+  so in float64 what remains is the rounding of the grown weights themselves.
+* **One block at a time.**  Materialising both models held two whole models (3.5 GiB and 9x
+  the growth's time for SmolLM2 grown to 40 layers).  Here the sample's hidden states (128
+  tokens by default, a few MB) go through one block at a time: the block's tensors are looked up
+  in the lazy mapping, copied into reused float64 buffers (fresh 100 MB allocations cost more
+  in page faults than the copy), the states run through, the block is dropped.  Memory: one
+  block in float64, the states, and the embedding-sized tensors at the two ends.
+* **Shared blocks are computed once.**  A grown block whose tensors are bitwise those of the
+  original's next block, fed bitwise the states the original feeds it, gives bitwise the
+  original's output.  So depth growth costs the original's forward plus its new blocks.  A
+  tensor the growth passes on unchanged (:func:`~lite_llm.grow.tensors.origin`) is known to be
+  the same without reading it twice; a growth's block that is not all passed on is computed
+  as new; blocks of two checkpoints on disk are compared bitwise, one tensor pair at a time.
+* **The head in slices.**  The final norm and the head are applied one slice of the
+  vocabulary at a time, and the next-token losses come from the same slices (a running
+  log-sum-exp).  When the grown head is the original's passed on unchanged, both models' states
+  go through each slice; when it differs (width growth), the grown model's logits are kept
+  (tokens x vocabulary in float64) while its head is dropped and the original's loaded, so at
+  most one head is in memory.
+* **Gradient flow where growth created something.**  The first and the last grown block that
+  is not shared with the original (every growth builds its blocks alike; one backward of a
+  1.6 GB model's block costs ~0.2 s here, so not all of them) run forward and backward on
+  their first ``GRAD_TOKENS`` tokens under a fixed random projection of the output (plus the
+  routers' balance and z-losses).  A parameter with an all-zero gradient gets one plain SGD
+  step of the whole block and a second chance (a LLaMA-Pro block's q/k/v sit behind its
+  zeroed o_proj).  The embedding, final norm and head
+  are not checked: their gradients come straight from the loss and the residual stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..config import ModelConfig, TierSet
+from ..cpu_memory import release_freed_memory
+from ..model.layers import RMSNorm, rope_tables
+from ..model.transformer import Block
+from .tensors import LazyTensors, Tensors, layer_names, layer_prefix, origin, stored_names
+
+FP64 = torch.float64
+GRAD_TOKENS = 8  # tokens of the gradient-flow check (whether a gradient exists needs few)
+SGD_LR = 1e-2
+HEAD_SLICE_BYTES = 8 * 1024**2  # float64 bytes of one slice of the head's rows
+
+
+@dataclass
+class Comparison:
+    """Raw figures of one streamed comparison of an original ``a`` and a grown ``b``."""
+
+    max_abs: float  # max |a - b| over every logit of the sample
+    scale: float  # max |a|
+    sse: float  # sum of (a - b)^2
+    logits: int  # how many logits were compared
+    loss_a: float
+    loss_b: float
+    tokens: int
+    params_a: int  # parameters the tensors hold (embedding counted once when tied)
+    params_b: int
+    new_params: list[str] = field(default_factory=list)  # grown parameters gradient-checked (first and last unshared block)
+    dead_params: list[str] = field(default_factory=list)  # of those, the ones still without gradient
+    shared_blocks: int = 0  # grown blocks computed once for both models
+
+
+class _Buffers:
+    """float64 buffers reused from block to block (a model's blocks share their shapes)."""
+
+    def __init__(self) -> None:
+        self._free: dict[tuple[int, ...], list[torch.Tensor]] = {}
+
+    def take(self, t: torch.Tensor) -> torch.Tensor:
+        pool = self._free.get(tuple(t.shape))
+        out = pool.pop() if pool else torch.empty(t.shape, dtype=FP64)
+        return out.copy_(t)
+
+    def give(self, tensors) -> None:
+        for t in tensors:
+            self._free.setdefault(tuple(t.shape), []).append(t.detach())
+
+
+def _block_key(config: ModelConfig, layer: int) -> tuple:
+    """What, besides its tensors, a block's function depends on (MoE routing breaks ties by
+    the layer index, so a MoE block is only shared at the same index)."""
+    key = (config.d_model, config.n_heads, config.n_kv_heads, config.head_dim, config.norm_eps, config.rope_theta, config.attention_bias)
+    if config.is_moe_layer(layer):
+        return key + (layer, repr(config.tiers), repr(config.routing))
+    return key
+
+
+def _same_layer(ta: Tensors, i: int, tb: Tensors, j: int) -> bool:
+    """Whether layer ``i`` of ``ta`` and layer ``j`` of ``tb`` hold bitwise the same tensors
+    (read one pair at a time, stopping at the first difference)."""
+    names = layer_names(list(ta), i)
+    if sorted(names) != sorted(layer_names(list(tb), j)):
+        return False
+    for name in names:
+        x, y = ta[layer_prefix(i) + name], tb[layer_prefix(j) + name]
+        if x.dtype != y.dtype or not _equal(x, y):
+            return False
+    return True
+
+
+def _one_origin(ta: Tensors, na: str, tb: Tensors, nb: str) -> bool:
+    """Whether ``tb[nb]`` is ``ta[na]`` passed on unchanged (known without reading either)."""
+    (ma, ka), (mb, kb) = origin(ta, na), origin(tb, nb)
+    return ma is mb and ka == kb
+
+
+def _layer_of_one_origin(ta: Tensors, i: int, tb: Tensors, j: int) -> bool:
+    names_a, names_b = layer_names(list(ta), i), layer_names(list(tb), j)
+    pa, pb = layer_prefix(i), layer_prefix(j)
+    return sorted(names_a) == sorted(names_b) and all(_one_origin(ta, pa + n, tb, pb + n) for n in names_b)
+
+
+def _allowed(config: ModelConfig) -> torch.Tensor | None:
+    """The default TierSet's mask, as ``LiteLLM.allowed_tiers(None)`` gives it."""
+    if not config.is_moe:
+        return None
+    names = set(TierSet.coerce(None).resolve(config))
+    return torch.tensor([t.name in names for t in config.tiers], dtype=torch.bool)
+
+
+class _Model:
+    """One side of the comparison: its config, tensors, RoPE tables and tier mask."""
+
+    def __init__(self, config: ModelConfig, tensors: Tensors, seq: int) -> None:
+        expected, held = set(stored_names(config)), set(tensors)
+        if expected != held:
+            odd = sorted(expected ^ held)[0]
+            raise ValueError(f"the tensors do not fit the config ({odd} is {'missing' if odd in expected else 'extra'})")
+        self.config, self.tensors = config, tensors
+        self.names = list(tensors)
+        cos, sin = rope_tables(config.head_dim, config.rope_theta, torch.arange(seq))
+        self.cos, self.sin = cos.to(FP64), sin.to(FP64)  # cast once, not in every block
+        self.allowed = _allowed(config)
+        self.params = 0
+
+    def head(self) -> torch.Tensor:
+        return self.tensors["embed.weight" if self.config.tie_embeddings else "lm_head.weight"]
+
+    def block(self, layer: int, buffers: _Buffers) -> tuple[Block, dict[str, torch.Tensor]]:
+        """Block ``layer`` in float64 buffers, read from the mapping one tensor at a time (never
+        the whole block in its stored dtype beside it)."""
+        if self.config.is_moe_layer(layer):
+            # The router computes its routing tables (buffers no checkpoint holds) when built,
+            # which the meta device cannot do; the expert banks start as (lazily paged) zeros.
+            block = Block(self.config, layer)
+        else:
+            with torch.device("meta"):  # no allocation and no random initialisation
+                block = Block(self.config, layer)
+        prefix = layer_prefix(layer)
+        state = {name: buffers.take(self.tensors[prefix + name]) for name in layer_names(self.names, layer)}
+        try:
+            block.load_state_dict(state, strict=True, assign=True)
+        except RuntimeError as exc:
+            raise ValueError(f"layer {layer}'s tensors do not fit the config ({' '.join(str(exc).split())[:200]})") from None
+        for p in block.parameters():
+            p.requires_grad_(True)
+        return block.eval(), state
+
+    def run(self, layer: int, x: torch.Tensor, buffers: _Buffers, check_gradients: bool) -> tuple[torch.Tensor, list[str], list[str], int]:
+        """Block ``layer``'s output on ``x``, (when asked) its parameters and the dead ones,
+        and its parameter count (stored router biases are buffers, not parameters)."""
+        block, state = self.block(layer, buffers)
+        count = sum(p.numel() for p in block.parameters())
+        try:
+            with torch.no_grad():
+                y, _ = block(x, self.cos, self.sin, self.allowed, None, None)
+            names, dead = [], []
+            if check_gradients:
+                prefix = layer_prefix(layer)
+                names = [prefix + n for n, _ in block.named_parameters()]
+                dead = [prefix + n for n in _dead_parameters(block, x, self, layer)]
+            return y, names, dead, count
+        finally:
+            del block
+            buffers.give(state.values())
+
+
+def _dead_parameters(block: Block, x: torch.Tensor, model: _Model, layer: int) -> list[str]:
+    """Parameters of ``block`` whose gradient stays all zero through two sweeps (``block``'s
+    weights change: it is dropped after).
+
+    One parameter's gradient at a time (a whole block's gradients in float64 would double the
+    check's peak memory); a parameter with a gradient takes its plain SGD step at once, so one
+    behind a zero-initialised writer sees that writer moved on the second sweep at the latest."""
+    n = min(GRAD_TOKENS, x.shape[1])
+    x = x[:1, :n].detach()
+    cos, sin = model.cos[:n], model.sin[:n]
+    direction = torch.randn(x.shape, generator=torch.Generator().manual_seed(layer), dtype=FP64)
+    params = dict(block.named_parameters())
+    for p in params.values():
+        p.requires_grad_(False)
+    block.train()
+
+    def moves(name: str) -> bool:
+        p = params[name]
+        p.requires_grad_(True)
+        try:
+            with torch.enable_grad():
+                out, routes = block(x, cos, sin, model.allowed, None, None)
+                loss = (out * direction).sum()
+                if routes is not None:
+                    loss = loss + routes.balance_loss + routes.z_loss
+                if not loss.requires_grad:
+                    return False
+                (grad,) = torch.autograd.grad(loss, [p], allow_unused=True)
+        finally:
+            p.requires_grad_(False)
+        if grad is None or not bool(grad.any()):
+            return False
+        with torch.no_grad():
+            p.add_(grad, alpha=-SGD_LR)  # in place: no parameter-sized temporary
+        return True
+
+    dead = [name for name in params if not moves(name)]
+    return [name for name in dead if not moves(name)]
+
+
+def _embed(model: _Model, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    table = model.tensors["embed.weight"]
+    return table[ids].to(FP64), table.numel()
+
+
+def _equal(x: torch.Tensor, y: torch.Tensor) -> bool:
+    return x is y or (x.shape == y.shape and torch.equal(x, y))
+
+
+def _final_states(model: _Model, x: torch.Tensor, norm_weight: torch.Tensor) -> torch.Tensor:
+    norm = RMSNorm(model.config.d_model, model.config.norm_eps)
+    norm.weight = torch.nn.Parameter(norm_weight.to(FP64), requires_grad=False)
+    with torch.no_grad():
+        return norm(x).reshape(-1, x.shape[-1])
+
+
+class _HeadStats:
+    """Running figures over the vocabulary slices: logit differences and log-sum-exps."""
+
+    def __init__(self, labels: torch.Tensor) -> None:
+        self.labels = labels
+        n = labels.numel()
+        self.lse = [torch.full((n,), float("-inf"), dtype=FP64) for _ in range(2)]
+        self.target = [torch.zeros(n, dtype=FP64) for _ in range(2)]
+        self.max_abs, self.scale, self.sse, self.count = 0.0, 0.0, 0.0, 0
+
+    def add_one(self, side: int, start: int, z: torch.Tensor) -> None:
+        """One model's slice of logits: its log-sum-exp and its targets' logits."""
+        inside = (self.labels >= start) & (self.labels < start + z.shape[1])
+        self.lse[side] = torch.logaddexp(self.lse[side], torch.logsumexp(z, dim=-1))
+        self.target[side][inside] = z[inside].gather(1, (self.labels[inside] - start)[:, None]).squeeze(1)
+
+    def compare(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        self.scale = max(self.scale, float(a.abs().max()))
+        if a is not b:
+            diff = a - b
+            self.max_abs = max(self.max_abs, float(diff.abs().max()))
+            self.sse += float(diff.square().sum())
+        self.count += a.numel()
+
+    def loss(self, side: int) -> float:
+        valid = self.labels >= 0
+        return float((self.lse[side] - self.target[side])[valid].mean())
+
+
+def _next_token_labels(ids: torch.Tensor) -> torch.Tensor:
+    """Each position's next token (-1 at the end of a row), flattened like the states."""
+    labels = torch.full_like(ids, -1)
+    labels[:, :-1] = ids[:, 1:]
+    return labels.reshape(-1)
+
+
+def _head_name(config: ModelConfig) -> str:
+    return "embed.weight" if config.tie_embeddings else "lm_head.weight"
+
+
+def _slices(head: torch.Tensor, rows: int):
+    """(start, float64 slice of ``head``), one slice of the vocabulary at a time in one buffer."""
+    buffer = torch.empty((min(rows, head.shape[0]), head.shape[1]), dtype=FP64)
+    for start in range(0, head.shape[0], rows):
+        part = head[start : start + rows]
+        yield start, buffer[: part.shape[0]].copy_(part)
+
+
+def _heads(a: _Model, b: _Model, xa: torch.Tensor, xb: torch.Tensor, ids: torch.Tensor) -> _HeadStats:
+    """Both models' final norm and head, slice by slice of the vocabulary."""
+    norm_a, norm_b = a.tensors["norm.weight"], b.tensors["norm.weight"]
+    ha = _final_states(a, xa, norm_a)
+    same_norm = _equal(xa, xb) and a.config.norm_eps == b.config.norm_eps and _equal(norm_a, norm_b)
+    hb = ha if same_norm else _final_states(b, xb, norm_b)
+    name_a, name_b = _head_name(a.config), _head_name(b.config)
+    one_head = _one_origin(a.tensors, name_a, b.tensors, name_b)
+    a_head_numel = 0
+    stats = _HeadStats(_next_token_labels(ids))
+    rows = max(256, HEAD_SLICE_BYTES // (8 * max(a.config.d_model, b.config.d_model)))
+    with torch.no_grad():
+        if one_head:  # one head for both: the grown states go through the same slices
+            head = a.tensors[name_a]
+            a_head_numel = b_head_numel = head.numel()
+            for start, w in _slices(head, rows):
+                za = F.linear(ha, w)
+                zb = za if hb is ha else F.linear(hb, w)
+                stats.add_one(0, start, za)
+                stats.add_one(1, start, zb)
+                stats.compare(za, zb)
+        else:
+            # One head in memory at a time, the grown one first (making it is the growth's
+            # own peak): its logits are kept while the original's head is loaded.
+            head = b.tensors[name_b]
+            b_head_numel = head.numel()
+            kept = []
+            for start, w in _slices(head, rows):
+                kept.append(F.linear(hb, w))
+                stats.add_one(1, start, kept[-1])
+            del head
+            head = a.tensors[name_a]
+            a_head_numel = head.numel()
+            for (start, w), zb in zip(_slices(head, rows), kept):
+                za = F.linear(ha, w)
+                stats.add_one(0, start, za)
+                stats.compare(za, zb)
+    a.params += norm_a.numel() + (0 if a.config.tie_embeddings else a_head_numel)
+    b.params += norm_b.numel() + (0 if b.config.tie_embeddings else b_head_numel)
+    return stats
+
+
+def compare_streamed(
+    config_a: ModelConfig,
+    tensors_a: Tensors,
+    config_b: ModelConfig,
+    tensors_b: Tensors,
+    ids: torch.Tensor,
+    *,
+    check_gradients: bool = True,
+) -> Comparison:
+    """Evaluate the original ``a`` and the grown ``b`` on ``ids`` (B, S) block by block in
+    float64 and compare their logits, losses, parameter counts and (``check_gradients``) the
+    gradient flow into ``b``'s unshared blocks; see the module docstring."""
+    if config_a.vocab_size != config_b.vocab_size:
+        raise ValueError(f"the models have different vocabularies ({config_a.vocab_size} vs {config_b.vocab_size} tokens); growth never changes the vocabulary")
+    a, b = _Model(config_a, tensors_a, ids.shape[1]), _Model(config_b, tensors_b, ids.shape[1])
+    buffers = _Buffers()
+    xa, count = _embed(a, ids)
+    a.params += count
+    if _one_origin(tensors_a, "embed.weight", tensors_b, "embed.weight"):
+        xb = xa
+        b.params += count
+    else:
+        xb, count = _embed(b, ids)
+        b.params += count
+        xb = xa if _equal(xa, xb) else xb
+    i, shared = 0, 0
+    new: list[str] = []
+    dead: list[str] = []
+    last: tuple[int, torch.Tensor] | None = None  # the latest unshared block not yet gradient-checked, and its input
+    for j in range(config_b.n_layers):
+        if i < config_a.n_layers and _equal(xa, xb) and _block_key(config_a, i) == _block_key(config_b, j):
+            same = _layer_of_one_origin(tensors_a, i, tensors_b, j)
+            if not same and not isinstance(tensors_b, LazyTensors):
+                same = _same_layer(tensors_a, i, tensors_b, j)  # from disk: compare bitwise
+            if same:
+                xa, _, _, count = b.run(j, xb, buffers, check_gradients=False)
+                xb = xa
+                a.params, b.params = a.params + count, b.params + count
+                i, shared = i + 1, shared + 1
+                continue
+        first = check_gradients and not new
+        xb_new, names, silent, count = b.run(j, xb, buffers, first)
+        if check_gradients and not first:
+            last = (j, xb)
+        b.params += count
+        xb = xa if _equal(xb_new, xa) else xb_new
+        new += names
+        dead += silent
+    if last is not None:  # the last unshared block too (the first was checked on the way)
+        _, names, silent, _ = b.run(last[0], last[1], buffers, True)
+        new += names
+        dead += silent
+    for k in range(i, config_a.n_layers):
+        xa, _, _, count = a.run(k, xa, buffers, check_gradients=False)
+        a.params += count
+    del buffers
+    release_freed_memory()
+    stats = _heads(a, b, xa, xb, ids)
+    return Comparison(
+        max_abs=stats.max_abs,
+        scale=stats.scale,
+        sse=stats.sse,
+        logits=stats.count,
+        loss_a=stats.loss(0),
+        loss_b=stats.loss(1),
+        tokens=int(ids.numel()),
+        params_a=a.params,
+        params_b=b.params,
+        new_params=new,
+        dead_params=dead,
+        shared_blocks=shared,
+    )

@@ -1,0 +1,201 @@
+"""The streamed float64 check: equal to a whole-model float64 forward, judged relative to the
+logits' scale, never building a whole model, with --tolerance / tolerance: and a refusal of
+unrelated checkpoints."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from lite_llm.checkpoint import load_checkpoint, save_checkpoint
+from lite_llm.cli import app
+from lite_llm.data import ByteTokenizer
+from lite_llm.errors import ConfigError
+from lite_llm.grow import get_op
+from lite_llm.grow.expand import expand_checkpoint
+from lite_llm.grow.recipe import GrowthStep, Recipe
+from lite_llm.grow.validate import DEFAULT_TOLERANCE, check_growth, check_sample
+from lite_llm.model import LiteLLM
+
+from .helpers import CountingTensors, dense_shapes, model_from, moe_shapes, random_model, stored_state
+
+runner = CliRunner()
+
+GROWTHS = {
+    "llama_pro": lambda c: {"target_layers": c.n_layers + 2},
+    "solar": lambda c: {"drop": 1},
+    "width": lambda c: {"d_model": 2 * c.d_model},
+    "ffn_width": lambda c: {"intermediate_size": c.intermediate_size + 8},
+    "upcycle": lambda c: {"num_experts": 4, "k_expert": 2},
+}
+
+
+def _reference(model: LiteLLM, ids: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Whole-model float64 logits and next-token loss (the oracle the streamed check must equal)."""
+    m = model_from(model.config, stored_state(model)).double()
+    with torch.no_grad():
+        logits = m(ids).logits
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    return logits, float(loss)
+
+
+CASES = [(shape, method) for shape in sorted({**dense_shapes(), **moe_shapes()}) for method in GROWTHS if not (method == "upcycle" and shape in moe_shapes())]
+
+
+@pytest.mark.parametrize("shape, method", CASES)
+def test_streamed_check_equals_a_whole_model_float64_forward(shape, method):
+    config = {**dense_shapes(), **moe_shapes()}[shape]
+    model = random_model(config)
+    params = GROWTHS[method](config)
+    state = stored_state(model)
+    new_config, tensors = get_op(method)(config, state, **params)
+    grown = model_from(new_config, tensors)
+    ids = check_sample([config])
+    report = check_growth(config, state, new_config, tensors, ids, exact_expected=get_op(method).exact(params))
+    a, loss_a = _reference(model, ids)
+    b, loss_b = _reference(grown, ids)
+    assert report.max_abs == pytest.approx(float((a - b).abs().max()), rel=1e-9, abs=1e-13)
+    assert report.logits_scale == pytest.approx(float(a.abs().max()), rel=1e-12)
+    assert report.mse == pytest.approx(float((a - b).square().mean()), rel=1e-6, abs=1e-24)
+    assert report.loss_original == pytest.approx(loss_a, rel=1e-10)
+    assert report.loss_grown == pytest.approx(loss_b, rel=1e-10)
+    assert report.params_original == model.num_params() and report.params_grown == grown.num_params() == report.params_analytic
+    assert report.tokens == ids.numel() == 128
+    if get_op(method).exact(params):
+        assert report.preserved and report.passed and report.max_rel <= 1e-6  # float64: only the grown weights' own rounding
+    if method == "llama_pro":
+        assert report.max_abs == 0.0
+        # Every original dense block is computed once for both; a MoE block only at its own
+        # index (routing breaks ties by the layer index), so only those before the first new one.
+        assert report.shared_blocks == config.n_layers if not config.is_moe else 1 <= report.shared_blocks <= config.n_layers
+
+
+def test_relative_tolerance_follows_the_logits_scale():
+    """max_rel = max|a - b| / max|a|: scaling both heads by 100 scales max_abs, not the verdict."""
+    config = dense_shapes()["gqa2-untied"]
+    ids = check_sample([config])
+    for scale in (1.0, 100.0):
+        base = stored_state(random_model(config))
+        base["lm_head.weight"] = base["lm_head.weight"] * scale
+        nudged = dict(base, **{"lm_head.weight": base["lm_head.weight"] * (1 + 3e-5)})  # logits * (1 + 3e-5)
+        strict = check_growth(config, base, config, nudged, ids, exact_expected=True, tolerance=1e-5, check_gradients=False)
+        loose = check_growth(config, base, config, nudged, ids, exact_expected=True, tolerance=1e-4, check_gradients=False)
+        assert strict.max_rel == pytest.approx(3e-5, rel=1e-2)  # the nudged fp32 weights round by ~6e-8
+        assert strict.max_abs == pytest.approx(strict.max_rel * strict.logits_scale, rel=1e-12)
+        assert not strict.preserved and not strict.passed and loose.preserved and loose.passed
+    assert DEFAULT_TOLERANCE == 1e-5
+
+
+def test_gradient_check_finds_a_dead_new_block():
+    """A LLaMA-Pro block whose FFN norm is zero: gate/up see zeros and down's input is zero, so
+    no SGD step ever gives the FFN a gradient; the attention (behind the zeroed o_proj) revives."""
+    config = dense_shapes()["gqa2-untied"]
+    model = random_model(config)
+    state = stored_state(model)
+    new_config, tensors = get_op("llama_pro")(config, state, positions=[0])
+    tensors = dict(tensors)
+    tensors["layers.1.ffn_norm.weight"] = torch.zeros_like(tensors["layers.1.ffn_norm.weight"])
+    report = check_growth(config, state, new_config, tensors, check_sample([config]), exact_expected=True)
+    assert report.preserved  # still the identity: the check of the function is not the check of the gradients
+    assert sorted(report.dead_params) == ["layers.1.ffn.down_proj.weight", "layers.1.ffn.gate_proj.weight", "layers.1.ffn.up_proj.weight", "layers.1.ffn_norm.weight"]
+    assert "layers.1.attn.q_proj.weight" in report.new_params and not report.passed
+
+
+def test_streamed_check_never_builds_a_model_and_reads_shared_blocks_once(monkeypatch):
+    config = dense_shapes()["gqa2-untied"]
+    source = CountingTensors(stored_state(random_model(config)))
+    new_config, tensors = get_op("llama_pro")(config, source, target_layers=5)
+    monkeypatch.setattr(LiteLLM, "__init__", lambda *a, **k: pytest.fail("the streamed check built a whole model"))
+    report = check_growth(config, source, new_config, tensors, check_sample([config]), exact_expected=True)
+    assert report.max_abs == 0.0 and report.shared_blocks == 3 and report.passed
+    reads = Counter(source.reads)
+    # A block shared by both models is read once (layer 0 is not copied by this growth); the
+    # copied ones again for their copies (and by the growth's zeros_like for their shapes),
+    # and for the gradient check of the last new block.
+    assert {n: reads[n] for n in source.tensors if n.startswith("layers.0.")} == {n: 1 for n in source.tensors if n.startswith("layers.0.")}
+    assert reads["embed.weight"] == 1 and reads["lm_head.weight"] == 1
+
+
+@pytest.fixture
+def source(tmp_path):
+    model = random_model(dense_shapes()["gqa3-tied"])
+    return model, save_checkpoint(tmp_path / "src", model, tokenizer=ByteTokenizer())
+
+
+def test_expand_records_both_figures_and_obeys_tolerance(source, tmp_path):
+    model, path = source
+    args = ["expand", str(path), "--method", "width", "--set", "d_model=72", "-o"]
+    refused = runner.invoke(app, args + [str(tmp_path / "strict"), "--tolerance", "1e-9"])
+    assert refused.exit_code == 1 and "Traceback" not in refused.output
+    assert "is meant to be exact but changed the logits by" in refused.output and "--tolerance" in refused.output
+    assert not (tmp_path / "strict").exists()
+    ok = runner.invoke(app, args + [str(tmp_path / "default")])
+    assert ok.exit_code == 0, ok.output
+    (record,) = load_checkpoint(tmp_path / "default").progressive["expansions"]
+    p = record["preservation"]
+    assert p["tolerance"] == DEFAULT_TOLERANCE and p["preserved"] and 0 < p["max_rel"] <= 1e-6
+    assert p["max_abs"] == pytest.approx(p["max_rel"] * p["logits_scale"], rel=1e-9)
+    assert p["tokens"] == 128 and p["loss_jump"] == pytest.approx(p["loss_grown"] - p["loss_original"])
+    loose = runner.invoke(app, args + [str(tmp_path / "loose"), "--tolerance", "0.001"])
+    assert loose.exit_code == 0 and load_checkpoint(tmp_path / "loose").progressive["expansions"][0]["preservation"]["tolerance"] == 0.001
+    bad = runner.invoke(app, args + [str(tmp_path / "bad"), "--tolerance", "-1"])
+    assert bad.exit_code == 1 and "tolerance must be a positive number" in bad.output
+
+
+def test_recipe_tolerance_per_recipe_and_per_step(source, tmp_path):
+    _, path = source
+    recipe = tmp_path / "grow.yaml"
+    recipe.write_text(
+        f"source: {path}\noutput: {tmp_path / 'grown'}\ntolerance: 1e-9\nsteps:\n"
+        "  - method: llama_pro\n    target_layers: 5\n"
+        "  - method: width\n    d_model: 72\n"
+    )
+    refused = runner.invoke(app, ["expand", "--recipe", str(recipe)])
+    assert refused.exit_code == 1 and "width(d_model=72) is meant to be exact" in refused.output and not (tmp_path / "grown").exists()
+    recipe.write_text(recipe.read_text().replace("    d_model: 72\n", "    d_model: 72\n    tolerance: 0.0001\n"))
+    ok = runner.invoke(app, ["expand", "--recipe", str(recipe)])
+    assert ok.exit_code == 0, ok.output
+    records = load_checkpoint(tmp_path / "grown").progressive["expansions"]
+    assert [r["preservation"]["tolerance"] for r in records] == [1e-9, 1e-4]  # the recipe's, then the step's own
+    assert records[0]["preservation"]["max_abs"] == 0.0 and records[1]["params"] == {"d_model": 72}  # tolerance is no method parameter
+    flag = runner.invoke(app, ["expand", "--recipe", str(recipe), "-o", str(tmp_path / "flag"), "--tolerance", "1e-3"])
+    assert flag.exit_code == 0 and [r["preservation"]["tolerance"] for r in load_checkpoint(tmp_path / "flag").progressive["expansions"]] == [1e-3, 1e-4]
+    with pytest.raises(ConfigError, match="recipe step 1: tolerance must be a positive number"):
+        Recipe.from_dict({"steps": [{"method": "stack", "tolerance": "small"}]})
+    with pytest.raises(ConfigError, match="recipe: tolerance must be a positive number"):
+        Recipe.from_dict({"steps": [{"method": "stack"}], "tolerance": 0})
+
+
+def test_validate_refuses_checkpoints_that_are_not_a_growth(source, tmp_path):
+    model, path = source
+    other_vocab = save_checkpoint(tmp_path / "other-vocab", random_model(dense_shapes()["gqa2-untied"]))
+    stranger = save_checkpoint(tmp_path / "stranger", random_model(model.config, seed=5))
+    for other, message in [(other_vocab, "vocabulary of 61 tokens"), (stranger, "was not grown from")]:
+        result = runner.invoke(app, ["validate", str(path), str(other)])
+        assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output, result.output
+        assert "validate compares a grown checkpoint with the one it was grown from" in " ".join(result.output.split())
+    grown = expand_checkpoint(path, tmp_path / "grown", [GrowthStep("width", {"d_model": 72})]).path
+    report_file = tmp_path / "report.json"
+    result = runner.invoke(app, ["validate", str(path), str(grown), "--json", str(report_file)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(report_file.read_text())
+    assert report["passed"] and 0 < report["max_rel"] <= 1e-6 and report["tolerance"] == DEFAULT_TOLERANCE
+    strict = runner.invoke(app, ["validate", str(path), str(grown), "--tolerance", "1e-10"])
+    assert strict.exit_code == 1 and "FAIL" in strict.output
+
+
+def test_validate_of_checkpoints_on_disk_shares_bitwise_equal_blocks(source, tmp_path):
+    """From disk nothing says which tensors were passed on: blocks are compared bitwise, so
+    the original's blocks are still computed once for both models."""
+    model, path = source
+    grown = expand_checkpoint(path, tmp_path / "deeper", [GrowthStep("llama_pro", {"target_layers": 6})]).path
+    report_file = tmp_path / "report.json"
+    result = runner.invoke(app, ["validate", str(path), str(grown), "--json", str(report_file)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(report_file.read_text())
+    assert report["max_abs"] == 0.0 and report["shared_blocks"] == model.config.n_layers and report["passed"]
