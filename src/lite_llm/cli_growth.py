@@ -72,8 +72,11 @@ def _print_records(records: list[dict[str, Any]]) -> None:
 @app.command()
 @friendly_errors
 def expand(
-    checkpoint: Optional[Path] = typer.Argument(None, help="Source checkpoint (or `source:` in the recipe)."),
+    checkpoint: Optional[Path] = typer.Argument(None, help="Source: a checkpoint or a Hugging Face model folder (or `source:` in the recipe)."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="New checkpoint directory (or `output:` in the recipe)."),
+    output_format: Optional[str] = typer.Option(
+        None, "--format", help="Write the result as a Lite LLM `checkpoint` or as an `hf` (transformers) folder [default: checkpoint, or the recipe's format:]."
+    ),
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="YAML/JSON recipe with a list of growth steps."),
     method: Optional[str] = typer.Option(None, "--method", help="One growth method (see --list)."),
     target_layers: Optional[int] = typer.Option(None, "--target-layers", help="Depth methods: layers after growth."),
@@ -92,10 +95,12 @@ def expand(
 
       lite-llm expand ckpt --method width --set d_model=512 -o wider
 
+      lite-llm expand hf/llama --method solar --target-layers 24 -o hf/grown --format hf
+
       lite-llm expand --recipe grow.yaml
     """
     from .grow import available_ops
-    from .grow.expand import expand_checkpoint
+    from .interop.hf_stream import expand_model
     from .grow.recipe import Recipe, parse_step
     from .grow.validate import check_tolerance
 
@@ -126,7 +131,7 @@ def expand(
     # A step's own tolerance wins, then --tolerance, then the recipe's, then the default.
     tol = tolerance if tolerance is not None else plan.tolerance
     with console.status("growing…"):
-        result = expand_checkpoint(source, out, plan.steps, validate=mode, tolerance=tol)
+        result = expand_model(source, out, plan.steps, output_format=output_format or plan.format, validate=mode, tolerance=tol)
     _print_records(result.records)
     console.print(f"wrote {result.path} ({result.config.num_params():,} parameters)")
 

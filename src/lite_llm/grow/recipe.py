@@ -42,6 +42,10 @@ class GrowthStep:
         return f"{self.method}({args})"
 
 
+# What a growth writes: a Lite LLM checkpoint, or a Hugging Face (transformers) folder.
+OUTPUT_FORMATS = ("checkpoint", "hf")
+
+
 @dataclass
 class Recipe:
     steps: list[GrowthStep]
@@ -49,14 +53,18 @@ class Recipe:
     output: str | None = None
     validate: str = "auto"
     tolerance: float | None = None
+    format: str = "checkpoint"  # the output's: a Lite LLM checkpoint, or "hf" (a transformers folder)
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "recipe") -> "Recipe":
         if not isinstance(data, dict):
             raise ConfigError(f"{where} must be a mapping with a 'steps' list")
-        unknown = sorted(set(data) - {"steps", "source", "output", "validate", "tolerance"})
+        unknown = sorted(set(data) - {"steps", "source", "output", "validate", "tolerance", "format"})
         if unknown:
-            raise ConfigError(f"{where} has unknown key {unknown[0]!r}; expected steps, source, output, validate, tolerance")
+            raise ConfigError(f"{where} has unknown key {unknown[0]!r}; expected steps, source, output, validate, tolerance, format")
+        output_format = str(data.get("format", "checkpoint"))
+        if output_format not in OUTPUT_FORMATS:
+            raise ConfigError(f"{where}: format must be one of {', '.join(OUTPUT_FORMATS)}, got {output_format!r}")
         raw_steps = data.get("steps")
         if not isinstance(raw_steps, list) or not raw_steps:
             raise ConfigError(f"{where} needs a non-empty 'steps' list, each step a mapping with a 'method'")
@@ -65,7 +73,7 @@ class Recipe:
             raise ConfigError(f"{where}: validate must be one of {', '.join(VALIDATE_MODES)}, got {validate!r}")
         tolerance = check_tolerance(data["tolerance"], where) if data.get("tolerance") is not None else None
         steps = [parse_step(raw, f"{where} step {i + 1}") for i, raw in enumerate(raw_steps)]
-        return cls(steps, data.get("source"), data.get("output"), validate, tolerance)
+        return cls(steps, data.get("source"), data.get("output"), validate, tolerance, output_format)
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Recipe":

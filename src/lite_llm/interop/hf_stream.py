@@ -42,13 +42,12 @@ from ..config import ModelConfig
 from ..data.tokenizer import HF_TOKENIZER_FILE
 from ..errors import CheckpointError, ConfigError
 from ..grow.expand import ExpandResult, GrownModel, expand_checkpoint, write_grown_checkpoint
-from ..grow.recipe import GrowthStep
+from ..grow.recipe import OUTPUT_FORMATS, GrowthStep
 from ..grow.tensors import Producer, Tensors, expected_specs, origin, stored_names
 from .hf_export import GENERATION_CONFIG_FILE, _dtype_fields, _special_token_ids, _tokenizer_files, check_exportable, plan_export
 from .hf_import import HF_CONFIG_FILE, HF_INDEX_FILE, HF_TOKENIZER_EXTRAS, HF_WEIGHTS_FILE, HFWeights, _lite_config, plan_import, read_hf_config, read_hf_tokenizer
 from .hf_mapping import hf_config_dict, lite_names_to_hf, mixtral_block_to_classic
 
-OUTPUT_FORMATS = ("checkpoint", "hf")
 # Files of a Hugging Face folder that describe its tokenizer and generation defaults: a grown
 # folder gets them unchanged (the vocabulary does not change with growth).
 HF_SIDE_FILES = (HF_TOKENIZER_FILE, *HF_TOKENIZER_EXTRAS, "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", GENERATION_CONFIG_FILE)

@@ -1,0 +1,121 @@
+"""One-pass growth of Hugging Face folders (issue 16, point 3): `lite-llm expand HF_FOLDER
+--format hf` against transformers itself (the grown folder loads and computes the source's
+logits) and against a SOLAR stack built by hand from the source's state dict."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from lite_llm.cli import app
+
+transformers = pytest.importorskip("transformers")
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def hf_llama(tmp_path_factory) -> tuple[Path, "transformers.LlamaForCausalLM"]:
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
+    )
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    path = tmp_path_factory.mktemp("hf") / "llama"
+    model.save_pretrained(path)
+    return path, model
+
+
+def _expand(*args: str) -> tuple[int, str]:
+    result = runner.invoke(app, ["expand", *args])
+    return result.exit_code, (result.output + (result.stderr if result.stderr_bytes else "")).replace("\n", "")
+
+
+def _logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def _state(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(shard))
+    return state
+
+
+def test_llama_pro_hf_to_hf_in_one_pass_is_bitwise(hf_llama, tmp_path):
+    src, model = hf_llama
+    code, out = _expand(str(src), "--method", "llama_pro", "--target-layers", "6", "-o", str(tmp_path / "g"), "--format", "hf")
+    assert code == 0, out
+    assert json.loads((tmp_path / "g" / "config.json").read_text())["num_hidden_layers"] == 6
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(_logits(tmp_path / "g", ids), model(ids).logits)
+    record = json.loads((tmp_path / "g" / "progressive.json").read_text())["expansions"][-1]
+    assert record["method"] == "llama_pro" and record["preservation"]["max_abs"] == 0.0
+
+
+def test_solar_equals_the_stack_built_by_hand(hf_llama, tmp_path):
+    src, _ = hf_llama
+    code, out = _expand(str(src), "--method", "solar", "--target-layers", "6", "-o", str(tmp_path / "s"), "--format", "hf")
+    assert code == 0, out
+    source, grown = _state(src), _state(tmp_path / "s")
+    n, m = 4, 1  # 2 * (n - m) = 6: blocks [0, 3) then [1, 4)
+    order = list(range(0, n - m)) + list(range(m, n))
+    expected = {k: v for k, v in source.items() if not k.startswith("model.layers.")}
+    for new, old in enumerate(order):
+        prefix = f"model.layers.{old}."
+        expected.update({f"model.layers.{new}." + k[len(prefix):]: v for k, v in source.items() if k.startswith(prefix)})
+    assert sorted(grown) == sorted(expected)
+    for name, tensor in expected.items():
+        assert grown[name].dtype == tensor.dtype and torch.equal(grown[name], tensor), name
+    preservation = json.loads((tmp_path / "s" / "progressive.json").read_text())["expansions"][-1]["preservation"]
+    assert preservation["loss_jump"] != 0.0  # SOLAR is not exact: the jump is measured and recorded
+
+
+def test_a_recipe_with_an_hf_source_and_output(hf_llama, tmp_path):
+    src, model = hf_llama
+    recipe = tmp_path / "grow.yaml"
+    recipe.write_text(f"source: {src}\noutput: {tmp_path / 'r'}\nformat: hf\nsteps:\n  - {{method: llama_pro, target_layers: 8}}\n")
+    code, out = _expand("--recipe", str(recipe))
+    assert code == 0, out
+    ids = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(_logits(tmp_path / "r", ids), model(ids).logits)
+
+
+def test_an_hf_source_to_our_checkpoint(hf_llama, tmp_path):
+    from lite_llm.checkpoint import load_checkpoint
+
+    src, model = hf_llama
+    code, out = _expand(str(src), "--method", "llama_pro", "--target-layers", "5", "-o", str(tmp_path / "c"))
+    assert code == 0, out
+    ids = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(load_checkpoint(tmp_path / "c").model(ids).logits, model(ids).logits)
+
+
+def test_bad_sources_and_outputs_are_one_sentence_and_leave_nothing(hf_llama, tmp_path):
+    src, _ = hf_llama
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in src.iterdir()}
+    (tmp_path / "empty").mkdir()
+    code, out = _expand(str(tmp_path / "empty"), "--method", "llama_pro", "--target-layers", "6", "-o", str(tmp_path / "x"), "--format", "hf")
+    assert code == 1 and "neither a lite-llm checkpoint" in out and "Traceback" not in out
+    assert not (tmp_path / "x").exists()
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("mine")
+    code, out = _expand(str(src), "--method", "llama_pro", "--target-layers", "6", "-o", str(taken), "--format", "hf")
+    assert code == 1 and "already exists" in out
+    assert [p.name for p in taken.iterdir()] == ["keep.txt"]
+    code, out = _expand(str(src), "--method", "llama_pro", "--target-layers", "6", "-o", str(tmp_path / "y"), "--format", "gguf")
+    assert code == 1 and "format must be one of checkpoint, hf" in out and not (tmp_path / "y").exists()
+    assert before == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in src.iterdir()}  # the source untouched
