@@ -150,3 +150,17 @@ def test_cli_refuses_bad_counts_and_chat_without_template(tmp_path):
     ckpt = tmp_path / "ckpt"
     assert runner.invoke(app, ["init", "--preset", "tiny", "-o", str(ckpt)]).exit_code == 0
     _fails(["generate", str(ckpt), "--chat", "--prompt", "hi"], "has no chat template")
+
+
+def test_gguf_eos_ids_take_eos_eot_and_the_templates_turn_end():
+    from lite_llm.interop.gguf_import import gguf_eos_ids
+
+    bpe = BPETokenizer.train(texts=["hello world " * 20], vocab_size=280, min_frequency=1)
+    bpe.backend.add_special_tokens(["<|im_end|>"])
+    im_end = bpe.backend.token_to_id("<|im_end|>")
+    metadata = {"tokenizer.ggml.eos_token_id": 0, "tokenizer.ggml.eot_token_id": 5}
+    assert gguf_eos_ids(metadata, bpe) == [0, 5]
+    bpe.chat_template = "{% for m in messages %}{{ m['content'] }}<|im_end|>{% endfor %}"
+    assert gguf_eos_ids(metadata, bpe) == [0, 5, im_end]
+    bpe.eos_ids = gguf_eos_ids({"tokenizer.ggml.eos_token_id": im_end}, bpe)
+    assert bpe.eos_ids == (im_end,)  # listed once
