@@ -1,9 +1,10 @@
-"""KV-cached sampling: greedy, temperature, top-k and top-p, seeded, in a chosen TierSet."""
+"""KV-cached sampling: greedy, temperature, top-k and top-p, repetition penalty, seeded, in a
+chosen TierSet; stops on any of the tokenizer's end-of-sequence ids or on a stop string."""
 
 from __future__ import annotations
 
 import codecs
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Collection, Iterator, Sequence
 
 import torch
 
@@ -26,6 +27,18 @@ def _filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None)
     return logits
 
 
+def apply_repetition_penalty(logits: torch.Tensor, seen_ids: Sequence[int], penalty: float) -> torch.Tensor:
+    """transformers' ``RepetitionPenaltyLogitsProcessor``: the logit of every token already in
+    the sequence (prompt included) is divided by ``penalty`` when positive and multiplied by it
+    when negative, so with ``penalty > 1`` a repeat is always less likely."""
+    if penalty == 1.0 or not len(seen_ids):
+        return logits
+    index = torch.tensor(list(seen_ids), device=logits.device, dtype=torch.long)
+    score = logits.gather(-1, index)
+    score = torch.where(score < 0, score * penalty, score / penalty)
+    return logits.scatter(-1, index, score)
+
+
 @torch.no_grad()
 def generate_ids(
     model: "LiteLLM",
@@ -38,14 +51,22 @@ def generate_ids(
     seed: int = 0,
     tierset: TierSet | str | None = None,
     eos_id: int | None = None,
+    eos_ids: Collection[int] = (),
+    repetition_penalty: float = 1.0,
 ) -> Iterator[int]:
     """Yield new token ids one at a time.  ``temperature == 0`` is greedy decoding.
 
     The prompt is prefilled once; each new token costs one single-position forward through
     the KV cache.  Sampling draws from a generator seeded by ``seed`` (same seed, same text).
+    Generation ends after yielding any id in ``eos_ids`` (or ``eos_id``); the end token itself
+    is yielded, as transformers' ``generate`` returns it.  ``repetition_penalty`` is applied
+    to the raw logits before temperature and filtering, in transformers' order.
     """
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+    stop_ids = {int(i) for i in eos_ids} | ({int(eos_id)} if eos_id is not None else set())
     limit = model.config.max_seq_len
     ids = list(prompt_ids)[-(limit - 1) :] or [0]
     max_new_tokens = min(max_new_tokens, limit - len(ids))
@@ -59,15 +80,18 @@ def generate_ids(
     try:
         logits = model(torch.tensor([ids], device=device), tierset=tierset, start_pos=0).logits[0, -1]
         pos = len(ids)
+        seen = list(ids)
         for _ in range(max_new_tokens):
+            logits = apply_repetition_penalty(logits, seen, repetition_penalty)
             if temperature == 0:
                 token = int(logits.argmax())
             else:
                 filtered = _filter_logits(logits.float() / temperature, top_k, top_p)
                 token = int(torch.multinomial(filtered.softmax(-1), 1, generator=gen))
             yield token
-            if eos_id is not None and token == eos_id:
+            if token in stop_ids:
                 break
+            seen.append(token)
             logits = model(torch.tensor([[token]], device=device), tierset=tierset, start_pos=pos).logits[0, -1]
             pos += 1
     finally:
@@ -75,28 +99,73 @@ def generate_ids(
         model.train(was_training)
 
 
-def generate_text(model: "LiteLLM", tokenizer, prompt: str, max_new_tokens: int, **kwargs) -> Iterator[str]:
-    """Yield decoded text pieces as tokens arrive (byte tokens are decoded incrementally, so a
-    multi-byte character is printed once it is complete)."""
-    ids = tokenizer.encode(prompt)
-    if getattr(tokenizer, "kind", "") == "byte":
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        for token in generate_ids(model, ids, max_new_tokens, eos_id=getattr(tokenizer, "eos_id", None), **kwargs):
-            piece = decoder.decode(bytes([token]))
-            if piece:
-                yield piece
-        tail = decoder.decode(b"", final=True)
-        if tail:
-            yield tail
-        return
+def generate_text(
+    model: "LiteLLM",
+    tokenizer,
+    prompt: str,
+    max_new_tokens: int,
+    *,
+    stop: Sequence[str] = (),
+    prompt_ids: Sequence[int] | None = None,
+    **kwargs,
+) -> Iterator[str]:
+    """Yield decoded text pieces as tokens arrive.
+
+    Generation stops on any of the tokenizer's ``eos_ids``; the end token is not printed.  A
+    stop string ends it too, and the text is cut just before it: text that could still be the
+    start of a stop string is held back until it is decided.  Byte tokens are decoded
+    incrementally, so a multi-byte character is printed once it is complete.  ``prompt_ids``
+    (a rendered chat prompt, say) replaces the encoding of ``prompt``.
+    """
+    ids = list(prompt_ids) if prompt_ids is not None else tokenizer.encode(prompt)
+    eos_ids = tuple(getattr(tokenizer, "eos_ids", ()) or ())
+    stops = [s for s in stop if s]
+    byte = getattr(tokenizer, "kind", "") == "byte"
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace") if byte else None
     new: list[int] = []
-    shown = ""
-    for token in generate_ids(model, ids, max_new_tokens, eos_id=getattr(tokenizer, "eos_id", None), **kwargs):
-        new.append(token)
+    text = ""
+    shown = 0
+    for token in generate_ids(model, ids, max_new_tokens, eos_ids=eos_ids, **kwargs):
+        if token in eos_ids:
+            break
+        if decoder is not None:
+            text += decoder.decode(bytes([token]))
+        else:
+            new.append(token)
+            text = tokenizer.decode(new)
+            if text.endswith("\ufffd"):  # a character split across tokens: wait for the rest
+                continue
+        cut = _first_stop(text, stops)
+        if cut is not None:
+            if cut > shown:
+                yield text[shown:cut]
+            return
+        safe = len(text) - _held_back(text, stops)
+        if safe > shown:
+            yield text[shown:safe]
+            shown = safe
+    if decoder is not None:
+        text += decoder.decode(b"", final=True)
+    elif new:
         text = tokenizer.decode(new)
-        if len(text) > len(shown) and not text.endswith("\ufffd"):
-            yield text[len(shown) :]
-            shown = text
-    text = tokenizer.decode(new)
-    if len(text) > len(shown):
-        yield text[len(shown) :]
+    cut = _first_stop(text, stops)
+    end = len(text) if cut is None else cut
+    if end > shown:
+        yield text[shown:end]
+
+
+def _first_stop(text: str, stops: Sequence[str]) -> int | None:
+    """Where the earliest stop string begins in ``text`` (None when none occurs)."""
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else None
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters of ``text`` could be the start of a stop string."""
+    longest = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), longest, -1):
+            if text.endswith(s[:n]):
+                longest = n
+                break
+    return longest

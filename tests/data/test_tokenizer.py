@@ -71,7 +71,7 @@ def test_bpe_learns_merges(bpe):
 def test_bpe_save_load_identical_and_readable_by_tokenizers(bpe, tmp_path):
     bpe.save(tmp_path / "tok")
     meta = json.loads((tmp_path / "tok" / "lite_tokenizer.json").read_text())
-    assert meta == {"kind": "bpe", "vocab_size": bpe.vocab_size, "eos_id": bpe.eos_id}
+    assert meta == {"kind": "bpe", "vocab_size": bpe.vocab_size, "eos_id": bpe.eos_id, "eos_ids": [bpe.eos_id]}
 
     loaded = load_tokenizer(tmp_path / "tok")
     oracle = HFTokenizer.from_file(str(tmp_path / "tok" / "tokenizer.json"))  # independent reader

@@ -28,6 +28,8 @@ class Tokenizer(Protocol):
     kind: str
     vocab_size: int
     eos_id: int | None
+    eos_ids: tuple[int, ...]
+    chat_template: str | None
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -57,10 +59,15 @@ class ByteTokenizer:
 
     kind: ClassVar[str] = "byte"
     vocab_size: ClassVar[int] = 256
+    chat_template: ClassVar[str | None] = None
 
     def __post_init__(self) -> None:
         if self.eos_id is not None and not 0 <= self.eos_id < 256:
             raise DataError(f"a byte tokenizer's eos_id must be a byte value 0-255, not {self.eos_id}")
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        return () if self.eos_id is None else (self.eos_id,)
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -91,20 +98,39 @@ class BPETokenizer:
     string.  ``backend`` is the underlying ``tokenizers.Tokenizer`` for code that wants offsets
     or batch encoding.  Any Hugging Face ``tokenizer.json`` can be wrapped, but only byte-level
     ones are guaranteed to round-trip.
+
+    ``eos_ids`` are every id that ends a generation (a chat model ends a turn with
+    ``<|im_end|>``, not ``<|endoftext|>``), first the main one; without them the tokenizer
+    falls back to ``<|endoftext|>``.  ``chat_template`` is the model's Jinja chat template, if
+    it has one.  Both are kept in ``lite_tokenizer.json``.
     """
 
     kind: ClassVar[str] = "bpe"
 
-    def __init__(self, backend) -> None:
+    def __init__(self, backend, eos_ids: Sequence[int] | None = None, chat_template: str | None = None) -> None:
         self.backend = backend
+        self._eos_ids = tuple(dict.fromkeys(int(i) for i in eos_ids)) if eos_ids else None
+        self.chat_template = chat_template or None
 
     @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
     @property
+    def eos_ids(self) -> tuple[int, ...]:
+        if self._eos_ids is not None:
+            return self._eos_ids
+        default = self.backend.token_to_id(EOS_TOKEN)
+        return () if default is None else (default,)
+
+    @eos_ids.setter
+    def eos_ids(self, ids: Sequence[int]) -> None:
+        self._eos_ids = tuple(dict.fromkeys(int(i) for i in ids)) or None
+
+    @property
     def eos_id(self) -> int | None:
-        return self.backend.token_to_id(EOS_TOKEN)
+        ids = self.eos_ids
+        return ids[0] if ids else None
 
     def encode(self, text: str) -> list[int]:
         return self.backend.encode(text, add_special_tokens=False).ids
@@ -123,7 +149,10 @@ class BPETokenizer:
 
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
-        _write_meta(directory, {"kind": self.kind, "vocab_size": self.vocab_size, "eos_id": self.eos_id})
+        meta: dict = {"kind": self.kind, "vocab_size": self.vocab_size, "eos_id": self.eos_id, "eos_ids": list(self.eos_ids)}
+        if self.chat_template is not None:
+            meta["chat_template"] = self.chat_template
+        _write_meta(directory, meta)
         self.backend.save(str(directory / HF_TOKENIZER_FILE))
 
     @classmethod
@@ -220,11 +249,45 @@ def load_tokenizer(directory: str | Path) -> AnyTokenizer:
         if not hf_path.is_file():
             raise DataError(f"{directory} says it holds a BPE tokenizer but {HF_TOKENIZER_FILE} is missing")
         tok = BPETokenizer.from_file(hf_path)
+        # Checkpoints written before eos_ids existed record only eos_id.
+        eos_ids = meta.get("eos_ids", [] if meta.get("eos_id") is None else [meta["eos_id"]])
+        tok.eos_ids = [int(i) for i in eos_ids]
+        tok.chat_template = meta.get("chat_template") or None
     else:
         raise DataError(f"{meta_path} names unknown tokenizer kind {kind!r}; expected 'byte' or 'bpe'")
     if tok.vocab_size != vocab_size:
         raise DataError(f"{directory} is corrupt: it records vocab_size {vocab_size} but the tokenizer has {tok.vocab_size}")
     return tok
+
+
+def render_chat(tokenizer: Tokenizer, messages: Sequence[dict], *, add_generation_prompt: bool = True) -> str:
+    """The tokenizer's chat template applied to ``messages``, rendered as transformers'
+    ``apply_chat_template`` does (sandboxed Jinja, ``trim_blocks``/``lstrip_blocks``,
+    ``raise_exception``), so the prompt text is the one the model was tuned on."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        raise DataError("this tokenizer has no chat template; generate without --chat, or import the model again from a file that has one")
+    try:
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:
+        raise DataError("rendering a chat template needs jinja2; install it with `pip install jinja2`") from None
+
+    def raise_exception(message: str) -> None:
+        raise TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    backend = getattr(tokenizer, "backend", None)
+    eos = backend.id_to_token(tokenizer.eos_id) if backend is not None and tokenizer.eos_id is not None else None
+    try:
+        return env.from_string(template).render(messages=list(messages), add_generation_prompt=add_generation_prompt, eos_token=eos)
+    except TemplateError as exc:
+        raise DataError(f"the tokenizer's chat template failed to render ({_first_line(exc)}); generate without --chat") from None
 
 
 def get_tokenizer(spec: str | Path) -> AnyTokenizer:

@@ -21,7 +21,7 @@ import re
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -30,13 +30,17 @@ from ..checkpoint.manifest import one_line
 from ..checkpoint.save import write_checkpoint
 from ..checkpoint.stream import TensorSpec
 from ..config import ModelConfig, RoutingConfig, TierConfig
+from ..data.tokenizer import BPETokenizer
 from ..errors import CheckpointError, ConfigError
 from ..grow.tensors import LazyTensors, Producer, expected_specs
-from .hf_import import HFTokenizerFiles, read_hf_tokenizer
+from .hf_import import HFTokenizerFiles, read_hf_tokenizer, turn_end_ids
 from .hf_mapping import ROUTER_ONLY_STATE
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 _TOKENS = "tokenizer.ggml.tokens"
+_EOS = "tokenizer.ggml.eos_token_id"
+_EOT = "tokenizer.ggml.eot_token_id"
+_CHAT_TEMPLATE = "tokenizer.chat_template"
 _TIER = "tier_0"
 
 
@@ -59,7 +63,7 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, dty
     config = config_from_gguf(metadata, {name: _shape(t) for name, t in tensors.items()}, path)
     specs = expected_specs(config, dtype)
     producers = plan_gguf(config, tensors, specs, path)
-    tokenizer = gguf_tokenizer(path) if _TOKENS in metadata else None
+    tokenizer = gguf_tokenizer(path, metadata) if _TOKENS in metadata else None
     return write_checkpoint(out_dir, config, LazyTensors(producers), specs=specs, tokenizer=tokenizer)
 
 
@@ -261,13 +265,31 @@ def plan_gguf(config: ModelConfig, tensors: dict[str, Any], specs: dict[str, Ten
 
 
 # ------------------------------------------------------------------------------- tokenizer
-def gguf_tokenizer(path: Path) -> HFTokenizerFiles | None:
+def gguf_tokenizer(path: Path, metadata: Mapping[str, Any] | None = None) -> HFTokenizerFiles | None:
     """The file's tokenizer, rebuilt by transformers' GGUF converter (None, with a warning,
-    when transformers is missing or cannot convert it)."""
+    when transformers is missing or cannot convert it), with the file's chat template and
+    every id that ends a generation (see :func:`gguf_eos_ids`)."""
+    files = _converted_tokenizer(path)
+    if files is not None and metadata is not None:
+        template = metadata.get(_CHAT_TEMPLATE)
+        if isinstance(template, str) and template:
+            files.tokenizer.chat_template = template
+        files.tokenizer.eos_ids = gguf_eos_ids(metadata, files.tokenizer) or files.tokenizer.eos_ids
+    return files
+
+
+def gguf_eos_ids(metadata: Mapping[str, Any], tokenizer: BPETokenizer) -> list[int]:
+    """``tokenizer.ggml.eos_token_id``, then ``eot_token_id`` when present, then ``<|im_end|>``
+    when the chat template ends turns with it: generation must stop on each of them."""
+    ids = [metadata[key] for key in (_EOS, _EOT) if isinstance(metadata.get(key), int)]
+    return [int(i) for i in ids] + turn_end_ids(tokenizer)
+
+
+def _converted_tokenizer(path: Path) -> HFTokenizerFiles | None:
     try:
         import transformers  # noqa: F401
     except ImportError:
-        warnings.warn(f"the tokenizer of {path} is not imported: converting GGUF tokenizers needs transformers (`pip install transformers`)", stacklevel=3)
+        warnings.warn(f"the tokenizer of {path} is not imported: converting GGUF tokenizers needs transformers (`pip install transformers`)", stacklevel=4)
         return None
     try:
         hf_tokenizer = _convert_tokenizer(path)
@@ -275,7 +297,7 @@ def gguf_tokenizer(path: Path) -> HFTokenizerFiles | None:
             hf_tokenizer.save_pretrained(tmp)
             return read_hf_tokenizer(tmp)
     except Exception as exc:  # noqa: BLE001 - any converter failure only costs the tokenizer
-        warnings.warn(f"the tokenizer of {path} is not imported: transformers could not convert it ({type(exc).__name__}: {one_line(exc)})", stacklevel=3)
+        warnings.warn(f"the tokenizer of {path} is not imported: transformers could not convert it ({type(exc).__name__}: {one_line(exc)})", stacklevel=4)
         return None
 
 
@@ -299,4 +321,4 @@ def _convert_tokenizer(path: Path) -> Any:
         return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
-__all__ = ["config_from_gguf", "dequantize", "gguf_tokenizer", "import_gguf", "open_gguf", "plan_gguf", "read_metadata", "unpermute_rotary"]
+__all__ = ["config_from_gguf", "dequantize", "gguf_eos_ids", "gguf_tokenizer", "import_gguf", "open_gguf", "plan_gguf", "read_metadata", "unpermute_rotary"]

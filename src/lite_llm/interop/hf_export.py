@@ -29,8 +29,8 @@ from ..checkpoint.lazy import CheckpointTensors, open_checkpoint
 from ..checkpoint.manifest import split_by_bytes
 from ..checkpoint.stream import TensorSpec, write_safetensors
 from ..config import ModelConfig
-from ..data.tokenizer import EOS_TOKEN, HF_TOKENIZER_FILE
-from ..errors import CheckpointError, ConfigError
+from ..data.tokenizer import EOS_TOKEN, HF_TOKENIZER_FILE, load_tokenizer
+from ..errors import CheckpointError, ConfigError, LiteLLMError
 from ..grow.tensors import Producer, stored_names
 from .hf_import import HF_CONFIG_FILE, HF_INDEX_FILE, HF_TOKENIZER_EXTRAS, HF_WEIGHTS_FILE
 from .hf_mapping import MIXTRAL_FUSED_EXPERTS, hf_config_dict, lite_names_to_hf, mixtral_block_to_classic, mixtral_classic_expert
@@ -82,7 +82,7 @@ def export_hf(
     try:
         _write_weights(tmp, specs, producers, max_shard_bytes)
         _write_json(tmp / HF_CONFIG_FILE, hf_config)
-        _write_json(tmp / GENERATION_CONFIG_FILE, {"_from_model_config": True, **special})
+        _write_json(tmp / GENERATION_CONFIG_FILE, {"_from_model_config": True, **special, **_generation_eos(ckpt)})
         for name, data in tokenizer.items():
             atomic.write_bytes_durable(tmp / name, data)
         atomic.fsync_tree(tmp)
@@ -257,6 +257,23 @@ def _minimal_tokenizer_config(tokenizer_json: Path, config: ModelConfig) -> byte
     if backend.token_to_id(EOS_TOKEN) is not None:
         data["eos_token"] = EOS_TOKEN
     return (json.dumps(data, indent=2) + "\n").encode("utf-8")
+
+
+def _generation_eos(ckpt: CheckpointTensors) -> dict[str, Any]:
+    """``eos_token_id`` for generation_config.json: every id our tokenizer stops on (a list
+    when there are several, as transformers accepts), so ``generate`` ends a chat turn at
+    ``<|im_end|>`` as ``lite-llm generate`` does.  Empty when the tokenizer records none."""
+    folder = ckpt.tokenizer_dir
+    if folder is None or not (folder / HF_TOKENIZER_FILE).is_file():
+        return {}
+    try:
+        tok = load_tokenizer(folder)
+    except LiteLLMError:
+        return {}
+    ids = list(tok.eos_ids)
+    if not ids:
+        return {}
+    return {"eos_token_id": ids[0] if len(ids) == 1 else ids}
 
 
 def _special_token_ids(files: Mapping[str, bytes]) -> dict[str, int]:

@@ -35,6 +35,8 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "mixtral")
 HF_CONFIG_FILE = "config.json"
 HF_WEIGHTS_FILE = "model.safetensors"
 HF_INDEX_FILE = "model.safetensors.index.json"
+HF_GENERATION_CONFIG_FILE = "generation_config.json"
+IM_END_TOKEN = "<|im_end|>"
 # Tokenizer side files worth carrying along: special tokens and the chat template.  Lite LLM
 # reads only tokenizer.json; these ride in the checkpoint's tokenizer/ folder so that an
 # export gives them back to Hugging Face tools.
@@ -64,7 +66,49 @@ def read_hf_tokenizer(folder: str | os.PathLike) -> HFTokenizerFiles | None:
         return None
     tokenizer = BPETokenizer.from_file(folder / HF_TOKENIZER_FILE)
     extras = {name: (folder / name).read_bytes() for name in HF_TOKENIZER_EXTRAS if (folder / name).is_file()}
+    tok_config = _json_or_empty(folder / "tokenizer_config.json")
+    tokenizer.chat_template = _chat_template(folder, tok_config)
+    eos_ids = _id_list(_json_or_empty(folder / HF_GENERATION_CONFIG_FILE).get("eos_token_id"))
+    eos_ids = eos_ids or _id_list(_json_or_empty(folder / HF_CONFIG_FILE).get("eos_token_id"))
+    eos_token = tok_config.get("eos_token")
+    eos_token = eos_token.get("content") if isinstance(eos_token, dict) else eos_token
+    if not eos_ids and isinstance(eos_token, str) and tokenizer.backend.token_to_id(eos_token) is not None:
+        eos_ids = [tokenizer.backend.token_to_id(eos_token)]
+    tokenizer.eos_ids = [*(eos_ids or tokenizer.eos_ids), *turn_end_ids(tokenizer)]
     return HFTokenizerFiles(tokenizer, extras)
+
+
+def turn_end_ids(tokenizer: BPETokenizer) -> list[int]:
+    """``<|im_end|>`` when the chat template ends each turn with it (ChatML models such as
+    SmolLM2 and Qwen2): a reply is over there, whatever the file names as its eos."""
+    template = tokenizer.chat_template or ""
+    token_id = tokenizer.backend.token_to_id(IM_END_TOKEN)
+    return [token_id] if IM_END_TOKEN in template and token_id is not None else []
+
+
+def _json_or_empty(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _id_list(value: Any) -> list[int]:
+    """An ``eos_token_id`` field (an int, a list of ints or null) as a list."""
+    values = value if isinstance(value, list) else [value]
+    return [int(v) for v in values if isinstance(v, int) and not isinstance(v, bool)]
+
+
+def _chat_template(folder: Path, tok_config: dict) -> str | None:
+    """The chat template: ``chat_template.jinja`` (transformers >= 4.43 saves it there),
+    else ``chat_template.json``, else the ``chat_template`` field of tokenizer_config.json."""
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    template = _json_or_empty(folder / "chat_template.json").get("chat_template", tok_config.get("chat_template"))
+    if isinstance(template, list):  # several named templates: the default one
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+    return template if isinstance(template, str) and template else None
 
 
 def import_hf(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: torch.dtype | None = None) -> Path:

@@ -1,0 +1,166 @@
+"""What a user steers generation with: every EOS id, stop strings, repetition penalty, chat
+templates and --max-new-tokens — each against an independent oracle (transformers' logits
+processor, a cache-free reference loop, the reference text cut by hand)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from lite_llm import ModelConfig, build_model
+from lite_llm.cli import app
+from lite_llm.data import ByteTokenizer
+from lite_llm.data.tokenizer import BPETokenizer, load_tokenizer, render_chat
+from lite_llm.errors import DataError
+from lite_llm.generate import apply_repetition_penalty, generate_ids, generate_text
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_model(ModelConfig.from_preset("tiny"), seed=4).eval()
+
+
+def _reference(model, prompt, n, penalty=1.0):
+    """Greedy decoding with a full forward per token and transformers' own penalty processor."""
+    processors = pytest.importorskip("transformers").RepetitionPenaltyLogitsProcessor(penalty=penalty)
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([ids])).logits[:, -1]
+            ids.append(int(processors(torch.tensor([ids]), logits).argmax()))
+    return ids[len(prompt) :]
+
+
+def test_repetition_penalty_equals_transformers_processor():
+    transformers = pytest.importorskip("transformers")
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 50, generator=gen) * 3  # positive and negative logits
+    seen = [3, 7, 7, 11, 49, 0, 3]
+    for penalty in (1.3, 0.7):
+        expected = transformers.RepetitionPenaltyLogitsProcessor(penalty=penalty)(torch.tensor([seen]), logits.clone())
+        got = apply_repetition_penalty(logits[0], seen, penalty)
+        assert torch.equal(got, expected[0])
+        untouched = [i for i in range(50) if i not in seen]
+        assert torch.equal(got[untouched], logits[0, untouched])
+
+
+def test_repetition_penalty_in_the_kv_cached_loop_matches_the_reference(model):
+    prompt = [5, 17, 99, 5, 5]
+    for penalty in (1.0, 1.5):
+        assert list(generate_ids(model, prompt, 20, repetition_penalty=penalty)) == _reference(model, prompt, 20, penalty)
+    assert list(generate_ids(model, prompt, 20, repetition_penalty=1.5)) != list(generate_ids(model, prompt, 20))
+
+
+def test_any_listed_eos_id_ends_generation_and_is_not_printed(model):
+    prompt = [1, 2, 3]
+    full = _reference(model, prompt, 30)
+    k = next(i for i in range(2, 30) if full[i] not in full[:i])
+    unused = next(i for i in range(256) if i not in full)
+    # The end token is yielded (as transformers' generate returns it) and nothing after it.
+    assert list(generate_ids(model, prompt, 30, eos_ids=[unused, full[k]])) == full[: k + 1]
+    assert list(generate_ids(model, prompt, 30, eos_ids=[unused])) == full
+    text = "".join(generate_text(model, ByteTokenizer(eos_id=full[k]), bytes(prompt).decode(), 30, temperature=0.0))
+    assert text == ByteTokenizer().decode(full[:k])
+
+
+def test_stop_strings_cut_the_text_before_them(model):
+    tok = ByteTokenizer()
+    full = tok.decode(list(generate_ids(model, tok.encode("ab"), 60, temperature=1.0, seed=3)))
+    start = next(i for i in range(5, len(full) - 3) if full.find(full[i : i + 3]) == i)
+    stop = full[start : start + 3]
+    pieces = list(generate_text(model, tok, "ab", 60, stop=["never-there", stop], temperature=1.0, seed=3))
+    assert "".join(pieces) == full[:start]
+    assert "".join(generate_text(model, tok, "ab", 60, stop=["never-there"], temperature=1.0, seed=3)) == full
+
+
+def _bpe(tmp_path, meta_extra: dict) -> BPETokenizer:
+    bpe = BPETokenizer.train(texts=["hello world " * 20, "<|im_start|>user<|im_end|>"], vocab_size=300, min_frequency=1)
+    bpe.save(tmp_path / "tok")
+    meta_path = tmp_path / "tok" / "lite_tokenizer.json"
+    meta = json.loads(meta_path.read_text())
+    meta.pop("eos_ids")
+    meta.update(meta_extra)
+    meta_path.write_text(json.dumps(meta))
+    return bpe
+
+
+def test_old_tokenizer_metadata_with_only_eos_id_still_loads(tmp_path):
+    bpe = _bpe(tmp_path, {})
+    loaded = load_tokenizer(tmp_path / "tok")
+    assert loaded.eos_ids == (bpe.eos_id,) and loaded.eos_id == bpe.eos_id and loaded.chat_template is None
+
+
+def test_eos_list_and_chat_template_round_trip(tmp_path):
+    template = "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}"
+    _bpe(tmp_path, {"eos_ids": [5, 0, 5], "chat_template": template})
+    loaded = load_tokenizer(tmp_path / "tok")
+    assert loaded.eos_ids == (5, 0) and loaded.eos_id == 5
+    assert render_chat(loaded, [{"role": "user", "content": "hi"}]) == "[user]hi[assistant]"
+    loaded.save(tmp_path / "again")
+    assert load_tokenizer(tmp_path / "again").eos_ids == (5, 0)
+    assert load_tokenizer(tmp_path / "again").chat_template == template
+
+
+def test_chat_template_is_rendered_as_transformers_renders_it(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    template = (
+        "{% if messages[0]['role'] != 'user' %}{{ raise_exception('user first') }}{% endif %}\n"
+        "{% for message in messages %}\n  <|im_start|>{{ message['role'] }}\n{{ message['content'] | trim }}<|im_end|>\n  {% endfor %}\n"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    _bpe(tmp_path, {"chat_template": template})
+    ours = load_tokenizer(tmp_path / "tok")
+    theirs = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tok" / "tokenizer.json"))
+    theirs.chat_template = template
+    messages = [{"role": "user", "content": " What is 2+2? "}]
+    assert render_chat(ours, messages) == theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    with pytest.raises(DataError, match="user first"):
+        render_chat(ours, [{"role": "system", "content": "x"}])
+
+
+def test_hf_generation_config_eos_list_is_read(tmp_path):
+    from lite_llm.interop.hf_import import read_hf_tokenizer
+
+    bpe = BPETokenizer.train(texts=["hello world " * 20], vocab_size=280, min_frequency=1)
+    bpe.backend.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 3]}))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages[0]['content'] }}"}))
+    files = read_hf_tokenizer(tmp_path)
+    assert files.tokenizer.eos_ids == (7, 3) and files.tokenizer.chat_template == "{{ messages[0]['content'] }}"
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 9}))
+    assert read_hf_tokenizer(tmp_path).tokenizer.eos_ids == (9,)
+
+
+def _fails(args: list[str], fragment: str) -> None:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1, result.output
+    assert fragment in result.output and "Traceback" not in result.output, result.output
+    assert len([line for line in result.output.splitlines() if line.strip()]) <= 2, result.output
+
+
+def test_cli_refuses_bad_counts_and_chat_without_template(tmp_path):
+    for bad in ("0", "-5"):
+        _fails(["generate", str(tmp_path / "anything"), "--max-new-tokens", bad], "--max-new-tokens must be at least 1")
+    _fails(["generate", str(tmp_path / "anything"), "--repetition-penalty", "0"], "--repetition-penalty must be positive")
+    ckpt = tmp_path / "ckpt"
+    assert runner.invoke(app, ["init", "--preset", "tiny", "-o", str(ckpt)]).exit_code == 0
+    _fails(["generate", str(ckpt), "--chat", "--prompt", "hi"], "has no chat template")
+
+
+def test_gguf_eos_ids_take_eos_eot_and_the_templates_turn_end():
+    from lite_llm.interop.gguf_import import gguf_eos_ids
+
+    bpe = BPETokenizer.train(texts=["hello world " * 20], vocab_size=280, min_frequency=1)
+    bpe.backend.add_special_tokens(["<|im_end|>"])
+    im_end = bpe.backend.token_to_id("<|im_end|>")
+    metadata = {"tokenizer.ggml.eos_token_id": 0, "tokenizer.ggml.eot_token_id": 5}
+    assert gguf_eos_ids(metadata, bpe) == [0, 5]
+    bpe.chat_template = "{% for m in messages %}{{ m['content'] }}<|im_end|>{% endfor %}"
+    assert gguf_eos_ids(metadata, bpe) == [0, 5, im_end]
+    bpe.eos_ids = gguf_eos_ids({"tokenizer.ggml.eos_token_id": im_end}, bpe)
+    assert bpe.eos_ids == (im_end,)  # listed once
