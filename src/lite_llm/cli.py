@@ -18,6 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .errors import LiteLLMError
+from .quickstart import QUICKSTART_STEPS
 
 app = typer.Typer(
     name="lite-llm",
@@ -31,7 +32,7 @@ tokenizer_app = typer.Typer(help="Train and inspect tokenizers.", no_args_is_hel
 app.add_typer(data_app, name="data")
 app.add_typer(tokenizer_app, name="tokenizer")
 
-console = Console()
+console = Console(soft_wrap=not sys.stdout.isatty())  # plain, unwrapped lines in logs and pipes
 err_console = Console(stderr=True, soft_wrap=True)
 
 
@@ -68,6 +69,7 @@ def _model_config(preset: Optional[str], config: Optional[Path]):
 @friendly_errors
 def init(
     output: Path = typer.Option(..., "-o", "--output", help="Checkpoint directory to create."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it already exists."),
     preset: Optional[str] = typer.Option(None, help="Named model config: tiny, tiny-dense, small, smollm2-135m."),
     config: Optional[Path] = typer.Option(None, help="Model config file (YAML or JSON; may say `preset: NAME` and override fields)."),
     tokenizer: str = typer.Option("byte", help="'byte' or a folder/tokenizer.json made by `lite-llm tokenizer train`."),
@@ -81,6 +83,9 @@ def init(
 
       lite-llm init --config model.yaml --tokenizer tok/ -o ckpt/mine
     """
+    from .checkpoint.atomic import refuse_existing
+
+    refuse_existing(output, overwrite, "checkpoint")
     from .checkpoint import save_checkpoint
     from .data import get_tokenizer
     from .model import build_model
@@ -100,6 +105,7 @@ def init(
 def data_prepare(
     sources: list[str] = typer.Argument(..., help="DOMAIN=SPEC or SPEC; SPEC is stdlib-code, stdlib-docs, a file, a folder or a glob."),
     output: Path = typer.Option(..., "-o", "--output", help="Dataset directory to create."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it already exists."),
     tokenizer: str = typer.Option("byte", help="'byte' or a trained tokenizer folder/file."),
     val_fraction: float = typer.Option(0.05, help="Share of documents held out for validation."),
     max_mb: Optional[float] = typer.Option(None, help="Cap each domain at this many MB (quick runs)."),
@@ -113,11 +119,16 @@ def data_prepare(
 
       lite-llm data prepare notes=~/notes/ 'papers=docs/*.md' -o data/mine --val-fraction 0.1
     """
+    from .checkpoint.atomic import refuse_existing
+
+    refuse_existing(output, overwrite, "dataset")
     from .data import get_tokenizer, prepare_data
 
     mapping: dict[str, str] = {}
     for spec in sources:
         domain, _, target = spec.partition("=") if "=" in spec else (spec, "", spec)
+        if not domain.strip() or not target.strip():
+            raise LiteLLMError(f"source {spec!r} has an empty {'domain name' if not domain.strip() else 'path'}; write DOMAIN=SPEC, e.g. code=stdlib-code or notes=~/notes/")
         if domain in mapping:
             raise LiteLLMError(f"domain {domain!r} is given twice; give each source its own name as DOMAIN=SPEC")
         mapping[domain] = target
@@ -142,6 +153,7 @@ def data_prepare(
 def tokenizer_train(
     sources: list[str] = typer.Argument(..., help="SPECs to train on: stdlib-code, stdlib-docs, files, folders or globs."),
     output: Path = typer.Option(..., "-o", "--output", help="Folder for tokenizer.json."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it already exists."),
     vocab_size: int = typer.Option(4096, help="Vocabulary size, including the 256 byte tokens."),
     min_frequency: int = typer.Option(2, help="Minimum pair frequency for a merge."),
 ) -> None:
@@ -151,6 +163,9 @@ def tokenizer_train(
 
       lite-llm tokenizer train stdlib-code stdlib-docs --vocab-size 8192 -o tok/
     """
+    from .checkpoint.atomic import refuse_existing
+
+    refuse_existing(output, overwrite, "tokenizer")
     from .data import BPETokenizer, resolve_source
 
     texts = (text for spec in sources for _, text in resolve_source(spec))
@@ -354,6 +369,7 @@ def _refuse_existing_run(output: Path, overwrite: bool) -> None:
 def rollback(
     checkpoint: Path = typer.Argument(..., help="A checkpoint of a curriculum run (after its integration began)."),
     output: Path = typer.Option(..., "-o", "--output", help="Where to write the rolled-back checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it already exists."),
 ) -> None:
     """Undo a tier's integration: the pre-integration weights with the previous TierSet.
 
@@ -363,6 +379,9 @@ def rollback(
 
       lite-llm rollback runs/tier2/checkpoints/step-00000400 -o ckpt/before-tier2
     """
+    from .checkpoint.atomic import refuse_existing
+
+    refuse_existing(output, overwrite, "checkpoint")
     from .train.rollback import rollback_checkpoint
 
     path, tiers = rollback_checkpoint(checkpoint, output)
@@ -637,7 +656,7 @@ def plot(
 @friendly_errors
 def quickstart(
     output: Path = typer.Option(Path("runs/quickstart"), "-o", "--output", help="Where data, run and charts go."),
-    steps: int = typer.Option(250, help="Training steps."),
+    steps: int = typer.Option(QUICKSTART_STEPS, min=1, help="Training steps."),
     seed: int = typer.Option(0, help="Seed."),
 ) -> None:
     """Prepare the built-in corpora, train a small two-tier model, evaluate, sample, chart.

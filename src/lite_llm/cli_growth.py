@@ -283,6 +283,7 @@ def _config_of(spec: Path):
 def import_command(
     source: Path = typer.Argument(..., help="Hugging Face folder (config.json + safetensors) or a .gguf file."),
     output: Path = typer.Option(..., "-o", "--output", help="New checkpoint directory."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it already exists."),
     dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: as stored; GGUF: float32)."),
 ) -> None:
     """Bring a Llama/Mistral/Qwen2/Mixtral Hugging Face model or a Llama GGUF file in.
@@ -293,6 +294,9 @@ def import_command(
 
       lite-llm import models/SmolLM2-135M-Instruct.Q4_1.gguf -o ckpt/smollm2
     """
+    from .checkpoint.atomic import refuse_existing
+
+    refuse_existing(output, overwrite, "checkpoint")
     from .interop import import_gguf, import_hf
 
     torch_dtype = _dtype(dtype)

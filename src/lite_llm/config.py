@@ -26,8 +26,28 @@ _TIER_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _SIZE_SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "t": 10**12}
 
 
+def read_yaml(text: str, path: str | Path) -> Any:
+    """``text`` (the contents of ``path``) parsed as YAML, or one sentence saying where it is not."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "malformed"
+        raise ConfigError(f"{path} is not valid YAML{where} ({problem}); fix the file and try again") from None
+
+
+def is_int(value: Any) -> bool:
+    """An integer and not a bool (``True`` is an ``int`` to Python, never to a config)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def parse_size(value: int | float | str | None) -> int | None:
     """Parse a parameter count such as ``10B``, ``1.5M``, ``250k`` or ``12000`` into an int."""
+    if isinstance(value, bool):
+        raise ConfigError(f"cannot read {value!r} as a parameter count; write e.g. 10B, 1.5M or 250000")
     if value is None or isinstance(value, int):
         return value
     if isinstance(value, float):
@@ -84,7 +104,7 @@ class TierConfig:
         )
         for name in ("num_groups", "experts_per_group", "expert_hidden"):
             value = getattr(self, name)
-            _require(isinstance(value, int) and value > 0, f"tiers[{self.name}].{name} must be a positive integer, got {value!r}")
+            _require(is_int(value) and value > 0, f"tiers[{self.name}].{name} must be a positive integer, got {value!r}")
         self.budget = parse_size(self.budget)
         _require(self.budget is None or self.budget > 0, f"tiers[{self.name}].budget must be positive, got {self.budget}")
         _require(self.budget_mode in ("strict", "advisory"), f"tiers[{self.name}].budget_mode must be 'strict' or 'advisory', got {self.budget_mode!r}")
@@ -134,8 +154,8 @@ class RoutingConfig:
     def __post_init__(self) -> None:
         for name in ("k_tier", "k_group", "k_expert"):
             value = getattr(self, name)
-            _require(isinstance(value, int) and value >= 1, f"routing.{name} must be an integer >= 1, got {value!r}")
-        _require(isinstance(self.seed, int) and self.seed >= 0, f"routing.seed must be a non-negative integer, got {self.seed!r}")
+            _require(is_int(value) and value >= 1, f"routing.{name} must be an integer >= 1, got {value!r}")
+        _require(is_int(self.seed) and self.seed >= 0, f"routing.seed must be a non-negative integer, got {self.seed!r}")
         for name in ("tier_temperature", "group_temperature", "expert_temperature"):
             _require(getattr(self, name) > 0, f"routing.{name} must be positive, got {getattr(self, name)}")
         for name in ("noise_std", "balance_alpha_tier", "balance_alpha_group", "balance_alpha_expert", "z_loss_coef"):
@@ -178,7 +198,7 @@ class ModelConfig:
             self.n_kv_heads = self.n_heads
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "intermediate_size", "max_seq_len"):
             value = getattr(self, name)
-            _require(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}")
+            _require(is_int(value) and value > 0, f"{name} must be a positive integer, got {value!r}")
         _require(
             self.n_heads % self.n_kv_heads == 0,
             f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads}) for grouped-query attention",
@@ -348,9 +368,7 @@ class ModelConfig:
             raise ConfigError(f"config file {path} does not exist")
         text = path.read_text()
         if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
+            data = read_yaml(text, path)
         else:
             data = json.loads(text)
         if not isinstance(data, dict):
@@ -427,11 +445,15 @@ class TierSet:
     @classmethod
     def parse(cls, text: str) -> "TierSet":
         text = text.strip()
-        if text in ("", "all", "*"):
+        if text in ("all", "*"):
             return cls.all()
+        if not text.strip(", "):
+            raise TierSetError("the TierSet is empty; name tiers (tier_1b,tier_10b), upto:TIER, only:TIER, or all")
         for prefix, mode in (("upto:", "cumulative"), ("<=", "cumulative"), ("only:", "exclusive")):
             if text.startswith(prefix):
                 names = tuple(n.strip() for n in text[len(prefix):].split(",") if n.strip())
+                if not names:
+                    raise TierSetError(f"'{text}' names no tier after '{prefix}'; write e.g. {prefix}tier_1b")
                 if mode == "cumulative" and len(names) != 1:
                     raise TierSetError(f"'{text}' must name exactly one tier after '{prefix}'")
                 return cls(mode, names)
@@ -517,6 +539,24 @@ def _small() -> ModelConfig:
     )
 
 
+def _quickstart() -> ModelConfig:
+    """The quickstart's model: ``small``'s two tiers at a narrower width over a 4,096-token BPE
+    vocabulary.  Chosen by measured runs at equal training time on 2 CPU cores (BENCHMARKS.md):
+    narrower and longer-trained beat wider and shorter-trained, and BPE beat bytes."""
+    return dataclasses.replace(
+        _small(),
+        name="quickstart",
+        vocab_size=4096,
+        d_model=128,
+        n_heads=4,
+        n_kv_heads=2,
+        tiers=[
+            TierConfig("tier_1b", num_groups=2, experts_per_group=4, expert_hidden=128, budget="5M"),
+            TierConfig("tier_10b", num_groups=2, experts_per_group=4, expert_hidden=128, budget="5M", placement="warm"),
+        ],
+    )
+
+
 def _smollm2_135m() -> ModelConfig:
     """The shape of SmolLM2-135M (Llama architecture), dense."""
     return ModelConfig(
@@ -534,4 +574,4 @@ def _smollm2_135m() -> ModelConfig:
     )
 
 
-PRESETS = {"tiny": _tiny, "tiny-dense": _tiny_dense, "small": _small, "smollm2-135m": _smollm2_135m}
+PRESETS = {"tiny": _tiny, "tiny-dense": _tiny_dense, "small": _small, "quickstart": _quickstart, "smollm2-135m": _smollm2_135m}

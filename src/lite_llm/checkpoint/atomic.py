@@ -18,6 +18,7 @@ import shutil
 import uuid
 from pathlib import Path
 from typing import Any
+from ..errors import CheckpointError
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
@@ -160,3 +161,12 @@ def remove_dir(path: Path) -> None:
     os.replace(path, doomed)
     fsync_dir(path.parent)
     shutil.rmtree(doomed, ignore_errors=True)
+
+
+def refuse_existing(path: Path, overwrite: bool, what: str) -> None:
+    """Refuse to replace an existing non-empty ``path`` unless ``overwrite``: nothing a user made
+    is replaced by a mistyped command.  (With ``overwrite`` the writers here still build the new
+    one beside it and swap it in only when complete, so the old one survives a failure.)"""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
+        raise CheckpointError(f"{path} already exists; pass --overwrite to replace it with the new {what}, or choose another output")

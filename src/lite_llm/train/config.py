@@ -69,13 +69,23 @@ class TrainConfig:
     keep_freed_cpu_memory: bool = True
 
     def __post_init__(self) -> None:
+        from ..config import is_int
+
+        for name in ("lr", "min_lr_ratio", "grad_clip", "weight_decay", "replay_share", "ewc_weight", "distill_weight", "distill_temperature"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"train.{name} must be a number, got {value!r}")
+        for name in ("domains", "replay"):
+            value = getattr(self, name)
+            if not isinstance(value, dict) or any(isinstance(w, bool) or not isinstance(w, (int, float)) for w in value.values()):
+                raise ConfigError(f"train.{name} must map domain names to numeric weights, e.g. {{code: 0.7, prose: 0.3}}, got {value!r}")
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "eval_batch_size", "keep_last", "log_every"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ConfigError(f"train.{name} must be a positive integer, got {value!r}")
         for name in ("warmup_steps", "eval_every", "save_every", "seed"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
+            if not is_int(value) or value < 0:
                 raise ConfigError(f"train.{name} must be a non-negative integer, got {value!r}")
         if not self.lr > 0:
             raise ConfigError(f"train.lr must be positive, got {self.lr}")
@@ -135,9 +145,9 @@ class TrainConfig:
         if not path.exists():
             raise ConfigError(f"training config {path} does not exist")
         if path.suffix in (".yaml", ".yml"):
-            import yaml
+            from ..config import read_yaml
 
-            data = yaml.safe_load(path.read_text()) or {}
+            data = read_yaml(path.read_text(), path) or {}
         else:
             data = json.loads(path.read_text())
         return cls.from_dict(data.get("train", data))

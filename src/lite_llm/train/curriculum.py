@@ -190,15 +190,12 @@ class CurriculumConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "CurriculumConfig":
-        import yaml
+        from ..config import read_yaml
 
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"curriculum file {path} does not exist; check the path")
-        try:
-            return cls.from_dict(yaml.safe_load(path.read_text(encoding="utf-8")))
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"curriculum {path} is not valid YAML ({' '.join(str(exc).split())})") from None
+        return cls.from_dict(read_yaml(path.read_text(encoding="utf-8"), path))
 
 
 def new_tier_parameters(model: "LiteLLM", tier: str) -> list[str]:

@@ -1,0 +1,98 @@
+"""Nothing lost to a mistyped command, and one sentence instead of a traceback (issue 16,
+point 7): every command that writes refuses an existing output unless --overwrite, empty
+sources and TierSets are refused, and malformed configs are named, not dumped."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from lite_llm.cli import app
+from lite_llm.config import ModelConfig, TierSet
+from lite_llm.errors import ConfigError, TierSetError
+from lite_llm.train import TrainConfig
+
+runner = CliRunner()
+
+
+def _run(args: list[str]) -> tuple[int, str]:
+    result = runner.invoke(app, args)
+    out = result.output + (result.stderr if result.stderr_bytes else "")
+    return result.exit_code, out.replace("\n", "")
+
+
+def _hashes(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_init_over_an_existing_checkpoint_is_refused_unless_overwrite(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    assert _run(["init", "--preset", "tiny", "-o", str(ckpt), "--seed", "1"])[0] == 0
+    before = _hashes(ckpt)
+    code, out = _run(["init", "--preset", "tiny", "-o", str(ckpt), "--seed", "2"])
+    assert code == 1 and "already exists; pass --overwrite" in out and "Traceback" not in out
+    assert _hashes(ckpt) == before
+    code, out = _run(["init", "--preset", "tiny", "-o", str(ckpt), "--seed", "2", "--overwrite"])
+    assert code == 0, out
+    assert _hashes(ckpt) != before
+
+
+def test_data_prepare_and_tokenizer_train_refuse_existing_outputs(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("hello world " * 200)
+    data = tmp_path / "data"
+    assert _run(["data", "prepare", f"x={corpus}", "-o", str(data)])[0] == 0
+    before = _hashes(data)
+    code, out = _run(["data", "prepare", f"x={corpus}", "-o", str(data)])
+    assert code == 1 and "already exists; pass --overwrite" in out
+    assert _hashes(data) == before
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "mine.txt").write_text("keep")
+    code, out = _run(["tokenizer", "train", str(corpus), "--vocab-size", "300", "-o", str(tok)])
+    assert code == 1 and "already exists" in out and _hashes(tok) == {"mine.txt": hashlib.sha256(b"keep").hexdigest()}
+
+
+def test_an_empty_source_is_refused(tmp_path):
+    for spec in ("x=", "=stdlib-code"):
+        code, out = _run(["data", "prepare", spec, "-o", str(tmp_path / "d")])
+        assert code == 1 and "empty" in out and "DOMAIN=SPEC" in out
+        assert not (tmp_path / "d").exists()
+
+
+def test_empty_tiersets_are_refused():
+    for text in ("", " ", ",", "upto:", "only: ,"):
+        with pytest.raises(TierSetError):
+            TierSet.parse(text)
+    assert TierSet.parse("all") == TierSet.all()
+
+
+def test_bools_are_not_integers_and_lists_are_not_numbers():
+    with pytest.raises(ConfigError, match="d_model must be a positive integer, got True"):
+        ModelConfig.from_dict({**ModelConfig.from_preset("tiny").to_dict(), "d_model": True})
+    with pytest.raises(ConfigError, match=r"train.lr must be a number, got \[1, 2\]"):
+        TrainConfig.from_dict({"lr": [1, 2]})
+    with pytest.raises(ConfigError, match="train.steps must be a positive integer, got True"):
+        TrainConfig.from_dict({"steps": True})
+
+
+def test_malformed_yaml_is_one_sentence_naming_the_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("d_model: 64\n  n_layers: [2\n")
+    code, out = _run(["init", "--config", str(bad), "-o", str(tmp_path / "c")])
+    assert code == 1 and "is not valid YAML at line" in out and "Traceback" not in out
+    assert not (tmp_path / "c").exists()
+    with pytest.raises(ConfigError, match="is not valid YAML at line"):
+        TrainConfig.from_file(bad)
+
+
+def test_output_is_not_wrapped_when_not_a_terminal(tmp_path):
+    long_dir = tmp_path / ("a-rather-long-directory-name-" * 3)
+    result = runner.invoke(app, ["init", "--preset", "tiny", "-o", str(long_dir)])
+    assert result.exit_code == 0
+    line = next(l for l in result.output.splitlines() if l.startswith("wrote"))
+    assert str(long_dir) in line and "active per token" in line  # one line, however long
