@@ -96,3 +96,23 @@ def test_output_is_not_wrapped_when_not_a_terminal(tmp_path):
     assert result.exit_code == 0
     line = next(l for l in result.output.splitlines() if l.startswith("wrote"))
     assert str(long_dir) in line and "active per token" in line  # one line, however long
+
+
+def test_a_manifest_disagreeing_with_the_shard_header_is_refused(tmp_path):
+    import json
+
+    from lite_llm.checkpoint import load_checkpoint, verify_checkpoint
+    from lite_llm.errors import CheckpointError
+
+    ckpt = tmp_path / "ckpt"
+    assert _run(["init", "--preset", "tiny", "-o", str(ckpt)])[0] == 0
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    entry = manifest["shards"][0]["tensors"]
+    name = next(iter(entry))
+    entry[name]["dtype"] = "bfloat16"  # the shard holds float32
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    assert any("as float32 but its manifest entry says bfloat16" in p for p in verify_checkpoint(ckpt))
+    with pytest.raises(CheckpointError, match="manifest lists bfloat16"):
+        load_checkpoint(ckpt, verify=False)
+    code, out = _run(["inspect", str(ckpt)])
+    assert code == 1 and "bfloat16" in out and "Traceback" not in out

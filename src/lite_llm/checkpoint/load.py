@@ -170,9 +170,20 @@ def _read_safetensors(path: Path, device: str, listed: dict[str, Any] | None, wh
                 extra = sorted(set(names) - set(listed))
                 detail = f"lacks {', '.join(missing[:3])}" if missing else f"has unlisted {', '.join(extra[:3])}"
                 raise CheckpointError(f"{what} {path} does not match the manifest ({detail}); restore it from a backup or re-save the checkpoint")
-            return {name: _aligned(f.get_tensor(name)) for name in names}
+            tensors = {name: _aligned(f.get_tensor(name)) for name in names}
     except SafetensorError as exc:
         raise CheckpointError(f"{what} {path} cannot be read as safetensors ({one_line(exc)}); restore it from a backup or re-save the checkpoint") from None
+    for name, t in tensors.items():
+        info = listed.get(name) if listed is not None else None
+        if not isinstance(info, dict):
+            continue
+        dtype, shape = str(t.dtype).removeprefix("torch."), list(t.shape)
+        if ("dtype" in info and info["dtype"] != dtype) or ("shape" in info and list(info["shape"]) != shape):
+            raise CheckpointError(
+                f"{what} {path} holds {name} as {dtype} {shape} but the manifest lists {info.get('dtype')} {info.get('shape')}; "
+                "restore the checkpoint from a backup or re-save it"
+            )
+    return tensors
 
 
 def _load_tokenizer(directory: Path) -> Any:
@@ -382,6 +393,11 @@ def verify_checkpoint(path: str | os.PathLike) -> list[str]:
     return problems
 
 
+# safetensors' dtype codes as the manifest writes them (torch's names).
+_HEADER_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+                  "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
 def _check_header(file_path: Path, listed: dict, what: str, present: dict[str, tuple[int, ...]]) -> list[str]:
     """Problems between a safetensors header and its manifest listing (reads the header only)."""
     problems = []
@@ -389,10 +405,13 @@ def _check_header(file_path: Path, listed: dict, what: str, present: dict[str, t
         with safe_open(str(file_path), framework="pt", device="cpu") as f:
             names = list(f.keys())
             for name in names:
-                shape = tuple(f.get_slice(name).get_shape())
+                view = f.get_slice(name)
+                shape, dtype = tuple(view.get_shape()), _HEADER_DTYPES.get(view.get_dtype(), view.get_dtype())
                 info = listed.get(name)
                 if not isinstance(info, dict) or tuple(info.get("shape", ())) != shape:
                     problems.append(f"{what} {file_path} holds tensor {name} that its manifest entry does not list with that shape; re-save the checkpoint")
+                elif "dtype" in info and info["dtype"] != dtype:
+                    problems.append(f"{what} {file_path} holds tensor {name} as {dtype} but its manifest entry says {info['dtype']}; re-save the checkpoint")
                 present[name] = shape
     except SafetensorError as exc:
         return [f"{what} {file_path} cannot be read as safetensors ({one_line(exc)}); restore it from a backup or re-save the checkpoint"]
