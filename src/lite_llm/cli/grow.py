@@ -134,7 +134,7 @@ def validate_command(
       lite-llm validate runs/small/final runs/grown
     """
     from ..checkpoint.lazy import open_checkpoint
-    from ..grow.expand import _tokenizer
+    from ..checkpoint.derived import source_tokenizer
     from ..grow.validate import check_growth, check_sample, check_tolerance
 
     check_tolerance(tolerance, "--tolerance")
@@ -143,7 +143,7 @@ def validate_command(
     a, b = open_checkpoint(original), open_checkpoint(grown)
     records = _records_since(a, b)
     exact = all(r.get("exact") for r in records)
-    ids = check_sample([a.config, b.config], _tokenizer(a), tokens)
+    ids = check_sample([a.config, b.config], source_tokenizer(a), tokens)
     report = check_growth(a.config, a.tensors, b.config, b.tensors, ids, exact_expected=exact, tolerance=tolerance)
     table = Table("check", "value", "result", title=f"{original} → {grown}")
     ok, bad = "[green]ok[/green]", "[bold red]FAIL[/bold red]"
