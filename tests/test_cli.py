@@ -113,3 +113,20 @@ def test_killed_run_resumes_exactly(tmp_path, small_dataset):
         return out
 
     assert losses(killed) == losses(straight)
+
+
+def _leaf_commands(command, path=()):
+    if hasattr(command, "commands"):
+        for name, sub in command.commands.items():
+            yield from _leaf_commands(sub, (*path, name))
+    else:
+        yield path, command
+
+
+def test_every_command_help_has_an_example_of_itself():
+    import typer.main
+
+    leaves = list(_leaf_commands(typer.main.get_command(app)))
+    assert len(leaves) >= 17  # quickstart, init, data prepare, tokenizer train, train, rollback, eval, ... ewc estimate
+    missing = [" ".join(path) for path, command in leaves if f"lite-llm {' '.join(path)}" not in (command.help or "").split("Example", 1)[-1]]
+    assert missing == []
