@@ -54,6 +54,14 @@ class FisherEstimate:
             if f.shape != self.anchor[name].shape:
                 raise ConfigError(f"EWC Fisher and anchor of {name} have different shapes {tuple(f.shape)} and {tuple(self.anchor[name].shape)}")
 
+    def to(self, device: torch.device | str) -> "FisherEstimate":
+        """This estimate with its tensors on ``device`` (itself when they are there already)."""
+        device = torch.device(device)
+        if all(t.device == device for t in (*self.fisher.values(), *self.anchor.values())):
+            return self
+        move = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
+        return FisherEstimate(move(self.fisher), move(self.anchor), dict(self.meta))
+
     def to_tensors(self) -> dict[str, torch.Tensor]:
         """The flat safetensors form stored in ``ewc/``."""
         out = {f"fisher/{k}": v.float().contiguous() for k, v in self.fisher.items()}
@@ -94,6 +102,7 @@ def estimate_fisher(
         raise ConfigError(f"unknown domain {domain!r} for the Fisher; the data has {', '.join(data.domains)}")
     sequences, _ = data.sample_batch(split, {domain: 1.0}, samples, seq_len, seed=seed, step=0)
     params = dict(model.named_parameters())
+    sequences = sequences.to(next(iter(params.values())).device)  # where the model is (the same tensor on the CPU)
     trainable = {n: p.requires_grad for n, p in params.items()}
     fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     chunk = 1 if estimator == "sample" else batch_size
@@ -127,7 +136,7 @@ def ewc_penalty(model: "LiteLLM", estimate: FisherEstimate) -> torch.Tensor:
     """``sum_i F_i (theta_i - theta*_i)^2`` over the parameters the estimate covers (without
     lambda).  Parameters that do not require grad are skipped: they cannot move."""
     params = dict(model.named_parameters())
-    total = torch.zeros((), dtype=torch.float32)
+    total = torch.zeros((), dtype=torch.float32, device=next(iter(params.values())).device)
     for name, f in estimate.fisher.items():
         p = params.get(name)
         if p is None or not p.requires_grad:
@@ -148,6 +157,7 @@ class EWC(TrainerCallback):
 
     def on_train_begin(self, trainer: "Trainer") -> None:
         params = dict(trainer.model.named_parameters())
+        self.estimate = self.estimate.to(trainer.device)  # Fisher and anchor beside the weights
         unknown = sorted(set(self.estimate.fisher) - set(params))
         if unknown:
             raise ConfigError(

@@ -1,0 +1,1 @@
+"""Run-time environment: the device a run uses and how it computes (no model code here)."""
