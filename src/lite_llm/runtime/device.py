@@ -40,7 +40,7 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     CUDA index past the last GPU, or anything that is not auto, cpu, cuda or cuda:N.
     """
     if isinstance(spec, torch.device):
-        spec = str(spec)
+        spec = "cpu" if spec.type == "cpu" else str(spec)
     text = "auto" if spec is None else str(spec).strip().lower()
     if text == "auto":
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")

@@ -405,6 +405,8 @@ class Trainer:
             record["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, c.grad_clip, foreach=False))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the update's kernels are queued: time them too
         elapsed = time.perf_counter() - started
         record["tokens_per_s"] = c.tokens_per_step / max(elapsed, 1e-9)
         if tier_routes is not None:
