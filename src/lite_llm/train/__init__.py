@@ -1,14 +1,15 @@
 """Training: the loop, its configuration, schedule, compute accounting and metrics."""
 
 from .config import TrainConfig
-from .flops import flops_per_token
+from ..config import flops_per_token
 from .distill import Distillation, distillation_loss
 from .ewc import EWC, FisherEstimate, estimate_fisher, ewc_penalty, load_ewc, save_ewc
 from .freezing import FreezeSchedule, PartialFreeze, freeze_parameters
 from .metrics import MetricsLogger, read_metrics
 from .schedule import lr_at
 from .protection import protection_callbacks
-from .trainer import Trainer, TrainerCallback, TrainResult, replay_rows, run_training
+from .callbacks import TrainerCallback
+from .trainer import Trainer, TrainResult, replay_rows, run_training
 
 __all__ = [
     "Distillation",

@@ -32,7 +32,7 @@ class TrainConfig:
       ``distill_temperature`` on the rows of ``distill_domains`` (empty: every row).
 
     ``keep_freed_cpu_memory`` (on CPU only) tells glibc to keep freed memory for the next step
-    instead of returning it to the OS (:mod:`lite_llm.cpu_memory`): the numbers are unchanged,
+    instead of returning it to the OS (:mod:`lite_llm.runtime.cpu_memory`): the numbers are unchanged,
     steps of large MoE layers run up to ~2x faster, and the process keeps its peak memory.
     """
 

@@ -12,23 +12,19 @@ the log-likelihood of the observed next tokens, not of tokens sampled from the m
   ``"sample"`` when the mean gradient is small (a trained model) and over-weights parameters
   with a consistent gradient otherwise; ``B`` times fewer backwards.
 
-The estimate is stored in a checkpoint's ``ewc/`` directory: tensors ``fisher/<name>`` and
-``anchor/<name>`` for every parameter, and what produced them (domain, estimator, samples,
-sequence length, seed) under ``"ewc"`` in ``progressive.json``.  Growth carries both through
-the same map as the weights (:mod:`lite_llm.grow.carry`).
+The estimate is stored in a checkpoint's ``ewc/`` directory (:mod:`lite_llm.checkpoint.ewc`);
+growth carries it through the same map as the weights (:mod:`lite_llm.grow.carry`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import CheckpointError, ConfigError
-from .trainer import TrainerCallback
+from ..checkpoint.ewc import FisherEstimate, load_ewc, save_ewc
+from ..errors import ConfigError
+from .callbacks import TrainerCallback
 
 if TYPE_CHECKING:
     from ..data import TokenData
@@ -36,45 +32,7 @@ if TYPE_CHECKING:
     from .trainer import Trainer
 
 ESTIMATORS = ("sample", "batch")
-EWC_DIR = "ewc"
-
-
-@dataclass
-class FisherEstimate:
-    """A diagonal Fisher and the weights it was measured at, by parameter name."""
-
-    fisher: dict[str, torch.Tensor]
-    anchor: dict[str, torch.Tensor]
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if set(self.fisher) != set(self.anchor):
-            raise ConfigError("an EWC estimate needs an anchor for every Fisher tensor and no other; they name different parameters")
-        for name, f in self.fisher.items():
-            if f.shape != self.anchor[name].shape:
-                raise ConfigError(f"EWC Fisher and anchor of {name} have different shapes {tuple(f.shape)} and {tuple(self.anchor[name].shape)}")
-
-    def to(self, device: torch.device | str) -> "FisherEstimate":
-        """This estimate with its tensors on ``device`` (itself when they are there already)."""
-        device = torch.device(device)
-        if all(t.device == device for t in (*self.fisher.values(), *self.anchor.values())):
-            return self
-        move = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
-        return FisherEstimate(move(self.fisher), move(self.anchor), dict(self.meta))
-
-    def to_tensors(self) -> dict[str, torch.Tensor]:
-        """The flat safetensors form stored in ``ewc/``."""
-        out = {f"fisher/{k}": v.float().contiguous() for k, v in self.fisher.items()}
-        out.update({f"anchor/{k}": v.float().contiguous() for k, v in self.anchor.items()})
-        return out
-
-    @classmethod
-    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], meta: dict[str, Any] | None = None) -> "FisherEstimate":
-        fisher = {k[len("fisher/"):]: v for k, v in tensors.items() if k.startswith("fisher/")}
-        anchor = {k[len("anchor/"):]: v for k, v in tensors.items() if k.startswith("anchor/")}
-        return cls(fisher, anchor, dict(meta or {}))
-
-
+__all__ = ["ESTIMATORS", "EWC", "FisherEstimate", "estimate_fisher", "ewc_penalty", "load_ewc", "save_ewc"]
 def estimate_fisher(
     model: "LiteLLM",
     data: "TokenData",
@@ -175,55 +133,3 @@ class EWC(TrainerCallback):
 
     def state_dict(self) -> dict[str, Any]:
         return {"weight": self.weight, "estimate": self.estimate.meta}
-
-
-def save_ewc(source: str | Path, estimate: FisherEstimate, output: str | Path) -> Path:
-    """A copy of the checkpoint ``source`` with ``estimate`` in its ``ewc/`` directory, written
-    atomically to ``output`` (the source is left as it is)."""
-    from ..checkpoint.save import write_checkpoint
-    from ..checkpoint.lazy import open_checkpoint
-    from ..grow.expand import check_new_output, copied_tokenizer
-    from ..model.shapes import parameter_names, tensor_shapes
-
-    src = open_checkpoint(source)
-    check_new_output(Path(output), src.path, "the checkpoint with its EWC estimate")
-    shapes = tensor_shapes(src.config)
-    params = parameter_names(src.config)
-    for kind, tensors in (("Fisher", estimate.fisher), ("anchor", estimate.anchor)):
-        missing = [n for n in params if n not in tensors]
-        extra = sorted(set(tensors) - set(params))
-        wrong = [n for n in params if n in tensors and tuple(tensors[n].shape) != tuple(shapes[n])]
-        if missing or extra or wrong:
-            what = (f"lacks {', '.join(missing[:3])}" if missing else f"has parameters the model lacks ({', '.join(extra[:3])})" if extra
-                    else f"has {wrong[0]} of shape {tuple(tensors[wrong[0]].shape)} where the model's is {tuple(shapes[wrong[0]])}")
-            raise ConfigError(f"the EWC {kind} {what} for the model of {source}; estimate it on that checkpoint's model")
-    progressive = dict(src.progressive)
-    progressive["ewc"] = dict(estimate.meta)
-    return write_checkpoint(
-        output,
-        src.config,
-        src.tensors,
-        tokenizer=copied_tokenizer(src),
-        progressive=progressive,
-        extra_dirs={EWC_DIR: estimate.to_tensors()},
-        model_version=src.manifest.get("model_version", "1.0.0"),
-    )
-
-
-def has_ewc(manifest: Mapping[str, Any]) -> bool:
-    """Whether a checkpoint's manifest lists an ``ewc/`` directory."""
-    return any(f.get("kind") == "extra" and f.get("name") == EWC_DIR for f in manifest.get("files", []))
-
-
-def load_ewc(checkpoint: str | Path) -> FisherEstimate:
-    """The EWC estimate stored in ``checkpoint`` (hashes verified)."""
-    from ..checkpoint.lazy import open_checkpoint
-    from ..checkpoint.load import load_extra
-
-    src = open_checkpoint(checkpoint, verify=False)  # the manifest and progressive.json only
-    if not has_ewc(src.manifest):
-        raise CheckpointError(
-            f"checkpoint {checkpoint} holds no EWC estimate; make one with `lite-llm ewc estimate {checkpoint} --data DIR --domain NAME -o OUT`"
-        )
-    return FisherEstimate.from_tensors(load_extra(src.path, EWC_DIR, manifest=src.manifest), src.progressive.get("ewc"))
-

@@ -13,7 +13,7 @@ from .config import TrainConfig
 from .distill import Distillation
 from .ewc import EWC, load_ewc
 from .freezing import FreezeSchedule
-from .trainer import TrainerCallback
+from .callbacks import TrainerCallback
 
 if TYPE_CHECKING:
     import torch

@@ -28,44 +28,19 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..config import TierSet
-from ..cpu_memory import keep_freed_memory
-from ..eval import evaluate
+from ..runtime.cpu_memory import keep_freed_memory
 from ..runtime.device import Bf16Support, bf16_support, module_device, resolve_device
+from .validation import evaluate
 from .config import TrainConfig
-from .flops import flops_per_token
+from ..config import flops_per_token
 from .metrics import MetricsLogger
 from .progress import TrainProgress
+from .callbacks import TrainerCallback
 from .schedule import lr_at
 
 if TYPE_CHECKING:
     from ..data import TokenData
-    from ..model import LiteLLM, ModelOutput
-
-
-class TrainerCallback:
-    """Hooks into the loop.  Override what you need; every hook is optional."""
-
-    name = "callback"
-
-    def on_train_begin(self, trainer: "Trainer") -> None: ...
-
-    def on_step_begin(self, trainer: "Trainer", step: int) -> None: ...
-
-    def lr_scale(self, trainer: "Trainer", step: int) -> float:
-        """A factor on the scheduled learning rate of ``step`` (a curriculum phase's)."""
-        return 1.0
-
-    def extra_loss(self, trainer: "Trainer", step: int, batch: torch.Tensor, output: "ModelOutput") -> torch.Tensor | None:
-        return None
-
-    def on_step_end(self, trainer: "Trainer", step: int, record: dict[str, Any]) -> None: ...
-
-    def on_eval(self, trainer: "Trainer", step: int, scores: dict[str, Any]) -> None: ...
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    from ..model import LiteLLM
 
 
 @dataclass
