@@ -16,21 +16,24 @@ from .freezing import FreezeSchedule
 from .callbacks import TrainerCallback
 
 if TYPE_CHECKING:
+    import torch
+
     from ..model import LiteLLM
 
 
-def protection_callbacks(config: TrainConfig, model: "LiteLLM") -> list[TrainerCallback]:
+def protection_callbacks(config: TrainConfig, model: "LiteLLM", *, device: "torch.device | str" = "cpu") -> list[TrainerCallback]:
     """The freezing schedule, EWC and distillation callbacks ``config`` configures (in that
-    order), loading the EWC estimate and the teacher from their checkpoints."""
+    order), loading the EWC estimate and the teacher from their checkpoints onto ``device``
+    (the trainer's: a teacher or a Fisher on another device would be copied every step)."""
     callbacks: list[TrainerCallback] = []
     if config.freeze:
         callbacks.append(FreezeSchedule(model, config.freeze))
     if config.ewc_from is not None:
-        callbacks.append(EWC(load_ewc(config.ewc_from), weight=config.ewc_weight))
+        callbacks.append(EWC(load_ewc(config.ewc_from).to(device), weight=config.ewc_weight))
     if config.distill_from is not None:
         from ..checkpoint import load_checkpoint
 
-        teacher = load_checkpoint(config.distill_from).model
+        teacher = load_checkpoint(config.distill_from, device=device).model
         callbacks.append(
             Distillation(teacher, weight=config.distill_weight, temperature=config.distill_temperature, domains=config.distill_domains or None)
         )
