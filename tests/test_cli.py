@@ -44,8 +44,10 @@ def test_init_inspect_generate(tmp_path):
     _ok(["init", "--preset", "tiny", "-o", str(ckpt)])
     out = _ok(["inspect", str(ckpt)])
     assert "tier_1b" in out and "tier_10b" in out and "verified" in out
-    out = _ok(["generate", str(ckpt), "--prompt", "ab", "--max-new-tokens", "8", "--temperature", "0", "--tiers", "upto:tier_1b"])
-    assert out.startswith("ab")
+    result = runner.invoke(app, ["generate", str(ckpt), "--prompt", "ab", "--max-new-tokens", "8", "--temperature", "0", "--tiers", "upto:tier_1b"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("ab")  # the text alone on stdout; the threads header went to stderr
+    assert result.stderr.startswith("threads: ")
 
 
 def test_inspect_fails_on_a_corrupt_shard(tmp_path):
