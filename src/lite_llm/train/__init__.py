@@ -8,6 +8,7 @@ from .freezing import FreezeSchedule, PartialFreeze, freeze_parameters
 from .metrics import MetricsLogger, read_metrics
 from .schedule import lr_at
 from .protection import protection_callbacks
+from .synaptic import SynapticIntelligence, load_si
 from .trainer import Trainer, TrainerCallback, TrainResult, replay_rows, run_training
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "FreezeSchedule",
     "MetricsLogger",
     "PartialFreeze",
+    "SynapticIntelligence",
     "TrainConfig",
     "TrainResult",
     "Trainer",
@@ -27,6 +29,7 @@ __all__ = [
     "flops_per_token",
     "freeze_parameters",
     "load_ewc",
+    "load_si",
     "lr_at",
     "protection_callbacks",
     "read_metrics",
