@@ -40,12 +40,12 @@ def reexec_with_thp(opt_out_flag: str = "--no-thp") -> None:
 
 
 def keep_freed_memory_unless(opted_out: bool) -> bool:
-    """Keep freed CPU memory for reuse, as ``lite-llm`` training does on CPU (``lite_llm.cpu_memory``),
+    """Keep freed CPU memory for reuse, as ``lite-llm`` training does on CPU (``lite_llm.runtime.cpu_memory``),
     unless ``opted_out``; returns whether it is in effect.  Process-wide: every candidate a
     benchmark compares runs under the same allocator setting."""
     if opted_out:
         return False
-    from lite_llm.cpu_memory import keep_freed_memory
+    from lite_llm.runtime.cpu_memory import keep_freed_memory
 
     return keep_freed_memory()
 

@@ -35,7 +35,7 @@ the candidates of one E are interleaved (each repeat runs every candidate once, 
 order) on the same input tensor, so drift of a noisy machine hits all alike.  A candidate
 whose warm-up call exceeds ``--slow-step-s`` keeps that single call as its figure (marked
 ``*``: it includes first-call costs).  On CPU, freed memory is kept for reuse
-(``lite_llm.cpu_memory``, as ``lite-llm`` training does; process-wide, so for every candidate
+(``lite_llm.runtime.cpu_memory``, as ``lite-llm`` training does; process-wide, so for every candidate
 alike) unless ``--no-keep-memory`` is given: without it, each step faults ~4 GB of fresh pages
 in at E=512 and that system time, not the kernels, decides the comparison.  Ratios of the
 fastest samples (min/min) are reported beside the medians: on a shared machine noise only adds time, so they are the steadier figure.  The script re-executes itself with

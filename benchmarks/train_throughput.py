@@ -78,7 +78,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--profile", action="store_true", help="split each model's step into matmul / attention / other")
-    parser.add_argument("--no-keep-memory", action="store_true", help="leave glibc's malloc as it is (see lite_llm.cpu_memory)")
+    parser.add_argument("--no-keep-memory", action="store_true", help="leave glibc's malloc as it is (see lite_llm.runtime.cpu_memory)")
     args = parser.parse_args()
     threads = setup_torch_threads(args.threads)
     kept = keep_freed_memory_unless(args.no_keep_memory)

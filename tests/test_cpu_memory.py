@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from lite_llm.cpu_memory import GLIBC
+from lite_llm.runtime.cpu_memory import GLIBC
 
 pytestmark = pytest.mark.skipif(not GLIBC, reason="keep_freed_memory acts on glibc only")
 
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(not GLIBC, reason="keep_freed_memory acts on gli
 # heap starts, and an early round's block may not fit the next, differently aligned request).
 _PROBE = """
 import resource, sys, torch
-from lite_llm.cpu_memory import keep_freed_memory
+from lite_llm.runtime.cpu_memory import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory() and keep_freed_memory()
 def faults_of_one_round():

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ModelConfig, TierSet
-from ..cpu_memory import release_freed_memory
+from ..runtime.cpu_memory import release_freed_memory
 from ..model.layers import RMSNorm, rope_tables
 from ..model.transformer import Block
 from .tensors import LazyTensors, Tensors, layer_names, layer_prefix, origin, stored_names

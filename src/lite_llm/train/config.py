@@ -37,7 +37,7 @@ class TrainConfig:
       ``si_strength * sum Omega (theta - theta*)^2`` and is consolidated into this run's.
 
     ``keep_freed_cpu_memory`` (on CPU only) tells glibc to keep freed memory for the next step
-    instead of returning it to the OS (:mod:`lite_llm.cpu_memory`): the numbers are unchanged,
+    instead of returning it to the OS (:mod:`lite_llm.runtime.cpu_memory`): the numbers are unchanged,
     steps of large MoE layers run up to ~2x faster, and the process keeps its peak memory.
     """
 

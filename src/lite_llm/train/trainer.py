@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..config import TierSet
-from ..cpu_memory import keep_freed_memory
+from ..runtime.cpu_memory import keep_freed_memory
 from ..eval import evaluate
 from .config import TrainConfig
 from .flops import flops_per_token

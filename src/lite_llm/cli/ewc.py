@@ -1,7 +1,4 @@
-"""`lite-llm ewc`: estimate a domain's Fisher and store it with the checkpoint.
-
-Registered on the main app by :mod:`lite_llm.cli`.
-"""
+"""`lite-llm ewc`: estimate a domain's Fisher and store it with the checkpoint."""
 
 from __future__ import annotations
 
@@ -9,7 +6,8 @@ from pathlib import Path
 
 import typer
 
-from .cli import app, console, friendly_errors
+from .app import app, console, friendly_errors
+
 
 ewc_app = typer.Typer(help="Elastic weight consolidation: Fisher estimates stored in checkpoints.", no_args_is_help=True)
 app.add_typer(ewc_app, name="ewc")
@@ -37,9 +35,9 @@ def estimate(
 
       lite-llm ewc estimate ckpt/prose --data data/std --domain prose --samples 256 -o ckpt/prose-ewc
     """
-    from .checkpoint import load_checkpoint
-    from .data import TokenData
-    from .train.ewc import estimate_fisher, save_ewc
+    from ..checkpoint import load_checkpoint
+    from ..data import TokenData
+    from ..train.ewc import estimate_fisher, save_ewc
 
     model = load_checkpoint(checkpoint).model
     result = estimate_fisher(model, TokenData(data), domain, samples=samples, seq_len=seq_len, estimator=estimator, batch_size=batch_size, seed=seed)

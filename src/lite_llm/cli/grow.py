@@ -1,14 +1,8 @@
-"""`lite-llm` commands for growth and interop: expand, add-tier, validate, plan, import, export.
-
-Registered on the main app by :mod:`lite_llm.cli` (kept apart so each module stays small).
-"""
+"""`lite-llm expand`, `validate`, `plan`, `add-tier`: growing checkpoints and checking them."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
 
@@ -16,25 +10,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .cli import app, console, err_console, friendly_errors
-from .errors import ConfigError
-
-
-@contextlib.contextmanager
-def plain_warnings() -> Iterator[None]:
-    """Warnings raised inside as one plain ``warning: ...`` line on stderr each, instead of
-    Python's ``file:line: UserWarning`` with a source line (which reads like a crash)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            yield
-        finally:
-            seen: set[str] = set()
-            for w in caught:
-                text = str(w.message)
-                if text not in seen:
-                    seen.add(text)
-                    err_console.print(f"[yellow]warning:[/yellow] {escape(text)}", highlight=False)
+from ..errors import ConfigError
+from .app import app, console, err_console, friendly_errors, plain_warnings
 
 
 def _parse_set(items: list[str]) -> dict[str, Any]:
@@ -51,7 +28,7 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
 
 
 def _print_records(records: list[dict[str, Any]]) -> None:
-    from .config import format_size
+    from ..config import format_size
 
     table = Table("step", "method", "params", "exact", "max |Δlogit| / max |logit|", "max |Δlogit|", "loss jump", title="growth (logits in float64)")
     for i, r in enumerate(records, 1):
@@ -99,10 +76,10 @@ def expand(
 
       lite-llm expand --recipe grow.yaml
     """
-    from .grow import available_ops
-    from .interop.hf_stream import expand_model
-    from .grow.recipe import Recipe, parse_step
-    from .grow.validate import check_tolerance
+    from ..grow import available_ops
+    from ..interop.hf_stream import expand_model
+    from ..grow.recipe import Recipe, parse_step
+    from ..grow.validate import check_tolerance
 
     if list_methods:
         table = Table("method", "family", "parameters", "what it does", title="growth methods")
@@ -156,9 +133,9 @@ def validate_command(
 
       lite-llm validate runs/small/final runs/grown
     """
-    from .checkpoint.lazy import open_checkpoint
-    from .grow.expand import _tokenizer
-    from .grow.validate import check_growth, check_sample, check_tolerance
+    from ..checkpoint.lazy import open_checkpoint
+    from ..grow.expand import _tokenizer
+    from ..grow.validate import check_growth, check_sample, check_tolerance
 
     check_tolerance(tolerance, "--tolerance")
     if tokens < 2:
@@ -189,7 +166,7 @@ def validate_command(
 def _records_since(original: Any, grown: Any) -> list[dict[str, Any]]:
     """The expansion records of ``grown`` from the one whose source is ``original`` on; a
     checkpoint not grown from ``original`` is refused (there is nothing to validate)."""
-    from .grow.validate import ValidationError
+    from ..grow.validate import ValidationError
 
     if original.config.vocab_size != grown.config.vocab_size:
         raise ValidationError(
@@ -229,8 +206,8 @@ def plan(
 
       lite-llm plan --from small --to 350M --strategy moe --write-recipe grow.yaml
     """
-    from .config import format_size, parse_size
-    from .grow.planner import STRATEGIES, PlanError, plan_growth
+    from ..config import format_size, parse_size
+    from ..grow.planner import STRATEGIES, PlanError, plan_growth
 
     source = _config_of(from_)
     try:
@@ -268,75 +245,14 @@ def plan(
 
 def _config_of(spec: Path):
     """A model config from a checkpoint directory, a config file or a preset name."""
-    from .checkpoint import read_manifest
-    from .config import ModelConfig
+    from ..checkpoint import read_manifest
+    from ..config import ModelConfig
 
     if spec.is_dir():
         return ModelConfig.from_dict(read_manifest(spec)["model_config"], allow_unknown=True)
     if spec.is_file():
         return ModelConfig.from_file(spec)
     return ModelConfig.from_preset(str(spec))
-
-
-@app.command("import")
-@friendly_errors
-def import_command(
-    source: Path = typer.Argument(..., help="Hugging Face folder (config.json + safetensors) or a .gguf file."),
-    output: Path = typer.Option(..., "-o", "--output", help="New checkpoint directory."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it already exists."),
-    dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: as stored; GGUF: float32)."),
-) -> None:
-    """Bring a Llama/Mistral/Qwen2/Mixtral Hugging Face model or a Llama GGUF file in.
-
-    Examples:
-
-      lite-llm import ~/models/Qwen2-0.5B -o ckpt/qwen2
-
-      lite-llm import models/SmolLM2-135M-Instruct.Q4_1.gguf -o ckpt/smollm2
-    """
-    from .checkpoint.atomic import refuse_existing
-
-    refuse_existing(output, overwrite, "checkpoint")
-    from .interop import import_gguf, import_hf
-
-    torch_dtype = _dtype(dtype)
-    with console.status("importing…"):
-        if source.suffix == ".gguf":
-            path = import_gguf(source, output, **({"dtype": torch_dtype} if torch_dtype else {}))
-        else:
-            path = import_hf(source, output, dtype=torch_dtype)
-    console.print(f"wrote {path}")
-
-
-@app.command("export")
-@friendly_errors
-def export_command(
-    checkpoint: Path = typer.Argument(..., help="Checkpoint directory."),
-    output: Path = typer.Option(..., "-o", "--output", help="New Hugging Face folder."),
-    dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: as stored)."),
-) -> None:
-    """Write a dense model as Llama, or a one-tier one-group MoE as Mixtral, for transformers.
-
-    Example:
-
-      lite-llm export ckpt/grown -o hf/grown
-    """
-    from .interop import export_hf
-
-    with console.status("exporting…"), plain_warnings():
-        path = export_hf(checkpoint, output, dtype=_dtype(dtype))
-    console.print(f"wrote {path} (load with transformers.AutoModelForCausalLM.from_pretrained)")
-
-
-def _dtype(name: Optional[str]):
-    import torch
-
-    if name is None:
-        return None
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-    if name not in table:
-        raise ConfigError(f"unknown dtype {name!r}; use float32, bfloat16 or float16")
-    return table[name]
 
 
 @app.command("add-tier")
@@ -372,9 +288,9 @@ def add_tier_command(
 
       lite-llm add-tier ckpt --tier tier_10b --groups 8 --experts-per-group 8 --expert-hidden 2048 --budget 10B -o grown
     """
-    from .checkpoint import read_manifest
-    from .config import format_size
-    from .grow.tiers import add_tier_checkpoint
+    from ..checkpoint import read_manifest
+    from ..config import format_size
+    from ..grow.tiers import add_tier_checkpoint
 
     params = {
         "tier": tier,

@@ -1,0 +1,17 @@
+"""`lite-llm`: the command line.
+
+One module per command family; :mod:`.app` holds the application, its consoles and the error
+handling every command shares.  Every command prints one clear sentence and exits non-zero on
+bad input; heavy imports happen inside commands so ``--help`` is instant.
+"""
+
+# Imported for their side effect, registering the commands, in the order `--help` lists them.
+from . import quickstart, prepare, train, evaluate, generate, grow, interop, ewc  # noqa: F401,I001
+from .app import app
+
+
+def main() -> None:
+    app()
+
+
+__all__ = ["app", "main"]

@@ -1,0 +1,98 @@
+"""The `lite-llm` application object, its consoles and the one way errors reach the user.
+
+Every command prints one clear sentence and exits non-zero on bad input; no stack traces for
+errors a user can fix.  Heavy imports happen inside commands so ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from ..errors import ConfigError, LiteLLMError
+
+app = typer.Typer(
+    name="lite-llm",
+    help="Language models that grow: train a small tiered model, then grow it without starting over.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+console = Console(soft_wrap=not sys.stdout.isatty())  # plain, unwrapped lines in logs and pipes
+err_console = Console(stderr=True, soft_wrap=True)
+
+
+def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn user-facing errors into one line on stderr and exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except LiteLLMError as exc:
+            err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False)
+            raise typer.Exit(1) from None
+        except (FileNotFoundError, NotADirectoryError, PermissionError) as exc:
+            err_console.print(f"[bold red]error:[/bold red] {exc.strerror or exc}: {exc.filename}", highlight=False)
+            raise typer.Exit(1) from None
+        except ValueError as exc:
+            err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+@contextlib.contextmanager
+def plain_warnings() -> Iterator[None]:
+    """Warnings raised inside as one plain ``warning: ...`` line on stderr each, instead of
+    Python's ``file:line: UserWarning`` with a source line (which reads like a crash)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            seen: set[str] = set()
+            for w in caught:
+                text = str(w.message)
+                if text not in seen:
+                    seen.add(text)
+                    err_console.print(f"[yellow]warning:[/yellow] {escape(text)}", highlight=False)
+
+
+def model_config_from(preset: Optional[str], config: Optional[Path]):
+    from ..config import ModelConfig
+
+    if config is not None:
+        return ModelConfig.from_file(config)
+    return ModelConfig.from_preset(preset or "tiny")
+
+
+def print_scores(scores: dict[str, dict[str, float]], title: str = "validation") -> None:
+    if not scores:
+        return
+    table = Table("domain", "loss (nats/token)", "bits per byte", title=title)
+    for domain, s in scores.items():
+        table.add_row(domain, f"{s['loss']:.4f}", f"{s['bpb']:.4f}")
+    console.print(table)
+
+
+def parse_dtype(name: Optional[str]):
+    import torch
+
+    if name is None:
+        return None
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if name not in table:
+        raise ConfigError(f"unknown dtype {name!r}; use float32, bfloat16 or float16")
+    return table[name]

@@ -1,0 +1,150 @@
+"""`lite-llm eval`, `inspect`, `plot`: reading checkpoints and runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from ..errors import LiteLLMError
+from .app import app, console, err_console, friendly_errors, print_scores
+
+
+# ------------------------------------------------------------------------------------ eval
+@app.command("eval")
+@friendly_errors
+def eval_command(
+    checkpoints: list[Path] = typer.Argument(..., help="Checkpoint directories (one or more)."),
+    data: Path = typer.Option(..., help="Dataset directory from `lite-llm data prepare`."),
+    domains: Optional[str] = typer.Option(None, help="Comma-separated domains (default: all)."),
+    against: Optional[Path] = typer.Option(None, "--against", help="Base checkpoint: report each model's change against it (retention)."),
+    report: Path = typer.Option(Path("retention"), "--report", help="With --against: where retention.json/.md/.png go."),
+    tiers: str = typer.Option("all", help="TierSet to evaluate with."),
+    batches: int = typer.Option(16, help="Validation batches per domain."),
+    batch_size: int = typer.Option(16, help="Sequences per batch."),
+    seq_len: int = typer.Option(128, help="Tokens per sequence."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the scores here."),
+) -> None:
+    """Validation loss and bits per byte per domain; with --against, a retention report.
+
+    Examples:
+
+      lite-llm eval runs/small/checkpoints/step-00000300 --data data/std --domains code,prose
+
+      lite-llm eval runs/ewc/final runs/replay/final --against ckpt/base --data data/std --domains prose,code --report reports/retention
+    """
+    from ..checkpoint import load_checkpoint
+    from ..data import TokenData
+    from ..eval import RetentionReport, evaluate
+
+    dataset = TokenData(data)
+    names = [d.strip() for d in domains.split(",")] if domains else dataset.domains
+    unknown = [d for d in names if d not in dataset.domains]
+    if unknown:
+        raise LiteLLMError(f"unknown domain(s) {', '.join(unknown)}; the data has {', '.join(dataset.domains)}")
+    labels = _labels([against, *checkpoints] if against is not None else checkpoints)
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    for label, path in labels.items():
+        loaded = load_checkpoint(path, tierset=None if tiers == "all" else tiers)
+        scores = evaluate(loaded.model, dataset, names, batch_size=batch_size, seq_len=seq_len, max_batches=batches, tierset=tiers)
+        results[label] = {d: s.to_dict() for d, s in scores.items()}
+        if against is None:
+            print_scores(results[label], title=f"{path} ({tiers})")
+    if against is not None:
+        base = next(iter(labels))
+        retention = RetentionReport(base, names, {m: {d: s["bpb"] for d, s in r.items()} for m, r in results.items()})
+        table = Table("model", *(f"{d} bpb" for d in names), *(f"{d} vs base" for d in names), title=f"retention against {base} (bits per byte; lower is better)")
+        for model in retention.scores:
+            changes = ["base" if model == base else f"{retention.change(model, d):+.2%}" for d in names]
+            table.add_row(model, *(f"{retention.scores[model][d]:.4f}" for d in names), *changes)
+        console.print(table)
+        written = retention.write(report)
+        console.print("wrote " + ", ".join(str(w) for w in written))
+    if json_out:
+        json_out.write_text(json.dumps(results if len(results) > 1 else next(iter(results.values())), indent=2))
+
+
+def _labels(paths: list[Path]) -> dict[str, Path]:
+    """Short unique names for checkpoints: the directory name, or more of the path when two
+    share one (``runs/a/final`` and ``runs/b/final`` become ``a/final`` and ``b/final``)."""
+    depth = 1
+    while True:
+        labels = ["/".join(p.resolve().parts[-depth:]) for p in paths]
+        if len(set(labels)) == len(labels) or depth > 8:
+            return dict(zip(labels, paths))
+        depth += 1
+
+
+# ------------------------------------------------------------------------------------ inspect
+@app.command()
+@friendly_errors
+def inspect(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint directory."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Check every shard's sha256."),
+) -> None:
+    """Show a checkpoint's manifest, tiers and parameter counts; verify its hashes.
+
+    Exits non-zero when a shard is missing, truncated or fails its hash.
+
+    Example:
+
+      lite-llm inspect runs/small/checkpoints/step-00000300
+    """
+    from ..checkpoint import read_manifest, verify_checkpoint
+    from ..config import ModelConfig, TierSet, format_size
+
+    manifest = read_manifest(checkpoint)
+    cfg = ModelConfig.from_dict(manifest["model_config"], allow_unknown=True)
+    console.print(f"[bold]{checkpoint}[/bold]  format {manifest['format_version']}  model '{cfg.name}'")
+    console.print(
+        f"d_model {cfg.d_model}, layers {cfg.n_layers}, heads {cfg.n_heads}/{cfg.n_kv_heads} (q/kv), head_dim {cfg.head_dim}, vocab {cfg.vocab_size}"
+        + (", tied embeddings" if cfg.tie_embeddings else "")
+    )
+    if cfg.tiers:
+        table = Table("tier", "groups x experts", "expert hidden", "k (group, expert)", "params", "budget", "placement", title="tiers")
+        for t in cfg.tiers:
+            table.add_row(
+                t.name, f"{t.num_groups} x {t.experts_per_group}", str(t.expert_hidden),
+                f"{cfg.k_group_of(t)}, {cfg.k_expert_of(t)}", format_size(cfg.tier_params(t)),
+                format_size(t.budget) if t.budget else "-", t.placement,
+            )
+        console.print(table)
+    counts = Table("TierSet", "total parameters", "active per token", title="parameters")
+    counts.add_row("(model)", f"{cfg.num_params():,}", f"{cfg.num_active_params():,}")
+    for t in cfg.tiers:
+        ts = TierSet.up_to(t.name)
+        counts.add_row(str(ts), "", f"{cfg.num_active_params(ts):,}")
+    console.print(counts)
+    shards = Table("shard", "tier", "kind", "bytes", "sha256", title="shards")
+    for s in manifest["shards"]:
+        shards.add_row(s["path"], s["tier"], s.get("kind", ""), f"{s['bytes']:,}", s["sha256"][:16] + "…")
+    console.print(shards)
+    if verify:
+        problems = verify_checkpoint(checkpoint)
+        if problems:
+            for p in problems:
+                err_console.print(f"[bold red]FAIL[/bold red] {p}", highlight=False)
+            raise typer.Exit(1)
+        console.print(f"[green]verified[/green] {len(manifest['shards'])} shard(s)")
+
+
+# ------------------------------------------------------------------------------------ plot
+@app.command()
+@friendly_errors
+def plot(
+    run: Path = typer.Argument(..., help="Run directory (with metrics.jsonl)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Folder for the PNGs (default RUN/plots)."),
+) -> None:
+    """Draw a run's charts: loss per domain, bits per byte, tier shares, expert utilisation.
+
+    Example:
+
+      lite-llm plot runs/small
+    """
+    from ..plot import plot_run
+
+    for path in plot_run(run, output):
+        console.print(f"wrote {path}")

@@ -1,0 +1,80 @@
+"""`lite-llm generate`: text from a checkpoint."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from ..errors import LiteLLMError
+from .app import app, friendly_errors
+
+
+# ------------------------------------------------------------------------------------ generate
+@app.command()
+@friendly_errors
+def generate(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint directory."),
+    prompt: str = typer.Option("", help="Text to continue (with --chat: the user's message)."),
+    max_new_tokens: int = typer.Option(200, help="Tokens to generate (at least 1)."),
+    temperature: float = typer.Option(0.8, help="Sampling temperature; 0 is greedy."),
+    top_k: Optional[int] = typer.Option(None, help="Keep the k most likely tokens."),
+    top_p: Optional[float] = typer.Option(None, help="Keep the smallest set of tokens with this much probability."),
+    seed: int = typer.Option(0, help="Sampling seed."),
+    tiers: str = typer.Option("all", help="TierSet: all, tier_1b, upto:tier_1b, only:tier_10b."),
+    chat: bool = typer.Option(False, "--chat", help="Wrap PROMPT in the model's chat template as one user turn and print only the reply."),
+    stop: Optional[List[str]] = typer.Option(None, "--stop", help="Stop before this text (repeatable)."),
+    repetition_penalty: float = typer.Option(1.0, help="Divide (multiply, when negative) the logits of tokens already seen by this; 1 is off."),
+) -> None:
+    """Stream a continuation of PROMPT to the terminal.
+
+    Generation ends at any end-of-sequence token the model lists (a chat model's <|im_end|>
+    included), at a --stop string, or after --max-new-tokens.
+
+    Examples:
+
+      lite-llm generate ckpt --prompt 'def main(' --max-new-tokens 120 --temperature 0
+
+      lite-llm generate ckpt --prompt 'The' --tiers upto:tier_1b --top-p 0.9 --seed 3
+
+      lite-llm generate ckpt --chat --prompt 'What is the capital of France?' --temperature 0
+    """
+    from ..checkpoint import load_checkpoint
+    from ..data.tokenizer import render_chat
+    from ..generate import generate_text
+
+    if max_new_tokens < 1:
+        raise LiteLLMError(f"--max-new-tokens must be at least 1, got {max_new_tokens}; pass how many tokens to generate, e.g. --max-new-tokens 200")
+    if temperature < 0:
+        raise LiteLLMError(f"--temperature must be 0 (greedy) or more, got {temperature}")
+    if repetition_penalty <= 0:
+        raise LiteLLMError(f"--repetition-penalty must be positive (1 is off, 1.1-1.3 discourages repeats), got {repetition_penalty}")
+    loaded = load_checkpoint(checkpoint, tierset=None if tiers == "all" else tiers)
+    if loaded.tokenizer is None:
+        raise LiteLLMError(f"checkpoint {checkpoint} has no tokenizer/ folder; re-save it with its tokenizer")
+    prompt_ids = None
+    if chat:
+        if not getattr(loaded.tokenizer, "chat_template", None):
+            raise LiteLLMError(f"checkpoint {checkpoint} has no chat template in its tokenizer; generate without --chat, or import the model again from a file that has one")
+        prompt_ids = loaded.tokenizer.encode(render_chat(loaded.tokenizer, [{"role": "user", "content": prompt}]))
+    else:
+        sys.stdout.write(prompt)
+    for piece in generate_text(
+        loaded.model,
+        loaded.tokenizer,
+        prompt,
+        max_new_tokens,
+        prompt_ids=prompt_ids,
+        stop=stop or (),
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        tierset=tiers,
+        repetition_penalty=repetition_penalty,
+    ):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")

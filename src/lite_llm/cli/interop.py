@@ -1,0 +1,60 @@
+"""`lite-llm import` and `export`: Hugging Face and GGUF."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .app import app, console, friendly_errors, parse_dtype, plain_warnings
+
+
+@app.command("import")
+@friendly_errors
+def import_command(
+    source: Path = typer.Argument(..., help="Hugging Face folder (config.json + safetensors) or a .gguf file."),
+    output: Path = typer.Option(..., "-o", "--output", help="New checkpoint directory."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it already exists."),
+    dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: as stored; GGUF: float32)."),
+) -> None:
+    """Bring a Llama/Mistral/Qwen2/Mixtral Hugging Face model or a Llama GGUF file in.
+
+    Examples:
+
+      lite-llm import ~/models/Qwen2-0.5B -o ckpt/qwen2
+
+      lite-llm import models/SmolLM2-135M-Instruct.Q4_1.gguf -o ckpt/smollm2
+    """
+    from ..checkpoint.atomic import refuse_existing
+
+    refuse_existing(output, overwrite, "checkpoint")
+    from ..interop import import_gguf, import_hf
+
+    torch_dtype = parse_dtype(dtype)
+    with console.status("importing…"):
+        if source.suffix == ".gguf":
+            path = import_gguf(source, output, **({"dtype": torch_dtype} if torch_dtype else {}))
+        else:
+            path = import_hf(source, output, dtype=torch_dtype)
+    console.print(f"wrote {path}")
+
+
+@app.command("export")
+@friendly_errors
+def export_command(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint directory."),
+    output: Path = typer.Option(..., "-o", "--output", help="New Hugging Face folder."),
+    dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: as stored)."),
+) -> None:
+    """Write a dense model as Llama, or a one-tier one-group MoE as Mixtral, for transformers.
+
+    Example:
+
+      lite-llm export ckpt/grown -o hf/grown
+    """
+    from ..interop import export_hf
+
+    with console.status("exporting…"), plain_warnings():
+        path = export_hf(checkpoint, output, dtype=parse_dtype(dtype))
+    console.print(f"wrote {path} (load with transformers.AutoModelForCausalLM.from_pretrained)")

@@ -1,0 +1,127 @@
+"""`lite-llm init`, `data prepare`, `tokenizer train`: what a run starts from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from ..errors import LiteLLMError
+from .app import app, console, friendly_errors, model_config_from
+
+data_app = typer.Typer(help="Prepare corpora into token shards.", no_args_is_help=True)
+tokenizer_app = typer.Typer(help="Train and inspect tokenizers.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(tokenizer_app, name="tokenizer")
+
+
+# ------------------------------------------------------------------------------------ init
+@app.command()
+@friendly_errors
+def init(
+    output: Path = typer.Option(..., "-o", "--output", help="Checkpoint directory to create."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it already exists."),
+    preset: Optional[str] = typer.Option(None, help="Named model config: tiny, tiny-dense, small, smollm2-135m."),
+    config: Optional[Path] = typer.Option(None, help="Model config file (YAML or JSON; may say `preset: NAME` and override fields)."),
+    tokenizer: str = typer.Option("byte", help="'byte' or a folder/tokenizer.json made by `lite-llm tokenizer train`."),
+    seed: int = typer.Option(0, help="Initialisation seed."),
+) -> None:
+    """Create a freshly initialised model checkpoint.
+
+    Examples:
+
+      lite-llm init --preset tiny -o ckpt/tiny
+
+      lite-llm init --config model.yaml --tokenizer tok/ -o ckpt/mine
+    """
+    from ..checkpoint.atomic import refuse_existing
+
+    refuse_existing(output, overwrite, "checkpoint")
+    from ..checkpoint import save_checkpoint
+    from ..data import get_tokenizer
+    from ..model import build_model
+
+    cfg = model_config_from(preset, config)
+    tok = get_tokenizer(tokenizer)
+    if tok.vocab_size > cfg.vocab_size:
+        raise LiteLLMError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {cfg.vocab_size}; raise vocab_size")
+    model = build_model(cfg, seed=seed)
+    path = save_checkpoint(output, model, tokenizer=tok)
+    console.print(f"wrote {path}: {cfg.num_params():,} parameters, {cfg.num_active_params():,} active per token")
+
+
+# ------------------------------------------------------------------------------------ data
+@data_app.command("prepare")
+@friendly_errors
+def data_prepare(
+    sources: list[str] = typer.Argument(..., help="DOMAIN=SPEC or SPEC; SPEC is stdlib-code, stdlib-docs, a file, a folder or a glob."),
+    output: Path = typer.Option(..., "-o", "--output", help="Dataset directory to create."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it already exists."),
+    tokenizer: str = typer.Option("byte", help="'byte' or a trained tokenizer folder/file."),
+    val_fraction: float = typer.Option(0.05, help="Share of documents held out for validation."),
+    max_mb: Optional[float] = typer.Option(None, help="Cap each domain at this many MB (quick runs)."),
+    seed: int = typer.Option(0, help="Seed of the train/validation split."),
+) -> None:
+    """Turn text into memory-mapped token shards, one named domain per source.
+
+    Examples:
+
+      lite-llm data prepare code=stdlib-code prose=stdlib-docs -o data/std
+
+      lite-llm data prepare notes=~/notes/ 'papers=docs/*.md' -o data/mine --val-fraction 0.1
+    """
+    from ..checkpoint.atomic import refuse_existing
+
+    refuse_existing(output, overwrite, "dataset")
+    from ..data import get_tokenizer, prepare_data
+
+    mapping: dict[str, str] = {}
+    for spec in sources:
+        domain, _, target = spec.partition("=") if "=" in spec else (spec, "", spec)
+        if not domain.strip() or not target.strip():
+            raise LiteLLMError(f"source {spec!r} has an empty {'domain name' if not domain.strip() else 'path'}; write DOMAIN=SPEC, e.g. code=stdlib-code or notes=~/notes/")
+        if domain in mapping:
+            raise LiteLLMError(f"domain {domain!r} is given twice; give each source its own name as DOMAIN=SPEC")
+        mapping[domain] = target
+    index = prepare_data(
+        mapping,
+        output,
+        get_tokenizer(tokenizer),
+        val_fraction=val_fraction,
+        seed=seed,
+        max_bytes_per_domain=int(max_mb * 1e6) if max_mb else None,
+    )
+    table = Table("domain", "source", "train tokens", "val tokens")
+    for name, info in index["domains"].items():
+        table.add_row(name, str(info.get("source")), f"{info['train']['tokens']:,}", f"{info['val']['tokens']:,}")
+    console.print(table)
+    console.print(f"wrote {output}")
+
+
+# ------------------------------------------------------------------------------------ tokenizer
+@tokenizer_app.command("train")
+@friendly_errors
+def tokenizer_train(
+    sources: list[str] = typer.Argument(..., help="SPECs to train on: stdlib-code, stdlib-docs, files, folders or globs."),
+    output: Path = typer.Option(..., "-o", "--output", help="Folder for tokenizer.json."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it already exists."),
+    vocab_size: int = typer.Option(4096, help="Vocabulary size, including the 256 byte tokens."),
+    min_frequency: int = typer.Option(2, help="Minimum pair frequency for a merge."),
+) -> None:
+    """Train a byte-level BPE tokenizer offline (Hugging Face tokenizer.json format).
+
+    Example:
+
+      lite-llm tokenizer train stdlib-code stdlib-docs --vocab-size 8192 -o tok/
+    """
+    from ..checkpoint.atomic import refuse_existing
+
+    refuse_existing(output, overwrite, "tokenizer")
+    from ..data import BPETokenizer, resolve_source
+
+    texts = (text for spec in sources for _, text in resolve_source(spec))
+    tok = BPETokenizer.train(texts=texts, vocab_size=vocab_size, min_frequency=min_frequency)
+    tok.save(output)
+    console.print(f"wrote {output} ({tok.vocab_size} tokens)")

@@ -1,0 +1,31 @@
+"""`lite-llm quickstart`: the main job, end to end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from .app import app, console, friendly_errors
+from ..quickstart import QUICKSTART_STEPS
+
+
+# ------------------------------------------------------------------------------------ quickstart
+@app.command()
+@friendly_errors
+def quickstart(
+    output: Path = typer.Option(Path("runs/quickstart"), "-o", "--output", help="Where data, run and charts go."),
+    steps: int = typer.Option(QUICKSTART_STEPS, min=1, help="Training steps."),
+    seed: int = typer.Option(0, help="Seed."),
+) -> None:
+    """Prepare the built-in corpora, train a small two-tier model, evaluate, sample, chart.
+
+    Runs in a few minutes on 2 CPU cores, with no download.
+
+    Example:
+
+      lite-llm quickstart -o runs/quickstart
+    """
+    from ..quickstart import run_quickstart
+
+    run_quickstart(output, steps=steps, seed=seed, console=console)

@@ -1,0 +1,274 @@
+"""`lite-llm train` and `rollback`: runs, their resumption and their protections."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from ..errors import LiteLLMError
+from .app import app, console, friendly_errors, model_config_from, print_scores
+
+
+# ------------------------------------------------------------------------------------ train
+@app.command()
+@friendly_errors
+def train(
+    data: Path = typer.Option(..., help="Dataset directory from `lite-llm data prepare`."),
+    output: Path = typer.Option(..., "-o", "--output", help="Run directory (checkpoints, metrics.jsonl, plots)."),
+    init_from: Optional[Path] = typer.Option(None, "--init", help="Start from this checkpoint."),
+    preset: Optional[str] = typer.Option(None, help="Start from a fresh model of this preset."),
+    model_config: Optional[Path] = typer.Option(None, "--model-config", help="Start from a fresh model of this config file."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Training config (YAML/JSON); flags below override it."),
+    resume: bool = typer.Option(False, help="Continue the run in OUTPUT from its latest good checkpoint, with its saved settings (--steps larger extends it)."),
+    resume_from: Optional[Path] = typer.Option(None, "--resume-from", help="Continue the run in OUTPUT from this checkpoint of it (implies --resume)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in OUTPUT (its checkpoints and metrics are deleted)."),
+    steps: Optional[int] = typer.Option(None, help="Total optimizer steps."),
+    batch_size: Optional[int] = typer.Option(None, help="Sequences per micro-batch."),
+    seq_len: Optional[int] = typer.Option(None, help="Tokens per sequence."),
+    grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per step."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate."),
+    warmup_steps: Optional[int] = typer.Option(None, help="Linear warm-up steps."),
+    domains: Optional[str] = typer.Option(None, help="Mixture weights, e.g. 'code=0.7,prose=0.3'."),
+    tiers: Optional[str] = typer.Option(None, help="TierSet to train: all, tier_1b, upto:tier_1b, only:tier_10b."),
+    seed: Optional[int] = typer.Option(None, help="Seed of data order and routing noise."),
+    bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bfloat16 autocast."),
+    eval_every: Optional[int] = typer.Option(None, help="Validate every N steps (0: only at the end)."),
+    save_every: Optional[int] = typer.Option(None, help="Checkpoint every N steps (0: only at the end)."),
+    curriculum: Optional[Path] = typer.Option(None, "--curriculum", help="Tier curriculum YAML (preparation, isolation, integration, joint)."),
+    replay: Optional[str] = typer.Option(None, help="Old domains to replay, e.g. 'prose=1' (with --replay-share)."),
+    replay_share: Optional[float] = typer.Option(None, help="Share of each batch's rows drawn from the --replay domains."),
+    freeze: Optional[list[str]] = typer.Option(None, help="Freeze parameters matching PATTERN until a step: 'layers.[0-3].*@500' (no @: never thaw). Repeatable."),
+    ewc: Optional[Path] = typer.Option(None, "--ewc", help="Checkpoint holding an EWC estimate (`lite-llm ewc estimate`)."),
+    ewc_weight: Optional[float] = typer.Option(None, help="EWC penalty weight lambda."),
+    distill_from: Optional[Path] = typer.Option(None, help="Teacher checkpoint for distillation."),
+    distill_weight: Optional[float] = typer.Option(None, help="Distillation loss weight."),
+    distill_temperature: Optional[float] = typer.Option(None, help="Distillation temperature."),
+    distill_domains: Optional[str] = typer.Option(None, help="Distil only rows of these domains, e.g. 'prose'."),
+    quiet: bool = typer.Option(False, help="No progress bar."),
+) -> None:
+    """Train a model on a prepared dataset, with validation per domain and checkpoints.
+
+    Examples:
+
+      lite-llm train --data data/std --preset small --steps 300 -o runs/small
+
+      lite-llm train --data data/std --init ckpt/tiny --config train.yaml -o runs/a
+
+      lite-llm train --data data/std -o runs/a --resume
+
+      lite-llm train --data data/code --init grown --curriculum curriculum.yaml -o runs/tier2
+
+      lite-llm train --data data/std --init grown --domains code=1 --replay prose=1 --replay-share 0.25 \\
+          --ewc grown --ewc-weight 100 --freeze 'layers.[0134].*@400' -o runs/code
+    """
+    from ..checkpoint import CheckpointManager, load_checkpoint
+    from ..data import TokenData
+    from ..model import build_model
+    from ..train import TrainConfig, Trainer
+    from ..train.curriculum import Curriculum, CurriculumConfig
+
+    from ..checkpoint.run_lock import RunLock
+
+    resume = resume or resume_from is not None
+    plan = CurriculumConfig.from_file(curriculum) if curriculum else None
+    if plan is not None and steps is None:
+        steps = plan.total_steps
+    given = dict(
+        steps=steps, batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum, lr=lr,
+        warmup_steps=warmup_steps, tierset=tiers, seed=seed, bf16=bf16, eval_every=eval_every, save_every=save_every,
+    )
+    given = {k: v for k, v in given.items() if v is not None}
+    if domains:
+        given["domains"] = _parse_weights(domains)
+    given.update(_protection_fields(replay, replay_share, freeze, ewc, ewc_weight, distill_from, distill_weight, distill_temperature, distill_domains))
+    with RunLock(output, say=lambda message: console.print(f"[yellow]{message}[/yellow]")):
+        manager = CheckpointManager(output)
+        for leftover in manager.clean_interrupted():
+            console.print(f"removed {leftover.name}, left by an interrupted run")
+        if resume:
+            latest, saved = _resumable_checkpoint(manager, output, resume_from)
+            file_fields = TrainConfig.from_file(config).to_dict() if config else {}
+            cfg = TrainConfig.from_dict(_resume_fields(saved, {**_explicit(file_fields), **given}))
+        else:
+            _refuse_existing_run(output, overwrite)
+            latest = None
+            fields = (TrainConfig.from_file(config) if config else TrainConfig()).to_dict()
+            cfg = TrainConfig.from_dict({**fields, **given})
+        dataset = TokenData(data)
+        if latest is not None or init_from is not None:
+            loaded = load_checkpoint(latest or init_from)
+            model = loaded.model
+            if latest is not None and (preset or model_config) and model_config_from(preset, model_config).to_dict() != model.config.to_dict():
+                raise LiteLLMError(f"cannot resume with a different model: {latest} holds another configuration than --preset/--model-config give; drop them to continue the run")
+        else:
+            model = build_model(model_config_from(preset, model_config), seed=cfg.seed)
+        _check_vocab(model.config.vocab_size, dataset.tokenizer.vocab_size)
+        callbacks = [Curriculum(plan)] if plan is not None else []
+        trainer = Trainer(model, dataset, cfg, run_dir=output, show_progress=not quiet, tokenizer=dataset.tokenizer, callbacks=callbacks)
+        if latest is None and init_from is not None:
+            trainer.inherit(loaded.progressive)  # expansion history, EWC metadata, ancestors' compute
+        if latest is not None:
+            trainer.resume(latest)
+            if trainer.step >= cfg.steps:
+                console.print(f"the run in {output} is finished at step {trainer.step}; pass --steps N (N > {trainer.step}) to extend it")
+                console.print(f"checkpoint: {latest}")
+                return
+            console.print(f"resumed from {latest} at step {trainer.step} of {cfg.steps}")
+        result = trainer.train()
+    print_scores(result.final_eval)
+    if result.skipped_steps:
+        console.print(f"[yellow]skipped {len(result.skipped_steps)} step(s) with a non-finite loss: {result.skipped_steps[:10]}[/yellow]")
+    if result.stopped_early:
+        console.print(f"[yellow]{result.stopped_early}[/yellow]")
+    console.print(f"checkpoint: {result.checkpoint}")
+
+
+# Settings a resumed run may change: how long it runs and how often it reports and saves.
+# Everything else would make the resumed steps differ from the run that was started.
+RESUMABLE_CHANGES = ("steps", "eval_every", "save_every", "log_every", "keep_last")
+
+
+def _explicit(file_fields: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a training config file that differ from TrainConfig's defaults."""
+    from ..train import TrainConfig
+
+    defaults = TrainConfig().to_dict()
+    return {k: v for k, v in file_fields.items() if defaults.get(k) != v}
+
+
+def _resume_fields(saved: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """The saved run's training settings with the changes ``given`` applies: only those in
+    :data:`RESUMABLE_CHANGES` may differ; any other is one sentence naming its flag."""
+    fields = dict(saved)
+    for key, value in given.items():
+        if key in RESUMABLE_CHANGES:
+            fields[key] = value
+        elif key in saved and saved[key] != value:
+            flag = "--tiers" if key == "tierset" else "--" + key.replace("_", "-")
+            raise LiteLLMError(
+                f"cannot resume with {flag} {value!r}: the run was trained with {saved[key]!r}, and only --steps, --eval-every"
+                f" and --save-every can change when resuming; drop {flag}, or start a new run in another -o directory"
+            )
+    return fields
+
+
+def _resumable_checkpoint(manager: Any, output: Path, chosen: Optional[Path]) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint to resume from and its saved training settings: ``chosen``, or the
+    newest checkpoint of the run whose weights and training state load and verify — a
+    corrupt newest one is said so and the previous complete one taken."""
+    from ..checkpoint import load_training_state, verify_checkpoint
+    from ..errors import CheckpointError
+
+    candidates = [chosen] if chosen is not None else list(reversed(manager.list()))
+    if not candidates:
+        raise LiteLLMError(f"nothing to resume in {output}: it has no checkpoint; drop --resume to start a new run")
+    for path in candidates:
+        try:
+            problems = verify_checkpoint(path)
+            if problems:
+                raise CheckpointError(problems[0])
+            state = load_training_state(path)
+        except (CheckpointError, OSError) as err:
+            if chosen is not None:
+                raise
+            console.print(f"[yellow]cannot resume from {path.name} ({err}); resuming from the previous complete checkpoint instead[/yellow]")
+            continue
+        if state is None:
+            raise LiteLLMError(f"checkpoint {path} has no training state; start a new run from it with --init instead of resuming")
+        return path, dict(state.meta.get("train_config") or {})
+    raise LiteLLMError(f"no checkpoint in {output} is intact enough to resume from; start a new run with --overwrite")
+
+
+def _refuse_existing_run(output: Path, overwrite: bool) -> None:
+    """A fresh run never mixes into an old one: refuse unless ``overwrite``, then clear it."""
+    from ..checkpoint.atomic import remove_dir
+    from ..checkpoint.run_lock import LOCK_NAME
+
+    existing = [p for p in output.iterdir() if p.name != LOCK_NAME] if output.is_dir() else []
+    if not existing:
+        return
+    if not overwrite:
+        raise LiteLLMError(
+            f"{output} already holds a run; pass --resume to continue it, --overwrite to replace it, or choose another -o directory"
+        )
+    for p in existing:
+        if p.is_dir():
+            remove_dir(p)
+        else:
+            p.unlink()
+
+
+# ------------------------------------------------------------------------------------ rollback
+@app.command()
+@friendly_errors
+def rollback(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint of a curriculum run (after its integration began)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Where to write the rolled-back checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it already exists."),
+) -> None:
+    """Undo a tier's integration: the pre-integration weights with the previous TierSet.
+
+    The result computes exactly what the model computed before the tier was added.
+
+    Example:
+
+      lite-llm rollback runs/tier2/checkpoints/step-00000400 -o ckpt/before-tier2
+    """
+    from ..checkpoint.atomic import refuse_existing
+
+    refuse_existing(output, overwrite, "checkpoint")
+    from ..train.rollback import rollback_checkpoint
+
+    path, tiers = rollback_checkpoint(checkpoint, output)
+    console.print(f"wrote {path} with tiers {', '.join(tiers)}")
+
+
+def _protection_fields(
+    replay: Optional[str],
+    replay_share: Optional[float],
+    freeze: Optional[list[str]],
+    ewc: Optional[Path],
+    ewc_weight: Optional[float],
+    distill_from: Optional[Path],
+    distill_weight: Optional[float],
+    distill_temperature: Optional[float],
+    distill_domains: Optional[str],
+) -> dict[str, Any]:
+    """TrainConfig fields for the forgetting-prevention flags that were given."""
+    fields: dict[str, Any] = {}
+    if replay:
+        fields["replay"] = _parse_weights(replay)
+    if freeze:
+        rules = []
+        for item in freeze:
+            pattern, sep, thaw = item.rpartition("@") if "@" in item else (item, "", "")
+            if sep and not thaw.isdigit():
+                raise LiteLLMError(f"cannot read --freeze {item!r}; write PATTERN or PATTERN@STEP, e.g. 'layers.0.*@200'")
+            rules.append({"patterns": [pattern], "thaw_at": int(thaw) if sep else None})
+        fields["freeze"] = rules
+    optional = dict(
+        replay_share=replay_share, ewc_from=str(ewc) if ewc else None, ewc_weight=ewc_weight, distill_from=str(distill_from) if distill_from else None,
+        distill_weight=distill_weight, distill_temperature=distill_temperature,
+        distill_domains=[d.strip() for d in distill_domains.split(",")] if distill_domains else None,
+    )
+    fields.update({k: v for k, v in optional.items() if v is not None})
+    return fields
+
+
+def _parse_weights(text: str) -> dict[str, float]:
+    weights = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        if not sep:
+            raise LiteLLMError(f"cannot read mixture weight {part!r}; write DOMAIN=WEIGHT, e.g. code=0.7,prose=0.3")
+        weights[name.strip()] = float(value)
+    return weights
+
+
+def _check_vocab(model_vocab: int, tokenizer_vocab: int) -> None:
+    if tokenizer_vocab > model_vocab:
+        raise LiteLLMError(
+            f"the dataset's tokenizer has {tokenizer_vocab} tokens but the model only {model_vocab}; prepare the data with the model's tokenizer"
+        )
