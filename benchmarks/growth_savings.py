@@ -159,7 +159,7 @@ def _study(args: argparse.Namespace, seed: int, work: Path) -> tuple[dict, dict,
     from lite_llm.grow.expand import materialize
     from lite_llm.model import stored_state
     from lite_llm.train import TrainConfig, Trainer, TrainerCallback, read_metrics
-    from lite_llm.train.flops import flops_per_token
+    from lite_llm.config import flops_per_token
 
     data = stdlib_prose_and_code(work)
     init_seed = seed - 1  # initialisation and growth noise; the data order uses ``seed`` itself

@@ -18,7 +18,7 @@ from .config import ModelConfig, RoutingConfig, TierConfig, TierSet
 from .errors import CheckpointError, ConfigError, LiteLLMError, TierSetError
 from .model import LiteLLM, ModelOutput, build_model
 
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "CheckpointError",

@@ -421,6 +421,18 @@ def test_cli_adds_a_tier(source, tmp_path):
     assert torch.equal(logits(model, ids), logits(loaded.model, ids))
 
 
+@pytest.mark.parametrize("source_tier", [None, "tier_b"])
+def test_cli_takes_the_shape_it_is_not_given_from_the_source_tier(source, tmp_path, source_tier):
+    model, path = source
+    reference = model.config.tier(source_tier or model.config.tiers[0].name)
+    out = tmp_path / "out"
+    args = ["add-tier", str(path), "--tier", "tier_new", "--experts-per-group", "5", "-o", str(out)]
+    result = runner.invoke(app, args + (["--source-tier", source_tier, "--init", "upcycle"] if source_tier else []))
+    assert result.exit_code == 0, result.output
+    tier = load_checkpoint(out).config.tier("tier_new")
+    assert (tier.num_groups, tier.experts_per_group, tier.expert_hidden) == (reference.num_groups, 5, reference.expert_hidden)
+
+
 CLI_BASE = ["--groups", "2", "--experts-per-group", "3", "--expert-hidden", "12"]
 
 

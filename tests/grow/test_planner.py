@@ -21,7 +21,7 @@ from lite_llm.grow import LazyTensors, get_op, stored_names
 from lite_llm.grow.expand import expand_checkpoint
 from lite_llm.grow.planner import DEFAULT_TOLERANCE, STRATEGIES, PlanError, plan_growth
 from lite_llm.grow.recipe import GrowthStep
-from lite_llm.train.flops import flops_per_token
+from lite_llm.config import flops_per_token
 
 from .helpers import random_model
 

@@ -20,8 +20,8 @@ from lite_llm.model.experts import (
     HAS_GROUPED_MM,
     ExpertBank,
     dispatch,
-    dispatch_reference,
 )
+from tests.model.references import dispatch_reference
 from tests.model.test_dispatch import _banks, _routes
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lite_llm.model.experts import HAS_GROUPED_MM, ExpertBank, dispatch, dispatch_reference, swiglu
+from lite_llm.model.experts import HAS_GROUPED_MM, ExpertBank, dispatch, swiglu
+
+from tests.model.references import dispatch_reference
 
 pytestmark = pytest.mark.skipif(not HAS_GROUPED_MM, reason="this torch has no torch.nn.functional.grouped_mm")
 

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from lite_llm import ModelConfig, RoutingConfig, TierConfig
-from lite_llm.model.router import HSERRouter, _topk_by_exact_key, stable_topk, stable_topk_reference
+from lite_llm.model.router import HSERRouter, _topk_by_exact_key, stable_topk
+
+from tests.model.references import stable_topk_reference
 
 from ..conftest import two_tier_config
 

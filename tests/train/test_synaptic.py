@@ -20,7 +20,8 @@ from lite_llm.grow.expand import expand_checkpoint
 from lite_llm.grow.recipe import GrowthStep
 from lite_llm.model import stored_state
 from lite_llm.train import TrainConfig, Trainer, estimate_fisher, load_ewc, save_ewc
-from lite_llm.train.ewc import SI_FORMAT, FisherEstimate, ewc_penalty
+from lite_llm.checkpoint.ewc import SI_FORMAT, FisherEstimate
+from lite_llm.train.ewc import ewc_penalty
 from lite_llm.train.synaptic import SynapticIntelligence, consolidate, load_si
 
 DENSE = ModelConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=48, max_seq_len=64)

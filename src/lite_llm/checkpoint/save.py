@@ -269,7 +269,7 @@ def _write_files(
 def _manifest_of(
     config: ModelConfig, shards: list[dict[str, Any]], files: list[dict[str, Any]], model_version: str = MODEL_VERSION_DEFAULT
 ) -> dict[str, Any]:
-    from .. import __version__
+    from ..version import __version__
 
     return {
         "format": FORMAT_NAME,

@@ -134,7 +134,7 @@ def validate_command(
       lite-llm validate runs/small/final runs/grown
     """
     from ..checkpoint.lazy import open_checkpoint
-    from ..grow.expand import _tokenizer
+    from ..checkpoint.derived import source_tokenizer
     from ..grow.validate import check_growth, check_sample, check_tolerance
 
     check_tolerance(tolerance, "--tolerance")
@@ -143,7 +143,7 @@ def validate_command(
     a, b = open_checkpoint(original), open_checkpoint(grown)
     records = _records_since(a, b)
     exact = all(r.get("exact") for r in records)
-    ids = check_sample([a.config, b.config], _tokenizer(a), tokens)
+    ids = check_sample([a.config, b.config], source_tokenizer(a), tokens)
     report = check_growth(a.config, a.tensors, b.config, b.tensors, ids, exact_expected=exact, tolerance=tolerance)
     table = Table("check", "value", "result", title=f"{original} → {grown}")
     ok, bad = "[green]ok[/green]", "[bold red]FAIL[/bold red]"
@@ -261,9 +261,9 @@ def add_tier_command(
     checkpoint: Path = typer.Argument(..., help="Source checkpoint (a tiered MoE model)."),
     output: Path = typer.Option(..., "-o", "--output", help="New checkpoint directory."),
     tier: str = typer.Option(..., "--tier", help="The new tier's name (its permanent id), e.g. tier_10b."),
-    groups: int = typer.Option(..., "--groups", help="Expert groups in the new tier."),
-    experts_per_group: int = typer.Option(..., "--experts-per-group", help="Experts in each group."),
-    expert_hidden: int = typer.Option(..., "--expert-hidden", help="Hidden width of each expert."),
+    groups: Optional[int] = typer.Option(None, "--groups", min=1, help="Expert groups in the new tier (default: the source tier's)."),
+    experts_per_group: Optional[int] = typer.Option(None, "--experts-per-group", min=1, help="Experts in each group (default: the source tier's)."),
+    expert_hidden: Optional[int] = typer.Option(None, "--expert-hidden", min=1, help="Hidden width of each expert (default: the source tier's)."),
     budget: Optional[str] = typer.Option(None, "--budget", help="The tier's parameter budget (10B, 250M)."),
     budget_mode: str = typer.Option("strict", "--budget-mode", help="strict (over budget is an error) or advisory (a warning)."),
     placement: str = typer.Option("warm", "--placement", help="hot, warm, cold or archive."),
@@ -284,13 +284,20 @@ def add_tier_command(
     how many tiers a token mixes cannot keep the output: it needs --change-routing, and the
     change of the logits and the loss is measured and recorded instead.
 
-    Example:
+    The group shape and the expert width default to the source tier's (--source-tier, else the
+    first tier).
+
+    Examples:
+
+      lite-llm add-tier ckpt --tier tier_10b -o grown
 
       lite-llm add-tier ckpt --tier tier_10b --groups 8 --experts-per-group 8 --expert-hidden 2048 --budget 10B -o grown
     """
     from ..checkpoint import read_manifest
     from ..config import format_size
     from ..grow.tiers import add_tier_checkpoint
+
+    groups, experts_per_group, expert_hidden = _tier_shape(checkpoint, source_tier, groups, experts_per_group, expert_hidden)
 
     params = {
         "tier": tier,
@@ -328,3 +335,24 @@ def add_tier_command(
         change = f"max |Δlogit| {p['max_abs']:.3g}, loss jump {p['loss_jump']:+.4f} on {p['tokens']} sample tokens" if p else "not measured"
         console.print(f"k_tier is now {manifest['model_config']['routing']['k_tier']}: the output changed ({change}); recorded as not exact")
     console.print(f"wrote {path} ({manifest['num_params']:,} parameters; the new tier is unroutable until ramped in)")
+
+
+def _tier_shape(
+    checkpoint: Path, source_tier: Optional[str], groups: Optional[int], experts_per_group: Optional[int], expert_hidden: Optional[int]
+) -> tuple[int, int, int]:
+    """The new tier's (groups, experts per group, expert width): what was given, the rest from
+    the source tier of ``checkpoint`` (``source_tier``, else its first tier)."""
+    if groups is not None and experts_per_group is not None and expert_hidden is not None:
+        return groups, experts_per_group, expert_hidden
+    config = _config_of(checkpoint)
+    if not config.tiers:
+        raise ConfigError(f"{checkpoint} is a dense model with no tier to take a shape from; give --groups, --experts-per-group and --expert-hidden")
+    by_name = {t.name: t for t in config.tiers}
+    if source_tier is not None and source_tier not in by_name:
+        raise ConfigError(f"--source-tier {source_tier!r} is not a tier of {checkpoint}; its tiers are {', '.join(by_name)}")
+    src = by_name[source_tier] if source_tier is not None else config.tiers[0]
+    return (
+        groups if groups is not None else src.num_groups,
+        experts_per_group if experts_per_group is not None else src.experts_per_group,
+        expert_hidden if expert_hidden is not None else src.expert_hidden,
+    )

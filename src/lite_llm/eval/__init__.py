@@ -1,6 +1,6 @@
 """Evaluation: loss and bits per byte per domain, and retention reports built on it."""
 
-from .perplexity import DomainScore, evaluate
+from ..train.validation import DomainScore, evaluate
 from .retention import RetentionReport
 
 __all__ = ["DomainScore", "RetentionReport", "evaluate"]

@@ -18,18 +18,18 @@ another format; by default both are the Lite LLM checkpoint.
 from __future__ import annotations
 
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
+from ..checkpoint.derived import copied_tokenizer, derivation_record, derive, source_tokenizer, with_record
 from ..checkpoint.lazy import CheckpointTensors, check_sound, open_checkpoint
 from ..checkpoint.save import write_checkpoint
 from ..config import ModelConfig
-from ..errors import CheckpointError, ConfigError, LiteLLMError
+from ..errors import ConfigError, LiteLLMError
 from ..model import LiteLLM, load_stored
 from .importance import layer_importance
 from .recipe import VALIDATE_MODES, GrowthStep
@@ -74,34 +74,9 @@ class ExpandResult:
     reports: list[ValidationReport | None] = field(default_factory=list)
 
 
-class _CopiedTokenizer:
-    """Copies a checkpoint's tokenizer directory into the new checkpoint unchanged."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-
-    def save(self, target: str | os.PathLike) -> None:
-        import shutil
-
-        for p in sorted(self.directory.rglob("*")):
-            if p.is_file():
-                dest = Path(target) / p.relative_to(self.directory)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(p, dest)
-
-
-def copied_tokenizer(src: CheckpointTensors) -> _CopiedTokenizer | None:
-    """What ``write_checkpoint`` needs to copy ``src``'s tokenizer (None when it has none)."""
-    return _CopiedTokenizer(src.tokenizer_dir) if src.tokenizer_dir else None
-
-
 def materialize(config: ModelConfig, tensors: Tensors) -> LiteLLM:
     """A model of ``config`` holding ``tensors`` (every name and shape checked)."""
     return load_stored(LiteLLM(config), tensors).eval()
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _resolve_params(step: GrowthStep, config: ModelConfig, tensors: Tensors, ids: torch.Tensor | None) -> dict[str, Any]:
@@ -146,17 +121,14 @@ def expand_checkpoint(
         check: Callable[[], None] | None = lambda: check_sound(src.path)  # noqa: E731
     else:
         src, check = open_source(Path(source))
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify-source") as pool:
-        verified = pool.submit(check) if verify and check is not None else None
-        try:
-            tol = DEFAULT_TOLERANCE if tolerance is None else tolerance
-            write = write_output or write_grown_checkpoint
-            return _expand(src, output, steps, validate, tol, check_tokens, dtype, max_shard_bytes, verified, write)
-        except Exception:
-            # A corrupt source explains any later failure best: report its problem first.
-            if verified is not None and verified.exception() is not None:
-                raise verified.exception() from None
-            raise
+    tol = DEFAULT_TOLERANCE if tolerance is None else tolerance
+    write = write_output or write_grown_checkpoint
+    return derive(
+        src.path,
+        Path(output),
+        lambda verified: _expand(src, output, steps, validate, tol, check_tokens, dtype, max_shard_bytes, verified, write),
+        check_source=check if verify else None,
+    )
 
 
 def _expand(
@@ -172,14 +144,12 @@ def _expand(
     write: OutputWriter,
 ) -> ExpandResult:
     out = Path(output)
-    check_new_output(out, src.path)
-
     config, tensors = src.config, src.tensors
     dtype = dtype or src.dtype
     records, reports = [], []
     chain: list[tuple[GrowthOp, dict[str, Any]]] = []
     do_validate = validate != "never"
-    ids = check_sample([config], _tokenizer(src), check_tokens) if do_validate or _measures_importance(steps) else None
+    ids = check_sample([config], source_tokenizer(src), check_tokens) if do_validate or _measures_importance(steps) else None
     for step in steps:
         op = get_op(step.method)
         params = _resolve_params(step, config, tensors, ids)
@@ -190,8 +160,7 @@ def _expand(
         reports.append(report)
         config, tensors = new_config, new_tensors
 
-    progressive = dict(src.progressive)
-    progressive["expansions"] = list(progressive.get("expansions") or []) + records
+    progressive = with_record(src.progressive, *records)
     grown = GrownModel(src, config, tensors, dtype, progressive, chain, _grown_version(src.manifest, steps))
     path = write(out, grown, max_shard_bytes=max_shard_bytes, before_commit=verified.result if verified is not None else None)
     return ExpandResult(path, config, records, reports)
@@ -218,15 +187,6 @@ def write_grown_checkpoint(
     )
 
 
-def check_new_output(out: Path, source: Path, what: str = "the grown model") -> None:
-    """Refuse to write ``what`` over its own source or into an existing non-empty path: a
-    derived checkpoint always goes to a new directory, so nothing the user had is lost."""
-    if out.resolve() == source.resolve():
-        raise CheckpointError(f"output {out} is the source checkpoint; write {what} to a new directory")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise CheckpointError(f"output {out} already exists and is not empty; choose a new directory or remove it first")
-
-
 def _carried_ewc(src: CheckpointTensors, chain: list[tuple[GrowthOp, dict[str, Any]]], progressive: dict) -> dict[str, dict[str, torch.Tensor]]:
     """The source's EWC and SI importance carried through the growth (``{}`` when it has none)."""
     return carried_ewc_dirs(
@@ -245,8 +205,8 @@ def carried_ewc_dirs(
     importance are both the weight of a quadratic penalty, so one map keeps both penalties.
     Each description in ``progressive`` gains the growth ``methods`` it went through and the
     entries that lost their importance."""
+    from ..checkpoint.ewc import IMPORTANCE_FORMATS, FisherEstimate, has_ewc
     from ..checkpoint.load import load_extra
-    from ..train.ewc import IMPORTANCE_FORMATS, FisherEstimate, has_ewc
 
     dirs: dict[str, dict[str, torch.Tensor]] = {}
     for fmt in IMPORTANCE_FORMATS:
@@ -291,17 +251,6 @@ def _check_step(
     return report
 
 
-def _tokenizer(src: CheckpointTensors) -> Any:
-    if src.tokenizer_dir is None:
-        return None
-    try:
-        from ..data import load_tokenizer
-
-        return load_tokenizer(src.tokenizer_dir)
-    except Exception:  # noqa: BLE001 - a sample tokenizer is a nicety; random ids work too
-        return None
-
-
 def _cast(tensors: Tensors, dtype: torch.dtype) -> Tensors:
     """``tensors`` held in ``dtype`` (the output dtype; by default the source's)."""
 
@@ -321,18 +270,10 @@ def _record(
     after: ModelConfig,
     report: ValidationReport | None,
 ) -> dict[str, Any]:
-    return {
-        "method": method,
-        "params": {k: v for k, v in params.items()},
-        "exact": exact,
-        "source": str(src.path),
-        "source_manifest_sha256": src.manifest_sha256(),
-        "source_config": before.to_dict(),
-        "target_config": after.to_dict(),
-        "params_before": before.num_params(),
-        "params_after": after.num_params(),
-        "timestamp": _now(),
-        "preservation": report.preservation() if report is not None else None,
-        "gradient_flow_dead": report.dead_params if report is not None else None,
-        "note": None if report is not None else "not measured: validation was off (validate: never); run lite-llm validate",
-    }
+    """The ``progressive.json`` record of one growth step and what its check measured."""
+    return derivation_record(
+        src, method, params, exact, before, after,
+        preservation=report.preservation() if report is not None else None,
+        dead_params=report.dead_params if report is not None else None,
+        note=None if report is not None else "not measured: validation was off (validate: never); run lite-llm validate",
+    )

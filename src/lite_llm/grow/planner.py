@@ -44,7 +44,7 @@ import torch
 
 from ..config import ModelConfig, format_size
 from ..errors import ConfigError
-from ..train.flops import flops_per_token
+from ..config import flops_per_token
 from .recipe import GrowthStep
 from .registry import get_op
 from .tensors import stored_names

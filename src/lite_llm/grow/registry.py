@@ -60,16 +60,10 @@ def register(name: str, *, family: str, exact: bool | Callable[[dict[str, Any]],
 
 def get_op(name: str) -> GrowthOp:
     """The operation registered as ``name``, or a clear error listing the known ones."""
-    _load_builtin_ops()
     if name not in _REGISTRY:
         raise ConfigError(f"unknown growth method {name!r}; known methods: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
 
 
 def available_ops() -> dict[str, GrowthOp]:
-    _load_builtin_ops()
     return dict(sorted(_REGISTRY.items()))
-
-
-def _load_builtin_ops() -> None:
-    from . import depth, heads, moe, tiers, width  # noqa: F401  (registration happens on import)

@@ -34,29 +34,21 @@ import hashlib
 import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..checkpoint.derived import check_new_output, copied_tokenizer, derivation_record, derive, source_tokenizer, utc_now, with_record
 from ..checkpoint.lazy import CheckpointTensors, check_sound, open_checkpoint
 from ..checkpoint.manifest import next_minor_version
 from ..checkpoint.save import write_checkpoint
 from ..checkpoint.stream import TensorSpec
 from ..config import ModelConfig, TierConfig
-from ..errors import CheckpointError, ConfigError
+from ..errors import ConfigError
 from .carry import extend_ewc
-from .expand import (
-    GrowthError,
-    _CopiedTokenizer,
-    _now,
-    _record,
-    _tokenizer,
-    carried_ewc_dirs,
-    check_new_output,
-    materialize,
-)
+from .expand import GrowthError, carried_ewc_dirs, materialize
 from .moe import (
     UNROUTABLE_LIMIT,
     _bank,
@@ -288,7 +280,7 @@ def add_tier(
         k_group=k_group,
         k_expert=k_expert,
         dtype=reference.dtype,
-        created_at=_now(),
+        created_at=utc_now(),
     )
     new_config = _grown_config(config, new_tier, k_tier)
     _check_routing_change(config, k_tier, change_routing)
@@ -365,7 +357,7 @@ def _run_both(src: CheckpointTensors, config: ModelConfig, tensors: Tensors) -> 
     before = materialize(src.config, src.tensors)
     state = {name: tensors[name] for name in tensors}
     grown = materialize(config, state)
-    ids = sample_ids(src.config.vocab_size, _tokenizer(src))
+    ids = sample_ids(src.config.vocab_size, source_tokenizer(src))
     with torch.no_grad():
         return state, ids, before(ids, labels=ids), grown(ids, labels=ids)
 
@@ -419,7 +411,7 @@ def _tier_record(
     """The ``progressive.json`` record: expand's record, plus the tier and the versions; a
     routing change is recorded as not exact, with what it did to the output."""
     exact = not params.get("change_routing")
-    record = _record(src, "add_tier", params, exact, src.config, after, None)
+    record = derivation_record(src, "add_tier", params, exact, src.config, after, preservation=None)
     note = None
     if not exact:
         before_k, after_k = routed_tiers(src.config, params.get("k_tier"))
@@ -459,17 +451,14 @@ def add_tier_checkpoint(
     """
     out = Path(output)
     src = open_checkpoint(source, verify=False)
-    check_new_output(out, src.path)
+    check_new_output(out, src.path)  # before any work
     config, tensors = get_op("add_tier")(src.config, src.tensors, **params)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hash-source") as pool:
-        digests = pool.submit(_source_digests, src, verify)
-        try:
-            return _write(src, out, params, config, tensors, digests, max_validate_params, max_shard_bytes)
-        except Exception:
-            # A corrupt source explains any later failure best: report its problem first.
-            if digests.exception() is not None:
-                raise digests.exception() from None
-            raise
+    return derive(
+        src.path,
+        out,
+        lambda digests: _write(src, out, params, config, tensors, digests, max_validate_params, max_shard_bytes),
+        check_source=lambda: _source_digests(src, verify),
+    )
 
 
 def _write(
@@ -488,8 +477,7 @@ def _write(
         tensors, preservation = check(src, config, tensors)
     tier = config.tiers[-1]
     versions = (src.manifest["model_version"], next_minor_version(src.manifest["model_version"]))
-    progressive = dict(src.progressive)
-    progressive["expansions"] = list(progressive.get("expansions") or []) + [_tier_record(src, params, config, tier, versions, preservation)]
+    progressive = with_record(src.progressive, _tier_record(src, params, config, tier, versions, preservation))
     reference = params.get("source_tier") or src.config.tiers[0].name
     extra_dirs = carried_ewc_dirs(src, progressive, ["add_tier"], lambda f, a: extend_ewc(config, tensors, f, a))
     written = _DigestingTensors(tensors, set(src.tensors))
@@ -498,7 +486,7 @@ def _write(
         config,
         written,
         specs=_specs(src, config, tier.name, reference),
-        tokenizer=_CopiedTokenizer(src.tokenizer_dir) if src.tokenizer_dir else None,
+        tokenizer=copied_tokenizer(src),
         progressive=progressive,
         extra_dirs=extra_dirs,
         max_shard_bytes=max_shard_bytes,

@@ -1,6 +1,6 @@
 """The model layer: transformer backbone, HSER router, expert banks and dispatch."""
 
-from .experts import ExpertBank, dispatch, dispatch_reference
+from .experts import ExpertBank, dispatch
 from .moe import TieredMoE
 from .router import HSERRouter, Routes, stable_topk
 from .transformer import LiteLLM, LayerRouting, ModelOutput, build_model, load_stored, stored_state
@@ -17,6 +17,5 @@ __all__ = [
     "TieredMoE",
     "build_model",
     "dispatch",
-    "dispatch_reference",
     "stable_topk",
 ]

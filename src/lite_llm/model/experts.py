@@ -186,22 +186,3 @@ def dispatch(
     return out
 
 
-def dispatch_reference(
-    x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, banks: list[ExpertBank], tier_offsets: list[int]
-) -> torch.Tensor:
-    """The slow, obviously-correct version: for each token, for each slot, run its expert."""
-    out = torch.zeros_like(x)
-    rows = []
-    for n in range(x.shape[0]):
-        acc = torch.zeros_like(x[n])
-        for k in range(expert_ids.shape[1]):
-            fid = int(expert_ids[n, k])
-            if fid < 0:
-                continue
-            t = max(i for i in range(len(banks)) if tier_offsets[i] <= fid)
-            e = fid - tier_offsets[t]
-            bank = banks[t]
-            gate, up = (bank.gate_up_proj[e] @ x[n]).chunk(2)
-            acc = acc + weights[n, k] * (bank.down_proj[e] @ (F.silu(gate) * up))
-        rows.append(acc)
-    return torch.stack(rows) if rows else out

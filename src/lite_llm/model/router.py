@@ -113,14 +113,6 @@ def _topk_by_exact_key(scores: torch.Tensor, k: int, rank: torch.Tensor) -> torc
     return torch.topk(keys, k, dim=-1, sorted=True).indices
 
 
-def stable_topk_reference(scores: torch.Tensor, k: int, rank: torch.Tensor) -> torch.Tensor:
-    """The obvious version (a stable sort over the tie-break order), for tests."""
-    order = rank.expand_as(scores).argsort(dim=-1)
-    permuted = scores.gather(-1, order)
-    ranked = torch.sort(permuted, dim=-1, descending=True, stable=True).indices[..., :k]
-    return order.gather(-1, ranked)
-
-
 class TierRouterHead(nn.Module):
     """The router parameters of one tier in one layer.
 

@@ -1,7 +1,7 @@
 """Training: the loop, its configuration, schedule, compute accounting and metrics."""
 
 from .config import TrainConfig
-from .flops import flops_per_token
+from ..config import flops_per_token
 from .distill import Distillation, distillation_loss
 from .ewc import EWC, FisherEstimate, estimate_fisher, ewc_penalty, load_ewc, save_ewc
 from .freezing import FreezeSchedule, PartialFreeze, freeze_parameters
@@ -9,7 +9,8 @@ from .metrics import MetricsLogger, read_metrics
 from .schedule import lr_at
 from .protection import protection_callbacks
 from .synaptic import SynapticIntelligence, load_si
-from .trainer import Trainer, TrainerCallback, TrainResult, replay_rows, run_training
+from .callbacks import TrainerCallback
+from .trainer import Trainer, TrainResult, replay_rows, run_training
 
 __all__ = [
     "Distillation",

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import ConfigError
-from .trainer import TrainerCallback
+from .callbacks import TrainerCallback
 
 if TYPE_CHECKING:
     from ..model import LiteLLM

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from .trainer import TrainerCallback
+from .callbacks import TrainerCallback
 
 if TYPE_CHECKING:
     from ..model import LiteLLM, ModelOutput

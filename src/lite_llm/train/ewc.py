@@ -12,28 +12,19 @@ the log-likelihood of the observed next tokens, not of tokens sampled from the m
   ``"sample"`` when the mean gradient is small (a trained model) and over-weights parameters
   with a consistent gradient otherwise; ``B`` times fewer backwards.
 
-The estimate is stored in a checkpoint's ``ewc/`` directory: tensors ``fisher/<name>`` and
-``anchor/<name>`` for every parameter, and what produced them (domain, estimator, samples,
-sequence length, seed) under ``"ewc"`` in ``progressive.json``.  Growth carries both through
-the same map as the weights (:mod:`lite_llm.grow.carry`).
-
-The layout is not EWC's alone: any importance that penalises ``sum_i w_i (theta_i -
-theta*_i)^2`` (Synaptic Intelligence's path-integral importance, :mod:`.synaptic`) is the same
-pair of tensors per parameter, so it is stored, read and carried through growth by the same
-code, in its own directory (an :class:`ImportanceFormat`).
+The estimate is stored in a checkpoint's ``ewc/`` directory (:mod:`lite_llm.checkpoint.ewc`);
+growth carries it through the same map as the weights (:mod:`lite_llm.grow.carry`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import CheckpointError, ConfigError
-from .trainer import TrainerCallback
+from ..checkpoint.ewc import EWC_FORMAT, FisherEstimate, ImportanceFormat, load_ewc, save_ewc
+from ..errors import ConfigError
+from .callbacks import TrainerCallback
 
 if TYPE_CHECKING:
     from ..data import TokenData
@@ -41,61 +32,7 @@ if TYPE_CHECKING:
     from .trainer import Trainer
 
 ESTIMATORS = ("sample", "batch")
-
-
-@dataclass(frozen=True)
-class ImportanceFormat:
-    """Where one kind of per-parameter importance lives in a checkpoint.
-
-    ``directory`` is the extra tensor directory and the key of its description in
-    ``progressive.json``; the tensors are ``<key>/<name>`` (the importance) and
-    ``anchor/<name>`` (the weights it holds).  ``what`` names it in messages and ``make`` says
-    how to get one (``{checkpoint}`` is filled in)."""
-
-    directory: str
-    key: str
-    what: str
-    make: str
-
-
-EWC_FORMAT = ImportanceFormat("ewc", "fisher", "EWC estimate", "make one with `lite-llm ewc estimate {checkpoint} --data DIR --domain NAME -o OUT`")
-SI_FORMAT = ImportanceFormat(
-    "si", "importance", "SI importance", "train with train.si_strength > 0: every checkpoint of such a run holds its consolidated importance"
-)
-IMPORTANCE_FORMATS = (EWC_FORMAT, SI_FORMAT)  # what growth carries and a run does not inherit
-EWC_DIR = EWC_FORMAT.directory
-
-
-@dataclass
-class FisherEstimate:
-    """A diagonal Fisher and the weights it was measured at, by parameter name (or any other
-    per-weight importance and the weights it holds: SI's is kept in the same container)."""
-
-    fisher: dict[str, torch.Tensor]
-    anchor: dict[str, torch.Tensor]
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if set(self.fisher) != set(self.anchor):
-            raise ConfigError("an importance estimate (EWC or SI) needs an anchor for every importance tensor and no other; they name different parameters")
-        for name, f in self.fisher.items():
-            if f.shape != self.anchor[name].shape:
-                raise ConfigError(f"the importance and anchor of {name} have different shapes {tuple(f.shape)} and {tuple(self.anchor[name].shape)}")
-
-    def to_tensors(self, fmt: ImportanceFormat = EWC_FORMAT) -> dict[str, torch.Tensor]:
-        """The flat safetensors form stored in ``fmt.directory`` (``ewc/``)."""
-        out = {f"{fmt.key}/{k}": v.float().contiguous() for k, v in self.fisher.items()}
-        out.update({f"anchor/{k}": v.float().contiguous() for k, v in self.anchor.items()})
-        return out
-
-    @classmethod
-    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], meta: dict[str, Any] | None = None, fmt: ImportanceFormat = EWC_FORMAT) -> "FisherEstimate":
-        prefix = f"{fmt.key}/"
-        fisher = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        anchor = {k[len("anchor/"):]: v for k, v in tensors.items() if k.startswith("anchor/")}
-        return cls(fisher, anchor, dict(meta or {}))
-
-
+__all__ = ["ESTIMATORS", "EWC", "FisherEstimate", "check_fits", "estimate_fisher", "ewc_penalty", "load_ewc", "save_ewc"]
 def estimate_fisher(
     model: "LiteLLM",
     data: "TokenData",
@@ -165,6 +102,23 @@ def ewc_penalty(model: "LiteLLM", estimate: FisherEstimate) -> torch.Tensor:
     return total
 
 
+def check_fits(model: "LiteLLM", estimate: FisherEstimate, fmt: ImportanceFormat) -> None:
+    """One sentence when ``estimate`` (of kind ``fmt``) names a parameter ``model`` lacks or has
+    another shape: an estimate of the model before growth, reused instead of carried."""
+    params = dict(model.named_parameters())
+    unknown = sorted(set(estimate.fisher) - set(params))
+    if unknown:
+        raise ConfigError(
+            f"the {fmt.what} names parameter(s) the model lacks ({', '.join(unknown[:3])}); make it on this model or grow it with the model"
+        )
+    for name, f in estimate.fisher.items():
+        if f.shape != params[name].shape:
+            raise ConfigError(
+                f"the {fmt.what} of {name} has shape {tuple(f.shape)} but the model's parameter has {tuple(params[name].shape)}; "
+                f"grow the checkpoint that holds the estimate (lite-llm expand carries {fmt.directory}/) instead of reusing an old one"
+            )
+
+
 class EWC(TrainerCallback):
     """Adds ``weight * ewc_penalty`` to the loss of every micro-batch."""
 
@@ -183,78 +137,3 @@ class EWC(TrainerCallback):
 
     def state_dict(self) -> dict[str, Any]:
         return {"weight": self.weight, "estimate": self.estimate.meta}
-
-
-def check_fits(model: "LiteLLM", estimate: FisherEstimate, fmt: ImportanceFormat) -> None:
-    """One sentence when ``estimate`` names a parameter ``model`` lacks or has another shape
-    (an estimate of the model before growth, reused instead of carried)."""
-    params = dict(model.named_parameters())
-    unknown = sorted(set(estimate.fisher) - set(params))
-    if unknown:
-        raise ConfigError(
-            f"the {fmt.what} names parameter(s) the model lacks ({', '.join(unknown[:3])}); make it on this model or grow it with the model"
-        )
-    for name, f in estimate.fisher.items():
-        if f.shape != params[name].shape:
-            raise ConfigError(
-                f"the {fmt.what} of {name} has shape {tuple(f.shape)} but the model's parameter has {tuple(params[name].shape)}; "
-                f"grow the checkpoint that holds the estimate (lite-llm expand carries {fmt.directory}/) instead of reusing an old one"
-            )
-
-
-def save_ewc(source: str | Path, estimate: FisherEstimate, output: str | Path, fmt: ImportanceFormat = EWC_FORMAT) -> Path:
-    """A copy of the checkpoint ``source`` with ``estimate`` in its ``fmt.directory`` (``ewc/``),
-    written atomically to ``output`` (the source is left as it is; its other extra
-    directories, such as another kind of importance, are copied along)."""
-    from ..checkpoint.save import write_checkpoint
-    from ..checkpoint.lazy import open_checkpoint
-    from ..checkpoint.load import load_extra
-    from ..grow.expand import check_new_output, copied_tokenizer
-    from ..model.shapes import parameter_names, tensor_shapes
-
-    src = open_checkpoint(source)
-    check_new_output(Path(output), src.path, f"the checkpoint with its {fmt.what}")
-    shapes = tensor_shapes(src.config)
-    params = parameter_names(src.config)
-    for kind, tensors in ((fmt.key, estimate.fisher), ("anchor", estimate.anchor)):
-        missing = [n for n in params if n not in tensors]
-        extra = sorted(set(tensors) - set(params))
-        wrong = [n for n in params if n in tensors and tuple(tensors[n].shape) != tuple(shapes[n])]
-        if missing or extra or wrong:
-            what = (f"lacks {', '.join(missing[:3])}" if missing else f"has parameters the model lacks ({', '.join(extra[:3])})" if extra
-                    else f"has {wrong[0]} of shape {tuple(tensors[wrong[0]].shape)} where the model's is {tuple(shapes[wrong[0]])}")
-            raise ConfigError(f"the {fmt.what}'s {kind} {what} for the model of {source}; make it on that checkpoint's model")
-    progressive = dict(src.progressive)
-    progressive[fmt.directory] = dict(estimate.meta)
-    extra_dirs = {
-        f["name"]: load_extra(src.path, f["name"], manifest=src.manifest)
-        for f in src.manifest.get("files", [])
-        if f.get("kind") == "extra" and f.get("name") != fmt.directory
-    }
-    extra_dirs[fmt.directory] = estimate.to_tensors(fmt)
-    return write_checkpoint(
-        output,
-        src.config,
-        src.tensors,
-        tokenizer=copied_tokenizer(src),
-        progressive=progressive,
-        extra_dirs=extra_dirs,
-        model_version=src.manifest.get("model_version", "1.0.0"),
-    )
-
-
-def has_ewc(manifest: Mapping[str, Any], fmt: ImportanceFormat = EWC_FORMAT) -> bool:
-    """Whether a checkpoint's manifest lists the directory of ``fmt`` (``ewc/``)."""
-    return any(f.get("kind") == "extra" and f.get("name") == fmt.directory for f in manifest.get("files", []))
-
-
-def load_ewc(checkpoint: str | Path, fmt: ImportanceFormat = EWC_FORMAT) -> FisherEstimate:
-    """The importance of kind ``fmt`` (the EWC estimate) stored in ``checkpoint`` (hashes verified)."""
-    from ..checkpoint.lazy import open_checkpoint
-    from ..checkpoint.load import load_extra
-
-    src = open_checkpoint(checkpoint, verify=False)  # the manifest and progressive.json only
-    if not has_ewc(src.manifest, fmt):
-        raise CheckpointError(f"checkpoint {checkpoint} holds no {fmt.what}; {fmt.make.format(checkpoint=checkpoint)}")
-    return FisherEstimate.from_tensors(load_extra(src.path, fmt.directory, manifest=src.manifest), src.progressive.get(fmt.directory), fmt)
-

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .trainer import TrainerCallback
+from .callbacks import TrainerCallback
 
 if TYPE_CHECKING:
     from .trainer import Trainer

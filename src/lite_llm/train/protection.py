@@ -14,7 +14,7 @@ from .distill import Distillation
 from .ewc import EWC, load_ewc
 from .freezing import FreezeSchedule
 from .synaptic import SynapticIntelligence, load_si
-from .trainer import TrainerCallback
+from .callbacks import TrainerCallback
 
 if TYPE_CHECKING:
     from ..model import LiteLLM

@@ -22,7 +22,7 @@ loss and the size of the updates, so it has no default here.
 
 A *task* is a training run.  Every checkpoint the run saves holds the importance consolidated
 at that point (``si/``: tensors ``importance/<name>`` and ``anchor/<name>``, the same layout,
-writer and reader as EWC's Fisher, :class:`~.ewc.ImportanceFormat`), so any checkpoint of the
+writer and reader as EWC's Fisher, :class:`lite_llm.checkpoint.ewc.ImportanceFormat`), so any checkpoint of the
 run — the final one, the best one kept by a rollback — can start the next task, and growth
 carries it like the Fisher (new weights get importance 0).  The running ``omega`` and
 ``theta_start`` are training state, stored bitwise, so a resumed run continues the integral
@@ -44,9 +44,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..checkpoint.ewc import SI_FORMAT, FisherEstimate, load_ewc
 from ..errors import CheckpointError, ConfigError
-from .ewc import SI_FORMAT, FisherEstimate, check_fits, ewc_penalty, load_ewc
-from .trainer import TrainerCallback
+from .callbacks import TrainerCallback
+from .ewc import check_fits, ewc_penalty
 
 if TYPE_CHECKING:
     from ..model import LiteLLM, ModelOutput

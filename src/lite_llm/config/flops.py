@@ -8,7 +8,7 @@ matmuls, so the embedding table is excluded from N_active here unless it is tied
 
 from __future__ import annotations
 
-from ..config import ModelConfig, TierSet
+from .model import ModelConfig, TierSet
 
 
 def flops_per_token(config: ModelConfig, seq_len: int, tierset: TierSet | str | None = None) -> int:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal, Sequence
 
-from .errors import ConfigError, TierSetError
+from ..errors import ConfigError, TierSetError
 
 Placement = Literal["hot", "warm", "cold", "archive"]
 PLACEMENTS: tuple[str, ...] = ("hot", "warm", "cold", "archive")
