@@ -9,7 +9,7 @@ the rows of each tier are then one contiguous slice, run through that tier's ban
 ``grouped_mm`` calls and SwiGLU between; scale by the route weights and ``index_add_`` back.
 A tier that receives no route is never touched, so its weights need not even be present.
 
-Three implementations of the per-bank compute, chosen by ``impl``:
+Implementations of the expert compute, chosen by ``impl``:
 
 * ``grouped_mm`` — the fast path for training and large batches;
 * ``loop`` — one matmul per expert that has rows, over ``unbind`` views (never ``W[e]`` under
@@ -18,9 +18,9 @@ Three implementations of the per-bank compute, chosen by ``impl``:
 * ``padded_bmm`` — every tier's rows padded to its busiest expert and run as one ``bmm`` pair
   (``model/padded.py``); on CPU in bf16/fp16 it is 2-8x faster than ``grouped_mm``'s loop of
   small ``mm``s, at the price of the padding's FLOPs;
-* ``auto`` — in bf16/fp16 on CPU, ``padded_bmm`` unless decoding or the padding would exceed
-  ``PADDED_MAX_WASTE`` times the routed rows; otherwise ``grouped_mm`` when available and
-  aligned; the per-active-expert loop when no gradient is needed and only a few rows are
+* ``auto`` — in bf16/fp16 on CPU, ``padded_bmm`` unless decoding or the padding would cost
+  more than ``bmm`` gains (``padded.PADDED_MAX_WASTE``); otherwise ``grouped_mm`` when
+  available and aligned; the per-active-expert loop when no gradient is needed and only a few rows are
   routed (decoding), so per-token cost does not grow with the number of experts, and on CPU
   when the active experts average >= 1,024 rows each (few large matmuls, where the loop
   measured faster).  fp32 never takes ``padded_bmm`` by itself: CPU fp32 training stays
@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .padded import PADDED_MAX_WASTE, padded_dispatch, padded_rows
+from .padded import padded_dispatch, padding_pays
 
 DispatchImpl = Literal["auto", "grouped_mm", "loop", "padded_bmm"]
 HAS_GROUPED_MM = hasattr(F, "grouped_mm")
@@ -195,10 +195,7 @@ def prefers_padded(x: torch.Tensor, expert_ids: torch.Tensor, tier_offsets: list
     if not torch.is_grad_enabled() and x.shape[0] <= DECODE_ROWS:
         return False  # decoding: the loop touches the active experts only
     ids = expert_ids[expert_ids >= 0]
-    if ids.numel() == 0:
-        return False
-    counts = torch.bincount(ids, minlength=tier_offsets[-1]).tolist()
-    return padded_rows(counts, tier_offsets) <= PADDED_MAX_WASTE * ids.numel()
+    return padding_pays(torch.bincount(ids, minlength=tier_offsets[-1]).tolist(), tier_offsets)
 
 
 def _dispatch(

@@ -7,7 +7,7 @@ the same shapes at ~59 and one big ``mm`` of the same FLOPs at ~70; at E=512 (32
 ``bmm`` was 8.5x faster than ``grouped_mm`` (BENCHMARKS.md, "bf16 on CPU").  ``bmm`` needs
 every expert to have the same row count, so each tier's rows are padded to its busiest
 expert's count (plus one zero row, below).  The padding is wasted FLOPs; ``auto`` takes this
-path only while the padded rows stay within ``PADDED_MAX_WASTE`` times the routed rows.
+path only while the padded rows stay within what that speed buys back (``PADDED_MAX_WASTE``).
 
 Layout: route ``r`` (token ``n``, slot ``s``, flat id ``n * slots + s``) of expert ``e`` of tier
 ``t`` sits at row ``base[t] + e * C[t] + rank`` of one padded buffer, where ``rank`` is its
@@ -32,10 +32,23 @@ import torch
 if TYPE_CHECKING:
     from .experts import ExpertBank
 
-# Padded rows (sum over tiers of E_t * C_t) at most this many times the routed rows.  bmm was
-# ~2.3x faster than grouped_mm at E=64 and ~8.5x at E=512 (bf16, these CPUs), so up to 2x
-# padding still wins at E=64; beyond it the loop/grouped paths are kept.
-PADDED_MAX_WASTE = 2.0
+# How much padding still pays, by the mean rows per active expert: measured forward speed-ups
+# of one bf16 bmm over grouped_mm at the same shapes (d=512, H=1024, 2 cores, AVX512-BF16):
+# 2.3x at 256 rows, 2.9x at 128, 3.8x at 64, 8.5x at 32; 1.06x at 2,048 (where the loop is as
+# fast).  Each limit sits below the speed-up measured at the smallest row count of its band.
+PADDED_MAX_WASTE: tuple[tuple[int, float], ...] = ((256, 2.0), (128, 2.5), (64, 3.0), (0, 4.0))
+
+
+def padding_pays(counts: list[int], tier_offsets: list[int]) -> bool:
+    """Whether the padded buffer for ``counts`` (routes per flat expert) stays within the waste
+    that ``bmm``'s speed over ``grouped_mm`` buys back (``PADDED_MAX_WASTE``)."""
+    routed = sum(counts)
+    active = sum(1 for n in counts if n)
+    if not routed:
+        return False
+    mean_rows = routed / active
+    limit = next(w for rows, w in PADDED_MAX_WASTE if mean_rows >= rows)
+    return padded_rows(counts, tier_offsets) <= limit * routed
 
 
 def padded_rows(counts: list[int], tier_offsets: list[int]) -> int:
