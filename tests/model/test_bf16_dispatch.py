@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from lite_llm import ModelConfig, RoutingConfig, TierConfig, build_model
-from lite_llm.model.experts import HAS_GROUPED_MM, ExpertBank, dispatch, dispatch_reference, prefers_padded
+from lite_llm.model.experts import HAS_GROUPED_MM, ExpertBank, dispatch, prefers_padded
+from tests.model.references import dispatch_reference
 from lite_llm.model.moe import TieredMoE
 from lite_llm.model.padded import padding_pays
 

@@ -207,7 +207,7 @@ def _dispatch(
     impl: DispatchImpl,
 ) -> torch.Tensor:
     if impl == "padded_bmm" or (impl == "auto" and prefers_padded(x, expert_ids, tier_offsets)):
-        return padded_dispatch(x, expert_ids, weights, banks, tier_offsets)
+        return padded_dispatch(x, expert_ids, weights, banks, tier_offsets, swiglu)
     n_tokens, slots = expert_ids.shape
     flat = expert_ids.reshape(-1)
     used = (flat >= 0).nonzero().flatten()

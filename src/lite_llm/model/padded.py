@@ -25,7 +25,7 @@ order differs from ``mm``'s, and CPU fp32 training must stay bitwise what it was
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -67,15 +67,17 @@ def padded_dispatch(
     weights: torch.Tensor,
     banks: list["ExpertBank | None"],
     tier_offsets: list[int],
+    activation: Callable[[torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
     """``sum_k weights[n,k] * expert[expert_ids[n,k]](x[n])`` through one ``bmm`` pair per tier.
+
+    ``activation`` maps the fused ``[gate | up]`` rows to the hidden ones (the experts' SwiGLU,
+    passed in so that this module needs nothing of ``experts``).
 
     Same contract as ``experts.dispatch``; the result is in ``x``'s dtype, and the expert
     weights are cast to it once per call (under autocast: one bf16 copy of each bank per
     forward, instead of one cast per expert and matmul).
     """
-    from .experts import swiglu
-
     n_tokens, slots = expert_ids.shape
     d = x.shape[-1]
     flat = expert_ids.reshape(-1)
@@ -119,7 +121,7 @@ def padded_dispatch(
         if w_gu.dtype != x.dtype:
             w_gu, w_d = w_gu.to(x.dtype), w_d.to(x.dtype)
         h = _BankMatmul.apply(xt.view(experts, capacity, d), w_gu)
-        outs.append(_BankMatmul.apply(swiglu(h), w_d).view(experts * capacity, d))
+        outs.append(_BankMatmul.apply(activation(h), w_d).view(experts * capacity, d))
     y = torch.cat(outs) if len(outs) > 1 else outs[0]
     per_slot = _GatherRows.apply(y, pos_full).view(n_tokens, slots, d)
     return (per_slot * weights.to(x.dtype)[..., None]).sum(1)
