@@ -57,7 +57,9 @@ def generate_ids(
     """Yield new token ids one at a time.  ``temperature == 0`` is greedy decoding.
 
     The prompt is prefilled once; each new token costs one single-position forward through
-    the KV cache.  Sampling draws from a generator seeded by ``seed`` (same seed, same text).
+    the KV cache.  It runs on the device the model is on.  Sampling draws from a CPU generator
+    seeded by ``seed`` (same seed, same text, on any device: CUDA's generator is another
+    algorithm, and one draw per token costs nothing next to the forward).
     Generation ends after yielding any id in ``eos_ids`` (or ``eos_id``); the end token itself
     is yielded, as transformers' ``generate`` returns it.  ``repetition_penalty`` is applied
     to the raw logits before temperature and filtering, in transformers' order.
@@ -75,7 +77,7 @@ def generate_ids(
     was_training = model.training
     model.eval()
     device = model.embed.weight.device
-    gen = torch.Generator(device=device).manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
     model.setup_kv_cache(batch=1, max_len=len(ids) + max_new_tokens)
     try:
         logits = model(torch.tensor([ids], device=device), tierset=tierset, start_pos=0).logits[0, -1]
@@ -87,7 +89,7 @@ def generate_ids(
                 token = int(logits.argmax())
             else:
                 filtered = _filter_logits(logits.float() / temperature, top_k, top_p)
-                token = int(torch.multinomial(filtered.softmax(-1), 1, generator=gen))
+                token = int(torch.multinomial(filtered.softmax(-1).cpu(), 1, generator=gen))
             yield token
             if token in stop_ids:
                 break

@@ -62,6 +62,15 @@ class FisherEstimate:
             if f.shape != self.anchor[name].shape:
                 raise ConfigError(f"the importance and anchor of {name} have different shapes {tuple(f.shape)} and {tuple(self.anchor[name].shape)}")
 
+    def to(self, device: torch.device | str) -> "FisherEstimate":
+        """This estimate with its tensors on ``device`` (itself when they are there already):
+        training adds the penalty beside the weights, on their device."""
+        device = torch.device(device)
+        if all(t.device == device for t in (*self.fisher.values(), *self.anchor.values())):
+            return self
+        move = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
+        return FisherEstimate(move(self.fisher), move(self.anchor), dict(self.meta))
+
     def to_tensors(self, fmt: ImportanceFormat = EWC_FORMAT) -> dict[str, torch.Tensor]:
         """The flat safetensors form stored in ``fmt.directory`` (``ewc/``; on CPU, so checkpoints stay device-independent)."""
         out = {f"{fmt.key}/{k}": v.detach().float().cpu().contiguous() for k, v in self.fisher.items()}

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from ..errors import LiteLLMError
-from .app import app, console, err_console, friendly_errors, print_scores
+from .app import THREADS_HELP, app, apply_threads, console, err_console, friendly_errors, print_scores
 
 
 # ------------------------------------------------------------------------------------ eval
@@ -27,6 +27,7 @@ def eval_command(
     batch_size: int = typer.Option(16, help="Sequences per batch."),
     seq_len: int = typer.Option(128, help="Tokens per sequence."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the scores here."),
+    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
 ) -> None:
     """Validation loss and bits per byte per domain; with --against, a retention report.
 
@@ -40,6 +41,7 @@ def eval_command(
     from ..data import TokenData
     from ..eval import RetentionReport, evaluate
 
+    apply_threads(threads)
     dataset = TokenData(data)
     names = [d.strip() for d in domains.split(",")] if domains else dataset.domains
     unknown = [d for d in names if d not in dataset.domains]

@@ -8,7 +8,7 @@ from typing import Any, Optional
 import typer
 
 from ..errors import LiteLLMError
-from .app import app, console, friendly_errors, model_config_from, print_scores
+from .app import THREADS_HELP, app, apply_threads, console, friendly_errors, model_config_from, print_scores
 
 
 # ------------------------------------------------------------------------------------ train
@@ -52,6 +52,7 @@ def train(
     distill_temperature: Optional[float] = typer.Option(None, help="Distillation temperature."),
     distill_domains: Optional[str] = typer.Option(None, help="Distil only rows of these domains, e.g. 'prose'."),
     quiet: bool = typer.Option(False, help="No progress bar."),
+    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
 ) -> None:
     """Train a model on a prepared dataset, with validation per domain and checkpoints.
 
@@ -81,6 +82,7 @@ def train(
 
     from ..checkpoint.run_lock import RunLock
 
+    apply_threads(threads)
     resume = resume or resume_from is not None
     plan = CurriculumConfig.from_file(curriculum) if curriculum else None
     if plan is not None and steps is None:

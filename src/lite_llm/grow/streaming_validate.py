@@ -33,6 +33,10 @@ Why it is built this way (DESIGN.md, "Exactness, measured"):
   step of the whole block and a second chance (a LLaMA-Pro block's q/k/v sit behind its
   zeroed o_proj).  The embedding, final norm and head
   are not checked: their gradients come straight from the loss and the residual stream.
+* **On any device, still float64.**  The tensors are read on the CPU (the mappings are lazy
+  files); the float64 buffers, the states and the arithmetic are on ``device``.  A GPU
+  computes float64 to the same IEEE rules (the sums in another order: ~1e-16 relative), so the
+  figures agree with the CPU's far below any tolerance.
 """
 
 from __future__ import annotations
@@ -75,12 +79,13 @@ class Comparison:
 class _Buffers:
     """float64 buffers reused from block to block (a model's blocks share their shapes)."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device) -> None:
         self._free: dict[tuple[int, ...], list[torch.Tensor]] = {}
+        self.device = device
 
     def take(self, t: torch.Tensor) -> torch.Tensor:
         pool = self._free.get(tuple(t.shape))
-        out = pool.pop() if pool else torch.empty(t.shape, dtype=FP64)
+        out = pool.pop() if pool else torch.empty(t.shape, dtype=FP64, device=self.device)
         return out.copy_(t)
 
     def give(self, tensors) -> None:
@@ -133,7 +138,7 @@ def _allowed(config: ModelConfig) -> torch.Tensor | None:
 class _Model:
     """One side of the comparison: its config, tensors, RoPE tables and tier mask."""
 
-    def __init__(self, config: ModelConfig, tensors: Tensors, seq: int) -> None:
+    def __init__(self, config: ModelConfig, tensors: Tensors, seq: int, device: torch.device) -> None:
         expected, held = set(stored_names(config)), set(tensors)
         if expected != held:
             odd = sorted(expected ^ held)[0]
@@ -141,8 +146,10 @@ class _Model:
         self.config, self.tensors = config, tensors
         self.names = list(tensors)
         cos, sin = rope_tables(config.head_dim, config.rope_theta, torch.arange(seq))
-        self.cos, self.sin = cos.to(FP64), sin.to(FP64)  # cast once, not in every block
-        self.allowed = _allowed(config)
+        self.cos, self.sin = cos.to(device, FP64), sin.to(device, FP64)  # cast once, not in every block
+        allowed = _allowed(config)
+        self.allowed = allowed.to(device) if allowed is not None else None
+        self.device = device
         self.params = 0
 
     def head(self) -> torch.Tensor:
@@ -164,6 +171,8 @@ class _Model:
             block.load_state_dict(state, strict=True, assign=True)
         except RuntimeError as exc:
             raise ValueError(f"layer {layer}'s tensors do not fit the config ({' '.join(str(exc).split())[:200]})") from None
+        if self.device.type != "cpu":
+            block.to(self.device)  # what no checkpoint holds (the router's tables); the rest is there
         for p in block.parameters():
             p.requires_grad_(True)
         return block.eval(), state
@@ -197,7 +206,7 @@ def _dead_parameters(block: Block, x: torch.Tensor, model: _Model, layer: int) -
     n = min(GRAD_TOKENS, x.shape[1])
     x = x[:1, :n].detach()
     cos, sin = model.cos[:n], model.sin[:n]
-    direction = torch.randn(x.shape, generator=torch.Generator().manual_seed(layer), dtype=FP64)
+    direction = torch.randn(x.shape, generator=torch.Generator().manual_seed(layer), dtype=FP64).to(x.device)
     params = dict(block.named_parameters())
     for p in params.values():
         p.requires_grad_(False)
@@ -229,7 +238,7 @@ def _dead_parameters(block: Block, x: torch.Tensor, model: _Model, layer: int) -
 
 def _embed(model: _Model, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     table = model.tensors["embed.weight"]
-    return table[ids].to(FP64), table.numel()
+    return table[ids.to(table.device)].to(model.device, FP64), table.numel()
 
 
 def _equal(x: torch.Tensor, y: torch.Tensor) -> bool:
@@ -238,7 +247,7 @@ def _equal(x: torch.Tensor, y: torch.Tensor) -> bool:
 
 def _final_states(model: _Model, x: torch.Tensor, norm_weight: torch.Tensor) -> torch.Tensor:
     norm = RMSNorm(model.config.d_model, model.config.norm_eps)
-    norm.weight = torch.nn.Parameter(norm_weight.to(FP64), requires_grad=False)
+    norm.weight = torch.nn.Parameter(norm_weight.to(x.device, FP64), requires_grad=False)
     with torch.no_grad():
         return norm(x).reshape(-1, x.shape[-1])
 
@@ -249,8 +258,8 @@ class _HeadStats:
     def __init__(self, labels: torch.Tensor) -> None:
         self.labels = labels
         n = labels.numel()
-        self.lse = [torch.full((n,), float("-inf"), dtype=FP64) for _ in range(2)]
-        self.target = [torch.zeros(n, dtype=FP64) for _ in range(2)]
+        self.lse = [torch.full((n,), float("-inf"), dtype=FP64, device=labels.device) for _ in range(2)]
+        self.target = [torch.zeros(n, dtype=FP64, device=labels.device) for _ in range(2)]
         self.max_abs, self.scale, self.sse, self.count = 0.0, 0.0, 0.0, 0
 
     def add_one(self, side: int, start: int, z: torch.Tensor) -> None:
@@ -283,9 +292,9 @@ def _head_name(config: ModelConfig) -> str:
     return "embed.weight" if config.tie_embeddings else "lm_head.weight"
 
 
-def _slices(head: torch.Tensor, rows: int):
+def _slices(head: torch.Tensor, rows: int, device: torch.device):
     """(start, float64 slice of ``head``), one slice of the vocabulary at a time in one buffer."""
-    buffer = torch.empty((min(rows, head.shape[0]), head.shape[1]), dtype=FP64)
+    buffer = torch.empty((min(rows, head.shape[0]), head.shape[1]), dtype=FP64, device=device)
     for start in range(0, head.shape[0], rows):
         part = head[start : start + rows]
         yield start, buffer[: part.shape[0]].copy_(part)
@@ -300,13 +309,13 @@ def _heads(a: _Model, b: _Model, xa: torch.Tensor, xb: torch.Tensor, ids: torch.
     name_a, name_b = _head_name(a.config), _head_name(b.config)
     one_head = _one_origin(a.tensors, name_a, b.tensors, name_b)
     a_head_numel = 0
-    stats = _HeadStats(_next_token_labels(ids))
+    stats = _HeadStats(_next_token_labels(ids).to(a.device))
     rows = max(256, HEAD_SLICE_BYTES // (8 * max(a.config.d_model, b.config.d_model)))
     with torch.no_grad():
         if one_head:  # one head for both: the grown states go through the same slices
             head = a.tensors[name_a]
             a_head_numel = b_head_numel = head.numel()
-            for start, w in _slices(head, rows):
+            for start, w in _slices(head, rows, a.device):
                 za = F.linear(ha, w)
                 zb = za if hb is ha else F.linear(hb, w)
                 stats.add_one(0, start, za)
@@ -318,13 +327,13 @@ def _heads(a: _Model, b: _Model, xa: torch.Tensor, xb: torch.Tensor, ids: torch.
             head = b.tensors[name_b]
             b_head_numel = head.numel()
             kept = []
-            for start, w in _slices(head, rows):
+            for start, w in _slices(head, rows, b.device):
                 kept.append(F.linear(hb, w))
                 stats.add_one(1, start, kept[-1])
             del head
             head = a.tensors[name_a]
             a_head_numel = head.numel()
-            for (start, w), zb in zip(_slices(head, rows), kept):
+            for (start, w), zb in zip(_slices(head, rows, a.device), kept):
                 za = F.linear(ha, w)
                 stats.add_one(0, start, za)
                 stats.compare(za, zb)
@@ -341,14 +350,17 @@ def compare_streamed(
     ids: torch.Tensor,
     *,
     check_gradients: bool = True,
+    device: torch.device | str | None = None,
 ) -> Comparison:
     """Evaluate the original ``a`` and the grown ``b`` on ``ids`` (B, S) block by block in
-    float64 and compare their logits, losses, parameter counts and (``check_gradients``) the
-    gradient flow into ``b``'s unshared blocks; see the module docstring."""
+    float64 on ``device`` (default the CPU) and compare their logits, losses, parameter counts
+    and (``check_gradients``) the gradient flow into ``b``'s unshared blocks; see the module
+    docstring."""
+    device = torch.device("cpu" if device is None else device)
     if config_a.vocab_size != config_b.vocab_size:
         raise ValueError(f"the models have different vocabularies ({config_a.vocab_size} vs {config_b.vocab_size} tokens); growth never changes the vocabulary")
-    a, b = _Model(config_a, tensors_a, ids.shape[1]), _Model(config_b, tensors_b, ids.shape[1])
-    buffers = _Buffers()
+    a, b = _Model(config_a, tensors_a, ids.shape[1], device), _Model(config_b, tensors_b, ids.shape[1], device)
+    buffers = _Buffers(device)
     xa, count = _embed(a, ids)
     a.params += count
     if _one_origin(tensors_a, "embed.weight", tensors_b, "embed.weight"):

@@ -128,14 +128,16 @@ def check_growth(
     exact_expected: bool | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
     check_gradients: bool = True,
+    device: torch.device | str | None = None,
 ) -> ValidationReport:
-    """Compare the grown tensors with the original's on ``input_ids`` (B, S), streaming both."""
+    """Compare the grown tensors with the original's on ``input_ids`` (B, S), streaming both,
+    computing in float64 on ``device`` (default the CPU)."""
     if original_config.vocab_size != grown_config.vocab_size:
         raise ValidationError(
             f"the models have different vocabularies ({original_config.vocab_size} vs {grown_config.vocab_size} tokens), "
             "so one is not a growth of the other; compare a grown checkpoint with the one it was grown from"
         )
-    c = compare_streamed(original_config, original, grown_config, grown, input_ids, check_gradients=check_gradients)
+    c = compare_streamed(original_config, original, grown_config, grown, input_ids, check_gradients=check_gradients, device=device)
     max_rel = c.max_abs / c.scale if c.scale > 0 else (0.0 if c.max_abs == 0 else math.inf)
     return ValidationReport(
         max_abs=c.max_abs,
@@ -164,11 +166,12 @@ def validate_models(
     exact_expected: bool | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
     check_gradients: bool = True,
+    device: torch.device | str | None = None,
 ) -> ValidationReport:
     """:func:`check_growth` for two models in memory."""
     return check_growth(
         original.config, stored_state(original), grown.config, stored_state(grown), input_ids,
-        exact_expected=exact_expected, tolerance=tolerance, check_gradients=check_gradients,
+        exact_expected=exact_expected, tolerance=tolerance, check_gradients=check_gradients, device=device,
     )
 
 

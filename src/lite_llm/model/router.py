@@ -354,11 +354,14 @@ class HSERRouter(nn.Module):
         return Routes(expert_ids, weights, valid, balance, z, p_tier.detach().mean(0), counts.detach())
 
     def _add_noise(self, step: int, *logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Exploration noise from a generator seeded by (seed, step, layer), never global RNG."""
-        gen = torch.Generator(device=logits[0].device)
+        """Exploration noise from a generator seeded by (seed, step, layer), never global RNG.
+
+        Drawn on the CPU and moved: CUDA's generator is another algorithm, and the same noise
+        on every device keeps a GPU run on the CPU run's routing (a few KB per layer)."""
+        gen = torch.Generator()
         gen.manual_seed(seeded_hash(self.routing.seed, step, self.layer, "noise") & ((1 << 63) - 1))
         return tuple(
-            l + torch.randn(l.shape, generator=gen, device=l.device, dtype=l.dtype) * self.routing.noise_std for l in logits
+            l + torch.randn(l.shape, generator=gen, dtype=l.dtype).to(l.device) * self.routing.noise_std for l in logits
         )
 
     def _aux_losses(

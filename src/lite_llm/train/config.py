@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,13 +152,10 @@ class TrainConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "TrainConfig":
-        path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"training config {path} does not exist")
-        if path.suffix in (".yaml", ".yml"):
-            from ..config import read_yaml
+        """Read a training config (``.json`` or YAML; its fields at the top or under ``train:``)."""
+        from ..config import load_config_file
 
-            data = read_yaml(path.read_text(), path) or {}
-        else:
-            data = json.loads(path.read_text())
-        return cls.from_dict(data.get("train", data))
+        def parse(data: dict[str, Any]) -> "TrainConfig":
+            return cls.from_dict(data.get("train", data))
+
+        return load_config_file(path, "training config", parse)

@@ -45,6 +45,7 @@ class Distillation(TrainerCallback):
         self.domains = set(domains) if domains else None
 
     def on_train_begin(self, trainer: "Trainer") -> None:
+        self.teacher.to(trainer.device)  # the teacher runs beside the student
         student, teacher = trainer.model.config.vocab_size, self.teacher.config.vocab_size
         if student != teacher:
             raise ConfigError(

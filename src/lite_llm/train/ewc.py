@@ -60,6 +60,7 @@ def estimate_fisher(
         raise ConfigError(f"unknown domain {domain!r} for the Fisher; the data has {', '.join(data.domains)}")
     sequences, _ = data.sample_batch(split, {domain: 1.0}, samples, seq_len, seed=seed, step=0)
     params = dict(model.named_parameters())
+    sequences = sequences.to(next(iter(params.values())).device)  # where the model is (the same tensor on the CPU)
     trainable = {n: p.requires_grad for n, p in params.items()}
     fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     chunk = 1 if estimator == "sample" else batch_size
@@ -93,7 +94,7 @@ def ewc_penalty(model: "LiteLLM", estimate: FisherEstimate) -> torch.Tensor:
     """``sum_i F_i (theta_i - theta*_i)^2`` over the parameters the estimate covers (without
     lambda).  Parameters that do not require grad are skipped: they cannot move."""
     params = dict(model.named_parameters())
-    total = torch.zeros((), dtype=torch.float32)
+    total = torch.zeros((), dtype=torch.float32, device=next(iter(params.values())).device)
     for name, f in estimate.fisher.items():
         p = params.get(name)
         if p is None or not p.requires_grad:
@@ -130,6 +131,7 @@ class EWC(TrainerCallback):
         self.estimate, self.weight = estimate, float(weight)
 
     def on_train_begin(self, trainer: "Trainer") -> None:
+        self.estimate = self.estimate.to(trainer.device)  # Fisher and anchor beside the weights
         check_fits(trainer.model, self.estimate, EWC_FORMAT)
 
     def extra_loss(self, trainer: "Trainer", step: int, batch: torch.Tensor, output: "ModelOutput") -> torch.Tensor | None:

@@ -8,6 +8,13 @@ bitwise) produces the same losses as a run that was never interrupted.
 
 Extension points for the curriculum and forgetting prevention are :class:`TrainerCallback`
 hooks: they can change what is trainable, add loss terms, and keep JSON state in checkpoints.
+
+Devices: the trainer runs on one device (``device=``; by default where the model already is).
+The model, every batch, the optimizer's moments and the callbacks' tensors (EWC's Fisher and
+anchor, a distillation teacher) live there; bf16 autocast runs on the device's own type, with
+the parameters and optimizer state kept in fp32 (master weights).  What is saved is moved to
+the CPU, so a checkpoint written on a GPU loads on a CPU and the other way round.  On the CPU
+every operation is the one it was before devices existed: the numbers are bitwise the same.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import torch
 
 from ..config import TierSet
 from ..runtime.cpu_memory import keep_freed_memory
+from ..runtime.device import Bf16Support, bf16_support, module_device, resolve_device
 from .validation import evaluate
 from .config import TrainConfig
 from ..config import flops_per_token
@@ -60,15 +68,24 @@ class Trainer:
         callbacks: list[TrainerCallback] | None = None,
         show_progress: bool = True,
         tokenizer: Any = None,
+        device: str | torch.device | None = None,
     ) -> None:
-        self.model = model
+        # A run-time choice, not a TrainConfig field: where a run computes must not change what
+        # it computes, and a run resumed on another device is the same run.
+        self.device = module_device(model) if device is None else resolve_device(device)
+        self.bf16: Bf16Support | None = bf16_support(self.device) if config.bf16 else None
+        if self.bf16 is not None and not self.bf16.usable:
+            from ..errors import ConfigError
+
+            raise ConfigError(f"train.bf16 is set but {self.device} cannot compute in bfloat16 ({self.bf16.how}); train in fp32 (--no-bf16)")
+        self.model = model.to(self.device)
         self.data = data
         self.config = config
         self.run_dir = Path(run_dir) if run_dir is not None else None
         from .protection import protection_callbacks  # they subclass TrainerCallback, defined here
 
         # protections last: a freezing schedule must have the final word on requires_grad
-        self.callbacks = list(callbacks or []) + protection_callbacks(config, model)
+        self.callbacks = list(callbacks or []) + protection_callbacks(config, model, device=self.device)
         self.show_progress = show_progress
         self.tokenizer = tokenizer if tokenizer is not None else getattr(data, "tokenizer", None)
         self.weights = self._mixture(config.domains, "domains")
@@ -96,6 +113,14 @@ class Trainer:
         self.progressive = {k: v for k, v in progressive.items() if k not in ("training", "ewc", "si")}
         done = progressive.get("training") or {}
         self.ancestor_flops = float(done.get("total_flops", done.get("flops", 0.0)) or 0.0)
+
+    def runtime_summary(self) -> str:
+        """Where and in what precision this run computes, for a run header, e.g.
+        ``cuda:0 (NVIDIA H200), bf16 native on the GPU, fp32 master weights``."""
+        from ..runtime.device import describe_device
+
+        precision = "fp32" if self.bf16 is None else f"{self.bf16.how}, fp32 master weights"
+        return f"{describe_device(self.device)}, {precision}"
 
     @property
     def total_flops(self) -> float:
@@ -161,7 +186,10 @@ class Trainer:
                 continue
             name, slot = key[len("optimizer/") :].rsplit("/", 1)
             if name in params:
-                self.optimizer.state[params[name]][slot] = value.clone()
+                # torch's own policy (Optimizer.load_state_dict): AdamW's step count stays a CPU
+                # scalar (non-fused, non-capturable); the moments go to their parameter's device
+                to = value.device if slot == "step" else params[name].device
+                self.optimizer.state[params[name]][slot] = value.to(to, copy=True)
         self.step = int(meta.get("step", 0))
         self.tokens = int(meta.get("tokens", 0))
         self.flops = float(meta.get("flops", 0.0))
@@ -255,7 +283,7 @@ class Trainer:
         end = min(until if until is not None else c.steps, c.steps)
         result = TrainResult(steps=0)
         per_token = flops_per_token(self.model.config, c.seq_len, self.tierset)
-        if c.keep_freed_cpu_memory and next(self.model.parameters()).device.type == "cpu":
+        if c.keep_freed_cpu_memory and self.device.type == "cpu":
             keep_freed_memory()
         for cb in self.callbacks:
             cb.on_train_begin(self)
@@ -326,7 +354,8 @@ class Trainer:
         finite = True
         for micro in range(c.grad_accum):
             batch, self.batch_domains = self.sample(step, micro)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=c.bf16):
+            batch = batch.to(self.device)  # the same tensor on the CPU
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.bf16):
                 out = self.model(batch, tierset=self.tierset, labels=batch, step=step)
             loss = out.loss
             for cb in self.callbacks:
@@ -364,6 +393,8 @@ class Trainer:
             record["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, c.grad_clip, foreach=False))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the update's kernels are queued: time them too
         elapsed = time.perf_counter() - started
         record["tokens_per_s"] = c.tokens_per_step / max(elapsed, 1e-9)
         if tier_routes is not None:
@@ -396,9 +427,11 @@ def run_training(
     resume: str | Path | None = None,
     callbacks: list[TrainerCallback] | None = None,
     show_progress: bool = True,
+    device: str | torch.device | None = None,
 ) -> TrainResult:
-    """Convenience wrapper: build a Trainer, optionally resume, train to the end."""
-    trainer = Trainer(model, data, config, run_dir=run_dir, callbacks=callbacks, show_progress=show_progress)
+    """Convenience wrapper: build a Trainer (on ``device``: auto, cpu, cuda, cuda:N; default
+    where the model is), optionally resume, train to the end."""
+    trainer = Trainer(model, data, config, run_dir=run_dir, callbacks=callbacks, show_progress=show_progress, device=device)
     if resume is not None:
         trainer.resume(resume)
     return trainer.train()

@@ -40,7 +40,9 @@ def evaluate(
     max_batches: int | None = 8,
     tierset: TierSet | str | None = None,
 ) -> dict[str, DomainScore]:
-    """Score ``model`` on the validation split of each domain (the same windows every call)."""
+    """Score ``model`` on the validation split of each domain (the same windows every call),
+    on the device the model is on (load or move it there: ``load_checkpoint(..., device=)``)."""
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     scores: dict[str, DomainScore] = {}
@@ -48,6 +50,7 @@ def evaluate(
         for domain in domains or data.domains:
             total, count = 0.0, 0
             for batch in data.val_batches(domain, batch_size, seq_len, max_batches):
+                batch = batch.to(device)  # the same tensor on the CPU
                 out = model(batch, labels=batch, tierset=tierset)
                 n = batch.shape[0] * (batch.shape[1] - 1)
                 total += float(out.lm_loss) * n
