@@ -310,3 +310,31 @@ def test_bad_si_settings_are_refused_in_one_sentence(tmp_path, small_dataset):
     with pytest.raises(ConfigError, match="cannot resume: train.si_strength was 1.0"):
         other.resume(first.checkpoint)
     assert SI_FORMAT.directory in load_checkpoint(first.checkpoint).extra_dirs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+def test_si_on_cuda_matches_cpu_and_its_checkpoint_loads_on_cpu(tmp_path, small_dataset):
+    """The path integral, the earlier importance and the penalty live on the trainer's device;
+    fp32 on CUDA follows the CPU run up to round-off, and the saved si/ is on the CPU."""
+    data = TokenData(small_dataset)
+    first = Trainer(build_model(DENSE, seed=5), data, _cfg(steps=3, si_strength=1.0, domains={"prose": 1.0}), run_dir=tmp_path / "t1", show_progress=False)
+    previous = first.train().checkpoint
+    saved_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        runs = {}
+        for device in ("cpu", "cuda"):
+            cfg = _cfg(steps=3, si_strength=1.0, si_from=str(previous), domains={"code": 1.0})
+            trainer = Trainer(build_model(DENSE, seed=0), data, cfg, run_dir=tmp_path / device, show_progress=False, device=device)
+            runs[device] = (_si(trainer), trainer.train())
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved_tf32
+    (cpu, cpu_result), (gpu, gpu_result) = runs["cpu"], runs["cuda"]
+    assert gpu_result.losses == pytest.approx(cpu_result.losses, rel=1e-4)
+    for n, omega in cpu.omega.items():
+        assert gpu.omega[n].device.type == "cuda" and gpu.previous.fisher[n].device.type == "cuda", n
+        scale = float(omega.abs().max()) or 1.0
+        assert torch.allclose(gpu.omega[n].cpu(), omega, rtol=1e-3, atol=1e-3 * scale), n
+    on_disk = load_si(gpu_result.checkpoint)
+    assert all(t.device.type == "cpu" for t in (*on_disk.fisher.values(), *on_disk.anchor.values()))
+    assert on_disk.meta["tasks"] == 2

@@ -25,8 +25,8 @@ if TYPE_CHECKING:
 def protection_callbacks(config: TrainConfig, model: "LiteLLM", *, device: "torch.device | str" = "cpu") -> list[TrainerCallback]:
     """The freezing schedule, EWC, SI and distillation callbacks ``config`` configures (in that
     order), loading the EWC estimate, earlier tasks' SI importance and the teacher from their
-    checkpoints onto ``device`` (the trainer's: a teacher or a Fisher on another device would be
-    copied every step)."""
+    checkpoints onto ``device`` (the trainer's: a teacher or a Fisher on another device would
+    be copied every step)."""
     callbacks: list[TrainerCallback] = []
     if config.freeze:
         callbacks.append(FreezeSchedule(model, config.freeze))

@@ -90,9 +90,11 @@ class SynapticIntelligence(TrainerCallback):
     # ------------------------------------------------------------------------------ hooks
     def on_train_begin(self, trainer: "Trainer") -> None:
         model = trainer.model
+        params = dict(model.named_parameters())
+        device = next(iter(params.values())).device  # everything SI keeps lives beside the weights
         if self.previous is not None:
             check_fits(model, self.previous, SI_FORMAT)
-        params = dict(model.named_parameters())
+            self.previous = self.previous.to(device)
         if self.start is None:  # a new task (a resumed one has its state loaded already)
             self.start = {n: p.detach().float().clone() for n, p in params.items()}
             self.omega = {n: torch.zeros_like(s) for n, s in self.start.items()}
@@ -102,7 +104,6 @@ class SynapticIntelligence(TrainerCallback):
         for kind, state in (("path integral", self.omega), ("start weights", self.start)):
             if set(state) != set(params) or any(state[n].shape != p.shape for n, p in params.items()):
                 raise CheckpointError(f"the SI {kind} in the training state does not match the model's parameters; start a new run instead of resuming")
-        device = next(iter(params.values())).device
         self.omega = {n: t.to(device) for n, t in self.omega.items()}
         self.start = {n: t.to(device) for n, t in self.start.items()}
 
