@@ -71,7 +71,7 @@ def test_chat_reply_equals_transformers_greedy_generate(smollm2, transformers_re
     result = CliRunner().invoke(app, ["generate", str(ckpt), "--chat", "--prompt", QUESTION, "--temperature", "0", "--max-new-tokens", "40"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "<|im_end|>" not in result.output and "<|im_start|>" not in result.output
-    assert result.output == hf_tok.decode(hf_reply, skip_special_tokens=True) + "\n"
+    assert result.stdout == hf_tok.decode(hf_reply, skip_special_tokens=True) + "\n"
     assert "Paris" in result.output
 
 
