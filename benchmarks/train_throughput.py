@@ -9,6 +9,12 @@ the same process, interleaved; Mixtral runs with each experts implementation and
 one is the reference.
 
     THP_MEM_ALLOC_ENABLE=1 python benchmarks/train_throughput.py [--steps 6] [--batch 16] [--seq 256] [--profile]
+    python benchmarks/train_throughput.py --dtype bfloat16     # mixed precision, as `lite-llm train --bf16`
+
+``--dtype bfloat16`` keeps fp32 master weights and AdamW state and runs every model's forward
+under ``torch.autocast("cpu", dtype=torch.bfloat16)``, exactly as the trainer's ``bf16: true``
+does, for ours and Mixtral alike.  ``--preset`` picks another Lite LLM preset (Mixtral is
+built to match it).
 
 Prints tokens/s per candidate and the ratio ours / fastest Mixtral (target >= 1.5), then one
 JSON line.  ``--profile`` also splits two steps of each model (torch.profiler, self CPU time)
@@ -21,6 +27,7 @@ our other work cost nothing.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -79,17 +86,22 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--profile", action="store_true", help="split each model's step into matmul / attention / other")
     parser.add_argument("--no-keep-memory", action="store_true", help="leave glibc's malloc as it is (see lite_llm.runtime.cpu_memory)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="bfloat16: forwards under CPU autocast with fp32 master weights (the trainer's bf16)")
+    parser.add_argument("--preset", default="small", help="Lite LLM preset to measure (default: small)")
     args = parser.parse_args()
     threads = setup_torch_threads(args.threads)
     kept = keep_freed_memory_unless(args.no_keep_memory)
 
-    cfg = ModelConfig.from_preset("small")
+    cfg = ModelConfig.from_preset(args.preset)
+    bf16 = args.dtype == "bfloat16"
     ours = build_model(cfg, seed=0)
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
 
     def step_fn(model, opt, forward):
         def run() -> None:
-            loss = forward(model)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = forward(model)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -117,7 +129,8 @@ def main() -> None:
     for name, t in timings.items():
         tps[name] = tokens / t.median if t.median else None
         rows.append([name, counts[name][0], counts[name][1], t.median, tps[name]])
-    print_table(["model", "total params", "active params", "step s (median)", "tokens/s"], rows, title=f"training, batch {args.batch} x {args.seq}, {threads} threads")
+    print_table(["model", "total params", "active params", "step s (median)", "tokens/s"], rows,
+                title=f"training, preset {args.preset}, batch {args.batch} x {args.seq}, {args.dtype}{' autocast' if bf16 else ''}, {threads} threads")
     mixtral = {k: v for k, v in tps.items() if k.startswith("mixtral") and v}
     fastest = max(mixtral, key=mixtral.get) if mixtral else None
     speedup = tps["lite_llm"] / mixtral[fastest] if fastest else None
@@ -139,10 +152,14 @@ def main() -> None:
     emit_json(
         {
             "benchmark": "train_throughput",
+            "preset": args.preset,
+            "dtype": args.dtype,
+            "autocast": bf16,
             "batch": args.batch,
             "seq_len": args.seq,
             "threads": threads,
             "cpu": cpu_description(),
+            "loadavg": list(os.getloadavg()),
             "keep_freed_memory": kept,
             "tokens_per_s": tps,
             "params": {k: {"total": v[0], "active": v[1]} for k, v in counts.items()},
