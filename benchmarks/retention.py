@@ -3,15 +3,17 @@
     python benchmarks/retention.py            # ~15 min on 2 cores
     python benchmarks/retention.py --quick    # a smoke run (minutes), figures not meaningful
 
-1. Train a base model on English prose only (the standard library's pydoc topics, byte-level).
+1. Train a base model on English prose only (the standard library's pydoc topics, byte-level),
+   measuring its Synaptic Intelligence importance along the way (``si_strength`` > 0 with no
+   earlier importance only measures: the run's numbers are those of a plain run).
 2. Estimate its prose Fisher (``lite-llm ewc estimate``: 256 sequences, per-sample estimator)
    and grow it with ``llama_pro`` 4 -> 6 blocks through ``expand_checkpoint``, which carries
-   the estimate to the grown model.
+   the Fisher and the SI importance to the grown model.
 3. Continue the grown model on Python code (the standard library's sources), same steps,
-   learning rate and schedule, with: no protection; EWC at two strengths; replay (25% prose
-   rows); distillation to the base model on every row (LwF-style, T=2); freezing everything
-   but the two new blocks (the LLaMA-Pro recipe); replay + freezing; and replay with
-   distillation on the replayed prose rows only.
+   learning rate and schedule, with: no protection; EWC at two strengths; SI at two strengths;
+   replay (25% prose rows); distillation to the base model on every row (LwF-style, T=2);
+   freezing everything but the two new blocks (the LLaMA-Pro recipe); replay + freezing; and
+   replay with distillation on the replayed prose rows only.
 
 Reports prose and code bits per byte for each, the change against the base, and writes the
 retention report (``benchmarks/results/retention/``: table, JSON, chart) with the same code as
@@ -40,6 +42,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400, help="Steps of each continued run on code.")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--ewc-weights", type=float, nargs="+", default=[1e3, 1e5])
+    parser.add_argument("--si-strengths", type=float, nargs="+", default=[1.0, 10.0], help="SI's c for the code runs.")
+    parser.add_argument("--si-damping", type=float, default=1e-3, help="SI's xi (the paper's 1e-3).")
     parser.add_argument("--replay", type=float, default=0.25)
     parser.add_argument("--distill", type=float, default=1.0)
     parser.add_argument("--batch", type=int, default=16)
@@ -71,9 +75,9 @@ def main() -> None:
         shutil.rmtree(work / run, ignore_errors=True)
         started = time.perf_counter()
         trainer = Trainer(model, data, cfg, run_dir=work / run, show_progress=False)
-        trainer.train()
+        result = trainer.train()
         print(f"{run}: {steps} steps in {time.perf_counter() - started:.0f} s", flush=True)
-        return model
+        return model, result.checkpoint
 
     def bpb(model) -> dict[str, float]:
         scores = evaluate(model, data, ["prose", "code"], batch_size=16, seq_len=args.seq, max_batches=16)
@@ -82,14 +86,17 @@ def main() -> None:
     config = ModelConfig(
         vocab_size=256, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, intermediate_size=352, max_seq_len=args.seq, name="prose-base",
     )
-    base = train(build_model(config, seed=0), args.base_steps, "base", lr=3e-3, domains={"prose": 1.0})
+    # measuring SI importance changes no number of the base run; its checkpoint holds si/
+    base, base_run = train(
+        build_model(config, seed=0), args.base_steps, "base", lr=3e-3, domains={"prose": 1.0}, si_strength=1.0, si_damping=args.si_damping
+    )
     for d in ("base-ckpt", "base-ewc", "grown"):
         shutil.rmtree(work / d, ignore_errors=True)
     base_ckpt = save_checkpoint(work / "base-ckpt", base, tokenizer=data.tokenizer)
     started = time.perf_counter()
     estimate = estimate_fisher(base, data, "prose", samples=256, seq_len=args.seq)
     print(f"Fisher: 256 sequences, per-sample, {time.perf_counter() - started:.0f} s", flush=True)
-    save_ewc(base_ckpt, estimate, work / "base-ewc")
+    save_ewc(base_run, estimate, work / "base-ewc")  # the base run's checkpoint: its si/ comes along
     grown_path = expand_checkpoint(work / "base-ewc", work / "grown", [GrowthStep("llama_pro", {"target_layers": 6})]).path
     grown = load_checkpoint(grown_path)
     new_blocks = [i for i, block in enumerate(grown.model.layers) if not block.attn.o_proj.weight.any()]
@@ -98,6 +105,8 @@ def main() -> None:
     variants: dict[str, dict] = {"no protection": {}}
     for w in args.ewc_weights:
         variants[f"EWC lambda={w:g}"] = {"ewc_from": str(grown_path), "ewc_weight": w}
+    for c in args.si_strengths:
+        variants[f"SI c={c:g}"] = {"si_from": str(grown_path), "si_strength": c, "si_damping": args.si_damping}
     frozen_old = [{"patterns": ["embed.*", "norm.*", "lm_head.*", *(f"layers.{i}.*" for i in range(6) if i not in new_blocks)], "thaw_at": None}]
     variants.update({
         f"replay {args.replay:.0%}": {"replay": {"prose": 1.0}, "replay_share": args.replay},
@@ -135,7 +144,10 @@ def main() -> None:
             "prose_change": {n: rounded(report.change(n, "prose")) for n in scores if n != "base"},
             "code_change": {n: rounded(report.change(n, "code")) for n in scores if n != "base"},
             "best_within_5pct": best,
-            "settings": {"base_steps": args.base_steps, "steps": args.steps, "lr": args.lr, "ewc_weights": args.ewc_weights, "replay": args.replay, "distill": args.distill},
+            "settings": {
+                "base_steps": args.base_steps, "steps": args.steps, "lr": args.lr, "ewc_weights": args.ewc_weights,
+                "si_strengths": args.si_strengths, "si_damping": args.si_damping, "replay": args.replay, "distill": args.distill,
+            },
         }
     )
 

@@ -44,8 +44,10 @@ def test_init_inspect_generate(tmp_path):
     _ok(["init", "--preset", "tiny", "-o", str(ckpt)])
     out = _ok(["inspect", str(ckpt)])
     assert "tier_1b" in out and "tier_10b" in out and "verified" in out
-    out = _ok(["generate", str(ckpt), "--prompt", "ab", "--max-new-tokens", "8", "--temperature", "0", "--tiers", "upto:tier_1b"])
-    assert out.startswith("ab")
+    result = runner.invoke(app, ["generate", str(ckpt), "--prompt", "ab", "--max-new-tokens", "8", "--temperature", "0", "--tiers", "upto:tier_1b"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("ab")  # the text alone on stdout; the threads header went to stderr
+    assert result.stderr.startswith("threads: ")
 
 
 def test_inspect_fails_on_a_corrupt_shard(tmp_path):
@@ -113,3 +115,20 @@ def test_killed_run_resumes_exactly(tmp_path, small_dataset):
         return out
 
     assert losses(killed) == losses(straight)
+
+
+def _leaf_commands(command, path=()):
+    if hasattr(command, "commands"):
+        for name, sub in command.commands.items():
+            yield from _leaf_commands(sub, (*path, name))
+    else:
+        yield path, command
+
+
+def test_every_command_help_has_an_example_of_itself():
+    import typer.main
+
+    leaves = list(_leaf_commands(typer.main.get_command(app)))
+    assert len(leaves) >= 17  # quickstart, init, data prepare, tokenizer train, train, rollback, eval, ... ewc estimate
+    missing = [" ".join(path) for path, command in leaves if f"lite-llm {' '.join(path)}" not in (command.help or "").split("Example", 1)[-1]]
+    assert missing == []

@@ -65,3 +65,21 @@ def test_bad_freeze_flag_is_one_sentence(tmp_path, small_dataset):
     result = runner.invoke(app, ["train", "--data", str(small_dataset), "--preset", "tiny", "-o", str(tmp_path / "r"), "--freeze", "layers.0.*@soon"])
     assert result.exit_code == 1
     assert "write PATTERN or PATTERN@STEP" in result.output and "Traceback" not in result.output
+
+
+def test_train_measures_si_importance_and_the_next_run_protects_it(tmp_path, small_dataset):
+    """`--si-strength` alone measures (every checkpoint holds si/); `--si-from` with it adds the
+    penalty and consolidates the earlier task's importance into the new run's."""
+    from lite_llm.train import load_si
+
+    common = ["--data", small_dataset, "--steps", "2", "--batch-size", "4", "--seq-len", "32", "--quiet"]
+    _ok(["train", *common, "--preset", "tiny", "--domains", "prose=1", "--si-strength", "1", "--si-damping", "0.01", "-o", tmp_path / "prose"])
+    first = CheckpointManager(tmp_path / "prose").latest()
+    assert load_si(first).meta["tasks"] == 1 and load_si(first).meta["damping"] == 0.01
+    _ok(["train", *common, "--init", first, "--domains", "code=1", "--si-from", first, "--si-strength", "0.5", "-o", tmp_path / "code"])
+    second = CheckpointManager(tmp_path / "code").latest()
+    saved = json.loads((second / "training" / "state.json").read_text())["train_config"]
+    assert saved["si_from"] == str(first) and saved["si_strength"] == 0.5 and saved["si_damping"] == 1e-3
+    assert load_si(second).meta["tasks"] == 2 and load_si(second).meta["steps"] == 4
+    result = runner.invoke(app, ["train", *map(str, common), "--preset", "tiny", "--si-from", str(first), "-o", str(tmp_path / "bad")])
+    assert result.exit_code == 1 and "needs a positive train.si_strength" in result.output and "Traceback" not in result.output

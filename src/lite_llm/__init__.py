@@ -14,6 +14,12 @@ import os
 os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 os.environ.setdefault("OMP_DYNAMIC", "FALSE")
 
+# Idle OpenMP threads sleep instead of spinning, so a run beside other busy processes does not
+# collapse; read once when torch loads, hence here, before anything below imports it.
+from .runtime.threads import set_openmp_defaults  # noqa: E402 - must precede torch
+
+set_openmp_defaults()
+
 from .config import ModelConfig, RoutingConfig, TierConfig, TierSet
 from .errors import CheckpointError, ConfigError, LiteLLMError, TierSetError
 from .model import LiteLLM, ModelOutput, build_model

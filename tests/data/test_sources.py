@@ -59,14 +59,23 @@ def test_file_and_glob(corpus):
 def test_source_errors_are_one_sentence(corpus, tmp_path):
     (tmp_path / "only_binary").mkdir()
     (tmp_path / "only_binary" / "x.dat").write_bytes(b"\x00\x01\x02")
-    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     for spec in (
         str(tmp_path / "missing"),
         str(tmp_path / "only_binary"),
         str(tmp_path / "*.nothing"),
-        str(tmp_path / "latin1.txt"),
         "stdlib-cod",
     ):
         with pytest.raises(DataError) as err:
             resolve_source(spec)
         assert_one_sentence(str(err.value))
+
+
+def test_a_folder_mixing_latin1_and_utf8_keeps_both_and_names_the_latin1_file(tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "a_utf8.txt").write_text("naïve café", encoding="utf-8")
+    (folder / "b_latin1.txt").write_bytes("façade über".encode("latin-1"))
+    (folder / "c_binary.dat2").write_bytes(bytes(range(1, 32)) * 10 + b"\xff")
+    with pytest.warns(UserWarning, match=r"b_latin1\.txt is not UTF-8; read it as Latin-1"):
+        docs = resolve_source(str(folder))
+    assert {d.key: d.text for d in docs} == {"a_utf8.txt": "naïve café", "b_latin1.txt": "façade über"}

@@ -30,7 +30,7 @@ def _routes(gen: torch.Generator, n: int, slots: int) -> tuple[torch.Tensor, tor
     return ids, weights
 
 
-@pytest.mark.parametrize("impl", ["grouped_mm", "loop", "auto"])
+@pytest.mark.parametrize("impl", ["grouped_mm", "loop", "auto", "padded_bmm"])
 def test_dispatch_matches_reference_forward_and_all_gradients(impl):
     gen = torch.Generator().manual_seed(0)
     d, n = 16, 37

@@ -109,3 +109,18 @@ def parse_dtype(name: Optional[str]):
     if name not in table:
         raise ConfigError(f"unknown dtype {name!r}; use float32, bfloat16 or float16")
     return table[name]
+
+
+THREADS_HELP = (
+    "CPU threads (default: OMP_NUM_THREADS, else every CPU this process may run on). "
+    "Runs round the same only at the same count; idle threads sleep, so fewer rarely helps."
+)
+
+
+def apply_threads(threads: Optional[int], *, header_to_stderr: bool = False) -> None:
+    """Apply ``--threads`` before any heavy work and put what was chosen in the run's header
+    (on stderr where stdout carries the command's output, as `generate`'s text does)."""
+    from ..runtime.threads import apply_thread_policy
+
+    policy = apply_thread_policy(threads)
+    (err_console if header_to_stderr else console).print(policy.describe(), highlight=False)

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from ..errors import LiteLLMError
-from .app import app, console, device_option, err_console, friendly_errors, print_scores
+from .app import THREADS_HELP, app, apply_threads, console, device_option, err_console, friendly_errors, print_scores
 
 
 # ------------------------------------------------------------------------------------ eval
@@ -28,6 +28,7 @@ def eval_command(
     seq_len: int = typer.Option(128, help="Tokens per sequence."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the scores here."),
     device: str = device_option(),
+    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
 ) -> None:
     """Validation loss and bits per byte per domain; with --against, a retention report.
 
@@ -46,6 +47,7 @@ def eval_command(
 
     run_device = resolve_device(device)
 
+    apply_threads(threads)
     dataset = TokenData(data)
     names = [d.strip() for d in domains.split(",")] if domains else dataset.domains
     unknown = [d for d in names if d not in dataset.domains]

@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 
 from ..errors import LiteLLMError
-from .app import app, device_option, friendly_errors
+from .app import THREADS_HELP, app, apply_threads, device_option, friendly_errors
 
 
 # ------------------------------------------------------------------------------------ generate
@@ -28,6 +28,7 @@ def generate(
     stop: Optional[List[str]] = typer.Option(None, "--stop", help="Stop before this text (repeatable)."),
     repetition_penalty: float = typer.Option(1.0, help="Divide (multiply, when negative) the logits of tokens already seen by this; 1 is off."),
     device: str = device_option(),
+    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
 ) -> None:
     """Stream a continuation of PROMPT to the terminal.
 
@@ -57,6 +58,7 @@ def generate(
         raise LiteLLMError(f"--temperature must be 0 (greedy) or more, got {temperature}")
     if repetition_penalty <= 0:
         raise LiteLLMError(f"--repetition-penalty must be positive (1 is off, 1.1-1.3 discourages repeats), got {repetition_penalty}")
+    apply_threads(threads, header_to_stderr=True)
     loaded = load_checkpoint(checkpoint, tierset=None if tiers == "all" else tiers, device=run_device)
     if loaded.tokenizer is None:
         raise LiteLLMError(f"checkpoint {checkpoint} has no tokenizer/ folder; re-save it with its tokenizer")

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from ..errors import LiteLLMError
-from .app import app, console, friendly_errors, model_config_from
+from .app import app, console, friendly_errors, model_config_from, plain_warnings
 
 data_app = typer.Typer(help="Prepare corpora into token shards.", no_args_is_help=True)
 tokenizer_app = typer.Typer(help="Train and inspect tokenizers.", no_args_is_help=True)
@@ -85,14 +85,15 @@ def data_prepare(
         if domain in mapping:
             raise LiteLLMError(f"domain {domain!r} is given twice; give each source its own name as DOMAIN=SPEC")
         mapping[domain] = target
-    index = prepare_data(
-        mapping,
-        output,
-        get_tokenizer(tokenizer),
-        val_fraction=val_fraction,
-        seed=seed,
-        max_bytes_per_domain=int(max_mb * 1e6) if max_mb else None,
-    )
+    with plain_warnings():  # a Latin-1 file is read with one plain warning line
+        index = prepare_data(
+            mapping,
+            output,
+            get_tokenizer(tokenizer),
+            val_fraction=val_fraction,
+            seed=seed,
+            max_bytes_per_domain=int(max_mb * 1e6) if max_mb else None,
+        )
     table = Table("domain", "source", "train tokens", "val tokens")
     for name, info in index["domains"].items():
         table.add_row(name, str(info.get("source")), f"{info['train']['tokens']:,}", f"{info['val']['tokens']:,}")

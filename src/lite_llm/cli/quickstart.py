@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
-from .app import app, console, friendly_errors
+from .app import THREADS_HELP, app, apply_threads, console, friendly_errors
 from ..quickstart import QUICKSTART_STEPS
 
 
@@ -17,6 +18,7 @@ def quickstart(
     output: Path = typer.Option(Path("runs/quickstart"), "-o", "--output", help="Where data, run and charts go."),
     steps: int = typer.Option(QUICKSTART_STEPS, min=1, help="Training steps."),
     seed: int = typer.Option(0, help="Seed."),
+    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
 ) -> None:
     """Prepare the built-in corpora, train a small two-tier model, evaluate, sample, chart.
 
@@ -28,4 +30,5 @@ def quickstart(
     """
     from ..quickstart import run_quickstart
 
+    apply_threads(threads)
     run_quickstart(output, steps=steps, seed=seed, console=console)

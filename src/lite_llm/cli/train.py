@@ -8,7 +8,7 @@ from typing import Any, Optional
 import typer
 
 from ..errors import LiteLLMError
-from .app import app, console, device_option, friendly_errors, model_config_from, print_scores
+from .app import THREADS_HELP, app, apply_threads, console, device_option, friendly_errors, model_config_from, print_scores
 
 
 # ------------------------------------------------------------------------------------ train
@@ -42,12 +42,18 @@ def train(
     freeze: Optional[list[str]] = typer.Option(None, help="Freeze parameters matching PATTERN until a step: 'layers.[0-3].*@500' (no @: never thaw). Repeatable."),
     ewc: Optional[Path] = typer.Option(None, "--ewc", help="Checkpoint holding an EWC estimate (`lite-llm ewc estimate`)."),
     ewc_weight: Optional[float] = typer.Option(None, help="EWC penalty weight lambda."),
+    si_strength: Optional[float] = typer.Option(
+        None, help="Synaptic Intelligence c: > 0 measures each weight's importance along this run (stored in every checkpoint's si/) and weights the --si-from penalty."
+    ),
+    si_damping: Optional[float] = typer.Option(None, help="SI damping xi in Omega = omega / (Delta^2 + xi) (default 1e-3)."),
+    si_from: Optional[Path] = typer.Option(None, "--si-from", help="Checkpoint of an earlier SI run (or grown from one) whose importance to protect (needs --si-strength)."),
     distill_from: Optional[Path] = typer.Option(None, help="Teacher checkpoint for distillation."),
     distill_weight: Optional[float] = typer.Option(None, help="Distillation loss weight."),
     distill_temperature: Optional[float] = typer.Option(None, help="Distillation temperature."),
     distill_domains: Optional[str] = typer.Option(None, help="Distil only rows of these domains, e.g. 'prose'."),
     quiet: bool = typer.Option(False, help="No progress bar."),
     device: str = device_option(),
+    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
 ) -> None:
     """Train a model on a prepared dataset, with validation per domain and checkpoints.
 
@@ -65,6 +71,11 @@ def train(
 
       lite-llm train --data data/std --init grown --domains code=1 --replay prose=1 --replay-share 0.25 \\
           --ewc grown --ewc-weight 100 --freeze 'layers.[0134].*@400' -o runs/code
+
+      lite-llm train --data data/std --preset tiny --domains prose=1 --si-strength 1 -o runs/prose
+
+      lite-llm train --data data/std --init runs/prose/checkpoints/step-00000200 --domains code=1 \\
+          --si-from runs/prose/checkpoints/step-00000200 --si-strength 1 -o runs/code
     """
     from ..checkpoint import CheckpointManager, load_checkpoint
     from ..data import TokenData
@@ -76,6 +87,7 @@ def train(
     from ..runtime.device import resolve_device
 
     run_device = resolve_device(device)  # a device that is not there fails before anything is touched
+    apply_threads(threads)
     resume = resume or resume_from is not None
     plan = CurriculumConfig.from_file(curriculum) if curriculum else None
     if plan is not None and steps is None:
@@ -88,6 +100,8 @@ def train(
     if domains:
         given["domains"] = _parse_weights(domains)
     given.update(_protection_fields(replay, replay_share, freeze, ewc, ewc_weight, distill_from, distill_weight, distill_temperature, distill_domains))
+    si = dict(si_strength=si_strength, si_damping=si_damping, si_from=str(si_from) if si_from else None)
+    given.update({k: v for k, v in si.items() if v is not None})
     with RunLock(output, say=lambda message: console.print(f"[yellow]{message}[/yellow]")):
         manager = CheckpointManager(output)
         for leftover in manager.clean_interrupted():

@@ -26,19 +26,6 @@ _TIER_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _SIZE_SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "t": 10**12}
 
 
-def read_yaml(text: str, path: str | Path) -> Any:
-    """``text`` (the contents of ``path``) parsed as YAML, or one sentence saying where it is not."""
-    import yaml
-
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or "malformed"
-        raise ConfigError(f"{path} is not valid YAML{where} ({problem}); fix the file and try again") from None
-
-
 def is_int(value: Any) -> bool:
     """An integer and not a bool (``True`` is an ``int`` to Python, never to a config)."""
     return isinstance(value, int) and not isinstance(value, bool)
@@ -362,22 +349,18 @@ class ModelConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ModelConfig":
-        """Read a config from a ``.json`` or ``.yaml``/``.yml`` file."""
-        path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"config file {path} does not exist")
-        text = path.read_text()
-        if path.suffix in (".yaml", ".yml"):
-            data = read_yaml(text, path)
-        else:
-            data = json.loads(text)
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must contain a mapping of fields")
-        if "preset" in data:
-            base = cls.from_preset(data.pop("preset")).to_dict()
-            base.update(data)
-            data = base
-        return cls.from_dict(data)
+        """Read a config from a ``.json`` or ``.yaml``/``.yml`` file (``preset:`` plus overrides allowed)."""
+        from .files import load_config_file
+
+        def parse(data: dict[str, Any]) -> "ModelConfig":
+            if "preset" in data:
+                base = cls.from_preset(data.pop("preset")).to_dict()
+                base.update(data)
+                data = base
+            return cls.from_dict(data)
+
+        keys = {f.name for f in dataclasses.fields(cls)} | {"preset"}
+        return load_config_file(path, "model config", parse, keys=keys)
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import os
 import sysconfig
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
@@ -149,7 +150,11 @@ def _walk(root: Path, skip_dirs: frozenset[str], *, skip_hidden: bool) -> list[P
 
 
 def _read_text(path: Path, *, trust_suffix: bool = True) -> str | None:
-    """The file's text, or ``None`` if it is binary or not UTF-8."""
+    """The file's text, or ``None`` if it is binary.
+
+    Text that is not UTF-8 (a Latin-1 file beside UTF-8 ones, common in older corpora) is read
+    as Latin-1 — every byte is a Latin-1 character, so nothing is lost — and a warning names it,
+    rather than the file being dropped without a word."""
     if trust_suffix and path.suffix.lower() in _BINARY_SUFFIXES:
         return None
     try:
@@ -161,4 +166,9 @@ def _read_text(path: Path, *, trust_suffix: bool = True) -> str | None:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
+        pass
+    controls = sum(1 for b in data[:_SNIFF_BYTES] if b < 0x20 and b not in b"\t\n\r\f")
+    if controls > len(data[:_SNIFF_BYTES]) // 100:  # control bytes: binary, not text in another encoding
         return None
+    warnings.warn(f"{path} is not UTF-8; read it as Latin-1 (convert it to UTF-8 to be sure of its characters)", stacklevel=2)
+    return data.decode("latin-1")

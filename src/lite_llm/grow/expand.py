@@ -169,7 +169,7 @@ def _expand(
 def write_grown_checkpoint(
     out: Path, grown: GrownModel, *, max_shard_bytes: int, before_commit: Callable[[], None] | None, tokenizer: Any = None
 ) -> Path:
-    """The default writer: ``grown`` as a Lite LLM checkpoint, its EWC estimate carried along,
+    """The default writer: ``grown`` as a Lite LLM checkpoint, its EWC and SI importance carried along,
     its tokenizer ``tokenizer`` (default: a copy of the source checkpoint's)."""
     progressive = dict(grown.progressive)
     extra_dirs = _carried_ewc(grown.source, grown.chain, progressive)
@@ -188,7 +188,7 @@ def write_grown_checkpoint(
 
 
 def _carried_ewc(src: CheckpointTensors, chain: list[tuple[GrowthOp, dict[str, Any]]], progressive: dict) -> dict[str, dict[str, torch.Tensor]]:
-    """The source's EWC estimate carried through the growth (``{}`` when it has none)."""
+    """The source's EWC and SI importance carried through the growth (``{}`` when it has none)."""
     return carried_ewc_dirs(
         src, progressive, [op.name for op, _ in chain], lambda f, a: carry_ewc(src.config, src.tensors, chain, f, a)
     )
@@ -200,21 +200,26 @@ def carried_ewc_dirs(
     methods: list[str],
     carry: "Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], CarriedEWC]",
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """The grown checkpoint's ``ewc/`` from the source's (``{}`` when it has none) by ``carry``
-    (fisher, anchor) -> :class:`CarriedEWC`; the estimate's description in ``progressive``
-    gains the growth ``methods`` it went through and the entries that lost their Fisher."""
-    from ..checkpoint.ewc import EWC_DIR, FisherEstimate, has_ewc
+    """The grown checkpoint's ``ewc/`` and ``si/`` from the source's (``{}`` when it has
+    neither) by ``carry`` (importance, anchor) -> :class:`CarriedEWC`: EWC's Fisher and SI's
+    importance are both the weight of a quadratic penalty, so one map keeps both penalties.
+    Each description in ``progressive`` gains the growth ``methods`` it went through and the
+    entries that lost their importance."""
+    from ..checkpoint.ewc import IMPORTANCE_FORMATS, FisherEstimate, has_ewc
     from ..checkpoint.load import load_extra
 
-    if not has_ewc(src.manifest):
-        return {}
-    estimate = FisherEstimate.from_tensors(load_extra(src.path, EWC_DIR, manifest=src.manifest))
-    carried = carry(estimate.fisher, estimate.anchor)
-    meta = dict(progressive.get("ewc") or {})
-    meta["carried_through"] = list(meta.get("carried_through") or []) + methods
-    meta["unmapped_entries"] = int(meta.get("unmapped_entries") or 0) + carried.unmapped
-    progressive["ewc"] = meta
-    return {EWC_DIR: FisherEstimate(carried.fisher, carried.anchor).to_tensors()}
+    dirs: dict[str, dict[str, torch.Tensor]] = {}
+    for fmt in IMPORTANCE_FORMATS:
+        if not has_ewc(src.manifest, fmt):
+            continue
+        estimate = FisherEstimate.from_tensors(load_extra(src.path, fmt.directory, manifest=src.manifest), fmt=fmt)
+        carried = carry(estimate.fisher, estimate.anchor)
+        meta = dict(progressive.get(fmt.directory) or {})
+        meta["carried_through"] = list(meta.get("carried_through") or []) + methods
+        meta["unmapped_entries"] = int(meta.get("unmapped_entries") or 0) + carried.unmapped
+        progressive[fmt.directory] = meta
+        dirs[fmt.directory] = FisherEstimate(carried.fisher, carried.anchor).to_tensors(fmt)
+    return dirs
 
 
 def _grown_version(manifest: dict, steps: Sequence[GrowthStep]) -> str:

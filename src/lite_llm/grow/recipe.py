@@ -77,16 +77,9 @@ class Recipe:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Recipe":
-        import yaml
+        from ..config import load_config_file
 
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"recipe {path} does not exist; check the path") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"recipe {path} is not valid YAML ({' '.join(str(exc).split())})") from None
-        return cls.from_dict(data, where=f"recipe {path}")
+        return load_config_file(path, "recipe", lambda data: cls.from_dict(data, where=f"recipe {path}"))
 
 
 def parse_step(raw: Any, where: str) -> GrowthStep:

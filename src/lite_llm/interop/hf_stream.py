@@ -214,8 +214,8 @@ def write_grown_hf(out: Path, grown: GrownModel, *, max_shard_bytes: int, before
     """Write ``grown`` as a Hugging Face folder at ``out``, atomically (an ``OutputWriter``).
 
     Refuses, with the reason, a model no Hugging Face architecture computes (several tiers,
-    several expert groups, dense and MoE layers mixed).  The source's EWC estimate has no
-    place in a Hugging Face folder and is not carried (a warning says so).
+    several expert groups, dense and MoE layers mixed).  The source's EWC estimate and SI
+    importance have no place in a Hugging Face folder and are not carried (a warning says so).
     """
     view = SimpleNamespace(config=grown.config, tensors=_Specced(grown.tensors, expected_specs(grown.config, grown.dtype)), path=grown.source.path)
     check_exportable(view)
@@ -223,8 +223,10 @@ def write_grown_hf(out: Path, grown: GrownModel, *, max_shard_bytes: int, before
     raw = _raw_sources(grown, specs)
     side_files = _side_files(grown)
     hf_config = _hf_config(grown, side_files)
-    if "ewc" in {f.get("name") for f in grown.source.manifest.get("files", []) if isinstance(f, dict)}:
-        warnings.warn(f"the EWC estimate of {grown.source.path} is not carried into the Hugging Face folder {out}, which has no place for it", stacklevel=3)
+    extras = {f.get("name") for f in grown.source.manifest.get("files", []) if isinstance(f, dict) and f.get("kind") == "extra"}
+    for name, what in (("ewc", "EWC estimate"), ("si", "SI importance")):
+        if name in extras:
+            warnings.warn(f"the {what} of {grown.source.path} is not carried into the Hugging Face folder {out}, which has no place for it", stacklevel=3)
     progressive = {**grown.progressive, MODEL_VERSION_KEY: grown.model_version}
 
     out.parent.mkdir(parents=True, exist_ok=True)

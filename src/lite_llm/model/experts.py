@@ -9,16 +9,27 @@ the rows of each tier are then one contiguous slice, run through that tier's ban
 ``grouped_mm`` calls and SwiGLU between; scale by the route weights and ``index_add_`` back.
 A tier that receives no route is never touched, so its weights need not even be present.
 
-Three implementations of the per-bank compute, chosen by ``impl``:
+Implementations of the expert compute, chosen by ``impl``:
 
 * ``grouped_mm`` — the fast path for training and large batches;
 * ``loop`` — one matmul per expert that has rows, over ``unbind`` views (never ``W[e]`` under
   autograd: each use would allocate a full-size gradient); the fallback for torches without
   ``grouped_mm`` or for unaligned shapes, and the reference the fast path is tested against;
-* ``auto`` — ``grouped_mm`` when available and aligned; the per-active-expert loop when no
-  gradient is needed and only a few rows are routed (decoding), so per-token cost does not
-  grow with the number of experts, and on CPU when the active experts average >= 1,024 rows
-  each (few large matmuls, where the loop measured faster).
+* ``padded_bmm`` — every tier's rows padded to its busiest expert and run as one ``bmm`` pair
+  (``model/padded.py``); on CPU in bf16/fp16 it is 2-8x faster than ``grouped_mm``'s loop of
+  small ``mm``s, at the price of the padding's FLOPs;
+* ``auto`` — in bf16/fp16 on CPU, ``padded_bmm`` unless decoding or the padding would cost
+  more than ``bmm`` gains (``padded.PADDED_MAX_WASTE``); otherwise ``grouped_mm`` when
+  available and aligned; the per-active-expert loop when no gradient is needed and only a few rows are
+  routed (decoding), so per-token cost does not grow with the number of experts, and on CPU
+  when the active experts average >= 1,024 rows each (few large matmuls, where the loop
+  measured faster).  fp32 never takes ``padded_bmm`` by itself: CPU fp32 training stays
+  bitwise what it was before that path existed.
+
+Under autocast (``torch.autocast``, as ``TrainConfig.bf16`` trains), the rows and each bank are
+cast to the autocast dtype once per call and the experts run in it with autocast off: without
+this, ``grouped_mm`` (not on autocast's CPU list) ran in fp32 while the loop's ``F.linear``
+calls ran in bf16, each casting its own expert.
 """
 
 from __future__ import annotations
@@ -29,7 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-DispatchImpl = Literal["auto", "grouped_mm", "loop"]
+from .padded import padded_dispatch, padding_pays
+
+DispatchImpl = Literal["auto", "grouped_mm", "loop", "padded_bmm"]
 HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 DECODE_ROWS = 64  # at most this many routed rows without autograd -> loop over the active experts only
 # On CPU, few experts with many rows each run faster as one matmul per expert than through
@@ -51,7 +64,7 @@ class ExpertBank(nn.Module):
     def forward(self, x: torch.Tensor, counts: list[int], impl: DispatchImpl = "auto") -> torch.Tensor:
         """Run rows ``x`` (sorted by expert; ``counts[e]`` rows for expert e, summing to all of
         ``x``'s rows) through their experts."""
-        if impl == "auto":
+        if impl == "auto" or impl == "padded_bmm":  # padded_bmm is chosen across banks, in dispatch()
             impl = self.choose(x, counts)
         if impl == "grouped_mm":
             return self._grouped(x, counts)
@@ -161,8 +174,40 @@ def dispatch(
     """Combine ``sum_k weights[n,k] * expert[expert_ids[n,k]](x[n])`` for every token n.
 
     ``expert_ids`` (N, slots) hold flat ids (``-1`` = unused slot); ``banks[t]`` serves flat ids
-    ``tier_offsets[t] .. tier_offsets[t+1]``.  Returns (N, d) in ``x``'s dtype.
+    ``tier_offsets[t] .. tier_offsets[t+1]``.  Returns (N, d) in ``x``'s dtype, or in the
+    autocast dtype when autocast is on and ``x`` is fp32 (as a ``Linear`` would).
     """
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type) and x.dtype == torch.float32:
+        x = x.to(torch.get_autocast_dtype(device_type))  # once, here; the experts then run in it
+        with torch.autocast(device_type, enabled=False):
+            return _dispatch(x, expert_ids, weights, banks, tier_offsets, impl)
+    return _dispatch(x, expert_ids, weights, banks, tier_offsets, impl)
+
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def prefers_padded(x: torch.Tensor, expert_ids: torch.Tensor, tier_offsets: list[int]) -> bool:
+    """Whether ``auto`` runs ``padded_bmm`` for these rows and routes (see the module docstring)."""
+    if x.dtype not in LOW_PRECISION or x.device.type != "cpu":
+        return False
+    if not torch.is_grad_enabled() and x.shape[0] <= DECODE_ROWS:
+        return False  # decoding: the loop touches the active experts only
+    ids = expert_ids[expert_ids >= 0]
+    return padding_pays(torch.bincount(ids, minlength=tier_offsets[-1]).tolist(), tier_offsets)
+
+
+def _dispatch(
+    x: torch.Tensor,
+    expert_ids: torch.Tensor,
+    weights: torch.Tensor,
+    banks: list[ExpertBank | None],
+    tier_offsets: list[int],
+    impl: DispatchImpl,
+) -> torch.Tensor:
+    if impl == "padded_bmm" or (impl == "auto" and prefers_padded(x, expert_ids, tier_offsets)):
+        return padded_dispatch(x, expert_ids, weights, banks, tier_offsets, swiglu)
     n_tokens, slots = expert_ids.shape
     flat = expert_ids.reshape(-1)
     used = (flat >= 0).nonzero().flatten()

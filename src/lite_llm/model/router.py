@@ -249,8 +249,13 @@ class HSERRouter(nn.Module):
         One matmul per allowed tier covers its three levels.  Tiers are few, and keeping the
         matmuls apart makes a tier's logits bitwise independent of which other tiers exist (a
         single matmul over all tiers changes the rounding when rows are added).  Masked tiers
-        are not computed at all: their router weights need not even be present.
+        are not computed at all: their router weights need not even be present.  fp32 under
+        autocast too: a bf16 gate matmul (8 mantissa bits) would turn near-ties between
+        experts into exact ties and route on rounding.
         """
+        if torch.is_autocast_enabled(x.device.type):  # autocast would run the gate matmul in bf16
+            with torch.autocast(x.device.type, enabled=False):
+                return self.gate_logits(x, allowed)
         n, T, G, E = x.shape[0], self.num_tiers, self.max_groups, self.max_epg
         x32 = x.float()
         if T == 1 and allowed[0]:  # one tier fills the padded shape exactly: views, no copies

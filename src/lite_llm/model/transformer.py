@@ -106,7 +106,7 @@ class LiteLLM(nn.Module):
                     p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
 
     def set_dispatch_impl(self, impl: DispatchImpl) -> None:
-        """Choose the expert compute path in every MoE block (``auto``, ``grouped_mm``, ``loop``)."""
+        """Choose the expert compute path in every MoE block (``auto``, ``grouped_mm``, ``loop``, ``padded_bmm``)."""
         for block in self.layers:
             if isinstance(block.ffn, TieredMoE):
                 block.ffn.dispatch_impl = impl

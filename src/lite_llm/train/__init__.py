@@ -8,6 +8,7 @@ from .freezing import FreezeSchedule, PartialFreeze, freeze_parameters
 from .metrics import MetricsLogger, read_metrics
 from .schedule import lr_at
 from .protection import protection_callbacks
+from .synaptic import SynapticIntelligence, load_si
 from .callbacks import TrainerCallback
 from .trainer import Trainer, TrainResult, replay_rows, run_training
 
@@ -18,6 +19,7 @@ __all__ = [
     "FreezeSchedule",
     "MetricsLogger",
     "PartialFreeze",
+    "SynapticIntelligence",
     "TrainConfig",
     "TrainResult",
     "Trainer",
@@ -28,6 +30,7 @@ __all__ = [
     "flops_per_token",
     "freeze_parameters",
     "load_ewc",
+    "load_si",
     "lr_at",
     "protection_callbacks",
     "read_metrics",

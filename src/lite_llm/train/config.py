@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,12 @@ class TrainConfig:
     * EWC: ``ewc_from`` a checkpoint holding an estimate (``lite-llm ewc estimate``), penalty
       weight ``ewc_weight``;
     * distillation: ``distill_from`` a teacher checkpoint, ``distill_weight`` x T^2 KL at
-      ``distill_temperature`` on the rows of ``distill_domains`` (empty: every row).
+      ``distill_temperature`` on the rows of ``distill_domains`` (empty: every row);
+    * Synaptic Intelligence (:mod:`.synaptic`): ``si_strength`` (the paper's c) > 0 makes the
+      run measure each weight's importance along its training path and store it, consolidated
+      with damping ``si_damping`` (xi), in every checkpoint's ``si/``; ``si_from`` a checkpoint
+      holding earlier tasks' importance (a previous SI run's, possibly grown) adds the penalty
+      ``si_strength * sum Omega (theta - theta*)^2`` and is consolidated into this run's.
 
     ``keep_freed_cpu_memory`` (on CPU only) tells glibc to keep freed memory for the next step
     instead of returning it to the OS (:mod:`lite_llm.runtime.cpu_memory`): the numbers are unchanged,
@@ -66,12 +70,15 @@ class TrainConfig:
     distill_weight: float = 1.0
     distill_temperature: float = 2.0
     distill_domains: list[str] = field(default_factory=list)
+    si_strength: float = 0.0
+    si_damping: float = 1e-3
+    si_from: str | None = None
     keep_freed_cpu_memory: bool = True
 
     def __post_init__(self) -> None:
         from ..config import is_int
 
-        for name in ("lr", "min_lr_ratio", "grad_clip", "weight_decay", "replay_share", "ewc_weight", "distill_weight", "distill_temperature"):
+        for name in ("lr", "min_lr_ratio", "grad_clip", "weight_decay", "replay_share", "ewc_weight", "distill_weight", "distill_temperature", "si_strength", "si_damping"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ConfigError(f"train.{name} must be a number, got {value!r}")
@@ -123,6 +130,10 @@ class TrainConfig:
             raise ConfigError("train.ewc_from and train.ewc_weight go together: give a checkpoint with an EWC estimate and a positive weight, or neither")
         if self.distill_from is not None and not (self.distill_weight > 0 and self.distill_temperature > 0):
             raise ConfigError("train.distill_weight and train.distill_temperature must be positive")
+        if not self.si_strength >= 0 or not self.si_damping > 0:
+            raise ConfigError(f"train.si_strength must be >= 0 and train.si_damping > 0, got {self.si_strength} and {self.si_damping}")
+        if self.si_from is not None and self.si_strength == 0:
+            raise ConfigError("train.si_from needs a positive train.si_strength (the penalty's c, e.g. 1.0); without it the importance would be ignored")
 
     @property
     def tokens_per_step(self) -> int:
@@ -141,13 +152,10 @@ class TrainConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "TrainConfig":
-        path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"training config {path} does not exist")
-        if path.suffix in (".yaml", ".yml"):
-            from ..config import read_yaml
+        """Read a training config (``.json`` or YAML; its fields at the top or under ``train:``)."""
+        from ..config import load_config_file
 
-            data = read_yaml(path.read_text(), path) or {}
-        else:
-            data = json.loads(path.read_text())
-        return cls.from_dict(data.get("train", data))
+        def parse(data: dict[str, Any]) -> "TrainConfig":
+            return cls.from_dict(data.get("train", data))
+
+        return load_config_file(path, "training config", parse)

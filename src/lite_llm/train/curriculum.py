@@ -190,12 +190,9 @@ class CurriculumConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "CurriculumConfig":
-        from ..config import read_yaml
+        from ..config import load_config_file
 
-        path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"curriculum file {path} does not exist; check the path")
-        return cls.from_dict(read_yaml(path.read_text(encoding="utf-8"), path))
+        return load_config_file(path, "curriculum", cls.from_dict)
 
 
 def new_tier_parameters(model: "LiteLLM", tier: str) -> list[str]:

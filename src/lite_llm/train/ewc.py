@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..checkpoint.ewc import FisherEstimate, load_ewc, save_ewc
+from ..checkpoint.ewc import EWC_FORMAT, FisherEstimate, ImportanceFormat, load_ewc, save_ewc
 from ..errors import ConfigError
 from .callbacks import TrainerCallback
 
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from .trainer import Trainer
 
 ESTIMATORS = ("sample", "batch")
-__all__ = ["ESTIMATORS", "EWC", "FisherEstimate", "estimate_fisher", "ewc_penalty", "load_ewc", "save_ewc"]
+__all__ = ["ESTIMATORS", "EWC", "FisherEstimate", "check_fits", "estimate_fisher", "ewc_penalty", "load_ewc", "save_ewc"]
 def estimate_fisher(
     model: "LiteLLM",
     data: "TokenData",
@@ -103,6 +103,23 @@ def ewc_penalty(model: "LiteLLM", estimate: FisherEstimate) -> torch.Tensor:
     return total
 
 
+def check_fits(model: "LiteLLM", estimate: FisherEstimate, fmt: ImportanceFormat) -> None:
+    """One sentence when ``estimate`` (of kind ``fmt``) names a parameter ``model`` lacks or has
+    another shape: an estimate of the model before growth, reused instead of carried."""
+    params = dict(model.named_parameters())
+    unknown = sorted(set(estimate.fisher) - set(params))
+    if unknown:
+        raise ConfigError(
+            f"the {fmt.what} names parameter(s) the model lacks ({', '.join(unknown[:3])}); make it on this model or grow it with the model"
+        )
+    for name, f in estimate.fisher.items():
+        if f.shape != params[name].shape:
+            raise ConfigError(
+                f"the {fmt.what} of {name} has shape {tuple(f.shape)} but the model's parameter has {tuple(params[name].shape)}; "
+                f"grow the checkpoint that holds the estimate (lite-llm expand carries {fmt.directory}/) instead of reusing an old one"
+            )
+
+
 class EWC(TrainerCallback):
     """Adds ``weight * ewc_penalty`` to the loss of every micro-batch."""
 
@@ -114,19 +131,8 @@ class EWC(TrainerCallback):
         self.estimate, self.weight = estimate, float(weight)
 
     def on_train_begin(self, trainer: "Trainer") -> None:
-        params = dict(trainer.model.named_parameters())
         self.estimate = self.estimate.to(trainer.device)  # Fisher and anchor beside the weights
-        unknown = sorted(set(self.estimate.fisher) - set(params))
-        if unknown:
-            raise ConfigError(
-                f"the EWC estimate names parameter(s) the model lacks ({', '.join(unknown[:3])}); estimate it on this model or grow it with the model"
-            )
-        for name, f in self.estimate.fisher.items():
-            if f.shape != params[name].shape:
-                raise ConfigError(
-                    f"the EWC Fisher of {name} has shape {tuple(f.shape)} but the model's parameter has {tuple(params[name].shape)}; "
-                    "grow the checkpoint that holds the estimate (lite-llm expand carries ewc/) instead of reusing an old one"
-                )
+        check_fits(trainer.model, self.estimate, EWC_FORMAT)
 
     def extra_loss(self, trainer: "Trainer", step: int, batch: torch.Tensor, output: "ModelOutput") -> torch.Tensor | None:
         return self.weight * ewc_penalty(trainer.model, self.estimate)

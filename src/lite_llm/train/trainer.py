@@ -108,8 +108,9 @@ class Trainer:
         """Start from a checkpoint's ``progressive.json``: keep its history (expansions, EWC,
         curriculum) and count its training compute as this run's ancestry, so a grown model's
         total cost includes the small model's training."""
-        # the EWC estimate lives in the parent's ewc/, which this run's checkpoints do not copy
-        self.progressive = {k: v for k, v in progressive.items() if k not in ("training", "ewc")}
+        # the EWC estimate and SI importance live in the parent's ewc/ and si/, which this run's
+        # checkpoints do not copy (an SI callback writes the run's own si/)
+        self.progressive = {k: v for k, v in progressive.items() if k not in ("training", "ewc", "si")}
         done = progressive.get("training") or {}
         self.ancestor_flops = float(done.get("total_flops", done.get("flops", 0.0)) or 0.0)
 
@@ -162,6 +163,8 @@ class Trainer:
         for p, state in self.optimizer.state.items():
             for key, value in state.items():
                 tensors[f"optimizer/{names[id(p)]}/{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+        for cb in self.callbacks:
+            tensors.update({f"callback/{cb.name}/{key}": value for key, value in cb.state_tensors().items()})
         meta = {
             "step": self.step,
             "tokens": self.tokens,
@@ -191,6 +194,8 @@ class Trainer:
         self.ancestor_flops = float(meta.get("ancestor_flops", 0.0))
         for cb in self.callbacks:
             cb.load_state_dict(meta.get("callbacks", {}).get(cb.name, {}))
+            prefix = f"callback/{cb.name}/"
+            cb.load_state_tensors({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
         if "torch_rng" in meta:
             torch.set_rng_state(torch.tensor(meta["torch_rng"], dtype=torch.uint8))
 
@@ -227,6 +232,7 @@ class Trainer:
         keys = (
             "batch_size", "seq_len", "grad_accum", "lr", "min_lr_ratio", "warmup_steps", "seed", "domains", "tierset",
             "replay", "replay_share", "freeze", "ewc_from", "ewc_weight", "distill_from", "distill_weight", "distill_temperature", "distill_domains",
+            "si_strength", "si_damping", "si_from",
         )
         for key in keys:
             if key in saved and saved[key] != mine[key]:
@@ -245,10 +251,15 @@ class Trainer:
             "step": self.step, "tokens": self.tokens, "flops": self.flops, "ancestor_flops": self.ancestor_flops, "total_flops": self.total_flops,
         }
         state = TrainingState(tensors=tensors, meta=meta)
+        extra_dirs: dict[str, dict[str, torch.Tensor]] = {}
+        for cb in self.callbacks:
+            extra_dirs.update(cb.checkpoint_dirs(self, progressive))
         if tag is not None:
-            return save_checkpoint(self.run_dir / tag, self.model, tokenizer=self.tokenizer, progressive=progressive, training=state)
+            return save_checkpoint(
+                self.run_dir / tag, self.model, tokenizer=self.tokenizer, progressive=progressive, training=state, extra_dirs=extra_dirs
+            )
         manager = CheckpointManager(self.run_dir, keep_last=self.config.keep_last)
-        return manager.save(self.step, self.model, tokenizer=self.tokenizer, progressive=progressive, training=state)
+        return manager.save(self.step, self.model, tokenizer=self.tokenizer, progressive=progressive, training=state, extra_dirs=extra_dirs)
 
     # ------------------------------------------------------------------------------ loop
     def evaluate(self) -> dict[str, dict[str, float]]:
@@ -373,6 +384,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             record["skipped"] = True
             return record
+        for cb in self.callbacks:
+            cb.on_before_step(self, step)
         params = [p for p in self.model.parameters() if p.grad is not None]
         if c.grad_clip > 0 and params:
             record["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, c.grad_clip, foreach=False))

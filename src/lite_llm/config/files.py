@@ -1,0 +1,93 @@
+"""The one reader of every YAML/JSON file the project takes from a user: model configs,
+training configs, curricula and growth recipes.
+
+Whatever is wrong with such a file — missing, not YAML/JSON, not a mapping, an unknown key,
+a value of the wrong type — is one sentence that names the file and, where the parser knows
+it, the line, so the user can go straight to it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from ..errors import ConfigError
+
+T = TypeVar("T")
+
+
+def read_yaml(text: str, path: str | Path) -> Any:
+    """``text`` (the contents of ``path``) parsed as YAML, or one sentence saying where it is not."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "malformed"
+        raise ConfigError(f"{path} is not valid YAML{where} ({problem}); fix the file and try again") from None
+
+
+def read_config_file(path: str | Path, what: str) -> dict[str, Any]:
+    """The mapping in ``path`` (``.json``, else YAML), or one sentence naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist; check the path")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {path} is not UTF-8 text; save it as UTF-8") from None
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path} is not valid JSON at line {exc.lineno}, column {exc.colno} ({exc.msg}); fix the file and try again") from None
+    else:
+        data = read_yaml(text, path)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path} must hold a mapping of keys to values, not a {type(data).__name__}")
+    return data
+
+
+def key_line(path: str | Path, key: str) -> int | None:
+    """The 1-based line where ``key`` first appears as a mapping key in the YAML file ``path``."""
+    import yaml
+
+    try:
+        root = yaml.compose(Path(path).read_text(encoding="utf-8"))
+    except (yaml.YAMLError, OSError, UnicodeDecodeError):
+        return None
+    todo = [root]
+    while todo:
+        node = todo.pop(0)
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                if getattr(k, "value", None) == key:
+                    return k.start_mark.line + 1
+                todo.append(v)
+        elif isinstance(node, yaml.SequenceNode):
+            todo.extend(node.value)
+    return None
+
+
+def load_config_file(path: str | Path, what: str, parse: Callable[[dict[str, Any]], T], *, keys: Any = None) -> T:
+    """``parse`` of the mapping in ``path``; with ``keys``, a key not among them is refused
+    first, naming its line.  Any :class:`ConfigError` from ``parse`` is reworded to name the file."""
+    data = read_config_file(path, what)
+    if keys is not None:
+        unknown = [k for k in data if k not in set(keys)]
+        if unknown:
+            line = key_line(path, unknown[0])
+            where = f"{path}, line {line}" if line else str(path)
+            raise ConfigError(f"{where}: unknown key {unknown[0]!r} in the {what}; known keys are {', '.join(sorted(keys))}")
+    try:
+        return parse(data)
+    except ConfigError as exc:
+        message = str(exc)
+        if str(path) in message:
+            raise
+        raise ConfigError(f"{path}: {message}") from None
