@@ -10,12 +10,14 @@ Tolerances (why they are what they are):
 
 * fp32 on CUDA vs fp32 on the CPU, ``LOSS_RTOL = 1e-4`` relative on every per-step loss over 20
   steps.  The two differ only in the order of fp32 sums (~1e-7 relative per reduction), and
-  AdamW carries those differences from step to step.  Measured on the CPU, the same 20-step run
-  in fp32 and in float64 (so: the whole of fp32's rounding, not just a reordering of it)
-  differs by at most 2.7e-6 relative in any step's loss; two fp32 roundings differ by at most
-  about twice that.  1e-4 leaves a 15-20x margin, and still fails at once on anything real: a
-  batch on another device's data, an optimizer moment lost in a device move, a wrong autocast
-  type or a learning-rate slip all move a step's loss by far more than 1e-3 relative.
+  AdamW carries those differences from step to step.  Measured on the CPU, this very 20-step
+  run with the model in float64 (so: the whole of fp32's rounding, not just a reordering of it)
+  differs from the fp32 run by at most 1.3e-7 relative in any step's loss (/tmp script in the
+  issue-17 report).  The rest of the budget is for what a GPU may do that a reordering does
+  not: atomics in its index_add and a near-tie in the router broken the other way, which
+  reroutes one token of 512 and moves a step's loss by ~1e-5.  1e-4 still fails at once on
+  anything real: a batch of another step, an optimizer moment lost in a device move, a wrong
+  autocast type or a learning-rate slip move a step's loss by far more than 1e-3 relative.
   TF32 is switched off for these tests: it would round matmul inputs to 10 bits.
 * Evaluation (a forward only): ``EVAL_RTOL = 1e-5``.
 * Greedy text: the same tokens, except that the two devices may break a genuine near-tie
@@ -378,7 +380,8 @@ def test_resume_across_devices_continues_the_run(small_dataset, tmp_path, fp32_m
             q = mine[saved[id(p)]]
             moved = second.optimizer.state[q]
             assert moved["exp_avg"].device == q.device and torch.equal(moved["exp_avg"].cpu(), state["exp_avg"].cpu())
-            assert moved["step"].device.type == "cpu" and float(moved["step"]) == 5.0
+            # (a per-parameter count: an expert no token reached in a step was not stepped)
+            assert moved["step"].device.type == "cpu" and float(moved["step"]) == float(state["step"]) >= 1
         resumed = second.train()
         _assert_losses_close(resumed.losses, straight.losses[5:], LOSS_RTOL, f"resumed {first_device} -> {then}")
 
@@ -419,9 +422,10 @@ def test_ewc_distillation_and_replay_on_cuda_match_the_cpu(small_dataset, tmp_pa
         assert all(t.device.type == device for t in (*ewc_cb.estimate.fisher.values(), *ewc_cb.estimate.anchor.values()))
         assert all(p.device.type == device for p in distill_cb.teacher.parameters())
     _assert_losses_close(runs["cuda"].losses, runs["cpu"].losses, LOSS_RTOL, "EWC + distillation + replay, cuda vs cpu")
-    # Step 0 starts at the anchor and the teacher (both terms 0); later both are live and agree.
-    assert extra["cpu"][0] == 0.0 and all(e > 0 for e in extra["cpu"][1:]), extra["cpu"]
-    assert extra["cuda"][0] == pytest.approx(0.0, abs=1e-6) and all(e > 0 for e in extra["cuda"][1:]), extra["cuda"]
+    # Step 0 starts at the anchor and the teacher (both terms 0 but for the KL's rounding:
+    # ~1e-9 measured on the CPU); later both are live and agree.
+    for device in ("cpu", "cuda"):
+        assert abs(extra[device][0]) <= 1e-6 and all(e > 1e-4 for e in extra[device][1:]), (device, extra[device])
     # The terms are parts of the loss: they get the loss's error budget (absolute), not their own.
     for step, (g, c, loss) in enumerate(zip(extra["cuda"], extra["cpu"], runs["cpu"].losses)):
         assert abs(g - c) <= LOSS_RTOL * loss, f"step {step}: protection terms {g} (cuda) vs {c} (cpu)"
@@ -465,3 +469,82 @@ def test_streaming_validation_on_cuda_stays_float64_and_agrees_with_the_cpu():
         in_memory = validate_models(a, b, ids, exact_expected=True, device="cuda")
         assert abs(in_memory.max_abs - ref.max_abs) <= FP64_RTOL * ref.logits_scale, method
         assert in_memory.loss_grown == pytest.approx(ref.loss_grown, rel=FP64_RTOL), method
+
+
+# ============================================================================ the CLI's --device
+def _cli(args: list[str]):
+    from typer.testing import CliRunner
+
+    from lite_llm.cli import app
+
+    return CliRunner().invoke(app, args)
+
+
+def _train_args(small_dataset, out, *extra: str) -> list[str]:
+    return ["train", "--data", str(small_dataset), "--preset", "tiny", "--steps", "2", "--batch-size", "2", "--seq-len", "16",
+            "--eval-every", "0", "--quiet", "-o", str(out), *extra]
+
+
+def test_train_prints_the_device_and_the_bf16_path_it_chose(small_dataset, tmp_path):
+    result = _cli(_train_args(small_dataset, tmp_path / "a", "--device", "cpu", "--bf16"))
+    assert result.exit_code == 0, result.output
+    assert f"device: cpu, {bf16_support('cpu').how}, fp32 master weights" in result.output
+    result = _cli(_train_args(small_dataset, tmp_path / "b", "--device", "cpu"))
+    assert result.exit_code == 0 and "device: cpu, fp32" in result.output, result.output
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "generate", "validate"])
+def test_every_computing_command_refuses_a_missing_gpu_in_one_sentence(small_dataset, tmp_path, no_cuda, command):
+    args = {
+        "train": _train_args(small_dataset, tmp_path / "run", "--device", "cuda:0"),
+        "eval": ["eval", str(tmp_path), "--data", str(small_dataset), "--device", "cuda:0"],
+        "generate": ["generate", str(tmp_path), "--device", "cuda:0"],
+        "validate": ["validate", str(tmp_path), str(tmp_path), "--device", "cuda:0"],
+    }[command]
+    result = _cli(args)
+    assert result.exit_code == 1, result.output
+    assert "device 'cuda:0' asked for CUDA but" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_the_device_default_comes_from_lite_llm_device(small_dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("LITE_LLM_DEVICE", "tpu")
+    result = _cli(_train_args(small_dataset, tmp_path / "run"))
+    assert result.exit_code == 1 and "unknown device 'tpu'" in result.output, result.output
+    result = _cli([*_train_args(small_dataset, tmp_path / "run"), "--device", "cpu"])  # the flag wins
+    assert result.exit_code == 0, result.output
+
+
+@needs_cuda
+def test_the_cli_trains_evaluates_generates_and_validates_on_cuda(small_dataset, tmp_path):
+    import json
+
+    result = _cli(_train_args(small_dataset, tmp_path / "run", "--device", "cuda", "--bf16"))
+    assert result.exit_code == 0, result.output
+    support = bf16_support(resolve_device("cuda"))
+    assert f"device: cuda:{torch.cuda.current_device()} ({torch.cuda.get_device_name()}), {support.how}, fp32 master weights" in result.output
+    checkpoint = next(p for p in (tmp_path / "run").rglob("manifest.json")).parent
+    scores = {}
+    for device in ("cpu", "cuda"):
+        out = tmp_path / f"{device}.json"
+        result = _cli(["eval", str(checkpoint), "--data", str(small_dataset), "--batches", "2", "--device", device, "--json", str(out)])
+        assert result.exit_code == 0, result.output
+        scores[device] = json.loads(out.read_text())
+    for domain, s in scores["cpu"].items():
+        assert scores["cuda"][domain]["loss"] == pytest.approx(s["loss"], rel=EVAL_RTOL), domain
+    result = _cli(["generate", str(checkpoint), "--prompt", "def ", "--max-new-tokens", "16", "--temperature", "0", "--device", "cuda"])
+    assert result.exit_code == 0 and result.output.startswith("def "), result.output
+    grown = tmp_path / "grown"
+    result = _cli(["expand", str(checkpoint), "--method", "width", "--set", "d_model=128", "--validate", "never", "-o", str(grown)])
+    assert result.exit_code == 0, result.output
+    reports, codes = {}, {}
+    for device in ("cpu", "cuda"):
+        out = tmp_path / f"validate-{device}.json"
+        # (the verdict itself may be FAIL: 8 gradient tokens of a 2-step tiny MoE can miss a
+        # tier; what is checked here is that the GPU reaches the CPU's verdict and figures)
+        codes[device] = _cli(["validate", str(checkpoint), str(grown), "--device", device, "--json", str(out)]).exit_code
+        reports[device] = json.loads(out.read_text())
+    assert codes["cuda"] == codes["cpu"] and reports["cuda"]["passed"] == reports["cpu"]["passed"]
+    assert reports["cuda"]["new_params"] == reports["cpu"]["new_params"] and reports["cuda"]["dead_params"] == reports["cpu"]["dead_params"]
+    assert reports["cuda"]["loss_grown"] == pytest.approx(reports["cpu"]["loss_grown"], rel=FP64_RTOL)
+    assert abs(reports["cuda"]["max_abs"] - reports["cpu"]["max_abs"]) <= FP64_RTOL * reports["cpu"]["logits_scale"]

@@ -70,6 +70,19 @@ def plain_warnings() -> Iterator[None]:
                     err_console.print(f"[yellow]warning:[/yellow] {escape(text)}", highlight=False)
 
 
+DEVICE_ENV = "LITE_LLM_DEVICE"
+
+
+def device_option() -> Any:
+    """The ``--device`` option every computing command shares (declared once, here).  Its
+    default ``auto`` takes a CUDA GPU when there is one; ``LITE_LLM_DEVICE`` sets another default
+    (the test suite pins it to ``cpu`` so its bitwise checks mean the same on a GPU machine)."""
+    return typer.Option(
+        "auto", "--device", envvar=DEVICE_ENV, show_envvar=True,
+        help="Where to compute: auto (a CUDA GPU when there is one, else the CPU), cpu, cuda or cuda:N.",
+    )
+
+
 def model_config_from(preset: Optional[str], config: Optional[Path]):
     from ..config import ModelConfig
 

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from ..errors import LiteLLMError
-from .app import THREADS_HELP, app, apply_threads, console, err_console, friendly_errors, print_scores
+from .app import THREADS_HELP, app, apply_threads, console, device_option, err_console, friendly_errors, print_scores
 
 
 # ------------------------------------------------------------------------------------ eval
@@ -27,6 +27,7 @@ def eval_command(
     batch_size: int = typer.Option(16, help="Sequences per batch."),
     seq_len: int = typer.Option(128, help="Tokens per sequence."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the scores here."),
+    device: str = device_option(),
     threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
 ) -> None:
     """Validation loss and bits per byte per domain; with --against, a retention report.
@@ -36,10 +37,15 @@ def eval_command(
       lite-llm eval runs/small/checkpoints/step-00000300 --data data/std --domains code,prose
 
       lite-llm eval runs/ewc/final runs/replay/final --against ckpt/base --data data/std --domains prose,code --report reports/retention
+
+      lite-llm eval runs/gpu/final --data data/std --device cuda:1
     """
     from ..checkpoint import load_checkpoint
     from ..data import TokenData
     from ..eval import RetentionReport, evaluate
+    from ..runtime.device import resolve_device
+
+    run_device = resolve_device(device)
 
     apply_threads(threads)
     dataset = TokenData(data)
@@ -50,7 +56,7 @@ def eval_command(
     labels = _labels([against, *checkpoints] if against is not None else checkpoints)
     results: dict[str, dict[str, dict[str, float]]] = {}
     for label, path in labels.items():
-        loaded = load_checkpoint(path, tierset=None if tiers == "all" else tiers)
+        loaded = load_checkpoint(path, tierset=None if tiers == "all" else tiers, device=run_device)
         scores = evaluate(loaded.model, dataset, names, batch_size=batch_size, seq_len=seq_len, max_batches=batches, tierset=tiers)
         results[label] = {d: s.to_dict() for d, s in scores.items()}
         if against is None:

@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 
 from ..errors import LiteLLMError
-from .app import THREADS_HELP, app, apply_threads, friendly_errors
+from .app import THREADS_HELP, app, apply_threads, device_option, friendly_errors
 
 
 # ------------------------------------------------------------------------------------ generate
@@ -27,6 +27,7 @@ def generate(
     chat: bool = typer.Option(False, "--chat", help="Wrap PROMPT in the model's chat template as one user turn and print only the reply."),
     stop: Optional[List[str]] = typer.Option(None, "--stop", help="Stop before this text (repeatable)."),
     repetition_penalty: float = typer.Option(1.0, help="Divide (multiply, when negative) the logits of tokens already seen by this; 1 is off."),
+    device: str = device_option(),
     threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
 ) -> None:
     """Stream a continuation of PROMPT to the terminal.
@@ -41,10 +42,15 @@ def generate(
       lite-llm generate ckpt --prompt 'The' --tiers upto:tier_1b --top-p 0.9 --seed 3
 
       lite-llm generate ckpt --chat --prompt 'What is the capital of France?' --temperature 0
+
+      lite-llm generate ckpt --prompt 'def ' --device cpu
     """
     from ..checkpoint import load_checkpoint
     from ..data.tokenizer import render_chat
     from ..generate import generate_text
+    from ..runtime.device import resolve_device
+
+    run_device = resolve_device(device)
 
     if max_new_tokens < 1:
         raise LiteLLMError(f"--max-new-tokens must be at least 1, got {max_new_tokens}; pass how many tokens to generate, e.g. --max-new-tokens 200")
@@ -53,7 +59,7 @@ def generate(
     if repetition_penalty <= 0:
         raise LiteLLMError(f"--repetition-penalty must be positive (1 is off, 1.1-1.3 discourages repeats), got {repetition_penalty}")
     apply_threads(threads, header_to_stderr=True)
-    loaded = load_checkpoint(checkpoint, tierset=None if tiers == "all" else tiers)
+    loaded = load_checkpoint(checkpoint, tierset=None if tiers == "all" else tiers, device=run_device)
     if loaded.tokenizer is None:
         raise LiteLLMError(f"checkpoint {checkpoint} has no tokenizer/ folder; re-save it with its tokenizer")
     prompt_ids = None

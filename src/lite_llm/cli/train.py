@@ -8,7 +8,7 @@ from typing import Any, Optional
 import typer
 
 from ..errors import LiteLLMError
-from .app import THREADS_HELP, app, apply_threads, console, friendly_errors, model_config_from, print_scores
+from .app import THREADS_HELP, app, apply_threads, console, device_option, friendly_errors, model_config_from, print_scores
 
 
 # ------------------------------------------------------------------------------------ train
@@ -52,6 +52,7 @@ def train(
     distill_temperature: Optional[float] = typer.Option(None, help="Distillation temperature."),
     distill_domains: Optional[str] = typer.Option(None, help="Distil only rows of these domains, e.g. 'prose'."),
     quiet: bool = typer.Option(False, help="No progress bar."),
+    device: str = device_option(),
     threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
 ) -> None:
     """Train a model on a prepared dataset, with validation per domain and checkpoints.
@@ -63,6 +64,8 @@ def train(
       lite-llm train --data data/std --init ckpt/tiny --config train.yaml -o runs/a
 
       lite-llm train --data data/std -o runs/a --resume
+
+      lite-llm train --data data/std --preset quickstart --device cuda --bf16 -o runs/gpu
 
       lite-llm train --data data/code --init grown --curriculum curriculum.yaml -o runs/tier2
 
@@ -81,7 +84,9 @@ def train(
     from ..train.curriculum import Curriculum, CurriculumConfig
 
     from ..checkpoint.run_lock import RunLock
+    from ..runtime.device import resolve_device
 
+    run_device = resolve_device(device)  # a device that is not there fails before anything is touched
     apply_threads(threads)
     resume = resume or resume_from is not None
     plan = CurriculumConfig.from_file(curriculum) if curriculum else None
@@ -112,7 +117,7 @@ def train(
             cfg = TrainConfig.from_dict({**fields, **given})
         dataset = TokenData(data)
         if latest is not None or init_from is not None:
-            loaded = load_checkpoint(latest or init_from)
+            loaded = load_checkpoint(latest or init_from, device=run_device)
             model = loaded.model
             if latest is not None and (preset or model_config) and model_config_from(preset, model_config).to_dict() != model.config.to_dict():
                 raise LiteLLMError(f"cannot resume with a different model: {latest} holds another configuration than --preset/--model-config give; drop them to continue the run")
@@ -120,7 +125,9 @@ def train(
             model = build_model(model_config_from(preset, model_config), seed=cfg.seed)
         _check_vocab(model.config.vocab_size, dataset.tokenizer.vocab_size)
         callbacks = [Curriculum(plan)] if plan is not None else []
-        trainer = Trainer(model, dataset, cfg, run_dir=output, show_progress=not quiet, tokenizer=dataset.tokenizer, callbacks=callbacks)
+        trainer = Trainer(
+            model, dataset, cfg, run_dir=output, show_progress=not quiet, tokenizer=dataset.tokenizer, callbacks=callbacks, device=run_device
+        )
         if latest is None and init_from is not None:
             trainer.inherit(loaded.progressive)  # expansion history, EWC metadata, ancestors' compute
         if latest is not None:
@@ -130,6 +137,7 @@ def train(
                 console.print(f"checkpoint: {latest}")
                 return
             console.print(f"resumed from {latest} at step {trainer.step} of {cfg.steps}")
+        console.print(f"device: {trainer.runtime_summary()}")
         result = trainer.train()
     print_scores(result.final_eval)
     if result.skipped_steps:

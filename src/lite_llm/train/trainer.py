@@ -29,7 +29,7 @@ import torch
 
 from ..config import TierSet
 from ..runtime.cpu_memory import keep_freed_memory
-from ..runtime.device import Bf16Support, bf16_support, module_device, resolve_device
+from ..runtime.device import Bf16Support, bf16_support, describe_device, module_device, resolve_device
 from .validation import evaluate
 from .config import TrainConfig
 from ..config import flops_per_token
@@ -82,7 +82,7 @@ class Trainer:
         self.data = data
         self.config = config
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        from .protection import protection_callbacks  # they subclass TrainerCallback, defined here
+        from .protection import protection_callbacks
 
         # protections last: a freezing schedule must have the final word on requires_grad
         self.callbacks = list(callbacks or []) + protection_callbacks(config, model, device=self.device)
@@ -117,8 +117,6 @@ class Trainer:
     def runtime_summary(self) -> str:
         """Where and in what precision this run computes, for a run header, e.g.
         ``cuda:0 (NVIDIA H200), bf16 native on the GPU, fp32 master weights``."""
-        from ..runtime.device import describe_device
-
         precision = "fp32" if self.bf16 is None else f"{self.bf16.how}, fp32 master weights"
         return f"{describe_device(self.device)}, {precision}"
 
