@@ -113,7 +113,7 @@ def parse_dtype(name: Optional[str]):
 
 THREADS_HELP = (
     "CPU threads (default: OMP_NUM_THREADS, else every CPU this process may run on). "
-    "Runs round the same only at the same count; idle threads sleep, so fewer rarely helps."
+    "Runs give bitwise-equal numbers only at equal counts."
 )
 
 

@@ -46,7 +46,7 @@ from ..errors import ConfigError
 WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 DEFAULT_WAIT = {"OMP_WAIT_POLICY": "PASSIVE"}
 
-_state: dict[str, object] = {"set": {}, "torch_first": None}
+_torch_first: bool | None = None  # whether torch was loaded before set_openmp_defaults first ran
 
 
 def openmp_wait_defaults(environ: Mapping[str, str]) -> dict[str, str]:
@@ -63,15 +63,15 @@ def set_openmp_defaults(environ: MutableMapping[str, str] | None = None) -> dict
     Returns what was set (empty when the user had chosen, or when torch was imported before
     lite_llm and setting it would no longer reach the OpenMP runtime).  Idempotent.
     """
+    global _torch_first
     env = os.environ if environ is None else environ
-    torch_first = "torch" in sys.modules
-    if _state["torch_first"] is None:
-        _state["torch_first"] = torch_first
-    if torch_first:
+    loaded = "torch" in sys.modules
+    if _torch_first is None:
+        _torch_first = loaded
+    if loaded:
         return {}
     added = openmp_wait_defaults(env)
     env.update(added)
-    _state["set"] = {**_state["set"], **added}  # type: ignore[dict-item]
     return added
 
 
@@ -79,7 +79,7 @@ def wait_policy(environ: Mapping[str, str] | None = None, *, torch_first: bool |
     """How idle OpenMP threads wait in this process, in words, from the environment torch
     was loaded with (``environ``; this process's by default)."""
     env = os.environ if environ is None else environ
-    first = bool(_state["torch_first"]) if torch_first is None else torch_first
+    first = bool(_torch_first) if torch_first is None else torch_first
     policy = env.get("OMP_WAIT_POLICY", "").strip().lower()
     spin = env.get("GOMP_SPINCOUNT", "").strip()
     blocktime = env.get("KMP_BLOCKTIME", "").strip()
