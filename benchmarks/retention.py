@@ -74,7 +74,7 @@ def main() -> None:
         )
         shutil.rmtree(work / run, ignore_errors=True)
         started = time.perf_counter()
-        trainer = Trainer(model, data, cfg, run_dir=work / run, show_progress=False)
+        trainer = Trainer.from_config(model, data, cfg, run_dir=work / run, show_progress=False)
         result = trainer.train()
         print(f"{run}: {steps} steps in {time.perf_counter() - started:.0f} s", flush=True)
         return model, result.checkpoint

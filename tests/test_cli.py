@@ -132,3 +132,30 @@ def test_every_command_help_has_an_example_of_itself():
     assert len(leaves) >= 17  # quickstart, init, data prepare, tokenizer train, train, rollback, eval, ... ewc estimate
     missing = [" ".join(path) for path, command in leaves if f"lite-llm {' '.join(path)}" not in (command.help or "").split("Example", 1)[-1]]
     assert missing == []
+
+
+def test_every_train_config_field_is_a_train_option_and_reaches_the_run(tmp_path, small_dataset):
+    """TrainConfig declares each setting once; `lite-llm train` takes every field from it."""
+    import dataclasses
+
+    from lite_llm.cli.train_options import flag_of
+    from lite_llm.train import TrainConfig
+
+    help_text = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "200"}).output
+    missing = [f.name for f in dataclasses.fields(TrainConfig) if flag_of(f.name) + " " not in help_text]
+    assert missing == []
+    out = tmp_path / "run"
+    args = ["train", "--data", str(small_dataset), "--preset", "tiny", "-o", str(out), "--quiet", "--steps", "2", "--batch-size", "2",
+            "--seq-len", "16", "--eval-batches", "1", "--weight-decay", "0.25", "--beta2", "0.9", "--keep-last", "2",
+            "--domains", "code=3,prose=1", "--no-keep-memory", "--distill-domains", "prose, code", "--tiers", "tier_1b"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "checkpoints" / "step-00000002" / "training" / "state.json").read_text())["train_config"]
+    assert (saved["weight_decay"], saved["beta2"], saved["keep_last"], saved["keep_freed_cpu_memory"]) == (0.25, 0.9, 2, False)
+    assert saved["domains"] == {"code": 3.0, "prose": 1.0} and saved["distill_domains"] == ["prose", "code"] and saved["tierset"] == "tier_1b"
+    assert TrainConfig.from_dict(saved).eval_every == TrainConfig().eval_every  # not given: TrainConfig's default
+
+    bad = CliRunner().invoke(app, ["train", "--data", str(small_dataset), "--preset", "tiny", "-o", str(tmp_path / "b"), "--domains", "code:1"])
+    assert bad.exit_code == 1 and "cannot read --domains weight 'code:1'" in bad.output
+    bad = CliRunner().invoke(app, ["train", "--data", str(small_dataset), "--preset", "tiny", "-o", str(tmp_path / "b"), "--batch-size", "0"])
+    assert bad.exit_code == 2 and "greater than or equal to 1" in bad.output and "--batch-size" in bad.output

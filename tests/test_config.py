@@ -168,3 +168,21 @@ def test_active_params_match_gradient_oracle(tierset):
     for token in (0, 5, 42):
         assert _touched_params(model, token, tierset) == cfg.num_active_params(tierset)
     assert cfg.num_active_params(tierset) < cfg.num_params()
+
+
+def test_a_checkpoint_config_with_the_retired_tier_dtype_still_loads():
+    # every checkpoint written before TierConfig.dtype was removed says "dtype": "float32" per tier
+    data = ModelConfig.from_preset("tiny").to_dict()
+    for tier in data["tiers"]:
+        tier["dtype"] = "float32"
+    assert ModelConfig.from_dict(data) == ModelConfig.from_preset("tiny")
+    data["tiers"][1]["dtype"] = "bfloat16"  # never honoured: refused, not ignored
+    with pytest.raises(ConfigError, match=r"tiers\[tier_10b\]\.dtype is no longer a tier setting"):
+        ModelConfig.from_dict(data)
+
+
+def test_presets_are_data_and_from_preset_does_not_share_them():
+    config = ModelConfig.from_preset("tiny", d_model=32, n_heads=2, n_kv_heads=1)
+    assert config.name == "tiny" and config.d_model == 32
+    config.tiers[0].expert_hidden = 1  # a caller's change must not reach the table
+    assert ModelConfig.from_preset("tiny").tiers[0].expert_hidden == 64

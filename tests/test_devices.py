@@ -415,7 +415,7 @@ def test_ewc_distillation_and_replay_on_cuda_match_the_cpu(small_dataset, tmp_pa
                 extra[device].append(record["extra_loss"])
 
         model = build_model(ModelConfig.from_preset("tiny"), seed=4)
-        trainer = Trainer(model, data, _cfg(**protect), show_progress=False, device=device, callbacks=[Spy()])
+        trainer = Trainer.from_config(model, data, _cfg(**protect), show_progress=False, device=device, callbacks=[Spy()])
         runs[device] = trainer.train()
         ewc_cb = next(cb for cb in trainer.callbacks if isinstance(cb, EWC))
         distill_cb = next(cb for cb in trainer.callbacks if isinstance(cb, Distillation))

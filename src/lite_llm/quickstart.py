@@ -50,12 +50,12 @@ def train_quickstart_tokenizer(vocab_size: int, *, seed: int = 0, max_bytes_per_
     ``tokenizer.json`` on every run.
     """
     from .data import BPETokenizer, resolve_source
-    from .data.prepare import _split, _truncate
+    from .data.prepare import split_documents, truncate_documents
 
     texts: list[str] = []
     for spec in QUICKSTART_SOURCES.values():
-        docs, _ = _truncate(resolve_source(spec), max_bytes_per_domain)
-        splits, _ = _split(docs, QUICKSTART_VAL_FRACTION, seed)
+        docs, _ = truncate_documents(resolve_source(spec), max_bytes_per_domain)
+        splits, _ = split_documents(docs, QUICKSTART_VAL_FRACTION, seed)
         texts.extend(doc.text for doc in splits["train"])
     return BPETokenizer.train(texts=texts, vocab_size=vocab_size)
 

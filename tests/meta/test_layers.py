@@ -117,6 +117,19 @@ def test_nothing_imports_the_cli():
     assert users == []
 
 
+def test_no_private_name_crosses_a_module():
+    """``from .other import _helper`` means the helper is shared and should say so by its name
+    (or live in a module of shared helpers); a private name is one module's own business."""
+    crossing = []
+    for module, path in MODULES.items():
+        for node in _runtime_nodes(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and _targets(module, path, node) and node.module != "__future__":
+                private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+                if private:
+                    crossing.append(f"{module} imports {', '.join(private)} from {'.' * node.level}{node.module or ''}")
+    assert crossing == [], "private names used across modules:\n" + "\n".join(crossing)
+
+
 def test_no_import_cycles():
     edges = _graph()
     index: dict[str, int] = {}

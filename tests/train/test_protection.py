@@ -34,7 +34,7 @@ def test_replay_rows_are_within_one_of_the_share_and_exact_on_average():
 
 def test_replayed_rows_come_from_the_old_domains_at_the_configured_share(small_dataset):
     data = TokenData(small_dataset)
-    trainer = Trainer(build_model(DENSE), data, _cfg(domains={"code": 1.0}, replay={"prose": 1.0}, replay_share=0.25), show_progress=False)
+    trainer = Trainer.from_config(build_model(DENSE), data, _cfg(domains={"code": 1.0}, replay={"prose": 1.0}, replay_share=0.25), show_progress=False)
     rows = [trainer.sample(step, 0)[1] for step in range(300)]
     shares = [sum(d == "prose" for d in r) / len(r) for r in rows]
     assert statistics.mean(shares) == pytest.approx(0.25, abs=0.02)
@@ -42,7 +42,7 @@ def test_replayed_rows_come_from_the_old_domains_at_the_configured_share(small_d
         n = replay_rows(6, 0.25, seed=3, step=step, micro=0)
         assert r[: 6 - n] == ["code"] * (6 - n) and r[6 - n :] == ["prose"] * n
     # Without replay the trainer draws exactly what the data layer draws.
-    plain = Trainer(build_model(DENSE), data, _cfg(domains={"code": 1.0}), show_progress=False)
+    plain = Trainer.from_config(build_model(DENSE), data, _cfg(domains={"code": 1.0}), show_progress=False)
     batch, domains = plain.sample(5, 1)
     expected, expected_domains = data.sample_batch("train", {"code": 1.0}, 6, 16, seed=3, step=5, micro=1)
     assert torch.equal(batch, expected) and domains == expected_domains
@@ -59,7 +59,7 @@ def test_freeze_schedule_holds_parameters_bitwise_until_their_thaw_step(small_da
             snapshots.append({n: p.detach().clone() for n, p in trainer.model.named_parameters()})
 
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainer = Trainer(model, data, cfg, callbacks=[Snapshot()], show_progress=False)
+    trainer = Trainer.from_config(model, data, cfg, callbacks=[Snapshot()], show_progress=False)
     assert isinstance(trainer.callbacks[-1], FreezeSchedule)  # after the caller's callbacks: it has the last word
     trainer.train()
     layer0 = [n for n in start if n.startswith("layers.0.")]
@@ -76,7 +76,7 @@ def test_protection_is_built_from_the_config(tmp_path, small_dataset):
     base = save_checkpoint(tmp_path / "base", model)
     ewc = save_ewc(base, estimate_fisher(model, data, "prose", samples=4, seq_len=16), tmp_path / "ewc")
     cfg = _cfg(ewc_from=str(ewc), ewc_weight=10.0, distill_from=str(base), distill_domains=["prose"], freeze=[{"patterns": "norm.*", "thaw_at": 2}])
-    trainer = Trainer(model, data, cfg, show_progress=False)
+    trainer = Trainer.from_config(model, data, cfg, show_progress=False)
     kinds = [type(cb) for cb in trainer.callbacks]
     assert kinds == [FreezeSchedule, EWC, Distillation]
     extra = []
@@ -124,13 +124,13 @@ def test_freeze_schedule_has_the_last_word_and_gives_back_the_flag_it_found(smal
         def on_step_end(self, trainer, step, record):
             held.append(torch.equal(trainer.model.layers[0].attn.q_proj.weight, q0))
 
-    Trainer(model, data, cfg, callbacks=[UnfreezeEverything(), Watch()], show_progress=False).train()
+    Trainer.from_config(model, data, cfg, callbacks=[UnfreezeEverything(), Watch()], show_progress=False).train()
     assert held == [True, True, False, False]  # held until step 2, trained from then on
 
     model = build_model(DENSE, seed=1)
     model.norm.weight.requires_grad_(False)  # frozen before the schedule saw it
     norm0 = model.norm.weight.detach().clone()
-    Trainer(model, data, cfg, show_progress=False).train()
+    Trainer.from_config(model, data, cfg, show_progress=False).train()
     assert not model.norm.weight.requires_grad and torch.equal(model.norm.weight, norm0)
     assert model.layers[0].attn.q_proj.weight.requires_grad  # thawed: the flag it found was True
 
@@ -138,9 +138,9 @@ def test_freeze_schedule_has_the_last_word_and_gives_back_the_flag_it_found(smal
 def test_resuming_with_other_protection_is_refused(tmp_path, small_dataset):
     data = TokenData(small_dataset)
     cfg = _cfg(steps=2, domains={"code": 1.0}, replay={"prose": 1.0}, replay_share=0.25)
-    first = Trainer(build_model(DENSE, seed=0), data, cfg, run_dir=tmp_path / "run", show_progress=False).train()
+    first = Trainer.from_config(build_model(DENSE, seed=0), data, cfg, run_dir=tmp_path / "run", show_progress=False).train()
     for change, key in ((dict(replay_share=0.5), "replay_share"), (dict(freeze=[{"patterns": ["embed.*"], "thaw_at": None}]), "freeze")):
-        other = Trainer(build_model(DENSE, seed=0), data, TrainConfig.from_dict({**cfg.to_dict(), **change}), show_progress=False)
+        other = Trainer.from_config(build_model(DENSE, seed=0), data, TrainConfig.from_dict({**cfg.to_dict(), **change}), show_progress=False)
         with pytest.raises(ConfigError, match=f"cannot resume: train.{key} was"):
             other.resume(first.checkpoint)
 
@@ -148,12 +148,12 @@ def test_resuming_with_other_protection_is_refused(tmp_path, small_dataset):
 def test_a_run_counts_the_compute_of_the_checkpoint_it_started_from(tmp_path, small_dataset):
     data = TokenData(small_dataset)
     model = build_model(DENSE, seed=0)
-    first = Trainer(model, data, _cfg(steps=2), run_dir=tmp_path / "small", show_progress=False)
+    first = Trainer.from_config(model, data, _cfg(steps=2), run_dir=tmp_path / "small", show_progress=False)
     small = first.train()
     parent = load_checkpoint(small.checkpoint)
     assert parent.progressive["training"]["total_flops"] == small.flops > 0
 
-    second = Trainer(parent.model, data, _cfg(steps=3), run_dir=tmp_path / "grown", show_progress=False)
+    second = Trainer.from_config(parent.model, data, _cfg(steps=3), run_dir=tmp_path / "grown", show_progress=False)
     second.inherit(parent.progressive)
     grown = second.train()
     training = load_checkpoint(grown.checkpoint).progressive["training"]
@@ -184,8 +184,8 @@ def test_bad_protection_settings_are_refused_in_one_sentence(fields, message):
 def test_unknown_replay_domain_and_unmatched_freeze_pattern(small_dataset):
     data = TokenData(small_dataset)
     with pytest.raises(ConfigError, match="train.replay names unknown domain"):
-        Trainer(build_model(DENSE), data, _cfg(replay={"poetry": 1.0}, replay_share=0.2), show_progress=False)
+        Trainer.from_config(build_model(DENSE), data, _cfg(replay={"poetry": 1.0}, replay_share=0.2), show_progress=False)
     with pytest.raises(ConfigError, match="train.distill_domains names unknown domain"):
-        Trainer(build_model(DENSE), data, _cfg(distill_domains=["poetry"]), show_progress=False)
+        Trainer.from_config(build_model(DENSE), data, _cfg(distill_domains=["poetry"]), show_progress=False)
     with pytest.raises(ConfigError, match="matches no parameter"):
-        Trainer(build_model(DENSE), data, _cfg(freeze=[{"patterns": ["layer.0.*"]}]), show_progress=False)
+        Trainer.from_config(build_model(DENSE), data, _cfg(freeze=[{"patterns": ["layer.0.*"]}]), show_progress=False)

@@ -137,7 +137,7 @@ def test_in_the_trainer_omega_is_the_sum_of_minus_gradient_times_update(small_da
     constant rate, omega -= g * (theta_after - theta_before) by hand.  Bitwise equal."""
     data = TokenData(small_dataset)
     cfg = _cfg(steps=5, lr=0.05, min_lr_ratio=1.0, grad_clip=0.0, si_strength=1.0)
-    trainer = Trainer(build_model(DENSE, seed=0), data, cfg, show_progress=False)
+    trainer = Trainer.from_config(build_model(DENSE, seed=0), data, cfg, show_progress=False)
     trainer.optimizer = torch.optim.SGD(trainer.model.parameters(), lr=cfg.lr)
     trainer.train()
 
@@ -162,8 +162,8 @@ def test_in_the_trainer_omega_is_the_sum_of_minus_gradient_times_update(small_da
 
 def test_measuring_alone_changes_no_number_of_training(small_dataset):
     data = TokenData(small_dataset)
-    plain = Trainer(build_model(DENSE, seed=0), data, _cfg(), show_progress=False)
-    measured = Trainer(build_model(DENSE, seed=0), data, _cfg(si_strength=1.0), show_progress=False)
+    plain = Trainer.from_config(build_model(DENSE, seed=0), data, _cfg(), show_progress=False)
+    measured = Trainer.from_config(build_model(DENSE, seed=0), data, _cfg(si_strength=1.0), show_progress=False)
     assert plain.train().losses == measured.train().losses
     for (n, p), q in zip(plain.model.named_parameters(), measured.model.parameters()):
         assert torch.equal(p, q), n
@@ -171,7 +171,7 @@ def test_measuring_alone_changes_no_number_of_training(small_dataset):
 
 def _run(tmp_path, data, name: str, *, until: int | None = None, resume=None, **fields):
     cfg = _cfg(steps=6, save_every=3, si_strength=0.5, domains={"code": 1.0}, **fields)
-    trainer = Trainer(build_model(DENSE, seed=0), data, cfg, run_dir=tmp_path / name, show_progress=False)
+    trainer = Trainer.from_config(build_model(DENSE, seed=0), data, cfg, run_dir=tmp_path / name, show_progress=False)
     if resume is not None:
         trainer.resume(resume)
     result = trainer.train(until=until)
@@ -183,7 +183,7 @@ def test_a_resumed_run_continues_the_path_integral_bitwise(tmp_path, small_datas
     data = TokenData(small_dataset)
     fields = {}
     if task == "second":  # with earlier importance: the penalty's gradient is in every update
-        first = Trainer(build_model(DENSE, seed=5), data, _cfg(steps=3, si_strength=1.0, domains={"prose": 1.0}), run_dir=tmp_path / "t1", show_progress=False)
+        first = Trainer.from_config(build_model(DENSE, seed=5), data, _cfg(steps=3, si_strength=1.0, domains={"prose": 1.0}), run_dir=tmp_path / "t1", show_progress=False)
         fields = dict(si_from=str(first.train().checkpoint))
     whole, whole_result = _run(tmp_path, data, "whole", **fields)
     _run(tmp_path, data, "cut", until=3, **fields)
@@ -205,7 +205,7 @@ def test_a_resumed_run_continues_the_path_integral_bitwise(tmp_path, small_datas
 
 def test_every_checkpoint_holds_the_consolidated_importance_and_a_plain_run_drops_it(tmp_path, small_dataset):
     data = TokenData(small_dataset)
-    trainer = Trainer(build_model(DENSE, seed=0), data, _cfg(si_strength=1.0), run_dir=tmp_path / "si", show_progress=False)
+    trainer = Trainer.from_config(build_model(DENSE, seed=0), data, _cfg(si_strength=1.0), run_dir=tmp_path / "si", show_progress=False)
     result = trainer.train()
     saved = load_si(result.checkpoint)
     expected = _si(trainer).consolidated(trainer.model)
@@ -215,7 +215,7 @@ def test_every_checkpoint_holds_the_consolidated_importance_and_a_plain_run_drop
     assert load_checkpoint(result.checkpoint).progressive["si"] == saved.meta
     # A run continued from it without SI inherits neither the directory nor its description.
     parent = load_checkpoint(result.checkpoint)
-    plain = Trainer(parent.model, data, _cfg(steps=1), run_dir=tmp_path / "plain", show_progress=False)
+    plain = Trainer.from_config(parent.model, data, _cfg(steps=1), run_dir=tmp_path / "plain", show_progress=False)
     plain.inherit(parent.progressive)
     child = load_checkpoint(plain.train().checkpoint)
     assert "si" not in child.extra_dirs and "si" not in child.progressive
@@ -230,7 +230,7 @@ def test_every_checkpoint_holds_the_consolidated_importance_and_a_plain_run_drop
 )
 def test_growth_carries_the_importance_by_the_fishers_map(tmp_path, small_dataset, method, params):
     data = TokenData(small_dataset)
-    trainer = Trainer(build_model(DENSE, seed=0), data, _cfg(si_strength=1.0), run_dir=tmp_path / "si", show_progress=False)
+    trainer = Trainer.from_config(build_model(DENSE, seed=0), data, _cfg(si_strength=1.0), run_dir=tmp_path / "si", show_progress=False)
     source = trainer.train().checkpoint
     # The EWC estimate and the SI importance live side by side and both travel.
     fisher = estimate_fisher(trainer.model, data, "prose", samples=2, seq_len=16)
@@ -258,7 +258,7 @@ def test_growth_carries_the_importance_by_the_fishers_map(tmp_path, small_datase
     # The grown model trains with it: the penalty is zero at the anchors and the run accepts it.
     model = load_checkpoint(grown).model
     assert float(ewc_penalty(model, carried).detach()) == 0.0
-    Trainer(model, data, _cfg(steps=1, si_strength=1.0, si_from=str(grown)), show_progress=False).train()
+    Trainer.from_config(model, data, _cfg(steps=1, si_strength=1.0, si_from=str(grown)), show_progress=False).train()
 
 
 def test_si_keeps_the_first_task_better_than_no_protection(tmp_path, small_dataset):
@@ -272,13 +272,13 @@ def test_si_keeps_the_first_task_better_than_no_protection(tmp_path, small_datas
     def losses(model) -> dict[str, float]:
         return {d: s.loss for d, s in evaluate(model, data, ["prose", "code"], batch_size=8, seq_len=32, max_batches=4).items()}
 
-    first = Trainer(build_model(DENSE, seed=0), data, cfg(60, domains={"prose": 1.0}, si_strength=1.0), run_dir=tmp_path / "prose", show_progress=False)
+    first = Trainer.from_config(build_model(DENSE, seed=0), data, cfg(60, domains={"prose": 1.0}, si_strength=1.0), run_dir=tmp_path / "prose", show_progress=False)
     base_ckpt = first.train().checkpoint
     base = losses(first.model)
     after = {}
     for name, fields in (("none", {}), ("si", dict(si_strength=1.0, si_from=str(base_ckpt)))):
         model = load_checkpoint(base_ckpt).model
-        Trainer(model, data, cfg(40, domains={"code": 1.0}, **fields), show_progress=False).train()
+        Trainer.from_config(model, data, cfg(40, domains={"code": 1.0}, **fields), show_progress=False).train()
         after[name] = losses(model)
     forgot = {name: after[name]["prose"] - base["prose"] for name in after}
     assert forgot["none"] > 0.15
@@ -300,13 +300,13 @@ def test_bad_si_settings_are_refused_in_one_sentence(tmp_path, small_dataset):
     data = TokenData(small_dataset)
     small = save_checkpoint(tmp_path / "small", build_model(DENSE, seed=0))
     with pytest.raises(CheckpointError, match="holds no SI importance"):
-        Trainer(build_model(DENSE, seed=0), data, _cfg(si_strength=1.0, si_from=str(small)), show_progress=False)
+        Trainer.from_config(build_model(DENSE, seed=0), data, _cfg(si_strength=1.0, si_from=str(small)), show_progress=False)
     wide = build_model(DENSE.replace(d_model=64), seed=0)
     si = SynapticIntelligence(strength=1.0, previous=_previous(build_model(DENSE, seed=0), 0))
     with pytest.raises(ConfigError, match="the SI importance of embed.weight has shape .* grow the checkpoint that holds the estimate"):
-        Trainer(wide, data, _cfg(), callbacks=[si], show_progress=False).train()
-    first = Trainer(build_model(DENSE, seed=0), data, _cfg(steps=2, si_strength=1.0), run_dir=tmp_path / "run", show_progress=False).train()
-    other = Trainer(build_model(DENSE, seed=0), data, _cfg(steps=2, si_strength=2.0), show_progress=False)
+        Trainer.from_config(wide, data, _cfg(), callbacks=[si], show_progress=False).train()
+    first = Trainer.from_config(build_model(DENSE, seed=0), data, _cfg(steps=2, si_strength=1.0), run_dir=tmp_path / "run", show_progress=False).train()
+    other = Trainer.from_config(build_model(DENSE, seed=0), data, _cfg(steps=2, si_strength=2.0), show_progress=False)
     with pytest.raises(ConfigError, match="cannot resume: train.si_strength was 1.0"):
         other.resume(first.checkpoint)
     assert SI_FORMAT.directory in load_checkpoint(first.checkpoint).extra_dirs
@@ -317,7 +317,7 @@ def test_si_on_cuda_matches_cpu_and_its_checkpoint_loads_on_cpu(tmp_path, small_
     """The path integral, the earlier importance and the penalty live on the trainer's device;
     fp32 on CUDA follows the CPU run up to round-off, and the saved si/ is on the CPU."""
     data = TokenData(small_dataset)
-    first = Trainer(build_model(DENSE, seed=5), data, _cfg(steps=3, si_strength=1.0, domains={"prose": 1.0}), run_dir=tmp_path / "t1", show_progress=False)
+    first = Trainer.from_config(build_model(DENSE, seed=5), data, _cfg(steps=3, si_strength=1.0, domains={"prose": 1.0}), run_dir=tmp_path / "t1", show_progress=False)
     previous = first.train().checkpoint
     saved_tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -325,7 +325,7 @@ def test_si_on_cuda_matches_cpu_and_its_checkpoint_loads_on_cpu(tmp_path, small_
         runs = {}
         for device in ("cpu", "cuda"):
             cfg = _cfg(steps=3, si_strength=1.0, si_from=str(previous), domains={"code": 1.0})
-            trainer = Trainer(build_model(DENSE, seed=0), data, cfg, run_dir=tmp_path / device, show_progress=False, device=device)
+            trainer = Trainer.from_config(build_model(DENSE, seed=0), data, cfg, run_dir=tmp_path / device, show_progress=False, device=device)
             runs[device] = (_si(trainer), trainer.train())
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved_tf32

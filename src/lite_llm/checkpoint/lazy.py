@@ -18,7 +18,7 @@ import torch
 from ..config import ModelConfig
 from ..errors import CheckpointError
 from . import atomic
-from .load import _build_config, _check_listed, _config_from_manifest, _load_json, verify_checkpoint
+from .load import build_config, check_listed_file, config_from_manifest, load_json, verify_checkpoint
 from .manifest import MANIFEST, PROGRESSIVE, SHARD_KINDS, TOKENIZER_DIR, fill_progressive, read_manifest, safe_member
 from .stream import SafetensorsReader, TensorSpec
 
@@ -98,10 +98,10 @@ def open_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> Checkpoi
     manifest = read_manifest(root)
     if verify:
         check_sound(root)
-    raw, skipped = _config_from_manifest(manifest, root)
+    raw, skipped = config_from_manifest(manifest, root)
     if skipped:
         raise CheckpointError(f"checkpoint {root} has tier(s) {', '.join(skipped)} that this lite-llm cannot read; upgrade lite-llm before growing it")
-    config = _build_config(raw, manifest, root / MANIFEST)
+    config = build_config(raw, manifest, root / MANIFEST)
     files = [
         safe_member(root, shard["path"], root / MANIFEST)
         for shard in manifest["shards"]
@@ -109,7 +109,7 @@ def open_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> Checkpoi
     ]
     progressive = fill_progressive(None)
     if (root / PROGRESSIVE).exists():
-        data = _load_json(_check_listed(root, manifest, PROGRESSIVE, "file", False), "file")
+        data = load_json(check_listed_file(root, manifest, PROGRESSIVE, "file", False), "file")
         if isinstance(data, dict):
             progressive = fill_progressive(json.loads(json.dumps(data)))
     return CheckpointTensors(root, config, manifest, progressive, LazyTensorFiles(files))

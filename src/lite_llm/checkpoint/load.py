@@ -71,7 +71,7 @@ def read_manifest(path: str | os.PathLike) -> dict:
 
 
 # ------------------------------------------------------------------------------- helpers
-def _config_from_manifest(manifest: dict, root: Path) -> tuple[dict, list[str]]:
+def config_from_manifest(manifest: dict, root: Path) -> tuple[dict, list[str]]:
     """The raw model_config with tiers needing a newer reader removed, and their names."""
     raw = dict(manifest["model_config"])
     ours = reader_version()
@@ -93,7 +93,7 @@ def _config_from_manifest(manifest: dict, root: Path) -> tuple[dict, list[str]]:
     return raw, skipped
 
 
-def _build_config(raw: dict, manifest: dict, manifest_path: Path) -> ModelConfig:
+def build_config(raw: dict, manifest: dict, manifest_path: Path) -> ModelConfig:
     routing = dict(raw.get("routing") or {})
     n_tiers = len(raw.get("tiers", []))
     if n_tiers and isinstance(routing.get("k_tier"), int):
@@ -119,7 +119,7 @@ def _select_tiers(config: ModelConfig, tierset: Any, skipped: list[str], root: P
     return ts.resolve(config)
 
 
-def _expected_tensors(config: ModelConfig, model: LiteLLM | None = None) -> dict[str, tuple[int, ...]]:
+def expected_tensors(config: ModelConfig, model: LiteLLM | None = None) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor the checkpoint must supply (tied head excluded)."""
     if model is not None:
         expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
@@ -130,7 +130,7 @@ def _expected_tensors(config: ModelConfig, model: LiteLLM | None = None) -> dict
     return expected
 
 
-def _load_json(path: Path, what: str) -> Any:
+def load_json(path: Path, what: str) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -141,7 +141,7 @@ def _file_entries(manifest: dict) -> dict[str, dict]:
     return {f["path"]: f for f in manifest.get("files", []) if isinstance(f, dict) and isinstance(f.get("path"), str)}
 
 
-def _check_listed(root: Path, manifest: dict, rel: str, what: str, verify: bool) -> Path:
+def check_listed_file(root: Path, manifest: dict, rel: str, what: str, verify: bool) -> Path:
     """Path of an auxiliary file, checked against its manifest entry when it has one."""
     path = safe_member(root, rel, root / MANIFEST)
     entry = _file_entries(manifest).get(rel)
@@ -222,19 +222,19 @@ def load_checkpoint(
     manifest_path = root / MANIFEST
     device = str(torch.device(device))
 
-    raw, skipped = _config_from_manifest(manifest, root)
-    full = _build_config(raw, manifest, manifest_path)
+    raw, skipped = config_from_manifest(manifest, root)
+    full = build_config(raw, manifest, manifest_path)
     kept = _select_tiers(full, tierset, skipped, root)
     config = full
     if [t.name for t in full.tiers] != kept:
         raw = {**raw, "tiers": [t for t in raw["tiers"] if t["name"] in kept]}
-        config = _build_config(raw, manifest, manifest_path)
+        config = build_config(raw, manifest, manifest_path)
 
     # Progressive state first: it is small, and a problem with it should not wait for the weights.
     progressive_path = root / PROGRESSIVE
     progressive: dict = fill_progressive(None)
     if progressive_path.exists() or PROGRESSIVE in _file_entries(manifest):
-        data = _load_json(_check_listed(root, manifest, PROGRESSIVE, "file", verify), "file")
+        data = load_json(check_listed_file(root, manifest, PROGRESSIVE, "file", verify), "file")
         if not isinstance(data, dict):
             raise CheckpointError(f"file {progressive_path} must hold a JSON object; restore it from a backup or re-save the checkpoint")
         progressive = fill_progressive(data)
@@ -263,7 +263,7 @@ def load_checkpoint(
             state[name], origin[name] = tensor, shard_path
 
     model = build_model(config, device=device)
-    expected = _expected_tensors(config, model)
+    expected = expected_tensors(config, model)
     missing = [n for n in expected if n not in state]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
@@ -289,7 +289,7 @@ def load_checkpoint(
     tok_files = [rel for rel in _file_entries(manifest) if rel.startswith(TOKENIZER_DIR + "/")]
     if tok_dir.is_dir() or tok_files:
         for rel in tok_files:
-            _check_listed(root, manifest, rel, "tokenizer file", verify)
+            check_listed_file(root, manifest, rel, "tokenizer file", verify)
         tokenizer = _load_tokenizer(tok_dir)
 
     training = None
@@ -315,12 +315,12 @@ def load_checkpoint(
 
 def _load_training(root: Path, manifest: dict, device: str, verify: bool) -> TrainingState:
     entry = _file_entries(manifest).get(TRAINING_TENSORS, {})
-    tensors_path = _check_listed(root, manifest, TRAINING_TENSORS, "training state", verify)
+    tensors_path = check_listed_file(root, manifest, TRAINING_TENSORS, "training state", verify)
     tensors = _read_safetensors(tensors_path, device, entry.get("tensors"), "training state")
     meta: dict = {}
     meta_path = root / TRAINING_META
     if meta_path.exists() or TRAINING_META in _file_entries(manifest):
-        meta = _load_json(_check_listed(root, manifest, TRAINING_META, "training state", verify), "training state")
+        meta = load_json(check_listed_file(root, manifest, TRAINING_META, "training state", verify), "training state")
     return TrainingState(tensors=tensors, meta=meta)
 
 
@@ -343,7 +343,7 @@ def load_extra(
     entry = _file_entries(manifest).get(rel)
     if entry is None:
         raise CheckpointError(f"checkpoint {root} has no extra directory {name!r}; save it with extra_dirs={{{name!r}: ...}} first")
-    file_path = _check_listed(root, manifest, rel, "file", verify)
+    file_path = check_listed_file(root, manifest, rel, "file", verify)
     return _read_safetensors(file_path, str(torch.device(device)), entry.get("tensors"), "file")
 
 
@@ -380,10 +380,10 @@ def verify_checkpoint(path: str | os.PathLike) -> list[str]:
         if isinstance(entry.get("tensors"), dict):
             problems.extend(_check_header(file_path, entry["tensors"], what, present if what == "shard" else {}))
     try:
-        config = _build_config(dict(manifest["model_config"]), manifest, manifest_path)
+        config = build_config(dict(manifest["model_config"]), manifest, manifest_path)
     except CheckpointError as exc:
         return problems + [str(exc)]
-    for name, shape in _expected_tensors(config).items():
+    for name, shape in expected_tensors(config).items():
         if name in explained:
             continue
         if name not in present:

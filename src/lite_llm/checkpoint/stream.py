@@ -65,7 +65,7 @@ class TensorSpec(tuple):
         return n * torch.empty((), dtype=self.dtype).element_size()
 
 
-def _as_bytes(t: torch.Tensor) -> memoryview:
+def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The raw bytes of a tensor without copying (after making it contiguous on the CPU)."""
     t = t.detach().to("cpu").contiguous()
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
@@ -120,7 +120,7 @@ class SafetensorsReader:
         dtype, shape, begin, end = self._entries[name]
         out = torch.empty(shape, dtype=dtype)
         if end > begin:
-            buf = _as_bytes(out)  # a view of ``out``: torch.empty is contiguous and on the CPU
+            buf = tensor_bytes(out)  # a view of ``out``: torch.empty is contiguous and on the CPU
             with open(self.path, "rb") as f:
                 f.seek(self._data_start + begin)
                 got = f.readinto(buf)
@@ -176,7 +176,7 @@ def write_safetensors(
                 raise CheckpointError(
                     f"tensor {name} came out as {tensor.dtype} {tuple(tensor.shape)} but {spec.dtype} {spec.shape} was planned; this is a bug in the operation that produced it"
                 )
-            data = _as_bytes(tensor)
+            data = tensor_bytes(tensor)
             hashed = pool.submit(digest.update, data)
             f.write(data)
             hashed.result()

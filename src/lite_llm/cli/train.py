@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any, Optional
 
@@ -9,51 +10,25 @@ import typer
 
 from ..errors import LiteLLMError
 from .app import THREADS_HELP, app, apply_threads, console, device_option, friendly_errors, model_config_from, print_scores
+from .train_options import flag_of, train_config_fields, train_config_parameters
 
 
 # ------------------------------------------------------------------------------------ train
-@app.command()
-@friendly_errors
-def train(
+def _train(
     data: Path = typer.Option(..., help="Dataset directory from `lite-llm data prepare`."),
     output: Path = typer.Option(..., "-o", "--output", help="Run directory (checkpoints, metrics.jsonl, plots)."),
     init_from: Optional[Path] = typer.Option(None, "--init", help="Start from this checkpoint."),
     preset: Optional[str] = typer.Option(None, help="Start from a fresh model of this preset."),
     model_config: Optional[Path] = typer.Option(None, "--model-config", help="Start from a fresh model of this config file."),
-    config: Optional[Path] = typer.Option(None, "--config", help="Training config (YAML/JSON); flags below override it."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Training config (YAML/JSON); the training flags override it."),
     resume: bool = typer.Option(False, help="Continue the run in OUTPUT from its latest good checkpoint, with its saved settings (--steps larger extends it)."),
     resume_from: Optional[Path] = typer.Option(None, "--resume-from", help="Continue the run in OUTPUT from this checkpoint of it (implies --resume)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in OUTPUT (its checkpoints and metrics are deleted)."),
-    steps: Optional[int] = typer.Option(None, help="Total optimizer steps."),
-    batch_size: Optional[int] = typer.Option(None, help="Sequences per micro-batch."),
-    seq_len: Optional[int] = typer.Option(None, help="Tokens per sequence."),
-    grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per step."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate."),
-    warmup_steps: Optional[int] = typer.Option(None, help="Linear warm-up steps."),
-    domains: Optional[str] = typer.Option(None, help="Mixture weights, e.g. 'code=0.7,prose=0.3'."),
-    tiers: Optional[str] = typer.Option(None, help="TierSet to train: all, tier_1b, upto:tier_1b, only:tier_10b."),
-    seed: Optional[int] = typer.Option(None, help="Seed of data order and routing noise."),
-    bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bfloat16 autocast."),
-    eval_every: Optional[int] = typer.Option(None, help="Validate every N steps (0: only at the end)."),
-    save_every: Optional[int] = typer.Option(None, help="Checkpoint every N steps (0: only at the end)."),
     curriculum: Optional[Path] = typer.Option(None, "--curriculum", help="Tier curriculum YAML (preparation, isolation, integration, joint)."),
-    replay: Optional[str] = typer.Option(None, help="Old domains to replay, e.g. 'prose=1' (with --replay-share)."),
-    replay_share: Optional[float] = typer.Option(None, help="Share of each batch's rows drawn from the --replay domains."),
-    freeze: Optional[list[str]] = typer.Option(None, help="Freeze parameters matching PATTERN until a step: 'layers.[0-3].*@500' (no @: never thaw). Repeatable."),
-    ewc: Optional[Path] = typer.Option(None, "--ewc", help="Checkpoint holding an EWC estimate (`lite-llm ewc estimate`)."),
-    ewc_weight: Optional[float] = typer.Option(None, help="EWC penalty weight lambda."),
-    si_strength: Optional[float] = typer.Option(
-        None, help="Synaptic Intelligence c: > 0 measures each weight's importance along this run (stored in every checkpoint's si/) and weights the --si-from penalty."
-    ),
-    si_damping: Optional[float] = typer.Option(None, help="SI damping xi in Omega = omega / (Delta^2 + xi) (default 1e-3)."),
-    si_from: Optional[Path] = typer.Option(None, "--si-from", help="Checkpoint of an earlier SI run (or grown from one) whose importance to protect (needs --si-strength)."),
-    distill_from: Optional[Path] = typer.Option(None, help="Teacher checkpoint for distillation."),
-    distill_weight: Optional[float] = typer.Option(None, help="Distillation loss weight."),
-    distill_temperature: Optional[float] = typer.Option(None, help="Distillation temperature."),
-    distill_domains: Optional[str] = typer.Option(None, help="Distil only rows of these domains, e.g. 'prose'."),
     quiet: bool = typer.Option(False, help="No progress bar."),
     device: str = device_option(),
-    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
+    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP, min=1),
+    **settings: Any,  # one option per TrainConfig field (see train_options)
 ) -> None:
     """Train a model on a prepared dataset, with validation per domain and checkpoints.
 
@@ -90,18 +65,9 @@ def train(
     apply_threads(threads)
     resume = resume or resume_from is not None
     plan = CurriculumConfig.from_file(curriculum) if curriculum else None
-    if plan is not None and steps is None:
-        steps = plan.total_steps
-    given = dict(
-        steps=steps, batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum, lr=lr,
-        warmup_steps=warmup_steps, tierset=tiers, seed=seed, bf16=bf16, eval_every=eval_every, save_every=save_every,
-    )
-    given = {k: v for k, v in given.items() if v is not None}
-    if domains:
-        given["domains"] = _parse_weights(domains)
-    given.update(_protection_fields(replay, replay_share, freeze, ewc, ewc_weight, distill_from, distill_weight, distill_temperature, distill_domains))
-    si = dict(si_strength=si_strength, si_damping=si_damping, si_from=str(si_from) if si_from else None)
-    given.update({k: v for k, v in si.items() if v is not None})
+    if plan is not None and settings.get("steps") is None:
+        settings["steps"] = plan.total_steps
+    given = train_config_fields(settings)
     with RunLock(output, say=lambda message: console.print(f"[yellow]{message}[/yellow]")):
         manager = CheckpointManager(output)
         for leftover in manager.clean_interrupted():
@@ -125,7 +91,7 @@ def train(
             model = build_model(model_config_from(preset, model_config), seed=cfg.seed)
         _check_vocab(model.config.vocab_size, dataset.tokenizer.vocab_size)
         callbacks = [Curriculum(plan)] if plan is not None else []
-        trainer = Trainer(
+        trainer = Trainer.from_config(
             model, dataset, cfg, run_dir=output, show_progress=not quiet, tokenizer=dataset.tokenizer, callbacks=callbacks, device=run_device
         )
         if latest is None and init_from is not None:
@@ -145,6 +111,14 @@ def train(
     if result.stopped_early:
         console.print(f"[yellow]{result.stopped_early}[/yellow]")
     console.print(f"checkpoint: {result.checkpoint}")
+
+
+train = friendly_errors(_train)
+_signature = inspect.signature(_train)
+train.__signature__ = _signature.replace(  # type: ignore[attr-defined]
+    parameters=[p for p in _signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD] + train_config_parameters()
+)
+app.command("train")(train)
 
 
 # Settings a resumed run may change: how long it runs and how often it reports and saves.
@@ -168,7 +142,7 @@ def _resume_fields(saved: dict[str, Any], given: dict[str, Any]) -> dict[str, An
         if key in RESUMABLE_CHANGES:
             fields[key] = value
         elif key in saved and saved[key] != value:
-            flag = "--tiers" if key == "tierset" else "--" + key.replace("_", "-")
+            flag = flag_of(key)
             raise LiteLLMError(
                 f"cannot resume with {flag} {value!r}: the run was trained with {saved[key]!r}, and only --steps, --eval-every"
                 f" and --save-every can change when resuming; drop {flag}, or start a new run in another -o directory"
@@ -245,48 +219,6 @@ def rollback(
 
     path, tiers = rollback_checkpoint(checkpoint, output)
     console.print(f"wrote {path} with tiers {', '.join(tiers)}")
-
-
-def _protection_fields(
-    replay: Optional[str],
-    replay_share: Optional[float],
-    freeze: Optional[list[str]],
-    ewc: Optional[Path],
-    ewc_weight: Optional[float],
-    distill_from: Optional[Path],
-    distill_weight: Optional[float],
-    distill_temperature: Optional[float],
-    distill_domains: Optional[str],
-) -> dict[str, Any]:
-    """TrainConfig fields for the forgetting-prevention flags that were given."""
-    fields: dict[str, Any] = {}
-    if replay:
-        fields["replay"] = _parse_weights(replay)
-    if freeze:
-        rules = []
-        for item in freeze:
-            pattern, sep, thaw = item.rpartition("@") if "@" in item else (item, "", "")
-            if sep and not thaw.isdigit():
-                raise LiteLLMError(f"cannot read --freeze {item!r}; write PATTERN or PATTERN@STEP, e.g. 'layers.0.*@200'")
-            rules.append({"patterns": [pattern], "thaw_at": int(thaw) if sep else None})
-        fields["freeze"] = rules
-    optional = dict(
-        replay_share=replay_share, ewc_from=str(ewc) if ewc else None, ewc_weight=ewc_weight, distill_from=str(distill_from) if distill_from else None,
-        distill_weight=distill_weight, distill_temperature=distill_temperature,
-        distill_domains=[d.strip() for d in distill_domains.split(",")] if distill_domains else None,
-    )
-    fields.update({k: v for k, v in optional.items() if v is not None})
-    return fields
-
-
-def _parse_weights(text: str) -> dict[str, float]:
-    weights = {}
-    for part in text.split(","):
-        name, sep, value = part.partition("=")
-        if not sep:
-            raise LiteLLMError(f"cannot read mixture weight {part!r}; write DOMAIN=WEIGHT, e.g. code=0.7,prose=0.3")
-        weights[name.strip()] = float(value)
-    return weights
 
 
 def _check_vocab(model_vocab: int, tokenizer_vocab: int) -> None:

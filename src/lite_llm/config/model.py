@@ -8,6 +8,7 @@ building tensors: the planner, the checkpoint manifest and the expert store all 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import re
@@ -78,7 +79,6 @@ class TierConfig:
     placement: Placement = "hot"
     k_group: int | None = None
     k_expert: int | None = None
-    dtype: str = "float32"
     quantization: str | None = None
     min_reader_version: str | None = None
     created_at: str | None = None
@@ -96,7 +96,6 @@ class TierConfig:
         _require(self.budget is None or self.budget > 0, f"tiers[{self.name}].budget must be positive, got {self.budget}")
         _require(self.budget_mode in ("strict", "advisory"), f"tiers[{self.name}].budget_mode must be 'strict' or 'advisory', got {self.budget_mode!r}")
         _require(self.placement in PLACEMENTS, f"tiers[{self.name}].placement must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
-        _require(self.dtype in ("float32", "bfloat16", "float16"), f"tiers[{self.name}].dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.k_group is not None:
             _require(
                 1 <= self.k_group <= self.num_groups,
@@ -339,7 +338,7 @@ class ModelConfig:
         a newer minor version, whose extra fields we may ignore); missing fields take defaults.
         """
         data = dict(data)
-        data["tiers"] = [_pick_fields(TierConfig, t, "tiers[]", allow_unknown) for t in data.get("tiers", [])]
+        data["tiers"] = [_pick_fields(TierConfig, _without_retired_dtype(t), "tiers[]", allow_unknown) for t in data.get("tiers", [])]
         data["routing"] = _pick_fields(RoutingConfig, data.get("routing", {}), "routing", allow_unknown)
         return cls(**_pick_fields(cls, data, "model", allow_unknown))
 
@@ -367,15 +366,27 @@ class ModelConfig:
         """A named configuration (see ``PRESETS``), with optional field overrides."""
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(sorted(PRESETS))}")
-        data = PRESETS[name]().to_dict()
-        data.update(overrides)
-        return cls.from_dict(data)
+        return cls.from_dict({"name": name, **copy.deepcopy(PRESETS[name]), **overrides})
 
     def replace(self, **changes: Any) -> "ModelConfig":
         """A validated copy with some fields changed."""
         data = self.to_dict()
         data.update(changes)
         return ModelConfig.from_dict(data)
+
+
+def _without_retired_dtype(tier: Any) -> Any:
+    """Drop the ``dtype`` that tiers used to carry (always float32, never read): every
+    checkpoint written before still loads.  Any other value was a wish nothing honoured, so it
+    is refused rather than silently ignored."""
+    if not isinstance(tier, dict) or "dtype" not in tier:
+        return tier
+    if tier["dtype"] != "float32":
+        raise ConfigError(
+            f"tiers[{tier.get('name', '?')}].dtype is no longer a tier setting (a tier computes in the run's dtype: "
+            "train with --bf16, store smaller with quantization); remove the key"
+        )
+    return {k: v for k, v in tier.items() if k != "dtype"}
 
 
 def _pick_fields(cls: type, data: dict[str, Any], where: str, allow_unknown: bool) -> dict[str, Any]:
@@ -478,83 +489,35 @@ class TierSet:
 
 
 # --------------------------------------------------------------------------------- presets
-def _tiny() -> ModelConfig:
-    """Two tiers, small enough for unit tests (a few hundred thousand parameters)."""
-    return ModelConfig(
-        name="tiny",
-        vocab_size=256,
-        d_model=64,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        intermediate_size=128,
-        max_seq_len=256,
-        tiers=[
-            TierConfig("tier_1b", num_groups=2, experts_per_group=4, expert_hidden=64, budget="1M"),
-            TierConfig("tier_10b", num_groups=2, experts_per_group=4, expert_hidden=64, budget="1M", placement="warm"),
-        ],
-        routing=RoutingConfig(k_tier=1, k_group=2, k_expert=2),
-    )
+def _two_tiers(expert_hidden: int, budget: str) -> list[dict[str, Any]]:
+    """The presets' tier layout: a hot ``tier_1b`` and a warm ``tier_10b``, 2 groups x 4 experts."""
+    tier = dict(num_groups=2, experts_per_group=4, expert_hidden=expert_hidden, budget=budget)
+    return [dict(name="tier_1b", **tier), dict(name="tier_10b", **tier, placement="warm")]
 
 
-def _tiny_dense() -> ModelConfig:
-    return ModelConfig(
-        name="tiny-dense", vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=160, max_seq_len=256
-    )
-
-
-def _small() -> ModelConfig:
-    """The quickstart / throughput reference: ~10M parameters, two tiers, byte-level vocab."""
-    return ModelConfig(
-        name="small",
-        vocab_size=256,
-        d_model=256,
-        n_layers=4,
-        n_heads=8,
-        n_kv_heads=4,
-        intermediate_size=512,
-        max_seq_len=512,
-        tiers=[
-            TierConfig("tier_1b", num_groups=2, experts_per_group=4, expert_hidden=192, budget="5M"),
-            TierConfig("tier_10b", num_groups=2, experts_per_group=4, expert_hidden=192, budget="5M", placement="warm"),
-        ],
-        routing=RoutingConfig(k_tier=1, k_group=2, k_expert=1),
-    )
-
-
-def _quickstart() -> ModelConfig:
-    """The quickstart's model: ``small``'s two tiers at a narrower width over a 4,096-token BPE
-    vocabulary.  Chosen by measured runs at equal training time on 2 CPU cores (BENCHMARKS.md):
-    narrower and longer-trained beat wider and shorter-trained, and BPE beat bytes."""
-    return dataclasses.replace(
-        _small(),
-        name="quickstart",
-        vocab_size=4096,
-        d_model=128,
-        n_heads=4,
-        n_kv_heads=2,
-        tiers=[
-            TierConfig("tier_1b", num_groups=2, experts_per_group=4, expert_hidden=128, budget="5M"),
-            TierConfig("tier_10b", num_groups=2, experts_per_group=4, expert_hidden=128, budget="5M", placement="warm"),
-        ],
-    )
-
-
-def _smollm2_135m() -> ModelConfig:
-    """The shape of SmolLM2-135M (Llama architecture), dense."""
-    return ModelConfig(
-        name="smollm2-135m",
-        vocab_size=49152,
-        d_model=576,
-        n_layers=30,
-        n_heads=9,
-        n_kv_heads=3,
-        intermediate_size=1536,
-        rope_theta=100000.0,
-        norm_eps=1e-5,
-        max_seq_len=8192,
-        tie_embeddings=True,
-    )
-
-
-PRESETS = {"tiny": _tiny, "tiny-dense": _tiny_dense, "small": _small, "quickstart": _quickstart, "smollm2-135m": _smollm2_135m}
+# name -> the fields that differ from ModelConfig's defaults (litgpt-style: data, not code).
+PRESETS: dict[str, dict[str, Any]] = {
+    # two tiers, small enough for unit tests (a few hundred thousand parameters)
+    "tiny": dict(
+        vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=128, max_seq_len=256,
+        tiers=_two_tiers(64, "1M"), routing=dict(k_tier=1, k_group=2, k_expert=2),
+    ),
+    "tiny-dense": dict(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=160, max_seq_len=256),
+    # the throughput reference: ~10M parameters, two tiers, byte-level vocab
+    "small": dict(
+        vocab_size=256, d_model=256, n_layers=4, n_heads=8, n_kv_heads=4, intermediate_size=512, max_seq_len=512,
+        tiers=_two_tiers(192, "5M"), routing=dict(k_tier=1, k_group=2, k_expert=1),
+    ),
+    # the quickstart's model: small's two tiers, narrower, over a 4,096-token BPE vocabulary; chosen
+    # by measured runs at equal training time on 2 CPU cores (BENCHMARKS.md): narrower and longer-
+    # trained beat wider and shorter-trained, and BPE beat bytes
+    "quickstart": dict(
+        vocab_size=4096, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, intermediate_size=512, max_seq_len=512,
+        tiers=_two_tiers(128, "5M"), routing=dict(k_tier=1, k_group=2, k_expert=1),
+    ),
+    # the shape of SmolLM2-135M (Llama architecture), dense
+    "smollm2-135m": dict(
+        vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, intermediate_size=1536,
+        rope_theta=100000.0, norm_eps=1e-5, max_seq_len=8192, tie_embeddings=True,
+    ),
+}

@@ -133,8 +133,8 @@ def _prepare_domain(
     docs = [doc for spec in specs for doc in resolve_source(spec)]
     if not docs:
         raise DataError(f"domain {name!r} has no text in {', '.join(specs)}")
-    docs, truncated = _truncate(docs, max_bytes)
-    splits, method = _split(docs, val_fraction, seed)
+    docs, truncated = truncate_documents(docs, max_bytes)
+    splits, method = split_documents(docs, val_fraction, seed)
     if splits is None:
         hint = "raise max_bytes_per_domain" if truncated else "give it more text"
         raise DataError(f"domain {name!r} is a single character of text, too little to split into train and val; {hint}")
@@ -152,7 +152,7 @@ def _prepare_domain(
     return entry
 
 
-def _truncate(docs: list[Document], max_bytes: int | None) -> tuple[list[Document], bool]:
+def truncate_documents(docs: list[Document], max_bytes: int | None) -> tuple[list[Document], bool]:
     """Keep whole documents while they fit in ``max_bytes``; if even the first does not fit,
     keep its first ``max_bytes`` bytes (so a single huge file still gives a quick run)."""
     if max_bytes is None:
@@ -170,7 +170,7 @@ def _truncate(docs: list[Document], max_bytes: int | None) -> tuple[list[Documen
     return [Document(docs[0].key, head)], True
 
 
-def _split(docs: list[Document], val_fraction: float, seed: int) -> tuple[dict | None, str]:
+def split_documents(docs: list[Document], val_fraction: float, seed: int) -> tuple[dict | None, str]:
     """Assign documents to train/val by a stable hash; one document is split by position."""
     if len(docs) == 1:
         return _split_by_position(docs[0], val_fraction), "position"

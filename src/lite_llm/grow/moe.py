@@ -23,62 +23,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-import zlib
 from collections.abc import Callable
 
 import torch
 
 from ..config import ModelConfig, TierConfig
 from ..errors import ConfigError
+from .common import bank_prefix, check_choice, check_noise, check_positive_int, perturb, router_prefix, seeded_normal
 from .registry import register
 from .tensors import LazyTensors, Producer, Tensors, ref
 
 UNROUTABLE_LIMIT = -1000.0  # exp(-1000) is 0 in fp32, fp16 and bf16 (fp32 underflows below about -104)
 _DENSE_FFN = re.compile(r"^layers\.(\d+)\.ffn\.(gate_proj|up_proj|down_proj)\.weight$")
-
-
-# ----------------------------------------------------------------------------------- helpers
-def _router(layer: int, tier: str) -> str:
-    return f"layers.{layer}.ffn.router.heads.{tier}."
-
-
-def _bank(layer: int, tier: str) -> str:
-    return f"layers.{layer}.ffn.experts.{tier}."
-
-
-def _generator(seed: int, name: str) -> torch.Generator:
-    """A generator private to one output tensor: the same (seed, name) draws the same numbers
-    in any process and in any order of evaluation (global RNG is never touched)."""
-    return torch.Generator().manual_seed(int(seed) + zlib.crc32(name.encode()))
-
-
-def _normal(shape: tuple[int, ...], std: float, seed: int, name: str, dtype: torch.dtype) -> torch.Tensor:
-    """Seeded normal(0, std) draws, made in fp32 (the same numbers whatever ``dtype``)."""
-    return (torch.randn(shape, generator=_generator(seed, name), dtype=torch.float32) * std).to(dtype)
-
-
-def _perturb(weight: torch.Tensor, noise: float, seed: int, name: str) -> torch.Tensor:
-    """``weight + noise * std(weight) * N(0, 1)``: noise relative to the tensor's own scale, so
-    ``noise=0.01`` means "1% of a typical weight" for every tensor and every model."""
-    if not noise:
-        return weight
-    scale = float(weight.float().std()) * noise
-    return (weight.float() + _normal(tuple(weight.shape), scale, seed, name, torch.float32)).to(weight.dtype)
-
-
-def _check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{what} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
-
-
-def _check_positive_int(what: str, value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"{what} must be a positive integer, got {value!r}")
-
-
-def _check_noise(noise: float) -> None:
-    if not isinstance(noise, (int, float)) or noise < 0:
-        raise ConfigError(f"noise must be a number >= 0 (a fraction of each weight tensor's std), got {noise!r}")
 
 
 # ----------------------------------------------------------------------------------- upcycle
@@ -114,14 +70,14 @@ def _upcycled_ffn(
     gate, up, down = src + "gate_proj.weight", src + "up_proj.weight", src + "down_proj.weight"
     n_experts = tier.num_experts
     dtype_of = functools.cache(lambda name: tensors[name].dtype)  # one read per layer; a dtype, never a tensor, is kept
-    router, bank = _router(layer, tier.name), _bank(layer, tier.name)
+    router, bank = router_prefix(layer, tier.name), bank_prefix(layer, tier.name)
 
     def gate_rows(name: str, rows: int) -> Producer:
         def make() -> torch.Tensor:
             shape = (rows, d_model)
             if router_init == "zeros":
                 return torch.zeros(shape, dtype=dtype_of(gate))
-            return _normal(shape, init_std, seed, name, dtype_of(gate))
+            return seeded_normal(shape, init_std, seed, name, dtype_of(gate))
 
         return make
 
@@ -130,10 +86,10 @@ def _upcycled_ffn(
 
     def gate_up() -> torch.Tensor:
         fused = torch.cat([tensors[gate], tensors[up]], 0)
-        return _perturb(fused.unsqueeze(0).repeat(n_experts, 1, 1), noise, seed, bank + "gate_up_proj")
+        return perturb(fused.unsqueeze(0).repeat(n_experts, 1, 1), noise, seed, bank + "gate_up_proj")
 
     def down_proj() -> torch.Tensor:
-        return _perturb(tensors[down].unsqueeze(0).repeat(n_experts, 1, 1), noise, seed, bank + "down_proj")
+        return perturb(tensors[down].unsqueeze(0).repeat(n_experts, 1, 1), noise, seed, bank + "down_proj")
 
     return {
         router + "tier_gate": gate_rows(router + "tier_gate", 1),
@@ -179,16 +135,16 @@ def upcycle(
             "use add_experts to add experts to a tier, or add_tier to add a tier"
         )
     chosen = _upcycle_layers(config, layers)
-    _check_positive_int("upcycle's num_experts (experts per group)", num_experts)
-    _check_positive_int("upcycle's num_groups", num_groups)
-    _check_positive_int("upcycle's k_expert", k_expert)
-    _check_positive_int("upcycle's k_group", k_group)
+    check_positive_int("upcycle's num_experts (experts per group)", num_experts)
+    check_positive_int("upcycle's num_groups", num_groups)
+    check_positive_int("upcycle's k_expert", k_expert)
+    check_positive_int("upcycle's k_group", k_group)
     if k_expert > num_experts:
         raise ConfigError(f"k_expert={k_expert} is larger than num_experts={num_experts} (the experts per group); choose k_expert <= {num_experts}")
     if k_group > num_groups:
         raise ConfigError(f"k_group={k_group} is larger than num_groups={num_groups}; choose k_group <= {num_groups}")
-    _check_choice("upcycle's router_init", router_init, ("normal", "zeros"))
-    _check_noise(noise)
+    check_choice("upcycle's router_init", router_init, ("normal", "zeros"))
+    check_noise(noise)
 
     new_tier = TierConfig(
         tier,
@@ -260,10 +216,10 @@ def _grown_tier_tensor(
         elif kind == "expert_gate":
             new = _sources(old, G, E, count) if router_init == "copy" else torch.zeros(G, count, old.shape[1], dtype=old.dtype)
         elif init == "copy":
-            new = _perturb(_sources(old, G, E, count), noise, seed, name)
+            new = perturb(_sources(old, G, E, count), noise, seed, name)
         else:  # random, initialised like the model's own reset_parameters
             std = residual_std if kind == "down_proj" else init_std
-            new = _normal((G, count, *old.shape[1:]), std, seed, name, old.dtype)
+            new = seeded_normal((G, count, *old.shape[1:]), std, seed, name, old.dtype)
         return _with_new_experts(old, G, E, new)
 
     return make
@@ -292,10 +248,10 @@ def add_experts(
     names = [t.name for t in config.tiers]
     if tier not in names:
         raise ConfigError(f"unknown tier {tier!r}; this model has tiers {', '.join(names) or '(none: upcycle it first)'}")
-    _check_positive_int("add_experts' count", count)
-    _check_choice("add_experts' init", init, ("copy", "random"))
-    _check_choice("add_experts' router_init", router_init, ("copy", "zeros"))
-    _check_noise(noise)
+    check_positive_int("add_experts' count", count)
+    check_choice("add_experts' init", init, ("copy", "random"))
+    check_choice("add_experts' router_init", router_init, ("copy", "zeros"))
+    check_noise(noise)
     if not isinstance(unroutable_bias, (int, float)) or unroutable_bias > UNROUTABLE_LIMIT:
         raise ConfigError(
             f"unroutable_bias must be <= {UNROUTABLE_LIMIT:g} so that a new expert's routing probability is exactly 0, got {unroutable_bias!r}"
@@ -351,7 +307,7 @@ def old_expert_mask(old_config: ModelConfig, new_config: ModelConfig) -> dict[st
                     )
                 mask[:, : old.experts_per_group] = True
             flat = mask.flatten()
-            router, bank = _router(layer, tier.name), _bank(layer, tier.name)
+            router, bank = router_prefix(layer, tier.name), bank_prefix(layer, tier.name)
             for name in (router + "expert_gate", router + "expert_bias", bank + "gate_up_proj", bank + "down_proj"):
                 masks[name] = flat.clone()
     return masks

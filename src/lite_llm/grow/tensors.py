@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from ..checkpoint.load import _expected_tensors
+from ..checkpoint.load import expected_tensors
 from ..checkpoint.stream import TensorSpec
 from ..config import ModelConfig
 
@@ -87,12 +87,12 @@ def derive(fn: Callable[..., torch.Tensor], tensors: Tensors, *names: str) -> Pr
 
 def stored_names(config: ModelConfig) -> list[str]:
     """The names a checkpoint of ``config`` stores, in writing order (tied ``lm_head`` excluded)."""
-    return list(_expected_tensors(config))
+    return list(expected_tensors(config))
 
 
 def expected_specs(config: ModelConfig, dtype: torch.dtype) -> dict[str, TensorSpec]:
     """name -> (dtype, shape) of every stored tensor of ``config`` when held in ``dtype``."""
-    return {name: TensorSpec(dtype, shape) for name, shape in _expected_tensors(config).items()}
+    return {name: TensorSpec(dtype, shape) for name, shape in expected_tensors(config).items()}
 
 
 def layer_prefix(i: int) -> str:

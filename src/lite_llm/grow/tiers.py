@@ -49,16 +49,8 @@ from ..config import ModelConfig, TierConfig
 from ..errors import ConfigError
 from .carry import extend_ewc
 from .expand import GrowthError, carried_ewc_dirs, materialize
-from .moe import (
-    UNROUTABLE_LIMIT,
-    _bank,
-    _check_choice,
-    _check_noise,
-    _check_positive_int,
-    _normal,
-    _perturb,
-    _router,
-)
+from .common import bank_prefix, check_choice, check_noise, check_positive_int, perturb, router_prefix, seeded_normal
+from .moe import UNROUTABLE_LIMIT
 from .registry import get_op, register
 from .tensors import LazyTensors, Producer, Tensors, expected_specs, ref, stored_names
 from .validate import sample_ids
@@ -183,13 +175,13 @@ class _NewTier:
 
 def _head_producers(spec: _NewTier, layer: int, dtype_of: Callable[[str], torch.dtype]) -> dict[str, Producer]:
     """The new tier's router head in ``layer``: seeded normal gates, unroutable tier bias."""
-    head, t = _router(layer, spec.tier.name), spec.tier
+    head, t = router_prefix(layer, spec.tier.name), spec.tier
 
     def dtype(name: str) -> torch.dtype:
         return dtype_of(analog(name, t.name, spec.reference))
 
     def gate(name: str, rows: int) -> Producer:
-        return lambda: _normal((rows, spec.d_model), spec.init_std, spec.seed, name, dtype(name))
+        return lambda: seeded_normal((rows, spec.d_model), spec.init_std, spec.seed, name, dtype(name))
 
     def filled(name: str, rows: int, value: float) -> Producer:
         return lambda: torch.full((rows,), value, dtype=dtype(name))
@@ -214,7 +206,7 @@ def _from_source(source: torch.Tensor, count: int, init: str) -> torch.Tensor:
 
 def _bank_producers(spec: _NewTier, layer: int, tensors: Tensors, dtype_of: Callable[[str], torch.dtype]) -> dict[str, Producer]:
     """The new tier's expert bank in ``layer``."""
-    bank, t = _bank(layer, spec.tier.name), spec.tier
+    bank, t = bank_prefix(layer, spec.tier.name), spec.tier
     shapes = {"gate_up_proj": (t.num_experts, 2 * t.expert_hidden, spec.d_model), "down_proj": (t.num_experts, spec.d_model, t.expert_hidden)}
 
     def make(kind: str) -> Producer:
@@ -222,8 +214,8 @@ def _bank_producers(spec: _NewTier, layer: int, tensors: Tensors, dtype_of: Call
         source = analog(name, t.name, spec.reference)
         if spec.init == "random":  # as the model's reset_parameters: residual writers scaled down
             std = spec.residual_std if kind == "down_proj" else spec.init_std
-            return lambda: _normal(shapes[kind], std, spec.seed, name, dtype_of(source))
-        return lambda: _perturb(_from_source(tensors[source], t.num_experts, spec.init), spec.noise, spec.seed, name)
+            return lambda: seeded_normal(shapes[kind], std, spec.seed, name, dtype_of(source))
+        return lambda: perturb(_from_source(tensors[source], t.num_experts, spec.init), spec.noise, spec.seed, name)
 
     return {bank + kind: make(kind) for kind in shapes}
 
@@ -262,12 +254,12 @@ def add_tier(
     """
     _check_new_name(config, tier)
     for what, value in (("num_groups", num_groups), ("experts_per_group", experts_per_group), ("expert_hidden", expert_hidden)):
-        _check_positive_int(f"add_tier's {what}", value)
-    _check_choice("add_tier's init", init, INITS)
-    _check_noise(noise)
+        check_positive_int(f"add_tier's {what}", value)
+    check_choice("add_tier's init", init, INITS)
+    check_noise(noise)
     _check_unroutable(unroutable_bias)
     if k_tier is not None:
-        _check_positive_int("add_tier's k_tier", k_tier)
+        check_positive_int("add_tier's k_tier", k_tier)
     reference = _reference_tier(config, init, source_tier, expert_hidden, noise)
     new_tier = TierConfig(
         tier,

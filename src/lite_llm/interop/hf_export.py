@@ -70,10 +70,10 @@ def export_hf(
     ckpt = open_checkpoint(ckpt_dir)
     check_exportable(ckpt)
     specs, producers = plan_export(ckpt, dtype)
-    tokenizer = _tokenizer_files(ckpt)
-    special = _special_token_ids(tokenizer)
+    tokenizer = tokenizer_files(ckpt)
+    special = special_token_ids(tokenizer)
     model_dtype = specs["model.embed_tokens.weight"].dtype
-    hf_config = {**hf_config_dict(ckpt.config), **_dtype_fields(model_dtype), **special}
+    hf_config = {**hf_config_dict(ckpt.config), **dtype_fields(model_dtype), **special}
 
     target.parent.mkdir(parents=True, exist_ok=True)
     atomic.recover(target, HF_CONFIG_FILE)
@@ -219,7 +219,7 @@ def _write_weights(folder: Path, specs: dict[str, TensorSpec], producers: dict[s
 
 
 # ------------------------------------------------------------------------------- config and tokenizer
-def _dtype_fields(dtype: torch.dtype) -> dict[str, str]:
+def dtype_fields(dtype: torch.dtype) -> dict[str, str]:
     name = str(dtype).removeprefix("torch.")
     return {"torch_dtype": name, "dtype": name}  # transformers 4 reads the first, 5 the second
 
@@ -228,7 +228,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     atomic.write_bytes_durable(path, (json.dumps(data, indent=2) + "\n").encode("utf-8"))
 
 
-def _tokenizer_files(ckpt: CheckpointTensors) -> dict[str, bytes]:
+def tokenizer_files(ckpt: CheckpointTensors) -> dict[str, bytes]:
     """File name -> bytes of the tokenizer files to export (empty when there is none to give).
 
     A checkpoint imported from Hugging Face carries its ``tokenizer_config.json`` (special
@@ -276,7 +276,7 @@ def _generation_eos(ckpt: CheckpointTensors) -> dict[str, Any]:
     return {"eos_token_id": ids[0] if len(ids) == 1 else ids}
 
 
-def _special_token_ids(files: Mapping[str, bytes]) -> dict[str, int]:
+def special_token_ids(files: Mapping[str, bytes]) -> dict[str, int]:
     """``bos_token_id`` / ``eos_token_id`` for config.json and generation_config.json, from the
     tokenizer's own config (generation stops at eos only when it is given)."""
     if HF_TOKENIZER_FILE not in files or TOKENIZER_CONFIG_FILE not in files:

@@ -124,7 +124,7 @@ def import_hf(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: 
     """
     src = Path(src_dir)
     hf_config = read_hf_config(src)
-    config = _lite_config(hf_config, src)
+    config = lite_config(hf_config, src)
     source = HFWeights(src)
     if dtype is None:
         dtype = source.spec("model.embed_tokens.weight").dtype if "model.embed_tokens.weight" in source else torch.float32
@@ -158,7 +158,7 @@ def read_hf_config(src: Path) -> dict[str, Any]:
     return data
 
 
-def _lite_config(hf_config: dict[str, Any], src: Path) -> ModelConfig:
+def lite_config(hf_config: dict[str, Any], src: Path) -> ModelConfig:
     """The Lite LLM config, its context clamped to a sliding attention window if there is one.
 
     Lite LLM attends over the whole context; a model trained with a window of W tokens is

@@ -37,15 +37,15 @@ import torch
 
 from ..checkpoint import atomic
 from ..checkpoint.manifest import MANIFEST, MODEL_VERSION_DEFAULT, PROGRESSIVE, fill_progressive, one_line, split_by_bytes
-from ..checkpoint.stream import TensorSpec, _as_bytes, safetensors_header
+from ..checkpoint.stream import TensorSpec, tensor_bytes, safetensors_header
 from ..config import ModelConfig
 from ..data.tokenizer import HF_TOKENIZER_FILE
 from ..errors import CheckpointError, ConfigError
 from ..grow.expand import ExpandResult, GrownModel, expand_checkpoint, write_grown_checkpoint
 from ..grow.recipe import OUTPUT_FORMATS, GrowthStep
 from ..grow.tensors import Producer, Tensors, expected_specs, origin, stored_names
-from .hf_export import GENERATION_CONFIG_FILE, _dtype_fields, _special_token_ids, _tokenizer_files, check_exportable, plan_export
-from .hf_import import HF_CONFIG_FILE, HF_INDEX_FILE, HF_TOKENIZER_EXTRAS, HF_WEIGHTS_FILE, HFWeights, _lite_config, plan_import, read_hf_config, read_hf_tokenizer
+from .hf_export import GENERATION_CONFIG_FILE, dtype_fields, special_token_ids, tokenizer_files, check_exportable, plan_export
+from .hf_import import HF_CONFIG_FILE, HF_INDEX_FILE, HF_TOKENIZER_EXTRAS, HF_WEIGHTS_FILE, HFWeights, lite_config, plan_import, read_hf_config, read_hf_tokenizer
 from .hf_mapping import hf_config_dict, lite_names_to_hf, mixtral_block_to_classic
 
 # Files of a Hugging Face folder that describe its tokenizer and generation defaults: a grown
@@ -154,7 +154,7 @@ def open_hf_folder(path: Path) -> tuple[HFFolder, None]:
     header shapes against ``config.json`` before anything is read.  There are no hashes to
     check beside the growth (hence the None)."""
     hf_config = read_hf_config(path)
-    config = _lite_config(hf_config, path)
+    config = lite_config(hf_config, path)
     weights = HFWeights(path)
     embed = "model.embed_tokens.weight"
     dtype = weights.spec(embed).dtype if embed in weights else torch.float32
@@ -273,8 +273,8 @@ def _side_files(grown: GrownModel) -> dict[str, bytes]:
     src = grown.source
     if isinstance(src, HFFolder):
         return {name: (src.path / name).read_bytes() for name in HF_SIDE_FILES if (src.path / name).is_file()}
-    files = _tokenizer_files(src)
-    special = _special_token_ids(files)
+    files = tokenizer_files(src)
+    special = special_token_ids(files)
     files[GENERATION_CONFIG_FILE] = (json.dumps({"_from_model_config": True, **special}, indent=2) + "\n").encode("utf-8")
     return files
 
@@ -291,8 +291,8 @@ def _hf_config(grown: GrownModel, side_files: Mapping[str, bytes]) -> dict[str, 
         else:  # dense -> MoE: a new architecture; keep only the token ids
             base = {**new, **{k: src.hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in src.hf_config}}
     else:
-        base = {**new, **_special_token_ids(side_files)}
-    return {**base, **_dtype_fields(grown.dtype)}
+        base = {**new, **special_token_ids(side_files)}
+    return {**base, **dtype_fields(grown.dtype)}
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -367,7 +367,7 @@ def write_safetensors_raw(
                 raise CheckpointError(
                     f"tensor {name} came out as {tensor.dtype} {tuple(tensor.shape)} but {spec.dtype} {spec.shape} was planned; this is a bug in the operation that produced it"
                 )
-            _write_all(fd, _as_bytes(tensor))
+            _write_all(fd, tensor_bytes(tensor))
             del tensor
         if run:
             _copy_range(sources.fd(run[0]), run[1], run[2], fd, run[0])

@@ -5,9 +5,24 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ..errors import ConfigError
+
+
+# How a field is read from the command line when it is not a plain number, flag or word.
+SettingKind = Literal["weights", "names", "freeze", "path"]
+POSITIVE_INTS = ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "eval_batch_size", "keep_last", "log_every")
+NON_NEGATIVE_INTS = ("warmup_steps", "eval_every", "save_every", "seed")
+
+
+def _setting(default: Any, help: str = "", *, flag: str | None = None, kind: SettingKind | None = None) -> Any:
+    """A TrainConfig field with the help text and flag that ``lite-llm train`` shows for it, so a
+    setting is declared once, here (a type such as ``dict`` as ``default`` is a default factory)."""
+    metadata = {"help": help, "flag": flag, "kind": kind}
+    if isinstance(default, type):
+        return field(default_factory=default, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -40,40 +55,44 @@ class TrainConfig:
     steps of large MoE layers run up to ~2x faster, and the process keeps its peak memory.
     """
 
-    steps: int = 200
-    batch_size: int = 16
-    seq_len: int = 128
-    grad_accum: int = 1
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 20
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    bf16: bool = False
-    seed: int = 0
-    domains: dict[str, float] = field(default_factory=dict)
-    tierset: str = "all"
-    eval_every: int = 100
-    eval_batches: int = 8
-    eval_batch_size: int = 16
-    save_every: int = 0
-    keep_last: int = 3
-    log_every: int = 1
-    replay: dict[str, float] = field(default_factory=dict)
-    replay_share: float = 0.0
-    freeze: list[dict[str, Any]] = field(default_factory=list)
-    ewc_from: str | None = None
-    ewc_weight: float = 0.0
-    distill_from: str | None = None
-    distill_weight: float = 1.0
-    distill_temperature: float = 2.0
-    distill_domains: list[str] = field(default_factory=list)
-    si_strength: float = 0.0
-    si_damping: float = 1e-3
-    si_from: str | None = None
-    keep_freed_cpu_memory: bool = True
+    steps: int = _setting(200, "Total optimizer steps.")
+    batch_size: int = _setting(16, "Sequences per micro-batch.")
+    seq_len: int = _setting(128, "Tokens per sequence.")
+    grad_accum: int = _setting(1, "Micro-batches per step.")
+    lr: float = _setting(3e-3, "Peak learning rate.")
+    min_lr_ratio: float = _setting(0.1, "Final learning rate of the cosine decay, as a fraction of --lr.")
+    warmup_steps: int = _setting(20, "Linear warm-up steps.")
+    weight_decay: float = _setting(0.1, "AdamW weight decay (not applied to norms and biases).")
+    beta1: float = _setting(0.9, "AdamW beta1.")
+    beta2: float = _setting(0.95, "AdamW beta2.")
+    grad_clip: float = _setting(1.0, "Clip the global gradient norm to this (0: no clipping).")
+    bf16: bool = _setting(False, "bfloat16 autocast with fp32 master weights.")
+    seed: int = _setting(0, "Seed of data order and routing noise.")
+    domains: dict[str, float] = _setting(dict, "Mixture weights, e.g. 'code=0.7,prose=0.3' (empty: every domain, equal weights).", kind="weights")
+    tierset: str = _setting("all", "TierSet to train: all, tier_1b, upto:tier_1b, only:tier_10b.", flag="--tiers")
+    eval_every: int = _setting(100, "Validate every N steps (0: only at the end).")
+    eval_batches: int = _setting(8, "Batches per domain in each validation.")
+    eval_batch_size: int = _setting(16, "Sequences per validation batch.")
+    save_every: int = _setting(0, "Checkpoint every N steps (0: only at the end).")
+    keep_last: int = _setting(3, "Periodic checkpoints kept (older ones are deleted).")
+    log_every: int = _setting(1, "Write metrics.jsonl every N steps.")
+    replay: dict[str, float] = _setting(dict, "Old domains to replay, e.g. 'prose=1' (with --replay-share).", kind="weights")
+    replay_share: float = _setting(0.0, "Share of each batch's rows drawn from the --replay domains.")
+    freeze: list[dict[str, Any]] = _setting(
+        list, "Freeze parameters matching PATTERN until a step: 'layers.[0-3].*@500' (no @: never thaw). Repeatable.", kind="freeze"
+    )
+    ewc_from: str | None = _setting(None, "Checkpoint holding an EWC estimate (`lite-llm ewc estimate`).", flag="--ewc", kind="path")
+    ewc_weight: float = _setting(0.0, "EWC penalty weight lambda.")
+    distill_from: str | None = _setting(None, "Teacher checkpoint for distillation.", kind="path")
+    distill_weight: float = _setting(1.0, "Distillation loss weight.")
+    distill_temperature: float = _setting(2.0, "Distillation temperature.")
+    distill_domains: list[str] = _setting(list, "Distil only rows of these domains, e.g. 'prose' (empty: every row).", kind="names")
+    si_strength: float = _setting(
+        0.0, "Synaptic Intelligence c: > 0 measures each weight's importance along this run (stored in every checkpoint's si/) and weights the --si-from penalty."
+    )
+    si_damping: float = _setting(1e-3, "SI damping xi in Omega = omega / (Delta^2 + xi).")
+    si_from: str | None = _setting(None, "Checkpoint of an earlier SI run (or grown from one) whose importance to protect (needs --si-strength).", kind="path")
+    keep_freed_cpu_memory: bool = _setting(True, flag="--keep-memory", help="On CPU, keep freed memory for the next step (faster large MoE steps; the process keeps its peak memory).")
 
     def __post_init__(self) -> None:
         from ..config import is_int
@@ -86,11 +105,11 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, dict) or any(isinstance(w, bool) or not isinstance(w, (int, float)) for w in value.values()):
                 raise ConfigError(f"train.{name} must map domain names to numeric weights, e.g. {{code: 0.7, prose: 0.3}}, got {value!r}")
-        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "eval_batch_size", "keep_last", "log_every"):
+        for name in POSITIVE_INTS:
             value = getattr(self, name)
             if not is_int(value) or value < 1:
                 raise ConfigError(f"train.{name} must be a positive integer, got {value!r}")
-        for name in ("warmup_steps", "eval_every", "save_every", "seed"):
+        for name in NON_NEGATIVE_INTS:
             value = getattr(self, name)
             if not is_int(value) or value < 0:
                 raise ConfigError(f"train.{name} must be a non-negative integer, got {value!r}")

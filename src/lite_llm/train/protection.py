@@ -2,7 +2,9 @@
 
 Replay needs no callback (the trainer draws the rows); EWC, Synaptic Intelligence,
 distillation and the freezing schedule are callbacks built here from the config, so the CLI,
-scripts and a resumed run all get the same ones from the same config file.
+scripts and a resumed run all get the same ones from the same config file
+(:meth:`Trainer.from_config`).  :func:`check_protections` is the trainer's guard that a config
+asking for one is never trained without it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from .ewc import EWC, load_ewc
 from .freezing import FreezeSchedule
 from .synaptic import SynapticIntelligence, load_si
 from .callbacks import TrainerCallback
+from ..errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
@@ -43,3 +46,20 @@ def protection_callbacks(config: TrainConfig, model: "LiteLLM", *, device: "torc
             Distillation(teacher, weight=config.distill_weight, temperature=config.distill_temperature, domains=config.distill_domains or None)
         )
     return callbacks
+
+
+def check_protections(config: TrainConfig, callbacks: list[TrainerCallback]) -> None:
+    """Raise :class:`ConfigError` if ``config`` configures a protection no callback provides:
+    a run told to keep EWC on must not silently train without it."""
+    wanted = {
+        "freeze": (bool(config.freeze), FreezeSchedule),
+        "ewc_from": (config.ewc_from is not None, EWC),
+        "si_strength": (config.si_strength > 0, SynapticIntelligence),
+        "distill_from": (config.distill_from is not None, Distillation),
+    }
+    missing = [key for key, (asked, kind) in wanted.items() if asked and not any(isinstance(c, kind) for c in callbacks)]
+    if missing:
+        raise ConfigError(
+            f"train.{missing[0]} is set but no {wanted[missing[0]][1].__name__} callback was given; "
+            "build the trainer with Trainer.from_config(...) (or pass protection_callbacks(config, model))"
+        )

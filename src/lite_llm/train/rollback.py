@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from ..checkpoint import load_checkpoint, read_manifest, save_checkpoint
-from ..checkpoint.load import _load_json
+from ..checkpoint.load import load_json
 from ..checkpoint.manifest import PROGRESSIVE
 from ..errors import CheckpointError
 
@@ -23,7 +23,7 @@ def rollback_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike
     """Write the rolled-back model of the curriculum run that produced ``checkpoint``."""
     root = Path(checkpoint)
     read_manifest(root)  # a clear error for a path that is not a checkpoint
-    progressive = _load_json(root / PROGRESSIVE, "file") if (root / PROGRESSIVE).exists() else {}
+    progressive = load_json(root / PROGRESSIVE, "file") if (root / PROGRESSIVE).exists() else {}
     state = (progressive or {}).get("curriculum") or {}
     pre = state.get("pre_integration") or {}
     if not pre.get("path"):

@@ -82,10 +82,11 @@ class Trainer:
         self.data = data
         self.config = config
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        from .protection import protection_callbacks
+        from .protection import check_protections
 
-        # protections last: a freezing schedule must have the final word on requires_grad
-        self.callbacks = list(callbacks or []) + protection_callbacks(config, model, device=self.device)
+        self.callbacks = list(callbacks or [])
+        # a config asking for EWC (or SI, distillation, freezing) must not train without it
+        check_protections(config, self.callbacks)
         self.show_progress = show_progress
         self.tokenizer = tokenizer if tokenizer is not None else getattr(data, "tokenizer", None)
         self.weights = self._mixture(config.domains, "domains")
@@ -102,6 +103,28 @@ class Trainer:
         self.logger = MetricsLogger(self.run_dir / "metrics.jsonl" if self.run_dir else None)
         self.stop_reason: str | None = None
         self.batch_domains: list[str] = []  # the domain of each row of the current micro-batch
+
+    @classmethod
+    def from_config(
+        cls,
+        model: "LiteLLM",
+        data: "TokenData",
+        config: TrainConfig,
+        *,
+        callbacks: list[TrainerCallback] | None = None,
+        device: str | torch.device | None = None,
+        **kwargs: Any,
+    ) -> "Trainer":
+        """A trainer with the protection callbacks ``config`` asks for (EWC, SI, distillation,
+        freezing) built from it, after ``callbacks``.  This is where their files are read (the
+        Fisher, earlier SI importance, the teacher), so the constructor itself reads nothing and
+        a test or script can hand it callbacks of its own."""
+        from .protection import protection_callbacks
+
+        where = module_device(model) if device is None else resolve_device(device)
+        # protections last: a freezing schedule must have the final word on requires_grad
+        built = list(callbacks or []) + protection_callbacks(config, model, device=where)
+        return cls(model, data, config, callbacks=built, device=where, **kwargs)
 
     # ------------------------------------------------------------------------------ set-up
     def inherit(self, progressive: dict[str, Any]) -> None:
