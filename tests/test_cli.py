@@ -159,3 +159,19 @@ def test_every_train_config_field_is_a_train_option_and_reaches_the_run(tmp_path
     assert bad.exit_code == 1 and "cannot read --domains weight 'code:1'" in bad.output
     bad = CliRunner().invoke(app, ["train", "--data", str(small_dataset), "--preset", "tiny", "-o", str(tmp_path / "b"), "--batch-size", "0"])
     assert bad.exit_code == 2 and "greater than or equal to 1" in bad.output and "--batch-size" in bad.output
+
+
+def test_a_full_disk_is_one_sentence_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    import lite_llm.checkpoint.save as save
+
+    def full_disk(path, *args, **kwargs):
+        Path(path).write_bytes(b"\0" * 100)  # a shard half written when the disk filled up
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(save, "write_safetensors", full_disk)
+    message = _fails(["init", "--preset", "tiny", "-o", str(tmp_path / "ckpt")], "the disk is full writing")
+    assert "nothing half-written was kept" in message
+    assert list(tmp_path.iterdir()) == []  # neither the checkpoint nor its temporary directory

@@ -7,6 +7,7 @@ errors a user can fix.  Heavy imports happen inside commands so ``--help`` is in
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import sys
 import warnings
@@ -45,6 +46,17 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(1) from None
         except (FileNotFoundError, NotADirectoryError, PermissionError) as exc:
             err_console.print(f"[bold red]error:[/bold red] {exc.strerror or exc}: {exc.filename}", highlight=False)
+            raise typer.Exit(1) from None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # every writer builds its output under a temporary name and removes it on failure
+            where = f" writing {exc.filename}" if exc.filename else ""
+            err_console.print(
+                f"[bold red]error:[/bold red] the disk is full{where}; nothing half-written was kept — free some space "
+                "(or write to another disk) and run the command again",
+                highlight=False,
+            )
             raise typer.Exit(1) from None
         except ValueError as exc:
             err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False)
