@@ -23,12 +23,12 @@ def eval_command(
     against: Optional[Path] = typer.Option(None, "--against", help="Base checkpoint: report each model's change against it (retention)."),
     report: Path = typer.Option(Path("retention"), "--report", help="With --against: where retention.json/.md/.png go."),
     tiers: str = typer.Option("all", help="TierSet to evaluate with."),
-    batches: int = typer.Option(16, help="Validation batches per domain."),
-    batch_size: int = typer.Option(16, help="Sequences per batch."),
-    seq_len: int = typer.Option(128, help="Tokens per sequence."),
+    batches: int = typer.Option(16, help="Validation batches per domain.", min=1),
+    batch_size: int = typer.Option(16, help="Sequences per batch.", min=1),
+    seq_len: int = typer.Option(128, help="Tokens per sequence.", min=1),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the scores here."),
     device: str = device_option(),
-    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
+    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP, min=1),
 ) -> None:
     """Validation loss and bits per byte per domain; with --against, a retention report.
 

@@ -20,11 +20,11 @@ def estimate(
     data: Path = typer.Option(..., help="Dataset directory from `lite-llm data prepare`."),
     domain: str = typer.Option(..., help="The domain to remember (e.g. prose)."),
     output: Path = typer.Option(..., "-o", "--output", help="New checkpoint: a copy of CHECKPOINT with ewc/."),
-    samples: int = typer.Option(256, help="Sequences the Fisher is averaged over."),
-    seq_len: int = typer.Option(128, help="Tokens per sequence."),
+    samples: int = typer.Option(256, help="Sequences the Fisher is averaged over.", min=1),
+    seq_len: int = typer.Option(128, help="Tokens per sequence.", min=1),
     estimator: str = typer.Option("sample", help="'sample': one gradient per sequence; 'batch': per micro-batch (cheaper, biased up where gradients agree)."),
-    batch_size: int = typer.Option(16, help="Sequences per micro-batch (estimator 'batch')."),
-    seed: int = typer.Option(0, help="Which sequences are drawn."),
+    batch_size: int = typer.Option(16, help="Sequences per micro-batch (estimator 'batch').", min=1),
+    seed: int = typer.Option(0, help="Which sequences are drawn.", min=0),
 ) -> None:
     """Estimate the diagonal empirical Fisher of DOMAIN and write CHECKPOINT with it in ewc/.
 

@@ -18,17 +18,17 @@ from .app import THREADS_HELP, app, apply_threads, device_option, friendly_error
 def generate(
     checkpoint: Path = typer.Argument(..., help="Checkpoint directory."),
     prompt: str = typer.Option("", help="Text to continue (with --chat: the user's message)."),
-    max_new_tokens: int = typer.Option(200, help="Tokens to generate (at least 1)."),
+    max_new_tokens: int = typer.Option(200, help="Tokens to generate (at least 1).", min=1),
     temperature: float = typer.Option(0.8, help="Sampling temperature; 0 is greedy."),
-    top_k: Optional[int] = typer.Option(None, help="Keep the k most likely tokens."),
+    top_k: Optional[int] = typer.Option(None, help="Keep the k most likely tokens.", min=1),
     top_p: Optional[float] = typer.Option(None, help="Keep the smallest set of tokens with this much probability."),
-    seed: int = typer.Option(0, help="Sampling seed."),
+    seed: int = typer.Option(0, help="Sampling seed.", min=0),
     tiers: str = typer.Option("all", help="TierSet: all, tier_1b, upto:tier_1b, only:tier_10b."),
     chat: bool = typer.Option(False, "--chat", help="Wrap PROMPT in the model's chat template as one user turn and print only the reply."),
     stop: Optional[List[str]] = typer.Option(None, "--stop", help="Stop before this text (repeatable)."),
     repetition_penalty: float = typer.Option(1.0, help="Divide (multiply, when negative) the logits of tokens already seen by this; 1 is off."),
     device: str = device_option(),
-    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
+    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP, min=1),
 ) -> None:
     """Stream a continuation of PROMPT to the terminal.
 

@@ -56,7 +56,7 @@ def expand(
     ),
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="YAML/JSON recipe with a list of growth steps."),
     method: Optional[str] = typer.Option(None, "--method", help="One growth method (see --list)."),
-    target_layers: Optional[int] = typer.Option(None, "--target-layers", help="Depth methods: layers after growth."),
+    target_layers: Optional[int] = typer.Option(None, "--target-layers", help="Depth methods: layers after growth.", min=1),
     set_: list[str] = typer.Option([], "--set", help="Method parameter KEY=VALUE (repeatable), e.g. --set d_model=512."),
     validate: str = typer.Option("auto", help="auto or always: check every step (streamed, any size); never: skip the check."),
     tolerance: Optional[float] = typer.Option(
@@ -119,7 +119,7 @@ def validate_command(
     original: Path = typer.Argument(..., help="The checkpoint before growth."),
     grown: Path = typer.Argument(..., help="The grown checkpoint."),
     tolerance: float = typer.Option(1e-5, help="Largest relative logit change (max|Δ| / max|logit|, float64) allowed for exact growth."),
-    tokens: int = typer.Option(128, help="Sample tokens to compare on."),
+    tokens: int = typer.Option(128, help="Sample tokens to compare on.", min=1),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON here."),
     device: str = device_option(),
 ) -> None:
@@ -276,13 +276,13 @@ def add_tier_command(
     placement: str = typer.Option("warm", "--placement", help="hot, warm, cold or archive."),
     init: str = typer.Option("random", "--init", help="random, copy (a source tier's experts) or upcycle (their mean)."),
     source_tier: Optional[str] = typer.Option(None, "--source-tier", help="Tier to copy/upcycle from (default: the first)."),
-    k_group: Optional[int] = typer.Option(None, "--k-group", help="Groups per token in this tier (default: the routing's)."),
-    k_expert: Optional[int] = typer.Option(None, "--k-expert", help="Experts per group per token in this tier (default: the routing's)."),
-    k_tier: Optional[int] = typer.Option(None, "--k-tier", help="Tiers per token from now on (default: unchanged); a change needs --change-routing."),
+    k_group: Optional[int] = typer.Option(None, "--k-group", help="Groups per token in this tier (default: the routing's).", min=1),
+    k_expert: Optional[int] = typer.Option(None, "--k-expert", help="Experts per group per token in this tier (default: the routing's).", min=1),
+    k_tier: Optional[int] = typer.Option(None, "--k-tier", help="Tiers per token from now on (default: unchanged); a change needs --change-routing.", min=1),
     change_routing: bool = typer.Option(
         False, "--change-routing", help="Accept that a new --k-tier changes which tiers every token uses: recorded as not exact, with its loss jump."
     ),
-    seed: int = typer.Option(0, "--seed", help="Seed of the new router gates and random experts."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the new router gates and random experts.", min=0),
 ) -> None:
     """Add a tier of experts that no token reaches yet: the model computes exactly what it did.
 

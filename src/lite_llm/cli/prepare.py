@@ -26,7 +26,7 @@ def init(
     preset: Optional[str] = typer.Option(None, help="Named model config: tiny, tiny-dense, small, smollm2-135m."),
     config: Optional[Path] = typer.Option(None, help="Model config file (YAML or JSON; may say `preset: NAME` and override fields)."),
     tokenizer: str = typer.Option("byte", help="'byte' or a folder/tokenizer.json made by `lite-llm tokenizer train`."),
-    seed: int = typer.Option(0, help="Initialisation seed."),
+    seed: int = typer.Option(0, help="Initialisation seed.", min=0),
 ) -> None:
     """Create a freshly initialised model checkpoint.
 
@@ -62,7 +62,7 @@ def data_prepare(
     tokenizer: str = typer.Option("byte", help="'byte' or a trained tokenizer folder/file."),
     val_fraction: float = typer.Option(0.05, help="Share of documents held out for validation."),
     max_mb: Optional[float] = typer.Option(None, help="Cap each domain at this many MB (quick runs)."),
-    seed: int = typer.Option(0, help="Seed of the train/validation split."),
+    seed: int = typer.Option(0, help="Seed of the train/validation split.", min=0),
 ) -> None:
     """Turn text into memory-mapped token shards, one named domain per source.
 
@@ -108,8 +108,8 @@ def tokenizer_train(
     sources: list[str] = typer.Argument(..., help="SPECs to train on: stdlib-code, stdlib-docs, files, folders or globs."),
     output: Path = typer.Option(..., "-o", "--output", help="Folder for tokenizer.json."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it already exists."),
-    vocab_size: int = typer.Option(4096, help="Vocabulary size, including the 256 byte tokens."),
-    min_frequency: int = typer.Option(2, help="Minimum pair frequency for a merge."),
+    vocab_size: int = typer.Option(4096, help="Vocabulary size, including the 256 byte tokens.", min=1),
+    min_frequency: int = typer.Option(2, help="Minimum pair frequency for a merge.", min=1),
 ) -> None:
     """Train a byte-level BPE tokenizer offline (Hugging Face tokenizer.json format).
 
