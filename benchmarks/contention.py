@@ -17,7 +17,7 @@ Policies, each a fresh training process (the OpenMP wait policy is fixed when to
 * ``old``: what lite-llm did before ``lite_llm.runtime.threads``: torch imported with the
   OpenMP wait policy unset (libgomp spins ~3 ms before sleeping), MKL_DYNAMIC/OMP_DYNAMIC
   FALSE, PyTorch's default thread count.
-* ``new``: ``import lite_llm`` first (passive wait), then ``apply_thread_policy(None)``.
+* ``new``: ``import lite_llm`` first (its wait policy: passive when other tasks are runnable as it loads, the runtime's spin when idle), then ``apply_thread_policy(None)``.
 
 Every (scenario, policy) pair runs ``--rounds`` times; within a round the scenarios run in
 turn and the policies one after the other inside each, their order rotated every round, so

@@ -14,8 +14,9 @@ import os
 os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 os.environ.setdefault("OMP_DYNAMIC", "FALSE")
 
-# Idle OpenMP threads sleep instead of spinning, so a run beside other busy processes does not
-# collapse; read once when torch loads, hence here, before anything below imports it.
+# Idle OpenMP threads sleep instead of spinning when other processes compete for the CPUs, so a
+# run beside them does not collapse; read once when torch loads, hence here, before anything
+# below imports it (see lite_llm.runtime.threads).
 from .runtime.threads import set_openmp_defaults  # noqa: E402 - must precede torch
 
 set_openmp_defaults()

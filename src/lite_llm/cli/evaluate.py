@@ -28,7 +28,7 @@ def eval_command(
     seq_len: int = typer.Option(128, help="Tokens per sequence.", min=1),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the scores here."),
     device: str = device_option(),
-    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP, min=1),
+    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
 ) -> None:
     """Validation loss and bits per byte per domain; with --against, a retention report.
 

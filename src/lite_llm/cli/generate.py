@@ -28,7 +28,7 @@ def generate(
     stop: Optional[List[str]] = typer.Option(None, "--stop", help="Stop before this text (repeatable)."),
     repetition_penalty: float = typer.Option(1.0, help="Divide (multiply, when negative) the logits of tokens already seen by this; 1 is off."),
     device: str = device_option(),
-    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP, min=1),
+    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
 ) -> None:
     """Stream a continuation of PROMPT to the terminal.
 

@@ -18,7 +18,7 @@ def quickstart(
     output: Path = typer.Option(Path("runs/quickstart"), "-o", "--output", help="Where data, run and charts go."),
     steps: int = typer.Option(QUICKSTART_STEPS, min=1, help="Training steps."),
     seed: int = typer.Option(0, help="Seed.", min=0),
-    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP, min=1),
+    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
 ) -> None:
     """Prepare the built-in corpora, train a small two-tier model, evaluate, sample, chart.
 

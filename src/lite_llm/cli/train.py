@@ -27,7 +27,7 @@ def _train(
     curriculum: Optional[Path] = typer.Option(None, "--curriculum", help="Tier curriculum YAML (preparation, isolation, integration, joint)."),
     quiet: bool = typer.Option(False, help="No progress bar."),
     device: str = device_option(),
-    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP, min=1),
+    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
     **settings: Any,  # one option per TrainConfig field (see train_options)
 ) -> None:
     """Train a model on a prepared dataset, with validation per domain and checkpoints.

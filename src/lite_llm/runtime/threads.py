@@ -9,7 +9,14 @@ busy process it is what breaks a run: a team member that the kernel has deschedu
 every barrier, and the members that got there first spin on the cores the late one (or the
 other process) needs.  A 2-thread training run fell to 0.32x of its idle speed beside one
 single-threaded busy loop (BENCHMARKS.md, "Training under contention").  With a passive wait a
-thread that has nothing to do sleeps at once, so its core goes to whichever task can use it.
+thread that has nothing to do sleeps at once, so its core goes to whichever task can use it —
+but on an idle machine every wake-up then costs a futex round trip, and the quickstart ran at
+0.60x of its spinning speed.  Neither is right everywhere, so the default is chosen when
+lite_llm loads, from what else is running then (:func:`others_running`): passive when other
+tasks are runnable, the runtime's spin when the machine is idle.  The wait policy changes
+nothing that is computed, so choosing it by load keeps every number bitwise.  A competitor
+that starts after the run began finds the spinning policy; ``LITE_LLM_OPENMP_WAIT=passive``
+(or ``OMP_WAIT_POLICY``) fixes the policy for such machines.
 
 Why the thread count is not chosen from the load: how many threads a run has decides how
 ATen splits its reductions, hence the rounding of every step.  The quickstart's per-step
@@ -35,6 +42,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 
@@ -44,17 +52,60 @@ from ..errors import ConfigError
 # the standard one (libgomp and Intel's libiomp5 both honour it); ``GOMP_SPINCOUNT`` is
 # libgomp's, ``KMP_BLOCKTIME`` libiomp5's.  A user who set any of them chose a policy: keep it.
 WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
-DEFAULT_WAIT = {"OMP_WAIT_POLICY": "PASSIVE"}
+PASSIVE_WAIT = {"OMP_WAIT_POLICY": "PASSIVE"}
+# Our own switch: auto (the default: passive when the machine is busy at start), passive, spin.
+CHOICE_VARIABLE = "LITE_LLM_OPENMP_WAIT"
+CHOICES = ("auto", "passive", "spin")
 
 _torch_first: bool | None = None  # whether torch was loaded before set_openmp_defaults first ran
+_reason: str = ""  # why set_openmp_defaults chose what it chose, for the run header
 
 
-def openmp_wait_defaults(environ: Mapping[str, str]) -> dict[str, str]:
-    """The variables :func:`set_openmp_defaults` would add to ``environ``: the passive wait
-    policy, unless ``environ`` already says how threads wait."""
+def others_running(samples: int = 5, interval_s: float = 0.004) -> int | None:
+    """How many tasks besides this one are runnable, the least over a few samples of the
+    kernel's ``procs_running`` 4 ms apart (a task that is always runnable is CPU-bound; a
+    short-lived one is rarely in every sample).  Counts that the other CPUs of the machine,
+    outside this process's affinity mask, can absorb are subtracted.  None where the kernel
+    does not say (not Linux)."""
+    import time
+
+    counts = []
+    for i in range(samples):
+        try:
+            with open("/proc/stat", "rb") as f:
+                line = next(l for l in f if l.startswith(b"procs_running "))
+        except (OSError, StopIteration):
+            return None
+        counts.append(int(line.split()[1]) - 1)  # this process is running while it reads
+        if i + 1 < samples:
+            time.sleep(interval_s)
+    elsewhere = max((os.cpu_count() or 1) - available_cpus(), 0)
+    return max(min(counts) - elsewhere, 0)
+
+
+def choose_wait(environ: Mapping[str, str], others: int | None = None) -> tuple[dict[str, str], str]:
+    """The variables :func:`set_openmp_defaults` would add to ``environ``, and why: none when it
+    already says how threads wait; else the passive policy when ``LITE_LLM_OPENMP_WAIT`` is
+    ``passive``, or it is ``auto`` (the default) and ``others`` (:func:`others_running`,
+    measured here when not given) tasks compete for this process's CPUs; else none (spin)."""
     if any(environ.get(name, "") != "" for name in WAIT_VARIABLES):
-        return {}
-    return dict(DEFAULT_WAIT)
+        return {}, ""
+    choice = environ.get(CHOICE_VARIABLE, "").strip().lower() or "auto"
+    if choice not in CHOICES:  # read at import, where an exception would be a traceback
+        warnings.warn(f"{CHOICE_VARIABLE}={environ[CHOICE_VARIABLE]!r} is not one of {', '.join(CHOICES)}; using auto", stacklevel=2)
+        choice = "auto"
+    if choice != "auto":
+        return (dict(PASSIVE_WAIT) if choice == "passive" else {}), f"{CHOICE_VARIABLE}={choice}"
+    others = others_running() if others is None else others
+    if others is None:
+        return dict(PASSIVE_WAIT), "load unknown"
+    reason = f"{others} other runnable task{'s' if others != 1 else ''} at start" if others else "no other runnable task at start"
+    return (dict(PASSIVE_WAIT) if others > 0 else {}), reason
+
+
+def openmp_wait_defaults(environ: Mapping[str, str], others: int | None = None) -> dict[str, str]:
+    """Only the variables of :func:`choose_wait`."""
+    return choose_wait(environ, others)[0]
 
 
 def set_openmp_defaults(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
@@ -70,7 +121,10 @@ def set_openmp_defaults(environ: MutableMapping[str, str] | None = None) -> dict
         _torch_first = loaded
     if loaded:
         return {}
-    added = openmp_wait_defaults(env)
+    global _reason
+    added, reason = choose_wait(env)
+    if environ is None:
+        _reason = reason
     env.update(added)
     return added
 
@@ -89,10 +143,14 @@ def wait_policy(environ: Mapping[str, str] | None = None, *, torch_first: bool |
         words = f"OpenMP block time {blocktime} ms"
     elif policy in ("passive", "active"):
         words = f"OpenMP {policy} wait"
+    elif _reason and environ is None and not first:
+        words = "OpenMP spin-then-sleep wait"
     else:
         words = "OpenMP spin-then-sleep wait (runtime default)"
     if first and not any(env.get(name, "") for name in WAIT_VARIABLES):
         words += ", torch was imported before lite_llm"
+    elif _reason and environ is None and not first:
+        words += f" ({_reason})"
     return words
 
 
