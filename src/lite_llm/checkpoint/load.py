@@ -186,7 +186,7 @@ def _read_safetensors(path: Path, device: str, listed: dict[str, Any] | None, wh
     return tensors
 
 
-def _load_tokenizer(directory: Path) -> Any:
+def load_tokenizer(directory: Path) -> Any:
     try:
         from ..data import load_tokenizer  # written by another layer; optional here
     except ImportError:
@@ -290,7 +290,7 @@ def load_checkpoint(
     if tok_dir.is_dir() or tok_files:
         for rel in tok_files:
             check_listed_file(root, manifest, rel, "tokenizer file", verify)
-        tokenizer = _load_tokenizer(tok_dir)
+        tokenizer = load_tokenizer(tok_dir)
 
     training = None
     if load_training and ((root / TRAINING_TENSORS).exists() or TRAINING_TENSORS in _file_entries(manifest)):

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from ..errors import LiteLLMError
 from .app import THREADS_HELP, app, apply_threads, console, device_option, err_console, friendly_errors, print_scores
+from .store_options import cache_policy_option, hot_budget_option, load_for_inference, print_store_stats, stats_option, warm_budget_option
 
 
 # ------------------------------------------------------------------------------------ eval
@@ -29,6 +30,10 @@ def eval_command(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the scores here."),
     device: str = device_option(),
     threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
+    hot_budget: Optional[str] = hot_budget_option(),
+    warm_budget: Optional[str] = warm_budget_option(),
+    cache_policy: str = cache_policy_option(),
+    stats: bool = stats_option(),
 ) -> None:
     """Validation loss and bits per byte per domain; with --against, a retention report.
 
@@ -39,8 +44,9 @@ def eval_command(
       lite-llm eval runs/ewc/final runs/replay/final --against ckpt/base --data data/std --domains prose,code --report reports/retention
 
       lite-llm eval runs/gpu/final --data data/std --device cuda:1
+
+      lite-llm eval big --data data/std --hot-budget 1GB --stats
     """
-    from ..checkpoint import load_checkpoint
     from ..data import TokenData
     from ..eval import RetentionReport, evaluate
     from ..runtime.device import resolve_device
@@ -56,8 +62,10 @@ def eval_command(
     labels = _labels([against, *checkpoints] if against is not None else checkpoints)
     results: dict[str, dict[str, dict[str, float]]] = {}
     for label, path in labels.items():
-        loaded = load_checkpoint(path, tierset=None if tiers == "all" else tiers, device=run_device)
+        loaded = load_for_inference(path, tiers=tiers, device=run_device, hot_budget=hot_budget, warm_budget=warm_budget, policy=cache_policy)
         scores = evaluate(loaded.model, dataset, names, batch_size=batch_size, seq_len=seq_len, max_batches=batches, tierset=tiers)
+        if stats and loaded.store is not None:
+            print_store_stats(loaded.store)
         results[label] = {d: s.to_dict() for d, s in scores.items()}
         if against is None:
             print_scores(results[label], title=f"{path} ({tiers})")
@@ -112,12 +120,17 @@ def inspect(
         + (", tied embeddings" if cfg.tie_embeddings else "")
     )
     if cfg.tiers:
-        table = Table("tier", "groups x experts", "expert hidden", "k (group, expert)", "params", "budget", "placement", title="tiers")
+        from ..store import format_bytes
+
+        on_disk = {t.name: sum(s["bytes"] for s in manifest["shards"] if s["tier"] == t.name) for t in cfg.tiers}
+        table = Table(
+            "tier", "groups x experts", "expert hidden", "k (group, expert)", "params", "budget", "placement", "on disk", "quantization", title="tiers"
+        )
         for t in cfg.tiers:
             table.add_row(
                 t.name, f"{t.num_groups} x {t.experts_per_group}", str(t.expert_hidden),
                 f"{cfg.k_group_of(t)}, {cfg.k_expert_of(t)}", format_size(cfg.tier_params(t)),
-                format_size(t.budget) if t.budget else "-", t.placement,
+                format_size(t.budget) if t.budget else "-", t.placement, format_bytes(on_disk[t.name]), t.quantization or "none",
             )
         console.print(table)
     counts = Table("TierSet", "total parameters", "active per token", title="parameters")

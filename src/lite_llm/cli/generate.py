@@ -10,6 +10,7 @@ import typer
 
 from ..errors import LiteLLMError
 from .app import THREADS_HELP, app, apply_threads, device_option, friendly_errors
+from .store_options import cache_policy_option, hot_budget_option, load_for_inference, print_store_stats, stats_option, warm_budget_option
 
 
 # ------------------------------------------------------------------------------------ generate
@@ -29,6 +30,10 @@ def generate(
     repetition_penalty: float = typer.Option(1.0, help="Divide (multiply, when negative) the logits of tokens already seen by this; 1 is off."),
     device: str = device_option(),
     threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
+    hot_budget: Optional[str] = hot_budget_option(),
+    warm_budget: Optional[str] = warm_budget_option(),
+    cache_policy: str = cache_policy_option(),
+    stats: bool = stats_option(),
 ) -> None:
     """Stream a continuation of PROMPT to the terminal.
 
@@ -44,8 +49,9 @@ def generate(
       lite-llm generate ckpt --chat --prompt 'What is the capital of France?' --temperature 0
 
       lite-llm generate ckpt --prompt 'def ' --device cpu
+
+      lite-llm generate big --prompt 'def ' --hot-budget 512MB --warm-budget 2GB --stats
     """
-    from ..checkpoint import load_checkpoint
     from ..data.tokenizer import render_chat
     from ..generate import generate_text
     from ..runtime.device import resolve_device
@@ -59,7 +65,7 @@ def generate(
     if repetition_penalty <= 0:
         raise LiteLLMError(f"--repetition-penalty must be positive (1 is off, 1.1-1.3 discourages repeats), got {repetition_penalty}")
     apply_threads(threads, header_to_stderr=True)
-    loaded = load_checkpoint(checkpoint, tierset=None if tiers == "all" else tiers, device=run_device)
+    loaded = load_for_inference(checkpoint, tiers=tiers, device=run_device, hot_budget=hot_budget, warm_budget=warm_budget, policy=cache_policy)
     if loaded.tokenizer is None:
         raise LiteLLMError(f"checkpoint {checkpoint} has no tokenizer/ folder; re-save it with its tokenizer")
     prompt_ids = None
@@ -86,3 +92,5 @@ def generate(
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    if stats and loaded.store is not None:
+        print_store_stats(loaded.store)

@@ -34,7 +34,8 @@ calls ran in bf16, each casting its own expert.
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Sequence
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -52,14 +53,22 @@ DECODE_ROWS = 64  # at most this many routed rows without autograd -> loop over 
 CPU_LOOP_ROWS_PER_EXPERT = 1024
 
 
+class Experts(Protocol):
+    """What dispatch needs of a tier's experts: rows sorted by expert in, their outputs out.
+    :class:`ExpertBank` holds the weights; an expert source (:mod:`.expert_source`) fetches
+    the ones a step routed to."""
+
+    def __call__(self, x: torch.Tensor, counts: list[int], impl: DispatchImpl = "auto") -> torch.Tensor: ...
+
+
 class ExpertBank(nn.Module):
     """All SwiGLU experts of one tier in one layer."""
 
-    def __init__(self, num_experts: int, d_model: int, hidden: int) -> None:
+    def __init__(self, num_experts: int, d_model: int, hidden: int, device: torch.device | str | None = None) -> None:
         super().__init__()
         self.num_experts, self.d_model, self.hidden = num_experts, d_model, hidden
-        self.gate_up_proj = nn.Parameter(torch.zeros(num_experts, 2 * hidden, d_model))
-        self.down_proj = nn.Parameter(torch.zeros(num_experts, d_model, hidden))
+        self.gate_up_proj = nn.Parameter(torch.zeros(num_experts, 2 * hidden, d_model, device=device))
+        self.down_proj = nn.Parameter(torch.zeros(num_experts, d_model, hidden, device=device))
 
     def forward(self, x: torch.Tensor, counts: list[int], impl: DispatchImpl = "auto") -> torch.Tensor:
         """Run rows ``x`` (sorted by expert; ``counts[e]`` rows for expert e, summing to all of
@@ -73,34 +82,54 @@ class ExpertBank(nn.Module):
     def choose(self, x: torch.Tensor, counts: list[int]) -> DispatchImpl:
         """The implementation ``auto`` runs for rows ``x`` split as ``counts`` (see the module docstring)."""
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.gate_up_proj.requires_grad)
-        if not needs_grad and x.shape[0] <= DECODE_ROWS:
-            return "loop"
-        if x.device.type == "cpu" and x.shape[0] >= CPU_LOOP_ROWS_PER_EXPERT * max(sum(1 for n in counts if n), 1):
-            return "loop"
-        if HAS_GROUPED_MM and _aligned(x, self.gate_up_proj, self.down_proj):
-            return "grouped_mm"
-        return "loop"
+        return choose_impl(x, counts, needs_grad, self.gate_up_proj, self.down_proj)
 
     def _grouped(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
-        w_gu, w_d = self.gate_up_proj, self.down_proj
-        if x.dtype != w_gu.dtype:
-            w_gu, w_d = w_gu.to(x.dtype), w_d.to(x.dtype)
-        h = F.grouped_mm(x, w_gu.transpose(-2, -1), offs=offs)
-        return F.grouped_mm(swiglu(h), w_d.transpose(-2, -1), offs=offs)
+        return grouped_experts(x, counts, self.gate_up_proj, self.down_proj)
 
     def _loop(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         if torch.is_grad_enabled() and self.gate_up_proj.requires_grad:
             gate_ups, downs = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
         else:  # plain views, no autograd: indexing copies nothing
             gate_ups, downs = self.gate_up_proj, self.down_proj
-        outs = [
-            F.linear(swiglu(F.linear(rows, gate_ups[e].to(x.dtype))), downs[e].to(x.dtype))
-            for e, rows in nonempty_groups(x, counts)
-        ]
-        if not outs:
-            return x.new_zeros(0, self.d_model)
-        return torch.cat(outs)
+        return looped_experts(x, counts, gate_ups, downs, self.d_model)
+
+
+def choose_impl(x: torch.Tensor, counts: list[int], needs_grad: bool, *weights: torch.Tensor) -> DispatchImpl:
+    """The implementation ``auto`` runs for rows ``x`` split as ``counts`` over experts of
+    ``weights``' shapes (see the module docstring).  A function of the rows and shapes only,
+    so an expert source that hands over a few experts at a time picks what the bank would."""
+    if not needs_grad and x.shape[0] <= DECODE_ROWS:
+        return "loop"
+    if x.device.type == "cpu" and x.shape[0] >= CPU_LOOP_ROWS_PER_EXPERT * max(sum(1 for n in counts if n), 1):
+        return "loop"
+    if HAS_GROUPED_MM and _aligned(x, *weights):
+        return "grouped_mm"
+    return "loop"
+
+
+def grouped_experts(x: torch.Tensor, counts: list[int], w_gu: torch.Tensor, w_d: torch.Tensor) -> torch.Tensor:
+    """Rows ``x`` (``counts[e]`` for expert e, in order) through the stacked experts ``w_gu``
+    (E, 2H, d) and ``w_d`` (E, d, H) with two ``grouped_mm`` calls."""
+    offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
+    if x.dtype != w_gu.dtype:
+        w_gu, w_d = w_gu.to(x.dtype), w_d.to(x.dtype)
+    h = F.grouped_mm(x, w_gu.transpose(-2, -1), offs=offs)
+    return F.grouped_mm(swiglu(h), w_d.transpose(-2, -1), offs=offs)
+
+
+def looped_experts(
+    x: torch.Tensor, counts: list[int], gate_ups: Sequence[torch.Tensor], downs: Sequence[torch.Tensor], d_model: int
+) -> torch.Tensor:
+    """Rows ``x`` (``counts[e]`` for expert e, in order) through expert e's ``gate_ups[e]``
+    (2H, d) and ``downs[e]`` (d, H), one pair of matmuls per expert that has rows."""
+    outs = [
+        F.linear(swiglu(F.linear(rows, gate_ups[e].to(x.dtype))), downs[e].to(x.dtype))
+        for e, rows in nonempty_groups(x, counts)
+    ]
+    if not outs:
+        return x.new_zeros(0, d_model)
+    return torch.cat(outs)
 
 
 def nonempty_groups(x: torch.Tensor, sizes: list[int]) -> list[tuple[int, torch.Tensor]]:
@@ -167,7 +196,7 @@ def dispatch(
     x: torch.Tensor,
     expert_ids: torch.Tensor,
     weights: torch.Tensor,
-    banks: list[ExpertBank | None],
+    banks: Sequence[Experts | None],
     tier_offsets: list[int],
     impl: DispatchImpl = "auto",
 ) -> torch.Tensor:
@@ -202,11 +231,12 @@ def _dispatch(
     x: torch.Tensor,
     expert_ids: torch.Tensor,
     weights: torch.Tensor,
-    banks: list[ExpertBank | None],
+    banks: Sequence[Experts | None],
     tier_offsets: list[int],
     impl: DispatchImpl,
 ) -> torch.Tensor:
-    if impl == "padded_bmm" or (impl == "auto" and prefers_padded(x, expert_ids, tier_offsets)):
+    held = all(bank is None or isinstance(bank, ExpertBank) for bank in banks)  # padded_bmm needs the whole banks
+    if held and (impl == "padded_bmm" or (impl == "auto" and prefers_padded(x, expert_ids, tier_offsets))):
         return padded_dispatch(x, expert_ids, weights, banks, tier_offsets, swiglu)
     n_tokens, slots = expert_ids.shape
     flat = expert_ids.reshape(-1)

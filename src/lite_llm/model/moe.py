@@ -13,11 +13,11 @@ from .router import HSERRouter, Routes
 class TieredMoE(nn.Module):
     """Route each token to at most K experts across the allowed tiers and mix their outputs."""
 
-    def __init__(self, config: ModelConfig, layer: int) -> None:
+    def __init__(self, config: ModelConfig, layer: int, expert_device: torch.device | str | None = None) -> None:
         super().__init__()
         self.router = HSERRouter(config, layer)
         self.experts = nn.ModuleDict(
-            {t.name: ExpertBank(t.num_experts, config.d_model, t.expert_hidden) for t in config.tiers}
+            {t.name: ExpertBank(t.num_experts, config.d_model, t.expert_hidden, device=expert_device) for t in config.tiers}
         )
         self.tier_names = [t.name for t in config.tiers]
         self.dispatch_impl: DispatchImpl = "auto"

@@ -358,6 +358,25 @@ class HSERRouter(nn.Module):
         counts = torch.bincount(expert_ids[valid], minlength=self.tier_offsets[-1])
         return Routes(expert_ids, weights, valid, balance, z, p_tier.detach().mean(0), counts.detach())
 
+    def expert_probabilities(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """(N, E_total) joint probability p(tier) p(group | tier) p(expert | group) of every
+        flat expert for rows ``x`` — no top-k, no noise.  What a prefetcher ranks experts by
+        when it applies this router to an earlier layer's hidden state (pre-gating)."""
+        r = self.routing
+        n = x.shape[0]
+        raw_t, raw_g, raw_e = self.gate_logits(x, allowed.tolist())
+        bias_t, bias_g, bias_e = self._biases()
+        p_tier = (_scaled(raw_t, r.tier_temperature) + bias_t).masked_fill(~allowed, float("-inf")).softmax(-1)
+        p_group = (_scaled(raw_g, r.group_temperature) + bias_g).softmax(-1)
+        p_expert = (_scaled(raw_e, r.expert_temperature) + bias_e).softmax(-1)
+        joint = p_tier[:, :, None, None] * p_group[..., None] * p_expert  # (N, T, G, E), padded
+        out = joint.new_zeros(n, self.tier_offsets[-1])
+        for t, name in enumerate(self.tier_names):
+            head = self.heads[name]
+            g, e = head.num_groups, head.experts_per_group
+            out[:, self.tier_offsets[t] : self.tier_offsets[t] + g * e] = joint[:, t, :g, :e].reshape(n, g * e)
+        return torch.nan_to_num(out, nan=0.0)
+
     def _add_noise(self, step: int, *logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Exploration noise from a generator seeded by (seed, step, layer), never global RNG.
 

@@ -47,14 +47,14 @@ class ModelOutput:
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then h + ffn(norm(h))."""
 
-    def __init__(self, config: ModelConfig, layer: int) -> None:
+    def __init__(self, config: ModelConfig, layer: int, expert_device: torch.device | str | None = None) -> None:
         super().__init__()
         self.layer = layer
         self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
         self.attn = Attention(config)
         self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
         self.ffn: DenseFFN | TieredMoE = (
-            TieredMoE(config, layer) if config.is_moe_layer(layer) else DenseFFN(config.d_model, config.intermediate_size)
+            TieredMoE(config, layer, expert_device) if config.is_moe_layer(layer) else DenseFFN(config.d_model, config.intermediate_size)
         )
 
     @property
@@ -74,11 +74,13 @@ class Block(nn.Module):
 class LiteLLM(nn.Module):
     """A Llama-style decoder whose FFNs may be tiered mixtures of experts."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, expert_device: torch.device | str | None = None) -> None:
+        """``expert_device="meta"`` builds the expert banks without memory, for a model whose
+        experts an expert source serves (``model/expert_source.py``)."""
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
-        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.layers = nn.ModuleList(Block(config, i, expert_device) for i in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:

@@ -1,0 +1,215 @@
+"""Expert cache policies on the routes of a trained two-tier model, against Belady's optimum,
+and how well layer l's hidden state predicts layer l+1's experts (pre-gating).
+
+    python benchmarks/expert_cache.py [--checkpoint CKPT --data DATA] [--steps 150] [--tokens 4096]
+
+Without ``--checkpoint`` a model is trained here first: the quickstart's width and depth with
+two tiers of 2 groups x 16 experts (64 experts per layer, 256 in all), 2 active per token per
+layer, ``--steps`` steps on the quickstart's data (prepared from capped corpora).
+
+Routes: the model reads ``--tokens`` held-out tokens of each domain (code, then prose) in
+windows of ``--seq-len``; the accesses are replayed in decode order — token by token, layer by
+layer, each token's experts of a layer in id order — as a store serving one token at a time
+would see them.  Each policy (``lru``, ours ``layer-cycle``, and Belady's offline optimum) runs
+at capacities of 5, 10, 25 and 50% of all experts, counted in experts (all are the same size
+here).  Hit rate = hits / accesses; the figure is ours / Belady.  Target: >= 0.9x at 10%.
+
+Prefetch: layer l+1's router applied to the residual stream leaving layer l (before layer
+l+1's attention) predicts l+1's experts.  Predicting the same number of experts as are used
+gives precision = recall; predicting ``--prefetch-extra`` more per token raises recall at the
+cost of precision and of wasted bytes (predicted, not used).  Target: recall >= 90%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import cpu_description, emit_json, print_table, setup_torch_threads  # noqa: E402
+
+import torch  # noqa: E402
+
+CAPACITIES = (0.05, 0.10, 0.25, 0.50)
+TARGET_VS_BELADY_AT_10 = 0.9
+TARGET_RECALL = 0.9
+
+
+def cache_model_config():
+    from lite_llm.config import ModelConfig, RoutingConfig, TierConfig
+
+    base = ModelConfig.from_preset("quickstart")
+    return base.replace(
+        name="cache-bench",
+        tiers=[
+            TierConfig("tier_1b", num_groups=2, experts_per_group=16, expert_hidden=64, budget="20M").__dict__,
+            TierConfig("tier_10b", num_groups=2, experts_per_group=16, expert_hidden=64, budget="20M", placement="cold").__dict__,
+        ],
+        routing=RoutingConfig(k_tier=1, k_group=1, k_expert=2).__dict__,
+    )
+
+
+def train_model(work: Path, steps: int, corpus_bytes: int):
+    from lite_llm.data import TokenData, prepare_data
+    from lite_llm.model import build_model
+    from lite_llm.quickstart import QUICKSTART_SOURCES, QUICKSTART_TRAIN, QUICKSTART_VAL_FRACTION, train_quickstart_tokenizer
+    from lite_llm.train import TrainConfig, Trainer
+
+    config = cache_model_config()
+    data_dir = work / "data"
+    tok = train_quickstart_tokenizer(config.vocab_size, max_bytes_per_domain=corpus_bytes)
+    prepare_data(QUICKSTART_SOURCES, data_dir, tok, val_fraction=QUICKSTART_VAL_FRACTION, max_bytes_per_domain=corpus_bytes)
+    data = TokenData(data_dir)
+    model = build_model(config, seed=0)
+    cfg = TrainConfig(**{**QUICKSTART_TRAIN, "steps": steps, "eval_every": 0, "warmup_steps": min(20, steps // 5)})
+    started = time.perf_counter()
+    result = Trainer(model, data, cfg, show_progress=False).train()
+    print(f"trained {config.name} for {steps} steps in {time.perf_counter() - started:.0f} s; final eval {result.final_eval}", flush=True)
+    return model.eval(), data
+
+
+@torch.no_grad()
+def record(model, data, tokens: int, seq_len: int):
+    """Per domain: the experts each token used in each MoE layer (decode order), and the
+    pre-gating predictions of each layer from the previous layer's output."""
+    from lite_llm.model import TieredMoE
+
+    moe_layers = [b.layer for b in model.layers if isinstance(b.ffn, TieredMoE)]
+    k_used = None
+    traces, predictions = {}, {}
+    for domain in data.domains:
+        accesses: list[tuple[int, str, int]] = []
+        pred_hits = {"same": [0, 0, 0], "extra": [0, 0, 0]}  # [predicted & used, predicted, used]
+        windows = data.val_batches(domain, batch_size=1, seq_len=seq_len, max_batches=max(tokens // seq_len, 1))
+        for batch in windows:
+            per_layer, pre = _forward_with_pregating(model, batch, moe_layers)
+            n = batch.numel()
+            for t in range(n):
+                for layer in moe_layers:
+                    ids = sorted(int(e) for e in per_layer[layer][t] if e >= 0)
+                    accesses.extend(_key(model, layer, e) for e in ids)
+            for layer in moe_layers[1:]:
+                used = per_layer[layer]
+                k_used = used.shape[1]
+                for name, extra in (("same", 0), ("extra", ARGS.prefetch_extra)):
+                    guess = pre[layer].topk(k_used + extra, dim=-1).indices
+                    hit = (guess[:, :, None] == used[:, None, :]).any(-1).sum()
+                    pred_hits[name][0] += int(hit)
+                    pred_hits[name][1] += guess.numel()
+                    pred_hits[name][2] += int((used >= 0).sum())
+        traces[domain] = accesses
+        predictions[domain] = pred_hits
+    return traces, predictions, moe_layers
+
+
+def _key(model, layer: int, flat: int) -> tuple[int, str, int]:
+    offsets = model.layers[layer].ffn.tier_offsets
+    names = model.layers[layer].ffn.tier_names
+    tier = max(i for i in range(len(names)) if offsets[i] <= flat)
+    return layer, names[tier], flat - offsets[tier]
+
+
+def _forward_with_pregating(model, ids, moe_layers):
+    """Run the blocks by hand: each MoE layer's routes, and the flat-expert scores the next
+    MoE layer's router gives to the residual stream leaving this layer (pre-gating)."""
+    from lite_llm.model.layers import rope_tables
+
+    cfg = model.config
+    positions = torch.arange(ids.shape[1])
+    cos, sin = rope_tables(cfg.head_dim, cfg.rope_theta, positions)
+    allowed = model.allowed_tiers(None)
+    x = model.embed(ids)
+    used, pre = {}, {}
+    for block in model.layers:
+        x, routes = block(x, cos, sin, allowed, None, None)
+        if routes is not None:
+            used[block.layer] = routes.expert_ids.view(ids.numel(), -1)
+        nxt = block.layer + 1
+        if nxt in moe_layers:
+            nb = model.layers[nxt]
+            pre[nxt] = nb.ffn.router.expert_probabilities(nb.ffn_norm(x).reshape(-1, cfg.d_model), allowed)
+    return used, pre
+
+
+def replay(accesses, capacity: int, policy_name: str, n_layers: int) -> int:
+    """Hits of ``policy_name`` holding ``capacity`` experts over ``accesses``."""
+    from lite_llm.store.policies import belady_hits, make_policy
+
+    if policy_name == "belady":
+        return belady_hits(accesses, capacity)
+    policy = make_policy(policy_name, n_layers)
+    cached: set = set()
+    hits = 0
+    for key in accesses:
+        policy.touch(key)
+        if key in cached:
+            hits += 1
+            continue
+        if len(cached) >= capacity:
+            victim = policy.victim(cached)
+            cached.discard(victim)
+            policy.forget(victim)
+        cached.add(key)
+    return hits
+
+
+def main() -> None:
+    global ARGS
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", type=Path, help="a trained tiered checkpoint (default: train one here)")
+    p.add_argument("--data", type=Path, help="its prepared data folder (with --checkpoint)")
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--corpus-bytes", type=int, default=2_000_000)
+    p.add_argument("--tokens", type=int, default=4096, help="held-out tokens per domain")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--prefetch-extra", type=int, default=2, help="experts predicted beyond those used, per token")
+    p.add_argument("--threads", type=int, default=None)
+    ARGS = p.parse_args()
+    setup_torch_threads(ARGS.threads)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if ARGS.checkpoint:
+            from lite_llm.checkpoint import load_checkpoint
+            from lite_llm.data import TokenData
+
+            model, data = load_checkpoint(ARGS.checkpoint).model.eval(), TokenData(ARGS.data)
+        else:
+            model, data = train_model(Path(tmp), ARGS.steps, ARGS.corpus_bytes)
+        traces, predictions, moe_layers = record(model, data, ARGS.tokens, ARGS.seq_len)
+
+    total_experts = sum(t.num_experts for t in model.config.tiers) * len(moe_layers)
+    rows, figures = [], {}
+    for domain, accesses in traces.items():
+        for share in CAPACITIES:
+            capacity = max(int(round(share * total_experts)), 1)
+            rates = {name: replay(accesses, capacity, name, model.config.n_layers) / len(accesses) for name in ("lru", "layer-cycle", "belady")}
+            figures[f"{domain}@{int(share * 100)}%"] = {**rates, "ours_vs_belady": rates["layer-cycle"] / rates["belady"] if rates["belady"] else None,
+                                                          "lru_vs_belady": rates["lru"] / rates["belady"] if rates["belady"] else None}
+            rows.append([domain, f"{share:.0%} ({capacity})", rates["lru"], rates["layer-cycle"], rates["belady"],
+                         figures[f"{domain}@{int(share * 100)}%"]["ours_vs_belady"]])
+    print_table(["domain", "capacity", "lru", "layer-cycle", "belady", "ours/belady"], rows,
+                title=f"hit rates, {total_experts} experts, {sum(len(a) for a in traces.values())} accesses")
+
+    prefetch = {}
+    prow = []
+    for domain, hits in predictions.items():
+        for name, (both, guessed, used) in hits.items():
+            recall, precision = both / max(used, 1), both / max(guessed, 1)
+            wasted = guessed - both
+            prefetch[f"{domain}/{name}"] = {"recall": recall, "precision": precision, "wasted_experts_per_token_layer": wasted / max(used, 1) * (used / max(guessed, 1)) if guessed else 0}
+            prow.append([domain, "k used" if name == "same" else f"k + {ARGS.prefetch_extra}", recall, precision])
+    print_table(["domain", "predicted", "recall", "precision"], prow, title="pre-gating one layer ahead")
+
+    at10 = [v["ours_vs_belady"] for k, v in figures.items() if k.endswith("@10%")]
+    recall_extra = [v["recall"] for k, v in prefetch.items() if k.endswith("/extra")]
+    print(f"target ours/belady >= {TARGET_VS_BELADY_AT_10} at 10%: {'met' if min(at10) >= TARGET_VS_BELADY_AT_10 else 'NOT met'} ({min(at10):.3f} worst domain)")
+    print(f"target prefetch recall >= {TARGET_RECALL}: {'met' if min(recall_extra) >= TARGET_RECALL else 'NOT met'} ({min(recall_extra):.3f} worst domain, k + {ARGS.prefetch_extra})")
+    emit_json({"benchmark": "expert_cache", "cpu": cpu_description(), "experts": total_experts, "hit_rates": figures, "prefetch": prefetch,
+               "ours_vs_belady_at_10": min(at10), "prefetch_recall": min(recall_extra)})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""The expert-store options `generate` and `eval` share, and loading a checkpoint with them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from .app import err_console
+
+
+def hot_budget_option() -> Any:
+    return typer.Option(
+        None, "--hot-budget", help="Serve experts from disk, keeping at most this much of them on the compute device (e.g. 512MB, 2GiB)."
+    )
+
+
+def warm_budget_option() -> Any:
+    return typer.Option(None, "--warm-budget", help="With --hot-budget: CPU RAM for experts between disk and device (default 0).")
+
+
+def cache_policy_option() -> Any:
+    return typer.Option("layer-cycle", "--cache-policy", help="With --hot-budget: which expert to evict: layer-cycle or lru.")
+
+
+def stats_option() -> Any:
+    return typer.Option(False, "--stats", help="With --hot-budget: print the store's hits, misses, bytes moved and evictions (stderr).")
+
+
+@dataclass
+class InferenceModel:
+    model: Any
+    tokenizer: Any
+    store: Any = None  # an ExpertStore when the experts are served from disk
+
+
+def load_for_inference(
+    checkpoint: Path, *, tiers: str, device: Any, hot_budget: Optional[str], warm_budget: Optional[str], policy: str
+) -> InferenceModel:
+    """The checkpoint whole in memory, or with its experts in a store when a budget is given."""
+    if hot_budget is None:
+        if warm_budget is not None:
+            from ..errors import LiteLLMError
+
+            raise LiteLLMError("--warm-budget needs --hot-budget (the experts on the compute device); give both, or neither")
+        from ..checkpoint import load_checkpoint
+
+        loaded = load_checkpoint(checkpoint, tierset=None if tiers == "all" else tiers, device=device)
+        return InferenceModel(loaded.model, loaded.tokenizer)
+    from ..config import TierSet
+    from ..store import load_with_store
+
+    stored = load_with_store(checkpoint, hot_budget=hot_budget, warm_budget=warm_budget or 0, policy=policy, device=device)
+    stored.store.set_allowed_tiers(TierSet.coerce(tiers).resolve(stored.config))
+    return InferenceModel(stored.model, stored.tokenizer, stored.store)
+
+
+def print_store_stats(store: Any) -> None:
+    from ..store import format_bytes
+
+    s = store.stats()
+    err_console.print(
+        f"expert store: hot {s.hot.hits} hits / {s.hot.misses} misses ({s.hot.hit_rate:.1%}), {s.hot.evictions} evictions, "
+        f"peak {format_bytes(s.hot.peak_bytes)}; warm {s.warm.hits} hits / {s.warm.misses} misses, {s.warm.evictions} evictions; "
+        f"read from disk {s.cold_reads} experts, {format_bytes(s.cold_bytes)}",
+        highlight=False,
+    )

@@ -1,0 +1,107 @@
+"""The cold level: experts read from the checkpoint's own safetensors shards, one expert's
+slice at a time.
+
+A tier's bank ``gate_up_proj`` (E, 2H, d) is stored row-major, so expert ``e`` is one
+contiguous run of bytes at ``offset + e * row_bytes``; it is read with one ``pread`` into a
+fresh tensor — only that expert's bytes leave the disk (or the page cache).
+
+Every read first checks that the shard is still the file that was opened (inode, size,
+modification time): a shard deleted, replaced or rewritten after loading is one sentence
+naming the expert and the file, never an expert read from other bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..checkpoint.lazy import CheckpointTensors
+from ..errors import CheckpointError
+from .cache import Weights
+from .policies import Key
+
+
+class ExpertFileChanged(CheckpointError):
+    """A cold shard is not the file that was opened any more."""
+
+
+@dataclass(frozen=True)
+class _Slice:
+    path: Path
+    offset: int  # of expert 0's bytes
+    row_bytes: int  # bytes of one expert
+    row_shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def _identity(path: Path) -> tuple[int, int, int]:
+    st = os.stat(path)
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+class ColdExperts:
+    """Reads single experts from a checkpoint opened with :func:`~lite_llm.checkpoint.open_checkpoint`."""
+
+    def __init__(self, source: CheckpointTensors) -> None:
+        self.root = source.path
+        self._slices: dict[tuple[int, str, str], _Slice] = {}
+        self._identity: dict[Path, tuple[int, int, int]] = {}
+        self._lock = threading.Lock()
+        self.bytes_read = 0
+        for name in source.tensors:
+            parts = name.split(".")
+            # layers.{l}.ffn.experts.{tier}.{gate_up_proj|down_proj}
+            if len(parts) == 6 and parts[0] == "layers" and parts[2:4] == ["ffn", "experts"]:
+                path, offset, nbytes = source.tensors.location(name)
+                spec = source.tensors.spec(name)
+                experts = spec.shape[0]
+                self._slices[(int(parts[1]), parts[4], parts[5])] = _Slice(
+                    path, offset, nbytes // max(experts, 1), tuple(spec.shape[1:]), spec.dtype
+                )
+                if path not in self._identity:
+                    self._identity[path] = _identity(path)
+
+    def expert_bytes(self, layer: int, tier: str) -> int:
+        """Bytes one expert of ``tier`` in ``layer`` takes on disk."""
+        return sum(self._slices[(layer, tier, part)].row_bytes for part in ("gate_up_proj", "down_proj"))
+
+    def stored_dtype(self, layer: int, tier: str) -> torch.dtype:
+        return self._slices[(layer, tier, "gate_up_proj")].dtype
+
+    def has(self, layer: int, tier: str) -> bool:
+        return (layer, tier, "gate_up_proj") in self._slices
+
+    def read(self, key: Key) -> Weights:
+        """Expert ``key``'s ``(gate_up, down)`` as stored (a fresh CPU tensor each)."""
+        layer, tier, expert = key
+        return self._read_part(key, "gate_up_proj"), self._read_part(key, "down_proj")
+
+    def _read_part(self, key: Key, part: str) -> torch.Tensor:
+        layer, tier, expert = key
+        where = self._slices[(layer, tier, part)]
+        what = f"expert {expert} of tier {tier} in layer {layer}"
+        self._check_same_file(where.path, what)
+        out = torch.empty(where.row_shape, dtype=where.dtype)
+        buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())  # bytes of any dtype, bf16 included
+        with open(where.path, "rb", buffering=0) as f:
+            got = os.preadv(f.fileno(), [buf], where.offset + expert * where.row_bytes)
+        if got != where.row_bytes:
+            raise ExpertFileChanged(f"{what} could not be read from {where.path} (short read: the file is truncated); restore the checkpoint")
+        self._check_same_file(where.path, what)  # not rewritten while it was read
+        with self._lock:
+            self.bytes_read += got
+        return out
+
+    def _check_same_file(self, path: Path, what: str) -> None:
+        try:
+            now = _identity(path)
+        except FileNotFoundError:
+            raise ExpertFileChanged(f"{what} cannot be read: {path} was deleted after the model was loaded; restore it and load the model again") from None
+        if now != self._identity[path]:
+            raise ExpertFileChanged(
+                f"{what} cannot be read: {path} changed after the model was loaded (another file or rewritten); load the model again"
+            )

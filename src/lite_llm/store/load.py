@@ -1,0 +1,91 @@
+"""Load a checkpoint for inference with its experts left on disk, served by an :class:`ExpertStore`.
+
+Dense weights, router gates and embeddings are read into the model (they are small and every
+token needs them); the expert banks are never materialised: the model is built with them on
+the meta device and each is replaced by a :class:`~lite_llm.model.expert_source.SourcedExperts`
+asking the store.  The dense and router shards are hashed against the manifest like any load;
+the expert shards are checked for presence, size and header, and a tier's shard is hashed too
+when ``verify_experts`` (one full read of it — what a model larger than memory cannot afford
+at every start).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint.lazy import open_checkpoint
+from ..checkpoint.load import load_tokenizer
+from ..checkpoint.manifest import DENSE, MANIFEST, check_file, safe_member
+from ..config import ModelConfig
+from ..errors import CheckpointError
+from ..model import LiteLLM, load_stored
+from ..model.expert_source import attach_expert_source
+from .cold import ColdExperts
+from .policies import make_policy
+from .sizes import parse_bytes
+from .store import ExpertStore
+
+
+@dataclass
+class StoredModel:
+    """A model whose experts ``store`` serves, with what :func:`load_checkpoint` would give."""
+
+    model: LiteLLM
+    config: ModelConfig
+    tokenizer: Any
+    store: ExpertStore
+    path: Path
+
+
+def load_with_store(
+    path: str | os.PathLike,
+    *,
+    hot_budget: int | str,
+    warm_budget: int | str = 0,
+    policy: str = "layer-cycle",
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    verify_experts: bool = False,
+) -> StoredModel:
+    """The checkpoint at ``path`` with its experts in a store of ``hot_budget`` bytes on
+    ``device`` and ``warm_budget`` bytes of CPU RAM (sizes like ``512MB`` or ``2GiB``)."""
+    hot, warm = parse_bytes(hot_budget, "hot budget"), parse_bytes(warm_budget, "warm budget")
+    source = open_checkpoint(path, verify=False)
+    _check_shards(source.path, source.manifest, verify_experts)
+    config = source.config
+    dtype = dtype or source.dtype
+    device = torch.device(device)
+
+    model = LiteLLM(config, expert_device="meta")
+    cold = ColdExperts(source)
+    store = ExpertStore(
+        cold, hot_budget=hot, warm_budget=warm, hot_policy=make_policy(policy, config.n_layers),
+        warm_policy=make_policy(policy, config.n_layers), device=device, dtype=dtype,
+    )
+    replaced = attach_expert_source(model, store)
+    missing = [(layer, tier) for layer, tier in replaced if not cold.has(layer, tier)]
+    if missing:
+        raise CheckpointError(f"checkpoint {source.path} has no experts for tier {missing[0][1]} in layer {missing[0][0]}; restore its expert shard")
+    store.check_budgets(replaced)
+    state = {name: source.tensors[name].to(dtype) if source.tensors[name].is_floating_point() else source.tensors[name]
+             for name in source.tensors if ".ffn.experts." not in name}
+    load_stored(model, state)
+    model = model.to(device).eval().requires_grad_(False)
+    tokenizer = load_tokenizer(source.tokenizer_dir) if source.tokenizer_dir else None
+    return StoredModel(model, config, tokenizer, store, source.path)
+
+
+def _check_shards(root: Path, manifest: dict, verify_experts: bool) -> None:
+    """Every shard present with its listed size; dense and router shards hashed (experts' too
+    when ``verify_experts``)."""
+    for shard in manifest["shards"]:
+        shard_path = safe_member(root, shard["path"], root / MANIFEST)
+        hash_it = shard["kind"] != "experts" or verify_experts or shard["tier"] == DENSE
+        problem = check_file(shard_path, shard, "shard", verify=hash_it)
+        if problem:
+            raise CheckpointError(problem)

@@ -1,0 +1,134 @@
+"""The expert store: hot (compute device, compute dtype) and warm (CPU RAM) levels within byte
+budgets over the cold level (the checkpoint's shards), serving the model's expert-source
+interface (:class:`lite_llm.model.expert_source.ExpertSource`).
+
+A fetch of a step's experts looks each up in hot, then warm, then reads it cold; what it
+brings in is kept in warm (as stored) and hot (as computed with) when their budgets allow,
+evicting unpinned entries by the policy.  Every fetched expert stays pinned in hot until the
+computation that asked for it is done, so the budget must hold the experts of one call:
+:meth:`max_experts_at_once` tells the model how many that is, and it takes a layer's experts
+in chunks of that many (the outputs do not change, see ``model/expert_source.py``).
+
+On a CPU run whose compute dtype is the stored one, hot and warm hold the same tensors (no
+copy is made); both budgets count them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ConfigError
+from .cache import CacheLevel, LevelStats, Weights
+from .cold import ColdExperts
+from .policies import EvictionPolicy, Key
+from .sizes import format_bytes
+
+
+@dataclass
+class StoreStats:
+    hot: LevelStats
+    warm: LevelStats
+    cold_reads: int
+    cold_bytes: int
+    fetches: int
+
+    def to_dict(self) -> dict[str, object]:
+        return {"hot": self.hot.to_dict(), "warm": self.warm.to_dict(), "cold_reads": self.cold_reads, "cold_bytes": self.cold_bytes,
+                "fetches": self.fetches}
+
+
+class ExpertStore:
+    """Experts of a checkpoint served within ``hot_budget`` and ``warm_budget`` bytes."""
+
+    def __init__(
+        self,
+        cold: ColdExperts,
+        *,
+        hot_budget: int,
+        warm_budget: int,
+        hot_policy: EvictionPolicy,
+        warm_policy: EvictionPolicy,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.cold = cold
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.hot = CacheLevel("hot", hot_budget, hot_policy)
+        self.warm = CacheLevel("warm", warm_budget, warm_policy)
+        self.cold_reads = 0
+        self.fetches = 0
+
+    # ------------------------------------------------------------------------------ sizes
+    def hot_bytes(self, layer: int, tier: str) -> int:
+        """Bytes one expert of ``tier`` in ``layer`` takes in hot (compute dtype)."""
+        stored = self.cold.expert_bytes(layer, tier)
+        return stored * self.dtype.itemsize // self.cold.stored_dtype(layer, tier).itemsize
+
+    def max_experts_at_once(self, layer: int, tier: str) -> int:
+        return max(self.hot.budget // self.hot_bytes(layer, tier), 1)
+
+    def check_budgets(self, keys: Sequence[tuple[int, str]]) -> None:
+        """Refuse a hot budget that cannot hold one expert of every (layer, tier) in ``keys``."""
+        need = max((self.hot_bytes(layer, tier) for layer, tier in keys), default=0)
+        if self.hot.budget < need:
+            raise ConfigError(
+                f"a hot budget of {format_bytes(self.hot.budget)} cannot hold one expert; the least that works is {need} bytes "
+                f"({format_bytes(need)}): give --hot-budget {need} or more"
+            )
+
+    def set_allowed_tiers(self, tiers: Sequence[str] | None) -> None:
+        """Tell the policies which tiers the current request can touch."""
+        self.hot.policy.set_allowed_tiers(tiers)
+        self.warm.policy.set_allowed_tiers(tiers)
+
+    # ------------------------------------------------------------------------------ fetch
+    @contextmanager
+    def fetch(self, layer: int, tier: str, experts: Sequence[int]) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+        keys: list[Key] = [(layer, tier, int(e)) for e in experts]
+        if len(keys) > self.max_experts_at_once(layer, tier):
+            raise ConfigError(f"{len(keys)} experts of tier {tier} do not fit the hot budget at once; ask for at most {self.max_experts_at_once(layer, tier)}")
+        self.fetches += 1
+        held: list[Key] = []
+        out: list[Weights] = []
+        try:
+            for key in keys:
+                weights = self._hot(key)
+                self.hot.pin(key)
+                held.append(key)
+                out.append(weights)
+            yield out
+        finally:
+            for key in held:
+                self.hot.unpin(key)
+
+    def _hot(self, key: Key) -> Weights:
+        weights = self.hot.get(key)
+        if weights is not None:
+            return weights
+        stored = self._warm(key)
+        weights = tuple(t.to(device=self.device, dtype=self.dtype, non_blocking=False) for t in stored)  # type: ignore[assignment]
+        if not self.hot.put(key, weights, self.hot_bytes(key[0], key[1])):
+            raise RuntimeError(f"the hot level has no room for expert {key} beside the pinned ones")  # max_experts_at_once prevents this
+        return weights
+
+    def _warm(self, key: Key) -> Weights:
+        weights = self.warm.get(key)
+        if weights is not None:
+            return weights
+        weights = self.cold.read(key)
+        self.cold_reads += 1
+        nbytes = self.cold.expert_bytes(key[0], key[1])
+        if self.warm.fits(nbytes):
+            if self.device.type == "cuda":
+                weights = tuple(t.pin_memory() for t in weights)  # type: ignore[assignment]
+            self.warm.put(key, weights, nbytes)
+        return weights
+
+    # ------------------------------------------------------------------------------ report
+    def stats(self) -> StoreStats:
+        return StoreStats(self.hot.stats, self.warm.stats, self.cold_reads, self.cold.bytes_read, self.fetches)

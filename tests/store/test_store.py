@@ -1,0 +1,135 @@
+"""The expert store against the model holding every expert: logits and greedy text bitwise
+equal under every budget and policy, evictions inside one forward pass, faults as one sentence.
+
+Oracle: the same checkpoint loaded whole by ``load_checkpoint``.  Routing is fixed by the
+checkpoint, so the store changes only where the expert weights come from — any difference
+in the numbers is a bug."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lite_llm import ModelConfig, build_model
+from lite_llm.checkpoint import load_checkpoint, save_checkpoint
+from lite_llm.config import RoutingConfig, TierConfig
+from lite_llm.data import ByteTokenizer
+from lite_llm.errors import ConfigError, LiteLLMError
+from lite_llm.generate import generate_ids
+from lite_llm.store import ExpertFileChanged, load_with_store, parse_bytes
+
+# Two tiers of 8 experts over 3 layers; k=2 experts per group in 2 groups: 4 experts per token.
+CONFIG = ModelConfig(
+    name="store-test", vocab_size=256, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, intermediate_size=128, max_seq_len=256,
+    tiers=[
+        TierConfig("tier_a", num_groups=2, experts_per_group=4, expert_hidden=64),
+        TierConfig("tier_b", num_groups=2, experts_per_group=4, expert_hidden=32, placement="cold"),
+    ],
+    routing=RoutingConfig(k_tier=2, k_group=2, k_expert=2),
+)
+EXPERT_A = (2 * 64 * 64 + 64 * 64) * 4  # bytes of one tier_a expert in fp32
+PROMPT = torch.arange(3, 3 + 2 * 90).remainder(256).view(2, 90)  # 180 rows: grouped_mm in the prefill
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    model = build_model(CONFIG, seed=3)
+    with torch.no_grad():  # spread the expert biases so that routes vary across experts
+        for block in model.layers:
+            for head in block.ffn.router.heads.values():
+                head.expert_bias.normal_(0, 0.5, generator=torch.Generator().manual_seed(block.layer))
+    path = tmp_path_factory.mktemp("store") / "ckpt"
+    save_checkpoint(path, model, tokenizer=ByteTokenizer())
+    return path
+
+
+@pytest.fixture(scope="module")
+def resident(checkpoint):
+    return load_checkpoint(checkpoint).model.eval()
+
+
+def _logits(model, ids=PROMPT, tierset=None):
+    with torch.no_grad():
+        return model(ids, tierset=tierset).logits
+
+
+@pytest.mark.parametrize("policy", ["lru", "layer-cycle"])
+@pytest.mark.parametrize("hot,warm", [(EXPERT_A, 0), (2 * EXPERT_A, 3 * EXPERT_A), (10 * EXPERT_A, 0), ("1GB", "1GB")])
+def test_logits_are_bitwise_those_of_the_resident_model(checkpoint, resident, policy, hot, warm):
+    stored = load_with_store(checkpoint, hot_budget=hot, warm_budget=warm, policy=policy)
+    assert torch.equal(_logits(stored.model), _logits(resident))
+    assert torch.equal(_logits(stored.model, tierset="tier_a"), _logits(resident, tierset="tier_a"))
+    stats = stored.store.stats()
+    if parse_bytes(hot) < 16 * EXPERT_A:  # fewer experts fit than one layer's prompt touches: evictions inside a forward
+        assert stats.hot.evictions > 0
+    assert stats.hot.peak_bytes <= parse_bytes(hot)
+    assert stats.cold_bytes > 0
+
+
+def test_greedy_text_is_bitwise_that_of_the_resident_model(checkpoint, resident):
+    stored = load_with_store(checkpoint, hot_budget=10 * EXPERT_A, warm_budget=30 * EXPERT_A)  # of 48 experts
+    prompt = list(range(10, 40))
+    want = list(generate_ids(resident, prompt, 24))
+    assert list(generate_ids(stored.model, prompt, 24)) == want
+    stats = stored.store.stats()
+    assert stats.hot.hits > 0 and stats.warm.hits > 0 and stats.hot.evictions > 0
+
+
+def test_the_model_holds_no_expert_weights(checkpoint):
+    stored = load_with_store(checkpoint, hot_budget=EXPERT_A)
+    names = [n for n, _ in stored.model.named_parameters()]
+    assert names and not any(".experts." in n for n in names)
+    assert all(p.device.type == "cpu" for p in stored.model.parameters())
+
+
+def test_a_budget_below_one_expert_is_refused_with_the_minimum(checkpoint):
+    with pytest.raises(ConfigError, match=f"the least that works is {EXPERT_A} bytes"):
+        load_with_store(checkpoint, hot_budget=EXPERT_A - 1)
+    with pytest.raises(ConfigError, match="cannot read '12 parsecs' as a hot budget"):
+        load_with_store(checkpoint, hot_budget="12 parsecs")
+
+
+def _copy(checkpoint: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    out = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, out)
+    return out
+
+
+def test_a_shard_deleted_after_loading_is_one_sentence_and_no_output(checkpoint, tmp_path):
+    path = _copy(checkpoint, tmp_path)
+    stored = load_with_store(path, hot_budget=EXPERT_A)
+    (path / "tier-tier_a-experts.safetensors").unlink()
+    with pytest.raises(ExpertFileChanged, match=r"expert \d+ of tier tier_a in layer 0 cannot be read: .*tier-tier_a-experts.safetensors was deleted"):
+        _logits(stored.model)
+
+
+def test_a_shard_rewritten_after_loading_is_one_sentence_and_no_output(checkpoint, tmp_path):
+    path = _copy(checkpoint, tmp_path)
+    stored = load_with_store(path, hot_budget=EXPERT_A)
+    shard = path / "tier-tier_b-experts.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-8:] = b"\x00" * 8
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ExpertFileChanged, match="tier-tier_b-experts.safetensors changed after the model was loaded"):
+        _logits(stored.model)
+
+
+def test_a_corrupt_dense_shard_is_refused_at_load(checkpoint, tmp_path):
+    path = _copy(checkpoint, tmp_path)
+    shard = path / "dense.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(LiteLLMError, match="dense.safetensors"):
+        load_with_store(path, hot_budget="1MB")
+
+
+def test_training_through_the_store_is_refused(checkpoint):
+    stored = load_with_store(checkpoint, hot_budget="1MB")
+    x = stored.model.embed(PROMPT).detach().requires_grad_(True)
+    with pytest.raises(RuntimeError, match="for inference"):
+        stored.model.layers[0].ffn(x, stored.model.allowed_tiers(None))
