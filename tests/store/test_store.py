@@ -133,3 +133,32 @@ def test_training_through_the_store_is_refused(checkpoint):
     x = stored.model.embed(PROMPT).detach().requires_grad_(True)
     with pytest.raises(RuntimeError, match="for inference"):
         stored.model.layers[0].ffn(x, stored.model.allowed_tiers(None))
+
+
+def test_prefetch_guesses_the_next_layer_and_never_changes_the_text(checkpoint, resident):
+    from lite_llm.store import Prefetcher
+
+    prompt = list(range(50, 70))
+    want = list(generate_ids(resident, prompt, 16))
+    stored = load_with_store(checkpoint, hot_budget=4 * EXPERT_A, warm_budget=20 * EXPERT_A)
+    prefetcher = Prefetcher(stored.model, stored.store, extra=2)
+    try:
+        assert list(generate_ids(stored.model, prompt, 16)) == want
+        prefetcher.wait()
+        good = prefetcher.stats
+        assert good.used > 0 and good.guessed > 0 and 0.3 < good.recall <= 1.0  # the next router on this layer's output
+    finally:
+        prefetcher.close()
+
+    # guesses from the wrong layer's router (every guess a different expert): bytes wasted, text unchanged
+    stored = load_with_store(checkpoint, hot_budget=4 * EXPERT_A, warm_budget=20 * EXPERT_A)
+    prefetcher = Prefetcher(stored.model, stored.store, extra=0)
+    for block in stored.model.layers:
+        real = block.ffn.router.expert_probabilities
+        block.ffn.router.expert_probabilities = lambda x, allowed, real=real: real(x, allowed).flip(-1)
+    try:
+        assert list(generate_ids(stored.model, prompt, 16)) == want
+        prefetcher.wait()
+        assert prefetcher.stats.recall < good.recall and prefetcher.stats.wasted_bytes > 0
+    finally:
+        prefetcher.close()

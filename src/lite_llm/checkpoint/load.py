@@ -17,6 +17,7 @@ from ..errors import CheckpointError, ConfigError, LiteLLMError, TierSetError
 from ..model import LiteLLM, build_model, load_stored
 from ..model.shapes import tensor_shapes
 from . import atomic
+from .quantization import BANKS, dequantize_state, stored_specs
 from .manifest import (
     DENSE,
     EXTRA_TENSORS,
@@ -123,8 +124,15 @@ def expected_tensors(config: ModelConfig, model: LiteLLM | None = None) -> dict[
     """Name -> shape of every tensor the checkpoint must supply (tied head excluded)."""
     if model is not None:
         expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    else:
+    else:  # as stored: a quantized tier's banks are qweight/qscale pairs
         expected = tensor_shapes(config)
+        for tier in config.tiers:
+            if tier.quantization:
+                for layer in config.moe_layer_indices:
+                    prefix = f"layers.{layer}.ffn.experts.{tier.name}."
+                    for bank in BANKS:
+                        del expected[prefix + bank]
+                    expected.update({prefix + suffix: shape for suffix, (_, shape) in stored_specs(tier, config.d_model).items()})
     if config.tie_embeddings:
         expected.pop("lm_head.weight", None)
     return expected
@@ -262,6 +270,7 @@ def load_checkpoint(
                 raise CheckpointError(f"tensor {name} appears in both {origin[name]} and {shard_path}; restore the checkpoint from a backup or re-save it")
             state[name], origin[name] = tensor, shard_path
 
+    dequantize_state(config, state)  # a quantized tier's banks, as the model holds them
     model = build_model(config, device=device)
     expected = expected_tensors(config, model)
     missing = [n for n in expected if n not in state]

@@ -11,7 +11,9 @@ from rich.table import Table
 
 from ..errors import LiteLLMError
 from .app import THREADS_HELP, app, apply_threads, console, device_option, err_console, friendly_errors, print_scores
-from .store_options import cache_policy_option, hot_budget_option, load_for_inference, print_store_stats, stats_option, warm_budget_option
+from .store_options import (
+    cache_policy_option, hot_budget_option, load_for_inference, prefetch_option, print_store_stats, stats_option, warm_budget_option,
+)
 
 
 # ------------------------------------------------------------------------------------ eval
@@ -33,6 +35,7 @@ def eval_command(
     hot_budget: Optional[str] = hot_budget_option(),
     warm_budget: Optional[str] = warm_budget_option(),
     cache_policy: str = cache_policy_option(),
+    prefetch: bool = prefetch_option(),
     stats: bool = stats_option(),
 ) -> None:
     """Validation loss and bits per byte per domain; with --against, a retention report.
@@ -62,10 +65,10 @@ def eval_command(
     labels = _labels([against, *checkpoints] if against is not None else checkpoints)
     results: dict[str, dict[str, dict[str, float]]] = {}
     for label, path in labels.items():
-        loaded = load_for_inference(path, tiers=tiers, device=run_device, hot_budget=hot_budget, warm_budget=warm_budget, policy=cache_policy)
+        loaded = load_for_inference(path, tiers=tiers, device=run_device, hot_budget=hot_budget, warm_budget=warm_budget, policy=cache_policy, prefetch=prefetch)
         scores = evaluate(loaded.model, dataset, names, batch_size=batch_size, seq_len=seq_len, max_batches=batches, tierset=tiers)
         if stats and loaded.store is not None:
-            print_store_stats(loaded.store)
+            print_store_stats(loaded)
         results[label] = {d: s.to_dict() for d, s in scores.items()}
         if against is None:
             print_scores(results[label], title=f"{path} ({tiers})")

@@ -10,7 +10,9 @@ import typer
 
 from ..errors import LiteLLMError
 from .app import THREADS_HELP, app, apply_threads, device_option, friendly_errors
-from .store_options import cache_policy_option, hot_budget_option, load_for_inference, print_store_stats, stats_option, warm_budget_option
+from .store_options import (
+    cache_policy_option, hot_budget_option, load_for_inference, prefetch_option, print_store_stats, stats_option, warm_budget_option,
+)
 
 
 # ------------------------------------------------------------------------------------ generate
@@ -33,6 +35,7 @@ def generate(
     hot_budget: Optional[str] = hot_budget_option(),
     warm_budget: Optional[str] = warm_budget_option(),
     cache_policy: str = cache_policy_option(),
+    prefetch: bool = prefetch_option(),
     stats: bool = stats_option(),
 ) -> None:
     """Stream a continuation of PROMPT to the terminal.
@@ -65,7 +68,7 @@ def generate(
     if repetition_penalty <= 0:
         raise LiteLLMError(f"--repetition-penalty must be positive (1 is off, 1.1-1.3 discourages repeats), got {repetition_penalty}")
     apply_threads(threads, header_to_stderr=True)
-    loaded = load_for_inference(checkpoint, tiers=tiers, device=run_device, hot_budget=hot_budget, warm_budget=warm_budget, policy=cache_policy)
+    loaded = load_for_inference(checkpoint, tiers=tiers, device=run_device, hot_budget=hot_budget, warm_budget=warm_budget, policy=cache_policy, prefetch=prefetch)
     if loaded.tokenizer is None:
         raise LiteLLMError(f"checkpoint {checkpoint} has no tokenizer/ folder; re-save it with its tokenizer")
     prompt_ids = None
@@ -93,4 +96,4 @@ def generate(
         sys.stdout.flush()
     sys.stdout.write("\n")
     if stats and loaded.store is not None:
-        print_store_stats(loaded.store)
+        print_store_stats(loaded)

@@ -363,3 +363,38 @@ def _tier_shape(
         experts_per_group if experts_per_group is not None else src.experts_per_group,
         expert_hidden if expert_hidden is not None else src.expert_hidden,
     )
+
+
+@app.command("quantize")
+@friendly_errors
+def quantize_command(
+    checkpoint: Path = typer.Argument(..., help="Source checkpoint."),
+    tier: str = typer.Option(..., "--tier", help="The tier whose experts to quantize."),
+    to: str = typer.Option(..., "--to", help="int8 or int4 (group-wise symmetric, scales in the checkpoint)."),
+    output: Path = typer.Option(..., "-o", "--output", help="New checkpoint directory."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Check the source's hashes before committing."),
+) -> None:
+    """Store a tier's experts as int8 or int4: a new checkpoint, a fraction of the bytes.
+
+    Router gates, dense weights and embeddings are kept as they are.  The relative weight
+    error of every expert bank is measured and recorded in progressive.json; loading
+    dequantizes (the expert store does so when an expert is promoted to the compute device).
+
+    Examples:
+
+      lite-llm quantize ckpt --tier tier_10b --to int8 -o ckpt-int8
+
+      lite-llm quantize ckpt --tier tier_1b --to int4 -o ckpt-int4
+    """
+    from ..grow.quantize import quantize_checkpoint
+
+    path = quantize_checkpoint(checkpoint, output, tier=tier, to=to, verify=verify)
+    record = _load_progressive(path)["expansions"][-1]
+    console.print(
+        f"wrote {path}: tier {tier} as {to}, relative weight error max {record['preservation']['relative_weight_error_max']:.2e}, "
+        f"mean {record['preservation']['relative_weight_error_mean']:.2e}"
+    )
+
+
+def _load_progressive(path: Path) -> dict[str, Any]:
+    return json.loads((path / "progressive.json").read_text())

@@ -25,6 +25,12 @@ def cache_policy_option() -> Any:
     return typer.Option("layer-cycle", "--cache-policy", help="With --hot-budget: which expert to evict: layer-cycle or lru.")
 
 
+def prefetch_option() -> Any:
+    return typer.Option(
+        True, "--prefetch/--no-prefetch", help="With --warm-budget: read each layer's likely experts into RAM one layer early (pre-gating)."
+    )
+
+
 def stats_option() -> Any:
     return typer.Option(False, "--stats", help="With --hot-budget: print the store's hits, misses, bytes moved and evictions (stderr).")
 
@@ -34,10 +40,11 @@ class InferenceModel:
     model: Any
     tokenizer: Any
     store: Any = None  # an ExpertStore when the experts are served from disk
+    prefetcher: Any = None
 
 
 def load_for_inference(
-    checkpoint: Path, *, tiers: str, device: Any, hot_budget: Optional[str], warm_budget: Optional[str], policy: str
+    checkpoint: Path, *, tiers: str, device: Any, hot_budget: Optional[str], warm_budget: Optional[str], policy: str, prefetch: bool = True
 ) -> InferenceModel:
     """The checkpoint whole in memory, or with its experts in a store when a budget is given."""
     if hot_budget is None:
@@ -50,20 +57,28 @@ def load_for_inference(
         loaded = load_checkpoint(checkpoint, tierset=None if tiers == "all" else tiers, device=device)
         return InferenceModel(loaded.model, loaded.tokenizer)
     from ..config import TierSet
-    from ..store import load_with_store
+    from ..store import Prefetcher, load_with_store
 
     stored = load_with_store(checkpoint, hot_budget=hot_budget, warm_budget=warm_budget or 0, policy=policy, device=device)
     stored.store.set_allowed_tiers(TierSet.coerce(tiers).resolve(stored.config))
-    return InferenceModel(stored.model, stored.tokenizer, stored.store)
+    prefetcher = Prefetcher(stored.model, stored.store) if prefetch and stored.store.warm.budget > 0 else None
+    return InferenceModel(stored.model, stored.tokenizer, stored.store, prefetcher)
 
 
-def print_store_stats(store: Any) -> None:
+def print_store_stats(loaded: InferenceModel) -> None:
     from ..store import format_bytes
 
-    s = store.stats()
+    if loaded.prefetcher is not None:
+        loaded.prefetcher.wait()
+    s = loaded.store.stats()
     err_console.print(
         f"expert store: hot {s.hot.hits} hits / {s.hot.misses} misses ({s.hot.hit_rate:.1%}), {s.hot.evictions} evictions, "
         f"peak {format_bytes(s.hot.peak_bytes)}; warm {s.warm.hits} hits / {s.warm.misses} misses, {s.warm.evictions} evictions; "
         f"read from disk {s.cold_reads} experts, {format_bytes(s.cold_bytes)}",
         highlight=False,
     )
+    if loaded.prefetcher is not None:
+        p = loaded.prefetcher.stats
+        err_console.print(
+            f"prefetch: recall {p.recall:.1%}, precision {p.precision:.1%}, {format_bytes(p.wasted_bytes)} read for experts not used", highlight=False
+        )

@@ -96,6 +96,12 @@ class TierConfig:
         _require(self.budget is None or self.budget > 0, f"tiers[{self.name}].budget must be positive, got {self.budget}")
         _require(self.budget_mode in ("strict", "advisory"), f"tiers[{self.name}].budget_mode must be 'strict' or 'advisory', got {self.budget_mode!r}")
         _require(self.placement in PLACEMENTS, f"tiers[{self.name}].placement must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
+        if self.quantization in ("none", ""):
+            self.quantization = None
+        _require(
+            self.quantization in (None, "int8", "int4"),
+            f"tiers[{self.name}].quantization must be none, int8 or int4, got {self.quantization!r}",
+        )
         if self.k_group is not None:
             _require(
                 1 <= self.k_group <= self.num_groups,

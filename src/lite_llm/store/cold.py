@@ -12,6 +12,7 @@ naming the expert and the file, never an expert read from other bytes.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint.lazy import CheckpointTensors
+from ..checkpoint.quantization import BANKS, dequantize
 from ..errors import CheckpointError
 from .cache import Weights
 from .policies import Key
@@ -44,41 +46,60 @@ def _identity(path: Path) -> tuple[int, int, int]:
 
 
 class ColdExperts:
-    """Reads single experts from a checkpoint opened with :func:`~lite_llm.checkpoint.open_checkpoint`."""
+    """Reads single experts from a checkpoint opened with :func:`~lite_llm.checkpoint.open_checkpoint`
+    (a quantized tier's experts are read as stored and dequantized to float32)."""
 
     def __init__(self, source: CheckpointTensors) -> None:
         self.root = source.path
         self._slices: dict[tuple[int, str, str], _Slice] = {}
         self._identity: dict[Path, tuple[int, int, int]] = {}
+        self._quantization = {t.name: t.quantization for t in source.config.tiers}
         self._lock = threading.Lock()
         self.bytes_read = 0
         for name in source.tensors:
             parts = name.split(".")
-            # layers.{l}.ffn.experts.{tier}.{gate_up_proj|down_proj}
-            if len(parts) == 6 and parts[0] == "layers" and parts[2:4] == ["ffn", "experts"]:
+            # layers.{l}.ffn.experts.{tier}.{gate_up_proj|down_proj}[.qweight|.qscale]
+            if len(parts) in (6, 7) and parts[0] == "layers" and parts[2:4] == ["ffn", "experts"]:
                 path, offset, nbytes = source.tensors.location(name)
                 spec = source.tensors.spec(name)
                 experts = spec.shape[0]
-                self._slices[(int(parts[1]), parts[4], parts[5])] = _Slice(
+                self._slices[(int(parts[1]), parts[4], ".".join(parts[5:]))] = _Slice(
                     path, offset, nbytes // max(experts, 1), tuple(spec.shape[1:]), spec.dtype
                 )
                 if path not in self._identity:
                     self._identity[path] = _identity(path)
 
+    def _parts(self, tier: str) -> tuple[str, ...]:
+        if self._quantization.get(tier):
+            return tuple(f"{bank}.{q}" for bank in BANKS for q in ("qweight", "qscale"))
+        return BANKS
+
     def expert_bytes(self, layer: int, tier: str) -> int:
         """Bytes one expert of ``tier`` in ``layer`` takes on disk."""
-        return sum(self._slices[(layer, tier, part)].row_bytes for part in ("gate_up_proj", "down_proj"))
+        return sum(self._slices[(layer, tier, part)].row_bytes for part in self._parts(tier))
 
-    def stored_dtype(self, layer: int, tier: str) -> torch.dtype:
-        return self._slices[(layer, tier, "gate_up_proj")].dtype
+    def expert_elements(self, layer: int, tier: str) -> int:
+        """Weights of one expert (in memory it takes this times the compute dtype's size)."""
+        kind = self._quantization.get(tier)
+        if not kind:
+            return sum(math.prod(self._slices[(layer, tier, bank)].row_shape) for bank in BANKS)
+        per_byte = 2 if kind == "int4" else 1
+        return sum(math.prod(self._slices[(layer, tier, f"{bank}.qweight")].row_shape) * per_byte for bank in BANKS)
 
     def has(self, layer: int, tier: str) -> bool:
-        return (layer, tier, "gate_up_proj") in self._slices
+        return all((layer, tier, part) in self._slices for part in self._parts(tier))
 
-    def read(self, key: Key) -> Weights:
-        """Expert ``key``'s ``(gate_up, down)`` as stored (a fresh CPU tensor each)."""
-        layer, tier, expert = key
-        return self._read_part(key, "gate_up_proj"), self._read_part(key, "down_proj")
+    def read(self, key: Key) -> tuple[torch.Tensor, ...]:
+        """Expert ``key``'s tensors as stored (fresh CPU tensors): ``(gate_up, down)``, or for a
+        quantized tier ``(gate_up qweight, qscale, down qweight, qscale)`` — what warm holds."""
+        return tuple(self._read_part(key, part) for part in self._parts(key[1]))
+
+    def weights(self, key: Key, stored: tuple[torch.Tensor, ...]) -> Weights:
+        """``(gate_up, down)`` of what :meth:`read` returned: a quantized tier's dequantized."""
+        kind = self._quantization.get(key[1])
+        if not kind:
+            return stored[0], stored[1]
+        return dequantize(stored[0], stored[1], kind), dequantize(stored[2], stored[3], kind)
 
     def _read_part(self, key: Key, part: str) -> torch.Tensor:
         layer, tier, expert = key

@@ -15,7 +15,8 @@ copy is made); both budgets count them.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -62,12 +63,17 @@ class ExpertStore:
         self.warm = CacheLevel("warm", warm_budget, warm_policy)
         self.cold_reads = 0
         self.fetches = 0
+        self.allowed_tiers: list[str] | None = None  # the current request's TierSet, resolved
+        # Called with (layer, keys) once a layer's fetches are over (a prefetcher scores its guess).
+        self.on_fetch: Callable[[int, list[Key]], None] | None = None
+        self._layer: int | None = None
+        self._layer_keys: list[Key] = []
+        self._warm_lock = threading.Lock()  # the warm level is shared with the prefetch thread
 
     # ------------------------------------------------------------------------------ sizes
     def hot_bytes(self, layer: int, tier: str) -> int:
         """Bytes one expert of ``tier`` in ``layer`` takes in hot (compute dtype)."""
-        stored = self.cold.expert_bytes(layer, tier)
-        return stored * self.dtype.itemsize // self.cold.stored_dtype(layer, tier).itemsize
+        return self.cold.expert_elements(layer, tier) * self.dtype.itemsize
 
     def max_experts_at_once(self, layer: int, tier: str) -> int:
         return max(self.hot.budget // self.hot_bytes(layer, tier), 1)
@@ -82,7 +88,8 @@ class ExpertStore:
             )
 
     def set_allowed_tiers(self, tiers: Sequence[str] | None) -> None:
-        """Tell the policies which tiers the current request can touch."""
+        """Tell the policies (and a prefetcher) which tiers the current request can touch."""
+        self.allowed_tiers = None if tiers is None else list(tiers)
         self.hot.policy.set_allowed_tiers(tiers)
         self.warm.policy.set_allowed_tiers(tiers)
 
@@ -93,6 +100,10 @@ class ExpertStore:
         if len(keys) > self.max_experts_at_once(layer, tier):
             raise ConfigError(f"{len(keys)} experts of tier {tier} do not fit the hot budget at once; ask for at most {self.max_experts_at_once(layer, tier)}")
         self.fetches += 1
+        if layer != self._layer:
+            self._end_layer()
+            self._layer = layer
+        self._layer_keys.extend(keys)
         held: list[Key] = []
         out: list[Weights] = []
         try:
@@ -110,24 +121,42 @@ class ExpertStore:
         weights = self.hot.get(key)
         if weights is not None:
             return weights
-        stored = self._warm(key)
-        weights = tuple(t.to(device=self.device, dtype=self.dtype, non_blocking=False) for t in stored)  # type: ignore[assignment]
+        stored = self._warm(key)  # as on disk (a quantized tier: quantized), dequantized on the way to hot
+        weights = tuple(t.to(device=self.device, dtype=self.dtype) for t in self.cold.weights(key, stored))  # type: ignore[assignment]
         if not self.hot.put(key, weights, self.hot_bytes(key[0], key[1])):
             raise RuntimeError(f"the hot level has no room for expert {key} beside the pinned ones")  # max_experts_at_once prevents this
         return weights
 
-    def _warm(self, key: Key) -> Weights:
-        weights = self.warm.get(key)
+    def _end_layer(self) -> None:
+        if self._layer is not None and self.on_fetch is not None:
+            self.on_fetch(self._layer, self._layer_keys)
+        self._layer_keys = []
+
+    def _warm(self, key: Key) -> tuple[torch.Tensor, ...]:
+        with self._warm_lock:
+            weights = self.warm.get(key)
         if weights is not None:
             return weights
+        return self._read_into_warm(key)
+
+    def _read_into_warm(self, key: Key) -> tuple[torch.Tensor, ...]:
         weights = self.cold.read(key)
-        self.cold_reads += 1
         nbytes = self.cold.expert_bytes(key[0], key[1])
-        if self.warm.fits(nbytes):
-            if self.device.type == "cuda":
-                weights = tuple(t.pin_memory() for t in weights)  # type: ignore[assignment]
-            self.warm.put(key, weights, nbytes)
+        if self.device.type == "cuda":
+            weights = tuple(t.pin_memory() for t in weights)  # type: ignore[assignment]
+        with self._warm_lock:
+            self.cold_reads += 1
+            if self.warm.fits(nbytes):
+                self.warm.put(key, weights, nbytes)
         return weights
+
+    def warm_up(self, keys: Sequence[Key]) -> None:
+        """Read ``keys`` that neither level holds into warm (a prefetch; any thread)."""
+        for key in keys:
+            with self._warm_lock:
+                known = key in self.warm.entries or key in self.hot.entries
+            if not known and self.warm.budget > 0:
+                self._read_into_warm(key)
 
     # ------------------------------------------------------------------------------ report
     def stats(self) -> StoreStats:
