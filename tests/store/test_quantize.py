@@ -78,3 +78,12 @@ def test_cli_quantize_and_inspect(checkpoint, tmp_path):  # noqa: F811
     assert shown.exit_code == 0, shown.output
     row = next(line for line in shown.stdout.splitlines() if "tier_b" in line and "x" in line)
     assert "int4" in row and "cold" in row
+
+
+def test_growing_a_quantized_checkpoint_is_refused(checkpoint, tmp_path):  # noqa: F811
+    from lite_llm.grow.tiers import add_tier_checkpoint
+
+    once = quantize_checkpoint(checkpoint, tmp_path / "q", tier="tier_a", to="int8")
+    with pytest.raises(ConfigError, match="cannot add a tier to a checkpoint whose tier\\(s\\) tier_a are quantized"):
+        add_tier_checkpoint(once, tmp_path / "grown", tier="tier_c")
+    assert not (tmp_path / "grown").exists()

@@ -12,6 +12,7 @@ import zlib
 
 import torch
 
+from ..config import ModelConfig
 from ..errors import ConfigError
 
 
@@ -56,3 +57,13 @@ def check_positive_int(what: str, value: object) -> None:
 def check_noise(noise: float) -> None:
     if not isinstance(noise, (int, float)) or noise < 0:
         raise ConfigError(f"noise must be a number >= 0 (a fraction of each weight tensor's std), got {noise!r}")
+
+
+def refuse_quantized(config: ModelConfig, what: str) -> None:
+    """Growth computes on float weights: a quantized tier would have to be dequantized (and its
+    error kept) without anyone asking, so it is refused instead."""
+    quantized = [t.name for t in config.tiers if t.quantization]
+    if quantized:
+        raise ConfigError(
+            f"cannot {what} a checkpoint whose tier(s) {', '.join(quantized)} are quantized; {what} the unquantized checkpoint, then quantize the result"
+        )

@@ -34,6 +34,7 @@ from ..model import LiteLLM, load_stored
 from .importance import layer_importance
 from .recipe import VALIDATE_MODES, GrowthStep
 from .carry import CarriedEWC, carry_ewc
+from .common import refuse_quantized
 from .registry import GrowthOp, get_op
 from .tensors import LazyTensors, Tensors, expected_specs
 from .validate import DEFAULT_TOLERANCE, SAMPLE_TOKENS, ValidationReport, check_growth, check_sample
@@ -118,6 +119,7 @@ def expand_checkpoint(
     # one sequential read of the source overlaps the writing instead of preceding it.
     if open_source is None:
         src = open_checkpoint(source, verify=False)
+        refuse_quantized(src.config, "grow")
         check: Callable[[], None] | None = lambda: check_sound(src.path)  # noqa: E731
     else:
         src, check = open_source(Path(source))

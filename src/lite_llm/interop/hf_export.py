@@ -102,6 +102,9 @@ def _check_target(target: Path) -> None:
 def check_exportable(ckpt: CheckpointTensors) -> None:
     """Refuse, with the reason, a model that no Hugging Face architecture computes exactly."""
     config = ckpt.config
+    quantized = [t.name for t in config.tiers if t.quantization]
+    if quantized:
+        raise ConfigError(f"tier(s) {', '.join(quantized)} of this checkpoint are quantized, which the export does not write; export the unquantized checkpoint")
     if len(config.tiers) > 1:
         raise ConfigError(
             f"{_SUPPORTED}; this model has tiers {', '.join(t.name for t in config.tiers)}, which no Hugging Face architecture represents, so keep it in the Lite LLM format"
