@@ -115,8 +115,8 @@ def test_fp32_auto_never_takes_the_padded_path_and_stays_bitwise():
     banks, offsets = _banks(gen)
     ids, weights = _routes(gen, 300, slots=4)
     x = torch.randn(300, 32, generator=gen, requires_grad=True)
-    assert not prefers_padded(x, ids, offsets)
-    assert prefers_padded(x.detach().bfloat16().requires_grad_(), ids, offsets)
+    assert not prefers_padded(x, ids, offsets, allowed=True)
+    assert prefers_padded(x.detach().bfloat16().requires_grad_(), ids, offsets, allowed=True)
     old = "grouped_mm" if HAS_GROUPED_MM else "loop"  # what ExpertBank.choose gives these rows
     assert torch.equal(dispatch(x, ids, weights, banks, offsets), dispatch(x, ids, weights, banks, offsets, old))
     padded = dispatch(x, ids, weights, banks, offsets, "padded_bmm")
@@ -127,10 +127,11 @@ def test_auto_skips_padding_for_decoding_and_for_lopsided_routes():
     offsets = [0, 64]
     ids = torch.randint(0, 64, (512, 4), generator=torch.Generator().manual_seed(3))
     x = torch.zeros(512, 8, dtype=torch.bfloat16, requires_grad=True)
-    assert prefers_padded(x, ids, offsets)
+    assert prefers_padded(x, ids, offsets, allowed=True)
+    assert not prefers_padded(x, ids, offsets)  # auto does not pad on CPUs (experts.AUTO_PADDED, measured)
     with torch.no_grad():
-        assert not prefers_padded(x[:4], ids[:4], offsets)  # decoding: the loop over 4 experts
-        assert prefers_padded(x, ids, offsets)  # a no-grad prefill of many rows still pads
+        assert not prefers_padded(x[:4], ids[:4], offsets, allowed=True)  # decoding: the loop over 4 experts
+        assert prefers_padded(x, ids, offsets, allowed=True)  # a no-grad prefill of many rows still pads
     # One expert with every route but one, the rest of 64 with at most one each: 64x padding.
     lopsided = [2047] + [1] + [0] * 62
     assert not padding_pays(lopsided, offsets)

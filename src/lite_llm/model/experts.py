@@ -16,10 +16,10 @@ Implementations of the expert compute, chosen by ``impl``:
   autograd: each use would allocate a full-size gradient); the fallback for torches without
   ``grouped_mm`` or for unaligned shapes, and the reference the fast path is tested against;
 * ``padded_bmm`` — every tier's rows padded to its busiest expert and run as one ``bmm`` pair
-  (``model/padded.py``); on CPU in bf16/fp16 it is 2-8x faster than ``grouped_mm``'s loop of
-  small ``mm``s, at the price of the padding's FLOPs;
-* ``auto`` — in bf16/fp16 on CPU, ``padded_bmm`` unless decoding or the padding would cost
-  more than ``bmm`` gains (``padded.PADDED_MAX_WASTE``); otherwise ``grouped_mm`` when
+  (``model/padded.py``); for CPUs whose bf16 ``bmm`` is much faster than a loop of small
+  ``mm``s, at the price of the padding's FLOPs;
+* ``auto`` — in bf16/fp16 on CPU where ``AUTO_PADDED`` allows it, ``padded_bmm`` unless decoding
+  or the padding would cost more than ``bmm`` gains (``padded.PADDED_MAX_WASTE``); otherwise ``grouped_mm`` when
   available and aligned; the per-active-expert loop when no gradient is needed and only a few rows are
   routed (decoding), so per-token cost does not grow with the number of experts, and on CPU
   when the active experts average >= 1,024 rows each (few large matmuls, where the loop
@@ -215,10 +215,19 @@ def dispatch(
 
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
+# Whether ``auto`` may take ``padded_bmm`` on a CPU.  Off: measured on an AVX512-BF16 CPU without
+# AMX (AMD EPYC, 2 cores, d=512, H=1024, 4,096 tokens, k=4; BENCHMARKS.md, issue 17) padded_bmm
+# was 0.94-1.13x grouped_mm's forward time and 1.11-1.18x its forward+backward at E=8/64/512, so
+# the whole-layer training step ran 1.15-1.30x slower with it.  No AMX machine has measured it
+# since it was written; turn it on only with such a measurement.
+AUTO_PADDED = False
 
 
-def prefers_padded(x: torch.Tensor, expert_ids: torch.Tensor, tier_offsets: list[int]) -> bool:
-    """Whether ``auto`` runs ``padded_bmm`` for these rows and routes (see the module docstring)."""
+def prefers_padded(x: torch.Tensor, expert_ids: torch.Tensor, tier_offsets: list[int], *, allowed: bool | None = None) -> bool:
+    """Whether ``auto`` runs ``padded_bmm`` for these rows and routes (see the module docstring);
+    ``allowed`` overrides ``AUTO_PADDED`` (tests check the rule itself with it)."""
+    if not (AUTO_PADDED if allowed is None else allowed):
+        return False
     if x.dtype not in LOW_PRECISION or x.device.type != "cpu":
         return False
     if not torch.is_grad_enabled() and x.shape[0] <= DECODE_ROWS:
