@@ -82,7 +82,7 @@ def record(model, data, tokens: int, seq_len: int):
     traces, predictions = {}, {}
     for domain in data.domains:
         accesses: list[tuple[int, str, int]] = []
-        pred_hits = {"same": [0, 0, 0], "extra": [0, 0, 0]}  # [predicted & used, predicted, used]
+        pred_hits = {extra: [0, 0, 0] for extra in [0, *ARGS.prefetch_extra]}  # extra -> [predicted & used, predicted, used]
         windows = data.val_batches(domain, batch_size=1, seq_len=seq_len, max_batches=max(tokens // seq_len, 1))
         for batch in windows:
             per_layer, pre = _forward_with_pregating(model, batch, moe_layers)
@@ -94,12 +94,12 @@ def record(model, data, tokens: int, seq_len: int):
             for layer in moe_layers[1:]:
                 used = per_layer[layer]
                 k_used = used.shape[1]
-                for name, extra in (("same", 0), ("extra", ARGS.prefetch_extra)):
+                for extra in pred_hits:
                     guess = pre[layer].topk(k_used + extra, dim=-1).indices
                     hit = (guess[:, :, None] == used[:, None, :]).any(-1).sum()
-                    pred_hits[name][0] += int(hit)
-                    pred_hits[name][1] += guess.numel()
-                    pred_hits[name][2] += int((used >= 0).sum())
+                    pred_hits[extra][0] += int(hit)
+                    pred_hits[extra][1] += guess.numel()
+                    pred_hits[extra][2] += int((used >= 0).sum())
         traces[domain] = accesses
         predictions[domain] = pred_hits
     return traces, predictions, moe_layers
@@ -165,7 +165,7 @@ def main() -> None:
     p.add_argument("--corpus-bytes", type=int, default=2_000_000)
     p.add_argument("--tokens", type=int, default=4096, help="held-out tokens per domain")
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--prefetch-extra", type=int, default=2, help="experts predicted beyond those used, per token")
+    p.add_argument("--prefetch-extra", type=int, nargs="+", default=[2, 4, 8], help="experts predicted beyond those used, per token")
     p.add_argument("--threads", type=int, default=None)
     ARGS = p.parse_args()
     setup_torch_threads(ARGS.threads)
@@ -196,19 +196,20 @@ def main() -> None:
     prefetch = {}
     prow = []
     for domain, hits in predictions.items():
-        for name, (both, guessed, used) in hits.items():
+        for extra, (both, guessed, used) in hits.items():
             recall, precision = both / max(used, 1), both / max(guessed, 1)
-            wasted = guessed - both
-            prefetch[f"{domain}/{name}"] = {"recall": recall, "precision": precision, "wasted_experts_per_token_layer": wasted / max(used, 1) * (used / max(guessed, 1)) if guessed else 0}
-            prow.append([domain, "k used" if name == "same" else f"k + {ARGS.prefetch_extra}", recall, precision])
-    print_table(["domain", "predicted", "recall", "precision"], prow, title="pre-gating one layer ahead")
+            prefetch[f"{domain}/k+{extra}"] = {"recall": recall, "precision": precision, "wasted_per_used": (guessed - both) / max(used, 1)}
+            prow.append([domain, f"k + {extra}", recall, precision, (guessed - both) / max(used, 1)])
+    print_table(["domain", "predicted per token", "recall", "precision", "wasted experts per used"], prow, title="pre-gating one layer ahead")
 
     at10 = [v["ours_vs_belady"] for k, v in figures.items() if k.endswith("@10%")]
-    recall_extra = [v["recall"] for k, v in prefetch.items() if k.endswith("/extra")]
+    best_recall = {extra: min(v["recall"] for k, v in prefetch.items() if k.endswith(f"/k+{extra}")) for extra in [0, *ARGS.prefetch_extra]}
+    reaching = [extra for extra, r in best_recall.items() if r >= TARGET_RECALL]
     print(f"target ours/belady >= {TARGET_VS_BELADY_AT_10} at 10%: {'met' if min(at10) >= TARGET_VS_BELADY_AT_10 else 'NOT met'} ({min(at10):.3f} worst domain)")
-    print(f"target prefetch recall >= {TARGET_RECALL}: {'met' if min(recall_extra) >= TARGET_RECALL else 'NOT met'} ({min(recall_extra):.3f} worst domain, k + {ARGS.prefetch_extra})")
+    print(f"target prefetch recall >= {TARGET_RECALL}: " + (f"met from k + {reaching[0]} (worst domain {best_recall[reaching[0]]:.3f})" if reaching
+          else f"NOT met (best {max(best_recall.values()):.3f})"))
     emit_json({"benchmark": "expert_cache", "cpu": cpu_description(), "experts": total_experts, "hit_rates": figures, "prefetch": prefetch,
-               "ours_vs_belady_at_10": min(at10), "prefetch_recall": min(recall_extra)})
+               "ours_vs_belady_at_10": min(at10), "prefetch_worst_recall_by_extra": best_recall})
 
 
 if __name__ == "__main__":

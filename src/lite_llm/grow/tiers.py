@@ -271,7 +271,6 @@ def add_tier(
         placement=placement,
         k_group=k_group,
         k_expert=k_expert,
-        dtype=reference.dtype,
         created_at=utc_now(),
     )
     new_config = _grown_config(config, new_tier, k_tier)
