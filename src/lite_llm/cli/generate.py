@@ -61,8 +61,6 @@ def generate(
 
     run_device = resolve_device(device)
 
-    if max_new_tokens < 1:
-        raise LiteLLMError(f"--max-new-tokens must be at least 1, got {max_new_tokens}; pass how many tokens to generate, e.g. --max-new-tokens 200")
     if temperature < 0:
         raise LiteLLMError(f"--temperature must be 0 (greedy) or more, got {temperature}")
     if repetition_penalty <= 0:
