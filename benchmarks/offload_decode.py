@@ -17,7 +17,8 @@ shards is dropped (``posix_fadvise(POSIX_FADV_DONTNEED)``), so misses read the d
 whatever the machine's storage is; a VM's virtual disk may itself be cached by the host —
 the bytes read per token are reported so the figure can be judged).  Store runs: hot budget
 = share x expert bytes, warm 0, policy ``layer-cycle``.  Random weights route close to
-uniformly, the worst case for any cache; a trained model's routes repeat more.
+uniformly, the worst case for any cache; a trained model's routes repeat more (``--bias-std``
+skews them, without the accelerate comparison).
 
 accelerate: the model exported with ``lite-llm export --format hf`` and loaded by
 ``AutoModelForCausalLM.from_pretrained(device_map="auto", max_memory={"cpu": dense + share x
@@ -70,8 +71,8 @@ def build_checkpoint(work: Path, args) -> Path:
 
     path = work / "ckpt"
     model = build_model(model_config(args), seed=0)
-    with torch.no_grad():  # a router that prefers some experts, as trained ones do (not uniform)
-        for block in model.layers:
+    with torch.no_grad():  # optionally a router that prefers some experts, as trained ones do
+        for block in model.layers if args.bias_std else []:
             head = block.ffn.router.heads["tier_1b"]
             head.expert_bias.copy_(torch.randn(head.expert_bias.shape, generator=torch.Generator().manual_seed(block.layer)) * args.bias_std)
     save_checkpoint(path, model)
@@ -155,7 +156,8 @@ def main() -> None:
     p.add_argument("--experts", type=int, default=32)
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--d-model", type=int, default=512)
-    p.add_argument("--bias-std", type=float, default=1.0, help="spread of the router's expert biases (0: close to uniform routes)")
+    p.add_argument("--bias-std", type=float, default=0.0,
+                   help="spread of the router's expert biases, for routes that prefer some experts (not exportable: implies --no-accelerate)")
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--no-accelerate", action="store_true")
@@ -167,6 +169,8 @@ def main() -> None:
     p.add_argument("--ckpt", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--hot", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.bias_std:
+        args.no_accelerate = True  # Mixtral's router has no expert bias
     setup_torch_threads(args.threads)
     if args.child:
         rss_child(args)
