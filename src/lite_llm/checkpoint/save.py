@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -39,7 +40,7 @@ from .manifest import (
     split_by_bytes,
 )
 from . import manifest as _manifest
-from .stream import TensorSpec, iter_specs, write_safetensors
+from .stream import TensorSpec, iter_specs, tensor_bytes, write_safetensors
 from .training import TrainingState
 
 _EXTRA_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
@@ -215,7 +216,8 @@ def _write_shards(
             for file_name, piece in zip(shard_file_names(shard_stem(tier, kind), len(pieces)), pieces):
                 piece_specs = {n: specs[n] for n in piece}
                 meta = {"format": "pt", "lite_llm_tier": tier, "lite_llm_kind": kind}
-                sha = write_safetensors(tmp / file_name, piece_specs, tensors.__getitem__, meta, fsync=False)
+                produce, expert_hashes = (_hashing_experts(tensors) if kind == "experts" else (tensors.__getitem__, None))
+                sha = write_safetensors(tmp / file_name, piece_specs, produce, meta, fsync=False)
                 syncs.append(syncer.submit(atomic.fsync_file, tmp / file_name))
                 dtypes = sorted({_dtype_name(s.dtype) for s in piece_specs.values()})
                 shards.append(
@@ -227,11 +229,26 @@ def _write_shards(
                         "bytes": (tmp / file_name).stat().st_size,
                         "sha256": sha,
                         "tensors": {n: {"dtype": _dtype_name(s.dtype), "shape": list(s.shape)} for n, s in piece_specs.items()},
+                        **({"expert_sha256": expert_hashes} if expert_hashes is not None else {}),
                     }
                 )
         for done in syncs:
             done.result()
     return shards
+
+
+def _hashing_experts(tensors: Mapping[str, torch.Tensor]) -> tuple[Callable[[str], torch.Tensor], dict[str, list[str]]]:
+    """A producer for an expert shard that also records the sha256 of every expert's bytes
+    (row ``e`` of each bank): what a reader fetching one expert from an archive checks."""
+    hashes: dict[str, list[str]] = {}
+
+    def produce(name: str) -> torch.Tensor:
+        tensor = tensors[name]
+        rows = tensor.detach().contiguous().cpu()
+        hashes[name] = [hashlib.sha256(tensor_bytes(row)).hexdigest() for row in rows]
+        return tensor
+
+    return produce, hashes
 
 
 def _write_files(

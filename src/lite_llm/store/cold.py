@@ -17,11 +17,13 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ..checkpoint.lazy import CheckpointTensors
 from ..checkpoint.quantization import BANKS, dequantize
+from ..config import ModelConfig
 from ..errors import CheckpointError
 from .cache import Weights
 from .policies import Key
@@ -32,12 +34,13 @@ class ExpertFileChanged(CheckpointError):
 
 
 @dataclass(frozen=True)
-class _Slice:
-    path: Path
+class ExpertSlice:
+    path: Any  # a local Path, or an archive's URL
     offset: int  # of expert 0's bytes
     row_bytes: int  # bytes of one expert
     row_shape: tuple[int, ...]
     dtype: torch.dtype
+    tensor: str  # the bank's name in the checkpoint
 
 
 def _identity(path: Path) -> tuple[int, int, int]:
@@ -50,24 +53,28 @@ class ColdExperts:
     (a quantized tier's experts are read as stored and dequantized to float32)."""
 
     def __init__(self, source: CheckpointTensors) -> None:
-        self.root = source.path
-        self._slices: dict[tuple[int, str, str], _Slice] = {}
+        layout = {name: (*source.tensors.location(name), source.tensors.spec(name)) for name in source.tensors}
+        self._setup(source.path, source.config, layout)
         self._identity: dict[Path, tuple[int, int, int]] = {}
-        self._quantization = {t.name: t.quantization for t in source.config.tiers}
+        for where in self._slices.values():
+            if where.path not in self._identity:
+                self._identity[where.path] = _identity(where.path)
+
+    def _setup(self, root: object, config: ModelConfig, layout: dict[str, tuple[Any, int, int, Any]]) -> None:
+        """Index the expert banks of ``layout`` (name -> (file, offset, bytes, spec))."""
+        self.root = root
+        self._slices: dict[tuple[int, str, str], ExpertSlice] = {}
+        self._quantization = {t.name: t.quantization for t in config.tiers}
         self._lock = threading.Lock()
         self.bytes_read = 0
-        for name in source.tensors:
+        for name, (path, offset, nbytes, spec) in layout.items():
             parts = name.split(".")
             # layers.{l}.ffn.experts.{tier}.{gate_up_proj|down_proj}[.qweight|.qscale]
             if len(parts) in (6, 7) and parts[0] == "layers" and parts[2:4] == ["ffn", "experts"]:
-                path, offset, nbytes = source.tensors.location(name)
-                spec = source.tensors.spec(name)
                 experts = spec.shape[0]
-                self._slices[(int(parts[1]), parts[4], ".".join(parts[5:]))] = _Slice(
-                    path, offset, nbytes // max(experts, 1), tuple(spec.shape[1:]), spec.dtype
+                self._slices[(int(parts[1]), parts[4], ".".join(parts[5:]))] = ExpertSlice(
+                    path, offset, nbytes // max(experts, 1), tuple(spec.shape[1:]), spec.dtype, name
                 )
-                if path not in self._identity:
-                    self._identity[path] = _identity(path)
 
     def _parts(self, tier: str) -> tuple[str, ...]:
         if self._quantization.get(tier):
@@ -105,17 +112,21 @@ class ColdExperts:
         layer, tier, expert = key
         where = self._slices[(layer, tier, part)]
         what = f"expert {expert} of tier {tier} in layer {layer}"
-        self._check_same_file(where.path, what)
         out = torch.empty(where.row_shape, dtype=where.dtype)
         buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())  # bytes of any dtype, bf16 included
+        self._read_into(where, expert, buf, what)
+        with self._lock:
+            self.bytes_read += where.row_bytes
+        return out
+
+    def _read_into(self, where: ExpertSlice, expert: int, buf: memoryview, what: str) -> None:
+        """Fill ``buf`` with expert ``expert``'s bytes of ``where`` from the local file."""
+        self._check_same_file(where.path, what)
         with open(where.path, "rb", buffering=0) as f:
             got = os.preadv(f.fileno(), [buf], where.offset + expert * where.row_bytes)
         if got != where.row_bytes:
             raise ExpertFileChanged(f"{what} could not be read from {where.path} (short read: the file is truncated); restore the checkpoint")
         self._check_same_file(where.path, what)  # not rewritten while it was read
-        with self._lock:
-            self.bytes_read += got
-        return out
 
     def _check_same_file(self, path: Path, what: str) -> None:
         try:

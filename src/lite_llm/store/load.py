@@ -25,6 +25,7 @@ from ..config import ModelConfig
 from ..errors import CheckpointError
 from ..model import LiteLLM, load_stored
 from ..model.expert_source import attach_expert_source
+from .archive import Archive, ArchiveExperts, is_url
 from .cold import ColdExperts
 from .policies import make_policy
 from .sizes import parse_bytes
@@ -39,7 +40,7 @@ class StoredModel:
     config: ModelConfig
     tokenizer: Any
     store: ExpertStore
-    path: Path
+    path: Path | str  # a local directory, or the archive's URL
 
 
 def load_with_store(
@@ -55,14 +56,21 @@ def load_with_store(
     """The checkpoint at ``path`` with its experts in a store of ``hot_budget`` bytes on
     ``device`` and ``warm_budget`` bytes of CPU RAM (sizes like ``512MB`` or ``2GiB``)."""
     hot, warm = parse_bytes(hot_budget, "hot budget"), parse_bytes(warm_budget, "warm budget")
-    source = open_checkpoint(path, verify=False)
-    _check_shards(source.path, source.manifest, verify_experts)
-    config = source.config
-    dtype = dtype or source.dtype
+    if is_url(path):  # the archive level: byte ranges from any fsspec URL, every expert hash-checked
+        archive = Archive(str(path))
+        config, cold, root = archive.config, ArchiveExperts(archive), str(path)
+        dense = archive.dense_state()
+        tokenizer_of: Any = archive.tokenizer
+    else:
+        source = open_checkpoint(path, verify=False)
+        _check_shards(source.path, source.manifest, verify_experts)
+        config, cold, root = source.config, ColdExperts(source), source.path
+        dense = {name: source.tensors[name] for name in source.tensors if ".ffn.experts." not in name}
+        tokenizer_of = lambda: load_tokenizer(source.tokenizer_dir) if source.tokenizer_dir else None  # noqa: E731
+    dtype = dtype or dense["embed.weight"].dtype
     device = torch.device(device)
 
     model = LiteLLM(config, expert_device="meta")
-    cold = ColdExperts(source)
     store = ExpertStore(
         cold, hot_budget=hot, warm_budget=warm, hot_policy=make_policy(policy, config.n_layers),
         warm_policy=make_policy(policy, config.n_layers), device=device, dtype=dtype,
@@ -70,14 +78,11 @@ def load_with_store(
     replaced = attach_expert_source(model, store)
     missing = [(layer, tier) for layer, tier in replaced if not cold.has(layer, tier)]
     if missing:
-        raise CheckpointError(f"checkpoint {source.path} has no experts for tier {missing[0][1]} in layer {missing[0][0]}; restore its expert shard")
+        raise CheckpointError(f"checkpoint {root} has no experts for tier {missing[0][1]} in layer {missing[0][0]}; restore its expert shard")
     store.check_budgets(replaced)
-    state = {name: source.tensors[name].to(dtype) if source.tensors[name].is_floating_point() else source.tensors[name]
-             for name in source.tensors if ".ffn.experts." not in name}
-    load_stored(model, state)
+    load_stored(model, {name: t.to(dtype) if t.is_floating_point() else t for name, t in dense.items()})
     model = model.to(device).eval().requires_grad_(False)
-    tokenizer = load_tokenizer(source.tokenizer_dir) if source.tokenizer_dir else None
-    return StoredModel(model, config, tokenizer, store, source.path)
+    return StoredModel(model, config, tokenizer_of(), store, root)
 
 
 def _check_shards(root: Path, manifest: dict, verify_experts: bool) -> None:
