@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from collections.abc import Callable
+
 from ..config import ModelConfig
 from .experts import DispatchImpl, ExpertBank, dispatch
 from .router import HSERRouter, Routes
@@ -21,6 +23,10 @@ class TieredMoE(nn.Module):
         )
         self.tier_names = [t.name for t in config.tiers]
         self.dispatch_impl: DispatchImpl = "auto"
+        # The expert compute, ``dispatch``'s signature.  Expert parallelism replaces it from
+        # outside (``dist/expert_parallel.py``) with one that sends rows to the rank holding
+        # their expert; the layer itself knows nothing of ranks.
+        self.dispatcher: Callable[..., torch.Tensor] = dispatch
 
     @property
     def tier_offsets(self) -> list[int]:
@@ -31,5 +37,5 @@ class TieredMoE(nn.Module):
         flat = x.reshape(-1, shape[-1])
         routes = self.router(flat, allowed, step)
         banks = [self.experts[name] if name in self.experts else None for name in self.tier_names]
-        out = dispatch(flat, routes.expert_ids, routes.weights, banks, self.tier_offsets, self.dispatch_impl)
+        out = self.dispatcher(flat, routes.expert_ids, routes.weights, banks, self.tier_offsets, self.dispatch_impl)
         return out.view(shape), routes

@@ -21,6 +21,7 @@ Why it is built the way it is:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -216,6 +217,10 @@ class HSERRouter(nn.Module):
         # the last batch (biased, masked); nothing else reads them.
         self.record_tier_logits = False
         self.last_tier_logits: torch.Tensor | None = None
+        # How the load-balance loss averages router probabilities over the batch.  Data
+        # parallelism replaces it (from outside, ``dist/data_parallel.py``) with a mean over
+        # every rank's tokens, so the loss of a split batch is the loss of the whole batch.
+        self.batch_mean: Callable[[torch.Tensor], torch.Tensor] = _mean_over_tokens
 
     def _build_tie_ranks(self) -> None:
         """Tie-break ranks per level, from the seeded hash of (seed, layer, level, candidate).
@@ -416,9 +421,9 @@ class HSERRouter(nn.Module):
             entropy_term = u * u.clamp_min(torch.finfo(u.dtype).tiny).log()
             return entropy_term.masked_fill(~real, 0).sum(-1) + real.sum(-1).clamp_min(1).log()
 
-        u_t = pick(p_tier).mean(0)
-        u_g = pick(p_group).mean(0)  # (A,G)
-        u_e = pick(p_expert).mean(0)  # (A,G,E)
+        u_t = self.batch_mean(pick(p_tier))
+        u_g = self.batch_mean(pick(p_group))  # (A,G)
+        u_e = self.batch_mean(pick(p_expert))  # (A,G,E)
         balance = (
             r.balance_alpha_tier * kl_to_uniform(u_t, torch.ones_like(u_t, dtype=torch.bool))
             + r.balance_alpha_group * kl_to_uniform(u_g, group_real).sum()
@@ -429,6 +434,11 @@ class HSERRouter(nn.Module):
         lse_e = _masked(pick(raw_e), expert_real, self.experts_padded).logsumexp(-1)[:, group_real]  # (N, real groups)
         z = r.z_loss_coef * (lse_t.square().mean() + lse_g.square().mean() + lse_e.square().mean())
         return balance, z
+
+
+def _mean_over_tokens(t: torch.Tensor) -> torch.Tensor:
+    """The batch mean over this process's tokens (dim 0)."""
+    return t.mean(0)
 
 
 def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:

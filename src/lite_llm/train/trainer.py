@@ -233,13 +233,13 @@ class Trainer:
             raise CheckpointError(f"checkpoint {checkpoint} has no training state; start a new run from it instead of resuming")
         saved_cfg = loaded.training.meta.get("train_config")
         if saved_cfg is not None:
-            self._check_same_schedule(saved_cfg)
+            self.check_same_schedule(saved_cfg)
         self.model.load_state_dict(loaded.model.state_dict())
         self.progressive = loaded.progressive
         self.load_training_state(loaded.training.tensors, loaded.training.meta)
         self.logger.drop_from(self.step)  # the steps after the checkpoint run again
 
-    def _check_same_schedule(self, saved: dict[str, Any]) -> None:
+    def check_same_schedule(self, saved: dict[str, Any]) -> None:
         """Resuming with a different schedule would silently change the run: refuse.
 
         ``steps`` may grow (extending a run): the schedule is a function of (step, total steps),
@@ -384,7 +384,7 @@ class Trainer:
                 if extra is not None:
                     loss = loss + extra
                     totals["extra_loss"] += extra.item() / c.grad_accum
-            if not torch.isfinite(loss):
+            if not self.all_finite(loss):
                 finite = False
                 totals["loss"] = out.lm_loss.item()
                 break
@@ -402,16 +402,16 @@ class Trainer:
                     tier_weights[i] += layer.tier_weights / c.grad_accum
                 tier_routes = layer.tier_routes.clone() if tier_routes is None else tier_routes + layer.tier_routes
                 expert_routes = layer.expert_routes.clone() if expert_routes is None else expert_routes + layer.expert_routes
-        record: dict[str, Any] = {"step": step, "lr": lr, **totals}
+        record: dict[str, Any] = {"step": step, "lr": lr, **self.reduce_totals(totals)}
         if not finite:
             self.optimizer.zero_grad(set_to_none=True)
             record["skipped"] = True
             return record
         for cb in self.callbacks:
             cb.on_before_step(self, step)
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        if c.grad_clip > 0 and params:
-            record["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, c.grad_clip, foreach=False))
+        grad_norm = self.prepare_update()
+        if grad_norm is not None:
+            record["grad_norm"] = grad_norm
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
@@ -425,6 +425,23 @@ class Trainer:
             record["tier_prob_layers"] = [p.tolist() for p in tier_probs]
             record["tier_weight_layers"] = [w.tolist() for w in tier_weights]
         return record
+
+
+    # -------------------------------------------------------------- what data parallelism changes
+    def all_finite(self, loss: torch.Tensor) -> bool:
+        """Whether the step may go on (a distributed trainer asks every rank: all skip or none)."""
+        return bool(torch.isfinite(loss))
+
+    def reduce_totals(self, totals: dict[str, float]) -> dict[str, float]:
+        """The step's losses as reported (a distributed trainer averages its ranks')."""
+        return totals
+
+    def prepare_update(self) -> float | None:
+        """Gradients ready for the optimizer: clipped to ``grad_clip``; the norm, if clipped."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.config.grad_clip > 0 and params:
+            return float(torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip, foreach=False))
+        return None
 
 
 def replay_rows(batch_size: int, share: float, *, seed: int, step: int, micro: int) -> int:

@@ -1,0 +1,180 @@
+"""Sharded training checkpoints with ``torch.distributed.checkpoint`` (DCP), and their
+consolidation into the ordinary manifest checkpoint.
+
+A sharded checkpoint is ``RUN/sharded/step-00000020/``: every rank's shards of the weights and
+of the optimizer moments (DTensors keep their global shape and offsets, so a checkpoint saved
+at one world size and set of degrees loads at another, one process included), written by
+DCP's safetensors writer — tensors in safetensors, their offsets in JSON headers, nothing
+pickled — plus ``lite_llm.json`` (model and training config, step, tokens, progressive state)
+and ``tokenizer/``.  Everything is written under ``.step-00000020.partial`` and renamed into
+place by rank 0 once every rank has finished, so a directory without the ``.partial`` suffix
+is complete; an interrupted save is never picked by :func:`latest_sharded`.
+
+The data position and the random state need nothing more: batches are a pure function of
+(seed, step, micro-batch) and routing noise of the step (``train/trainer.py``), so the step
+number is the whole position.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+
+from ..checkpoint import TrainingState, save_checkpoint
+from ..checkpoint.atomic import fsync_tree, remove_dir
+from ..config import ModelConfig
+from ..data.tokenizer import load_tokenizer
+from ..errors import CheckpointError
+from ..model import LiteLLM, build_model
+
+SHARDED_DIR = "sharded"
+META_FILE = "lite_llm.json"
+_STEP = re.compile(r"^step-(\d{8})$")
+MODEL, OPTIM = "model/", "optim/"
+
+
+def sharded_path(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / SHARDED_DIR / f"step-{step:08d}"
+
+
+def list_sharded(run_dir: Path) -> list[Path]:
+    """Complete sharded checkpoints of a run, oldest first."""
+    root = Path(run_dir) / SHARDED_DIR
+    if not root.is_dir():
+        return []
+    done = [p for p in root.iterdir() if _STEP.match(p.name) and (p / META_FILE).is_file()]
+    return sorted(done, key=lambda p: p.name)
+
+
+def latest_sharded(run_dir: Path) -> Path | None:
+    found = list_sharded(run_dir)
+    return found[-1] if found else None
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    return (Path(path) / META_FILE).is_file()
+
+
+# ------------------------------------------------------------------------------------ state
+def training_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """What a sharded checkpoint holds: ``model/<name>`` and ``optim/<name>/<slot>`` tensors
+    (DTensors where the run shards them), by parameter name, as the ordinary checkpoint does."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    state: dict[str, torch.Tensor] = {MODEL + n: p.detach() for n, p in model.named_parameters()}
+    for n, b in model.named_buffers():
+        if _persistent_buffer(model, n):
+            state[MODEL + n] = b
+    for p, slots in optimizer.state.items():
+        for slot, value in slots.items():
+            state[f"{OPTIM}{names[id(p)]}/{slot}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return state
+
+
+def _persistent_buffer(model: torch.nn.Module, name: str) -> bool:
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    return leaf not in module._non_persistent_buffers_set
+
+
+def save_sharded(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any],
+                 tokenizer: Any, keep_last: int) -> Path:
+    """Every rank writes its shards; rank 0 adds the metadata and renames the directory into
+    place once all have finished, then keeps the ``keep_last`` newest.  Collective."""
+    final = sharded_path(run_dir, step)
+    partial = final.with_name(f".{final.name}.partial")
+    main = not dist.is_initialized() or dist.get_rank() == 0
+    if main:
+        if partial.exists():
+            remove_dir(partial)
+        partial.mkdir(parents=True)
+    _barrier()
+    dcp.save(training_tensors(model, optimizer), storage_writer=HuggingFaceStorageWriter(str(partial), save_distributed=True),
+             no_dist=not dist.is_initialized())
+    _barrier()
+    if main:
+        (partial / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True), encoding="utf-8")
+        if tokenizer is not None:
+            tokenizer.save(partial / "tokenizer")
+        fsync_tree(partial)
+        if final.exists():
+            remove_dir(final)
+        os.replace(partial, final)
+        for old in list_sharded(run_dir)[:-keep_last]:
+            remove_dir(old)
+    _barrier()
+    return final
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    meta_file = Path(path) / META_FILE
+    if not meta_file.is_file():
+        raise CheckpointError(f"{path} is not a complete sharded checkpoint (it has no {META_FILE}); resume from another one")
+    try:
+        return json.loads(meta_file.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise CheckpointError(f"{meta_file} is corrupt; resume from an earlier sharded checkpoint") from exc
+
+
+def load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    """Fill ``model`` (and ``optimizer``'s moments) in place from a sharded checkpoint, whatever
+    the world size and degrees it was saved at; returns its metadata.  Collective when a
+    process group is up."""
+    meta = read_meta(path)
+    reader = HuggingFaceStorageReader(str(path))
+    stored = reader.read_metadata().state_dict_metadata
+    targets: dict[str, torch.Tensor] = {MODEL + n: p.detach() for n, p in model.named_parameters()}
+    for n, b in model.named_buffers():
+        if _persistent_buffer(model, n):
+            targets[MODEL + n] = b
+    missing = [k for k in targets if k not in stored]
+    if missing:
+        raise CheckpointError(f"{path} has no {missing[0][len(MODEL):]}; it was saved from another model — resume with the model it was trained with")
+    moments: dict[str, tuple[torch.nn.Parameter, str]] = {}
+    if optimizer is not None:
+        for n, p in model.named_parameters():
+            for key in stored:
+                if key.startswith(f"{OPTIM}{n}/") and "/" not in key[len(OPTIM) + len(n) + 1 :]:
+                    slot = key.rsplit("/", 1)[1]
+                    targets[key] = torch.zeros_like(p.detach()) if slot != "step" else torch.zeros((), dtype=torch.float32)
+                    moments[key] = (p, slot)
+    dcp.load(targets, storage_reader=reader, no_dist=not dist.is_initialized())
+    if optimizer is not None:
+        optimizer.state.clear()
+        for key, (p, slot) in moments.items():
+            optimizer.state[p][slot] = targets[key]
+    return meta
+
+
+def consolidate(path: Path, output: Path) -> Path:
+    """The ordinary manifest checkpoint (weights, optimizer moments, training metadata) of a
+    sharded one: what growth, add-tier, eval and export read, and what a new run starts from.
+    Reads in this process alone (no process group needed)."""
+    meta = read_meta(path)
+    config = ModelConfig.from_dict(meta["model_config"])
+    model = build_model(config, seed=0)
+    reader = HuggingFaceStorageReader(str(path))
+    stored = reader.read_metadata().state_dict_metadata
+    targets: dict[str, torch.Tensor] = {MODEL + n: p.detach() for n, p in model.named_parameters()}
+    optim: dict[str, torch.Tensor] = {}
+    for key, info in stored.items():
+        if key.startswith(OPTIM):
+            optim[key] = torch.zeros(tuple(info.size), dtype=info.properties.dtype)
+    dcp.load({**targets, **optim}, storage_reader=reader, no_dist=True)
+    tensors = {"optimizer/" + key[len(OPTIM) :]: value for key, value in optim.items()}
+    tokenizer_dir = Path(path) / "tokenizer"
+    tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir.is_dir() else None
+    training = TrainingState(tensors=tensors, meta=meta["trainer"])
+    return save_checkpoint(output, model, tokenizer=tokenizer, progressive=meta.get("progressive") or {}, training=training)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

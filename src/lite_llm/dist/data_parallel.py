@@ -1,0 +1,48 @@
+"""Data parallelism with FSDP2 (``fully_shard``): dense weights and their optimizer state
+sharded over the data ranks, and the load-balance loss taken over the whole global batch.
+
+Each block and then the whole model are ``fully_shard``-ed over the ``dp x ep`` data ranks
+(the usual FSDP2 nesting: a block's weights are gathered just before it runs and freed after).
+Expert banks split by expert parallelism are left to it (``ignored_params``).
+
+The router's load-balance loss is a function of the batch-mean routing probabilities, which
+is not linear in the rows: the mean of per-rank losses is not the loss of the whole batch.  So
+the routers' ``batch_mean`` becomes a mean over every data rank's tokens (an all-reduce with a
+gradient), and DP training follows the single-process run on the same global batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import fully_shard
+
+from ..model import HSERRouter, LiteLLM
+
+
+def apply_data_parallel(model: LiteLLM, data_mesh: DeviceMesh, ignored: list[torch.nn.Parameter] | None = None) -> LiteLLM:
+    """Shard ``model``'s weights over ``data_mesh`` with FSDP2, skipping ``ignored`` ones."""
+    group = data_mesh.get_group()
+    ranks = data_mesh.size()
+    for module in model.modules():
+        if isinstance(module, HSERRouter):
+            module.batch_mean = _GlobalBatchMean(group, ranks)
+    ignored_set = set(ignored or [])
+    for block in model.layers:
+        fully_shard(block, mesh=data_mesh, ignored_params=ignored_set)
+    fully_shard(model, mesh=data_mesh, ignored_params=ignored_set)
+    return model
+
+
+class _GlobalBatchMean:
+    """Mean over the tokens of every data rank (equal token counts), differentiable: the
+    all-reduce's backward all-reduces the gradient, so each rank's routers get the gradient
+    of the global-batch loss with respect to their own tokens' probabilities."""
+
+    def __init__(self, group: dist.ProcessGroup, ranks: int) -> None:
+        self.group, self.ranks = group, ranks
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        return dist_fn.all_reduce(t.mean(0), op=dist.ReduceOp.SUM, group=self.group) / self.ranks

@@ -1,0 +1,138 @@
+"""The trainer on many ranks: the single-process :class:`~lite_llm.train.Trainer`, with what
+data parallelism changes and nothing else.
+
+* Each data rank takes its rows of the global batch (the batch of a step is a pure function of
+  seed and step, so every rank knows it without talking): rank r of R gets rows
+  ``r*B/R .. (r+1)*B/R``, and the global batch is the same rows one process would train on.
+* Expert gradients are averaged like the dense ones (FSDP2 does those), then clipped by the
+  global norm over every mesh (``dist/grad_norm.py``).
+* A step is skipped on every rank or on none; losses are averaged over the ranks.
+* Rank 0 alone prints progress and writes ``metrics.jsonl``; checkpoints are sharded
+  (``dist/checkpoint.py``) and consolidated into an ordinary one at the end of the run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from ..errors import ConfigError
+from ..train import TrainConfig, Trainer
+from ..train.metrics import MetricsLogger
+from .checkpoint import consolidate, load_sharded, read_meta, save_sharded
+from .expert_parallel import sync_expert_grads
+from .grad_norm import grad_norm_and_clip
+from .launch import Ranks
+
+if TYPE_CHECKING:
+    from ..data import TokenData
+    from ..model import LiteLLM
+
+
+class DistributedTrainer(Trainer):
+    """A :class:`Trainer` for one rank of a parallelized model (see :func:`dist.parallelize`)."""
+
+    def __init__(self, model: "LiteLLM", data: "TokenData", config: TrainConfig, ranks: Ranks, **kwargs: Any) -> None:
+        if config.batch_size % ranks.degrees.data_ranks:
+            raise ConfigError(
+                f"--batch-size {config.batch_size} does not split evenly over the {ranks.degrees.data_ranks} data ranks "
+                f"(dp x ep); use a multiple of {ranks.degrees.data_ranks}"
+            )
+        for unsupported in ("ewc_from", "distill_from", "si_from"):
+            if getattr(config, unsupported):
+                raise ConfigError(f"train.{unsupported} is not supported in distributed runs yet; train with it in one process")
+        if config.si_strength or config.replay_share or config.freeze:
+            raise ConfigError("synaptic intelligence, replay and freezing are not supported in distributed runs yet; use them in one process")
+        self.ranks = ranks
+        if not ranks.is_main:
+            kwargs["show_progress"] = False
+        super().__init__(model, data, config, device=ranks.device, **kwargs)
+        if not ranks.is_main:
+            self.logger = MetricsLogger(None)
+
+    # ------------------------------------------------------------------ what DP changes
+    def sample(self, step: int, micro: int) -> tuple[torch.Tensor, list[str]]:
+        batch, domains = super().sample(step, micro)
+        per = self.config.batch_size // self.ranks.degrees.data_ranks
+        r = self.ranks.data_rank
+        return batch[r * per : (r + 1) * per], domains[r * per : (r + 1) * per]
+
+    def all_finite(self, loss: torch.Tensor) -> bool:
+        ok = torch.tensor([1.0 if bool(torch.isfinite(loss)) else 0.0])
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        return bool(ok.item() == 1.0)
+
+    def reduce_totals(self, totals: dict[str, float]) -> dict[str, float]:
+        keys = sorted(totals)
+        values = torch.tensor([totals[k] for k in keys], dtype=torch.float64)
+        dist.all_reduce(values, group=self.ranks.data_group)
+        values /= self.ranks.degrees.data_ranks
+        return {k: float(v) for k, v in zip(keys, values.tolist())}
+
+    def prepare_update(self) -> float | None:
+        degrees = self.ranks.degrees
+        if degrees.ep > 1:
+            sync_expert_grads(self.model, self.ranks.mesh.get_group("dp"), degrees.data_ranks)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.config.grad_clip > 0 and params:
+            return grad_norm_and_clip(params, self.config.grad_clip)
+        return None
+
+    # ------------------------------------------------------------------ checkpoints
+    def sharded_meta(self) -> dict[str, Any]:
+        _, meta = self.training_state()
+        meta.pop("torch_rng", None)  # per rank and unused: nothing draws from global RNG
+        progressive = dict(self.progressive)
+        progressive["training"] = {
+            "step": self.step, "tokens": self.tokens, "flops": self.flops, "ancestor_flops": self.ancestor_flops, "total_flops": self.total_flops,
+        }
+        return {
+            "model_config": self.model.config.to_dict(),
+            "trainer": meta,
+            "progressive": progressive,
+            "parallel": self.ranks.degrees.to_dict(),
+        }
+
+    def training_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        # the tensors are saved sharded (dist/checkpoint.py); only the JSON part is taken here
+        meta = {
+            "step": self.step, "tokens": self.tokens, "flops": self.flops, "ancestor_flops": self.ancestor_flops,
+            "train_config": self.config.to_dict(), "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks},
+        }
+        return {}, meta
+
+    def save(self, tag: str | None = None) -> Path | None:
+        """A sharded checkpoint of this step; at the run's last step also the consolidated one
+        (``RUN/checkpoints/step-N``, by rank 0), which is what the run returns."""
+        if self.run_dir is None:
+            return None
+        path = save_sharded(self.run_dir, self.step, self.model, self.optimizer, self.sharded_meta(), self.tokenizer, self.config.keep_last)
+        if self.step < self.config.steps:
+            return path
+        from ..checkpoint import CheckpointManager
+
+        target = CheckpointManager(self.run_dir).path_for(self.step)
+        if self.ranks.is_main:
+            consolidate(path, target)
+        dist.barrier()
+        return target
+
+    def resume_sharded(self, path: Path) -> None:
+        """Continue from a sharded checkpoint saved at any world size and degrees."""
+        resume_sharded(self, path)
+
+
+def resume_sharded(trainer: Trainer, path: Path) -> None:
+    """Put a sharded checkpoint's weights, optimizer moments and position into ``trainer`` —
+    a distributed one, or a single-process one (a run continued on one process)."""
+    meta = read_meta(path)
+    trainer_meta = meta.get("trainer") or {}
+    if trainer_meta.get("train_config"):
+        trainer.check_same_schedule(trainer_meta["train_config"])
+    trainer.load_training_state({}, trainer_meta)  # step, tokens, callbacks (clears the moments)
+    load_sharded(path, trainer.model, trainer.optimizer)  # then the weights and the moments
+    trainer.progressive = dict(meta.get("progressive") or {})
+    trainer.logger.drop_from(trainer.step)

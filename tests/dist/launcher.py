@@ -1,0 +1,65 @@
+"""Run a function on several processes joined by gloo on 127.0.0.1, as torchrun would.
+
+Each rank gets the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT), one
+thread, and a hard deadline: a test that would hang fails instead.  Ranks report through
+files in ``out_dir`` (JSON), never through pickled return values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(local_rank: int, fn: Callable[..., Any], world: int, port: int, out_dir: str, args: tuple) -> None:
+    os.environ.update(RANK=str(local_rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        result = fn(*args)
+    except BaseException:
+        Path(out_dir, f"error-{local_rank}.txt").write_text(traceback.format_exc())
+        raise
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    Path(out_dir, f"rank-{local_rank}.json").write_text(json.dumps(result))
+
+
+def run_ranks(fn: Callable[..., Any], world: int, out_dir: Path, *args: Any, timeout_s: float = 60.0) -> list[Any]:
+    """``fn(*args)`` on ``world`` ranks; the JSON-able results, by rank."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ctx = mp.start_processes(_entry, args=(fn, world, free_port(), str(out_dir), args), nprocs=world, join=False, start_method="spawn")
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"ranks still running after {timeout_s} s")
+    except ProcessException:
+        pass  # the failing rank wrote its traceback; reported below
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    errors = sorted(out_dir.glob("error-*.txt"))
+    if errors:
+        raise AssertionError(errors[0].read_text())
+    return [json.loads(Path(out_dir, f"rank-{r}.json").read_text()) for r in range(world)]

@@ -1,0 +1,82 @@
+"""Functions the multi-process tests run on every rank (importable, for the spawn start method)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lite_llm.dist.expert_parallel import apply_expert_parallel
+from lite_llm.dist.launch import init_distributed
+from lite_llm.model import build_model
+from tests.conftest import two_tier_config
+
+TOKENS_PER_RANK = 32
+
+
+def _skew(model: Any, onto: str) -> None:
+    """Route every token of tier_a to the experts of one EP rank (tier_b held unroutable)."""
+    group = 0 if onto == "rank0" else 1
+    for block in model.layers:
+        heads = block.ffn.router.heads
+        heads["tier_b"].tier_bias.fill_(-1e4)
+        heads["tier_a"].group_bias.fill_(0.0)
+        heads["tier_a"].group_bias[1 - group] = -1e4
+
+
+def ep_forward(skew: str | None, with_grad: bool) -> dict[str, Any]:
+    """Layer and whole-model forward with EP=2 against the same model in this process on the
+    whole batch: bitwise, and the input gradient of the layer."""
+    ranks = init_distributed("ep=2", torch.device("cpu"))
+    rank = ranks.data_rank
+    config = two_tier_config()
+    reference = build_model(config, seed=3)
+    model = build_model(config, seed=3)
+    if skew:
+        _skew(reference, skew)
+        _skew(model, skew)
+    apply_expert_parallel(model, ranks.mesh["dp", "ep"])
+    world_tokens = TOKENS_PER_RANK * ranks.degrees.ep
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(world_tokens, config.d_model, generator=gen)
+    ids = torch.randint(0, config.vocab_size, (ranks.degrees.ep * 2, 16), generator=gen)
+    allowed = reference.allowed_tiers("all")
+    mine = slice(rank * TOKENS_PER_RANK, (rank + 1) * TOKENS_PER_RANK)
+
+    ref_moe, ep_moe = reference.layers[0].ffn, model.layers[0].ffn
+    x_ref = x.clone().requires_grad_(with_grad)
+    x_ep = x[mine].clone().requires_grad_(with_grad)
+    with torch.set_grad_enabled(with_grad):
+        want, routes = ref_moe(x_ref, allowed)
+        got, _ = ep_moe(x_ep, allowed)
+        if with_grad:
+            want.square().sum().backward()
+            got.square().sum().backward()
+    rows_per_rank = [int((routes.expert_ids[r * TOKENS_PER_RANK : (r + 1) * TOKENS_PER_RANK] >= 0).sum()) for r in range(2)]
+    owner_counts = torch.zeros(2, dtype=torch.long)
+    from lite_llm.dist.expert_parallel import expert_owners
+
+    owners = torch.tensor(expert_owners([t.num_experts for t in config.tiers], 2))
+    ids_used = routes.expert_ids[routes.expert_ids >= 0]
+    owner_counts += torch.bincount(owners[ids_used], minlength=2)
+    with torch.no_grad():
+        logits_ref = reference(ids).logits
+        per = ids.shape[0] // 2
+        logits_ep = model(ids[rank * per : (rank + 1) * per]).logits
+    out = {
+        "layer_equal": bool(torch.equal(got, want[mine])),
+        "layer_max_diff": float((got - want[mine]).abs().max()),
+        "logits_equal": bool(torch.equal(logits_ep, logits_ref[rank * per : (rank + 1) * per])),
+        "routes_to_rank": owner_counts.tolist(),
+        "rows": rows_per_rank,
+    }
+    if with_grad:
+        out["input_grad_max_rel"] = float((x_ep.grad - x_ref.grad[mine]).abs().max() / x_ref.grad.abs().max())
+        bank_ref, bank_ep = ref_moe.experts["tier_a"], ep_moe.experts["tier_a"]
+        lo = rank * 3
+        local = bank_ep.gate_up_proj.to_local()
+        grad = bank_ep.gate_up_proj.grad
+        g_ep = grad.to_local() if grad is not None else torch.zeros_like(local)  # None: no row reached these experts
+        g_ref = bank_ref.gate_up_proj.grad[lo : lo + local.shape[0]]
+        out["expert_grad_max_rel"] = float((g_ep - g_ref).abs().max() / g_ref.abs().max().clamp_min(1e-30))
+    return out
