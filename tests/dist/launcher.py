@@ -61,5 +61,9 @@ def run_ranks(fn: Callable[..., Any], world: int, out_dir: Path, *args: Any, tim
                 p.kill()
     errors = sorted(out_dir.glob("error-*.txt"))
     if errors:
-        raise AssertionError(errors[0].read_text())
+        raise AssertionError("\n".join(f"{e.name}:\n{e.read_text()}" for e in errors))
+    missing = [r for r in range(world) if not Path(out_dir, f"rank-{r}.json").is_file()]
+    if missing:
+        codes = [p.exitcode for p in ctx.processes]
+        raise AssertionError(f"rank(s) {missing} ended without a result (exit codes {codes})")
     return [json.loads(Path(out_dir, f"rank-{r}.json").read_text()) for r in range(world)]

@@ -80,3 +80,46 @@ def ep_forward(skew: str | None, with_grad: bool) -> dict[str, Any]:
         g_ref = bank_ref.gate_up_proj.grad[lo : lo + local.shape[0]]
         out["expert_grad_max_rel"] = float((g_ep - g_ref).abs().max() / g_ref.abs().max().clamp_min(1e-30))
     return out
+
+
+def train_config(steps: int, **overrides: Any):
+    from lite_llm.train import TrainConfig
+
+    fields = dict(steps=steps, batch_size=8, seq_len=32, lr=1e-3, warmup_steps=2, eval_every=0, eval_batches=1, eval_batch_size=4, log_every=1, save_every=0)
+    fields.update(overrides)
+    return TrainConfig(**fields)
+
+
+def train_dist(data_dir: str, parallel: str, steps: int, run_dir: str | None, resume: str | None, until: int | None,
+               overrides: dict | None = None) -> dict[str, Any]:
+    """Train the two-tier model on this rank's part of each global batch; the losses."""
+    from lite_llm.data import TokenData
+    from lite_llm.dist.parallelize import parallelize
+    from lite_llm.dist.trainer import DistributedTrainer
+
+    ranks = init_distributed(parallel, torch.device("cpu"))
+    data = TokenData(data_dir)
+    model = build_model(two_tier_config(vocab_size=data.tokenizer.vocab_size), seed=5)
+    parallelize(model, ranks)
+    trainer = DistributedTrainer(model, data, train_config(steps, **(overrides or {})), ranks, run_dir=run_dir, show_progress=False)
+    if resume:
+        trainer.resume_sharded(resume)
+    result = trainer.train(until=until)
+    return {"losses": result.losses, "step": trainer.step, "checkpoint": str(result.checkpoint) if result.checkpoint else None}
+
+
+def train_single(data_dir: str, steps: int, run_dir: str | None = None, resume_sharded_from: str | None = None,
+                 overrides: dict | None = None) -> dict[str, Any]:
+    """The oracle: the same run in one process on the whole global batch."""
+    from lite_llm.data import TokenData
+    from lite_llm.train import Trainer
+
+    data = TokenData(data_dir)
+    model = build_model(two_tier_config(vocab_size=data.tokenizer.vocab_size), seed=5)
+    trainer = Trainer(model, data, train_config(steps, **(overrides or {})), run_dir=run_dir, show_progress=False)
+    if resume_sharded_from:
+        from lite_llm.dist.trainer import resume_sharded
+
+        resume_sharded(trainer, resume_sharded_from)
+    result = trainer.train()
+    return {"losses": result.losses, "step": trainer.step}

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
+import torch.distributed._functional_collectives as funcol
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 
@@ -45,4 +45,4 @@ class _GlobalBatchMean:
         self.group, self.ranks = group, ranks
 
     def __call__(self, t: torch.Tensor) -> torch.Tensor:
-        return dist_fn.all_reduce(t.mean(0), op=dist.ReduceOp.SUM, group=self.group) / self.ranks
+        return funcol.all_reduce(t.mean(0), "sum", self.group) / self.ranks

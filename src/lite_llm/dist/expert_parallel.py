@@ -191,14 +191,25 @@ def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for m in model.modules() if isinstance(m, ExpertBank) for p in (m.gate_up_proj, m.down_proj)]
 
 
-def sync_expert_grads(model: nn.Module, dp_group: dist.ProcessGroup | None, data_ranks: int) -> None:
+def sync_expert_grads(model: nn.Module, dp_group: dist.ProcessGroup, data_group: dist.ProcessGroup, data_ranks: int) -> None:
     """Average expert gradients as the dense ones are: summed over the ``dp`` replicas of each
     expert, divided by every data rank (each rank's loss is the mean over its own rows, and an
-    expert's gradient already sums what its ``ep`` group's rows sent it)."""
-    for p in expert_parameters(model):
-        if p.grad is None:
+    expert's gradient already sums what its ``ep`` group's rows sent it).
+
+    A bank has a gradient when any row of the global batch reached any of its experts, as in
+    one process: a bank no row reached anywhere keeps none (AdamW then skips it — no weight
+    decay, no moment decay), and one reached elsewhere only gets zeros here.  Presence is agreed
+    over every data rank, so the collectives that follow (the norm) run on all of them or none."""
+    params = [p for p in expert_parameters(model) if p.requires_grad]
+    present = torch.tensor([p.grad is not None for p in params], dtype=torch.int32)
+    dist.all_reduce(present, group=data_group)
+    replicated = dist.get_world_size(dp_group) > 1
+    for p, anywhere in zip(params, present.tolist()):
+        if not anywhere:
             continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
         local = _local(p.grad)
-        if dp_group is not None and dist.get_world_size(dp_group) > 1:
+        if replicated:
             dist.all_reduce(local, group=dp_group)
         local.div_(data_ranks)

@@ -75,7 +75,7 @@ class DistributedTrainer(Trainer):
     def prepare_update(self) -> float | None:
         degrees = self.ranks.degrees
         if degrees.ep > 1:
-            sync_expert_grads(self.model, self.ranks.mesh.get_group("dp"), degrees.data_ranks)
+            sync_expert_grads(self.model, self.ranks.mesh.get_group("dp"), self.ranks.data_group, degrees.data_ranks)
         params = [p for p in self.model.parameters() if p.grad is not None]
         if self.config.grad_clip > 0 and params:
             return grad_norm_and_clip(params, self.config.grad_clip)
