@@ -27,7 +27,7 @@ import torch
 
 from ..config import ModelConfig, TierSet
 from ..errors import DataError, LiteLLMError
-from .selection import TierSetProfile, TierSetTable, candidate_tiersets, resident_bytes
+from .selection import TierSetProfile, TierSetTable, candidate_tiersets, resident_bytes, tierset_label
 
 
 def expert_bytes_per_tier(manifest: Mapping[str, Any], config: ModelConfig) -> dict[str, float]:
@@ -174,7 +174,7 @@ def profile_checkpoint(
             )
         )
         if progress is not None:
-            progress(f"scored {TierSet.of(*s)}")
+            progress(f"scored {tierset_label(s, order)}")
     return TierSetTable(
         profiles, str(torch.device(device)), order,
         parse_bytes(hot_budget, "hot budget") if hot_budget is not None else None,
