@@ -4,13 +4,11 @@ the checkpoint (which still verifies), and `lite-llm tiers profile` + `choose` e
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from lite_llm import ModelConfig, build_model
