@@ -13,12 +13,15 @@ A checkpoint is a directory::
     tokenizer/                          tokenizer.save(dir)
     training/state.safetensors|.json    optimizer / scheduler / RNG state (no pickle)
     <extra>/tensors.safetensors         e.g. ewc/
+    <folder>/<name>.<sha12>.json        small files added later (write_extra_file), e.g.
+                                        serve/tierset-profile.*.json
 
 Written atomically (temporary directory, fsync, rename); read with hash verification, per
 TierSet, tolerant of newer minor versions and refusing newer major ones.  Nothing executable
 is ever read: JSON and safetensors only.
 """
 
+from .extra_files import read_extra_file, write_extra_file
 from .load import LoadedCheckpoint, load_checkpoint, load_extra, load_training_state, read_manifest, verify_checkpoint
 from .manager import CheckpointManager
 from .manifest import FORMAT_NAME, FORMAT_VERSION
@@ -34,7 +37,9 @@ __all__ = [
     "load_checkpoint",
     "load_extra",
     "load_training_state",
+    "read_extra_file",
     "read_manifest",
     "save_checkpoint",
     "verify_checkpoint",
+    "write_extra_file",
 ]

@@ -1,0 +1,1 @@
+"""Serving: the generation loop with continuous batching, TierSet selection, the HTTP server."""
