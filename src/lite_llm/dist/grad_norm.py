@@ -1,0 +1,32 @@
+"""Gradient-norm clipping over sharded and split parameters.
+
+``torch.nn.utils.clip_grad_norm_`` cannot combine DTensors that live on different meshes (the
+dense weights sharded over the data ranks, the experts split over the ``ep`` ranks).  Each
+gradient's norm is taken as a DTensor (its reduction runs over that gradient's own mesh) and
+made a plain scalar with ``full_tensor()``; the rest is what ``clip_grad_norm_(foreach=False)``
+does, in the same order: the norm of the per-gradient norms, one coefficient, clamped at 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch.distributed.tensor import DTensor
+
+
+def grad_norm_and_clip(params: Iterable[torch.nn.Parameter], max_norm: float) -> float:
+    """Clip the gradients of ``params`` to a global 2-norm of ``max_norm``; return the norm
+    before clipping (the same on every rank)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    norms = []
+    for g in grads:
+        n = torch.linalg.vector_norm(g, 2)
+        norms.append(n.full_tensor() if isinstance(n, DTensor) else n)
+    total = torch.linalg.vector_norm(torch.stack(norms), 2)
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in grads:
+        g.mul_(coef)  # a DTensor gradient times a plain scalar stays sharded as it was
+    return float(total)
