@@ -77,6 +77,8 @@ def tiny_config(name: str, **overrides: Any):
     """``moe``: the two-tier tiny preset; ``dense``: the dense tiny preset (4 layers when asked)."""
     from lite_llm.config import ModelConfig
 
+    if name == "moe-last":  # MoE only in the last layer: the first stage has no aux loss of its own
+        return ModelConfig.from_preset("tiny", moe_layers=[overrides.get("n_layers", 2) - 1], **overrides)
     return ModelConfig.from_preset("tiny" if name == "moe" else "tiny-dense", **overrides)
 
 
@@ -187,3 +189,45 @@ def tp_refuse_worker(n_heads: int, n_kv_heads: int) -> dict[str, Any]:
     except ConfigError as e:
         return {"error": str(e)}
     return {"error": None}
+
+
+# ---------------------------------------------------------------------------------- pipeline parallel
+def pp_worker(config_name: str, steps: int, rows: int, seq: int, n_micro: int, schedule: str, n_layers: int | None) -> dict[str, Any]:
+    """PP over all ranks, ``n_micro`` microbatches, ``steps`` AdamW steps with clipping; on
+    every rank the one-process oracle (grad_accum = n_micro on the same rows) to compare this
+    stage's first-step gradients with."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from lite_llm.dist.pipeline import build_pipeline, clip_grad_norm_pipeline
+    from lite_llm.model import build_model
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("pp",))
+    cfg = tiny_config(config_name, **({"n_layers": n_layers} if n_layers else {}))
+    pipe = build_pipeline(build_model(cfg, seed=0), mesh, n_micro, schedule)  # type: ignore[arg-type]
+    params = list(pipe.module.parameters())
+    opt = optimizer(params)
+    names = [n for n, _ in pipe.module.named_parameters()]
+    reports, first_grads, norms = [], {}, []
+    for step, batch in enumerate(batches(cfg.vocab_size, steps, rows, seq)):
+        reports.append(pipe.step(batch, step=step))
+        if step == 0:
+            first_grads = {n: p.grad.clone() for n, p in pipe.module.named_parameters() if p.grad is not None}
+        norms.append(clip_grad_norm_pipeline(pipe, GRAD_CLIP))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    ref = reference_run(config_name, steps, rows, seq, grad_accum=n_micro, n_layers=n_layers)
+    grad_abs = max(float((first_grads[n] - ref["first_grads"][n]).abs().max()) for n in first_grads)
+    return {
+        "rank": rank,
+        "names": names,
+        "losses": [r["loss"] for r in reports],
+        "lm_losses": [r["lm_loss"] for r in reports],
+        "ref_losses": ref["losses"],
+        "ref_lm_losses": ref["lm_losses"],
+        "grad_names_match": sorted(first_grads) == sorted(n for n in ref["first_grads"] if n in set(names)),
+        "grad_max_abs_diff": grad_abs,
+        "grads_bitwise": all(torch.equal(first_grads[n], ref["first_grads"][n]) for n in first_grads),
+        "grad_norms": norms,
+    }
