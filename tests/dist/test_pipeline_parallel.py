@@ -5,7 +5,7 @@ n_microbatches ((loss / n).backward() per consecutive row slice, clip at 1.0, Ad
 Measured on this CPU (torch 2.13, gloo, 2 ranks, one thread each, 10 steps of 4 x 32 tokens):
 the per-step losses (total and LM), the first step's gradients of every parameter and the
 clipped gradient norms are *bitwise* equal to one process — for the two-tier MoE tiny model
-(2 and 4 microbatches, GPipe and 1F1B), a dense 3-layer model (uneven 2 + 1 split) and a MoE
+(1, 2 and 4 microbatches, GPipe and 1F1B), a dense 3-layer model (uneven 2 + 1 split) and a MoE
 model whose first stage has no MoE layer.  So the tolerance asserted is zero.  Why it can be
 exact: each stage runs the same ops on the same values, the aux-loss sums are carried between
 stages in the order one process adds them, and dividing the summed gradients by a power-of-two
@@ -31,7 +31,7 @@ STEPS, ROWS, SEQ = 10, 4, 32
 
 @pytest.mark.parametrize(
     "config_name, n_micro, schedule, n_layers",
-    [("moe", 2, "gpipe", None), ("moe", 4, "1f1b", None), ("dense", 4, "1f1b", 3), ("moe-last", 2, "gpipe", None)],
+    [("moe", 2, "gpipe", None), ("moe", 4, "1f1b", None), ("dense", 4, "1f1b", 3), ("moe-last", 2, "gpipe", None), ("moe", 1, "gpipe", None)],
 )
 def test_pp2_training_matches_grad_accum(tmp_path: Path, config_name: str, n_micro: int, schedule: str, n_layers: int | None) -> None:
     r0, r1 = run_ranks(pp_worker, 2, tmp_path, config_name, STEPS, ROWS, SEQ, n_micro, schedule, n_layers)
@@ -47,6 +47,7 @@ def test_pp2_training_matches_grad_accum(tmp_path: Path, config_name: str, n_mic
         assert r["lm_losses"] == r["ref_lm_losses"]
         assert r["grad_names_match"] and r["grads_bitwise"] and r["grad_max_abs_diff"] == 0.0
     assert r0["grad_norms"] == r1["grad_norms"]
+    assert r0["grad_norms"] == r0["ref_grad_norms"]  # bitwise: gathered in the model's parameter order
     assert max(r0["grad_norms"]) > 1.0  # clipping was exercised
 
 
@@ -62,6 +63,7 @@ def test_stage_layers_split_contiguously() -> None:
         ({"tie_embeddings": True}, 2, 2, "1f1b", "tie_embeddings"),
         ({}, 2, 0, "1f1b", "n_microbatches must be at least 1"),
         ({}, 2, 2, "zb", "unknown pipeline schedule 'zb'"),
+        ({}, 2, 1, "1f1b", "the 1f1b schedule needs at least as many microbatches as stages (2), got 1"),
     ],
 )
 def test_pipeline_refusals_are_one_sentence(overrides: dict, pp: int, n_micro: int, schedule: str, word: str) -> None:

@@ -106,7 +106,7 @@ def reference_run(config_name: str, steps: int, rows: int, seq: int, grad_accum:
     model = build_model(cfg, seed=0)
     params = list(model.parameters())
     opt = optimizer(params)
-    losses, lm_losses, first_grads = [], [], {}
+    losses, lm_losses, first_grads, norms = [], [], {}, []
     for step, batch in enumerate(batches(cfg.vocab_size, steps, rows, seq)):
         total, lm = 0.0, 0.0
         for micro in batch.chunk(grad_accum):
@@ -116,12 +116,12 @@ def reference_run(config_name: str, steps: int, rows: int, seq: int, grad_accum:
             lm += out.lm_loss.item() / grad_accum
         if step == 0:
             first_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], GRAD_CLIP, foreach=False)
+        norms.append(float(torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], GRAD_CLIP, foreach=False)))
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(total)
         lm_losses.append(lm)
-    return {"losses": losses, "lm_losses": lm_losses, "first_grads": first_grads}
+    return {"losses": losses, "lm_losses": lm_losses, "first_grads": first_grads, "grad_norms": norms}
 
 
 def max_rel(a: list[float], b: list[float]) -> float:
@@ -170,6 +170,7 @@ def tp_worker(config_name: str, steps: int, rows: int, seq: int) -> dict[str, An
     if rank == 0:
         ref = reference_run(config_name, steps, rows, seq)
         result["ref_losses"] = ref["losses"]
+        result["ref_grad_norms"] = ref["grad_norms"]
     return result
 
 
@@ -230,4 +231,5 @@ def pp_worker(config_name: str, steps: int, rows: int, seq: int, n_micro: int, s
         "grad_max_abs_diff": grad_abs,
         "grads_bitwise": all(torch.equal(first_grads[n], ref["first_grads"][n]) for n in first_grads),
         "grad_norms": norms,
+        "ref_grad_norms": ref["grad_norms"],
     }

@@ -24,7 +24,7 @@ trainer's callback losses (EWC, distillation); a loop that needs them runs witho
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -108,6 +108,23 @@ class StageModule(nn.Module):
         return (x, balance, z) if cfg.is_moe else x
 
 
+class MicrobatchLoss:
+    """The schedule's loss function: the trainer's loss of one microbatch (on the last stage) —
+    LM cross-entropy plus the MoE balance and z-losses summed over every stage — keeping each
+    call's parts (total, LM, balance, z) for reporting."""
+
+    def __init__(self) -> None:
+        self.parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def __call__(self, output: torch.Tensor | tuple[torch.Tensor, ...], target: torch.Tensor) -> torch.Tensor:
+        logits, balance, z = output if isinstance(output, tuple) else (output, None, None)
+        lm = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), target[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
+        total = lm + balance + z if balance is not None and z is not None else lm
+        zero = lm.new_zeros(())
+        self.parts.append((total.detach(), lm.detach(), zero if balance is None else balance.detach(), zero if z is None else z.detach()))
+        return total
+
+
 @dataclass
 class Pipeline:
     """This rank's stage and the schedule that drives it; :meth:`step` runs one optimizer step's
@@ -118,17 +135,7 @@ class Pipeline:
     schedule: Schedule1F1B | ScheduleGPipe
     group: dist.ProcessGroup
     n_microbatches: int
-    _parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
-
-    def loss(self, output: torch.Tensor | tuple[torch.Tensor, ...], target: torch.Tensor) -> torch.Tensor:
-        """The trainer's loss of one microbatch (computed on the last stage): LM cross-entropy,
-        plus the MoE balance and z-losses of every stage; its parts are kept for reporting."""
-        logits, balance, z = output if isinstance(output, tuple) else (output, None, None)
-        lm = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), target[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
-        total = lm + balance + z if balance is not None else lm
-        zero = lm.new_zeros(())
-        self._parts.append((total.detach(), lm.detach(), zero if balance is None else balance.detach(), zero if z is None else z.detach()))
-        return total
+    loss: MicrobatchLoss
 
     def step(self, batch: torch.Tensor, step: int | None = None, tierset: TierSet | str | None = None) -> dict[str, float]:
         """Forward and backward of ``batch`` (B, S) — the global batch, labels = inputs — in
@@ -138,14 +145,14 @@ class Pipeline:
         if batch.shape[0] % self.n_microbatches:
             raise ConfigError(f"a batch of {batch.shape[0]} rows does not split into {self.n_microbatches} equal microbatches; make the rows a multiple of it")
         self.module.step, self.module.tierset = step, tierset
-        self._parts.clear()
+        self.loss.parts.clear()
         kwargs = {"target": batch} if self.stage.is_last else {}
         args = (batch,) if self.stage.is_first else ()
         self.schedule.step(*args, return_outputs=False, **kwargs)
         # On its first step the schedule also calls the loss on placeholder tensors to infer
         # shapes (torch 2.13's metadata inference): only the last n_microbatches calls are real.
         sums = [0.0, 0.0, 0.0, 0.0]
-        for parts in self._parts[-self.n_microbatches :] if self.stage.is_last else []:  # as the trainer adds them, in order
+        for parts in self.loss.parts[-self.n_microbatches :] if self.stage.is_last else []:  # as the trainer adds them, in order
             for i, value in enumerate(parts):
                 sums[i] += value.item() / self.n_microbatches
         report = torch.tensor(sums, dtype=torch.float64)
@@ -167,6 +174,8 @@ def check_pipeline(config: ModelConfig, pp: int, n_microbatches: int, schedule: 
         raise ConfigError(f"n_microbatches must be at least 1, got {n_microbatches}")
     if schedule not in SCHEDULES:
         raise ConfigError(f"unknown pipeline schedule {schedule!r}; choose gpipe or 1f1b")
+    if schedule == "1f1b" and n_microbatches < pp:
+        raise ConfigError(f"the 1f1b schedule needs at least as many microbatches as stages ({pp}), got {n_microbatches}; raise grad_accum or use gpipe")
 
 
 def build_pipeline(
@@ -183,9 +192,8 @@ def build_pipeline(
     module = StageModule(model, layers, first=index == 0, last=index == pp - 1)
     group = pp_mesh.get_group()
     stage = PipelineStage(module, index, pp, torch.device(device), group=group)
-    pipe = Pipeline(module, stage, None, group, n_microbatches)  # type: ignore[arg-type]
-    pipe.schedule = SCHEDULES[schedule](stage, n_microbatches, loss_fn=pipe.loss)
-    return pipe
+    loss = MicrobatchLoss()
+    return Pipeline(module, stage, SCHEDULES[schedule](stage, n_microbatches, loss_fn=loss), group, n_microbatches, loss)
 
 
 def pipeline_step(pipe: Pipeline, batch: torch.Tensor, step: int | None = None, tierset: TierSet | str | None = None) -> float:
