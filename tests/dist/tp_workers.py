@@ -200,7 +200,7 @@ def pp_worker(config_name: str, steps: int, rows: int, seq: int, n_micro: int, s
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from lite_llm.dist.pipeline import build_pipeline, clip_grad_norm_pipeline
+    from lite_llm.dist.pipeline import build_pipeline, clip_grad_norm_pipeline, pipeline_step
     from lite_llm.model import build_model
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -212,7 +212,9 @@ def pp_worker(config_name: str, steps: int, rows: int, seq: int, n_micro: int, s
     names = [n for n, _ in pipe.module.named_parameters()]
     reports, first_grads, norms = [], {}, []
     for step, batch in enumerate(batches(cfg.vocab_size, steps, rows, seq)):
-        reports.append(pipe.step(batch, step=step))
+        lm = pipeline_step(pipe, batch, step)
+        assert lm == pipe.report["lm_loss"]
+        reports.append(pipe.report)
         if step == 0:
             first_grads = {n: p.grad.clone() for n, p in pipe.module.named_parameters() if p.grad is not None}
         norms.append(clip_grad_norm_pipeline(pipe, GRAD_CLIP))

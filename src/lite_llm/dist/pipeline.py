@@ -24,7 +24,7 @@ trainer's callback losses (EWC, distillation); a loop that needs them runs witho
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -136,6 +136,7 @@ class Pipeline:
     group: dist.ProcessGroup
     n_microbatches: int
     loss: MicrobatchLoss
+    report: dict[str, float] = field(default_factory=dict)  # the last step's losses
 
     def step(self, batch: torch.Tensor, step: int | None = None, tierset: TierSet | str | None = None) -> dict[str, float]:
         """Forward and backward of ``batch`` (B, S) — the global batch, labels = inputs — in
@@ -157,7 +158,8 @@ class Pipeline:
                 sums[i] += value.item() / self.n_microbatches
         report = torch.tensor(sums, dtype=torch.float64)
         dist.broadcast(report, src=dist.get_global_rank(self.group, self.stage.num_stages - 1), group=self.group)
-        return dict(zip(("loss", "lm_loss", "balance_loss", "z_loss"), report.tolist()))
+        self.report = dict(zip(("loss", "lm_loss", "balance_loss", "z_loss"), report.tolist()))
+        return self.report
 
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
@@ -197,7 +199,19 @@ def build_pipeline(
 
 
 def pipeline_step(pipe: Pipeline, batch: torch.Tensor, step: int | None = None, tierset: TierSet | str | None = None) -> float:
-    """Forward + backward of one optimizer step through the pipeline; the mean LM loss, on every rank."""
+    """Forward + backward of one optimizer step through the pipeline; the mean LM loss, on every
+    rank (the other parts are in ``pipe.report``).  A training loop calls it in place of the
+    trainer's micro-batch loop::
+
+        pipe = build_pipeline(build_model(cfg, seed=0), mesh["pp"], n_microbatches=grad_accum)
+        opt = torch.optim.AdamW(pipe.module.parameters(), ...)
+        for step, batch in enumerate(global_batches):
+            lm_loss = pipeline_step(pipe, batch, step)
+            if math.isfinite(pipe.report["loss"]):  # the same verdict on every rank
+                clip_grad_norm_pipeline(pipe, grad_clip)
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+    """
     return pipe.step(batch, step, tierset)["lm_loss"]
 
 
