@@ -105,7 +105,21 @@ def train_dist(data_dir: str, parallel: str, steps: int, run_dir: str | None, re
     if resume:
         trainer.resume_sharded(resume)
     result = trainer.train(until=until)
-    return {"losses": result.losses, "step": trainer.step, "checkpoint": str(result.checkpoint) if result.checkpoint else None}
+    out = {"losses": result.losses, "step": trainer.step, "checkpoint": str(result.checkpoint) if result.checkpoint else None}
+    if result.checkpoint is not None and trainer.step == trainer.config.steps:
+        out["consolidated_bitwise"] = _consolidated_is_bitwise(model, result.checkpoint)
+    return out
+
+
+def _consolidated_is_bitwise(model: Any, checkpoint: Any) -> bool:
+    """Whether the consolidated checkpoint holds exactly the distributed model's weights."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from lite_llm.checkpoint import load_checkpoint
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    loaded = load_checkpoint(checkpoint).model.state_dict()
+    return sorted(full) == sorted(loaded) and all(torch.equal(v, loaded[k]) for k, v in full.items())
 
 
 def train_single(data_dir: str, steps: int, run_dir: str | None = None, resume_sharded_from: str | None = None,
@@ -123,3 +137,17 @@ def train_single(data_dir: str, steps: int, run_dir: str | None = None, resume_s
         resume_sharded(trainer, resume_sharded_from)
     result = trainer.train()
     return {"losses": result.losses, "step": trainer.step}
+
+
+def consolidated_equals_single(checkpoint: str, data_dir: str, steps: int) -> dict[str, Any]:
+    """Whether a consolidated checkpoint holds bitwise the single-process model after ``steps``."""
+    from lite_llm.checkpoint import load_checkpoint
+    from lite_llm.data import TokenData
+    from lite_llm.train import Trainer
+
+    data = TokenData(data_dir)
+    model = build_model(two_tier_config(vocab_size=data.tokenizer.vocab_size), seed=5)
+    Trainer(model, data, train_config(steps), show_progress=False).train()
+    loaded = load_checkpoint(checkpoint).model.state_dict()
+    diffs = {k: float((v - loaded[k]).abs().max() / v.abs().max().clamp_min(1e-30)) for k, v in model.state_dict().items()}
+    return {"max_rel": max(diffs.values()), "names_equal": sorted(diffs) == sorted(loaded)}

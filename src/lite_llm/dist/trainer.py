@@ -109,6 +109,7 @@ class DistributedTrainer(Trainer):
         (``RUN/checkpoints/step-N``, by rank 0), which is what the run returns."""
         if self.run_dir is None:
             return None
+        _reshard(self.model)
         path = save_sharded(self.run_dir, self.step, self.model, self.optimizer, self.sharded_meta(), self.tokenizer, self.config.keep_last)
         if self.step < self.config.steps:
             return path
@@ -123,6 +124,16 @@ class DistributedTrainer(Trainer):
     def resume_sharded(self, path: Path) -> None:
         """Continue from a sharded checkpoint saved at any world size and degrees."""
         resume_sharded(self, path)
+
+
+def _reshard(model: torch.nn.Module) -> None:
+    """Put FSDP2's sharded parameters back in place: the root keeps its weights gathered after
+    a forward (validation ran one), and the state to save is the optimizer's, sharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def resume_sharded(trainer: Trainer, path: Path) -> None:
