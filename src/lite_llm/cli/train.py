@@ -68,6 +68,20 @@ def _train(
     if plan is not None and settings.get("steps") is None:
         settings["steps"] = plan.total_steps
     given = train_config_fields(settings)
+    from ..dist.launch import launched_by_torchrun
+
+    if launched_by_torchrun():
+        from .dist_train import train_distributed
+
+        return train_distributed(
+            data=data, output=output, init_from=init_from, preset=preset, model_config=model_config, config=config, resume=resume,
+            overwrite=overwrite, quiet=quiet, device=run_device, given=given,
+        )
+    if given.get("parallel"):
+        raise LiteLLMError(
+            f"--parallel {given['parallel']} needs several processes; launch with torchrun, e.g. "
+            f"torchrun --nproc-per-node 4 $(which lite-llm) train ... --parallel {given['parallel']}"
+        )
     with RunLock(output, say=lambda message: console.print(f"[yellow]{message}[/yellow]")):
         manager = CheckpointManager(output)
         for leftover in manager.clean_interrupted():
@@ -123,7 +137,7 @@ app.command("train")(train)
 
 # Settings a resumed run may change: how long it runs and how often it reports and saves.
 # Everything else would make the resumed steps differ from the run that was started.
-RESUMABLE_CHANGES = ("steps", "eval_every", "save_every", "log_every", "keep_last")
+RESUMABLE_CHANGES = ("steps", "eval_every", "save_every", "log_every", "keep_last", "parallel")
 
 
 def _explicit(file_fields: dict[str, Any]) -> dict[str, Any]:

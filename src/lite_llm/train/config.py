@@ -92,6 +92,9 @@ class TrainConfig:
     )
     si_damping: float = _setting(1e-3, "SI damping xi in Omega = omega / (Delta^2 + xi).")
     si_from: str | None = _setting(None, "Checkpoint of an earlier SI run (or grown from one) whose importance to protect (needs --si-strength).", kind="path")
+    parallel: str = _setting(
+        "", "Parallel degrees under torchrun, e.g. 'dp=2,ep=2' (world size = dp x ep x tp x pp; see the README); empty: data parallel over every rank."
+    )
     keep_freed_cpu_memory: bool = _setting(True, flag="--keep-memory", help="On CPU, keep freed memory for the next step (faster large MoE steps; the process keeps its peak memory).")
 
     def __post_init__(self) -> None:
