@@ -63,3 +63,66 @@ def test_degrees_that_do_not_fit_are_one_sentence(small_dataset, tmp_path):
 def test_parallel_without_torchrun_says_how_to_launch(small_dataset, tmp_path):
     bad = cli("train", "--data", str(small_dataset), "--preset", "tiny", "-o", str(tmp_path / "r"), "--parallel", "ep=2", *TRAIN)
     assert bad.returncode == 1 and "launch with torchrun" in bad.stdout + bad.stderr
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _losses(run: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+
+
+def test_a_killed_rank_stops_the_run_and_resume_continues_exactly(small_dataset, tmp_path):
+    import signal
+    import time
+
+    args = ["train", "--data", str(small_dataset), "--preset", "tiny", "--parallel", "ep=2", *TRAIN[2:], "--steps", "10", "--save-every", "2"]
+    whole = torchrun(2, *args, "-o", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr[-2000:]
+
+    run = tmp_path / "run"
+    cmd = TORCHRUN + ["--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "lite_llm.cli", *args, "-o", str(run)]
+    launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    deadline = time.monotonic() + 90
+    while not (run / "sharded" / "step-00000004").is_dir() and time.monotonic() < deadline and launcher.poll() is None:
+        time.sleep(0.05)
+    workers = _children(launcher.pid)
+    assert len(workers) == 2 and launcher.poll() is None
+    os.kill(max(workers), signal.SIGKILL)
+    killed_at = time.monotonic()
+    out, err = launcher.communicate(timeout=90)
+    assert launcher.returncode != 0
+    assert time.monotonic() - killed_at < 60  # stopped, not hung
+    assert "Signal 9" in err or "lost contact with another rank" in err + out
+
+    resumed = torchrun(2, *args, "-o", str(run), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout
+    assert _losses(run) == _losses(tmp_path / "whole")  # the same ranks, degrees and batches: bitwise
+
+
+def test_a_distributed_run_continues_in_one_process(small_dataset, tmp_path):
+    args = ["train", "--data", str(small_dataset), "--preset", "tiny", *TRAIN[2:], "--save-every", "2"]
+    whole = cli(*args, "--steps", "6", "-o", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    run = tmp_path / "run"
+    part = torchrun(2, *args, "--steps", "6", "--parallel", "ep=2", "-o", str(run))
+    assert part.returncode == 0
+    import shutil
+
+    shutil.rmtree(run / "checkpoints" / "step-00000006")  # as if it stopped after step 4
+    shutil.rmtree(run / "sharded" / "step-00000006")
+    rest = cli(*args, "--steps", "6", "-o", str(run), "--resume")
+    assert rest.returncode == 0, rest.stderr[-2000:]
+    assert "(in one process)" in rest.stdout
+    a, b = _losses(run), _losses(tmp_path / "whole")
+    assert sorted(a) == sorted(b) and max(abs(a[k] - b[k]) / b[k] for k in b) <= 1e-6

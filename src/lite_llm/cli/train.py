@@ -86,7 +86,14 @@ def _train(
         manager = CheckpointManager(output)
         for leftover in manager.clean_interrupted():
             console.print(f"removed {leftover.name}, left by an interrupted run")
-        if resume:
+        sharded = _newer_sharded_checkpoint(manager, output) if resume and resume_from is None else None
+        if sharded is not None:  # a distributed run continued in one process
+            from ..dist.checkpoint import read_meta
+
+            latest, saved = None, dict(read_meta(sharded)["trainer"].get("train_config") or {})
+            file_fields = TrainConfig.from_file(config).to_dict() if config else {}
+            cfg = TrainConfig.from_dict(_resume_fields(saved, {**_explicit(file_fields), **given}))
+        elif resume:
             latest, saved = _resumable_checkpoint(manager, output, resume_from)
             file_fields = TrainConfig.from_file(config).to_dict() if config else {}
             cfg = TrainConfig.from_dict(_resume_fields(saved, {**_explicit(file_fields), **given}))
@@ -96,7 +103,12 @@ def _train(
             fields = (TrainConfig.from_file(config) if config else TrainConfig()).to_dict()
             cfg = TrainConfig.from_dict({**fields, **given})
         dataset = TokenData(data)
-        if latest is not None or init_from is not None:
+        if sharded is not None:
+            from ..dist.checkpoint import read_meta
+            from ..config import ModelConfig
+
+            model = build_model(ModelConfig.from_dict(read_meta(sharded)["model_config"]), seed=cfg.seed)
+        elif latest is not None or init_from is not None:
             loaded = load_checkpoint(latest or init_from, device=run_device)
             model = loaded.model
             if latest is not None and (preset or model_config) and model_config_from(preset, model_config).to_dict() != model.config.to_dict():
@@ -110,6 +122,11 @@ def _train(
         )
         if latest is None and init_from is not None:
             trainer.inherit(loaded.progressive)  # expansion history, EWC metadata, ancestors' compute
+        if sharded is not None:
+            from ..dist.trainer import resume_sharded
+
+            resume_sharded(trainer, sharded)
+            console.print(f"resumed from {sharded} at step {trainer.step} of {cfg.steps} (in one process)")
         if latest is not None:
             trainer.resume(latest)
             if trainer.step >= cfg.steps:
@@ -189,6 +206,19 @@ def _resumable_checkpoint(manager: Any, output: Path, chosen: Optional[Path]) ->
             raise LiteLLMError(f"checkpoint {path} has no training state; start a new run from it with --init instead of resuming")
         return path, dict(state.meta.get("train_config") or {})
     raise LiteLLMError(f"no checkpoint in {output} is intact enough to resume from; start a new run with --overwrite")
+
+
+def _newer_sharded_checkpoint(manager: Any, output: Path) -> Optional[Path]:
+    """The newest sharded checkpoint of a distributed run, when it is newer than every
+    ordinary checkpoint of the run (so continuing in one process starts from it)."""
+    from ..dist.checkpoint import latest_sharded
+
+    sharded = latest_sharded(output)
+    if sharded is None:
+        return None
+    ordinary = manager.latest()
+    newer = ordinary is None or int(sharded.name.split("-")[1]) > (manager.step_of(ordinary) or -1)
+    return sharded if newer else None
 
 
 def _refuse_existing_run(output: Path, overwrite: bool) -> None:
