@@ -126,3 +126,15 @@ def test_a_distributed_run_continues_in_one_process(small_dataset, tmp_path):
     assert "(in one process)" in rest.stdout
     a, b = _losses(run), _losses(tmp_path / "whole")
     assert sorted(a) == sorted(b) and max(abs(a[k] - b[k]) / b[k] for k in b) <= 1e-6
+
+
+def test_tensor_parallel_run_follows_one_process(small_dataset, tmp_path):
+    args = ["train", "--data", str(small_dataset), "--preset", "tiny", *TRAIN[2:], "--steps", "6"]
+    one = cli(*args, "-o", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr[-2000:]
+    tp = torchrun(2, *args, "--parallel", "tp=2", "-o", str(tmp_path / "tp"))
+    assert tp.returncode == 0, tp.stderr[-3000:]
+    a, b = _losses(tmp_path / "tp"), _losses(tmp_path / "one")
+    # a rowwise layer sums two partial products where one process sums once: rounding only
+    assert sorted(a) == sorted(b) and max(abs(a[k] - b[k]) / b[k] for k in b) <= 1e-6
+    assert (tmp_path / "tp" / "checkpoints" / "step-00000006" / "manifest.json").is_file()

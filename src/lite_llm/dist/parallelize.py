@@ -8,16 +8,22 @@ from ..model import LiteLLM
 from .data_parallel import apply_data_parallel
 from .expert_parallel import apply_expert_parallel, expert_parameters
 from .launch import Ranks
+from .tensor_parallel import apply_tensor_parallel, check_tensor_parallel
 
 
 def parallelize(model: LiteLLM, ranks: Ranks) -> LiteLLM:
     """Split ``model`` (the same full model on every rank) as ``ranks.degrees`` say."""
     degrees = ranks.degrees
-    if degrees.tp > 1 or degrees.pp > 1:
+    if degrees.pp > 1:
         raise ConfigError(
-            f"--parallel {degrees}: tensor and pipeline parallel do not combine with the trainer yet; "
-            f"train with dp and ep (the tp/pp building blocks are in lite_llm.dist.tensor_parallel and lite_llm.dist.pipeline)"
+            f"--parallel {degrees}: pipeline parallel is not in the trainer yet; train with dp, ep or tp "
+            f"(the pipeline building block is lite_llm.dist.pipeline.build_pipeline)"
         )
+    if degrees.tp > 1:
+        if degrees.data_ranks > 1:
+            raise ConfigError(f"--parallel {degrees}: tensor parallel does not combine with dp or ep in the trainer yet; use tp alone or dp/ep alone")
+        check_tensor_parallel(model.config, degrees.tp)
+        return apply_tensor_parallel(model, ranks.mesh["tp"])
     ignored = []
     if degrees.ep > 1:
         if not model.config.is_moe:
