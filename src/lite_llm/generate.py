@@ -109,6 +109,7 @@ def generate_text(
     *,
     stop: Sequence[str] = (),
     prompt_ids: Sequence[int] | None = None,
+    outcome: dict | None = None,
     **kwargs,
 ) -> Iterator[str]:
     """Yield decoded text pieces as tokens arrive.
@@ -117,7 +118,9 @@ def generate_text(
     stop string ends it too, and the text is cut just before it: text that could still be the
     start of a stop string is held back until it is decided.  Byte tokens are decoded
     incrementally, so a multi-byte character is printed once it is complete.  ``prompt_ids``
-    (a rendered chat prompt, say) replaces the encoding of ``prompt``.
+    (a rendered chat prompt, say) replaces the encoding of ``prompt``.  ``outcome``, when given,
+    receives ``prompt_tokens``, ``completion_tokens`` and ``finish_reason`` (``"stop"``: an end
+    token or a stop string; ``"length"``: ``max_new_tokens`` reached) — what a server reports.
     """
     ids = list(prompt_ids) if prompt_ids is not None else tokenizer.encode(prompt)
     eos_ids = tuple(getattr(tokenizer, "eos_ids", ()) or ())
@@ -127,8 +130,12 @@ def generate_text(
     new: list[int] = []
     text = ""
     shown = 0
+    outcome = outcome if outcome is not None else {}
+    outcome.update(prompt_tokens=len(ids), completion_tokens=0, finish_reason="length")
     for token in generate_ids(model, ids, max_new_tokens, eos_ids=eos_ids, **kwargs):
+        outcome["completion_tokens"] += 1
         if token in eos_ids:
+            outcome["finish_reason"] = "stop"
             break
         if decoder is not None:
             text += decoder.decode(bytes([token]))
@@ -139,6 +146,7 @@ def generate_text(
                 continue
         cut = _first_stop(text, stops)
         if cut is not None:
+            outcome["finish_reason"] = "stop"
             if cut > shown:
                 yield text[shown:cut]
             return

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
+
+if TYPE_CHECKING:
+    import torch
 
 from ..errors import LiteLLMError
 from .app import THREADS_HELP, app, apply_threads, console, device_option, friendly_errors, model_config_from, print_scores
@@ -71,8 +74,6 @@ def _train(
     from ..dist.launch import launched_by_torchrun
 
     if launched_by_torchrun():
-        from .dist_train import train_distributed
-
         return train_distributed(
             data=data, output=output, init_from=init_from, preset=preset, model_config=model_config, config=config, resume=resume,
             overwrite=overwrite, quiet=quiet, device=run_device, given=given,
@@ -92,13 +93,13 @@ def _train(
 
             latest, saved = None, dict(read_meta(sharded)["trainer"].get("train_config") or {})
             file_fields = TrainConfig.from_file(config).to_dict() if config else {}
-            cfg = TrainConfig.from_dict(_resume_fields(saved, {**_explicit(file_fields), **given}))
+            cfg = TrainConfig.from_dict(resume_fields(saved, {**explicit_fields(file_fields), **given}))
         elif resume:
             latest, saved = _resumable_checkpoint(manager, output, resume_from)
             file_fields = TrainConfig.from_file(config).to_dict() if config else {}
-            cfg = TrainConfig.from_dict(_resume_fields(saved, {**_explicit(file_fields), **given}))
+            cfg = TrainConfig.from_dict(resume_fields(saved, {**explicit_fields(file_fields), **given}))
         else:
-            _refuse_existing_run(output, overwrite)
+            refuse_existing_run(output, overwrite)
             latest = None
             fields = (TrainConfig.from_file(config) if config else TrainConfig()).to_dict()
             cfg = TrainConfig.from_dict({**fields, **given})
@@ -115,7 +116,7 @@ def _train(
                 raise LiteLLMError(f"cannot resume with a different model: {latest} holds another configuration than --preset/--model-config give; drop them to continue the run")
         else:
             model = build_model(model_config_from(preset, model_config), seed=cfg.seed)
-        _check_vocab(model.config.vocab_size, dataset.tokenizer.vocab_size)
+        check_vocab(model.config.vocab_size, dataset.tokenizer.vocab_size)
         callbacks = [Curriculum(plan)] if plan is not None else []
         trainer = Trainer.from_config(
             model, dataset, cfg, run_dir=output, show_progress=not quiet, tokenizer=dataset.tokenizer, callbacks=callbacks, device=run_device
@@ -157,7 +158,7 @@ app.command("train")(train)
 RESUMABLE_CHANGES = ("steps", "eval_every", "save_every", "log_every", "keep_last", "parallel")
 
 
-def _explicit(file_fields: dict[str, Any]) -> dict[str, Any]:
+def explicit_fields(file_fields: dict[str, Any]) -> dict[str, Any]:
     """The fields of a training config file that differ from TrainConfig's defaults."""
     from ..train import TrainConfig
 
@@ -165,7 +166,7 @@ def _explicit(file_fields: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in file_fields.items() if defaults.get(k) != v}
 
 
-def _resume_fields(saved: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+def resume_fields(saved: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
     """The saved run's training settings with the changes ``given`` applies: only those in
     :data:`RESUMABLE_CHANGES` may differ; any other is one sentence naming its flag."""
     fields = dict(saved)
@@ -221,7 +222,7 @@ def _newer_sharded_checkpoint(manager: Any, output: Path) -> Optional[Path]:
     return sharded if newer else None
 
 
-def _refuse_existing_run(output: Path, overwrite: bool) -> None:
+def refuse_existing_run(output: Path, overwrite: bool) -> None:
     """A fresh run never mixes into an old one: refuse unless ``overwrite``, then clear it."""
     from ..checkpoint.atomic import remove_dir
     from ..checkpoint.run_lock import LOCK_NAME
@@ -265,7 +266,69 @@ def rollback(
     console.print(f"wrote {path} with tiers {', '.join(tiers)}")
 
 
-def _check_vocab(model_vocab: int, tokenizer_vocab: int) -> None:
+# ------------------------------------------------------------------------------ under torchrun
+def train_distributed(
+    *, data: Path, output: Path, init_from: Optional[Path], preset: Optional[str], model_config: Optional[Path], config: Optional[Path],
+    resume: bool, overwrite: bool, quiet: bool, device: torch.device, given: dict[str, Any],
+) -> None:
+    import torch.distributed as dist
+
+    from ..checkpoint import load_checkpoint
+    from ..data import TokenData
+    from ..dist.checkpoint import latest_sharded, read_meta
+    from ..dist.launch import describe_collective_failure, init_distributed, shutdown
+    from ..dist.parallelize import parallelize
+    from ..dist.trainer import DistributedTrainer
+    from ..model import build_model
+    from ..train import TrainConfig
+
+    latest = latest_sharded(output) if resume else None
+    if resume and latest is None:
+        raise LiteLLMError(f"nothing to resume in {output}: it has no complete sharded checkpoint; drop --resume to start a new run")
+    if latest is not None:
+        saved = dict(read_meta(latest)["trainer"].get("train_config") or {})
+        file_fields = TrainConfig.from_file(config).to_dict() if config else {}
+        cfg = TrainConfig.from_dict(resume_fields(saved, {**explicit_fields(file_fields), **given}))
+    else:
+        fields = (TrainConfig.from_file(config) if config else TrainConfig()).to_dict()
+        cfg = TrainConfig.from_dict({**fields, **given})
+    ranks = init_distributed(cfg.parallel or None, device)
+    try:
+        if latest is None:
+            if ranks.is_main:
+                refuse_existing_run(output, overwrite)
+            dist.barrier()
+        dataset = TokenData(data)
+        if init_from is not None:
+            loaded = load_checkpoint(init_from, device="cpu")
+            model = loaded.model
+        else:
+            model = build_model(model_config_from(preset, model_config), seed=cfg.seed)
+        check_vocab(model.config.vocab_size, dataset.tokenizer.vocab_size)
+        model = parallelize(model.to(ranks.device), ranks)
+        trainer = DistributedTrainer(model, dataset, cfg, ranks, run_dir=output, show_progress=not quiet, tokenizer=dataset.tokenizer)
+        if init_from is not None and latest is None:
+            trainer.inherit(loaded.progressive)
+        if latest is not None:
+            trainer.resume_sharded(latest)
+            if ranks.is_main:
+                console.print(f"resumed from {latest} at step {trainer.step} of {cfg.steps}")
+        if ranks.is_main:
+            console.print(f"parallel: {ranks.degrees} on {ranks.degrees.world_size} ranks; device: {trainer.runtime_summary()}")
+        result = trainer.train()
+        if ranks.is_main:
+            print_scores(result.final_eval)
+            console.print(f"checkpoint: {result.checkpoint}")
+    except (RuntimeError, ConnectionError) as exc:
+        message = describe_collective_failure(exc)
+        if message is None:
+            raise
+        raise LiteLLMError(message) from None
+    finally:
+        shutdown()
+
+
+def check_vocab(model_vocab: int, tokenizer_vocab: int) -> None:
     if tokenizer_vocab > model_vocab:
         raise LiteLLMError(
             f"the dataset's tokenizer has {tokenizer_vocab} tokens but the model only {model_vocab}; prepare the data with the model's tokenizer"

@@ -33,7 +33,7 @@ from ..checkpoint.atomic import fsync_tree, remove_dir
 from ..config import ModelConfig
 from ..data.tokenizer import load_tokenizer
 from ..errors import CheckpointError
-from ..model import LiteLLM, build_model
+from ..model import build_model
 
 SHARDED_DIR = "sharded"
 META_FILE = "lite_llm.json"
