@@ -8,68 +8,29 @@ with the same thread setting, on a model built from the same seed.
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import time
-import traceback
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.multiprocessing as mp
-from torch.multiprocessing.spawn import ProcessException
+
+from tests.dist import launcher
 
 LR, BETAS, WEIGHT_DECAY, GRAD_CLIP = 3e-3, (0.9, 0.95), 0.1, 1.0
 
 
 # ---------------------------------------------------------------------------------- launching
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank: int, fn: Callable[..., Any], world: int, port: int, out_dir: str, args: tuple) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+def _with_group(fn: Callable[..., Any], *args: Any) -> Any:
+    """Join the gloo group (30 s collective timeout) the launcher's environment describes, then run ``fn``."""
     import torch.distributed as dist
 
-    try:
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=30))
-        result = fn(*args)
-    except BaseException:
-        Path(out_dir, f"error-{rank}.txt").write_text(traceback.format_exc())
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    Path(out_dir, f"rank-{rank}.json").write_text(json.dumps(result))
+    dist.init_process_group("gloo", timeout=timedelta(seconds=30))
+    return fn(*args)
 
 
 def run_ranks(fn: Callable[..., Any], world: int, out_dir: Path, *args: Any, timeout_s: float = 55.0) -> list[Any]:
-    """``fn(*args)`` on ``world`` gloo ranks; their JSON results, by rank (a hang fails)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ctx = mp.start_processes(_entry, args=(fn, world, _free_port(), str(out_dir), args), nprocs=world, join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout_s
-    try:
-        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"ranks still running after {timeout_s} s")
-    except ProcessException:
-        pass  # the failing rank wrote its traceback; reported below
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-    errors = sorted(out_dir.glob("error-*.txt"))
-    if errors:
-        raise AssertionError("\n".join(f"{e.name}:\n{e.read_text()}" for e in errors))
-    missing = [r for r in range(world) if not Path(out_dir, f"rank-{r}.json").is_file()]
-    if missing:
-        raise AssertionError(f"rank(s) {missing} ended without a result (exit codes {[p.exitcode for p in ctx.processes]})")
-    return [json.loads(Path(out_dir, f"rank-{r}.json").read_text()) for r in range(world)]
+    """``fn(*args)`` on ``world`` gloo ranks (tests/dist/launcher.py); their JSON results, by rank (a hang fails)."""
+    return launcher.run_ranks(_with_group, world, out_dir, fn, *args, timeout_s=timeout_s)
 
 
 # ---------------------------------------------------------------------------------- shared bits
