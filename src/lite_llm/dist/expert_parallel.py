@@ -32,7 +32,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from ..model import ExpertBank, LiteLLM, TieredMoE
-from ..model.experts import DispatchImpl, choose_impl, grouped_experts, looped_experts, nonempty_groups
+from ..model.experts import DispatchImpl, choose_impl, grouped_experts, in_autocast_dtype, looped_experts, nonempty_groups
 
 
 def expert_owners(tier_sizes: Sequence[int], ep: int) -> list[int]:
@@ -71,12 +71,7 @@ class ExpertParallelDispatch:
         tier_offsets: list[int],
         impl: DispatchImpl = "auto",
     ) -> torch.Tensor:
-        device_type = x.device.type
-        if torch.is_autocast_enabled(device_type) and x.dtype == torch.float32:
-            x = x.to(torch.get_autocast_dtype(device_type))  # as dispatch() does: once, here
-            with torch.autocast(device_type, enabled=False):
-                return self._dispatch(x, expert_ids, weights, banks, impl)
-        return self._dispatch(x, expert_ids, weights, banks, impl)
+        return in_autocast_dtype(x, lambda rows: self._dispatch(rows, expert_ids, weights, banks, impl))
 
     def _dispatch(
         self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, banks: Sequence[ExpertBank | None], impl: DispatchImpl

@@ -34,7 +34,7 @@ calls ran in bf16, each casting its own expert.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal, Protocol
 
 import torch
@@ -206,12 +206,18 @@ def dispatch(
     ``tier_offsets[t] .. tier_offsets[t+1]``.  Returns (N, d) in ``x``'s dtype, or in the
     autocast dtype when autocast is on and ``x`` is fp32 (as a ``Linear`` would).
     """
+    return in_autocast_dtype(x, lambda rows: _dispatch(rows, expert_ids, weights, banks, tier_offsets, impl))
+
+
+def in_autocast_dtype(x: torch.Tensor, run: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``run(x)``, with fp32 ``x`` cast to the autocast dtype once and autocast off inside, so
+    every expert runs in that dtype (see the module docstring); plain ``run(x)`` otherwise."""
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type) and x.dtype == torch.float32:
-        x = x.to(torch.get_autocast_dtype(device_type))  # once, here; the experts then run in it
+        x = x.to(torch.get_autocast_dtype(device_type))
         with torch.autocast(device_type, enabled=False):
-            return _dispatch(x, expert_ids, weights, banks, tier_offsets, impl)
-    return _dispatch(x, expert_ids, weights, banks, tier_offsets, impl)
+            return run(x)
+    return run(x)
 
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
