@@ -54,6 +54,8 @@ def _train(
 
       lite-llm train --data data/std --init runs/prose/checkpoints/step-00000200 --domains code=1 \\
           --si-from runs/prose/checkpoints/step-00000200 --si-strength 1 -o runs/code
+
+      torchrun --nproc-per-node 4 $(which lite-llm) train --data data/std --preset small -o runs/dist --parallel dp=2,ep=2
     """
     from ..checkpoint import CheckpointManager, load_checkpoint
     from ..data import TokenData
