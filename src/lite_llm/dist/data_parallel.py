@@ -33,6 +33,11 @@ def apply_data_parallel(model: LiteLLM, data_mesh: DeviceMesh, ignored: list[tor
     for block in model.layers:
         fully_shard(block, mesh=data_mesh, ignored_params=ignored_set)
     fully_shard(model, mesh=data_mesh, ignored_params=ignored_set)
+    # A tier no row of this rank reached has no gradient here but may have one elsewhere; FSDP2
+    # then reduce-scatters zeros for it so every rank's collective has the same size.  (Where no
+    # rank reached it, its gradient is zeros rather than None as in one process: AdamW applies
+    # weight decay to it that step.)
+    model.set_reduce_scatter_unused_params(True)
     return model
 
 
