@@ -6,7 +6,7 @@ bad input; heavy imports happen inside commands so ``--help`` is instant.
 """
 
 # Imported for their side effect, registering the commands, in the order `--help` lists them.
-from . import quickstart, prepare, train, evaluate, generate, grow, interop, ewc  # noqa: F401,I001
+from . import quickstart, prepare, train, evaluate, generate, serve, grow, interop, ewc  # noqa: F401,I001
 from .app import app
 
 

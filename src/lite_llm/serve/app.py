@@ -1,0 +1,288 @@
+"""The HTTP server: an OpenAI-compatible FastAPI app in front of the batching engine.
+
+``POST /v1/completions`` and ``POST /v1/chat/completions`` (streamed as server-sent events
+ending with ``data: [DONE]``, or whole), ``GET /v1/models``, ``GET /health``, ``GET /metrics``.
+
+Behaviour under pressure, and why it is built so:
+
+* a client that leaves stops its generation within one decode step: a streamed response's
+  generator is cancelled by Starlette when the client disconnects (``asyncio.CancelledError``
+  is a ``BaseException``, so only ``finally`` sees it) and its ``finally`` flags the job; a
+  whole response polls ``request.is_disconnected()`` while it waits; the engine drops flagged
+  rows at the next token boundary;
+* the engine's queue is bounded: a request that finds it full is answered 429 with
+  ``Retry-After`` at once, before any work;
+* every bad request is a 400 with OpenAI's error body (:mod:`.protocol`), and the server
+  carries on;
+* SIGTERM: uvicorn stops accepting, lets in-flight responses finish (the engine keeps
+  running them), then the lifespan's shutdown drains and stops the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+
+from ..config import TierSet
+from ..data.tokenizer import render_chat
+from ..errors import LiteLLMError
+from .engine import EngineStoppedError, Engine, Event, Job, QueueFullError, SamplingParams
+from .metrics import RequestCounter, render_metrics
+from .protocol import (
+    APIError, ChatRequest, CompletionRequest, chat_body, chat_chunk, completion_body, completion_chunk, new_id, parse_request,
+    usage_chunk,
+)
+
+DISCONNECT_POLL_S = 0.05  # how often a whole (non-streamed) response checks that its client is still there
+RETRY_AFTER_S = 1
+
+
+def budget_tiers(checkpoint: Path | None, latency_ms: float | None, memory: int | str | None) -> tuple[str, ...]:
+    """The TierSet that meets a request's latency and memory budgets, from the checkpoint's
+    TierSet profile (``lite-llm tiers profile``); a 400 when there is no profile or nothing fits.
+
+    The one place the server asks :mod:`.selection` (imported lazily: it may not be installed
+    in this build, and a server without budgets must not need it)."""
+    profile_hint = f"run `lite-llm tiers profile {checkpoint or 'CKPT'}` first"
+    try:
+        from .selection import choose, load_profile
+    except ImportError:
+        raise APIError(
+            f"this server cannot choose a TierSet by budget: TierSet selection is not available in this build; {profile_hint}, "
+            "or send tier_set instead", param="latency_budget_ms", code="no_tier_profile",
+        ) from None
+    memory_bytes: int | None = None
+    if memory is not None:
+        from ..store.sizes import parse_bytes
+
+        try:
+            memory_bytes = parse_bytes(memory, "memory_budget")
+        except LiteLLMError as exc:
+            raise APIError(str(exc), param="memory_budget") from None
+    table = load_profile(checkpoint) if checkpoint is not None else None
+    if table is None:
+        raise APIError(
+            f"the checkpoint has no TierSet profile to choose by budget; {profile_hint}, or send tier_set instead",
+            param="latency_budget_ms", code="no_tier_profile",
+        )
+    try:
+        return tuple(choose(table, latency_ms, memory_bytes).tiers)
+    except LiteLLMError as exc:
+        raise APIError(str(exc), param="latency_budget_ms", code="budget_unmet") from None
+
+
+class Server:
+    """What the handlers share: the engine, the tokenizer, the model's limits, the counters."""
+
+    def __init__(
+        self, engine: Engine, *, model_name: str, checkpoint: Path | None = None, store: Any = None
+    ) -> None:
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.config = engine.model.config
+        self.model_name = model_name
+        self.checkpoint = checkpoint
+        self.store = store
+        self.requests = RequestCounter()
+        self.started = int(time.time())
+
+    # ------------------------------------------------------------------ request -> job
+    def tierset(self, request: Any) -> TierSet:
+        if request.latency_budget_ms is not None or request.memory_budget is not None:
+            return TierSet.of(*budget_tiers(self.checkpoint, request.latency_budget_ms, request.memory_budget))
+        try:
+            ts = TierSet.coerce(request.tier_set)
+            ts.resolve(self.config)
+        except LiteLLMError as exc:
+            raise APIError(str(exc), param="tier_set", code="unknown_tier") from None
+        return ts
+
+    def prompt_ids(self, request: Any) -> list[int]:
+        if isinstance(request, ChatRequest):
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise APIError(
+                    "this model has no chat template, so it cannot serve chat completions; use /v1/completions with a plain prompt",
+                    param="messages", code="no_chat_template",
+                )
+            try:
+                text = render_chat(self.tokenizer, [{"role": m.role, "content": m.text()} for m in request.messages])
+            except LiteLLMError as exc:
+                raise APIError(str(exc), param="messages") from None
+            return list(self.tokenizer.encode(text))
+        prompt = request.prompt
+        if isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
+            bad = [p for p in prompt if not 0 <= p < self.config.vocab_size]
+            if bad:
+                raise APIError(f"prompt token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})", param="prompt")
+            return list(prompt)
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise APIError(f"this server takes one prompt per request, got {len(prompt)}", param="prompt")
+            prompt = prompt[0]
+        return list(self.tokenizer.encode(prompt)) if prompt else []
+
+    def job(self, request: Any, sink) -> tuple[Job, int]:
+        ids = self.prompt_ids(request)
+        if not ids:
+            raise APIError("the prompt is empty; send at least one token of text", param="prompt")
+        limit = self.config.max_seq_len
+        if len(ids) >= limit:
+            raise APIError(f"the prompt is {len(ids)} tokens but the model's context is {limit}; shorten it", param="prompt")
+        asked = request.max_tokens
+        if isinstance(request, ChatRequest) and request.max_completion_tokens is not None:
+            asked = request.max_completion_tokens
+        room = limit - len(ids)
+        if asked is None:
+            asked = room if isinstance(request, ChatRequest) else min(16, room)  # OpenAI's defaults: the rest, or 16
+        elif asked > room:
+            raise APIError(
+                f"max_tokens={asked} plus the prompt's {len(ids)} tokens exceeds the model's context of {limit}; ask for at most {room}",
+                param="max_tokens", code="context_length_exceeded",
+            )
+        params = SamplingParams(
+            max_tokens=asked, temperature=request.temperature, top_p=request.top_p if request.top_p < 1 else None,
+            top_k=request.top_k, seed=request.sampling_seed(), stop=request.stops(), repetition_penalty=request.repetition_penalty,
+        )
+        return Job(ids, params, self.tierset(request), sink), len(ids)
+
+
+def create_app(engine: Engine, *, model_name: str, checkpoint: Path | None = None, store: Any = None) -> FastAPI:
+    """The FastAPI app serving ``engine``; its lifespan starts the engine and drains it at shutdown."""
+    server = Server(engine, model_name=model_name, checkpoint=checkpoint, store=store)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(engine.stop)
+
+    app = FastAPI(title="Lite LLM", lifespan=lifespan)
+    app.state.server = server
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        server.requests.add(request.url.path, exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": server.model_name, "running": engine.running, "queued": engine.queue_depth}
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(render_metrics(engine, server.requests, server.store), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {
+            "object": "list",
+            "data": [{
+                "id": server.model_name, "object": "model", "created": server.started, "owned_by": "lite-llm",
+                "max_model_len": server.config.max_seq_len, "tiers": [t.name for t in server.config.tiers],
+            }],
+        }
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await _generate(server, request, CompletionRequest)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await _generate(server, request, ChatRequest)
+
+    return app
+
+
+async def _generate(server: Server, http: Request, kind: type) -> Response:
+    """Parse, validate, queue, and answer one generation request (whole or streamed)."""
+    path = http.url.path
+    try:
+        body = json.loads(await http.body())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise APIError("the request body is not valid JSON") from None
+    request = parse_request(kind, body)
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[Event] = asyncio.Queue()
+
+    def sink(event: Event) -> None:  # called on the engine thread
+        loop.call_soon_threadsafe(events.put_nowait, event)
+
+    job, _ = server.job(request, sink)
+    try:
+        server.engine.submit(job)
+    except QueueFullError as exc:
+        raise APIError(str(exc), status=429, type="rate_limit_error", code="rate_limit_exceeded",
+                       headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+    except EngineStoppedError as exc:
+        raise APIError(str(exc), status=503, type="server_error", code="shutting_down", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+    rid = new_id("chatcmpl" if kind is ChatRequest else "cmpl")
+    name = request.model or server.model_name
+    server.requests.add(path, 200)
+    if request.stream:
+        with_usage = bool(request.stream_options and request.stream_options.include_usage)
+        return StreamingResponse(_sse(job, events, rid, name, kind is ChatRequest, with_usage), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return await _whole(http, job, events, rid, name, kind is ChatRequest)
+
+
+async def _whole(http: Request, job: Job, events: asyncio.Queue, rid: str, name: str, chat: bool) -> Response:
+    """Wait for the whole text, watching for the client leaving meanwhile."""
+    pieces: list[str] = []
+    try:
+        while True:
+            try:
+                event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                if await http.is_disconnected():
+                    job.cancel()
+                    return Response(status_code=499)
+                continue
+            if event.kind == "text":
+                pieces.append(event.text)
+            elif event.kind == "error":
+                raise APIError(f"generation failed: {event.message}", status=500, type="server_error")
+            else:
+                build = chat_body if chat else completion_body
+                return JSONResponse(build(rid, name, "".join(pieces), event.finish_reason, event.prompt_tokens, event.completion_tokens))
+    finally:
+        job.cancel()  # a no-op once the job is done; stops it when this handler is cancelled
+
+
+async def _sse(job: Job, events: asyncio.Queue, rid: str, name: str, chat: bool, with_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events: one chunk per text piece, a final chunk with the finish reason, the
+    usage chunk when asked for, then ``data: [DONE]``."""
+    obj = "chat.completion.chunk" if chat else "text_completion"
+    try:
+        if chat:
+            yield _data(chat_chunk(rid, name, {"role": "assistant", "content": ""}, None, with_usage))
+        while True:
+            event = await events.get()
+            if event.kind == "text":
+                chunk = chat_chunk(rid, name, {"content": event.text}, None, with_usage) if chat else completion_chunk(rid, name, event.text, None, with_usage)
+                yield _data(chunk)
+            elif event.kind == "error":
+                yield _data({"error": {"message": f"generation failed: {event.message}", "type": "server_error", "param": None, "code": None}})
+                break
+            else:
+                final = chat_chunk(rid, name, {}, event.finish_reason, with_usage) if chat else completion_chunk(rid, name, "", event.finish_reason, with_usage)
+                yield _data(final)
+                if with_usage:
+                    yield _data(usage_chunk(rid, name, obj, event.prompt_tokens, event.completion_tokens))
+                break
+        yield "data: [DONE]\n\n"
+    finally:
+        job.cancel()  # the client left (CancelledError / GeneratorExit) or the stream ended: either way, no more tokens
+
+
+def _data(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
