@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Optional
 
@@ -62,4 +63,9 @@ def serve(
     name = model_name or checkpoint.resolve().name
     api = create_app(engine, model_name=name, checkpoint=checkpoint, store=loaded.store)
     err_console.print(f"serving {name} on http://{host}:{port}/v1 (max batch {max_batch}, queue {max_queue})", highlight=False)
+    # uvicorn turns SIGTERM into a graceful shutdown (stop accepting, finish the responses in
+    # flight, then the lifespan drains the engine) and afterwards re-raises the signal to the
+    # handler that was there before; a no-op one makes a drained shutdown exit 0, as a service
+    # manager expects of a clean stop.
+    signal.signal(signal.SIGTERM, lambda *_: None)
     uvicorn.Server(uvicorn.Config(api, host=host, port=port, log_level=log_level, lifespan="on")).run()

@@ -238,14 +238,19 @@ async def _generate(server: Server, http: Request, kind: type) -> Response:
 async def _whole(http: Request, job: Job, events: asyncio.Queue, rid: str, name: str, chat: bool) -> Response:
     """Wait for the whole text, watching for the client leaving meanwhile."""
     pieces: list[str] = []
+    checked = time.monotonic()
     try:
         while True:
             try:
                 event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
             except asyncio.TimeoutError:
+                event = None
+            if event is None or time.monotonic() - checked >= DISCONNECT_POLL_S:  # text may arrive faster than the poll
+                checked = time.monotonic()
                 if await http.is_disconnected():
                     job.cancel()
                     return Response(status_code=499)
+            if event is None:
                 continue
             if event.kind == "text":
                 pieces.append(event.text)

@@ -197,11 +197,12 @@ class Engine:
                     if self._stopping and not self._waiting and not self._running:
                         return
                     admitted = []
-                    while self._waiting and len(self._running) + len(admitted) < self.max_batch:
+                    while self._waiting and len(self._running) < self.max_batch:
                         admitted.append(self._waiting.popleft())
+                        self._running.append(admitted[-1])  # counted against capacity from now on
                 for job in admitted:
                     self._admit(job)
-                self._running = [job for job in self._running if not self._drop_if_cancelled(job)]
+                self._running = [job for job in self._running if not job.finished and not self._drop_if_cancelled(job)]
                 if self._running:
                     self._step(self._running)
                     self._running = [job for job in self._running if not job.finished]
@@ -225,8 +226,6 @@ class Engine:
         job.seen = list(job.prompt_ids)
         job.position = len(job.prompt_ids)
         self._take(job, logits)
-        if not job.finished:
-            self._running.append(job)
 
     def _step(self, jobs: Sequence[Job]) -> None:
         allowed = self.model.allowed_rows([job.tierset for job in jobs]) if self.model.config.is_moe else None
