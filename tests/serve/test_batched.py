@@ -216,3 +216,29 @@ def test_a_full_queue_refuses_at_once():
         engine.submit(Job([1, 2], SamplingParams(max_tokens=2), TierSet.all(), _Collect()))
     with pytest.raises(QueueFullError, match="at capacity"):
         engine.submit(Job([1, 2], SamplingParams(max_tokens=2), TierSet.all(), _Collect()))
+
+
+def test_engine_over_an_expert_store_matches_the_resident_model(byte_ckpt):
+    """Experts served from disk within a small hot budget: the same tokens, and hits counted."""
+    from lite_llm.checkpoint import load_checkpoint
+    from lite_llm.serve.metrics import RequestCounter, render_metrics
+    from lite_llm.store import load_with_store
+
+    resident = load_checkpoint(byte_ckpt).model.eval()
+    stored = load_with_store(byte_ckpt, hot_budget="400kB", warm_budget=0, policy="lru", device="cpu")
+    engine = Engine(stored.model, ByteTokenizer(), max_batch=4)
+    specs = [("def ", 12, "all"), ("class", 10, "only:tier_1b"), ("x", 14, "only:tier_10b")]
+    sinks = [_Collect() for _ in specs]
+    for (prompt, n, ts), sink in zip(specs, sinks):
+        engine.submit(Job(list(prompt.encode()), SamplingParams(max_tokens=n, temperature=0.0), TierSet.coerce(ts), sink))
+    engine.start()
+    try:
+        for sink in sinks:
+            assert sink.finished.wait(60)
+    finally:
+        engine.stop(10)
+    for (prompt, n, ts), sink in zip(specs, sinks):
+        assert "".join(sink.pieces) == "".join(generate_text(resident, ByteTokenizer(), prompt, n, temperature=0.0, tierset=ts))
+    text = render_metrics(engine, RequestCounter(), stored.store)
+    rate = float(next(line for line in text.splitlines() if line.startswith('lite_llm_expert_store_hit_rate{level="hot"}')).split()[-1])
+    assert rate == stored.store.stats().hot.hit_rate and 0 < rate < 1
