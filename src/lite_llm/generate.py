@@ -39,6 +39,18 @@ def apply_repetition_penalty(logits: torch.Tensor, seen_ids: Sequence[int], pena
     return logits.scatter(-1, index, score)
 
 
+def sample_token(
+    logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator
+) -> int:
+    """The next token from one position's logits (V,): the argmax when ``temperature == 0``,
+    else a draw from the filtered, tempered softmax with ``generator`` (a CPU generator).
+    One function for :func:`generate_ids` and the server, so both draw bitwise alike."""
+    if temperature == 0:
+        return int(logits.argmax())
+    filtered = _filter_logits(logits.float() / temperature, top_k, top_p)
+    return int(torch.multinomial(filtered.softmax(-1).cpu(), 1, generator=generator))
+
+
 @torch.no_grad()
 def generate_ids(
     model: "LiteLLM",
@@ -85,11 +97,7 @@ def generate_ids(
         seen = list(ids)
         for _ in range(max_new_tokens):
             logits = apply_repetition_penalty(logits, seen, repetition_penalty)
-            if temperature == 0:
-                token = int(logits.argmax())
-            else:
-                filtered = _filter_logits(logits.float() / temperature, top_k, top_p)
-                token = int(torch.multinomial(filtered.softmax(-1).cpu(), 1, generator=gen))
+            token = sample_token(logits, temperature, top_k, top_p, gen)
             yield token
             if token in stop_ids:
                 break
@@ -109,59 +117,86 @@ def generate_text(
     *,
     stop: Sequence[str] = (),
     prompt_ids: Sequence[int] | None = None,
-    outcome: dict | None = None,
     **kwargs,
 ) -> Iterator[str]:
     """Yield decoded text pieces as tokens arrive.
 
     Generation stops on any of the tokenizer's ``eos_ids``; the end token is not printed.  A
-    stop string ends it too, and the text is cut just before it: text that could still be the
-    start of a stop string is held back until it is decided.  Byte tokens are decoded
-    incrementally, so a multi-byte character is printed once it is complete.  ``prompt_ids``
-    (a rendered chat prompt, say) replaces the encoding of ``prompt``.  ``outcome``, when given,
-    receives ``prompt_tokens``, ``completion_tokens`` and ``finish_reason`` (``"stop"``: an end
-    token or a stop string; ``"length"``: ``max_new_tokens`` reached) — what a server reports.
+    stop string ends it too, and the text is cut just before it (see :class:`TextStream`).
+    ``prompt_ids`` (a rendered chat prompt, say) replaces the encoding of ``prompt``.
     """
     ids = list(prompt_ids) if prompt_ids is not None else tokenizer.encode(prompt)
     eos_ids = tuple(getattr(tokenizer, "eos_ids", ()) or ())
-    stops = [s for s in stop if s]
-    byte = getattr(tokenizer, "kind", "") == "byte"
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace") if byte else None
-    new: list[int] = []
-    text = ""
-    shown = 0
-    outcome = outcome if outcome is not None else {}
-    outcome.update(prompt_tokens=len(ids), completion_tokens=0, finish_reason="length")
+    text = TextStream(tokenizer, stop)
     for token in generate_ids(model, ids, max_new_tokens, eos_ids=eos_ids, **kwargs):
-        outcome["completion_tokens"] += 1
         if token in eos_ids:
-            outcome["finish_reason"] = "stop"
             break
-        if decoder is not None:
-            text += decoder.decode(bytes([token]))
-        else:
-            new.append(token)
-            text = tokenizer.decode(new)
-            if text.endswith("\ufffd"):  # a character split across tokens: wait for the rest
-                continue
-        cut = _first_stop(text, stops)
-        if cut is not None:
-            outcome["finish_reason"] = "stop"
-            if cut > shown:
-                yield text[shown:cut]
+        piece = text.push(token)
+        if piece:
+            yield piece
+        if text.stopped:
             return
-        safe = len(text) - _held_back(text, stops)
-        if safe > shown:
-            yield text[shown:safe]
-            shown = safe
-    if decoder is not None:
-        text += decoder.decode(b"", final=True)
-    elif new:
-        text = tokenizer.decode(new)
-    cut = _first_stop(text, stops)
-    end = len(text) if cut is None else cut
-    if end > shown:
-        yield text[shown:end]
+    piece = text.finish()
+    if piece:
+        yield piece
+
+
+class TextStream:
+    """New token ids in, printable text pieces out — what `lite-llm generate` prints and what
+    the server streams, from one piece of code so the two never disagree.
+
+    Text that could still be the start of a stop string is held back until it is decided; at
+    a stop string the text is cut just before it and :attr:`stopped` turns true.  Byte tokens
+    are decoded incrementally, so a multi-byte character is given once it is complete; other
+    tokenizers' text is re-decoded from all new ids (a character split across tokens waits
+    for the rest).
+    """
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.stops = [s for s in stop if s]
+        byte = getattr(tokenizer, "kind", "") == "byte"
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace") if byte else None
+        self._new: list[int] = []
+        self._text = ""
+        self._shown = 0
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        """The text that ``token`` makes final (possibly empty)."""
+        if self.stopped:
+            return ""
+        if self._decoder is not None:
+            self._text += self._decoder.decode(bytes([token]))
+        else:
+            self._new.append(token)
+            self._text = self.tokenizer.decode(self._new)
+            if self._text.endswith("\ufffd"):  # a character split across tokens: wait for the rest
+                return ""
+        cut = _first_stop(self._text, self.stops)
+        if cut is not None:
+            self.stopped = True
+            return self._advance(cut)
+        return self._advance(len(self._text) - _held_back(self._text, self.stops))
+
+    def finish(self) -> str:
+        """The text still held back, once no more tokens will come."""
+        if self.stopped:
+            return ""
+        if self._decoder is not None:
+            self._text += self._decoder.decode(b"", final=True)
+        elif self._new:
+            self._text = self.tokenizer.decode(self._new)
+        cut = _first_stop(self._text, self.stops)
+        self.stopped = cut is not None
+        return self._advance(len(self._text) if cut is None else cut)
+
+    def _advance(self, end: int) -> str:
+        if end <= self._shown:
+            return ""
+        piece = self._text[self._shown : end]
+        self._shown = end
+        return piece
 
 
 def _first_stop(text: str, stops: Sequence[str]) -> int | None:

@@ -1,4 +1,6 @@
-"""The real server (uvicorn on 127.0.0.1, a subprocess) against the real `openai` client."""
+"""The real server (uvicorn on 127.0.0.1) through the real ``openai`` client: completions and
+chat, streamed and not, TierSets, seeds, agreement with `lite-llm generate`, concurrency, and
+behaviour under pressure (disconnects, a full queue, bad input, SIGTERM)."""
 
 from __future__ import annotations
 
@@ -13,192 +15,248 @@ from pathlib import Path
 
 import httpx
 import pytest
+from typer.testing import CliRunner
+
+from lite_llm.checkpoint import load_checkpoint
+from lite_llm.config import TierSet
+from lite_llm.data.tokenizer import render_chat
+from lite_llm.generate import generate_ids, generate_text
+from lite_llm.serve.engine import Event, Job, SamplingParams
+
+from .conftest import free_port, metric, serve_in_thread, wait_healthy
 
 openai = pytest.importorskip("openai")
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
-
-from lite_llm.checkpoint import save_checkpoint  # noqa: E402
-from lite_llm.data import BPETokenizer, load_tokenizer  # noqa: E402
-from lite_llm.generate import generate_text  # noqa: E402
-from lite_llm.model import build_model  # noqa: E402
-from tests.conftest import two_tier_config  # noqa: E402
-from tests.dist.launcher import free_port  # noqa: E402
-
-TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", LITE_LLM_DEVICE="cpu")
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2] / "src") + os.pathsep + env.get("PYTHONPATH", "")
-    return env
+SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("serve")
-    bpe = BPETokenizer.train(texts=["def main(): return 1\n" * 30, "hello world, the cat sat on the mat. " * 30, "<|im_start|>user<|im_end|>"],
-                             vocab_size=300, min_frequency=1)
-    bpe.save(root / "tok")
-    meta_path = root / "tok" / "lite_tokenizer.json"
-    meta = json.loads(meta_path.read_text())
-    meta["chat_template"] = TEMPLATE
-    meta_path.write_text(json.dumps(meta))
-    tok = load_tokenizer(root / "tok")
-    model = build_model(two_tier_config(vocab_size=tok.vocab_size, max_seq_len=128), seed=2)
-    return save_checkpoint(root / "ckpt", model, tokenizer=tok)
+def reference(chat_ckpt):
+    loaded = load_checkpoint(chat_ckpt)
+    return loaded.model.eval(), loaded.tokenizer
 
 
-class Server:
-    def __init__(self, checkpoint: Path, *extra: str) -> None:
-        self.port = free_port()
-        cmd = [sys.executable, "-m", "lite_llm.cli", "serve", str(checkpoint), "--port", str(self.port), "--threads", "1", *extra]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
-        self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        else:
-            self.stop()
-            raise AssertionError(f"server did not start: {self.proc.stderr.read()[-2000:]}")
-        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-
-    def metrics(self) -> dict[str, float]:
-        text = httpx.get(self.url + "/metrics").text
-        return {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line and not line.startswith("#")}
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+def _alone(reference, prompt, n, *, chat=False, **kwargs) -> str:
+    model, tok = reference
+    ids = tok.encode(render_chat(tok, [{"role": "user", "content": prompt}])) if chat else None
+    return "".join(generate_text(model, tok, prompt, n, prompt_ids=ids, **kwargs))
 
 
-@pytest.fixture(scope="module")
-def server(checkpoint):
-    s = Server(checkpoint)
-    yield s
-    s.stop()
+def test_models_and_health(chat_server, client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["chat"]
+    health = httpx.get(chat_server[0] + "/health").json()
+    assert health["status"] == "ok" and health["model"] == "chat"
 
 
-def _local(checkpoint: Path, prompt: str, n: int, **kw) -> str:
-    from lite_llm.checkpoint import load_checkpoint
+def test_greedy_completion_equals_lite_llm_generate(chat_ckpt, client):
+    from lite_llm.cli import app
 
-    loaded = load_checkpoint(checkpoint)
-    return "".join(generate_text(loaded.model, loaded.tokenizer, prompt, n, **kw))
-
-
-def test_completions_greedy_equals_lite_llm_generate(server, checkpoint):
-    got = server.client.completions.create(model="m", prompt="def main", max_tokens=24, temperature=0)
-    cli = subprocess.run([sys.executable, "-m", "lite_llm.cli", "generate", str(checkpoint), "--prompt", "def main", "--max-new-tokens", "24",
-                          "--temperature", "0"], capture_output=True, env=_env(), timeout=60)
-    assert cli.returncode == 0, cli.stderr
-    assert ("def main" + got.choices[0].text + "\n").encode() == cli.stdout  # bytes: text mode would turn a generated \r into \n
-    assert got.usage.completion_tokens >= 1 and got.usage.total_tokens == got.usage.prompt_tokens + got.usage.completion_tokens
-    assert got.choices[0].finish_reason in ("stop", "length")
-    assert [m.id for m in server.client.models.list().data] == ["ckpt"]
+    result = CliRunner().invoke(app, ["generate", str(chat_ckpt), "--prompt", "def add", "--max-new-tokens", "24", "--temperature", "0", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    cli_text = result.stdout.split("def add", 1)[1].removesuffix("\n")
+    got = client.completions.create(model="chat", prompt="def add", max_tokens=24, temperature=0)
+    assert got.choices[0].text == cli_text
+    assert got.usage.prompt_tokens == len(load_checkpoint(chat_ckpt).tokenizer.encode("def add"))
 
 
-def test_streaming_equals_whole_and_ends_with_done(server):
-    whole = server.client.completions.create(model="m", prompt="hello", max_tokens=20, temperature=0).choices[0].text
-    pieces = [c.choices[0].text for c in server.client.completions.create(model="m", prompt="hello", max_tokens=20, temperature=0, stream=True)]
-    assert "".join(pieces) == whole
-    with httpx.stream("POST", server.url + "/v1/completions", json={"prompt": "hello", "max_tokens": 5, "stream": True}) as r:
-        lines = [line for line in r.iter_lines() if line]
-    assert lines[-1] == "data: [DONE]"
+def test_completion_stream_equals_whole_and_generate(reference, client):
+    kwargs = dict(model="chat", prompt="class Point", max_tokens=30, temperature=0.9, top_p=0.95, seed=11)
+    whole = client.completions.create(**kwargs)
+    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    expected = _alone(reference, "class Point", 30, temperature=0.9, top_p=0.95, seed=11)
+    assert whole.choices[0].text == text == expected
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == whole.usage.total_tokens
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == [whole.choices[0].finish_reason]
 
 
-def test_chat_streamed_with_usage(server, checkpoint):
-    msgs = [{"role": "user", "content": "hello"}]
-    whole = server.client.chat.completions.create(model="m", messages=msgs, max_tokens=16, temperature=0)
-    chunks = list(server.client.chat.completions.create(model="m", messages=msgs, max_tokens=16, temperature=0, stream=True,
-                                                        stream_options={"include_usage": True}))
-    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert text == whole.choices[0].message.content
-    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
-    from lite_llm.checkpoint import load_checkpoint
-    from lite_llm.data.tokenizer import render_chat
-
-    tok = load_checkpoint(checkpoint).tokenizer
-    assert whole.usage.prompt_tokens == len(tok.encode(render_chat(tok, msgs)))
-
-
-def test_tier_set_and_seed_are_honoured(server, checkpoint):
-    for ts in ("only:tier_a", ["tier_b"]):
-        got = server.client.completions.create(model="m", prompt="the cat", max_tokens=20, temperature=0, extra_body={"tier_set": ts})
-        assert got.choices[0].text == _local(checkpoint, "the cat", 20, temperature=0.0, tierset=ts)
-    a = server.client.completions.create(model="m", prompt="the", max_tokens=20, temperature=1.0, seed=7).choices[0].text
-    b = server.client.completions.create(model="m", prompt="the", max_tokens=20, temperature=1.0, seed=7).choices[0].text
-    assert a == b == _local(checkpoint, "the", 20, temperature=1.0, seed=7)
+def test_chat_whole_and_streamed_follow_the_template(reference, client):
+    model, tok = reference
+    kwargs = dict(model="chat", messages=[{"role": "user", "content": "Hello"}], max_tokens=25, temperature=0.8, seed=4)
+    whole = client.chat.completions.create(**kwargs)
+    chunks = list(client.chat.completions.create(stream=True, **kwargs))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    expected = _alone(reference, "Hello", 25, chat=True, temperature=0.8, seed=4)
+    assert whole.choices[0].message.content == streamed == expected
+    assert whole.choices[0].message.role == "assistant" and chunks[0].choices[0].delta.role == "assistant"
+    prompt_ids = tok.encode(render_chat(tok, [{"role": "user", "content": "Hello"}]))
+    new = list(generate_ids(model, prompt_ids, 25, temperature=0.8, seed=4, eos_ids=tok.eos_ids))
+    assert whole.usage.prompt_tokens == len(prompt_ids) and whole.usage.completion_tokens == len(new)
+    assert whole.choices[0].finish_reason == ("stop" if new[-1] in tok.eos_ids else "length")
 
 
-@pytest.mark.parametrize("body, param", [
-    ("{not json", None),
-    ({"prompt": "x", "max_tokens": "ten"}, "max_tokens"),
-    ({"prompt": "x", "tier_set": "only:tier_zzz"}, "tier_set"),
-    ({"prompt": "x", "max_tokens": 1000}, "max_tokens"),
-    ({"prompt": "x", "n": 2}, "n"),
-    ({"prompt": ""}, "prompt"),
-    ({"prompt": "x", "latency_budget_ms": 5}, "latency_budget_ms"),
-])
-def test_bad_requests_are_400_and_the_server_keeps_serving(server, body, param):
-    content = body if isinstance(body, str) else json.dumps(body)
-    r = httpx.post(server.url + "/v1/completions", content=content, headers={"Content-Type": "application/json"})
-    assert r.status_code == 400
-    err = r.json()["error"]
-    assert err["param"] == param and err["type"] == "invalid_request_error" and err["message"]
-    assert server.client.completions.create(model="m", prompt="x", max_tokens=2).choices[0].text is not None
+def test_same_seed_same_text(client):
+    def ask(seed):
+        return client.completions.create(model="chat", prompt="The", max_tokens=30, temperature=1.0, seed=seed).choices[0].text
+
+    a, b, c = ask(123), ask(123), ask(124)
+    assert a == b and a != c
 
 
-def test_a_client_that_leaves_stops_its_generation(server):
-    before = server.metrics()
-    with httpx.stream("POST", server.url + "/v1/completions", json={"prompt": "a", "max_tokens": 100, "stream": True, "stop": ["never"]}) as r:
-        for i, _ in enumerate(r.iter_lines()):
-            if i >= 2:
-                break
-    deadline = time.monotonic() + 20
-    while server.metrics()["lite_llm_requests_cancelled_total"] == before["lite_llm_requests_cancelled_total"] and time.monotonic() < deadline:
-        time.sleep(0.05)
-    after = server.metrics()
-    assert after["lite_llm_requests_cancelled_total"] == before["lite_llm_requests_cancelled_total"] + 1
-    assert after["lite_llm_generated_tokens_total"] - before["lite_llm_generated_tokens_total"] < 100
+def test_stop_string_cuts_the_text(reference, client):
+    base = _alone(reference, "def add", 30, temperature=0)
+    stop = base[5:7]  # two characters that occur in the greedy text
+    got = client.completions.create(model="chat", prompt="def add", max_tokens=30, temperature=0, stop=[stop])
+    assert got.choices[0].text == base[: base.index(stop)] and got.choices[0].finish_reason == "stop"
 
 
-def test_a_full_queue_answers_429_with_retry_after(checkpoint):
-    s = Server(checkpoint, "--max-queue", "1")
+def test_tier_set_is_honoured_and_routes_only_to_its_tier(chat_server, reference, client):
+    base = chat_server[0]
+    for tier, other in (("tier_1b", "tier_10b"), ("tier_10b", "tier_1b")):
+        before = metric(base, "lite_llm_expert_routes_total", f'{{tier="{other}"}}')
+        mine = metric(base, "lite_llm_expert_routes_total", f'{{tier="{tier}"}}')
+        got = client.completions.create(model="chat", prompt="Hello", max_tokens=20, temperature=0, extra_body={"tier_set": f"only:{tier}"})
+        assert got.choices[0].text == _alone(reference, "Hello", 20, temperature=0, tierset=f"only:{tier}")
+        assert metric(base, "lite_llm_expert_routes_total", f'{{tier="{other}"}}') == before
+        assert metric(base, "lite_llm_expert_routes_total", f'{{tier="{tier}"}}') > mine
+    listed = client.completions.create(model="chat", prompt="Hello", max_tokens=20, temperature=0, extra_body={"tier_set": ["tier_10b"]})
+    assert listed.choices[0].text == _alone(reference, "Hello", 20, temperature=0, tierset="only:tier_10b")
+    assert _alone(reference, "Hello", 20, temperature=0, tierset="only:tier_10b") != _alone(reference, "Hello", 20, temperature=0, tierset="only:tier_1b")
+
+
+def test_eight_concurrent_streams_with_mixed_tiersets_each_get_what_they_get_alone(chat_server, reference, client):
+    engine = chat_server[1]
+    specs = [
+        (f"prompt {i} " * (1 + i % 3), 20 + 3 * i, [0.0, 0.9][i % 2], 100 + i, ["all", "only:tier_1b", "only:tier_10b", "upto:tier_1b"][i % 4])
+        for i in range(8)
+    ]
+    results: dict[int, str] = {}
+    errors: list[BaseException] = []
+    start = threading.Barrier(8)
+
+    def run(i: int) -> None:
+        prompt, n, t, seed, ts = specs[i]
+        try:
+            start.wait(10)
+            stream = client.completions.create(model="chat", prompt=prompt, max_tokens=n, temperature=t, seed=seed, stream=True, extra_body={"tier_set": ts})
+            results[i] = "".join(c.choices[0].text for c in stream if c.choices)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    widest_before = engine.stats.max_batch_seen
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(120)
+    assert not errors, errors
+    for i, (prompt, n, t, seed, ts) in enumerate(specs):
+        assert results[i] == _alone(reference, prompt, n, temperature=t, seed=seed, tierset=ts), f"client {i} ({ts})"
+    assert max(engine.stats.max_batch_seen, widest_before) >= 4  # they really shared decode steps
+
+
+def _error(response: httpx.Response, status: int = 400) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    return error
+
+
+def test_bad_requests_are_400_and_the_server_keeps_serving(chat_server, client):
+    url = chat_server[0] + "/v1/completions"
+    assert _error(httpx.post(url, content=b"{not json", headers={"Content-Type": "application/json"}))["message"] == "the request body is not valid JSON"
+    assert _error(httpx.post(url, json={"prompt": "hi", "max_tokens": "many"}))["param"] == "max_tokens"
+    assert _error(httpx.post(url, json={"prompt": "hi", "temperature": [1]}))["param"] == "temperature"
+    assert _error(httpx.post(url, json={"max_tokens": 3}))["param"] == "prompt"
+    assert "unknown tier" in _error(httpx.post(url, json={"prompt": "hi", "tier_set": "only:tier_99"}))["message"]
+    too_long = _error(httpx.post(url, json={"prompt": "hi", "max_tokens": 1000}))
+    assert too_long["param"] == "max_tokens" and too_long["code"] == "context_length_exceeded"
+    assert _error(httpx.post(url, json={"prompt": "", "max_tokens": 3}))["param"] == "prompt"
+    assert _error(httpx.post(url, json={"prompt": "hi", "n": 2}))["param"] == "n"
+    both = _error(httpx.post(url, json={"prompt": "hi", "tier_set": "all", "latency_budget_ms": 50}))
+    assert "not both" in both["message"]
+    with pytest.raises(openai.BadRequestError, match="lite-llm tiers profile"):
+        client.completions.create(model="chat", prompt="hi", max_tokens=3, extra_body={"latency_budget_ms": 50})
+    chat = chat_server[0] + "/v1/chat/completions"
+    assert _error(httpx.post(chat, json={"messages": [{"role": "wizard", "content": "x"}]}))["param"] == "messages"
+    assert _error(httpx.post(chat, json={"messages": []}))["param"] == "messages"
+    # still serving
+    assert client.completions.create(model="chat", prompt="hi", max_tokens=3, temperature=0).usage.completion_tokens >= 1
+    assert metric(chat_server[0], "lite_llm_requests_total", '{endpoint="/v1/completions",status="400"}') >= 9
+
+
+def test_chat_without_a_template_is_refused(byte_ckpt):
+    with serve_in_thread(byte_ckpt) as (base, _):
+        error = _error(httpx.post(base + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}))
+        assert error["code"] == "no_chat_template" and "chat template" in error["message"]
+        assert httpx.post(base + "/v1/completions", json={"prompt": "hi", "max_tokens": 4}).status_code == 200
+
+
+def test_a_client_that_leaves_stops_its_generation(chat_server):
+    base, engine = chat_server
+    cancelled = engine.stats.requests_cancelled
+    generated = engine.stats.generated_tokens
+    with httpx.Client(timeout=30) as http:
+        with http.stream("POST", base + "/v1/completions", json={"prompt": "The", "max_tokens": 120, "temperature": 0.0, "stream": True}) as response:
+            for i, _ in enumerate(response.iter_lines()):
+                if i >= 4:
+                    break  # leave mid-stream: the connection closes
+    deadline = time.monotonic() + 10
+    while engine.stats.requests_cancelled == cancelled and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.stats.requests_cancelled == cancelled + 1
+    assert engine.stats.generated_tokens - generated < 120  # it did not run to max_tokens
+    # a whole (non-streamed) request whose client gives up is dropped too
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(base + "/v1/completions", json={"prompt": "The", "max_tokens": 120, "temperature": 0.0}, timeout=0.05)
+    deadline = time.monotonic() + 10
+    while engine.stats.requests_cancelled == cancelled + 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.stats.requests_cancelled == cancelled + 2
+
+
+def test_a_full_queue_answers_429_with_retry_after(chat_ckpt):
+    with serve_in_thread(chat_ckpt, max_batch=1, max_queue=1) as (base, engine):
+        hold, entered = threading.Event(), threading.Event()
+
+        def blocking_sink(event: Event) -> None:  # keeps the engine busy on the one batch row
+            entered.set()
+            hold.wait(30)
+
+        engine.submit(Job([1, 2, 3], SamplingParams(max_tokens=2, temperature=0.0), TierSet.all(), blocking_sink))
+        assert entered.wait(10)
+        queued: list[httpx.Response] = []
+        waiter = threading.Thread(target=lambda: queued.append(httpx.post(base + "/v1/completions", json={"prompt": "hi", "max_tokens": 3}, timeout=30)))
+        waiter.start()
+        deadline = time.monotonic() + 10
+        while engine.queue_depth < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        refused = httpx.post(base + "/v1/completions", json={"prompt": "hi", "max_tokens": 3}, timeout=10)
+        error = _error(refused, 429)
+        assert refused.headers["Retry-After"] == "1" and error["code"] == "rate_limit_exceeded"
+        hold.set()
+        waiter.join(30)
+        assert queued and queued[0].status_code == 200  # the queued one was served
+
+
+def test_sigterm_drains_the_stream_in_flight_then_exits_0(chat_ckpt, reference):
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(SRC), "LITE_LLM_DEVICE": "cpu"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lite_llm.cli", "serve", str(chat_ckpt), "--port", str(port), "--log-level", "warning"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
     try:
-        codes: list[int] = []
-        headers: list[str | None] = []
-
-        def ask() -> None:
-            r = httpx.post(s.url + "/v1/completions", json={"prompt": "a", "max_tokens": 100, "stop": ["never"]}, timeout=60)
-            codes.append(r.status_code)
-            headers.append(r.headers.get("retry-after"))
-
-        threads = [threading.Thread(target=ask) for _ in range(5)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert 429 in codes and 200 in codes
-        assert all(h == "1" for c, h in zip(codes, headers) if c == 429)
+        base = f"http://127.0.0.1:{port}"
+        wait_healthy(base, timeout=60, proc=proc)
+        pieces, lines = [], []
+        body = {"prompt": "The", "max_tokens": 100, "temperature": 0.0, "stream": True, "tier_set": "only:tier_10b"}
+        with httpx.stream("POST", base + "/v1/completions", json=body, timeout=60) as response:
+            for line in response.iter_lines():
+                if not line:
+                    continue
+                lines.append(line)
+                if len(lines) == 1:
+                    proc.send_signal(signal.SIGTERM)
+                if line != "data: [DONE]":
+                    pieces.append(json.loads(line.removeprefix("data: "))["choices"][0]["text"])
+        assert lines[-1] == "data: [DONE]"
+        assert "".join(pieces) == _alone(reference, "The", 100, temperature=0.0, tierset="only:tier_10b")
+        assert proc.wait(60) == 0
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(base + "/health", timeout=2)
     finally:
-        s.stop()
-
-
-def test_sigterm_drains_in_flight_requests(checkpoint):
-    s = Server(checkpoint)
-    with httpx.stream("POST", s.url + "/v1/completions", json={"prompt": "a", "max_tokens": 60, "stream": True, "stop": ["never"]}, timeout=60) as r:
-        lines = iter(r.iter_lines())
-        next(lines)
-        s.proc.send_signal(signal.SIGTERM)
-        rest = [line for line in lines if line]
-    assert rest[-1] == "data: [DONE]"
-    # uvicorn re-raises the signal once it has shut down gracefully, so the exit status says SIGTERM
-    assert s.proc.wait(timeout=30) in (0, -signal.SIGTERM)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)

@@ -1,55 +1,71 @@
-"""`lite-llm serve`: the OpenAI-compatible HTTP server on a checkpoint."""
+"""`lite-llm serve`: an OpenAI-compatible HTTP server for a checkpoint."""
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from ..errors import LiteLLMError
-from .app import THREADS_HELP, app, apply_threads, console, device_option, friendly_errors
-from .store_options import cache_policy_option, hot_budget_option, load_for_inference, warm_budget_option
+from .app import THREADS_HELP, app, apply_threads, device_option, err_console, friendly_errors
+from .store_options import cache_policy_option, hot_budget_option, load_for_inference, prefetch_option, warm_budget_option
 
 
 @app.command()
 @friendly_errors
 def serve(
     checkpoint: Path = typer.Argument(..., help="Checkpoint directory."),
-    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
-    port: int = typer.Option(8000, help="Port to listen on.", min=1, max=65535),
-    max_queue: int = typer.Option(16, "--max-queue", help="Requests that may wait; more are answered 429 with Retry-After.", min=1),
-    model_name: Optional[str] = typer.Option(None, "--model-name", help="The model id /v1/models reports (default: the folder's name)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0 for every interface)."),
+    port: int = typer.Option(8000, help="Port to listen on.", min=0, max=65535),
+    model_name: Optional[str] = typer.Option(None, "--model-name", help="The model id /v1/models reports (default: the checkpoint's folder name)."),
+    max_batch: int = typer.Option(8, "--max-batch", help="Requests decoded together (continuous batching); 1 serves one at a time.", min=1),
+    max_queue: int = typer.Option(64, "--max-queue", help="Requests that may wait for a place in the batch; more are answered 429.", min=0),
     device: str = device_option(),
     threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
     hot_budget: Optional[str] = hot_budget_option(),
     warm_budget: Optional[str] = warm_budget_option(),
     cache_policy: str = cache_policy_option(),
+    prefetch: bool = prefetch_option(),
+    log_level: str = typer.Option("info", "--log-level", help="uvicorn's log level: critical, error, warning, info, debug."),
 ) -> None:
-    """Serve CHECKPOINT over HTTP with OpenAI's API: /v1/completions, /v1/chat/completions
-    (streamed with "stream": true), /v1/models, /health, /metrics.  Lite LLM's own fields go in
-    the body beside OpenAI's: "tier_set", or "latency_budget_ms" / "memory_budget" (after
-    `lite-llm tiers profile`).  Ctrl-C or SIGTERM finishes the requests in flight, then exits.
+    """Serve CHECKPOINT over HTTP with the OpenAI API (completions, chat completions, streaming).
+
+    Requests may choose their tiers with a `tier_set` field ("all", "upto:tier_1b",
+    "only:tier_10b", or a list), or give `latency_budget_ms` / `memory_budget` to have one
+    chosen from the checkpoint's TierSet profile.  SIGTERM (Ctrl-C) finishes the requests in
+    flight, then exits.
 
     Examples:
 
-      lite-llm serve runs/quickstart/checkpoints/step-00000300 --port 8000
+      lite-llm serve runs/quickstart/checkpoint --port 8000
 
-      curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' -d '{"prompt": "def ", "max_tokens": 32, "temperature": 0}'
+      lite-llm serve big --hot-budget 512MB --warm-budget 2GB --max-batch 4
+
+      curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' -d '{"prompt": "def ", "max_tokens": 40, "temperature": 0}'
     """
     try:
         import uvicorn
     except ImportError:
-        raise LiteLLMError("serving needs fastapi and uvicorn; install them with `pip install 'lite-llm[serve]'`") from None
+        raise LiteLLMError("serving needs fastapi and uvicorn; install them with pip install 'lite-llm[serve]'") from None
     from ..runtime.device import resolve_device
-    from ..serve.app import build_app
+    from ..serve.app import create_app
+    from ..serve.engine import Engine
 
-    run_device = resolve_device(device)
-    apply_threads(threads)
-    loaded = load_for_inference(checkpoint, tiers="all", device=run_device, hot_budget=hot_budget, warm_budget=warm_budget, policy=cache_policy)
+    apply_threads(threads, header_to_stderr=True)
+    loaded = load_for_inference(
+        checkpoint, tiers="all", device=resolve_device(device), hot_budget=hot_budget, warm_budget=warm_budget, policy=cache_policy, prefetch=prefetch
+    )
     if loaded.tokenizer is None:
         raise LiteLLMError(f"checkpoint {checkpoint} has no tokenizer/ folder; re-save it with its tokenizer")
+    engine = Engine(loaded.model, loaded.tokenizer, max_batch=max_batch, max_queue=max_queue)
     name = model_name or checkpoint.resolve().name
-    server = build_app(loaded.model, loaded.tokenizer, checkpoint=checkpoint, model_name=name, max_queue=max_queue, store=loaded.store)
-    console.print(f"serving {checkpoint} as {name!r} at http://{host}:{port}/v1 (requests one at a time, queue of {max_queue})")
-    uvicorn.run(server, host=host, port=port, log_level="warning", timeout_graceful_shutdown=60)
+    api = create_app(engine, model_name=name, checkpoint=checkpoint, store=loaded.store)
+    err_console.print(f"serving {name} on http://{host}:{port}/v1 (max batch {max_batch}, queue {max_queue})", highlight=False)
+    # uvicorn turns SIGTERM into a graceful shutdown (stop accepting, finish the responses in
+    # flight, then the lifespan drains the engine) and afterwards re-raises the signal to the
+    # handler that was there before; a no-op one makes a drained shutdown exit 0, as a service
+    # manager expects of a clean stop.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    uvicorn.Server(uvicorn.Config(api, host=host, port=port, log_level=log_level, lifespan="on")).run()

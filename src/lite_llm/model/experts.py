@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .padded import padded_dispatch, padding_pays
+from .rowwise import linear, row_invariant_enabled
 
 DispatchImpl = Literal["auto", "grouped_mm", "loop", "padded_bmm"]
 HAS_GROUPED_MM = hasattr(F, "grouped_mm")
@@ -98,8 +99,10 @@ class ExpertBank(nn.Module):
 def choose_impl(x: torch.Tensor, counts: list[int], needs_grad: bool, *weights: torch.Tensor) -> DispatchImpl:
     """The implementation ``auto`` runs for rows ``x`` split as ``counts`` over experts of
     ``weights``' shapes (see the module docstring).  A function of the rows and shapes only,
-    so an expert source that hands over a few experts at a time picks what the bank would."""
-    if not needs_grad and x.shape[0] <= DECODE_ROWS:
+    so an expert source that hands over a few experts at a time picks what the bank would.
+    Under :func:`~.rowwise.row_invariant` (a server's batched decode step) always the loop:
+    its products are the only ones computed row by row as a lone token's are."""
+    if not needs_grad and (x.shape[0] <= DECODE_ROWS or row_invariant_enabled()):
         return "loop"
     if x.device.type == "cpu" and x.shape[0] >= CPU_LOOP_ROWS_PER_EXPERT * max(sum(1 for n in counts if n), 1):
         return "loop"
@@ -124,7 +127,7 @@ def looped_experts(
     """Rows ``x`` (``counts[e]`` for expert e, in order) through expert e's ``gate_ups[e]``
     (2H, d) and ``downs[e]`` (d, H), one pair of matmuls per expert that has rows."""
     outs = [
-        F.linear(swiglu(F.linear(rows, gate_ups[e].to(x.dtype))), downs[e].to(x.dtype))
+        linear(swiglu(linear(rows, gate_ups[e].to(x.dtype))), downs[e].to(x.dtype))
         for e, rows in nonempty_groups(x, counts)
     ]
     if not outs:
@@ -232,7 +235,7 @@ AUTO_PADDED = False
 def prefers_padded(x: torch.Tensor, expert_ids: torch.Tensor, tier_offsets: list[int], *, allowed: bool | None = None) -> bool:
     """Whether ``auto`` runs ``padded_bmm`` for these rows and routes (see the module docstring);
     ``allowed`` overrides ``AUTO_PADDED`` (tests check the rule itself with it)."""
-    if not (AUTO_PADDED if allowed is None else allowed):
+    if not (AUTO_PADDED if allowed is None else allowed) or row_invariant_enabled():
         return False
     if x.dtype not in LOW_PRECISION or x.device.type != "cpu":
         return False

@@ -25,10 +25,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .rowwise import linear
 
 _MASK64 = (1 << 64) - 1
 
@@ -264,7 +264,7 @@ class HSERRouter(nn.Module):
         n, T, G, E = x.shape[0], self.num_tiers, self.max_groups, self.max_epg
         x32 = x.float()
         if T == 1 and allowed[0]:  # one tier fills the padded shape exactly: views, no copies
-            logits = F.linear(x32, self._head_weight(self.tier_names[0]))
+            logits = linear(x32, self._head_weight(self.tier_names[0]))
             return logits[:, :1], logits[:, 1 : 1 + G].view(n, 1, G), logits[:, 1 + G :].view(n, 1, G, E)
         tier_l = x32.new_full((n, T), float("-inf"))
         group_l = self.group_fill.to(x32.dtype).expand(n, T, G).clone()
@@ -274,7 +274,7 @@ class HSERRouter(nn.Module):
                 continue
             head = self.heads[name]
             g, e = head.num_groups, head.experts_per_group
-            logits = F.linear(x32, self._head_weight(name))
+            logits = linear(x32, self._head_weight(name))
             tier_l[:, t] = logits[:, 0]
             group_l[:, t, :g] = logits[:, 1 : 1 + g]
             expert_l[:, t, :g, :e] = logits[:, 1 + g :].view(n, g, e)
@@ -299,10 +299,18 @@ class HSERRouter(nn.Module):
         return tier_b, group_b, expert_b
 
     def forward(self, x: torch.Tensor, allowed: torch.Tensor, step: int | None = None) -> Routes:
-        """Route ``x`` (N, d) over the tiers where ``allowed`` (T,) is true."""
+        """Route ``x`` (N, d) over the tiers where ``allowed`` (T,) is true.
+
+        ``allowed`` may also be (N, T), a TierSet per row (a server batching requests): the gates
+        of the union of the rows' tiers are computed, and each row's other tiers are set to
+        ``-inf`` before the softmax.  A row then routes bitwise as it would alone with its own
+        (T,) mask: each tier's gate logits come from their own matmul, a masked tier's logit is
+        ``-inf`` either way, and a masked tier can only be picked (when ``k_tier`` exceeds the
+        row's tiers) with weight 0, which makes its slots invalid whatever its group scores.
+        """
         r = self.routing
         n, T, G, E = x.shape[0], self.num_tiers, self.max_groups, self.max_epg
-        allowed_list = allowed.tolist()
+        allowed_list = (allowed if allowed.dim() == 1 else allowed.any(0)).tolist()
         raw_t, raw_g, raw_e = self.gate_logits(x, allowed_list)
         bias_t, bias_g, bias_e = self._biases()
         tier_l = _scaled(raw_t, r.tier_temperature) + bias_t
@@ -369,7 +377,7 @@ class HSERRouter(nn.Module):
         when it applies this router to an earlier layer's hidden state (pre-gating)."""
         r = self.routing
         n = x.shape[0]
-        raw_t, raw_g, raw_e = self.gate_logits(x, allowed.tolist())
+        raw_t, raw_g, raw_e = self.gate_logits(x, (allowed if allowed.dim() == 1 else allowed.any(0)).tolist())
         bias_t, bias_g, bias_e = self._biases()
         p_tier = (_scaled(raw_t, r.tier_temperature) + bias_t).masked_fill(~allowed, float("-inf")).softmax(-1)
         p_group = (_scaled(raw_g, r.group_temperature) + bias_g).softmax(-1)

@@ -7,7 +7,7 @@ training loss (LM + load balance + z-loss), its parts, and per-layer routing sta
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -134,6 +134,11 @@ class LiteLLM(nn.Module):
             mask = torch.tensor([t.name in names for t in self.config.tiers], dtype=torch.bool)
             self._allowed_cache[key] = mask
         return self._allowed_cache[key].to(self.embed.weight.device)
+
+    def allowed_rows(self, tiersets: Sequence[TierSet | str | Iterable[str] | None]) -> torch.Tensor:
+        """Boolean mask (N, T): row i allows the tiers of ``tiersets[i]`` — one TierSet per
+        request when a server decodes several in one batch (the router masks per row)."""
+        return torch.stack([self.allowed_tiers(t) for t in tiersets])
 
     # ------------------------------------------------------------------------------ forward
     def forward(

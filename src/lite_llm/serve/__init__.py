@@ -1,1 +1,1 @@
-"""Serving: the generation loop with continuous batching, TierSet selection, the HTTP server."""
+"""Serving: continuous batching with a TierSet per row, and the OpenAI-compatible HTTP server."""

@@ -1,205 +1,293 @@
-"""The OpenAI-compatible HTTP server: ``/v1/models``, ``/v1/completions``,
-``/v1/chat/completions`` (streamed as server-sent events ending ``data: [DONE]``), ``/health``
-and ``/metrics`` (Prometheus text).
+"""The HTTP server: an OpenAI-compatible FastAPI app in front of the batching engine.
 
-Bad input is HTTP 400 with OpenAI's error body (``{"error": {"message", "type", "param",
-"code"}}``) and the server keeps serving; a full queue is 429 with ``Retry-After``.  Requests
-are generated one at a time by :class:`~.engine.Engine` (no continuous batching yet).
+``POST /v1/completions`` and ``POST /v1/chat/completions`` (streamed as server-sent events
+ending with ``data: [DONE]``, or whole), ``GET /v1/models``, ``GET /health``, ``GET /metrics``.
+
+Behaviour under pressure, and why it is built so:
+
+* a client that leaves stops its generation within one decode step: a streamed response's
+  generator is cancelled by Starlette when the client disconnects (``asyncio.CancelledError``
+  is a ``BaseException``, so only ``finally`` sees it) and its ``finally`` flags the job; a
+  whole response polls ``request.is_disconnected()`` while it waits; the engine drops flagged
+  rows at the next token boundary;
+* the engine's queue is bounded: a request that finds it full is answered 429 with
+  ``Retry-After`` at once, before any work;
+* every bad request is a 400 with OpenAI's error body (:mod:`.protocol`), and the server
+  carries on;
+* SIGTERM: uvicorn stops accepting, lets in-flight responses finish (the engine keeps
+  running them), then the lifespan's shutdown drains and stops the engine.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
-import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from ..config import TierSet
+from ..data.tokenizer import render_chat
 from ..errors import LiteLLMError
-from .engine import Engine, Job, QueueFull, is_done
-from .protocol import BadRequest, GenerationRequest, check_tier_set, parse_request
+from .engine import EngineStoppedError, Engine, Event, Job, QueueFullError, SamplingParams
+from .metrics import RequestCounter, render_metrics
+from .protocol import (
+    APIError, ChatRequest, CompletionRequest, chat_body, chat_chunk, completion_body, completion_chunk, new_id, parse_request,
+    usage_chunk,
+)
+
+DISCONNECT_POLL_S = 0.05  # how often a whole (non-streamed) response checks that its client is still there
+RETRY_AFTER_S = 1
 
 
-def error_response(status: int, message: str, *, param: str | None = None, kind: str = "invalid_request_error",
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
-    return JSONResponse(body, status_code=status, headers=headers)
+def budget_tiers(checkpoint: Path | None, latency_ms: float | None, memory: int | str | None) -> tuple[str, ...]:
+    """The TierSet that meets a request's latency and memory budgets, from the checkpoint's
+    TierSet profile (``lite-llm tiers profile``); a 400 when there is no profile or nothing fits.
+
+    The one place the server asks :mod:`.selection` (imported lazily: it may not be installed
+    in this build, and a server without budgets must not need it)."""
+    profile_hint = f"run `lite-llm tiers profile {checkpoint or 'CKPT'}` first"
+    try:
+        from .selection import choose, load_profile
+    except ImportError:
+        raise APIError(
+            f"this server cannot choose a TierSet by budget: TierSet selection is not available in this build; {profile_hint}, "
+            "or send tier_set instead", param="latency_budget_ms", code="no_tier_profile",
+        ) from None
+    memory_bytes: int | None = None
+    if memory is not None:
+        from ..store.sizes import parse_bytes
+
+        try:
+            memory_bytes = parse_bytes(memory, "memory_budget")
+        except LiteLLMError as exc:
+            raise APIError(str(exc), param="memory_budget") from None
+    table = load_profile(checkpoint) if checkpoint is not None else None
+    if table is None:
+        raise APIError(
+            f"the checkpoint has no TierSet profile to choose by budget; {profile_hint}, or send tier_set instead",
+            param="latency_budget_ms", code="no_tier_profile",
+        )
+    try:
+        return tuple(choose(table, latency_ms, memory_bytes).tiers)
+    except LiteLLMError as exc:
+        raise APIError(str(exc), param="latency_budget_ms", code="budget_unmet") from None
 
 
-def build_app(model: Any, tokenizer: Any, *, checkpoint: Path, model_name: str, max_queue: int = 16, store: Any = None) -> FastAPI:
-    """The server for one loaded model (``checkpoint`` is read for its TierSet profile)."""
-    engine = Engine(model, tokenizer, max_queue=max_queue, store=store)
-    app = FastAPI(title="Lite LLM", docs_url=None, redoc_url=None)
-    app.state.engine = engine
-    started = time.time()
+class Server:
+    """What the handlers share: the engine, the tokenizer, the model's limits, the counters."""
 
-    @app.on_event("shutdown")
-    def _drain() -> None:  # uvicorn has let in-flight requests finish; stop the worker
-        engine.close()
+    def __init__(
+        self, engine: Engine, *, model_name: str, checkpoint: Path | None = None, store: Any = None
+    ) -> None:
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.config = engine.model.config
+        self.model_name = model_name
+        self.checkpoint = checkpoint
+        self.store = store
+        self.requests = RequestCounter()
+        self.started = int(time.time())
+
+    # ------------------------------------------------------------------ request -> job
+    def tierset(self, request: Any) -> TierSet:
+        if request.latency_budget_ms is not None or request.memory_budget is not None:
+            return TierSet.of(*budget_tiers(self.checkpoint, request.latency_budget_ms, request.memory_budget))
+        try:
+            ts = TierSet.coerce(request.tier_set)
+            ts.resolve(self.config)
+        except LiteLLMError as exc:
+            raise APIError(str(exc), param="tier_set", code="unknown_tier") from None
+        return ts
+
+    def prompt_ids(self, request: Any) -> list[int]:
+        if isinstance(request, ChatRequest):
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise APIError(
+                    "this model has no chat template, so it cannot serve chat completions; use /v1/completions with a plain prompt",
+                    param="messages", code="no_chat_template",
+                )
+            try:
+                text = render_chat(self.tokenizer, [{"role": m.role, "content": m.text()} for m in request.messages])
+            except LiteLLMError as exc:
+                raise APIError(str(exc), param="messages") from None
+            return list(self.tokenizer.encode(text))
+        prompt = request.prompt
+        if isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
+            bad = [p for p in prompt if not 0 <= p < self.config.vocab_size]
+            if bad:
+                raise APIError(f"prompt token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})", param="prompt")
+            return list(prompt)
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise APIError(f"this server takes one prompt per request, got {len(prompt)}", param="prompt")
+            prompt = prompt[0]
+        return list(self.tokenizer.encode(prompt)) if prompt else []
+
+    def job(self, request: Any, sink) -> tuple[Job, int]:
+        ids = self.prompt_ids(request)
+        if not ids:
+            raise APIError("the prompt is empty; send at least one token of text", param="prompt")
+        limit = self.config.max_seq_len
+        if len(ids) >= limit:
+            raise APIError(f"the prompt is {len(ids)} tokens but the model's context is {limit}; shorten it", param="prompt")
+        asked = request.max_tokens
+        if isinstance(request, ChatRequest) and request.max_completion_tokens is not None:
+            asked = request.max_completion_tokens
+        room = limit - len(ids)
+        if asked is None:
+            asked = room if isinstance(request, ChatRequest) else min(16, room)  # OpenAI's defaults: the rest, or 16
+        elif asked > room:
+            raise APIError(
+                f"max_tokens={asked} plus the prompt's {len(ids)} tokens exceeds the model's context of {limit}; ask for at most {room}",
+                param="max_tokens", code="context_length_exceeded",
+            )
+        params = SamplingParams(
+            max_tokens=asked, temperature=request.temperature, top_p=request.top_p if request.top_p < 1 else None,
+            top_k=request.top_k, seed=request.sampling_seed(), stop=request.stops(), repetition_penalty=request.repetition_penalty,
+        )
+        return Job(ids, params, self.tierset(request), sink), len(ids)
+
+
+def create_app(engine: Engine, *, model_name: str, checkpoint: Path | None = None, store: Any = None) -> FastAPI:
+    """The FastAPI app serving ``engine``; its lifespan starts the engine and drains it at shutdown."""
+    server = Server(engine, model_name=model_name, checkpoint=checkpoint, store=store)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(engine.stop)
+
+    app = FastAPI(title="Lite LLM", lifespan=lifespan)
+    app.state.server = server
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        server.requests.add(request.url.path, exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.get("/health")
-    def health() -> dict[str, str]:
-        return {"status": "ok"}
+    async def health() -> dict:
+        return {"status": "ok", "model": server.model_name, "running": engine.running, "queued": engine.queue_depth}
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(render_metrics(engine, server.requests, server.store), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
-    def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(started), "owned_by": "lite-llm"}]}
-
-    @app.get("/metrics", response_class=PlainTextResponse)
-    def metrics() -> str:
-        return _metrics_text(engine)
-
-    async def generate(request: Request, chat: bool) -> Any:
-        try:
-            body = json.loads(await request.body())
-        except ValueError:
-            return error_response(400, "the request body is not valid JSON")
-        try:
-            req = parse_request(body, chat=chat)
-            tierset = _tierset_for(req, model.config, checkpoint)
-            if chat and not getattr(tokenizer, "chat_template", None):
-                raise BadRequest("this model's tokenizer has no chat template; use /v1/completions with a prompt", "messages")
-            prompt_ids = engine.prompt_ids(req)
-            limit = model.config.max_seq_len
-            if len(prompt_ids) + req.max_tokens > limit:
-                raise BadRequest(
-                    f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({req.max_tokens}) exceeds the model's context of {limit} tokens; "
-                    f"ask for at most {max(limit - len(prompt_ids), 0)} tokens", "max_tokens",
-                )
-        except LiteLLMError as err:
-            return error_response(400, str(err), param=getattr(err, "param", None))
-        try:
-            job = engine.submit(req, tierset, prompt_ids)
-        except QueueFull:
-            return error_response(429, "the server is busy (its queue is full); retry shortly", kind="rate_limit_error", headers={"Retry-After": "1"})
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        if req.stream:
-            return StreamingResponse(_stream(request, job, rid, model_name), media_type="text/event-stream")
-        try:
-            text = "".join([piece async for piece in _pieces(job)])
-        except BaseException:
-            job.cancelled.set()  # the client left while waiting: stop its generation
-            raise
-        if job.error is not None:
-            return error_response(500, f"generation failed: {job.error}", kind="server_error")
-        return _whole_response(job, rid, model_name, text)
+    async def models() -> dict:
+        return {
+            "object": "list",
+            "data": [{
+                "id": server.model_name, "object": "model", "created": server.started, "owned_by": "lite-llm",
+                "max_model_len": server.config.max_seq_len, "tiers": [t.name for t in server.config.tiers],
+            }],
+        }
 
     @app.post("/v1/completions")
-    async def completions(request: Request) -> Any:
-        return await generate(request, chat=False)
+    async def completions(request: Request) -> Response:
+        return await _generate(server, request, CompletionRequest)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Any:
-        return await generate(request, chat=True)
+    async def chat_completions(request: Request) -> Response:
+        return await _generate(server, request, ChatRequest)
 
     return app
 
 
-def _tierset_for(req: GenerationRequest, config: Any, checkpoint: Path) -> TierSet:
-    """The request's TierSet: named, or chosen from the checkpoint's profile to fit its budgets."""
-    if req.latency_budget_ms is None and req.memory_budget is None:
-        return check_tier_set(config, req.tier_set)
-    from .selection import choose, load_profile
-
-    table = load_profile(checkpoint)
-    if table is None:
-        raise BadRequest("latency and memory budgets need a TierSet profile; run `lite-llm tiers profile CKPT --data ...` first", "latency_budget_ms")
+async def _generate(server: Server, http: Request, kind: type) -> Response:
+    """Parse, validate, queue, and answer one generation request (whole or streamed)."""
+    path = http.url.path
     try:
-        picked = choose(table, req.latency_budget_ms, req.memory_budget)
-    except LiteLLMError as err:
-        raise BadRequest(str(err), "latency_budget_ms") from None
-    return check_tier_set(config, list(picked.tiers))
+        body = json.loads(await http.body())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise APIError("the request body is not valid JSON") from None
+    request = parse_request(kind, body)
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[Event] = asyncio.Queue()
+
+    def sink(event: Event) -> None:  # called on the engine thread
+        loop.call_soon_threadsafe(events.put_nowait, event)
+
+    job, _ = server.job(request, sink)
+    try:
+        server.engine.submit(job)
+    except QueueFullError as exc:
+        raise APIError(str(exc), status=429, type="rate_limit_error", code="rate_limit_exceeded",
+                       headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+    except EngineStoppedError as exc:
+        raise APIError(str(exc), status=503, type="server_error", code="shutting_down", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+    rid = new_id("chatcmpl" if kind is ChatRequest else "cmpl")
+    name = request.model or server.model_name
+    server.requests.add(path, 200)
+    if request.stream:
+        with_usage = bool(request.stream_options and request.stream_options.include_usage)
+        return StreamingResponse(_sse(job, events, rid, name, kind is ChatRequest, with_usage), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return await _whole(http, job, events, rid, name, kind is ChatRequest)
 
 
-async def _pieces(job: Job) -> AsyncIterator[str]:
-    while True:
-        item = await job.pieces.get()
-        if is_done(item):
-            return
-        yield item  # type: ignore[misc]
+async def _whole(http: Request, job: Job, events: asyncio.Queue, rid: str, name: str, chat: bool) -> Response:
+    """Wait for the whole text, watching for the client leaving meanwhile."""
+    pieces: list[str] = []
+    checked = time.monotonic()
+    try:
+        while True:
+            try:
+                event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                event = None
+            if event is None or time.monotonic() - checked >= DISCONNECT_POLL_S:  # text may arrive faster than the poll
+                checked = time.monotonic()
+                if await http.is_disconnected():
+                    job.cancel()
+                    return Response(status_code=499)
+            if event is None:
+                continue
+            if event.kind == "text":
+                pieces.append(event.text)
+            elif event.kind == "error":
+                raise APIError(f"generation failed: {event.message}", status=500, type="server_error")
+            else:
+                build = chat_body if chat else completion_body
+                return JSONResponse(build(rid, name, "".join(pieces), event.finish_reason, event.prompt_tokens, event.completion_tokens))
+    finally:
+        job.cancel()  # a no-op once the job is done; stops it when this handler is cancelled
 
 
-def _usage(job: Job) -> dict[str, int]:
-    p, c = int(job.outcome.get("prompt_tokens", len(job.prompt_ids))), int(job.outcome.get("completion_tokens", 0))
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
-
-
-def _whole_response(job: Job, rid: str, model_name: str, text: str) -> dict[str, Any]:
-    finish = job.outcome.get("finish_reason", "length")
-    if job.request.chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": None}
-        kind = "chat.completion"
-    else:
-        choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
-        kind = "text_completion"
-    return {"id": rid, "object": kind, "created": int(time.time()), "model": model_name, "choices": [choice], "usage": _usage(job)}
-
-
-async def _stream(request: Request, job: Job, rid: str, model_name: str) -> AsyncIterator[str]:
-    """Server-sent events: one chunk per text piece, a last one with ``finish_reason``, the
-    usage chunk when asked, then ``data: [DONE]``.  Leaving (disconnect or cancellation, a
-    ``BaseException``) stops the job's generation."""
-    chat, created = job.request.chat, int(time.time())
-    kind = "chat.completion.chunk" if chat else "text_completion"
-
-    def chunk(delta: str | None, finish: str | None, role: bool = False) -> str:
-        if chat:
-            d: dict[str, Any] = {}
-            if role:
-                d["role"] = "assistant"
-            if delta is not None:
-                d["content"] = delta
-            choice: dict[str, Any] = {"index": 0, "delta": d, "finish_reason": finish, "logprobs": None}
-        else:
-            choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
-        body = {"id": rid, "object": kind, "created": created, "model": model_name, "choices": [choice]}
-        if job.request.include_usage:
-            body["usage"] = None
-        return f"data: {json.dumps(body)}\n\n"
-
+async def _sse(job: Job, events: asyncio.Queue, rid: str, name: str, chat: bool, with_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events: one chunk per text piece, a final chunk with the finish reason, the
+    usage chunk when asked for, then ``data: [DONE]``."""
+    obj = "chat.completion.chunk" if chat else "text_completion"
     try:
         if chat:
-            yield chunk("", None, role=True)
-        async for piece in _pieces(job):
-            if await request.is_disconnected():
-                job.cancelled.set()
-                return
-            yield chunk(piece, None)
-        if job.error is not None:
-            yield f"data: {json.dumps({'error': {'message': f'generation failed: {job.error}', 'type': 'server_error'}})}\n\n"
-            return
-        yield chunk(None if chat else "", job.outcome.get("finish_reason", "length"))
-        if job.request.include_usage:
-            usage = {"id": rid, "object": kind, "created": created, "model": model_name, "choices": [], "usage": _usage(job)}
-            yield f"data: {json.dumps(usage)}\n\n"
+            yield _data(chat_chunk(rid, name, {"role": "assistant", "content": ""}, None, with_usage))
+        while True:
+            event = await events.get()
+            if event.kind == "text":
+                chunk = chat_chunk(rid, name, {"content": event.text}, None, with_usage) if chat else completion_chunk(rid, name, event.text, None, with_usage)
+                yield _data(chunk)
+            elif event.kind == "error":
+                yield _data({"error": {"message": f"generation failed: {event.message}", "type": "server_error", "param": None, "code": None}})
+                break
+            else:
+                final = chat_chunk(rid, name, {}, event.finish_reason, with_usage) if chat else completion_chunk(rid, name, "", event.finish_reason, with_usage)
+                yield _data(final)
+                if with_usage:
+                    yield _data(usage_chunk(rid, name, obj, event.prompt_tokens, event.completion_tokens))
+                break
         yield "data: [DONE]\n\n"
-    except BaseException:
-        job.cancelled.set()
-        raise
+    finally:
+        job.cancel()  # the client left (CancelledError / GeneratorExit) or the stream ended: either way, no more tokens
 
 
-def _metrics_text(engine: Engine) -> str:
-    s = engine.stats
-    lines = [
-        "# HELP lite_llm_requests_total Generation requests accepted.", "# TYPE lite_llm_requests_total counter",
-        f"lite_llm_requests_total {s.requests}",
-        "# HELP lite_llm_requests_cancelled_total Requests whose client left before the end.", "# TYPE lite_llm_requests_cancelled_total counter",
-        f"lite_llm_requests_cancelled_total {s.cancelled}",
-        "# HELP lite_llm_generated_tokens_total Tokens generated.", "# TYPE lite_llm_generated_tokens_total counter",
-        f"lite_llm_generated_tokens_total {s.generated_tokens}",
-        "# HELP lite_llm_tokens_per_second Tokens generated per second of generation.", "# TYPE lite_llm_tokens_per_second gauge",
-        f"lite_llm_tokens_per_second {s.generated_tokens / s.busy_s if s.busy_s else 0.0}",
-        "# HELP lite_llm_queue_depth Requests waiting for the engine.", "# TYPE lite_llm_queue_depth gauge",
-        f"lite_llm_queue_depth {engine.queue_depth}",
-        "# HELP lite_llm_time_to_first_token_seconds Time from arrival to the first text.", "# TYPE lite_llm_time_to_first_token_seconds summary",
-        f"lite_llm_time_to_first_token_seconds_sum {s.ttft_sum_s}", f"lite_llm_time_to_first_token_seconds_count {s.ttft_count}",
-    ]
-    if engine.store is not None:
-        hot = engine.store.stats().hot
-        lines += ["# HELP lite_llm_expert_store_hit_rate Hot-level hit rate of the expert store.", "# TYPE lite_llm_expert_store_hit_rate gauge",
-                  f"lite_llm_expert_store_hit_rate {hot.hit_rate}"]
-    return "\n".join(lines) + "\n"
+def _data(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"

@@ -1,134 +1,298 @@
-"""The generation worker behind the server: one thread, a bounded queue, cancellation.
+"""Continuous batching: one engine thread owns the model and a running batch of sequences.
 
-Requests are generated **one at a time**, in arrival order, each exactly as
-``lite-llm generate`` would (``generate.generate_text``: same seed, same text), with its own
-TierSet and sampling settings.  Continuous batching (rows joining and leaving one running
-batch) is not built yet; this worker is what it will replace.
+Why a thread: the model's forward holds the GIL only between kernels, so the asyncio server
+keeps accepting, parsing and streaming while the engine computes, and exactly one thread ever
+touches the model, its KV caches and (when in use) the expert store.
 
-Text pieces reach the HTTP side through the asyncio loop (``call_soon_threadsafe``).  A client
-that goes away sets its job's ``cancelled`` flag, which the worker reads after every token, so
-its generation stops within one decode step.  A full queue is refused at once (the server
-answers 429 with ``Retry-After``) rather than growing without bound.
+The loop, at every token boundary: admit waiting requests while the batch has room (each is
+prefilled alone — the call ``generate_ids`` makes — and samples its first token), drop rows
+whose client left, then run one decode step for every running row
+(:func:`~.batched.decode_step`) and sample each row's next token with its own settings and
+its own seeded ``torch.Generator``.  A row leaves when it stops; the others carry on.  Each
+request therefore gets bitwise the tokens ``generate_ids`` gives it alone, whatever else is in
+the batch (``batched.py`` says why the arithmetic allows it).
+
+Events go back through the request's ``sink`` (the server hands the engine a callable that
+posts to the request's asyncio queue), so the engine knows nothing about HTTP.
 """
 
 from __future__ import annotations
 
-import asyncio
-import queue
+import collections
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import torch
 
 from ..config import TierSet
-from ..data.tokenizer import render_chat
-from ..generate import generate_text
-from .protocol import GenerationRequest
+from ..errors import LiteLLMError
+from ..generate import TextStream, apply_repetition_penalty, sample_token
+from .batched import decode_step, new_row_cache, prefill
 
-_DONE = object()
+if TYPE_CHECKING:
+    from ..model import LiteLLM
 
 
-class QueueFull(Exception):
-    """The server already holds as many waiting requests as it may."""
+class QueueFullError(LiteLLMError):
+    """The engine's waiting queue is full; the client should retry later."""
+
+
+class EngineStoppedError(LiteLLMError):
+    """The engine is draining or stopped and takes no new request."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What a request asks of generation (validated by the protocol layer)."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+    repetition_penalty: float = 1.0
+
+
+@dataclass
+class Event:
+    """One thing that happened to a request: text to send, the end, or an error."""
+
+    kind: str  # "text" | "done" | "error"
+    text: str = ""
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" (done only)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    message: str = ""  # error only
 
 
 @dataclass
 class Job:
-    request: GenerationRequest
-    tierset: TierSet
+    """A request inside the engine: its inputs, its row state, and where its events go."""
+
     prompt_ids: list[int]
-    loop: asyncio.AbstractEventLoop
-    pieces: asyncio.Queue = field(default_factory=asyncio.Queue)
-    outcome: dict[str, Any] = field(default_factory=dict)
+    params: SamplingParams
+    tierset: TierSet
+    sink: Callable[[Event], None]
+    submitted: float = field(default_factory=time.perf_counter)
     cancelled: threading.Event = field(default_factory=threading.Event)
-    error: BaseException | None = None
-    queued_at: float = field(default_factory=time.perf_counter)
-    first_token_s: float | None = None
+    # row state, owned by the engine thread
+    cache: Any = None
+    generator: torch.Generator | None = None
+    text: TextStream | None = None
+    seen: list[int] = field(default_factory=list)
+    position: int = 0
+    last_token: int = 0
+    generated: int = 0
+    finished: bool = False
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this request at the next token boundary (thread-safe)."""
+        self.cancelled.set()
+
+
+# Time-to-first-token histogram buckets, seconds (Prometheus convention: upper bounds).
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 @dataclass
 class EngineStats:
-    requests: int = 0
-    completed: int = 0
-    cancelled: int = 0
+    """Counters the engine keeps (read by ``/metrics`` and the tests; written by the engine
+    thread only, so plain ints suffice)."""
+
+    requests_admitted: int = 0
+    requests_finished: int = 0
+    requests_cancelled: int = 0
+    requests_failed: int = 0
+    prompt_tokens: int = 0
     generated_tokens: int = 0
-    busy_s: float = 0.0
-    ttft_sum_s: float = 0.0
+    prefills: int = 0
+    decode_steps: int = 0
+    decode_rows: int = 0  # sum of batch sizes over decode steps
+    max_batch_seen: int = 0
     ttft_count: int = 0
+    ttft_sum: float = 0.0
+    ttft_buckets: list[int] = field(default_factory=lambda: [0] * len(TTFT_BUCKETS))
+    tier_routes: dict[str, int] = field(default_factory=dict)
+    recent: collections.deque = field(default_factory=lambda: collections.deque(maxlen=4096))  # (time, tokens)
+
+    def observe_ttft(self, seconds: float) -> None:
+        self.ttft_count += 1
+        self.ttft_sum += seconds
+        for i, bound in enumerate(TTFT_BUCKETS):
+            if seconds <= bound:
+                self.ttft_buckets[i] += 1
+
+    def tokens_per_second(self, window: float = 10.0) -> float:
+        """Generated tokens per second over the last ``window`` seconds."""
+        now = time.perf_counter()
+        recent = [(t, n) for t, n in list(self.recent) if now - t <= window]
+        if not recent:
+            return 0.0
+        span = max(now - recent[0][0], 1e-3)
+        return sum(n for _, n in recent) / span
 
 
 class Engine:
-    """Runs jobs on one worker thread; ``submit`` from the event loop, iterate ``job.pieces``."""
+    """The running batch.  ``submit`` from any thread; the engine thread does the rest."""
 
-    def __init__(self, model: Any, tokenizer: Any, *, max_queue: int = 16, store: Any = None) -> None:
-        self.model, self.tokenizer, self.store = model, tokenizer, store
-        self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
-        self.stats = EngineStats()
-        self._thread = threading.Thread(target=self._run, name="lite-llm-engine", daemon=True)
-        self._thread.start()
+    def __init__(self, model: "LiteLLM", tokenizer: Any, *, max_batch: int = 8, max_queue: int = 64) -> None:
+        if max_batch < 1 or max_queue < 0:
+            raise LiteLLMError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.eos_ids = frozenset(int(i) for i in (getattr(tokenizer, "eos_ids", ()) or ()))
+        self.tier_names = [t.name for t in model.config.tiers]
+        self.stats = EngineStats(tier_routes={name: 0 for name in self.tier_names})
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._running: list[Job] = []
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
 
-    def prompt_ids(self, request: GenerationRequest) -> list[int]:
-        text = render_chat(self.tokenizer, request.messages) if request.chat else request.prompt
-        return list(self.tokenizer.encode(text))
+    # ------------------------------------------------------------------------ control
+    def start(self) -> "Engine":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="lite-llm-engine", daemon=True)
+            self._thread.start()
+        return self
 
-    def submit(self, request: GenerationRequest, tierset: TierSet, prompt_ids: list[int]) -> Job:
-        job = Job(request, tierset, prompt_ids, asyncio.get_running_loop())
-        try:
-            self.jobs.put_nowait(job)
-        except queue.Full:
-            raise QueueFull from None
-        self.stats.requests += 1
-        return job
+    def stop(self, timeout: float | None = None) -> None:
+        """Drain: finish every admitted and waiting request, then end the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
 
     @property
     def queue_depth(self) -> int:
-        return self.jobs.qsize()
+        return len(self._waiting)
 
-    def close(self) -> None:
-        """Finish the queued jobs, then stop the worker."""
-        self.jobs.put(None)
-        self._thread.join(timeout=60)
+    @property
+    def running(self) -> int:
+        return len(self._running)
 
-    # ------------------------------------------------------------------ the worker thread
-    def _run(self) -> None:
-        while True:
-            job = self.jobs.get()
-            if job is None:
-                return
-            started = time.perf_counter()
-            try:
-                self._generate(job)
-            except BaseException as exc:  # noqa: BLE001 - reported to the request, the worker lives on
-                job.error = exc
-            finally:
-                self.stats.busy_s += time.perf_counter() - started
-                self.stats.generated_tokens += int(job.outcome.get("completion_tokens", 0))
-                if job.cancelled.is_set():
-                    self.stats.cancelled += 1
-                else:
-                    self.stats.completed += 1
-                job.loop.call_soon_threadsafe(job.pieces.put_nowait, _DONE)
+    def submit(self, job: Job) -> None:
+        """Queue ``job``; raises :class:`QueueFullError` when the batch is full and ``max_queue``
+        requests already wait for a place in it."""
+        with self._cond:
+            if self._stopping:
+                raise EngineStoppedError("the server is shutting down and takes no new request; retry on another replica")
+            if len(self._running) + len(self._waiting) >= self.max_batch + self.max_queue:
+                raise QueueFullError(f"the server is at capacity ({len(self._waiting)} requests waiting); retry shortly")
+            self._waiting.append(job)
+            self._cond.notify_all()
 
-    def _generate(self, job: Job) -> None:
-        r = job.request
-        if job.cancelled.is_set():
+    # ------------------------------------------------------------------------ the loop
+    def _loop(self) -> None:
+        with torch.no_grad():
+            while True:
+                with self._cond:
+                    while not self._waiting and not self._running and not self._stopping:
+                        self._cond.wait()
+                    if self._stopping and not self._waiting and not self._running:
+                        return
+                    admitted = []
+                    while self._waiting and len(self._running) < self.max_batch:
+                        admitted.append(self._waiting.popleft())
+                        self._running.append(admitted[-1])  # counted against capacity from now on
+                for job in admitted:
+                    self._admit(job)
+                self._running = [job for job in self._running if not job.finished and not self._drop_if_cancelled(job)]
+                if self._running:
+                    self._step(self._running)
+                    self._running = [job for job in self._running if not job.finished]
+
+    def _admit(self, job: Job) -> None:
+        if self._drop_if_cancelled(job):
             return
-        pieces = generate_text(
-            self.model, self.tokenizer, "", r.max_tokens, prompt_ids=job.prompt_ids, stop=r.stop, outcome=job.outcome,
-            temperature=r.temperature, top_p=r.top_p, seed=r.seed, tierset=job.tierset,
-        )
+        p = job.params
         try:
-            for piece in pieces:
-                if job.first_token_s is None:
-                    job.first_token_s = time.perf_counter() - job.queued_at
-                    self.stats.ttft_sum_s += job.first_token_s
-                    self.stats.ttft_count += 1
-                job.loop.call_soon_threadsafe(job.pieces.put_nowait, piece)
-                if job.cancelled.is_set():
-                    return
-        finally:
-            pieces.close()
+            job.cache = new_row_cache(self.model, len(job.prompt_ids) + p.max_tokens)
+            logits, routes = prefill(self.model, job.prompt_ids, job.cache, job.tierset)
+        except Exception as exc:  # one bad request must not stop the server
+            self._fail(job, exc)
+            return
+        self.stats.requests_admitted += 1
+        self.stats.prefills += 1
+        self.stats.prompt_tokens += len(job.prompt_ids)
+        self._count_routes(routes)
+        job.generator = torch.Generator().manual_seed(p.seed)
+        job.text = TextStream(self.tokenizer, p.stop)
+        job.seen = list(job.prompt_ids)
+        job.position = len(job.prompt_ids)
+        self._take(job, logits)
 
+    def _step(self, jobs: Sequence[Job]) -> None:
+        allowed = self.model.allowed_rows([job.tierset for job in jobs]) if self.model.config.is_moe else None
+        try:
+            logits, routes = decode_step(
+                self.model, [j.last_token for j in jobs], [j.position for j in jobs], [j.cache for j in jobs], allowed
+            )
+        except Exception as exc:
+            for job in jobs:
+                self._fail(job, exc)
+            return
+        self.stats.decode_steps += 1
+        self.stats.decode_rows += len(jobs)
+        self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(jobs))
+        self._count_routes(routes)
+        for row, job in enumerate(jobs):
+            job.position += 1
+            self._take(job, logits[row])
 
-def is_done(item: object) -> bool:
-    return item is _DONE
+    def _take(self, job: Job, logits: torch.Tensor) -> None:
+        """Sample ``job``'s next token from its logits (V,) and tell its client what it made."""
+        p = job.params
+        logits = apply_repetition_penalty(logits, job.seen, p.repetition_penalty)
+        token = sample_token(logits, p.temperature, p.top_k, p.top_p, job.generator)
+        job.generated += 1
+        self.stats.generated_tokens += 1
+        self.stats.recent.append((time.perf_counter(), 1))
+        if job.generated == 1:
+            self.stats.observe_ttft(time.perf_counter() - job.submitted)
+        if token in self.eos_ids:
+            self._finish(job, "stop")
+            return
+        piece = job.text.push(token)
+        if piece:
+            job.sink(Event("text", text=piece))
+        if job.text.stopped:
+            self._finish(job, "stop")
+        elif job.generated >= p.max_tokens:
+            tail = job.text.finish()
+            if tail:
+                job.sink(Event("text", text=tail))
+            self._finish(job, "stop" if job.text.stopped else "length")
+        else:
+            job.seen.append(token)
+            job.last_token = token
+
+    def _finish(self, job: Job, reason: str) -> None:
+        job.finished = True
+        job.cache = None
+        self.stats.requests_finished += 1
+        job.sink(Event("done", finish_reason=reason, prompt_tokens=len(job.prompt_ids), completion_tokens=job.generated))
+
+    def _drop_if_cancelled(self, job: Job) -> bool:
+        if not job.cancelled.is_set():
+            return False
+        job.finished = True
+        job.cache = None
+        self.stats.requests_cancelled += 1
+        job.sink(Event("done", finish_reason="cancelled", prompt_tokens=len(job.prompt_ids), completion_tokens=job.generated))
+        return True
+
+    def _fail(self, job: Job, exc: Exception) -> None:
+        job.finished = True
+        job.cache = None
+        self.stats.requests_failed += 1
+        job.sink(Event("error", message=str(exc) or type(exc).__name__))
+
+    def _count_routes(self, routes: torch.Tensor) -> None:
+        for name, n in zip(self.tier_names, routes.tolist()):
+            self.stats.tier_routes[name] += int(n)

@@ -1,148 +1,174 @@
-"""The OpenAI request bodies the server accepts, checked into one :class:`GenerationRequest`.
+"""The OpenAI wire format: request models, their validation, error bodies and response objects.
 
-OpenAI's fields (``prompt``/``messages``, ``max_tokens``, ``temperature``, ``top_p``, ``seed``,
-``stop``, ``n``, ``stream``, ``stream_options``) and Lite LLM's own beside them, as vLLM puts
-its own (``extra_body`` in the openai client): ``tier_set`` (``"upto:tier_1b"``, a list of
-tier names, ...) or ``latency_budget_ms`` / ``memory_budget``.  Unknown fields are ignored, as
-OpenAI's server ignores them; a known field of the wrong type is a :class:`BadRequest` naming it.
+Requests are parsed here, not by FastAPI's signature machinery, so that every way a body can be
+wrong — not JSON, a field of the wrong type, ``n != 1``, an unknown tier, ``max_tokens`` past
+the context — answers HTTP 400 with OpenAI's error body
+``{"error": {"message", "type", "param", "code"}}`` (FastAPI would say 422 in its own shape,
+which OpenAI clients do not read).  Lite LLM's own fields sit beside OpenAI's, as vLLM's do:
+``tier_set``, ``latency_budget_ms``, ``memory_budget``, ``top_k``, ``repetition_penalty``.
+Unknown fields are ignored, as OpenAI's API ignores them.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-from typing import Any
+import secrets
+import time
+import uuid
+from typing import Any, Literal, Union
 
-from ..config import ModelConfig, TierSet
-from ..store.sizes import parse_bytes
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from ..errors import LiteLLMError
 
-DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 
+class APIError(LiteLLMError):
+    """An error the server answers with an OpenAI-style body; the message is one sentence."""
 
-class BadRequest(LiteLLMError):
-    """A request the server answers with HTTP 400 (``param`` names the field at fault)."""
-
-    def __init__(self, message: str, param: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, status: int = 400, type: str = "invalid_request_error", param: str | None = None,
+        code: str | None = None, headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
-        self.param = param
+        self.message, self.status, self.type, self.param, self.code = message, status, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-@dataclass
-class GenerationRequest:
-    """One request, checked: what the engine generates and how the answer is shaped."""
-
-    chat: bool
-    prompt: str = ""
-    messages: list[dict[str, str]] = field(default_factory=list)
-    max_tokens: int = DEFAULT_MAX_TOKENS
-    temperature: float = 1.0
-    top_p: float | None = None
-    seed: int = 0
-    stop: list[str] = field(default_factory=list)
-    stream: bool = False
+# ------------------------------------------------------------------------------ requests
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
     include_usage: bool = False
-    tier_set: str | list[str] | None = None
-    latency_budget_ms: float | None = None
-    memory_budget: int | None = None
-    model: str = ""
 
 
-def _typed(body: dict, name: str, types: tuple[type, ...], what: str) -> Any:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) and bool not in types:
-        raise BadRequest(f"'{name}' must be {what}, not {value!r}", name)
-    if not isinstance(value, types):
-        raise BadRequest(f"'{name}' must be {what}, not {value!r}", name)
-    return value
+class _Sampling(BaseModel):
+    """The fields completions and chat completions share."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: Union[str, list[str], None] = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    user: str | None = None
+    # Lite LLM's own (extra_body in the openai client)
+    top_k: int | None = Field(None, ge=1)
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    tier_set: Union[str, list[str], None] = None
+    latency_budget_ms: float | None = Field(None, gt=0)
+    memory_budget: Union[int, str, None] = None
+
+    def stops(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    def sampling_seed(self) -> int:
+        """The request's seed, or a fresh random one (OpenAI: no seed, no reproducibility)."""
+        return self.seed if self.seed is not None else secrets.randbits(63)
 
 
-def parse_request(body: Any, *, chat: bool) -> GenerationRequest:
-    """Check a completions (``chat=False``) or chat-completions body."""
+class CompletionRequest(_Sampling):
+    prompt: Union[str, list[str], list[int]]
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: Union[str, list[ContentPart], None] = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+def parse_request(model: type[BaseModel], body: Any) -> Any:
+    """Validate a decoded JSON body against ``model``, or raise a 400 naming the first bad field."""
     if not isinstance(body, dict):
-        raise BadRequest("the request body must be a JSON object")
-    req = GenerationRequest(chat=chat, model=str(body.get("model") or ""))
-    if chat:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise BadRequest("'messages' must be a non-empty list of {role, content} objects", "messages")
-        for m in messages:
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise BadRequest("each message must be an object with a string 'role' and a string 'content'", "messages")
-        req.messages = [{"role": m["role"], "content": m["content"]} for m in messages]
-    else:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if not isinstance(prompt, str) or not prompt:
-            raise BadRequest("'prompt' must be a non-empty string", "prompt")
-        req.prompt = prompt
-    max_tokens = _typed(body, "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens", (int,), "a whole number")
-    if max_tokens is not None:
-        if max_tokens < 1:
-            raise BadRequest(f"'max_tokens' must be at least 1, not {max_tokens}", "max_tokens")
-        req.max_tokens = max_tokens
-    temperature = _typed(body, "temperature", (int, float), "a number from 0 to 2")
-    if temperature is not None:
-        if not (0 <= temperature <= 2):
-            raise BadRequest(f"'temperature' must be from 0 to 2, not {temperature}", "temperature")
-        req.temperature = float(temperature)
-    top_p = _typed(body, "top_p", (int, float), "a number in (0, 1]")
-    if top_p is not None:
-        if not (0 < top_p <= 1):
-            raise BadRequest(f"'top_p' must be in (0, 1], not {top_p}", "top_p")
-        req.top_p = None if top_p == 1 else float(top_p)
-    seed = _typed(body, "seed", (int,), "a whole number")
-    if seed is not None:
-        if seed < 0:
-            raise BadRequest(f"'seed' must be 0 or more, not {seed}", "seed")
-        req.seed = seed
-    n = _typed(body, "n", (int,), "1")
-    if n not in (None, 1):
-        raise BadRequest(f"'n' must be 1 (one choice per request), not {n}", "n")
-    stop = body.get("stop")
-    if stop is not None:
-        stops = [stop] if isinstance(stop, str) else stop
-        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops) or len(stops) > 4:
-            raise BadRequest("'stop' must be a string or a list of up to 4 strings", "stop")
-        req.stop = [s for s in stops if s]
-    stream = _typed(body, "stream", (bool,), "true or false")
-    req.stream = bool(stream)
-    options = body.get("stream_options")
-    if options is not None:
-        if not isinstance(options, dict):
-            raise BadRequest("'stream_options' must be an object such as {\"include_usage\": true}", "stream_options")
-        req.include_usage = bool(options.get("include_usage"))
-    _parse_tier_fields(body, req)
-    return req
-
-
-def _parse_tier_fields(body: dict, req: GenerationRequest) -> None:
-    tier_set = body.get("tier_set")
-    if tier_set is not None and not (isinstance(tier_set, str) or (isinstance(tier_set, list) and all(isinstance(t, str) for t in tier_set))):
-        raise BadRequest("'tier_set' must be a TierSet string such as \"upto:tier_1b\" or a list of tier names", "tier_set")
-    req.tier_set = tier_set
-    latency = _typed(body, "latency_budget_ms", (int, float), "a positive number of milliseconds per token")
-    if latency is not None and not (latency > 0 and math.isfinite(latency)):
-        raise BadRequest(f"'latency_budget_ms' must be a positive number, not {latency}", "latency_budget_ms")
-    req.latency_budget_ms = None if latency is None else float(latency)
-    memory = body.get("memory_budget")
-    if memory is not None:
-        try:
-            req.memory_budget = parse_bytes(memory, "memory_budget")
-        except (LiteLLMError, ValueError, TypeError):
-            raise BadRequest(f"'memory_budget' must be a size such as \"512MB\" or a number of bytes, not {memory!r}", "memory_budget") from None
-    if tier_set is not None and (req.latency_budget_ms is not None or req.memory_budget is not None):
-        raise BadRequest("give either 'tier_set' or budgets ('latency_budget_ms', 'memory_budget'), not both", "tier_set")
-
-
-def check_tier_set(config: ModelConfig, tier_set: str | list[str] | None) -> TierSet:
-    """The request's TierSet, resolved against the model (an unknown tier is a 400)."""
+        raise APIError("the request body must be a JSON object")
     try:
-        ts = TierSet.coerce(tier_set if tier_set is not None else "all")
-        ts.resolve(config)
-    except LiteLLMError as err:
-        raise BadRequest(str(err), "tier_set") from None
-    return ts
+        request = model.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first.get("loc", ()))
+        field = str(first["loc"][0]) if first.get("loc") else None
+        detail = first.get("msg", "is invalid")
+        if first.get("type") == "missing":
+            raise APIError(f"the request is missing the required field '{field}'", param=field) from None
+        raise APIError(f"field '{loc}' is invalid: {detail}", param=field) from None
+    if request.n != 1:
+        raise APIError(f"this server generates one choice per request; n must be 1, got {request.n}", param="n")
+    if request.tier_set is not None and (request.latency_budget_ms is not None or request.memory_budget is not None):
+        raise APIError(
+            "give either tier_set or latency_budget_ms/memory_budget, not both: the budgets choose the TierSet", param="tier_set"
+        )
+    return request
+
+
+# ------------------------------------------------------------------------------ responses
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_body(rid: str, model: str, text: str, finish_reason: str | None, prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
+
+
+def completion_chunk(rid: str, model: str, text: str, finish_reason: str | None, with_usage: bool) -> dict:
+    chunk = {
+        "id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+    }
+    if with_usage:
+        chunk["usage"] = None
+    return chunk
+
+
+def chat_body(rid: str, model: str, text: str, finish_reason: str | None, prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish_reason}],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
+
+
+def chat_chunk(rid: str, model: str, delta: dict, finish_reason: str | None, with_usage: bool) -> dict:
+    chunk = {
+        "id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+    }
+    if with_usage:
+        chunk["usage"] = None
+    return chunk
+
+
+def usage_chunk(rid: str, model: str, obj: str, prompt_tokens: int, completion_tokens: int) -> dict:
+    """The last chunk of a stream with ``stream_options.include_usage``: no choices, the usage."""
+    return {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
