@@ -26,15 +26,12 @@ Ends with one JSON line of every figure.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -45,54 +42,11 @@ PRESET = "small"
 
 
 # ----------------------------------------------------------------------------- launching
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank: int, fn_name: str, world: int, port: int, out_dir: str, threads: int, args: tuple) -> None:
-    if world > 1:
-        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    import torch
-
-    torch.set_num_threads(threads)
-    fn = globals()[fn_name]
-    try:
-        result = fn(*args)
-    except BaseException:
-        Path(out_dir, f"error-{rank}.txt").write_text(traceback.format_exc())
-        raise
-    finally:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    Path(out_dir, f"rank-{rank}.json").write_text(json.dumps(result))
-
-
 def run_ranks(fn_name: str, world: int, threads: int, out_dir: Path, *args: Any, timeout_s: float = 600.0) -> list[Any]:
-    """``fn(*args)`` on ``world`` spawned processes (gloo on 127.0.0.1 when world > 1)."""
-    import torch.multiprocessing as mp
-    from torch.multiprocessing.spawn import ProcessException
+    """``fn(*args)`` on ``world`` spawned processes of ``threads`` threads (gloo on 127.0.0.1 when world > 1)."""
+    from lite_llm.dist.local import run_ranks as run_local
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ctx = mp.start_processes(_entry, args=(fn_name, world, _free_port(), str(out_dir), threads, args), nprocs=world, join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout_s
-    try:
-        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"ranks still running after {timeout_s} s")
-    except ProcessException:
-        pass
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-    errors = sorted(out_dir.glob("error-*.txt"))
-    if errors:
-        raise RuntimeError("\n".join(f"{e.name}:\n{e.read_text()}" for e in errors))
-    return [json.loads(Path(out_dir, f"rank-{r}.json").read_text()) for r in range(world)]
+    return run_local(globals()[fn_name], world, out_dir, *args, timeout_s=timeout_s, threads=threads)
 
 
 # ----------------------------------------------------------------------------- on each rank

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.dist.launcher import free_port
+from lite_llm.dist.local import free_port
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 CLI = [sys.executable, "-m", "lite_llm.cli"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from tests.dist import workers
-from tests.dist.launcher import run_ranks
+from lite_llm.dist.local import run_ranks
 
 STEPS = 20
 # fp32 sums over a split batch round differently (each rank's mean, then the mean of means;

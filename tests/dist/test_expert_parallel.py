@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.dist import workers
-from tests.dist.launcher import run_ranks
+from lite_llm.dist.local import run_ranks
 
 
 def test_ep2_forward_is_bitwise_one_process(tmp_path):

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from tests.dist import launcher
+from lite_llm.dist import local as launcher
 
 LR, BETAS, WEIGHT_DECAY, GRAD_CLIP = 3e-3, (0.9, 0.95), 0.1, 1.0
 
@@ -29,7 +29,7 @@ def _with_group(fn: Callable[..., Any], *args: Any) -> Any:
 
 
 def run_ranks(fn: Callable[..., Any], world: int, out_dir: Path, *args: Any, timeout_s: float = 55.0) -> list[Any]:
-    """``fn(*args)`` on ``world`` gloo ranks (tests/dist/launcher.py); their JSON results, by rank (a hang fails)."""
+    """``fn(*args)`` on ``world`` gloo ranks (lite_llm.dist.local); their JSON results, by rank (a hang fails)."""
     return launcher.run_ranks(_with_group, world, out_dir, fn, *args, timeout_s=timeout_s)
 
 
