@@ -6,7 +6,7 @@ from pathlib import Path
 
 from lite_llm.dist.checkpoint import latest_sharded, list_sharded
 from tests.dist import workers
-from tests.dist.launcher import run_ranks
+from lite_llm.dist.local import run_ranks
 from tests.dist.test_data_expert_parallel import LOSS_RTOL, max_rel
 
 STEPS, PAUSE = 12, 6
@@ -41,3 +41,24 @@ def test_resume_at_other_world_sizes_continues_the_run(small_dataset, tmp_path):
     same = workers.consolidated_equals_single(str(final), data, STEPS)
     assert same["names_equal"] and same["max_rel"] <= 1e-4, same
     assert [p.name for p in list_sharded(tmp_path / "run2")][-1] == f"step-{STEPS:08d}"
+
+
+def test_consolidation_keeps_router_biases(tmp_path):
+    """Persistent buffers (the routers' logit biases, which a curriculum steers) are checkpoint
+    state like the weights: saved sharded and written out by consolidation."""
+    import torch
+
+    from lite_llm.checkpoint import load_checkpoint
+    from lite_llm.dist.checkpoint import consolidate, save_sharded
+    from lite_llm.model import build_model
+    from tests.conftest import two_tier_config
+
+    model = build_model(two_tier_config(), seed=1)
+    bias = model.layers[0].ffn.router.heads["tier_b"].tier_bias
+    bias.fill_(-2.5)
+    optimizer = torch.optim.AdamW(model.parameters())
+    meta = {"model_config": model.config.to_dict(), "trainer": {"step": 0}, "progressive": {}}
+    saved = save_sharded(tmp_path / "run", 0, model, optimizer, meta, None, keep_last=1)
+    back = load_checkpoint(consolidate(saved, tmp_path / "ckpt")).model
+    assert torch.equal(back.layers[0].ffn.router.heads["tier_b"].tier_bias, bias)
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in model.state_dict().items())

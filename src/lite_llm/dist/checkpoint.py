@@ -64,24 +64,22 @@ def is_sharded_checkpoint(path: Path) -> bool:
 
 
 # ------------------------------------------------------------------------------------ state
+def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``model/<name>`` for every weight and persistent buffer (the router's logit biases), as
+    the model's state dict names them; the tensors themselves (DTensors where the run shards
+    them), so DCP saves from and loads into them in place."""
+    return {MODEL + name: t.detach() for name, t in model.state_dict(keep_vars=True).items()}
+
+
 def training_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """What a sharded checkpoint holds: ``model/<name>`` and ``optim/<name>/<slot>`` tensors
-    (DTensors where the run shards them), by parameter name, as the ordinary checkpoint does."""
+    """What a sharded checkpoint holds: :func:`model_tensors` and ``optim/<name>/<slot>``
+    tensors, by parameter name, as the ordinary checkpoint does."""
     names = {id(p): n for n, p in model.named_parameters()}
-    state: dict[str, torch.Tensor] = {MODEL + n: p.detach() for n, p in model.named_parameters()}
-    for n, b in model.named_buffers():
-        if _persistent_buffer(model, n):
-            state[MODEL + n] = b
+    state = model_tensors(model)
     for p, slots in optimizer.state.items():
         for slot, value in slots.items():
             state[f"{OPTIM}{names[id(p)]}/{slot}"] = value if torch.is_tensor(value) else torch.tensor(value)
     return state
-
-
-def _persistent_buffer(model: torch.nn.Module, name: str) -> bool:
-    module_name, _, leaf = name.rpartition(".")
-    module = model.get_submodule(module_name) if module_name else model
-    return leaf not in module._non_persistent_buffers_set
 
 
 def save_sharded(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any],
@@ -130,10 +128,7 @@ def load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
     meta = read_meta(path)
     reader = HuggingFaceStorageReader(str(path))
     stored = reader.read_metadata().state_dict_metadata
-    targets: dict[str, torch.Tensor] = {MODEL + n: p.detach() for n, p in model.named_parameters()}
-    for n, b in model.named_buffers():
-        if _persistent_buffer(model, n):
-            targets[MODEL + n] = b
+    targets = model_tensors(model)
     missing = [k for k in targets if k not in stored]
     if missing:
         raise CheckpointError(f"{path} has no {missing[0][len(MODEL):]}; it was saved from another model — resume with the model it was trained with")
@@ -162,7 +157,7 @@ def consolidate(path: Path, output: Path) -> Path:
     model = build_model(config, seed=0)
     reader = HuggingFaceStorageReader(str(path))
     stored = reader.read_metadata().state_dict_metadata
-    targets: dict[str, torch.Tensor] = {MODEL + n: p.detach() for n, p in model.named_parameters()}
+    targets = model_tensors(model)
     optim: dict[str, torch.Tensor] = {}
     for key, info in stored.items():
         if key.startswith(OPTIM):

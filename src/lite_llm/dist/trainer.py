@@ -83,26 +83,14 @@ class DistributedTrainer(Trainer):
 
     # ------------------------------------------------------------------ checkpoints
     def sharded_meta(self) -> dict[str, Any]:
-        _, meta = self.training_state()
-        meta.pop("torch_rng", None)  # per rank and unused: nothing draws from global RNG
-        progressive = dict(self.progressive)
-        progressive["training"] = {
-            "step": self.step, "tokens": self.tokens, "flops": self.flops, "ancestor_flops": self.ancestor_flops, "total_flops": self.total_flops,
-        }
+        """What a sharded checkpoint's ``lite_llm.json`` holds (its tensors are DCP's); no RNG
+        state: it differs per rank and nothing draws from global RNG."""
         return {
             "model_config": self.model.config.to_dict(),
-            "trainer": meta,
-            "progressive": progressive,
+            "trainer": self.training_meta(),
+            "progressive": self.progressive_state(),
             "parallel": self.ranks.degrees.to_dict(),
         }
-
-    def training_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        # the tensors are saved sharded (dist/checkpoint.py); only the JSON part is taken here
-        meta = {
-            "step": self.step, "tokens": self.tokens, "flops": self.flops, "ancestor_flops": self.ancestor_flops,
-            "train_config": self.config.to_dict(), "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks},
-        }
-        return {}, meta
 
     def save(self, tag: str | None = None) -> Path | None:
         """A sharded checkpoint of this step; at the run's last step also the consolidated one

@@ -188,16 +188,26 @@ class Trainer:
                 tensors[f"optimizer/{names[id(p)]}/{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
         for cb in self.callbacks:
             tensors.update({f"callback/{cb.name}/{key}": value for key, value in cb.state_tensors().items()})
-        meta = {
+        return tensors, {**self.training_meta(), "torch_rng": torch.get_rng_state().tolist()}
+
+    def training_meta(self) -> dict[str, Any]:
+        """The JSON part of the training state: position, compute, settings, callbacks' state."""
+        return {
             "step": self.step,
             "tokens": self.tokens,
             "flops": self.flops,
             "ancestor_flops": self.ancestor_flops,
             "train_config": self.config.to_dict(),
             "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks},
-            "torch_rng": torch.get_rng_state().tolist(),
         }
-        return tensors, meta
+
+    def progressive_state(self) -> dict[str, Any]:
+        """``progressive.json`` as of now: the inherited history plus this run's progress."""
+        progressive = dict(self.progressive)
+        progressive["training"] = {
+            "step": self.step, "tokens": self.tokens, "flops": self.flops, "ancestor_flops": self.ancestor_flops, "total_flops": self.total_flops,
+        }
+        return progressive
 
     def load_training_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         params = dict(self.model.named_parameters())
@@ -269,10 +279,7 @@ class Trainer:
         from ..checkpoint import CheckpointManager, TrainingState, save_checkpoint
 
         tensors, meta = self.training_state()
-        progressive = dict(self.progressive)
-        progressive["training"] = {
-            "step": self.step, "tokens": self.tokens, "flops": self.flops, "ancestor_flops": self.ancestor_flops, "total_flops": self.total_flops,
-        }
+        progressive = self.progressive_state()
         state = TrainingState(tensors=tensors, meta=meta)
         extra_dirs: dict[str, dict[str, torch.Tensor]] = {}
         for cb in self.callbacks:
