@@ -38,6 +38,7 @@ class Ranks:
     degrees: ParallelDegrees
     mesh: DeviceMesh  # dims ("pp", "dp", "ep", "tp")
     device: torch.device
+    data_mesh: DeviceMesh  # the dp x ep data ranks as one dimension (dense weights are sharded over it)
 
     @property
     def rank(self) -> int:
@@ -47,11 +48,6 @@ class Ranks:
     def is_main(self) -> bool:
         """Rank 0: the one that prints progress and writes metrics."""
         return dist.get_rank() == 0
-
-    @property
-    def data_mesh(self) -> DeviceMesh:
-        """The ``dp x ep`` data ranks as one dimension (dense weights are sharded over it)."""
-        return self.mesh["dp", "ep"]._flatten("data")
 
     @property
     def data_rank(self) -> int:
@@ -79,7 +75,7 @@ def init_distributed(degrees_spec: str | dict | None, device: torch.device, time
     mesh = init_device_mesh(
         device.type, (degrees.pp, degrees.dp, degrees.ep, degrees.tp), mesh_dim_names=("pp", "dp", "ep", "tp")
     )
-    return Ranks(degrees, mesh, device)
+    return Ranks(degrees, mesh, device, mesh["dp", "ep"]._flatten("data"))
 
 
 def describe_collective_failure(exc: BaseException) -> str | None:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
-
-from collections.abc import Callable
 
 from ..config import ModelConfig
 from .experts import DispatchImpl, ExpertBank, dispatch

@@ -310,7 +310,7 @@ class HSERRouter(nn.Module):
         """
         r = self.routing
         n, T, G, E = x.shape[0], self.num_tiers, self.max_groups, self.max_epg
-        allowed_list = (allowed if allowed.dim() == 1 else allowed.any(0)).tolist()
+        allowed_list = _tiers_any_row(allowed)
         raw_t, raw_g, raw_e = self.gate_logits(x, allowed_list)
         bias_t, bias_g, bias_e = self._biases()
         tier_l = _scaled(raw_t, r.tier_temperature) + bias_t
@@ -377,7 +377,7 @@ class HSERRouter(nn.Module):
         when it applies this router to an earlier layer's hidden state (pre-gating)."""
         r = self.routing
         n = x.shape[0]
-        raw_t, raw_g, raw_e = self.gate_logits(x, (allowed if allowed.dim() == 1 else allowed.any(0)).tolist())
+        raw_t, raw_g, raw_e = self.gate_logits(x, _tiers_any_row(allowed))
         bias_t, bias_g, bias_e = self._biases()
         p_tier = (_scaled(raw_t, r.tier_temperature) + bias_t).masked_fill(~allowed, float("-inf")).softmax(-1)
         p_group = (_scaled(raw_g, r.group_temperature) + bias_g).softmax(-1)
@@ -442,6 +442,12 @@ class HSERRouter(nn.Module):
         lse_e = _masked(pick(raw_e), expert_real, self.experts_padded).logsumexp(-1)[:, group_real]  # (N, real groups)
         z = r.z_loss_coef * (lse_t.square().mean() + lse_g.square().mean() + lse_e.square().mean())
         return balance, z
+
+
+def _tiers_any_row(allowed: torch.Tensor) -> list[bool]:
+    """Which tiers some row may use: the (T,) mask itself, or the union of an (N, T) one's rows
+    (the gates to compute; each row's own mask is applied to the logits after)."""
+    return (allowed if allowed.dim() == 1 else allowed.any(0)).tolist()
 
 
 def _mean_over_tokens(t: torch.Tensor) -> torch.Tensor:

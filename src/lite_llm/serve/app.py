@@ -40,6 +40,7 @@ from .protocol import (
     APIError, ChatRequest, CompletionRequest, chat_body, chat_chunk, completion_body, completion_chunk, new_id, parse_request,
     usage_chunk,
 )
+from .selection import choose, load_profile
 
 DISCONNECT_POLL_S = 0.05  # how often a whole (non-streamed) response checks that its client is still there
 RETRY_AFTER_S = 1
@@ -47,18 +48,8 @@ RETRY_AFTER_S = 1
 
 def budget_tiers(checkpoint: Path | None, latency_ms: float | None, memory: int | str | None) -> tuple[str, ...]:
     """The TierSet that meets a request's latency and memory budgets, from the checkpoint's
-    TierSet profile (``lite-llm tiers profile``); a 400 when there is no profile or nothing fits.
-
-    The one place the server asks :mod:`.selection` (imported lazily: it may not be installed
-    in this build, and a server without budgets must not need it)."""
+    TierSet profile (``lite-llm tiers profile``); a 400 when there is no profile or nothing fits."""
     profile_hint = f"run `lite-llm tiers profile {checkpoint or 'CKPT'}` first"
-    try:
-        from .selection import choose, load_profile
-    except ImportError:
-        raise APIError(
-            f"this server cannot choose a TierSet by budget: TierSet selection is not available in this build; {profile_hint}, "
-            "or send tier_set instead", param="latency_budget_ms", code="no_tier_profile",
-        ) from None
     memory_bytes: int | None = None
     if memory is not None:
         from ..store.sizes import parse_bytes
