@@ -80,3 +80,27 @@ def test_hf_import_keeps_eos_and_template(smollm2, tmp_path):
     tok = load_tokenizer(import_hf(hf, tmp_path / "again") / "tokenizer")
     original = load_tokenizer(ckpt / "tokenizer")
     assert tok.eos_ids == original.eos_ids and tok.chat_template == original.chat_template
+
+
+def test_served_chat_equals_transformers_greedy_generate(smollm2, transformers_reply):
+    """`lite-llm serve` on the imported SmolLM2, asked by the real openai client, whole and
+    streamed: the reply transformers gives, ended at <|im_end|> by itself, with honest usage."""
+    openai = pytest.importorskip("openai")
+    from tests.serve.conftest import serve_in_thread
+
+    ckpt, _ = smollm2
+    hf_prompt, hf_reply, hf_tok = transformers_reply
+    want = hf_tok.decode(hf_reply, skip_special_tokens=True)
+    with serve_in_thread(ckpt, max_batch=2) as (base, _):
+        client = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0, timeout=120)
+        messages = [{"role": "user", "content": QUESTION}]
+        whole = client.chat.completions.create(model="smol", messages=messages, max_tokens=40, temperature=0)
+        assert whole.choices[0].message.content == want and "Paris" in want
+        assert whole.choices[0].finish_reason == "stop"
+        assert whole.usage.prompt_tokens == len(hf_prompt) and whole.usage.completion_tokens == len(hf_reply)
+        stream = client.chat.completions.create(
+            model="smol", messages=messages, max_tokens=40, temperature=0, stream=True, stream_options={"include_usage": True}
+        )
+        chunks = list(stream)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+        assert chunks[-1].usage.completion_tokens == len(hf_reply)

@@ -260,3 +260,43 @@ def test_sigterm_drains_the_stream_in_flight_then_exits_0(chat_ckpt, reference):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_budgets_choose_the_tierset_from_the_checkpoints_profile(chat_ckpt, reference, tmp_path):
+    """A hand-written profile makes the right choice obvious: each budget gets the best TierSet
+    within it (named in the X-Lite-LLM-Tier-Set header, routed only there, text as served alone),
+    and a budget nothing meets is a 400 naming the smallest budgets that would work."""
+    import shutil
+
+    from lite_llm.serve.selection import TierSetProfile, TierSetTable, save_profile
+
+    ckpt = tmp_path / "profiled"
+    shutil.copytree(chat_ckpt, ckpt)
+    order = ("tier_1b", "tier_10b")
+    save_profile(ckpt, TierSetTable(
+        [TierSetProfile(("tier_1b",), 2.0, 1_000, -5.0), TierSetProfile(("tier_10b",), 3.0, 2_000, -4.8),
+         TierSetProfile(order, 5.0, 2_500, -4.5)],
+        "cpu", order, domains=("code",), tokens=8, dense_bytes=500, tier_bytes={"tier_1b": 500, "tier_10b": 1_500},
+    ))
+    with serve_in_thread(ckpt) as (base, _):
+        client = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0, timeout=60)
+        for budget, want in (({"latency_budget_ms": 10}, "all"), ({"latency_budget_ms": 4}, "only:tier_10b"),
+                             ({"latency_budget_ms": 2.5}, "upto:tier_1b"), ({"memory_budget": "2kB"}, "only:tier_10b"),
+                             ({"memory_budget": 1_999, "latency_budget_ms": 10}, "upto:tier_1b")):
+            other = "tier_1b" if want == "only:tier_10b" else "tier_10b"
+            before = metric(base, "lite_llm_expert_routes_total", f'{{tier="{other}"}}')
+            raw = client.completions.with_raw_response.create(model="c", prompt="Hello", max_tokens=12, temperature=0, extra_body=budget)
+            assert raw.headers["x-lite-llm-tier-set"] == want, budget
+            assert raw.parse().choices[0].text == _alone(reference, "Hello", 12, temperature=0, tierset=want)
+            if want != "all":
+                assert metric(base, "lite_llm_expert_routes_total", f'{{tier="{other}"}}') == before, budget
+        with client.chat.completions.with_streaming_response.create(
+            model="c", messages=[{"role": "user", "content": "hi"}], max_tokens=4, stream=True, extra_body={"latency_budget_ms": 2.5}
+        ) as streamed:
+            assert streamed.headers["x-lite-llm-tier-set"] == "upto:tier_1b"
+            assert "data: [DONE]" in "".join(streamed.iter_lines())
+        unmet = _error(httpx.post(base + "/v1/completions", json={"prompt": "hi", "max_tokens": 3, "latency_budget_ms": 1.0}))
+        assert unmet["code"] == "budget_unmet" and "the smallest that fits needs" in unmet["message"] and "upto:tier_1b" in unmet["message"]
+        bad = _error(httpx.post(base + "/v1/completions", json={"prompt": "hi", "max_tokens": 3, "memory_budget": "lots"}))
+        assert bad["param"] == "memory_budget" and "cannot read 'lots'" in bad["message"]
+        assert client.completions.create(model="c", prompt="hi", max_tokens=3, temperature=0).usage.completion_tokens >= 1

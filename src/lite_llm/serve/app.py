@@ -40,8 +40,9 @@ from .protocol import (
     APIError, ChatRequest, CompletionRequest, chat_body, chat_chunk, completion_body, completion_chunk, new_id, parse_request,
     usage_chunk,
 )
-from .selection import choose, load_profile
+from .selection import choose, load_profile, tierset_label
 
+TIER_SET_HEADER = "X-Lite-LLM-Tier-Set"  # on every answer: the TierSet that served it (chosen by budget or asked for)
 DISCONNECT_POLL_S = 0.05  # how often a whole (non-streamed) response checks that its client is still there
 RETRY_AFTER_S = 1
 
@@ -219,11 +220,15 @@ async def _generate(server: Server, http: Request, kind: type) -> Response:
     rid = new_id("chatcmpl" if kind is ChatRequest else "cmpl")
     name = request.model or server.model_name
     server.requests.add(path, 200)
+    order = [t.name for t in server.config.tiers]
+    served_by = {TIER_SET_HEADER: tierset_label(job.tierset.resolve(server.config), order) if order else "all"}
     if request.stream:
         with_usage = bool(request.stream_options and request.stream_options.include_usage)
         return StreamingResponse(_sse(job, events, rid, name, kind is ChatRequest, with_usage), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    return await _whole(http, job, events, rid, name, kind is ChatRequest)
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **served_by})
+    response = await _whole(http, job, events, rid, name, kind is ChatRequest)
+    response.headers.update(served_by)
+    return response
 
 
 async def _whole(http: Request, job: Job, events: asyncio.Queue, rid: str, name: str, chat: bool) -> Response:
