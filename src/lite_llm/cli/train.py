@@ -157,7 +157,7 @@ app.command("train")(train)
 
 # Settings a resumed run may change: how long it runs and how often it reports and saves.
 # Everything else would make the resumed steps differ from the run that was started.
-RESUMABLE_CHANGES = ("steps", "eval_every", "save_every", "log_every", "keep_last", "parallel")
+RESUMABLE_CHANGES = ("steps", "eval_every", "save_every", "log_every", "keep_last", "parallel", "pp_schedule")
 
 
 def explicit_fields(file_fields: dict[str, Any]) -> dict[str, Any]:
