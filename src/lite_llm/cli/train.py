@@ -316,7 +316,8 @@ def train_distributed(
             if ranks.is_main:
                 console.print(f"resumed from {latest} at step {trainer.step} of {cfg.steps}")
         if ranks.is_main:
-            console.print(f"parallel: {ranks.degrees} on {ranks.degrees.world_size} ranks; device: {trainer.runtime_summary()}")
+            pipeline = f" ({cfg.pp_schedule} schedule over {cfg.grad_accum} microbatches)" if ranks.degrees.pp > 1 else ""
+            console.print(f"parallel: {ranks.degrees} on {ranks.degrees.world_size} ranks{pipeline}; device: {trainer.runtime_summary()}")
         result = trainer.train()
         if ranks.is_main:
             print_scores(result.final_eval)
