@@ -6,7 +6,12 @@ tokens, clipping at 1.0, validation every 6 steps.  The building block is bitwis
 (tests/dist/test_pipeline_parallel.py) and the trainer adds the losses in the order the
 single-process loop does, so every reported figure — loss, balance and z-loss, gradient norm,
 validation loss and bits per byte — is asserted *equal*, as are the weights after a pp=2
-checkpoint is resumed in one process.  Each test spawns 2 processes (about 5 s).
+checkpoint is resumed in one process.  Each pp=2 test spawns 2 processes (about 5 s).
+
+pp=2 x dp=2 (4 processes, about 10 s) shards each stage over its two data ranks with FSDP2:
+each data rank's mean and the reduce-scattered gradients round differently from one
+process's, so it follows one process to rounding (measured 9e-8 relative over 8 steps),
+asserted with the DP x EP tolerance of 1e-6.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from lite_llm.dist.degrees import ParallelDegrees
 from lite_llm.dist.local import run_ranks
 from lite_llm.errors import ConfigError
 from tests.dist import workers
+from tests.dist.test_data_expert_parallel import LOSS_RTOL, max_rel
 
 STEPS, PAUSE = 12, 6
 REPORTED = ("step", "lr", "loss", "balance_loss", "z_loss", "extra_loss", "grad_norm", "val")
@@ -32,15 +38,16 @@ def _reported(records: list[dict]) -> list[dict]:
     return [{k: r[k] for k in REPORTED if k in r} for r in records]
 
 
-def _pp2_run(tmp_path: Path, data: str, overrides: dict) -> list[dict]:
-    return run_ranks(workers.train_dist, 2, tmp_path / "ranks", data, "pp=2", STEPS, str(tmp_path / "pp"), None, None, overrides, timeout_s=120)
+def _pp_run(tmp_path: Path, data: str, overrides: dict, parallel: str = "pp=2") -> list[dict]:
+    world = ParallelDegrees.parse(parallel, 4 if "dp" in parallel else 2).world_size
+    return run_ranks(workers.train_dist, world, tmp_path / "ranks", data, parallel, STEPS, str(tmp_path / "pp"), None, None, overrides, timeout_s=120)
 
 
 def test_pp2_1f1b_trains_as_one_process_and_resumes_in_one(small_dataset, tmp_path):
     data = str(small_dataset)
     overrides = {"grad_accum": 2, "eval_every": PAUSE, "save_every": PAUSE}
     one = workers.train_single(data, STEPS, run_dir=str(tmp_path / "one"), overrides=overrides)
-    r0, r1 = _pp2_run(tmp_path, data, overrides)
+    r0, r1 = _pp_run(tmp_path, data, overrides)
     assert r0["losses"] == r1["losses"] == one["losses"]  # bitwise, on both stages
     assert _reported(r0["records"]) == _reported(one["records"])  # every figure rank 0 logs, validation too
     assert sum("val" in r for r in r0["records"]) == 2 and max(r["grad_norm"] for r in r0["records"]) > 1.0  # clipping ran
@@ -62,8 +69,37 @@ def test_pp2_gpipe_trains_as_one_process(small_dataset, tmp_path):
     data = str(small_dataset)
     overrides = {"grad_accum": 4, "batch_size": 4, "pp_schedule": "gpipe", "eval_every": PAUSE}
     one = workers.train_single(data, STEPS, run_dir=str(tmp_path / "one"), overrides=overrides)
-    r0, _ = _pp2_run(tmp_path, data, overrides)
+    r0, _ = _pp_run(tmp_path, data, overrides)
     assert _reported(r0["records"]) == _reported(one["records"])
+
+
+def test_pp2_dp2_follows_one_process_and_resumes_in_one(small_dataset, tmp_path):
+    data = str(small_dataset)
+    overrides = {"grad_accum": 2, "eval_every": PAUSE, "save_every": PAUSE}
+    one = workers.train_single(data, STEPS, run_dir=str(tmp_path / "one"), overrides=overrides)
+    ranks = _pp_run(tmp_path, data, overrides, "pp=2,dp=2")
+    assert all(r["losses"] == ranks[0]["losses"] for r in ranks)
+    assert max_rel(ranks[0]["losses"], one["losses"]) <= LOSS_RTOL
+    vals = [(r["val"][d]["loss"], o["val"][d]["loss"]) for r, o in zip(ranks[0]["records"], one["records"]) if "val" in o for d in o["val"]]
+    assert len(vals) == 4 and max_rel(*zip(*vals)) <= LOSS_RTOL
+    # stage 0 on ranks 0 and 1, stage 1 on ranks 2 and 3, each gathering its stage's full weights
+    assert ranks[0]["held"] == ranks[1]["held"] and ranks[2]["held"] == ranks[3]["held"]
+    assert sorted(ranks[0]["held"] + ranks[2]["held"]) == ranks[0]["consolidated_names"] and all(r["consolidated_bitwise"] for r in ranks)
+    paused = next(p for p in list_sharded(tmp_path / "pp") if p.name == f"step-{PAUSE:08d}")
+    rest = workers.train_single(data, STEPS, resume_sharded_from=str(paused), overrides=overrides)
+    assert max_rel(rest["losses"], one["losses"][PAUSE:]) <= LOSS_RTOL
+
+
+def test_a_pipelined_step_reports_and_stops_as_the_loop_does() -> None:
+    """The loop adds each micro-batch's LM, balance and z-loss / grad_accum in order and, at
+    the first non-finite loss, reports that micro-batch's LM loss and skips the step."""
+    from lite_llm.dist.trainer import pipeline_totals
+
+    parts = [(3.0, 2.0, 0.5, 0.5), (float("nan"), 7.0, 0.25, 0.25), (1.0, 1.0, 0.0, 0.0)]
+    done = pipeline_totals(parts, 3, 3)
+    assert done.finite and done.totals == {"loss": 2 / 3 + 7 / 3 + 1 / 3, "balance_loss": 0.5 / 3 + 0.25 / 3, "z_loss": 0.5 / 3 + 0.25 / 3, "extra_loss": 0.0}
+    stopped = pipeline_totals(parts, 1, 3)
+    assert not stopped.finite and stopped.totals == {"loss": 7.0, "balance_loss": 0.5 / 3, "z_loss": 0.5 / 3, "extra_loss": 0.0}
 
 
 # ------------------------------------------------------------------------------------ refusals
