@@ -179,10 +179,11 @@ class Pipeline:
         each float32 value exactly).  On its first step the schedule also calls the loss on
         placeholder tensors to infer shapes (torch 2.13's metadata inference): only the last
         ``n_microbatches`` calls are real."""
-        parts = torch.zeros(self.n_microbatches, len(LOSS_PARTS), dtype=torch.float64)
+        device = self.stage.device  # a collective's tensors live where the backend works (nccl: the GPU)
+        parts = torch.zeros(self.n_microbatches, len(LOSS_PARTS), dtype=torch.float64, device=device)
         if self.stage.is_last:
             real = self.loss.parts[-self.n_microbatches :]
-            parts = torch.tensor([[v.item() for v in p] for p in real], dtype=torch.float64)
+            parts = torch.tensor([[v.item() for v in p] for p in real], dtype=torch.float64, device=device)
         dist.broadcast(parts, src=self.last_rank, group=self.group)
         return [tuple(row) for row in parts.tolist()]  # type: ignore[misc]
 
@@ -203,9 +204,9 @@ class Pipeline:
             inputs = (hidden, zero, zero) if module.config.is_moe else (hidden,)
         out = module(*inputs)
         x = out[0] if isinstance(out, tuple) else out
-        loss = torch.zeros((), dtype=torch.float64)
+        loss = torch.zeros((), dtype=torch.float64, device=batch.device)
         if module.last:
-            loss = torch.tensor(float(lm_loss(x, batch)), dtype=torch.float64)
+            loss = torch.tensor(float(lm_loss(x, batch)), dtype=torch.float64, device=batch.device)
         else:
             dist.send(x.contiguous(), dst=dist.get_global_rank(self.group, index + 1), group=self.group)
         dist.broadcast(loss, src=self.last_rank, group=self.group)
@@ -306,14 +307,15 @@ def clip_grad_norm_pipeline(pipe: Pipeline, max_norm: float) -> float:
     in one process (bitwise the same number, at pp alone).
     """
     grads = [p.grad for p in pipe.module.parameters() if p.grad is not None]
-    norms = per_grad_norms(grads) if grads else torch.zeros(0)
+    device = pipe.stage.device
+    norms = per_grad_norms(grads) if grads else torch.zeros(0, device=device)
     world = dist.get_world_size(pipe.group)
-    counts = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
-    dist.all_gather(counts, torch.tensor([norms.numel()]), group=pipe.group)
+    counts = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
+    dist.all_gather(counts, torch.tensor([norms.numel()], device=device), group=pipe.group)
     longest = max(int(c) for c in counts)
-    padded = torch.zeros(longest, dtype=torch.float32)
+    padded = torch.zeros(longest, dtype=torch.float32, device=device)
     padded[: norms.numel()] = norms
-    gathered = [torch.zeros(longest, dtype=torch.float32) for _ in range(world)]
+    gathered = [torch.zeros(longest, dtype=torch.float32, device=device) for _ in range(world)]
     dist.all_gather(gathered, padded, group=pipe.group)
     every = torch.cat([g[: int(c)] for g, c in zip(gathered, counts)])
     return clip_by_total(grads, torch.linalg.vector_norm(every, 2), max_norm)

@@ -121,7 +121,7 @@ class DistributedTrainer(Trainer):
         """The first micro-batch whose loss is not finite on some rank (``len(parts)``: none),
         agreed by every rank — where one process's loop, and a data-parallel one, stop."""
         local = next((k for k, p in enumerate(parts) if not math.isfinite(p[0])), len(parts))
-        first = torch.tensor([local], dtype=torch.int64)
+        first = torch.tensor([local], dtype=torch.int64, device=self.device)
         dist.all_reduce(first, op=dist.ReduceOp.MIN)
         return int(first.item())
 
