@@ -138,3 +138,26 @@ def test_tensor_parallel_run_follows_one_process(small_dataset, tmp_path):
     # a rowwise layer sums two partial products where one process sums once: rounding only
     assert sorted(a) == sorted(b) and max(abs(a[k] - b[k]) / b[k] for k in b) <= 1e-6
     assert (tmp_path / "tp" / "checkpoints" / "step-00000006" / "manifest.json").is_file()
+
+
+def test_pipeline_parallel_run_is_one_process_and_consolidates(small_dataset, tmp_path):
+    """``--parallel pp=2`` (1F1B over --grad-accum 2 microbatches) logs what one process logs,
+    bitwise, and `checkpoint consolidate` of its sharded checkpoint is one process's model."""
+    import torch
+
+    from lite_llm.checkpoint import load_checkpoint
+
+    args = ["train", "--data", str(small_dataset), "--preset", "tiny", *TRAIN, "--grad-accum", "2"]
+    one = cli(*args, "-o", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr[-2000:]
+    pp = torchrun(2, *args, "--parallel", "pp=2", "-o", str(tmp_path / "pp"))
+    assert pp.returncode == 0, pp.stderr[-3000:]
+    assert "parallel: dp=1,ep=1,tp=1,pp=2" in pp.stdout
+    logged = {run: [(m["step"], m["loss"], m.get("val")) for m in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())] for run in ("one", "pp")}
+    assert logged["pp"] == logged["one"] and logged["pp"][-1][2] is not None  # losses and validation, bitwise
+
+    made = cli("checkpoint", "consolidate", str(tmp_path / "pp"), "-o", str(tmp_path / "ckpt"))
+    assert made.returncode == 0, made.stderr
+    mine = load_checkpoint(tmp_path / "ckpt").model.state_dict()
+    want = load_checkpoint(tmp_path / "one" / "checkpoints" / "step-00000004").model.state_dict()
+    assert sorted(mine) == sorted(want) and all(torch.equal(v, mine[k]) for k, v in want.items())

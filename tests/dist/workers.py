@@ -99,27 +99,41 @@ def train_dist(data_dir: str, parallel: str, steps: int, run_dir: str | None, re
 
     ranks = init_distributed(parallel, torch.device("cpu"))
     data = TokenData(data_dir)
-    model = build_model(two_tier_config(vocab_size=data.tokenizer.vocab_size), seed=5)
-    parallelize(model, ranks)
+    model = parallelize(build_model(two_tier_config(vocab_size=data.tokenizer.vocab_size), seed=5), ranks)
     trainer = DistributedTrainer(model, data, train_config(steps, **(overrides or {})), ranks, run_dir=run_dir, show_progress=False)
     if resume:
         trainer.resume_sharded(resume)
     result = trainer.train(until=until)
     out = {"losses": result.losses, "step": trainer.step, "checkpoint": str(result.checkpoint) if result.checkpoint else None}
+    if run_dir is not None and ranks.is_main:
+        out["records"] = records(run_dir)
     if result.checkpoint is not None and trainer.step == trainer.config.steps:
-        out["consolidated_bitwise"] = _consolidated_is_bitwise(model, result.checkpoint)
+        out.update(_consolidated_check(model, result.checkpoint))
     return out
 
 
-def _consolidated_is_bitwise(model: Any, checkpoint: Any) -> bool:
-    """Whether the consolidated checkpoint holds exactly the distributed model's weights."""
+def records(run_dir: str) -> list[dict[str, Any]]:
+    """The run's metrics.jsonl rows (written by rank 0 alone)."""
+    import json
+    from pathlib import Path
+
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _consolidated_check(model: Any, checkpoint: Any) -> dict[str, Any]:
+    """Whether the consolidated checkpoint holds exactly the weights this rank holds of the
+    distributed model (all of them, FSDP-gathered; or its pipeline stage's), and their names."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from lite_llm.checkpoint import load_checkpoint
 
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    held = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     loaded = load_checkpoint(checkpoint).model.state_dict()
-    return sorted(full) == sorted(loaded) and all(torch.equal(v, loaded[k]) for k, v in full.items())
+    return {
+        "held": sorted(held),
+        "consolidated_names": sorted(loaded),
+        "consolidated_bitwise": all(k in loaded and torch.equal(v, loaded[k]) for k, v in held.items()),
+    }
 
 
 def train_single(data_dir: str, steps: int, run_dir: str | None = None, resume_sharded_from: str | None = None,
@@ -136,7 +150,10 @@ def train_single(data_dir: str, steps: int, run_dir: str | None = None, resume_s
 
         resume_sharded(trainer, resume_sharded_from)
     result = trainer.train()
-    return {"losses": result.losses, "step": trainer.step}
+    out: dict[str, Any] = {"losses": result.losses, "step": trainer.step, "final_eval": result.final_eval}
+    if run_dir is not None:
+        out["records"] = records(run_dir)
+    return out
 
 
 def consolidated_equals_single(checkpoint: str, data_dir: str, steps: int) -> dict[str, Any]:

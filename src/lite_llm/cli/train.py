@@ -157,7 +157,7 @@ app.command("train")(train)
 
 # Settings a resumed run may change: how long it runs and how often it reports and saves.
 # Everything else would make the resumed steps differ from the run that was started.
-RESUMABLE_CHANGES = ("steps", "eval_every", "save_every", "log_every", "keep_last", "parallel")
+RESUMABLE_CHANGES = ("steps", "eval_every", "save_every", "log_every", "keep_last", "parallel", "pp_schedule")
 
 
 def explicit_fields(file_fields: dict[str, Any]) -> dict[str, Any]:
@@ -316,7 +316,8 @@ def train_distributed(
             if ranks.is_main:
                 console.print(f"resumed from {latest} at step {trainer.step} of {cfg.steps}")
         if ranks.is_main:
-            console.print(f"parallel: {ranks.degrees} on {ranks.degrees.world_size} ranks; device: {trainer.runtime_summary()}")
+            pipeline = f" ({cfg.pp_schedule} schedule over {cfg.grad_accum} microbatches)" if ranks.degrees.pp > 1 else ""
+            console.print(f"parallel: {ranks.degrees} on {ranks.degrees.world_size} ranks{pipeline}; device: {trainer.runtime_summary()}")
         result = trainer.train()
         if ranks.is_main:
             print_scores(result.final_eval)

@@ -13,24 +13,30 @@ gradient), and DP training follows the single-process run on the same global bat
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 
-from ..model import HSERRouter, LiteLLM
+from ..model import HSERRouter
+
+M = TypeVar("M", bound=torch.nn.Module)
 
 
-def apply_data_parallel(model: LiteLLM, data_mesh: DeviceMesh, ignored: list[torch.nn.Parameter] | None = None) -> LiteLLM:
-    """Shard ``model``'s weights over ``data_mesh`` with FSDP2, skipping ``ignored`` ones."""
+def apply_data_parallel(model: M, data_mesh: DeviceMesh, ignored: list[torch.nn.Parameter] | None = None) -> M:
+    """Shard ``model``'s weights over ``data_mesh`` with FSDP2, skipping ``ignored`` ones:
+    a ``LiteLLM``, or one pipeline stage of it (a ``StageModule``, its blocks in a dict)."""
     group = data_mesh.get_group()
     ranks = data_mesh.size()
     for module in model.modules():
         if isinstance(module, HSERRouter):
             module.batch_mean = _GlobalBatchMean(group, ranks)
     ignored_set = set(ignored or [])
-    for block in model.layers:
+    blocks = model.layers.values() if isinstance(model.layers, torch.nn.ModuleDict) else model.layers
+    for block in blocks:
         fully_shard(block, mesh=data_mesh, ignored_params=ignored_set)
     fully_shard(model, mesh=data_mesh, ignored_params=ignored_set)
     # A tier no row of this rank reached has no gradient here but may have one elsewhere; FSDP2

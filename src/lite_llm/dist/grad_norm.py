@@ -15,18 +15,29 @@ import torch
 from torch.distributed.tensor import DTensor
 
 
+def per_grad_norms(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of each gradient, stacked as plain scalars (a DTensor's reduced over its own
+    mesh), in the order given."""
+    norms = []
+    for g in grads:
+        n = torch.linalg.vector_norm(g, 2)
+        norms.append(n.full_tensor() if isinstance(n, DTensor) else n)
+    return torch.stack(norms)
+
+
+def clip_by_total(grads: list[torch.Tensor], total: torch.Tensor, max_norm: float) -> float:
+    """Scale ``grads`` by ``max_norm / total`` where that is below 1, as ``clip_grad_norm_``
+    does; ``total`` as a float."""
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in grads:
+        g.mul_(coef)  # a DTensor gradient times a plain scalar stays sharded as it was
+    return float(total)
+
+
 def grad_norm_and_clip(params: Iterable[torch.nn.Parameter], max_norm: float) -> float:
     """Clip the gradients of ``params`` to a global 2-norm of ``max_norm``; return the norm
     before clipping (the same on every rank)."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0
-    norms = []
-    for g in grads:
-        n = torch.linalg.vector_norm(g, 2)
-        norms.append(n.full_tensor() if isinstance(n, DTensor) else n)
-    total = torch.linalg.vector_norm(torch.stack(norms), 2)
-    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    for g in grads:
-        g.mul_(coef)  # a DTensor gradient times a plain scalar stays sharded as it was
-    return float(total)
+    return clip_by_total(grads, torch.linalg.vector_norm(per_grad_norms(grads), 2), max_norm)

@@ -39,6 +39,7 @@ from ..errors import ConfigError
 from ..model import LiteLLM
 from ..model.layers import rope_tables
 from ..model.transformer import IGNORE_INDEX
+from .grad_norm import clip_by_total, per_grad_norms
 
 ScheduleName = Literal["gpipe", "1f1b"]
 
@@ -108,6 +109,11 @@ class StageModule(nn.Module):
         return (x, balance, z) if cfg.is_moe else x
 
 
+def lm_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy exactly as ``LiteLLM.forward`` computes its ``lm_loss``."""
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), target[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
+
+
 class MicrobatchLoss:
     """The schedule's loss function: the trainer's loss of one microbatch (on the last stage) —
     LM cross-entropy plus the MoE balance and z-losses summed over every stage — keeping each
@@ -118,11 +124,14 @@ class MicrobatchLoss:
 
     def __call__(self, output: torch.Tensor | tuple[torch.Tensor, ...], target: torch.Tensor) -> torch.Tensor:
         logits, balance, z = output if isinstance(output, tuple) else (output, None, None)
-        lm = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), target[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
+        lm = lm_loss(logits, target)
         total = lm + balance + z if balance is not None and z is not None else lm
         zero = lm.new_zeros(())
         self.parts.append((total.detach(), lm.detach(), zero if balance is None else balance.detach(), zero if z is None else z.detach()))
         return total
+
+
+LOSS_PARTS = ("loss", "lm_loss", "balance_loss", "z_loss")
 
 
 @dataclass
@@ -137,12 +146,19 @@ class Pipeline:
     n_microbatches: int
     loss: MicrobatchLoss
     report: dict[str, float] = field(default_factory=dict)  # the last step's losses
+    micro_parts: list[tuple[float, float, float, float]] = field(default_factory=list)  # the last step's, per microbatch
+
+    @property
+    def last_rank(self) -> int:
+        """The global rank of this pipeline's last stage (which computes the losses)."""
+        return dist.get_global_rank(self.group, self.stage.num_stages - 1)
 
     def step(self, batch: torch.Tensor, step: int | None = None, tierset: TierSet | str | None = None) -> dict[str, float]:
         """Forward and backward of ``batch`` (B, S) — the global batch, labels = inputs — in
         ``n_microbatches`` consecutive row slices.  Gradients are left in the stage's
         parameters, averaged over microbatches.  Returns the mean ``loss``, ``lm_loss``,
-        ``balance_loss`` and ``z_loss`` (as the trainer reports them), the same on every rank."""
+        ``balance_loss`` and ``z_loss`` (as the trainer reports them), the same on every rank;
+        each microbatch's (total, LM, balance, z) are in ``micro_parts``, also on every rank."""
         if batch.shape[0] % self.n_microbatches:
             raise ConfigError(f"a batch of {batch.shape[0]} rows does not split into {self.n_microbatches} equal microbatches; make the rows a multiple of it")
         self.module.step, self.module.tierset = step, tierset
@@ -150,28 +166,67 @@ class Pipeline:
         kwargs = {"target": batch} if self.stage.is_last else {}
         args = (batch,) if self.stage.is_first else ()
         self.schedule.step(*args, return_outputs=False, **kwargs)
-        # On its first step the schedule also calls the loss on placeholder tensors to infer
-        # shapes (torch 2.13's metadata inference): only the last n_microbatches calls are real.
+        self.micro_parts = self._broadcast_parts()
         sums = [0.0, 0.0, 0.0, 0.0]
-        for parts in self.loss.parts[-self.n_microbatches :] if self.stage.is_last else []:  # as the trainer adds them, in order
+        for parts in self.micro_parts:  # as the trainer adds them, in order
             for i, value in enumerate(parts):
-                sums[i] += value.item() / self.n_microbatches
-        report = torch.tensor(sums, dtype=torch.float64)
-        dist.broadcast(report, src=dist.get_global_rank(self.group, self.stage.num_stages - 1), group=self.group)
-        self.report = dict(zip(("loss", "lm_loss", "balance_loss", "z_loss"), report.tolist()))
+                sums[i] += value / self.n_microbatches
+        self.report = dict(zip(LOSS_PARTS, sums))
         return self.report
+
+    def _broadcast_parts(self) -> list[tuple[float, float, float, float]]:
+        """The last stage's per-microbatch losses, on every rank of the pipeline (float64 holds
+        each float32 value exactly).  On its first step the schedule also calls the loss on
+        placeholder tensors to infer shapes (torch 2.13's metadata inference): only the last
+        ``n_microbatches`` calls are real."""
+        device = self.stage.device  # a collective's tensors live where the backend works (nccl: the GPU)
+        parts = torch.zeros(self.n_microbatches, len(LOSS_PARTS), dtype=torch.float64, device=device)
+        if self.stage.is_last:
+            real = self.loss.parts[-self.n_microbatches :]
+            parts = torch.tensor([[v.item() for v in p] for p in real], dtype=torch.float64, device=device)
+        dist.broadcast(parts, src=self.last_rank, group=self.group)
+        return [tuple(row) for row in parts.tolist()]  # type: ignore[misc]
+
+    @torch.no_grad()
+    def forward_loss(self, batch: torch.Tensor, tierset: TierSet | str | None = None) -> float:
+        """The LM loss of ``batch`` (labels = inputs) through every stage, forward only, on every
+        rank: what ``float(model(batch, labels=batch).lm_loss)`` gives in one process (for
+        validation).  The hidden state goes from stage to stage by send/recv — outside the
+        schedule, whose buffers are sized for the training microbatches."""
+        module, index = self.module, self.stage.stage_index
+        module.step, module.tierset = None, tierset
+        inputs: tuple[torch.Tensor, ...] = (batch,)
+        if not module.first:
+            dtype = next(module.parameters()).dtype
+            hidden = torch.empty(*batch.shape, module.config.d_model, dtype=dtype, device=batch.device)
+            dist.recv(hidden, src=dist.get_global_rank(self.group, index - 1), group=self.group)
+            zero = torch.zeros((), dtype=torch.float32, device=batch.device)  # aux losses do not enter the LM loss
+            inputs = (hidden, zero, zero) if module.config.is_moe else (hidden,)
+        out = module(*inputs)
+        x = out[0] if isinstance(out, tuple) else out
+        loss = torch.zeros((), dtype=torch.float64, device=batch.device)
+        if module.last:
+            loss = torch.tensor(float(lm_loss(x, batch)), dtype=torch.float64, device=batch.device)
+        else:
+            dist.send(x.contiguous(), dst=dist.get_global_rank(self.group, index + 1), group=self.group)
+        dist.broadcast(loss, src=self.last_rank, group=self.group)
+        return float(loss)
 
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
 
-def check_pipeline(config: ModelConfig, pp: int, n_microbatches: int, schedule: str = "1f1b") -> None:
-    """Refuse, in one sentence, a pipeline this model cannot be split into."""
+def check_split(config: ModelConfig, pp: int) -> None:
+    """Refuse, in one sentence, a model that cannot be split into ``pp`` stages."""
     stage_layers(config.n_layers, pp)
     if pp > 1 and config.tie_embeddings:
         raise ConfigError(
             "pipeline parallelism cannot split a model with tie_embeddings (its embedding and LM head share one weight across stages); untie them or use pp=1"
         )
+
+
+def check_schedule(pp: int, n_microbatches: int, schedule: str = "1f1b") -> None:
+    """Refuse, in one sentence, a schedule that cannot drive ``pp`` stages."""
     if n_microbatches < 1:
         raise ConfigError(f"n_microbatches must be at least 1, got {n_microbatches}")
     if schedule not in SCHEDULES:
@@ -180,28 +235,56 @@ def check_pipeline(config: ModelConfig, pp: int, n_microbatches: int, schedule: 
         raise ConfigError(f"the 1f1b schedule needs at least as many microbatches as stages ({pp}), got {n_microbatches}; raise grad_accum or use gpipe")
 
 
-def build_pipeline(
-    model: LiteLLM, pp_mesh: DeviceMesh, n_microbatches: int, schedule: ScheduleName = "1f1b", device: torch.device | str = "cpu"
-) -> Pipeline:
-    """This rank's stage of ``model`` over the 1-D ``pp_mesh`` (stage index = rank in the mesh)
-    and a GPipe or 1F1B schedule of ``n_microbatches``.  Every rank builds the whole model from
-    the same seed and keeps only its stage's modules (the rest can be garbage collected)."""
+def check_pipeline(config: ModelConfig, pp: int, n_microbatches: int, schedule: str = "1f1b") -> None:
+    """Refuse, in one sentence, a pipeline this model cannot be split into."""
+    check_split(config, pp)
+    check_schedule(pp, n_microbatches, schedule)
+
+
+def _check_mesh(pp_mesh: DeviceMesh) -> None:
     if pp_mesh.ndim != 1:
         raise ConfigError(f"pipeline parallelism needs a 1-D device mesh, got one of {pp_mesh.ndim} dimensions; pass mesh['pp']")
+
+
+def split_stage(model: LiteLLM, pp_mesh: DeviceMesh) -> StageModule:
+    """This rank's stage of ``model`` over the 1-D ``pp_mesh`` (stage index = rank in the mesh),
+    its modules borrowed from ``model`` (the rest of it can be garbage collected)."""
+    _check_mesh(pp_mesh)
     pp, index = pp_mesh.size(), pp_mesh.get_local_rank()
-    check_pipeline(model.config, pp, n_microbatches, schedule)
+    check_split(model.config, pp)
     layers = stage_layers(model.config.n_layers, pp)[index]
-    module = StageModule(model, layers, first=index == 0, last=index == pp - 1)
+    return StageModule(model, layers, first=index == 0, last=index == pp - 1)
+
+
+def schedule_stage(
+    module: StageModule, pp_mesh: DeviceMesh, n_microbatches: int, schedule: ScheduleName = "1f1b", device: torch.device | str = "cpu"
+) -> Pipeline:
+    """The pipeline stage of ``module`` (from :func:`split_stage`, perhaps FSDP-sharded since)
+    and a GPipe or 1F1B schedule of ``n_microbatches``."""
+    _check_mesh(pp_mesh)
+    pp, index = pp_mesh.size(), pp_mesh.get_local_rank()
+    check_schedule(pp, n_microbatches, schedule)
     group = pp_mesh.get_group()
     stage = PipelineStage(module, index, pp, torch.device(device), group=group)
     loss = MicrobatchLoss()
     return Pipeline(module, stage, SCHEDULES[schedule](stage, n_microbatches, loss_fn=loss), group, n_microbatches, loss)
 
 
+def build_pipeline(
+    model: LiteLLM, pp_mesh: DeviceMesh, n_microbatches: int, schedule: ScheduleName = "1f1b", device: torch.device | str = "cpu"
+) -> Pipeline:
+    """This rank's stage of ``model`` over the 1-D ``pp_mesh`` and a GPipe or 1F1B schedule of
+    ``n_microbatches``.  Every rank builds the whole model from the same seed and keeps only its
+    stage's modules."""
+    _check_mesh(pp_mesh)
+    check_pipeline(model.config, pp_mesh.size(), n_microbatches, schedule)
+    return schedule_stage(split_stage(model, pp_mesh), pp_mesh, n_microbatches, schedule, device)
+
+
 def pipeline_step(pipe: Pipeline, batch: torch.Tensor, step: int | None = None, tierset: TierSet | str | None = None) -> float:
     """Forward + backward of one optimizer step through the pipeline; the mean LM loss, on every
     rank (the other parts are in ``pipe.report``).  A training loop calls it in place of the
-    trainer's micro-batch loop::
+    trainer's micro-batch loop (``DistributedTrainer`` does, under ``--parallel pp=N``)::
 
         pipe = build_pipeline(build_model(cfg, seed=0), mesh["pp"], n_microbatches=grad_accum)
         opt = torch.optim.AdamW(pipe.module.parameters(), ...)
@@ -218,23 +301,21 @@ def pipeline_step(pipe: Pipeline, batch: torch.Tensor, step: int | None = None, 
 def clip_grad_norm_pipeline(pipe: Pipeline, max_norm: float) -> float:
     """Clip the gradients of every stage to a global 2-norm of ``max_norm``; the norm before.
 
-    Each stage's per-gradient norms are gathered from all stages and stacked in stage order —
-    the model's parameter order — so the total is computed exactly as
-    ``clip_grad_norm_(foreach=False)`` computes it in one process (bitwise the same number).
+    Each stage's per-gradient norms (of DTensors too, where FSDP shards the stage over data
+    ranks) are gathered from all stages and stacked in stage order — the model's parameter
+    order — so the total is computed exactly as ``clip_grad_norm_(foreach=False)`` computes it
+    in one process (bitwise the same number, at pp alone).
     """
     grads = [p.grad for p in pipe.module.parameters() if p.grad is not None]
-    norms = torch.stack([torch.linalg.vector_norm(g, 2) for g in grads]) if grads else torch.zeros(0)
+    device = pipe.stage.device
+    norms = per_grad_norms(grads) if grads else torch.zeros(0, device=device)
     world = dist.get_world_size(pipe.group)
-    counts = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
-    dist.all_gather(counts, torch.tensor([norms.numel()]), group=pipe.group)
+    counts = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
+    dist.all_gather(counts, torch.tensor([norms.numel()], device=device), group=pipe.group)
     longest = max(int(c) for c in counts)
-    padded = torch.zeros(longest, dtype=torch.float32)
+    padded = torch.zeros(longest, dtype=torch.float32, device=device)
     padded[: norms.numel()] = norms
-    gathered = [torch.zeros(longest, dtype=torch.float32) for _ in range(world)]
+    gathered = [torch.zeros(longest, dtype=torch.float32, device=device) for _ in range(world)]
     dist.all_gather(gathered, padded, group=pipe.group)
     every = torch.cat([g[: int(c)] for g, c in zip(gathered, counts)])
-    total = torch.linalg.vector_norm(every, 2)
-    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    for g in grads:
-        g.mul_(coef)
-    return float(total)
+    return clip_by_total(grads, torch.linalg.vector_norm(every, 2), max_norm)

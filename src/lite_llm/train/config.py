@@ -95,6 +95,9 @@ class TrainConfig:
     parallel: str = _setting(
         "", "Parallel degrees under torchrun, e.g. 'dp=2,ep=2' (world size = dp x ep x tp x pp; see the README); empty: data parallel over every rank."
     )
+    pp_schedule: str = _setting(
+        "1f1b", "Pipeline schedule under --parallel pp=N: 1f1b or gpipe; its microbatches are --grad-accum (1f1b needs at least N)."
+    )
     keep_freed_cpu_memory: bool = _setting(True, flag="--keep-memory", help="On CPU, keep freed memory for the next step (faster large MoE steps; the process keeps its peak memory).")
 
     def __post_init__(self) -> None:
@@ -127,6 +130,8 @@ class TrainConfig:
             raise ConfigError(f"train.domains weights must be >= 0, got {bad}")
         if self.domains and not any(v > 0 for v in self.domains.values()):
             raise ConfigError("train.domains must give at least one domain a positive weight")
+        if self.pp_schedule not in ("1f1b", "gpipe"):
+            raise ConfigError(f"train.pp_schedule must be 1f1b or gpipe, got {self.pp_schedule!r}")
         self._check_protection()
 
     def _check_protection(self) -> None:

@@ -55,6 +55,49 @@ class TrainResult:
     stopped_early: str | None = None
 
 
+@dataclass
+class RoutingTotals:
+    """A step's routing statistics, summed (counts) or averaged (probabilities) over its micro-batches."""
+
+    tier_routes: torch.Tensor | None = None
+    expert_routes: torch.Tensor | None = None
+    tier_probs: list[torch.Tensor] = field(default_factory=list)  # per MoE layer, batch-mean p(tier)
+    tier_weights: list[torch.Tensor] = field(default_factory=list)  # per MoE layer, batch-mean routing weight per tier
+
+    def add(self, routing: list[Any], grad_accum: int) -> None:
+        """Add one micro-batch's ``LayerRouting`` of every MoE layer."""
+        for i, layer in enumerate(routing):
+            if len(self.tier_probs) <= i:
+                self.tier_probs.append(torch.zeros_like(layer.tier_probs))
+                self.tier_weights.append(torch.zeros_like(layer.tier_probs))
+            self.tier_probs[i] += layer.tier_probs / grad_accum
+            if layer.tier_weights is not None:
+                self.tier_weights[i] += layer.tier_weights / grad_accum
+            self.tier_routes = layer.tier_routes.clone() if self.tier_routes is None else self.tier_routes + layer.tier_routes
+            self.expert_routes = layer.expert_routes.clone() if self.expert_routes is None else self.expert_routes + layer.expert_routes
+
+    def record(self, tiers: list[Any]) -> dict[str, Any]:
+        """The metrics record's routing fields (call only when some layer was routed)."""
+        assert self.tier_routes is not None and self.expert_routes is not None
+        total = float(self.tier_routes.sum()) or 1.0
+        return {
+            "tier_share": {t.name: float(n) / total for t, n in zip(tiers, self.tier_routes)},
+            "expert_routes": self.expert_routes.tolist(),
+            "tier_prob_layers": [p.tolist() for p in self.tier_probs],
+            "tier_weight_layers": [w.tolist() for w in self.tier_weights],
+        }
+
+
+@dataclass
+class Accumulated:
+    """What a step's forward and backward passes leave besides the gradients: the losses to
+    report, whether every one was finite, and the routing statistics."""
+
+    totals: dict[str, float]
+    finite: bool = True
+    routing: RoutingTotals = field(default_factory=RoutingTotals)
+
+
 class Trainer:
     """Trains a model on a :class:`TokenData` mixture according to a :class:`TrainConfig`."""
 
@@ -374,43 +417,9 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         started = time.perf_counter()
-        totals = {"loss": 0.0, "balance_loss": 0.0, "z_loss": 0.0, "extra_loss": 0.0}
-        tier_routes: torch.Tensor | None = None
-        expert_routes: torch.Tensor | None = None
-        tier_probs: list[torch.Tensor] = []  # per MoE layer, batch-mean p(tier), over micro-batches
-        tier_weights: list[torch.Tensor] = []  # per MoE layer, batch-mean routing weight per tier
-        finite = True
-        for micro in range(c.grad_accum):
-            batch, self.batch_domains = self.sample(step, micro)
-            batch = batch.to(self.device)  # the same tensor on the CPU
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.bf16):
-                out = self.model(batch, tierset=self.tierset, labels=batch, step=step)
-            loss = out.loss
-            for cb in self.callbacks:
-                extra = cb.extra_loss(self, step, batch, out)
-                if extra is not None:
-                    loss = loss + extra
-                    totals["extra_loss"] += extra.item() / c.grad_accum
-            if not self.all_finite(loss):
-                finite = False
-                totals["loss"] = out.lm_loss.item()
-                break
-            (loss / c.grad_accum).backward()
-            totals["loss"] += out.lm_loss.item() / c.grad_accum
-            if out.balance_loss is not None:
-                totals["balance_loss"] += out.balance_loss.item() / c.grad_accum
-                totals["z_loss"] += out.z_loss.item() / c.grad_accum
-            for i, layer in enumerate(out.routing):
-                if len(tier_probs) <= i:
-                    tier_probs.append(torch.zeros_like(layer.tier_probs))
-                    tier_weights.append(torch.zeros_like(layer.tier_probs))
-                tier_probs[i] += layer.tier_probs / c.grad_accum
-                if layer.tier_weights is not None:
-                    tier_weights[i] += layer.tier_weights / c.grad_accum
-                tier_routes = layer.tier_routes.clone() if tier_routes is None else tier_routes + layer.tier_routes
-                expert_routes = layer.expert_routes.clone() if expert_routes is None else expert_routes + layer.expert_routes
-        record: dict[str, Any] = {"step": step, "lr": lr, **self.reduce_totals(totals)}
-        if not finite:
+        done = self.forward_backward(step)
+        record: dict[str, Any] = {"step": step, "lr": lr, **self.reduce_totals(done.totals)}
+        if not done.finite:
             self.optimizer.zero_grad(set_to_none=True)
             record["skipped"] = True
             return record
@@ -425,14 +434,39 @@ class Trainer:
             torch.cuda.synchronize(self.device)  # the update's kernels are queued: time them too
         elapsed = time.perf_counter() - started
         record["tokens_per_s"] = c.tokens_per_step / max(elapsed, 1e-9)
-        if tier_routes is not None:
-            total = float(tier_routes.sum()) or 1.0
-            record["tier_share"] = {t.name: float(n) / total for t, n in zip(self.model.config.tiers, tier_routes)}
-            record["expert_routes"] = expert_routes.tolist()
-            record["tier_prob_layers"] = [p.tolist() for p in tier_probs]
-            record["tier_weight_layers"] = [w.tolist() for w in tier_weights]
+        if done.routing.tier_routes is not None:
+            record.update(done.routing.record(self.model.config.tiers))
         return record
 
+    def forward_backward(self, step: int) -> "Accumulated":
+        """The step's gradients, accumulated over its ``grad_accum`` micro-batches as
+        ``(loss / grad_accum).backward()``; stops at the first non-finite loss (a pipeline-parallel
+        trainer runs its schedule here instead)."""
+        c = self.config
+        done = Accumulated({"loss": 0.0, "balance_loss": 0.0, "z_loss": 0.0, "extra_loss": 0.0})
+        totals = done.totals
+        for micro in range(c.grad_accum):
+            batch, self.batch_domains = self.sample(step, micro)
+            batch = batch.to(self.device)  # the same tensor on the CPU
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.bf16):
+                out = self.model(batch, tierset=self.tierset, labels=batch, step=step)
+            loss = out.loss
+            for cb in self.callbacks:
+                extra = cb.extra_loss(self, step, batch, out)
+                if extra is not None:
+                    loss = loss + extra
+                    totals["extra_loss"] += extra.item() / c.grad_accum
+            if not self.all_finite(loss):
+                done.finite = False
+                totals["loss"] = out.lm_loss.item()
+                break
+            (loss / c.grad_accum).backward()
+            totals["loss"] += out.lm_loss.item() / c.grad_accum
+            if out.balance_loss is not None:
+                totals["balance_loss"] += out.balance_loss.item() / c.grad_accum
+                totals["z_loss"] += out.z_loss.item() / c.grad_accum
+            done.routing.add(out.routing, c.grad_accum)
+        return done
 
     # -------------------------------------------------------------- what data parallelism changes
     def all_finite(self, loss: torch.Tensor) -> bool:

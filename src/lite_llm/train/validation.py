@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch
 
@@ -43,20 +43,37 @@ def evaluate(
     """Score ``model`` on the validation split of each domain (the same windows every call),
     on the device the model is on (load or move it there: ``load_checkpoint(..., device=)``)."""
     device = next(model.parameters()).device
+
+    def lm_loss(batch: torch.Tensor) -> float:
+        batch = batch.to(device)  # the same tensor on the CPU
+        return float(model(batch, labels=batch, tierset=tierset).lm_loss)
+
     was_training = model.training
     model.eval()
-    scores: dict[str, DomainScore] = {}
     try:
-        for domain in domains or data.domains:
-            total, count = 0.0, 0
-            for batch in data.val_batches(domain, batch_size, seq_len, max_batches):
-                batch = batch.to(device)  # the same tensor on the CPU
-                out = model(batch, labels=batch, tierset=tierset)
-                n = batch.shape[0] * (batch.shape[1] - 1)
-                total += float(out.lm_loss) * n
-                count += n
-            loss = total / max(count, 1)
-            scores[domain] = DomainScore(loss, loss / math.log(2) / data.bytes_per_token(domain, "val"), count)
+        return score_domains(lm_loss, data, domains, batch_size=batch_size, seq_len=seq_len, max_batches=max_batches)
     finally:
         model.train(was_training)
+
+
+def score_domains(
+    lm_loss: Callable[[torch.Tensor], float],
+    data: "TokenData",
+    domains: Iterable[str] | None = None,
+    *,
+    batch_size: int = 16,
+    seq_len: int = 128,
+    max_batches: int | None = 8,
+) -> dict[str, DomainScore]:
+    """Loss and bits per byte of each domain's validation windows, given the mean LM loss of
+    one batch (``lm_loss``): a model's forward, or a pipeline's forward through its stages."""
+    scores: dict[str, DomainScore] = {}
+    for domain in domains or data.domains:
+        total, count = 0.0, 0
+        for batch in data.val_batches(domain, batch_size, seq_len, max_batches):
+            n = batch.shape[0] * (batch.shape[1] - 1)
+            total += lm_loss(batch) * n
+            count += n
+        loss = total / max(count, 1)
+        scores[domain] = DomainScore(loss, loss / math.log(2) / data.bytes_per_token(domain, "val"), count)
     return scores
