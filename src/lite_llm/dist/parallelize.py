@@ -20,10 +20,8 @@ def parallelize(model: LiteLLM, ranks: Ranks) -> LiteLLM:
             f"(the pipeline building block is lite_llm.dist.pipeline.build_pipeline)"
         )
     if degrees.tp > 1:
-        if degrees.data_ranks > 1:
-            raise ConfigError(f"--parallel {degrees}: tensor parallel does not combine with dp or ep in the trainer yet; use tp alone or dp/ep alone")
         check_tensor_parallel(model.config, degrees.tp)
-        return apply_tensor_parallel(model, ranks.mesh["tp"])
+        apply_tensor_parallel(model, ranks.mesh["tp"])
     ignored = []
     if degrees.ep > 1:
         if not model.config.is_moe:
