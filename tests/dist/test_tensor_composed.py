@@ -25,8 +25,15 @@ import math
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from lite_llm.dist.checkpoint import sharded_path
+from lite_llm.dist.degrees import ParallelDegrees
 from lite_llm.dist.local import run_ranks
+from lite_llm.dist.parallelize import parallelize
+from lite_llm.errors import ConfigError
+from lite_llm.model import build_model
+from tests.conftest import two_tier_config
 from tests.dist import workers
 from tests.dist.test_data_expert_parallel import LOSS_RTOL, max_rel
 
@@ -83,6 +90,31 @@ def test_ep2_tp2_trains_like_one_process(small_dataset: Path, tmp_path: Path) ->
     print("ep2 x tp2 vs one process, max relative:", _differences(results[0], single))
     assert_follows_one_process(results, single)
     assert all(r["consolidated_bitwise"] for r in results)  # the experts, split over ep and replicated over tp, saved once
+
+
+class _DegreesOnly:
+    """What ``parallelize`` reads before it refuses: the degrees (no process group needed)."""
+
+    def __init__(self, spec: str, world: int) -> None:
+        self.degrees = ParallelDegrees.parse(spec, world)
+
+
+@pytest.mark.parametrize(
+    "spec, world, moe, words",
+    [
+        ("pp=2,tp=2", 4, True, "pipeline parallel is not in the trainer yet, alone or with dp, ep or tp"),
+        ("pp=2", 2, True, "pipeline parallel is not in the trainer yet"),
+        ("ep=2,tp=2", 4, False, "this model has no MoE layer; drop ep"),
+    ],
+)
+def test_what_stays_unsupported_is_one_sentence_before_any_split(spec: str, world: int, moe: bool, words: str) -> None:
+    config = two_tier_config() if moe else two_tier_config(tiers=[])
+    model = build_model(config, seed=0)
+    with pytest.raises(ConfigError) as refused:
+        parallelize(model, _DegreesOnly(spec, world))  # type: ignore[arg-type]
+    message = str(refused.value)
+    assert words in message and "\n" not in message and ". " not in message
+    assert not any(type(p).__name__ == "DTensor" for p in model.parameters())  # refused before anything was split
 
 
 def _differences(got: dict[str, Any], single: dict[str, Any]) -> dict[str, float]:

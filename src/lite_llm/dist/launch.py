@@ -38,7 +38,7 @@ class Ranks:
     degrees: ParallelDegrees
     mesh: DeviceMesh  # dims ("pp", "dp", "ep", "tp")
     device: torch.device
-    data_mesh: DeviceMesh  # the dp x ep data ranks as one dimension (dense weights are sharded over it)
+    data_mesh: DeviceMesh  # the dp x ep data ranks of this rank's tp index, as one dimension (dense weights are sharded over it)
 
     @property
     def rank(self) -> int:
@@ -51,7 +51,7 @@ class Ranks:
 
     @property
     def data_rank(self) -> int:
-        """Which slice of each global batch this rank reads."""
+        """Which slice of each global batch this rank reads (the same on the ``tp`` ranks of one data rank)."""
         return self.data_mesh.get_local_rank()
 
     @property
