@@ -1,17 +1,22 @@
 """Tensor parallel composed with data and expert parallel in the trainer (TP inside, EP on the
 experts, FSDP2 over the data ranks), against one process on the same global batch.
 
-World 4 on one CPU: ``dp=2,tp=2`` (dense weights 2-D: FSDP over the data ranks of each TP
-rank's slice) and ``ep=2,tp=2`` (experts split over the ``ep`` ranks of each TP index, replicated
-over ``tp``).  Measured on this CPU (torch 2.13, gloo, one thread a rank, 12 steps of 8 x 32
-tokens, lr 1e-3), max relative differences from one process:
+``dp=2,tp=2`` (dense weights 2-D: FSDP over the data ranks of each TP rank's slice),
+``ep=2,tp=2`` (experts split over the ``ep`` ranks of each TP index, replicated over ``tp``) and,
+marked slow, ``dp=2,ep=2,tp=2`` at world 8.  Measured on a 2-core CPU (torch 2.13, gloo, one
+thread a rank, 12 steps of 8 x 32 tokens, lr 1e-3), max differences from one process:
 
-===========  ===============  ================  ===============
-degrees      per-step losses  balance losses    gradient norms
-===========  ===============  ================  ===============
-dp=2,tp=2    1.7e-7           see the report    see the report
-ep=2,tp=2    1.7e-7           see the report    see the report
-===========  ===============  ================  ===============
+===============  ================  ===============  ====================
+degrees          losses (rel)      grad norms (rel) balance losses (abs)
+===============  ================  ===============  ====================
+dp=2,tp=2        1.7e-7            2.0e-7           3.0e-9
+ep=2,tp=2        1.7e-7            2.0e-7           3.0e-9
+dp=2,ep=2,tp=2   2.2e-7            3.4e-7           4.8e-9
+===============  ================  ===============  ====================
+
+(DP x EP without TP: 2.2e-7, 3.4e-7, 2.4e-9 — TP adds nothing measurable on top of the data
+split.)  The 2-D checkpoint of the dp=2,tp=2 run resumed at step 6 continues within 0 (tp=2)
+and 9.4e-8 (one process) of the uninterrupted losses.
 
 Not bitwise, for the reasons of TP alone (a row-wise layer sums two partial products) and of DP
 (a split batch's means round differently).  The gradient norm is the check that nothing is
@@ -67,7 +72,7 @@ def test_dp2_tp2_trains_like_one_process_and_resumes_at_other_degrees(small_data
     run = tmp_path / "run"
     whole = run_ranks(workers.train_dist, 4, tmp_path / "w4", data, "dp=2,tp=2", STEPS, str(run), None, None, {"save_every": PAUSE},
                       timeout_s=120)
-    print("dp2 x tp2 vs one process, max relative:", _differences(whole[0], single))
+    print("dp=2,tp=2 vs one process, max:", _differences(whole[0], single))
     assert_follows_one_process(whole, single)
     assert all(r["consolidated_bitwise"] for r in whole)  # consolidation of 2-D weights loses nothing
 
@@ -82,12 +87,20 @@ def test_dp2_tp2_trains_like_one_process_and_resumes_at_other_degrees(small_data
     assert all(r["consolidated_bitwise"] for r in at_tp2)
 
 
-def test_ep2_tp2_trains_like_one_process(small_dataset: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "spec, world",
+    [
+        ("ep=2,tp=2", 4),
+        # every group at once: expert gradients summed over dp within one tp index (about 20 s)
+        pytest.param("dp=2,ep=2,tp=2", 8, marks=pytest.mark.slow),
+    ],
+)
+def test_expert_and_tensor_parallel_train_like_one_process(small_dataset: Path, tmp_path: Path, spec: str, world: int) -> None:
     data = str(small_dataset)
     single = workers.train_single(data, STEPS)
-    results = run_ranks(workers.train_dist, 4, tmp_path / "w4", data, "ep=2,tp=2", STEPS, str(tmp_path / "run"), None, None, None,
-                        timeout_s=120)
-    print("ep2 x tp2 vs one process, max relative:", _differences(results[0], single))
+    results = run_ranks(workers.train_dist, world, tmp_path / "ranks", data, spec, STEPS, str(tmp_path / "run"), None, None, None,
+                        timeout_s=150)
+    print(spec, "vs one process, max:", _differences(results[0], single))
     assert_follows_one_process(results, single)
     assert all(r["consolidated_bitwise"] for r in results)  # the experts, split over ep and replicated over tp, saved once
 
