@@ -47,7 +47,9 @@ NORM_RTOL = 5e-6  # as tests/dist/test_tensor_parallel.py asks of TP alone
 # The load-balance loss is a KL to uniform near its minimum (~1e-4 here): second order in the
 # batch means' deviation, so their 1e-7 rounding shows as ~1e-5 of it relative (TP alone, DP
 # alone and DP x EP all measured 1.1e-5 to 1.8e-5, 3.0e-9 absolute).  Asked absolutely; a mean
-# over the wrong ranks would move it by the KL's own size.
+# over this rank's rows alone, or one divided by the wrong count, would move it by the KL's own
+# size.  (A mean over the world, tp twins included, would not show here: they hold the same
+# means — it is ruled out by construction, the router's group being Ranks.data_group.)
 BALANCE_ATOL = 1e-8
 
 
