@@ -128,16 +128,29 @@ def test_a_distributed_run_continues_in_one_process(small_dataset, tmp_path):
     assert sorted(a) == sorted(b) and max(abs(a[k] - b[k]) / b[k] for k in b) <= 1e-6
 
 
-def test_tensor_parallel_run_follows_one_process(small_dataset, tmp_path):
-    args = ["train", "--data", str(small_dataset), "--preset", "tiny", *TRAIN[2:], "--steps", "6"]
+def test_tensor_parallel_run_follows_one_process_and_continues_at_dp2_tp2(small_dataset, tmp_path):
+    """tp=2 for 4 steps, then the same run resumed at dp=2,tp=2 (four processes, 2-D weights
+    loaded from a 1-D checkpoint) to the end: one process's losses throughout."""
+    args = ["train", "--data", str(small_dataset), "--preset", "tiny", *TRAIN[2:], "--steps", "6", "--save-every", "2"]
     one = cli(*args, "-o", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr[-2000:]
-    tp = torchrun(2, *args, "--parallel", "tp=2", "-o", str(tmp_path / "tp"))
+    run = tmp_path / "tp"
+    tp = torchrun(2, *args, "--parallel", "tp=2", "-o", str(run))
     assert tp.returncode == 0, tp.stderr[-3000:]
-    a, b = _losses(tmp_path / "tp"), _losses(tmp_path / "one")
+    a, b = _losses(run), _losses(tmp_path / "one")
     # a rowwise layer sums two partial products where one process sums once: rounding only
     assert sorted(a) == sorted(b) and max(abs(a[k] - b[k]) / b[k] for k in b) <= 1e-6
-    assert (tmp_path / "tp" / "checkpoints" / "step-00000006" / "manifest.json").is_file()
+    import shutil
+
+    shutil.rmtree(run / "checkpoints" / "step-00000006")  # as if it stopped after step 4
+    shutil.rmtree(run / "sharded" / "step-00000006")
+    rest = torchrun(4, *args, "--parallel", "dp=2,tp=2", "-o", str(run), "--resume")
+    assert rest.returncode == 0, rest.stderr[-3000:]
+    assert "parallel: dp=2,ep=1,tp=2,pp=1 on 4 ranks" in rest.stdout
+    a = _losses(run)
+    assert sorted(a) == sorted(b) and max(abs(a[k] - b[k]) / b[k] for k in b) <= 1e-6
+    assert (run / "checkpoints" / "step-00000006" / "manifest.json").is_file()
+
 
 
 def test_pipeline_parallel_run_is_one_process_and_consolidates(small_dataset, tmp_path):

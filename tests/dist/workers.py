@@ -9,6 +9,7 @@ import torch
 from lite_llm.dist.expert_parallel import apply_expert_parallel
 from lite_llm.dist.launch import init_distributed
 from lite_llm.model import build_model
+from lite_llm.train.callbacks import TrainerCallback
 from tests.conftest import two_tier_config
 
 TOKENS_PER_RANK = 32
@@ -90,9 +91,28 @@ def train_config(steps: int, **overrides: Any):
     return TrainConfig(**fields)
 
 
+class StepTrace(TrainerCallback):
+    """Each step's reported balance loss and gradient norm (before clipping), as the trainer
+    logs them: what a distributed run must agree on with one process besides the loss."""
+
+    name = "step_trace"
+
+    def __init__(self) -> None:
+        self.balance_losses: list[float] = []
+        self.grad_norms: list[float] = []
+
+    def on_step_end(self, trainer: Any, step: int, record: dict[str, Any]) -> None:
+        self.balance_losses.append(record["balance_loss"])
+        self.grad_norms.append(record["grad_norm"])
+
+    def report(self) -> dict[str, list[float]]:
+        return {"balance_losses": self.balance_losses, "grad_norms": self.grad_norms}
+
+
 def train_dist(data_dir: str, parallel: str, steps: int, run_dir: str | None, resume: str | None, until: int | None,
                overrides: dict | None = None) -> dict[str, Any]:
-    """Train the two-tier model on this rank's part of each global batch; the losses."""
+    """Train the two-tier model on this rank's part of each global batch; the losses (and
+    balance losses and gradient norms)."""
     from lite_llm.data import TokenData
     from lite_llm.dist.parallelize import parallelize
     from lite_llm.dist.trainer import DistributedTrainer
@@ -100,11 +120,14 @@ def train_dist(data_dir: str, parallel: str, steps: int, run_dir: str | None, re
     ranks = init_distributed(parallel, torch.device("cpu"))
     data = TokenData(data_dir)
     model = parallelize(build_model(two_tier_config(vocab_size=data.tokenizer.vocab_size), seed=5), ranks)
-    trainer = DistributedTrainer(model, data, train_config(steps, **(overrides or {})), ranks, run_dir=run_dir, show_progress=False)
+    trace = StepTrace() if ranks.degrees.pp == 1 else None  # no callbacks under pp (no rank holds the whole model)
+    trainer = DistributedTrainer(model, data, train_config(steps, **(overrides or {})), ranks, run_dir=run_dir, show_progress=False,
+                                 callbacks=[trace] if trace else None)
     if resume:
         trainer.resume_sharded(resume)
     result = trainer.train(until=until)
-    out = {"losses": result.losses, "step": trainer.step, "checkpoint": str(result.checkpoint) if result.checkpoint else None}
+    out = {"losses": result.losses, "step": trainer.step, "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+           **(trace.report() if trace else {})}
     if run_dir is not None and ranks.is_main:
         out["records"] = records(run_dir)
     if result.checkpoint is not None and trainer.step == trainer.config.steps:
@@ -144,13 +167,14 @@ def train_single(data_dir: str, steps: int, run_dir: str | None = None, resume_s
 
     data = TokenData(data_dir)
     model = build_model(two_tier_config(vocab_size=data.tokenizer.vocab_size), seed=5)
-    trainer = Trainer(model, data, train_config(steps, **(overrides or {})), run_dir=run_dir, show_progress=False)
+    trace = StepTrace()
+    trainer = Trainer(model, data, train_config(steps, **(overrides or {})), run_dir=run_dir, show_progress=False, callbacks=[trace])
     if resume_sharded_from:
         from lite_llm.dist.trainer import resume_sharded
 
         resume_sharded(trainer, resume_sharded_from)
     result = trainer.train()
-    out: dict[str, Any] = {"losses": result.losses, "step": trainer.step, "final_eval": result.final_eval}
+    out: dict[str, Any] = {"losses": result.losses, "step": trainer.step, "final_eval": result.final_eval, **trace.report()}
     if run_dir is not None:
         out["records"] = records(run_dir)
     return out

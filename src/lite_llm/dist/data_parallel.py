@@ -3,12 +3,15 @@ sharded over the data ranks, and the load-balance loss taken over the whole glob
 
 Each block and then the whole model are ``fully_shard``-ed over the ``dp x ep`` data ranks
 (the usual FSDP2 nesting: a block's weights are gathered just before it runs and freed after).
-Expert banks split by expert parallelism are left to it (``ignored_params``).
+Expert banks split by expert parallelism are left to it (``ignored_params``).  Under tensor
+parallel the data mesh is that of this rank's ``tp`` index, and FSDP2 shards each TP slice over
+it (2-D weights); the plain weights it shards are whole copies on every ``tp`` rank.
 
 The router's load-balance loss is a function of the batch-mean routing probabilities, which
 is not linear in the rows: the mean of per-rank losses is not the loss of the whole batch.  So
 the routers' ``batch_mean`` becomes a mean over every data rank's tokens (an all-reduce with a
-gradient), and DP training follows the single-process run on the same global batch.
+gradient), and DP training follows the single-process run on the same global batch.  It runs
+over the data ranks only: the ``tp`` ranks of one data rank hold the same tokens.
 """
 
 from __future__ import annotations

@@ -8,7 +8,12 @@ The rule (torchtitan's, where expert-parallel ranks are borrowed from the data-p
   dense weights are sharded over all of them (FSDP2);
 * each tier's experts are split over the ``ep`` ranks of an expert-parallel group (one group per
   data-parallel replica), and each expert is held by ``dp`` ranks, one per replica;
-* ``tp`` ranks split attention heads and the dense FFN; ``pp`` ranks hold consecutive blocks.
+* ``tp`` ranks split attention heads and the dense FFN inside each data rank: the ``tp`` ranks
+  of one data rank read the same rows, and FSDP2 shards each one's slice over the data ranks;
+* ``pp`` ranks hold consecutive blocks (a library call; the trainer refuses ``pp``).
+
+The mesh is ``(pp, dp, ep, tp)``, ``tp`` innermost, so the ranks of a ``tp`` group are
+neighbours (on one machine, where their per-layer all-reduces belong).
 
 So ``torchrun --nproc-per-node 4 ... --parallel dp=2,ep=2`` is four data ranks, each expert on
 two of them.  Degrees left out are 1; ``dp`` left out is whatever the world size leaves over.

@@ -194,7 +194,11 @@ def sync_expert_grads(model: nn.Module, dp_group: dist.ProcessGroup, data_group:
     A bank has a gradient when any row of the global batch reached any of its experts, as in
     one process: a bank no row reached anywhere keeps none (AdamW then skips it — no weight
     decay, no moment decay), and one reached elsewhere only gets zeros here.  Presence is agreed
-    over every data rank, so the collectives that follow (the norm) run on all of them or none."""
+    over every data rank, so the collectives that follow (the norm) run on all of them or none.
+
+    Under tensor parallel both groups hold the ranks of this rank's ``tp`` index only: the
+    ``tp`` ranks of one data rank already hold the same expert gradient (their activations are
+    replicated), so summing over them would count it ``tp`` times."""
     params = [p for p in expert_parameters(model) if p.requires_grad]
     present = torch.tensor([p.grad is not None for p in params], dtype=torch.int32)
     dist.all_reduce(present, group=data_group)

@@ -1,10 +1,17 @@
 """Gradient-norm clipping over sharded and split parameters.
 
 ``torch.nn.utils.clip_grad_norm_`` cannot combine DTensors that live on different meshes (the
-dense weights sharded over the data ranks, the experts split over the ``ep`` ranks).  Each
-gradient's norm is taken as a DTensor (its reduction runs over that gradient's own mesh) and
-made a plain scalar with ``full_tensor()``; the rest is what ``clip_grad_norm_(foreach=False)``
-does, in the same order: the norm of the per-gradient norms, one coefficient, clamped at 1.
+dense weights sharded over the data ranks, tensor-parallel ones over (data, tp), the experts
+split over the ``ep`` ranks).  Each gradient's norm is taken as a DTensor (its reduction runs
+over that gradient's own mesh) and made a plain scalar with ``full_tensor()``; the rest is what
+``clip_grad_norm_(foreach=False)`` does, in the same order: the norm of the per-gradient norms,
+one coefficient, clamped at 1.
+
+Why nothing is counted twice: a DTensor's norm sums only over the mesh dimensions it is
+sharded on.  A weight replicated over ``tp`` (router, expert bank, embedding) has no ``tp``
+dimension in its mesh at all — FSDP2 shards it over the data ranks of one ``tp`` index, and
+expert banks live on ``("dp", "ep")`` — so each ``tp`` rank computes its whole norm from its own
+copy, and they agree because the copies do.
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ class Ranks:
     degrees: ParallelDegrees
     mesh: DeviceMesh  # dims ("pp", "dp", "ep", "tp")
     device: torch.device
-    data_mesh: DeviceMesh  # the dp x ep data ranks as one dimension (dense weights are sharded over it)
+    data_mesh: DeviceMesh  # the dp x ep data ranks of this rank's tp index, as one dimension (dense weights are sharded over it)
 
     @property
     def rank(self) -> int:
@@ -51,7 +51,7 @@ class Ranks:
 
     @property
     def data_rank(self) -> int:
-        """Which slice of each global batch this rank reads."""
+        """Which slice of each global batch this rank reads (the same on the ``tp`` ranks of one data rank)."""
         return self.data_mesh.get_local_rank()
 
     @property
@@ -75,7 +75,12 @@ def init_distributed(degrees_spec: str | dict | None, device: torch.device, time
     mesh = init_device_mesh(
         device.type, (degrees.pp, degrees.dp, degrees.ep, degrees.tp), mesh_dim_names=("pp", "dp", "ep", "tp")
     )
-    return Ranks(degrees, mesh, device, mesh["dp", "ep"]._flatten("data"))
+    data_mesh = mesh["dp", "ep"]._flatten("data")
+    if degrees.tp > 1 and degrees.data_ranks > 1:
+        # FSDP2 puts tensor-parallel weights on the 2-D (data, tp) mesh; with this flattened
+        # twin a reduction over both (the gradient norm) is one all-reduce, not two in a row
+        mesh["dp", "ep", "tp"]._flatten("data_tp")
+    return Ranks(degrees, mesh, device, data_mesh)
 
 
 def describe_collective_failure(exc: BaseException) -> str | None:

@@ -1,7 +1,22 @@
-"""Apply the run's parallelism to a model from outside it, as torchtitan's ``parallelize`` does:
-expert parallel first (it splits the banks), then FSDP2 over the data ranks for the rest.
+"""Apply the run's parallelism to a model from outside it, in torchtitan's order:
+
+1. tensor parallel (``parallelize_module`` over ``mesh["tp"]``): attention and the dense FFN
+   become DTensors sharded over the ``tp`` ranks; routers and experts stay whole on each;
+2. expert parallel over ``mesh["dp", "ep"]``: each tier bank split over the ``ep`` ranks of the
+   same ``tp`` index, so its all-to-all runs among them and every ``tp`` rank holds the same
+   experts (their gradients are alike on the ``tp`` ranks and are reduced over ``dp`` alone);
+3. FSDP2 over the ``dp x ep`` data ranks for the rest (EP's banks left to it): a TP weight
+   becomes 2-D, sharded over (data, tp) — FSDP2 takes DTensors whose mesh shares its root with
+   the data mesh, which ``init_distributed`` guarantees by slicing both from one mesh.
+
+Each step's rows are split over the data ranks only; the ``tp`` ranks of one data rank read the
+same rows (``Ranks.data_rank``), and every reduction meant for data ranks (the routers' batch
+mean, expert gradients, reported losses) runs over ``Ranks.data_group``, which holds one rank
+per data rank with the same ``tp`` index.
+
 Under pipeline parallel each rank keeps its stage's modules (a ``StageModule``), FSDP2-sharded
-over the data ranks of that stage when dp > 1."""
+over the data ranks of that stage when dp > 1 (pp does not combine with tp or ep yet).
+"""
 
 from __future__ import annotations
 
@@ -15,20 +30,19 @@ from .tensor_parallel import apply_tensor_parallel, check_tensor_parallel
 
 
 def parallelize(model: LiteLLM, ranks: Ranks) -> LiteLLM | StageModule:
-    """Split ``model`` (the same full model on every rank) as ``ranks.degrees`` say: the model
-    itself, or under pp this rank's stage of it (``DistributedTrainer`` drives either)."""
+    """Split ``model`` (the same full model on every rank) as ``ranks.degrees`` say: any mix of
+    dp, ep and tp on the model itself, or under pp this rank's stage of it, with dp
+    (``DistributedTrainer`` drives either)."""
     degrees = ranks.degrees
     if degrees.pp > 1:
         return _pipeline_stage(model, ranks)
+    if degrees.ep > 1 and not model.config.is_moe:
+        raise ConfigError(f"--parallel ep={degrees.ep} splits experts, but this model has no MoE layer; drop ep")
     if degrees.tp > 1:
-        if degrees.data_ranks > 1:
-            raise ConfigError(f"--parallel {degrees}: tensor parallel does not combine with dp or ep in the trainer yet; use tp alone or dp/ep alone")
         check_tensor_parallel(model.config, degrees.tp)
-        return apply_tensor_parallel(model, ranks.mesh["tp"])
+        apply_tensor_parallel(model, ranks.mesh["tp"])
     ignored = []
     if degrees.ep > 1:
-        if not model.config.is_moe:
-            raise ConfigError(f"--parallel ep={degrees.ep} splits experts, but this model has no MoE layer; drop ep")
         apply_expert_parallel(model, ranks.mesh["dp", "ep"])
         ignored = expert_parameters(model)
     if degrees.data_ranks > 1:

@@ -4,6 +4,9 @@ data parallelism changes and nothing else.
 * Each data rank takes its rows of the global batch (the batch of a step is a pure function of
   seed and step, so every rank knows it without talking): rank r of R gets rows
   ``r*B/R .. (r+1)*B/R``, and the global batch is the same rows one process would train on.
+  ``R`` counts data ranks (``dp x ep``): the ``tp`` ranks of one data rank read the same rows,
+  and what is averaged "over the ranks" below is averaged over the data ranks of one ``tp``
+  index (``Ranks.data_group``) — its ``tp`` twins hold the same values.
 * Expert gradients are averaged like the dense ones (FSDP2 does those), then clipped by the
   global norm over every mesh (``dist/grad_norm.py``).
 * A step is skipped on every rank or on none; losses are averaged over the ranks.
