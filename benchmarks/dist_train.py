@@ -16,7 +16,7 @@ trained on real text (the standard library's sources and pydoc topics, 400 kB pe
    ``2 (rows out + results back) x N*L*K*d*bytes x (R-1)/R`` per forward, and as much again
    per backward.
 2. **Step time, 2 processes vs 1**, same global batch: one process with 2 threads and with 1
-   thread, ``ep=2`` and ``dp=2`` with 1 thread per rank; interleaved rounds, each candidate a
+   thread, ``ep=2``, ``dp=2``, ``tp=2`` and ``pp=2`` (1F1B, 2 microbatches) with 1 thread per rank; interleaved rounds, each candidate a
    fresh launch, the median of steps after the first 2.  On 2 cores 2 processes cannot beat 1
    process using both cores: the figure is the price of the communication and duplication.
 
@@ -86,10 +86,10 @@ class CountingFuncol:
         return out
 
 
-def _train_config(steps: int, batch: int, seq: int):
+def _train_config(steps: int, batch: int, seq: int, grad_accum: int = 1):
     from lite_llm.train import TrainConfig
 
-    return TrainConfig(steps=steps, batch_size=batch, seq_len=seq, lr=1e-3, warmup_steps=2, eval_every=0, eval_batches=1,
+    return TrainConfig(steps=steps, batch_size=batch // grad_accum, grad_accum=grad_accum, seq_len=seq, lr=1e-3, warmup_steps=2, eval_every=0, eval_batches=1,
                        eval_batch_size=2, log_every=1000, save_every=0)
 
 
@@ -135,12 +135,14 @@ def dist_worker(data_dir: str, parallel: str, steps: int, batch: int, seq: int, 
     model = _model(data.tokenizer.vocab_size)
     cfg = model.config
     moe_layers = sum(1 for m in model.modules() if isinstance(m, TieredMoE))
-    parallelize(model, ranks)
+    model = parallelize(model, ranks)  # under pp: this rank's stage
     counter = None
     if count:
         counter = CountingFuncol()
         ep_mod.funcol = counter
-    trainer = DistributedTrainer(model, data, _train_config(steps, batch, seq), ranks, show_progress=False)
+    # under pp the global batch goes through the pipeline as pp microbatches (1F1B needs >= pp)
+    accum = ranks.degrees.pp
+    trainer = DistributedTrainer(model, data, _train_config(steps, batch, seq, accum), ranks, show_progress=False)
     times, counts = _timed_steps(trainer, counter)
     result = trainer.train()
     r = cfg.routing
@@ -239,6 +241,8 @@ def main() -> None:
             "1proc_1thread": ("single", 1, 1),
             "ep2_1thread_per_rank": ("ep=2", 2, 1),
             "dp2_1thread_per_rank": ("dp=2", 2, 1),
+            "tp2_1thread_per_rank": ("tp=2", 2, 1),
+            "pp2_1thread_per_rank": ("pp=2", 2, 1),  # 1F1B over 2 microbatches of half the global batch
         }
         samples: dict[str, list[float]] = {name: [] for name in candidates}
         losses: dict[str, list[float]] = {}
