@@ -26,12 +26,11 @@ Why it is built this way (DESIGN.md, "Exactness, measured"):
   (tokens x vocabulary in float64) while its head is dropped and the original's loaded, so at
   most one head is in memory.
 * **Gradient flow where growth created something.**  The first and the last grown block that
-  is not shared with the original (every growth builds its blocks alike; one backward of a
-  1.6 GB model's block costs ~0.2 s here, so not all of them) run forward and backward on
-  their first ``GRAD_TOKENS`` tokens under a fixed random projection of the output (plus the
-  routers' balance and z-losses).  A parameter with an all-zero gradient gets one plain SGD
-  step of the whole block and a second chance (a LLaMA-Pro block's q/k/v sit behind its
-  zeroed o_proj).  The embedding, final norm and head
+  is not shared with the original (every growth builds its blocks alike, so not all of them)
+  run forward and backward on their first ``GRAD_TOKENS`` tokens under a fixed random
+  projection of the output (plus the routers' balance and z-losses).  A parameter with an
+  all-zero gradient gets one plain SGD step of the whole block and a second chance (a
+  LLaMA-Pro block's q/k/v sit behind its zeroed o_proj).  The embedding, final norm and head
   are not checked: their gradients come straight from the loss and the residual stream.
 * **On any device, still float64.**  The tensors are read on the CPU (the mappings are lazy
   files); the float64 buffers, the states and the arithmetic are on ``device``.  A GPU
@@ -200,40 +199,45 @@ def _dead_parameters(block: Block, x: torch.Tensor, model: _Model, layer: int) -
     """Parameters of ``block`` whose gradient stays all zero through two sweeps (``block``'s
     weights change: it is dropped after).
 
-    One parameter's gradient at a time (a whole block's gradients in float64 would double the
-    check's peak memory); a parameter with a gradient takes its plain SGD step at once, so one
-    behind a zero-initialised writer sees that writer moved on the second sweep at the latest."""
+    Each sweep is one forward and one backward.  A parameter's gradient is looked at the moment
+    autograd has finished it (a post-accumulate hook), which then takes its plain SGD step in
+    place and drops the gradient: no whole block's gradients in float64 are ever held (that
+    would double the check's peak memory), and every node that saved the parameter has already
+    run when its gradient is complete, so the step changes nothing the backward still reads.
+    The first sweep's gradients are those of the block as grown; the second sweep's are taken
+    after the SGD step of all of them, so a parameter behind a zero-initialised writer (a
+    LLaMA-Pro block's q/k/v behind its zeroed o_proj) sees that writer moved."""
     n = min(GRAD_TOKENS, x.shape[1])
     x = x[:1, :n].detach()
     cos, sin = model.cos[:n], model.sin[:n]
     direction = torch.randn(x.shape, generator=torch.Generator().manual_seed(layer), dtype=FP64).to(x.device)
     params = dict(block.named_parameters())
-    for p in params.values():
-        p.requires_grad_(False)
-    block.train()
+    moved: set[str] = set()
 
-    def moves(name: str) -> bool:
-        p = params[name]
-        p.requires_grad_(True)
-        try:
+    def take_step(name: str, p: torch.Tensor) -> None:
+        if bool(p.grad.any()):
+            moved.add(name)
+            with torch.no_grad():
+                p.add_(p.grad, alpha=-SGD_LR)
+        p.grad = None
+
+    hooks = [p.register_post_accumulate_grad_hook(lambda p, name=name: take_step(name, p)) for name, p in params.items()]
+    block.train()
+    try:
+        for _ in range(2):
             with torch.enable_grad():
                 out, routes = block(x, cos, sin, model.allowed, None, None)
                 loss = (out * direction).sum()
                 if routes is not None:
                     loss = loss + routes.balance_loss + routes.z_loss
-                if not loss.requires_grad:
-                    return False
-                (grad,) = torch.autograd.grad(loss, [p], allow_unused=True)
-        finally:
-            p.requires_grad_(False)
-        if grad is None or not bool(grad.any()):
-            return False
-        with torch.no_grad():
-            p.add_(grad, alpha=-SGD_LR)  # in place: no parameter-sized temporary
-        return True
-
-    dead = [name for name in params if not moves(name)]
-    return [name for name in dead if not moves(name)]
+                if loss.requires_grad:
+                    loss.backward()
+            if len(moved) == len(params):
+                break
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [name for name in params if name not in moved]
 
 
 def _embed(model: _Model, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
