@@ -225,6 +225,8 @@ def _dead_parameters(block: Block, x: torch.Tensor, model: _Model, layer: int) -
     block.train()
     try:
         for _ in range(2):
+            for name in moved:  # the second sweep looks only at the still silent ones
+                params[name].requires_grad_(False)
             with torch.enable_grad():
                 out, routes = block(x, cos, sin, model.allowed, None, None)
                 loss = (out * direction).sum()
