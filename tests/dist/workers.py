@@ -192,3 +192,29 @@ def consolidated_equals_single(checkpoint: str, data_dir: str, steps: int) -> di
     loaded = load_checkpoint(checkpoint).model.state_dict()
     diffs = {k: float((v - loaded[k]).abs().max() / v.abs().max().clamp_min(1e-30)) for k, v in model.state_dict().items()}
     return {"max_rel": max(diffs.values()), "names_equal": sorted(diffs) == sorted(loaded)}
+
+
+
+def lose_a_peer() -> dict[str, Any]:
+    """Rank 1 is killed (SIGKILL, as the OOM killer or a lost node does) between two
+    collectives; rank 0's next all-reduce fails, and what it reports is our sentence.  Run in
+    plain processes (a spawn context or torchrun would terminate the survivor first)."""
+    import os
+    import signal
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from lite_llm.dist.launch import describe_collective_failure
+
+    dist.init_process_group("gloo", timeout=timedelta(seconds=20))
+    dist.barrier()
+    if dist.get_rank() == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    try:
+        dist.all_reduce(torch.ones(4))
+    except Exception as exc:  # what the trainer's collectives raise
+        return {"sentence": describe_collective_failure(exc), "raw": str(exc)[:300]}
+    finally:
+        dist.destroy_process_group()
+    return {"sentence": None, "raw": "the all-reduce succeeded without its peer"}

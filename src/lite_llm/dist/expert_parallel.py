@@ -85,10 +85,10 @@ class ExpertParallelDispatch:
         owner = self.owner.to(device)[flat]
 
         # 1. counts first: every rank learns how many rows each rank sends to each expert
-        counts = torch.bincount(flat, minlength=n_experts).cpu()
+        counts = torch.bincount(flat, minlength=n_experts)  # where the backend works (nccl: the GPU)
         gathered = [torch.empty_like(counts) for _ in range(ep)]
         dist.all_gather(gathered, counts, group=self.group)
-        all_counts = torch.stack(gathered)  # (ep, E): rows rank r routes to expert e
+        all_counts = torch.stack(gathered).cpu()  # (ep, E): rows rank r routes to expert e
         send_sizes = torch.bincount(owner, minlength=ep).tolist()
         local_counts = all_counts[:, self.mine]  # (ep, L): rows each source sends to my experts
         recv_sizes = local_counts.sum(1).tolist()
@@ -200,7 +200,8 @@ def sync_expert_grads(model: nn.Module, dp_group: dist.ProcessGroup, data_group:
     ``tp`` ranks of one data rank already hold the same expert gradient (their activations are
     replicated), so summing over them would count it ``tp`` times."""
     params = [p for p in expert_parameters(model) if p.requires_grad]
-    present = torch.tensor([p.grad is not None for p in params], dtype=torch.int32)
+    device = params[0].device if params else torch.device("cpu")  # nccl reduces only CUDA tensors
+    present = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=device)
     dist.all_reduce(present, group=data_group)
     replicated = dist.get_world_size(dp_group) > 1
     for p, anywhere in zip(params, present.tolist()):

@@ -84,13 +84,14 @@ class DistributedTrainer(Trainer):
         return batch[r * per : (r + 1) * per], domains[r * per : (r + 1) * per]
 
     def all_finite(self, loss: torch.Tensor) -> bool:
-        ok = torch.tensor([1.0 if bool(torch.isfinite(loss)) else 0.0])
+        # on the ranks' device: nccl reduces only CUDA tensors
+        ok = torch.tensor([1.0 if bool(torch.isfinite(loss)) else 0.0], device=self.ranks.device)
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         return bool(ok.item() == 1.0)
 
     def reduce_totals(self, totals: dict[str, float]) -> dict[str, float]:
         keys = sorted(totals)
-        values = torch.tensor([totals[k] for k in keys], dtype=torch.float64)
+        values = torch.tensor([totals[k] for k in keys], dtype=torch.float64, device=self.ranks.device)
         dist.all_reduce(values, group=self.ranks.data_group)
         values /= self.ranks.degrees.data_ranks
         return {k: float(v) for k, v in zip(keys, values.tolist())}
