@@ -11,8 +11,10 @@ of one group of ``--experts`` experts in every layer, 2 active per token.  Its e
 ``layers x experts x 3 x d x hidden x 4`` bytes in fp32 (0.8 GB at the defaults).
 
 Decode: greedy, ``--tokens`` new tokens after a 16-token prompt, tokens/s of the tokens after
-the first (the prompt's prefill excluded), for each candidate in turn, ``--rounds`` rounds with
-the order rotated, median reported.  Before every store run the page cache of the expert
+the first (the prompt's prefill excluded), for each candidate in turn, ``--warmup`` untimed
+rounds (default 1: a store's first run fills its hot level from disk, which at 100% would
+otherwise be half of a two-round median) then ``--rounds`` timed rounds with the order rotated,
+median reported.  Before every store run the page cache of the expert
 shards is dropped (``posix_fadvise(POSIX_FADV_DONTNEED)``), so misses read the disk (or
 whatever the machine's storage is; a VM's virtual disk may itself be cached by the host —
 the bytes read per token are reported so the figure can be judged).  Store runs: hot budget
@@ -160,6 +162,7 @@ def main() -> None:
                    help="spread of the router's expert biases, for routes that prefer some experts (not exportable: implies --no-accelerate)")
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first (the stores' hot levels fill)")
     p.add_argument("--no-accelerate", action="store_true")
     p.add_argument("--rss-check", action="store_true", help="peak memory of a store run at --budget-share (see the docstring)")
     p.add_argument("--budget-share", type=float, default=0.25)
@@ -218,7 +221,7 @@ def main() -> None:
     rates: dict[str, list[float]] = {c: [] for c in candidates}
     fetched: dict[str, float] = {}
     reference = None
-    for r in range(args.rounds):
+    for r in range(args.warmup + args.rounds):
         order = candidates[r % len(candidates):] + candidates[: r % len(candidates)]
         for name in order:
             if name == "resident":
@@ -237,12 +240,14 @@ def main() -> None:
             reference = ids if reference is None and name == "resident" else reference
             if name.startswith("store") and reference is not None and ids != reference:
                 raise SystemExit(f"{name} generated other tokens than the resident model: {ids} vs {reference}")
-            rates[name].append(rate)
-            print(f"  round {r + 1} {name:>16}: {rate:8.2f} tokens/s" + (f", {fetched[name] / 1e6:.1f} MB read per token" if name in fetched else ""), flush=True)
+            if r >= args.warmup:
+                rates[name].append(rate)
+            label = f"round {r + 1 - args.warmup}" if r >= args.warmup else f"warm-up {r + 1}"
+            print(f"  {label} {name:>16}: {rate:8.2f} tokens/s" + (f", {fetched[name] / 1e6:.1f} MB read per token" if name in fetched else ""), flush=True)
 
     med = {c: statistics.median(v) for c, v in rates.items()}
     rows = [[c, med[c], med[c] / med["resident"], fetched.get(c, 0.0) / 1e6] for c in candidates]
-    print_table(["candidate", "tokens/s", "vs resident", "MB read per token"], rows, title=f"greedy decode, {args.tokens} tokens, median of {args.rounds}")
+    print_table(["candidate", "tokens/s", "vs resident", "MB read per token"], rows, title=f"greedy decode, {args.tokens} tokens, median of {args.rounds} after {args.warmup} warm-up round(s)")
     figures = {"vs_resident": {c: med[c] / med["resident"] for c in candidates}}
     met = {f"store_{int(s * 100)}%>={t}": figures["vs_resident"][f"store {int(s * 100)}%"] >= t for s, t in TARGETS.items()}
     if hf_dir is not None:
