@@ -32,7 +32,7 @@ def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 TRAIN = ["--steps", "4", "--batch-size", "4", "--seq-len", "32", "--eval-batches", "1", "--eval-batch-size", "2", "--quiet"]
 
 
-def test_torchrun_train_consolidate_grow_and_train_again(small_dataset, tmp_path):
+def test_torchrun_train_consolidate_expand_add_tier_and_train_again(small_dataset, tmp_path):
     run = tmp_path / "run"
     done = torchrun(2, "train", "--data", str(small_dataset), "--preset", "tiny", "-o", str(run), "--parallel", "ep=2", *TRAIN)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -45,8 +45,12 @@ def test_torchrun_train_consolidate_grow_and_train_again(small_dataset, tmp_path
     ckpt = tmp_path / "ckpt"
     made = cli("checkpoint", "consolidate", str(run), "-o", str(ckpt))
     assert made.returncode == 0, made.stderr
+    deeper = tmp_path / "deeper"  # growth on the consolidated checkpoint, verified exact by expand's own check
+    expanded = cli("expand", str(ckpt), "--method", "llama_pro", "--target-layers", "4", "-o", str(deeper))
+    assert expanded.returncode == 0, expanded.stderr[-2000:]
+    assert json.loads((deeper / "manifest.json").read_text())["model_config"]["n_layers"] == 4
     grown = tmp_path / "grown"
-    added = cli("add-tier", str(ckpt), "--tier", "tier_new", "--groups", "2", "--experts-per-group", "2", "-o", str(grown))
+    added = cli("add-tier", str(deeper), "--tier", "tier_new", "--groups", "2", "--experts-per-group", "2", "-o", str(grown))
     assert added.returncode == 0, added.stderr[-2000:]
     again = torchrun(2, "train", "--data", str(small_dataset), "--init", str(grown), "-o", str(tmp_path / "run2"), "--parallel", "dp=1,ep=2", *TRAIN)
     assert again.returncode == 0, again.stderr[-3000:]
