@@ -10,7 +10,7 @@ The rule (torchtitan's, where expert-parallel ranks are borrowed from the data-p
   data-parallel replica), and each expert is held by ``dp`` ranks, one per replica;
 * ``tp`` ranks split attention heads and the dense FFN inside each data rank: the ``tp`` ranks
   of one data rank read the same rows, and FSDP2 shards each one's slice over the data ranks;
-* ``pp`` ranks hold consecutive blocks (a library call; the trainer refuses ``pp``).
+* ``pp`` ranks hold consecutive blocks; each stage has its own ``dp x ep`` data ranks.
 
 The mesh is ``(pp, dp, ep, tp)``, ``tp`` innermost, so the ranks of a ``tp`` group are
 neighbours (on one machine, where their per-layer all-reduces belong).

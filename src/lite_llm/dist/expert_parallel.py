@@ -165,8 +165,7 @@ def apply_expert_parallel(model: LiteLLM, mesh: DeviceMesh) -> LiteLLM:
     the other ranks of its ``ep`` group.  Every rank must hold the same full model first (built
     from the same seed or checkpoint)."""
     ep_group = mesh.get_group("ep")
-    for block in model.layers:
-        moe = block.ffn
+    for moe in model.modules():  # a whole model's blocks, or a pipeline stage's
         if not isinstance(moe, TieredMoE):
             continue
         sizes = []

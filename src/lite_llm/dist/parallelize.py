@@ -14,8 +14,10 @@ same rows (``Ranks.data_rank``), and every reduction meant for data ranks (the r
 mean, expert gradients, reported losses) runs over ``Ranks.data_group``, which holds one rank
 per data rank with the same ``tp`` index.
 
-Under pipeline parallel each rank keeps its stage's modules (a ``StageModule``), FSDP2-sharded
-over the data ranks of that stage when dp > 1 (pp does not combine with tp or ep yet).
+Under pipeline parallel each rank keeps its stage's modules (a ``StageModule``), the stage's
+expert banks split over its ``ep`` ranks when ep > 1 (the all-to-all runs inside each
+microbatch's forward and backward, which the schedule runs in the same order on every rank of
+the stage), the rest FSDP2-sharded over the stage's data ranks (pp does not combine with tp yet).
 """
 
 from __future__ import annotations
@@ -53,9 +55,15 @@ def parallelize(model: LiteLLM, ranks: Ranks) -> LiteLLM | StageModule:
 def _pipeline_stage(model: LiteLLM, ranks: Ranks) -> StageModule:
     """This rank's pipeline stage, sharded over its stage's data ranks with FSDP2 when dp > 1."""
     degrees = ranks.degrees
-    if degrees.tp > 1 or degrees.ep > 1:
-        raise ConfigError(f"--parallel {degrees}: pipeline parallel combines with dp in the trainer, not yet with tp or ep; use pp alone or pp with dp")
+    if degrees.tp > 1:
+        raise ConfigError(f"--parallel {degrees}: pipeline parallel combines with dp and ep in the trainer, not yet with tp; use pp with dp or ep")
+    if degrees.ep > 1 and not model.config.is_moe:
+        raise ConfigError(f"--parallel ep={degrees.ep} splits experts, but this model has no MoE layer; drop ep")
     stage = split_stage(model, ranks.mesh["pp"])
+    ignored = []
+    if degrees.ep > 1:
+        apply_expert_parallel(stage, ranks.mesh["dp", "ep"])
+        ignored = expert_parameters(stage)
     if degrees.data_ranks > 1:
-        apply_data_parallel(stage, ranks.data_mesh)
+        apply_data_parallel(stage, ranks.data_mesh, ignored)
     return stage

@@ -98,10 +98,10 @@ class DistributedTrainer(Trainer):
 
     def prepare_update(self) -> float | None:
         degrees = self.ranks.degrees
-        if self.pipe is not None:  # collective over the stages: every rank calls it
-            return clip_grad_norm_pipeline(self.pipe, self.config.grad_clip) if self.config.grad_clip > 0 else None
         if degrees.ep > 1:
             sync_expert_grads(self.model, self.ranks.mesh.get_group("dp"), self.ranks.data_group, degrees.data_ranks)
+        if self.pipe is not None:  # collective over the stages: every rank calls it
+            return clip_grad_norm_pipeline(self.pipe, self.config.grad_clip) if self.config.grad_clip > 0 else None
         params = [p for p in self.model.parameters() if p.grad is not None]
         if self.config.grad_clip > 0 and params:
             return grad_norm_and_clip(params, self.config.grad_clip)
