@@ -117,7 +117,6 @@ class _DegreesOnly:
 @pytest.mark.parametrize(
     "spec, world, moe, words",
     [
-        ("pp=2,tp=2", 4, True, "pipeline parallel combines with dp and ep in the trainer, not yet with tp"),
         ("pp=2,ep=2", 4, False, "this model has no MoE layer; drop ep"),
         ("ep=2,tp=2", 4, False, "this model has no MoE layer; drop ep"),
     ],

@@ -14,10 +14,10 @@ same rows (``Ranks.data_rank``), and every reduction meant for data ranks (the r
 mean, expert gradients, reported losses) runs over ``Ranks.data_group``, which holds one rank
 per data rank with the same ``tp`` index.
 
-Under pipeline parallel each rank keeps its stage's modules (a ``StageModule``), the stage's
-expert banks split over its ``ep`` ranks when ep > 1 (the all-to-all runs inside each
-microbatch's forward and backward, which the schedule runs in the same order on every rank of
-the stage), the rest FSDP2-sharded over the stage's data ranks (pp does not combine with tp yet).
+Under pipeline parallel each rank first keeps only its stage's modules (a ``StageModule``), and
+the three steps above apply to the stage: its blocks split over ``tp``, its expert banks over
+``ep`` (the all-to-all runs inside each microbatch's forward and backward, which the schedule
+runs in the same order on every rank of the stage), the rest FSDP2-sharded over its data ranks.
 """
 
 from __future__ import annotations
@@ -32,38 +32,21 @@ from .tensor_parallel import apply_tensor_parallel, check_tensor_parallel
 
 
 def parallelize(model: LiteLLM, ranks: Ranks) -> LiteLLM | StageModule:
-    """Split ``model`` (the same full model on every rank) as ``ranks.degrees`` say: any mix of
-    dp, ep and tp on the model itself, or under pp this rank's stage of it, with dp
+    """Split ``model`` (the same full model on every rank) as ``ranks.degrees`` say: under pp
+    this rank's stage of it, then on that (or the whole model) any mix of tp, ep and dp
     (``DistributedTrainer`` drives either)."""
     degrees = ranks.degrees
-    if degrees.pp > 1:
-        return _pipeline_stage(model, ranks)
     if degrees.ep > 1 and not model.config.is_moe:
         raise ConfigError(f"--parallel ep={degrees.ep} splits experts, but this model has no MoE layer; drop ep")
     if degrees.tp > 1:
         check_tensor_parallel(model.config, degrees.tp)
-        apply_tensor_parallel(model, ranks.mesh["tp"])
-    ignored = []
-    if degrees.ep > 1:
-        apply_expert_parallel(model, ranks.mesh["dp", "ep"])
-        ignored = expert_parameters(model)
-    if degrees.data_ranks > 1:
-        apply_data_parallel(model, ranks.data_mesh, ignored)
-    return model
-
-
-def _pipeline_stage(model: LiteLLM, ranks: Ranks) -> StageModule:
-    """This rank's pipeline stage, sharded over its stage's data ranks with FSDP2 when dp > 1."""
-    degrees = ranks.degrees
+    target: LiteLLM | StageModule = split_stage(model, ranks.mesh["pp"]) if degrees.pp > 1 else model
     if degrees.tp > 1:
-        raise ConfigError(f"--parallel {degrees}: pipeline parallel combines with dp and ep in the trainer, not yet with tp; use pp with dp or ep")
-    if degrees.ep > 1 and not model.config.is_moe:
-        raise ConfigError(f"--parallel ep={degrees.ep} splits experts, but this model has no MoE layer; drop ep")
-    stage = split_stage(model, ranks.mesh["pp"])
+        apply_tensor_parallel(target, ranks.mesh["tp"])  # type: ignore[arg-type]
     ignored = []
     if degrees.ep > 1:
-        apply_expert_parallel(stage, ranks.mesh["dp", "ep"])
-        ignored = expert_parameters(stage)
+        apply_expert_parallel(target, ranks.mesh["dp", "ep"])  # type: ignore[arg-type]
+        ignored = expert_parameters(target)
     if degrees.data_ranks > 1:
-        apply_data_parallel(stage, ranks.data_mesh, ignored)
-    return stage
+        apply_data_parallel(target, ranks.data_mesh, ignored)
+    return target

@@ -28,6 +28,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, Ro
 from ..config import ModelConfig
 from ..errors import ConfigError
 from ..model import LiteLLM
+from ..model.transformer import Block
 
 
 def check_tensor_parallel(config: ModelConfig, tp: int) -> None:
@@ -67,6 +68,6 @@ def apply_tensor_parallel(model: LiteLLM, tp_mesh: DeviceMesh) -> LiteLLM:
     if tp_mesh.ndim != 1:
         raise ConfigError(f"tensor parallelism needs a 1-D device mesh, got one of {tp_mesh.ndim} dimensions; pass mesh['tp']")
     check_tensor_parallel(model.config, tp_mesh.size())
-    for block in model.layers:
+    for block in [m for m in model.modules() if isinstance(m, Block)]:  # a whole model's blocks, or a pipeline stage's
         parallelize_module(block, tp_mesh, block_plan(block.is_moe))
     return model
