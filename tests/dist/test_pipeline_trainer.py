@@ -121,8 +121,6 @@ def _ranks(**degrees: int) -> SimpleNamespace:
     return SimpleNamespace(degrees=ParallelDegrees(**degrees), is_main=True)
 
 
-
-
 @pytest.mark.parametrize(
     "overrides, callbacks, word",
     [

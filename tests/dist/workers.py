@@ -194,7 +194,6 @@ def consolidated_equals_single(checkpoint: str, data_dir: str, steps: int) -> di
     return {"max_rel": max(diffs.values()), "names_equal": sorted(diffs) == sorted(loaded)}
 
 
-
 def lose_a_peer() -> dict[str, Any]:
     """Rank 1 is killed (SIGKILL, as the OOM killer or a lost node does) between two
     collectives; rank 0's next all-reduce fails, and what it reports is our sentence.  Run in
