@@ -4,6 +4,7 @@ TierSets, rows joining and leaving at token boundaries — and a cancelled row s
 
 from __future__ import annotations
 
+import asyncio
 import random
 import threading
 
@@ -138,7 +139,28 @@ class _Collect:
             self.finished.set()
 
 
-def test_engine_joins_and_leaves_at_token_boundaries_and_matches_generate_text():
+def _run_on_a_loop(engine: Engine, jobs: list[Job], sinks: list[_Collect]) -> None:
+    """Drive ``engine`` with :meth:`Engine.run` on an event loop: half the jobs submitted from
+    the loop, half from another thread (the cross-thread wake-up), then drain with ``stop``."""
+
+    async def main() -> None:
+        driver = asyncio.create_task(engine.run())
+        for job in jobs[::2]:
+            engine.submit(job)
+        await asyncio.sleep(0.01)
+        submitter = threading.Thread(target=lambda: [engine.submit(job) for job in jobs[1::2]])
+        submitter.start()
+        while not all(sink.finished.is_set() for sink in sinks):
+            await asyncio.sleep(0.005)
+        submitter.join()
+        engine.stop()
+        await asyncio.wait_for(driver, 30)  # stop ends the driver once the batch is empty
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("driver", ["thread", "loop"])
+def test_engine_joins_and_leaves_at_token_boundaries_and_matches_generate_text(driver):
     cfg = tiny_two_tier(256)
     model = build_model(cfg, seed=8).eval()
     tok = ByteTokenizer()
@@ -147,17 +169,20 @@ def test_engine_joins_and_leaves_at_token_boundaries_and_matches_generate_text()
         ("def f(", 30, 0.0, 0, "all", ()), ("class A", 12, 0.8, 5, "only:tier_1b", ()), ("x = 1", 25, 1.0, 9, "only:tier_10b", ()),
         ("import os", 7, 0.0, 0, "upto:tier_1b", ()), ("The", 40, 0.7, 3, "all", ("e",)), ("ab", 18, 0.0, 0, ["tier_10b"], ()),
     ]
-    sinks = []
-    for prompt, n, t, seed, ts, stop in specs:
-        sink = _Collect()
-        sinks.append(sink)
-        engine.submit(Job(tok.encode(prompt), SamplingParams(max_tokens=n, temperature=t, seed=seed, stop=stop), TierSet.coerce(ts), sink))
-    engine.start()
-    try:
-        for sink in sinks:
-            assert sink.finished.wait(60)
-    finally:
-        engine.stop(10)
+    sinks = [_Collect() for _ in specs]
+    jobs = [Job(tok.encode(prompt), SamplingParams(max_tokens=n, temperature=t, seed=seed, stop=stop), TierSet.coerce(ts), sink)
+            for (prompt, n, t, seed, ts, stop), sink in zip(specs, sinks)]
+    if driver == "loop":
+        _run_on_a_loop(engine, jobs, sinks)
+    else:
+        for job in jobs:
+            engine.submit(job)
+        engine.start()
+        try:
+            for sink in sinks:
+                assert sink.finished.wait(60)
+        finally:
+            engine.stop(10)
     for (prompt, n, t, seed, ts, stop), sink in zip(specs, sinks):
         expected = "".join(generate_text(model, tok, prompt, n, temperature=t, seed=seed, tierset=ts, stop=stop))
         assert "".join(sink.pieces) == expected

@@ -21,7 +21,7 @@ from lite_llm.checkpoint import load_checkpoint
 from lite_llm.config import TierSet
 from lite_llm.data.tokenizer import render_chat
 from lite_llm.generate import generate_ids, generate_text
-from lite_llm.serve.engine import Event, Job, SamplingParams
+from lite_llm.serve.engine import Job, SamplingParams
 
 from .conftest import free_port, metric, serve_in_thread, wait_healthy
 
@@ -183,51 +183,63 @@ def test_chat_without_a_template_is_refused(byte_ckpt):
         assert httpx.post(base + "/v1/completions", json={"prompt": "hi", "max_tokens": 4}).status_code == 200
 
 
-def test_a_client_that_leaves_stops_its_generation(chat_server):
-    base, engine = chat_server
-    cancelled = engine.stats.requests_cancelled
-    generated = engine.stats.generated_tokens
-    with httpx.Client(timeout=30) as http:
-        with http.stream("POST", base + "/v1/completions", json={"prompt": "The", "max_tokens": 120, "temperature": 0.0, "stream": True}) as response:
-            for i, _ in enumerate(response.iter_lines()):
-                if i >= 4:
-                    break  # leave mid-stream: the connection closes
-    deadline = time.monotonic() + 10
-    while engine.stats.requests_cancelled == cancelled and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert engine.stats.requests_cancelled == cancelled + 1
-    assert engine.stats.generated_tokens - generated < 120  # it did not run to max_tokens
-    # a whole (non-streamed) request whose client gives up is dropped too
-    with pytest.raises(httpx.TimeoutException):
-        httpx.post(base + "/v1/completions", json={"prompt": "The", "max_tokens": 120, "temperature": 0.0}, timeout=0.05)
-    deadline = time.monotonic() + 10
-    while engine.stats.requests_cancelled == cancelled + 1 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert engine.stats.requests_cancelled == cancelled + 2
+@pytest.fixture(scope="module")
+def long_ckpt(tmp_path_factory) -> Path:
+    """The tiny two-tier model with a 4,096-token context: a request long enough (a second or
+    more) that a client leaving early is certain to leave while it is generating."""
+    from lite_llm import build_model
+    from lite_llm.checkpoint import save_checkpoint
+    from lite_llm.data import ByteTokenizer
+
+    from .conftest import tiny_two_tier
+
+    model = build_model(tiny_two_tier(256, max_seq_len=4096), seed=7)
+    return save_checkpoint(tmp_path_factory.mktemp("serve") / "long", model, tokenizer=ByteTokenizer())
 
 
-def test_a_full_queue_answers_429_with_retry_after(chat_ckpt):
-    with serve_in_thread(chat_ckpt, max_batch=1, max_queue=1) as (base, engine):
-        hold, entered = threading.Event(), threading.Event()
+LONG = 4000  # tokens asked of the long model: far more than are made before a leaving client is noticed
 
-        def blocking_sink(event: Event) -> None:  # keeps the engine busy on the one batch row
-            entered.set()
-            hold.wait(30)
 
-        engine.submit(Job([1, 2, 3], SamplingParams(max_tokens=2, temperature=0.0), TierSet.all(), blocking_sink))
-        assert entered.wait(10)
-        queued: list[httpx.Response] = []
-        waiter = threading.Thread(target=lambda: queued.append(httpx.post(base + "/v1/completions", json={"prompt": "hi", "max_tokens": 3}, timeout=30)))
-        waiter.start()
+def test_a_client_that_leaves_stops_its_generation(long_ckpt):
+    with serve_in_thread(long_ckpt, max_batch=8, max_queue=16) as (base, engine):
+        generated = engine.stats.generated_tokens
+        with httpx.Client(timeout=30) as http:
+            with http.stream("POST", base + "/v1/completions", json={"prompt": "The", "max_tokens": LONG, "temperature": 0.0, "stream": True}) as response:
+                for i, _ in enumerate(response.iter_lines()):
+                    if i >= 4:
+                        break  # leave mid-stream: the connection closes
         deadline = time.monotonic() + 10
-        while engine.queue_depth < 1 and time.monotonic() < deadline:
+        while engine.stats.requests_cancelled == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.stats.requests_cancelled == 1
+        assert engine.stats.requests_finished == 0
+        assert engine.stats.generated_tokens - generated < LONG // 4  # it stopped long before max_tokens
+        # a whole (non-streamed) request whose client gives up is dropped too
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(base + "/v1/completions", json={"prompt": "The", "max_tokens": LONG, "temperature": 0.0}, timeout=0.05)
+        deadline = time.monotonic() + 10
+        while engine.stats.requests_cancelled == 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.stats.requests_cancelled == 2 and engine.stats.requests_finished == 0
+
+
+def test_a_full_queue_answers_429_with_retry_after(long_ckpt):
+    with serve_in_thread(long_ckpt, max_batch=1, max_queue=1) as (base, engine):
+        # the one batch row and the one queue place, taken by long requests submitted directly
+        jobs = [Job([1, 2, 3], SamplingParams(max_tokens=LONG, temperature=0.0), TierSet.all(), lambda event: None) for _ in range(2)]
+        for job in jobs:
+            engine.submit(job)
+        deadline = time.monotonic() + 10
+        while (engine.running, engine.queue_depth) != (1, 1) and time.monotonic() < deadline:
             time.sleep(0.01)
         refused = httpx.post(base + "/v1/completions", json={"prompt": "hi", "max_tokens": 3}, timeout=10)
         error = _error(refused, 429)
         assert refused.headers["Retry-After"] == "1" and error["code"] == "rate_limit_exceeded"
-        hold.set()
-        waiter.join(30)
-        assert queued and queued[0].status_code == 200  # the queued one was served
+        for job in jobs:
+            job.cancel()
+        served = httpx.post(base + "/v1/completions", json={"prompt": "hi", "max_tokens": 3}, timeout=30)
+        assert served.status_code == 200 and served.json()["usage"]["completion_tokens"] == 3  # room again: served
+        assert engine.stats.requests_cancelled == 2
 
 
 def test_sigterm_drains_the_stream_in_flight_then_exits_0(chat_ckpt, reference):

@@ -36,10 +36,8 @@ from ..data.tokenizer import render_chat
 from ..errors import LiteLLMError
 from .engine import EngineStoppedError, Engine, Event, Job, QueueFullError, SamplingParams
 from .metrics import RequestCounter, render_metrics
-from .protocol import (
-    APIError, ChatRequest, CompletionRequest, chat_body, chat_chunk, completion_body, completion_chunk, new_id, parse_request,
-    usage_chunk,
-)
+from .channel import EventChannel
+from .protocol import APIError, ChatRequest, CompletionRequest, StreamRenderer, chat_body, completion_body, new_id, parse_request
 from .selection import choose, load_profile, tierset_label
 
 TIER_SET_HEADER = "X-Lite-LLM-Tier-Set"  # on every answer: the TierSet that served it (chosen by budget or asked for)
@@ -152,11 +150,12 @@ def create_app(engine: Engine, *, model_name: str, checkpoint: Path | None = Non
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        engine.start()
+        driver = asyncio.create_task(engine.run(), name="lite-llm-engine")  # the engine runs on this loop
         try:
             yield
         finally:
-            await asyncio.to_thread(engine.stop)
+            engine.stop()  # drain: the driver ends once every admitted and waiting request is done
+            await driver
 
     app = FastAPI(title="Lite LLM", lifespan=lifespan)
     app.state.server = server
@@ -203,13 +202,8 @@ async def _generate(server: Server, http: Request, kind: type) -> Response:
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise APIError("the request body is not valid JSON") from None
     request = parse_request(kind, body)
-    loop = asyncio.get_running_loop()
-    events: asyncio.Queue[Event] = asyncio.Queue()
-
-    def sink(event: Event) -> None:  # called on the engine thread
-        loop.call_soon_threadsafe(events.put_nowait, event)
-
-    job, _ = server.job(request, sink)
+    events: EventChannel[Event] = EventChannel(asyncio.get_running_loop())
+    job, _ = server.job(request, events.put)  # the engine puts (on this loop), this handler takes
     try:
         server.engine.submit(job)
     except QueueFullError as exc:
@@ -224,66 +218,59 @@ async def _generate(server: Server, http: Request, kind: type) -> Response:
     served_by = {TIER_SET_HEADER: tierset_label(job.tierset.resolve(server.config), order) if order else "all"}
     if request.stream:
         with_usage = bool(request.stream_options and request.stream_options.include_usage)
-        return StreamingResponse(_sse(job, events, rid, name, kind is ChatRequest, with_usage), media_type="text/event-stream",
+        renderer = StreamRenderer(rid, name, chat=kind is ChatRequest, with_usage=with_usage)
+        return StreamingResponse(_sse(job, events, renderer), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **served_by})
     response = await _whole(http, job, events, rid, name, kind is ChatRequest)
     response.headers.update(served_by)
     return response
 
 
-async def _whole(http: Request, job: Job, events: asyncio.Queue, rid: str, name: str, chat: bool) -> Response:
+async def _whole(http: Request, job: Job, events: EventChannel[Event], rid: str, name: str, chat: bool) -> Response:
     """Wait for the whole text, watching for the client leaving meanwhile."""
     pieces: list[str] = []
     checked = time.monotonic()
     try:
         while True:
             try:
-                event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
+                arrived = await asyncio.wait_for(events.take(), DISCONNECT_POLL_S)
             except asyncio.TimeoutError:
-                event = None
-            if event is None or time.monotonic() - checked >= DISCONNECT_POLL_S:  # text may arrive faster than the poll
+                arrived = []
+            if not arrived or time.monotonic() - checked >= DISCONNECT_POLL_S:  # text may arrive faster than the poll
                 checked = time.monotonic()
                 if await http.is_disconnected():
                     job.cancel()
                     return Response(status_code=499)
-            if event is None:
-                continue
-            if event.kind == "text":
-                pieces.append(event.text)
-            elif event.kind == "error":
-                raise APIError(f"generation failed: {event.message}", status=500, type="server_error")
-            else:
-                build = chat_body if chat else completion_body
-                return JSONResponse(build(rid, name, "".join(pieces), event.finish_reason, event.prompt_tokens, event.completion_tokens))
+            for event in arrived:
+                if event.kind == "text":
+                    pieces.append(event.text)
+                elif event.kind == "error":
+                    raise APIError(f"generation failed: {event.message}", status=500, type="server_error")
+                else:
+                    build = chat_body if chat else completion_body
+                    return JSONResponse(build(rid, name, "".join(pieces), event.finish_reason, event.prompt_tokens, event.completion_tokens))
     finally:
         job.cancel()  # a no-op once the job is done; stops it when this handler is cancelled
 
 
-async def _sse(job: Job, events: asyncio.Queue, rid: str, name: str, chat: bool, with_usage: bool) -> AsyncIterator[str]:
+async def _sse(job: Job, events: EventChannel[Event], renderer: StreamRenderer) -> AsyncIterator[str]:
     """Server-sent events: one chunk per text piece, a final chunk with the finish reason, the
-    usage chunk when asked for, then ``data: [DONE]``."""
-    obj = "chat.completion.chunk" if chat else "text_completion"
+    usage chunk when asked for, then ``data: [DONE]``.  Whatever arrived while the last write was
+    going out is written together (still one event per piece)."""
     try:
-        if chat:
-            yield _data(chat_chunk(rid, name, {"role": "assistant", "content": ""}, None, with_usage))
+        opening = renderer.opening()
+        if opening:
+            yield opening
         while True:
-            event = await events.get()
-            if event.kind == "text":
-                chunk = chat_chunk(rid, name, {"content": event.text}, None, with_usage) if chat else completion_chunk(rid, name, event.text, None, with_usage)
-                yield _data(chunk)
-            elif event.kind == "error":
-                yield _data({"error": {"message": f"generation failed: {event.message}", "type": "server_error", "param": None, "code": None}})
-                break
-            else:
-                final = chat_chunk(rid, name, {}, event.finish_reason, with_usage) if chat else completion_chunk(rid, name, "", event.finish_reason, with_usage)
-                yield _data(final)
-                if with_usage:
-                    yield _data(usage_chunk(rid, name, obj, event.prompt_tokens, event.completion_tokens))
-                break
-        yield "data: [DONE]\n\n"
+            out: list[str] = []
+            for event in await events.take():
+                if event.kind == "text":
+                    out.append(renderer.text(event.text))
+                    continue
+                out.append(renderer.error(event.message) if event.kind == "error" else
+                           renderer.finish(event.finish_reason, event.prompt_tokens, event.completion_tokens))
+                yield "".join(out)
+                return
+            yield "".join(out)
     finally:
         job.cancel()  # the client left (CancelledError / GeneratorExit) or the stream ended: either way, no more tokens
-
-
-def _data(obj: dict) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"

@@ -1,8 +1,11 @@
-"""Continuous batching: one engine thread owns the model and a running batch of sequences.
+"""Continuous batching: one driver owns the model and a running batch of sequences.
 
-Why a thread: the model's forward holds the GIL only between kernels, so the asyncio server
-keeps accepting, parsing and streaming while the engine computes, and exactly one thread ever
-touches the model, its KV caches and (when in use) the expert store.
+Two drivers run the same scheduling iteration (:meth:`Engine._iterate`): a thread of its own
+(:meth:`Engine.start`, for library callers), or the server's event loop (:meth:`Engine.run`).
+The server uses the loop: on a small model the decode step is mostly Python, so a separate
+engine thread would take turns with the loop on the GIL and pay a cross-thread wake-up and a
+GIL handoff for every token it streams (BENCHMARKS.md, "Serving").  Either way exactly one
+thread at a time touches the model, its KV caches and (when in use) the expert store.
 
 The loop, at every token boundary: admit waiting requests while the batch has room (each is
 prefilled alone — the call ``generate_ids`` makes — and samples its first token), drop rows
@@ -13,11 +16,13 @@ request therefore gets bitwise the tokens ``generate_ids`` gives it alone, whate
 the batch (``batched.py`` says why the arithmetic allows it).
 
 Events go back through the request's ``sink`` (the server hands the engine a callable that
-posts to the request's asyncio queue), so the engine knows nothing about HTTP.
+puts them on the request's :class:`~.channel.EventChannel`), so the engine knows nothing about
+HTTP.  A sink must not block: on the loop it would stop the server.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import threading
 import time
@@ -78,7 +83,7 @@ class Job:
     sink: Callable[[Event], None]
     submitted: float = field(default_factory=time.perf_counter)
     cancelled: threading.Event = field(default_factory=threading.Event)
-    # row state, owned by the engine thread
+    # row state, owned by the engine's driver
     cache: Any = None
     generator: torch.Generator | None = None
     text: TextStream | None = None
@@ -99,8 +104,8 @@ TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 @dataclass
 class EngineStats:
-    """Counters the engine keeps (read by ``/metrics`` and the tests; written by the engine
-    thread only, so plain ints suffice)."""
+    """Counters the engine keeps (read by ``/metrics`` and the tests; written by the engine's
+    driver only, so plain ints suffice)."""
 
     requests_admitted: int = 0
     requests_finished: int = 0
@@ -136,7 +141,8 @@ class EngineStats:
 
 
 class Engine:
-    """The running batch.  ``submit`` from any thread; the engine thread does the rest."""
+    """The running batch.  ``submit`` from any thread; the driver (:meth:`start` or :meth:`run`)
+    does the rest."""
 
     def __init__(self, model: "LiteLLM", tokenizer: Any, *, max_batch: int = 8, max_queue: int = 64) -> None:
         if max_batch < 1 or max_queue < 0:
@@ -152,6 +158,7 @@ class Engine:
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._wake: Callable[[], None] | None = None  # set while :meth:`run` drives the engine
 
     # ------------------------------------------------------------------------ control
     def start(self) -> "Engine":
@@ -165,6 +172,8 @@ class Engine:
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
+            if self._wake is not None:
+                self._wake()
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -186,26 +195,72 @@ class Engine:
                 raise QueueFullError(f"the server is at capacity ({len(self._waiting)} requests waiting); retry shortly")
             self._waiting.append(job)
             self._cond.notify_all()
+            if self._wake is not None:
+                self._wake()
 
     # ------------------------------------------------------------------------ the loop
     def _loop(self) -> None:
-        with torch.no_grad():
+        """The engine thread: wait for work, then one scheduling iteration after another."""
+        while True:
+            with self._cond:
+                while not self._waiting and not self._running and not self._stopping:
+                    self._cond.wait()
+                if self._stopping and not self._waiting and not self._running:
+                    return
+            self._iterate()
+
+    async def run(self) -> None:
+        """Drive the engine on the running event loop instead of a thread, until :meth:`stop`
+        has been called and every request is done.
+
+        Why: on a small model the decode step is mostly Python, so an engine thread and the
+        server's event loop take turns on the GIL, and each token handed across threads costs a
+        wake-up of the loop and a GIL handoff back — measured at ~0.3 ms per 3.6 ms token.  On
+        the loop itself a token reaches its client's stream without leaving the thread; between
+        iterations the loop serves its sockets (at most one decode step, or one prefill, late).
+        """
+        loop = asyncio.get_running_loop()
+        work = asyncio.Event()
+
+        def wake() -> None:  # submit and stop may come from any thread
+            if _on_loop_thread(loop):
+                work.set()
+            else:
+                loop.call_soon_threadsafe(work.set)
+
+        with self._cond:
+            self._wake = wake
+        try:
             while True:
                 with self._cond:
-                    while not self._waiting and not self._running and not self._stopping:
-                        self._cond.wait()
-                    if self._stopping and not self._waiting and not self._running:
+                    idle = not self._waiting and not self._running
+                    if idle and self._stopping:
                         return
-                    admitted = []
-                    while self._waiting and len(self._running) < self.max_batch:
-                        admitted.append(self._waiting.popleft())
-                        self._running.append(admitted[-1])  # counted against capacity from now on
-                for job in admitted:
-                    self._admit(job)
-                self._running = [job for job in self._running if not job.finished and not self._drop_if_cancelled(job)]
-                if self._running:
-                    self._step(self._running)
-                    self._running = [job for job in self._running if not job.finished]
+                    if idle:
+                        work.clear()
+                if idle:
+                    await work.wait()
+                    continue
+                self._iterate()
+                await asyncio.sleep(0)  # let the loop write what this step produced and read new requests
+        finally:
+            with self._cond:
+                self._wake = None
+
+    def _iterate(self) -> None:
+        """One token boundary: admit what fits, drop the cancelled, one decode step for the rest."""
+        with self._cond:
+            admitted = []
+            while self._waiting and len(self._running) < self.max_batch:
+                admitted.append(self._waiting.popleft())
+                self._running.append(admitted[-1])  # counted against capacity from now on
+        with torch.no_grad():
+            for job in admitted:
+                self._admit(job)
+            self._running = [job for job in self._running if not job.finished and not self._drop_if_cancelled(job)]
+            if self._running:
+                self._step(self._running)
+                self._running = [job for job in self._running if not job.finished]
 
     def _admit(self, job: Job) -> None:
         if self._drop_if_cancelled(job):
@@ -296,3 +351,10 @@ class Engine:
     def _count_routes(self, routes: torch.Tensor) -> None:
         for name, n in zip(self.tier_names, routes.tolist()):
             self.stats.tier_routes[name] += int(n)
+
+
+def _on_loop_thread(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False

@@ -11,6 +11,7 @@ Unknown fields are ignored, as OpenAI's API ignores them.
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 import uuid
@@ -141,9 +142,9 @@ def completion_body(rid: str, model: str, text: str, finish_reason: str | None, 
     }
 
 
-def completion_chunk(rid: str, model: str, text: str, finish_reason: str | None, with_usage: bool) -> dict:
+def completion_chunk(rid: str, model: str, text: str, finish_reason: str | None, with_usage: bool, created: int) -> dict:
     chunk = {
-        "id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+        "id": rid, "object": "text_completion", "created": created, "model": model,
         "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
     }
     if with_usage:
@@ -159,9 +160,9 @@ def chat_body(rid: str, model: str, text: str, finish_reason: str | None, prompt
     }
 
 
-def chat_chunk(rid: str, model: str, delta: dict, finish_reason: str | None, with_usage: bool) -> dict:
+def chat_chunk(rid: str, model: str, delta: dict, finish_reason: str | None, with_usage: bool, created: int) -> dict:
     chunk = {
-        "id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+        "id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
         "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
     }
     if with_usage:
@@ -169,6 +170,55 @@ def chat_chunk(rid: str, model: str, delta: dict, finish_reason: str | None, wit
     return chunk
 
 
-def usage_chunk(rid: str, model: str, obj: str, prompt_tokens: int, completion_tokens: int) -> dict:
+def usage_chunk(rid: str, model: str, obj: str, prompt_tokens: int, completion_tokens: int, created: int) -> dict:
     """The last chunk of a stream with ``stream_options.include_usage``: no choices, the usage."""
-    return {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
+
+
+_TEXT_SLOT = "\u0000lite-llm-text\u0000"  # a string no JSON rendering of real text produces
+
+
+class StreamRenderer:
+    """One streamed response's server-sent events, as text ready to write.
+
+    Every chunk of a stream shares its id, ``created`` time and model, so a text chunk is
+    rendered once with a placeholder and each piece of text is spliced in (one ``json.dumps``
+    of a string per token rather than of a whole nested dict)."""
+
+    def __init__(self, rid: str, model: str, *, chat: bool, with_usage: bool) -> None:
+        self.rid, self.model, self.chat, self.with_usage = rid, model, chat, with_usage
+        self.created = int(time.time())
+        self.object = "chat.completion.chunk" if chat else "text_completion"
+        rendered = json.dumps(self._chunk(_TEXT_SLOT, None), ensure_ascii=False)
+        self._before, self._after = rendered.split(json.dumps(_TEXT_SLOT, ensure_ascii=False))
+
+    def _chunk(self, text: str, finish_reason: str | None, *, role: bool = False) -> dict:
+        if not self.chat:
+            return completion_chunk(self.rid, self.model, text, finish_reason, self.with_usage, self.created)
+        delta = {"role": "assistant", "content": text} if role else ({"content": text} if finish_reason is None else {})
+        return chat_chunk(self.rid, self.model, delta, finish_reason, self.with_usage, self.created)
+
+    def opening(self) -> str:
+        """Chat streams start with the assistant's role and empty content, as OpenAI's do."""
+        return sse(self._chunk("", None, role=True)) if self.chat else ""
+
+    def text(self, piece: str) -> str:
+        return f"data: {self._before}{json.dumps(piece, ensure_ascii=False)}{self._after}\n\n"
+
+    def finish(self, reason: str | None, prompt_tokens: int, completion_tokens: int) -> str:
+        """The chunk with the finish reason, the usage chunk when asked for, and ``[DONE]``."""
+        out = sse(self._chunk("", reason))
+        if self.with_usage:
+            out += sse(usage_chunk(self.rid, self.model, self.object, prompt_tokens, completion_tokens, self.created))
+        return out + SSE_DONE
+
+    def error(self, message: str) -> str:
+        return sse({"error": {"message": f"generation failed: {message}", "type": "server_error", "param": None, "code": None}}) + SSE_DONE
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def sse(obj: dict) -> str:
+    """One server-sent event carrying ``obj`` as JSON."""
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
