@@ -135,3 +135,33 @@ class CountingTensors(Mapping):
 
     def __len__(self):
         return len(self.tensors)
+
+
+def break_llama_pro(monkeypatch, *, scale: float = 1.01, on_produce=None) -> None:
+    """Register, for this test, a ``llama_pro`` still claimed exact whose grown ``embed.weight``
+    is scaled by ``scale`` (so the check must refuse it); ``on_produce(name)`` runs whenever a
+    grown tensor is produced (to see, or hold up, the writer)."""
+    import dataclasses
+    import functools
+
+    from lite_llm.grow import registry
+    from lite_llm.grow.tensors import LazyTensors
+
+    real = registry.get_op("llama_pro")
+
+    @functools.wraps(real.fn)
+    def broken(config, tensors, **params):
+        new_config, new_tensors = real.fn(config, tensors, **params)
+
+        def producer(name):
+            def produce():
+                if on_produce is not None:
+                    on_produce(name)
+                t = new_tensors[name]
+                return t * scale if name == "embed.weight" else t
+
+            return produce
+
+        return new_config, LazyTensors({name: producer(name) for name in new_tensors})
+
+    monkeypatch.setitem(registry._REGISTRY, "llama_pro", dataclasses.replace(real, fn=broken))

@@ -4,6 +4,8 @@ loads and verifies, validation, and clean refusals that leave nothing behind."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import pytest
 import torch
@@ -13,11 +15,12 @@ from lite_llm.checkpoint import load_checkpoint, save_checkpoint, verify_checkpo
 from lite_llm.cli import app
 from lite_llm.data import ByteTokenizer
 from lite_llm.errors import ConfigError
-from lite_llm.grow.expand import expand_checkpoint
+from lite_llm.grow import expand
+from lite_llm.grow.expand import GrowthError, expand_checkpoint
 from lite_llm.grow.recipe import GrowthStep, Recipe
 from lite_llm.grow.validate import validate_models
 
-from .helpers import dense_shapes, moe_shapes, random_model, sample_ids
+from .helpers import break_llama_pro, dense_shapes, moe_shapes, random_model, sample_ids
 
 runner = CliRunner()
 
@@ -102,6 +105,43 @@ def test_validate_flags_a_broken_growth(source, tmp_path):
     broken = random_model(model.config, seed=5)
     report = validate_models(model, broken, sample_ids(model.config), exact_expected=True)
     assert not report.preserved and not report.passed and report.max_abs > 1e-3
+
+
+def test_an_exact_step_that_changed_the_logits_is_refused_and_leaves_nothing(source, tmp_path, monkeypatch):
+    _, path = source
+    break_llama_pro(monkeypatch, scale=1.01)
+    with pytest.raises(GrowthError, match="meant to be exact but changed the logits by .* nothing was written"):
+        expand_checkpoint(path, tmp_path / "out", [GrowthStep("llama_pro", {"target_layers": 6})])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no output, no temporary folder
+
+
+def test_a_failed_check_stops_the_writer_beside_it(source, tmp_path, monkeypatch):
+    """The check runs beside the writer: once it has failed, the writer stops at its next
+    tensor instead of writing the rest for nothing."""
+    _, path = source
+    writing, failed = threading.Event(), threading.Event()
+    produced: list[str] = []
+
+    def refuse(*args, **kwargs):
+        writing.wait(10)  # fail once the writer is under way
+        try:
+            raise GrowthError("refused by the test")
+        finally:
+            failed.set()
+
+    def hold_the_first(name: str) -> None:
+        produced.append(name)
+        if len(produced) == 1:
+            writing.set()
+            failed.wait(10)
+            time.sleep(0.3)  # the check's future is marked failed just after the event
+
+    break_llama_pro(monkeypatch, scale=1.0, on_produce=hold_the_first)
+    monkeypatch.setattr(expand, "_check_step", refuse)
+    with pytest.raises(GrowthError, match="refused by the test"):
+        expand_checkpoint(path, tmp_path / "out", [GrowthStep("llama_pro", {"target_layers": 6})])
+    assert len(produced) == 1, produced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
 @pytest.mark.parametrize(

@@ -119,3 +119,15 @@ def test_bad_sources_and_outputs_are_one_sentence_and_leave_nothing(hf_llama, tm
     code, out = _expand(str(src), "--method", "llama_pro", "--target-layers", "6", "-o", str(tmp_path / "y"), "--format", "gguf")
     assert code == 1 and "format must be one of checkpoint, hf" in out and not (tmp_path / "y").exists()
     assert before == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in src.iterdir()}  # the source untouched
+
+
+def test_a_refused_check_leaves_no_folder(hf_llama, tmp_path, monkeypatch):
+    """The check runs beside the HF writer: a step claimed exact that changed the logits is
+    refused with its figures, and no folder (not even a temporary one) is left."""
+    from tests.grow.helpers import break_llama_pro
+
+    src, _ = hf_llama
+    break_llama_pro(monkeypatch, scale=1.01)
+    code, out = _expand(str(src), "--method", "llama_pro", "--target-layers", "6", "-o", str(tmp_path / "g"), "--format", "hf")
+    assert code == 1 and "meant to be exact but changed the logits by" in out and "Traceback" not in out, out
+    assert list(tmp_path.iterdir()) == []

@@ -136,7 +136,7 @@ def write_checkpoint(
     *,
     specs: Mapping[str, TensorSpec] | None = None,
     tokenizer: Any = None,
-    progressive: dict | None = None,
+    progressive: dict | Callable[[], dict] | None = None,
     training: TrainingState | None = None,
     extra_dirs: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
     max_shard_bytes: int = 2 * 1024**3,
@@ -150,6 +150,8 @@ def write_checkpoint(
     growth operations return): give ``specs`` (name -> dtype and shape, in writing order) and
     each tensor is produced, written, hashed and dropped one at a time, so a checkpoint larger
     than memory can be written.  ``tokenizer`` is an object with ``save(dir)``.
+    ``progressive`` may be a callable returning the record, called once the weights are
+    written (growth checks its result beside the writer, and the record holds the figures).
     ``before_commit`` runs once everything is written, before the swap into place; if it
     raises, nothing is left behind (growth verifies its source there, in parallel).
     ``model_version`` (major.minor.patch) is the model's version in the manifest: growth
@@ -160,7 +162,8 @@ def write_checkpoint(
         raise CheckpointError(f"max_shard_bytes must be positive, got {max_shard_bytes}; pass a size in bytes such as 2 * 1024**3")
     if parse_version(model_version) is None:
         raise CheckpointError(f"model_version must be a major.minor.patch version such as 1.1.0, got {model_version!r}")
-    progressive_bytes = _json_bytes(fill_progressive(progressive), "progressive")
+    if not callable(progressive):
+        progressive_bytes = _json_bytes(fill_progressive(progressive), "progressive")  # a bad record fails before any work
     training_meta = _json_bytes(training.meta, "training.meta") if training is not None else None
     extra_dirs = dict(extra_dirs or {})
     for name in extra_dirs:
@@ -179,6 +182,8 @@ def write_checkpoint(
     tmp.mkdir()
     try:
         shards = _write_shards(tmp, config, tensors, specs, max_shard_bytes)
+        if callable(progressive):
+            progressive_bytes = _json_bytes(fill_progressive(progressive()), "progressive")
         files = _write_files(tmp, tokenizer, progressive_bytes, training, training_meta, extra_dirs)
         manifest = _manifest_of(config, shards, files, model_version)
         atomic.write_bytes_durable(tmp / MANIFEST, _json_bytes(manifest, "manifest", allow_nan=False))

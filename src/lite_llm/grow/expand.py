@@ -4,10 +4,12 @@ The source is opened with :func:`open_checkpoint` (hash-verified, nothing loaded
 are chained as lazy tensor mappings, and the output is written with ``write_checkpoint`` one
 tensor at a time — so a growth needs memory for a few tensors, not two models.  Unless
 ``validate="never"``, every step is checked at every size by :func:`check_growth`, which
-streams both models block by block in float64 on 128 sample tokens; an exact step
-whose relative logit change exceeds its tolerance stops the growth before anything is
-written.  Each step appends a record (with the figures) to ``progressive.json``'s
-``expansions``.
+streams both models block by block in float64 on 128 sample tokens.  The check runs in a
+thread beside the writer (its float64 matmuls and reads release the GIL while the writer
+copies and fsyncs); an exact step whose relative logit change exceeds its tolerance stops the
+writer at its next tensor, and nothing is committed: the output is swapped into place only
+after every check passed.  Each step appends a record (with the figures) to
+``progressive.json``'s ``expansions``.
 
 Where the source comes from and what the result is written as are pluggable: ``open_source``
 opens something else that looks like a :class:`CheckpointTensors` (a Hugging Face folder, in
@@ -18,7 +20,8 @@ another format; by default both are the Lite LLM checkpoint.
 from __future__ import annotations
 
 import os
-from concurrent.futures import Future
+from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -58,7 +61,10 @@ class GrownModel:
     config: ModelConfig
     tensors: Tensors
     dtype: torch.dtype
-    progressive: dict[str, Any]
+    finish_progressive: Callable[[], dict[str, Any]]
+    """The grown model's ``progressive.json``, whose records carry the checks' figures: the
+    checks run beside the writer, so a writer calls this once the weights are out; it blocks
+    until the checks are done and raises what they raised (then nothing may be committed)."""
     chain: list[tuple[GrowthOp, dict[str, Any]]]
     model_version: str
 
@@ -148,24 +154,63 @@ def _expand(
     out = Path(output)
     config, tensors = src.config, src.tensors
     dtype = dtype or src.dtype
-    records, reports = [], []
     chain: list[tuple[GrowthOp, dict[str, Any]]] = []
+    planned: list[tuple[GrowthStep, GrowthOp, dict[str, Any], ModelConfig, Tensors, ModelConfig, Tensors]] = []
     do_validate = validate != "never"
     ids = check_sample([config], source_tokenizer(src), check_tokens) if do_validate or _measures_importance(steps) else None
     for step in steps:
         op = get_op(step.method)
         params = _resolve_params(step, config, tensors, ids)
         new_config, new_tensors = op(config, tensors, **params)
-        report = _check_step(step, op.exact(params), config, tensors, new_config, new_tensors, ids, tolerance) if do_validate else None
         chain.append((op, params))
-        records.append(_record(src, step.method, params, op.exact(params), config, new_config, report))
-        reports.append(report)
+        planned.append((step, op, params, config, tensors, new_config, new_tensors))
         config, tensors = new_config, new_tensors
 
-    progressive = with_record(src.progressive, *records)
-    grown = GrownModel(src, config, tensors, dtype, progressive, chain, _grown_version(src.manifest, steps))
-    path = write(out, grown, max_shard_bytes=max_shard_bytes, before_commit=verified.result if verified is not None else None)
+    def check_and_record() -> tuple[list[dict[str, Any]], list[ValidationReport | None]]:
+        records, reports = [], []
+        for step, op, params, before, before_tensors, after, after_tensors in planned:
+            exact = op.exact(params)
+            report = _check_step(step, exact, before, before_tensors, after, after_tensors, ids, tolerance) if do_validate else None
+            records.append(_record(src, step.method, params, exact, before, after, report))
+            reports.append(report)
+        return records, reports
+
+    # The check reads and computes (float64 matmuls, which release the GIL) while the writer
+    # copies and fsyncs: two cores busy instead of one after the other.  The writer stops at
+    # its next tensor once the check has failed, and never commits before it passed.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="check-growth") as pool:
+        checked = pool.submit(check_and_record)
+        grown = GrownModel(
+            src, config, _UntilFailed(tensors, checked), dtype, lambda: with_record(src.progressive, *checked.result()[0]),
+            chain, _grown_version(src.manifest, steps),
+        )
+        path = write(out, grown, max_shard_bytes=max_shard_bytes, before_commit=verified.result if verified is not None else None)
+    records, reports = checked.result()
     return ExpandResult(path, config, records, reports)
+
+
+class _UntilFailed(Mapping[str, torch.Tensor]):
+    """``tensors`` for the writer, raising the check's error instead of producing the next
+    tensor once the check beside the writer has failed (so a refused growth does not write on
+    for nothing).  Every name is a reference to the same name of ``tensors``, so a writer that
+    copies unchanged bytes (:func:`~.tensors.origin`) still finds where they lie."""
+
+    def __init__(self, tensors: Tensors, checked: Future) -> None:
+        self._tensors, self._checked = tensors, checked
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if self._checked.done() and self._checked.exception() is not None:
+            raise self._checked.exception()
+        return self._tensors[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def reference(self, name: str) -> tuple[Tensors, str]:
+        return self._tensors, name
 
 
 def write_grown_checkpoint(
@@ -173,8 +218,12 @@ def write_grown_checkpoint(
 ) -> Path:
     """The default writer: ``grown`` as a Lite LLM checkpoint, its EWC and SI importance carried along,
     its tokenizer ``tokenizer`` (default: a copy of the source checkpoint's)."""
-    progressive = dict(grown.progressive)
-    extra_dirs = _carried_ewc(grown.source, grown.chain, progressive)
+    carried = dict(grown.source.progressive)  # carried_ewc_dirs updates its ewc / si descriptions
+    extra_dirs = _carried_ewc(grown.source, grown.chain, carried)
+
+    def progressive() -> dict[str, Any]:
+        return {**grown.finish_progressive(), **{name: carried[name] for name in extra_dirs}}
+
     return write_checkpoint(
         out,
         grown.config,

@@ -9,10 +9,12 @@ Why it is built this way (DESIGN.md, "Exactness, measured"):
   so in float64 what remains is the rounding of the grown weights themselves.
 * **One block at a time.**  Materialising both models held two whole models (3.5 GiB and 9x
   the growth's time for SmolLM2 grown to 40 layers).  Here the sample's hidden states (128
-  tokens by default, a few MB) go through one block at a time: the block's tensors are looked up
-  in the lazy mapping, copied into reused float64 buffers (fresh 100 MB allocations cost more
-  in page faults than the copy), the states run through, the block is dropped.  Memory: one
-  block in float64, the states, and the embedding-sized tensors at the two ends.
+  tokens by default, a few MB) go through one block at a time.  Within a block each projection
+  gets its float64 weights only while it runs (:class:`_OnUse`): looked up in the lazy mapping,
+  copied into a reused float64 buffer (fresh 100 MB allocations cost more in page faults than
+  the copy), given back when it returns.  Memory: one matrix in float64 (and the pool's one
+  buffer per matrix size), a block's norms and routers, the states, and the embedding-sized
+  tensors at the two ends — small enough to run beside the writer (:mod:`.expand`).
 * **Shared blocks are computed once.**  A grown block whose tensors are bitwise those of the
   original's next block, fed bitwise the states the original feeds it, gives bitwise the
   original's output.  So depth growth costs the original's forward plus its new blocks.  A
@@ -27,7 +29,8 @@ Why it is built this way (DESIGN.md, "Exactness, measured"):
   most one head is in memory.
 * **Gradient flow where growth created something.**  The first and the last grown block that
   is not shared with the original (every growth builds its blocks alike, so not all of them)
-  run forward and backward on their first ``GRAD_TOKENS`` tokens under a fixed random
+  are loaded whole in float32 (whether a gradient is all zero is structure, which float32
+  answers as float64 does, at half the memory and twice the speed) and run forward and backward on their first ``GRAD_TOKENS`` tokens under a fixed random
   projection of the output (plus the routers' balance and z-losses).  A parameter with an
   all-zero gradient gets one plain SGD step of the whole block and a second chance (a
   LLaMA-Pro block's q/k/v sit behind its zeroed o_proj).  The embedding, final norm and head
@@ -44,6 +47,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..config import ModelConfig, TierSet
 from ..runtime.cpu_memory import release_freed_memory
@@ -52,6 +56,7 @@ from ..model.transformer import Block
 from .tensors import LazyTensors, Tensors, layer_names, layer_prefix, origin, stored_names
 
 FP64 = torch.float64
+GRAD_DTYPE = torch.float32  # of the gradient-flow check (see grad_block)
 GRAD_TOKENS = 8  # tokens of the gradient-flow check (whether a gradient exists needs few)
 SGD_LR = 1e-2
 HEAD_SLICE_BYTES = 8 * 1024**2  # float64 bytes of one slice of the head's rows
@@ -76,20 +81,54 @@ class Comparison:
 
 
 class _Buffers:
-    """float64 buffers reused from block to block (a model's blocks share their shapes)."""
+    """float64 buffers reused from matrix to matrix, pooled by size (a model's blocks share
+    their shapes, and fresh 100 MB allocations cost more in page faults than the copy)."""
 
     def __init__(self, device: torch.device) -> None:
-        self._free: dict[tuple[int, ...], list[torch.Tensor]] = {}
+        self._free: dict[int, list[torch.Tensor]] = {}
         self.device = device
 
     def take(self, t: torch.Tensor) -> torch.Tensor:
-        pool = self._free.get(tuple(t.shape))
-        out = pool.pop() if pool else torch.empty(t.shape, dtype=FP64, device=self.device)
+        pool = self._free.get(t.numel())
+        out = pool.pop().view(t.shape) if pool else torch.empty(t.shape, dtype=FP64, device=self.device)
         return out.copy_(t)
 
     def give(self, tensors) -> None:
         for t in tensors:
-            self._free.setdefault(tuple(t.shape), []).append(t.detach())
+            self._free.setdefault(t.numel(), []).append(t.detach().reshape(-1))
+
+    def clear(self) -> None:
+        """Drop the pooled buffers (before something else needs the memory more)."""
+        self._free.clear()
+
+
+class _OnUse:
+    """Forward hooks that give an ``nn.Linear`` its float64 weights only while it runs.
+
+    A block's matrices are most of its bytes; held all at once in float64 a 45M-parameter
+    block is 361 MB.  Filled from the lazy mapping the moment each projection runs and given
+    back to the pool when it returns, the block's resident float64 is one matrix and the pool
+    one buffer per matrix size — so the check can run beside the writer within the memory
+    the growth promises.  Forward without autograd only (the gradient check loads its block
+    whole)."""
+
+    def __init__(self, module: nn.Linear, names: dict[str, str], model: "_Model", buffers: _Buffers) -> None:
+        self.module, self.names, self.model, self.buffers = module, names, model, buffers
+        self.handles = [module.register_forward_pre_hook(self.fill), module.register_forward_hook(self.empty)]
+
+    def fill(self, module: nn.Module, args) -> None:
+        for attr, name in self.names.items():
+            module._parameters[attr] = nn.Parameter(self.buffers.take(self.model.tensors[name]), requires_grad=False)
+
+    def empty(self, module: nn.Module, args, output) -> None:
+        for attr in self.names:
+            weight = module._parameters[attr]
+            self.buffers.give([weight])
+            module._parameters[attr] = nn.Parameter(torch.empty(weight.shape, device="meta"), requires_grad=False)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
 def _block_key(config: ModelConfig, layer: int) -> tuple:
@@ -154,45 +193,81 @@ class _Model:
     def head(self) -> torch.Tensor:
         return self.tensors["embed.weight" if self.config.tie_embeddings else "lm_head.weight"]
 
-    def block(self, layer: int, buffers: _Buffers) -> tuple[Block, dict[str, torch.Tensor]]:
-        """Block ``layer`` in float64 buffers, read from the mapping one tensor at a time (never
-        the whole block in its stored dtype beside it)."""
+    def _new_block(self, layer: int) -> Block:
         if self.config.is_moe_layer(layer):
             # The router computes its routing tables (buffers no checkpoint holds) when built,
             # which the meta device cannot do; the expert banks start as (lazily paged) zeros.
-            block = Block(self.config, layer)
-        else:
-            with torch.device("meta"):  # no allocation and no random initialisation
-                block = Block(self.config, layer)
-        prefix = layer_prefix(layer)
-        state = {name: buffers.take(self.tensors[prefix + name]) for name in layer_names(self.names, layer)}
+            return Block(self.config, layer)
+        with torch.device("meta"):  # no allocation and no random initialisation
+            return Block(self.config, layer)
+
+    def _load(self, block: Block, state: dict[str, torch.Tensor], layer: int, streamed: frozenset[str] = frozenset()) -> None:
+        """Assign ``state`` to ``block``: every tensor the block has, except the ``streamed``
+        ones, must be there, and nothing else."""
         try:
-            block.load_state_dict(state, strict=True, assign=True)
+            result = block.load_state_dict(state, strict=False, assign=True)
         except RuntimeError as exc:
             raise ValueError(f"layer {layer}'s tensors do not fit the config ({' '.join(str(exc).split())[:200]})") from None
-        if self.device.type != "cpu":
-            block.to(self.device)  # what no checkpoint holds (the router's tables); the rest is there
+        missing = sorted(set(result.missing_keys) - streamed)
+        if missing or result.unexpected_keys:
+            odd = missing[0] if missing else result.unexpected_keys[0]
+            raise ValueError(f"layer {layer}'s tensors do not fit the config ({layer_prefix(layer)}{odd} is {'missing' if missing else 'extra'})")
+        for module in block.modules():  # what no checkpoint holds (the router's tables) to the device; the rest is there
+            for name, buffer in module._buffers.items():
+                if buffer is not None and not buffer.is_meta and buffer.device != self.device:
+                    module._buffers[name] = buffer.to(self.device)
+
+    def streamed_block(self, layer: int, buffers: _Buffers) -> tuple[Block, dict[str, torch.Tensor], list[_OnUse]]:
+        """Block ``layer`` for a forward without autograd: its projections get their float64
+        weights as they run (:class:`_OnUse`); the rest (norms, routers, expert banks) is read
+        into float64 buffers now, one tensor at a time."""
+        block = self._new_block(layer)
+        prefix = layer_prefix(layer)
+        names = layer_names(self.names, layer)
+        on_use, streamed = [], set()
+        for path, module in block.named_modules():
+            if isinstance(module, nn.Linear):
+                owned = {attr: prefix + f"{path}.{attr}" for attr, _ in module.named_parameters(recurse=False)}
+                if all(n[len(prefix):] in names for n in owned.values()):
+                    on_use.append(_OnUse(module, owned, self, buffers))
+                    streamed.update(n[len(prefix):] for n in owned.values())
+        state = {name: buffers.take(self.tensors[prefix + name]) for name in names if name not in streamed}
+        self._load(block, state, layer, frozenset(streamed))
+        return block.eval(), state, on_use
+
+    def grad_block(self, layer: int) -> Block:
+        """Block ``layer`` whole, in float32, its parameters requiring gradients (for
+        :func:`_dead_parameters`: whether a gradient is all zero is a question of structure,
+        which float32 answers as float64 does, at half the memory)."""
+        block = self._new_block(layer)
+        prefix = layer_prefix(layer)
+        state = {name: self.tensors[prefix + name].to(self.device, GRAD_DTYPE, copy=True) for name in layer_names(self.names, layer)}
+        self._load(block, state, layer)  # copies: the SGD steps change them
         for p in block.parameters():
             p.requires_grad_(True)
-        return block.eval(), state
+        return block.float()
 
     def run(self, layer: int, x: torch.Tensor, buffers: _Buffers, check_gradients: bool) -> tuple[torch.Tensor, list[str], list[str], int]:
         """Block ``layer``'s output on ``x``, (when asked) its parameters and the dead ones,
         and its parameter count (stored router biases are buffers, not parameters)."""
-        block, state = self.block(layer, buffers)
+        block, state, on_use = self.streamed_block(layer, buffers)
         count = sum(p.numel() for p in block.parameters())
         try:
             with torch.no_grad():
                 y, _ = block(x, self.cos, self.sin, self.allowed, None, None)
-            names, dead = [], []
-            if check_gradients:
-                prefix = layer_prefix(layer)
-                names = [prefix + n for n, _ in block.named_parameters()]
-                dead = [prefix + n for n in _dead_parameters(block, x, self, layer)]
-            return y, names, dead, count
         finally:
+            for hooks in on_use:
+                hooks.remove()
             del block
             buffers.give(state.values())
+        names, dead = [], []
+        if check_gradients:
+            buffers.clear()  # the whole float32 block needs the memory more than the pool does (twice a check)
+            prefix = layer_prefix(layer)
+            grad_block = self.grad_block(layer)
+            names = [prefix + n for n, _ in grad_block.named_parameters()]
+            dead = [prefix + n for n in _dead_parameters(grad_block, x, self, layer)]
+        return y, names, dead, count
 
 
 def _dead_parameters(block: Block, x: torch.Tensor, model: _Model, layer: int) -> list[str]:
@@ -208,9 +283,9 @@ def _dead_parameters(block: Block, x: torch.Tensor, model: _Model, layer: int) -
     after the SGD step of all of them, so a parameter behind a zero-initialised writer (a
     LLaMA-Pro block's q/k/v behind its zeroed o_proj) sees that writer moved."""
     n = min(GRAD_TOKENS, x.shape[1])
-    x = x[:1, :n].detach()
-    cos, sin = model.cos[:n], model.sin[:n]
-    direction = torch.randn(x.shape, generator=torch.Generator().manual_seed(layer), dtype=FP64).to(x.device)
+    x = x[:1, :n].detach().to(GRAD_DTYPE)
+    cos, sin = model.cos[:n].to(GRAD_DTYPE), model.sin[:n].to(GRAD_DTYPE)
+    direction = torch.randn(x.shape, generator=torch.Generator().manual_seed(layer), dtype=FP64).to(x.device, GRAD_DTYPE)
     params = dict(block.named_parameters())
     moved: set[str] = set()
 

@@ -227,7 +227,6 @@ def write_grown_hf(out: Path, grown: GrownModel, *, max_shard_bytes: int, before
     for name, what in (("ewc", "EWC estimate"), ("si", "SI importance")):
         if name in extras:
             warnings.warn(f"the {what} of {grown.source.path} is not carried into the Hugging Face folder {out}, which has no place for it", stacklevel=3)
-    progressive = {**grown.progressive, MODEL_VERSION_KEY: grown.model_version}
 
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic.recover(out, HF_CONFIG_FILE)
@@ -235,6 +234,7 @@ def write_grown_hf(out: Path, grown: GrownModel, *, max_shard_bytes: int, before
     tmp.mkdir()
     try:
         write_weights(tmp, specs, raw, lambda name: producers[name](), max_shard_bytes)
+        progressive = {**grown.finish_progressive(), MODEL_VERSION_KEY: grown.model_version}  # waits for the checks
         _write_json(tmp / HF_CONFIG_FILE, hf_config)
         for name, data in side_files.items():
             (tmp / name).write_bytes(data)
