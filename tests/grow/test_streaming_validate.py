@@ -73,6 +73,9 @@ def test_streamed_check_equals_a_whole_model_float64_forward(shape, method):
         # Every original dense block is computed once for both; a MoE block only at its own
         # index (routing breaks ties by the layer index), so only those before the first new one.
         assert report.shared_blocks == config.n_layers if not config.is_moe else 1 <= report.shared_blocks <= config.n_layers
+        assert report.silent_blocks == 2  # the new blocks' zeroed writers are read, their forward skipped
+    else:
+        assert report.silent_blocks == 0
 
 
 def test_relative_tolerance_follows_the_logits_scale():
@@ -89,6 +92,20 @@ def test_relative_tolerance_follows_the_logits_scale():
         assert strict.max_abs == pytest.approx(strict.max_rel * strict.logits_scale, rel=1e-12)
         assert not strict.preserved and not strict.passed and loose.preserved and loose.passed
     assert DEFAULT_TOLERANCE == 1e-5
+
+
+def test_a_silent_block_must_be_finite_to_be_passed_over():
+    """A new block whose writers are zero is passed over only when all of it is finite: a NaN
+    behind the zeroed o_proj makes 0 * NaN = NaN in a real forward, and the check must see it."""
+    config = dense_shapes()["gqa2-untied"]
+    state = stored_state(random_model(config))
+    new_config, tensors = get_op("llama_pro")(config, state, positions=[0])
+    tensors = dict(tensors)
+    q = tensors["layers.1.attn.q_proj.weight"].clone()
+    q[0, 0] = float("nan")
+    tensors["layers.1.attn.q_proj.weight"] = q
+    report = check_growth(config, state, new_config, tensors, check_sample([config]), exact_expected=True, check_gradients=False)
+    assert report.silent_blocks == 0 and not report.preserved and not report.passed
 
 
 def test_gradient_check_finds_a_dead_new_block():

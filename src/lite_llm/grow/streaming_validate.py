@@ -21,6 +21,9 @@ Why it is built this way (DESIGN.md, "Exactness, measured"):
   tensor the growth passes on unchanged (:func:`~lite_llm.grow.tensors.origin`) is known to be
   the same without reading it twice; a growth's block that is not all passed on is computed
   as new; blocks of two checkpoints on disk are compared bitwise, one tensor pair at a time.
+  A new block whose residual writers (``o_proj``, ``down_proj``) are all zeros, a LLaMA-Pro
+  block as it is born, adds exactly zero on finite inputs: it is read and passed over
+  (:meth:`_Model.writes_nothing`), not computed.
 * **The head in slices.**  The final norm and the head are applied one slice of the
   vocabulary at a time, and the next-token losses come from the same slices (a running
   log-sum-exp).  When the grown head is the original's passed on unchanged, both models' states
@@ -43,6 +46,7 @@ Why it is built this way (DESIGN.md, "Exactness, measured"):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -78,6 +82,7 @@ class Comparison:
     new_params: list[str] = field(default_factory=list)  # grown parameters gradient-checked (first and last unshared block)
     dead_params: list[str] = field(default_factory=list)  # of those, the ones still without gradient
     shared_blocks: int = 0  # grown blocks computed once for both models
+    silent_blocks: int = 0  # grown blocks proven to add nothing to the residual stream, not computed
 
 
 class _Buffers:
@@ -247,9 +252,9 @@ class _Model:
             p.requires_grad_(True)
         return block.float()
 
-    def run(self, layer: int, x: torch.Tensor, buffers: _Buffers, check_gradients: bool) -> tuple[torch.Tensor, list[str], list[str], int]:
-        """Block ``layer``'s output on ``x``, (when asked) its parameters and the dead ones,
-        and its parameter count (stored router biases are buffers, not parameters)."""
+    def run(self, layer: int, x: torch.Tensor, buffers: _Buffers) -> tuple[torch.Tensor, int]:
+        """Block ``layer``'s output on ``x`` and its parameter count (stored router biases
+        are buffers, not parameters)."""
         block, state, on_use = self.streamed_block(layer, buffers)
         count = sum(p.numel() for p in block.parameters())
         try:
@@ -260,14 +265,35 @@ class _Model:
                 hooks.remove()
             del block
             buffers.give(state.values())
-        names, dead = [], []
-        if check_gradients:
-            buffers.clear()  # the whole float32 block needs the memory more than the pool does (twice a check)
-            prefix = layer_prefix(layer)
-            grad_block = self.grad_block(layer)
-            names = [prefix + n for n, _ in grad_block.named_parameters()]
-            dead = [prefix + n for n in _dead_parameters(grad_block, x, self, layer)]
-        return y, names, dead, count
+        return y, count
+
+    def writes_nothing(self, layer: int, x: torch.Tensor) -> int | None:
+        """Block ``layer``'s parameter count when it provably adds exactly zero to the residual
+        stream on ``x`` (so its output is ``x``, bitwise), else None.
+
+        The block computes ``h = x + o_proj(attn)`` and ``h + down_proj(ffn)`` (an MoE's
+        output is a weighted sum of its experts' ``down_proj`` products).  When every one of
+        those writers is all zeros and every other tensor of the block and ``x`` are finite,
+        each product is a sum of ``0 * finite`` terms, exactly zero, and ``x + 0 = x`` (a
+        LLaMA-Pro block is born so).  Reading the block is cheap; its float64 forward is not."""
+        names = layer_names(self.names, layer)
+        writers = [n for n in names if n in ("attn.o_proj.weight", "ffn.down_proj.weight") or (n.startswith("ffn.experts.") and n.endswith(".down_proj"))]
+        expected = 1 + (len(self.config.tiers) if self.config.is_moe_layer(layer) else 1)
+        if len(writers) != expected or not bool(torch.isfinite(x).all()):
+            return None
+        prefix = layer_prefix(layer)
+        if any(bool(self.tensors[prefix + n].any()) for n in writers):
+            return None
+        if not all(bool(torch.isfinite(self.tensors[prefix + n]).all()) for n in names if n not in writers):
+            return None
+        return sum(p.numel() for p in self._new_block(layer).parameters())
+
+    def gradient_check(self, layer: int, x: torch.Tensor, buffers: _Buffers) -> tuple[list[str], list[str]]:
+        """Block ``layer``'s parameters, and those of them no gradient reaches from ``x``."""
+        buffers.clear()  # the whole float32 block needs the memory more than the pool does (twice a check)
+        prefix = layer_prefix(layer)
+        block = self.grad_block(layer)
+        return [prefix + n for n, _ in block.named_parameters()], [prefix + n for n in _dead_parameters(block, x, self, layer)]
 
 
 def _dead_parameters(block: Block, x: torch.Tensor, model: _Model, layer: int) -> list[str]:
@@ -350,16 +376,22 @@ class _HeadStats:
         self.target[side][inside] = z[inside].gather(1, (self.labels[inside] - start)[:, None]).squeeze(1)
 
     def compare(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        self.scale = max(self.scale, float(a.abs().max()))
+        self.scale = _nan_max(self.scale, float(a.abs().max()))
         if a is not b:
             diff = a - b
-            self.max_abs = max(self.max_abs, float(diff.abs().max()))
+            self.max_abs = _nan_max(self.max_abs, float(diff.abs().max()))
             self.sse += float(diff.square().sum())
         self.count += a.numel()
 
     def loss(self, side: int) -> float:
         valid = self.labels >= 0
         return float((self.lse[side] - self.target[side])[valid].mean())
+
+
+def _nan_max(current: float, new: float) -> float:
+    """``max`` that keeps a NaN (Python's drops it: ``max(0.0, nan)`` is 0.0), so a NaN logit
+    is a difference no tolerance accepts."""
+    return new if math.isnan(new) or new > current else current
 
 
 def _next_token_labels(ids: torch.Tensor) -> torch.Tensor:
@@ -451,35 +483,39 @@ def compare_streamed(
         xb, count = _embed(b, ids)
         b.params += count
         xb = xa if _equal(xa, xb) else xb
-    i, shared = 0, 0
+    i, shared, silent = 0, 0, 0
     new: list[str] = []
     dead: list[str] = []
-    last: tuple[int, torch.Tensor] | None = None  # the latest unshared block not yet gradient-checked, and its input
+    first = last = None  # the first and the latest grown block not shared with the original, and their inputs
     for j in range(config_b.n_layers):
         if i < config_a.n_layers and _equal(xa, xb) and _block_key(config_a, i) == _block_key(config_b, j):
             same = _layer_of_one_origin(tensors_a, i, tensors_b, j)
             if not same and not isinstance(tensors_b, LazyTensors):
                 same = _same_layer(tensors_a, i, tensors_b, j)  # from disk: compare bitwise
             if same:
-                xa, _, _, count = b.run(j, xb, buffers, check_gradients=False)
+                xa, count = b.run(j, xb, buffers)
                 xb = xa
                 a.params, b.params = a.params + count, b.params + count
                 i, shared = i + 1, shared + 1
                 continue
-        first = check_gradients and not new
-        xb_new, names, silent, count = b.run(j, xb, buffers, first)
-        if check_gradients and not first:
+        if first is None:
+            first = (j, xb)
+        else:
             last = (j, xb)
+        count = b.writes_nothing(j, xb)
+        if count is not None:
+            silent += 1
+        else:
+            xb_new, count = b.run(j, xb, buffers)
+            xb = xa if _equal(xb_new, xa) else xb_new
         b.params += count
-        xb = xa if _equal(xb_new, xa) else xb_new
-        new += names
-        dead += silent
-    if last is not None:  # the last unshared block too (the first was checked on the way)
-        _, names, silent, _ = b.run(last[0], last[1], buffers, True)
-        new += names
-        dead += silent
+    if check_gradients:  # the first and the last unshared block (every growth builds its blocks alike)
+        for j, x in (block for block in (first, last) if block is not None):
+            names, silent_names = b.gradient_check(j, x, buffers)
+            new += names
+            dead += silent_names
     for k in range(i, config_a.n_layers):
-        xa, _, _, count = a.run(k, xa, buffers, check_gradients=False)
+        xa, count = a.run(k, xa, buffers)
         a.params += count
     del buffers
     release_freed_memory()
@@ -497,4 +533,5 @@ def compare_streamed(
         new_params=new,
         dead_params=dead,
         shared_blocks=shared,
+        silent_blocks=silent,
     )

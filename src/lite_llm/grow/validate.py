@@ -80,6 +80,7 @@ class ValidationReport:
     tolerance: float = DEFAULT_TOLERANCE
     tokens: int = 0
     shared_blocks: int = 0
+    silent_blocks: int = 0  # grown blocks proven (all-zero writers) to pass their input on, not computed
 
     @property
     def loss_jump(self) -> float:
@@ -155,6 +156,7 @@ def check_growth(
         tolerance=tolerance,
         tokens=c.tokens,
         shared_blocks=c.shared_blocks,
+        silent_blocks=c.silent_blocks,
     )
 
 
