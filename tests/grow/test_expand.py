@@ -144,6 +144,32 @@ def test_a_failed_check_stops_the_writer_beside_it(source, tmp_path, monkeypatch
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
+def test_a_writer_that_fails_at_the_embedding_does_not_hang_the_check(source, tmp_path, monkeypatch):
+    """The writer holds the turn at the embedding-sized tensors while it writes one; if it fails
+    there, the check beside it (waiting for its turn) must still finish."""
+    _, path = source
+
+    def fail_in_the_writer(name: str) -> None:
+        if name == "embed.weight" and not threading.current_thread().name.startswith("check-growth"):
+            raise OSError("the disk went away (test)")
+
+    break_llama_pro(monkeypatch, scale=1.0, on_produce=fail_in_the_writer)
+    outcome: list[BaseException] = []
+
+    def grow() -> None:
+        try:
+            expand_checkpoint(path, tmp_path / "out", [GrowthStep("llama_pro", {"target_layers": 6})])
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            outcome.append(exc)
+
+    worker = threading.Thread(target=grow, daemon=True)
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive(), "the growth hung"
+    assert len(outcome) == 1 and "the disk went away" in str(outcome[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -138,6 +138,31 @@ def test_streamed_check_never_builds_a_model_and_reads_shared_blocks_once(monkey
     assert reads["embed.weight"] == 1 and reads["lm_head.weight"] == 1
 
 
+@pytest.mark.parametrize("shape, method", [("gqa3-tied", "llama_pro"), ("gqa2-untied", "llama_pro"), ("gqa2-untied", "width")])
+def test_a_checkpoint_on_disk_gives_the_same_figures_reading_only_rows_of_its_ends(shape, method, tmp_path, monkeypatch):
+    """From a checkpoint on disk the check reads only the sample's embedding rows and the head
+    slice by slice (never the whole tables), and its figures equal those of the same tensors
+    held in memory."""
+    from lite_llm.checkpoint.lazy import open_checkpoint
+    from lite_llm.checkpoint.stream import SafetensorsReader
+
+    config = dense_shapes()[shape]
+    model = random_model(config)
+    params = GROWTHS[method](config)
+    state = stored_state(model)
+    in_memory = check_growth(config, state, *get_op(method)(config, state, **params), check_sample([config]), exact_expected=True)
+    stored = open_checkpoint(save_checkpoint(tmp_path / "src", model, tokenizer=ByteTokenizer()), verify=False).tensors
+    read: list[str] = []
+    real_get = SafetensorsReader.get
+    monkeypatch.setattr(SafetensorsReader, "get", lambda self, name: read.append(name) or real_get(self, name))
+    from_disk = check_growth(config, stored, *get_op(method)(config, stored, **params), check_sample([config]), exact_expected=True)
+    assert from_disk.to_dict() == in_memory.to_dict()
+    whole = Counter(name for name in read if name in ("embed.weight", "lm_head.weight"))
+    # llama_pro passes both ends on: only rows are read.  width computes the grown ends from the
+    # whole source tensors (once each); the original's ends are still read by rows.
+    assert whole == (Counter() if method == "llama_pro" else Counter({"embed.weight": 1, "lm_head.weight": 1}))
+
+
 @pytest.fixture
 def source(tmp_path):
     model = random_model(dense_shapes()["gqa3-tied"])

@@ -20,6 +20,7 @@ another format; by default both are the Lite LLM checkpoint.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -166,27 +167,62 @@ def _expand(
         planned.append((step, op, params, config, tensors, new_config, new_tensors))
         config, tensors = new_config, new_tensors
 
+    turns = _Turns()
+
     def check_and_record() -> tuple[list[dict[str, Any]], list[ValidationReport | None]]:
         records, reports = [], []
         for step, op, params, before, before_tensors, after, after_tensors in planned:
             exact = op.exact(params)
-            report = _check_step(step, exact, before, before_tensors, after, after_tensors, ids, tolerance) if do_validate else None
+            report = _check_step(step, exact, before, before_tensors, after, after_tensors, ids, tolerance, turns.lock) if do_validate else None
             records.append(_record(src, step.method, params, exact, before, after, report))
             reports.append(report)
         return records, reports
 
+    def finish_progressive() -> dict[str, Any]:
+        turns.writer_done()
+        return with_record(src.progressive, *checked.result()[0])
+
     # The check reads and computes (float64 matmuls, which release the GIL) while the writer
     # copies and fsyncs: two cores busy instead of one after the other.  The writer stops at
-    # its next tensor once the check has failed, and never commits before it passed.
+    # its next tensor once the check has failed, and never commits before it passed; the two
+    # take turns at holding large tensors (:class:`_Turns`).
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="check-growth") as pool:
         checked = pool.submit(check_and_record)
-        grown = GrownModel(
-            src, config, _UntilFailed(tensors, checked), dtype, lambda: with_record(src.progressive, *checked.result()[0]),
-            chain, _grown_version(src.manifest, steps),
-        )
-        path = write(out, grown, max_shard_bytes=max_shard_bytes, before_commit=verified.result if verified is not None else None)
+        grown = GrownModel(src, config, _UntilFailed(tensors, checked, turns), dtype, finish_progressive, chain, _grown_version(src.manifest, steps))
+        try:
+            path = write(out, grown, max_shard_bytes=max_shard_bytes, before_commit=verified.result if verified is not None else None)
+        finally:
+            turns.writer_done()  # a writer that failed must not keep the check waiting
     records, reports = checked.result()
     return ExpandResult(path, config, records, reports)
+
+
+class _Turns:
+    """Turns at holding large tensors, between the writer and the check beside it.
+
+    Each side's peak is one large thing at a time: the writer's the embedding-sized tensor it
+    writes, the check's the table it embeds from, a gradient-checked block in float32, or the
+    head it applies.  Both at once would add them up, which for a small model is most of the
+    peak (SmolLM2's tied 113 MB embedding against a 0.68 GB output).  The check holds ``lock``
+    around those phases; the writer takes it when it asks for one of ``NAMES`` and gives it
+    back when it asks for the next tensor (it has written the last one) or is done."""
+
+    NAMES = frozenset({"embed.weight", "lm_head.weight"})
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self._writer_holds = False
+
+    def writer_takes(self, name: str) -> None:
+        self.writer_done()
+        if name in self.NAMES:
+            self.lock.acquire()
+            self._writer_holds = True
+
+    def writer_done(self) -> None:
+        if self._writer_holds:
+            self._writer_holds = False
+            self.lock.release()
 
 
 class _UntilFailed(Mapping[str, torch.Tensor]):
@@ -195,12 +231,13 @@ class _UntilFailed(Mapping[str, torch.Tensor]):
     for nothing).  Every name is a reference to the same name of ``tensors``, so a writer that
     copies unchanged bytes (:func:`~.tensors.origin`) still finds where they lie."""
 
-    def __init__(self, tensors: Tensors, checked: Future) -> None:
-        self._tensors, self._checked = tensors, checked
+    def __init__(self, tensors: Tensors, checked: Future, turns: _Turns) -> None:
+        self._tensors, self._checked, self._turns = tensors, checked, turns
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if self._checked.done() and self._checked.exception() is not None:
             raise self._checked.exception()
+        self._turns.writer_takes(name)
         return self._tensors[name]
 
     def __iter__(self) -> Iterator[str]:
@@ -288,11 +325,19 @@ def _measures_importance(steps: Sequence[GrowthStep]) -> bool:
 
 
 def _check_step(
-    step: GrowthStep, exact: bool, before: ModelConfig, tensors: Tensors, after: ModelConfig, grown: Tensors, ids: torch.Tensor, tolerance: float
+    step: GrowthStep,
+    exact: bool,
+    before: ModelConfig,
+    tensors: Tensors,
+    after: ModelConfig,
+    grown: Tensors,
+    ids: torch.Tensor,
+    tolerance: float,
+    turns: threading.Lock | None = None,
 ) -> ValidationReport:
     """The streamed check of one step; an exact step that changed the logits is refused."""
     tolerance = step.tolerance if step.tolerance is not None else tolerance
-    report = check_growth(before, tensors, after, grown, ids, exact_expected=exact, tolerance=tolerance)
+    report = check_growth(before, tensors, after, grown, ids, exact_expected=exact, tolerance=tolerance, turns=turns)
     if exact and not report.preserved:
         raise GrowthError(
             f"{step.describe()} is meant to be exact but changed the logits by {report.max_rel:.3g} of their scale "

@@ -26,7 +26,8 @@ Why it is built this way (DESIGN.md, "Exactness, measured"):
   (:meth:`_Model.writes_nothing`), not computed.
 * **The head in slices.**  The final norm and the head are applied one slice of the
   vocabulary at a time, and the next-token losses come from the same slices (a running
-  log-sum-exp).  When the grown head is the original's passed on unchanged, both models' states
+  log-sum-exp).  A head that lies unchanged in a file is read slice by slice from it, and of
+  the embedding only the sample's rows are read (:func:`~.tensors.stored_rows`).  When the grown head is the original's passed on unchanged, both models' states
   go through each slice; when it differs (width growth), the grown model's logits are kept
   (tokens x vocabulary in float64) while its head is dropped and the original's loaded, so at
   most one head is in memory.
@@ -47,6 +48,7 @@ Why it is built this way (DESIGN.md, "Exactness, measured"):
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -57,7 +59,7 @@ from ..config import ModelConfig, TierSet
 from ..runtime.cpu_memory import release_freed_memory
 from ..model.layers import RMSNorm, rope_tables
 from ..model.transformer import Block
-from .tensors import LazyTensors, Tensors, layer_names, layer_prefix, origin, stored_names
+from .tensors import LazyTensors, Tensors, layer_names, layer_prefix, origin, stored_names, stored_rows
 
 FP64 = torch.float64
 GRAD_DTYPE = torch.float32  # of the gradient-flow check (see grad_block)
@@ -344,8 +346,17 @@ def _dead_parameters(block: Block, x: torch.Tensor, model: _Model, layer: int) -
 
 
 def _embed(model: _Model, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    table = model.tensors["embed.weight"]
-    return table[ids.to(table.device)].to(model.device, FP64), table.numel()
+    """The sample's embeddings in float64, and the table's size: only the sample's rows are
+    read when the table lies unchanged in a file (a few hundred rows of a 100 MB table)."""
+    rows = stored_rows(model.tensors, "embed.weight")
+    if rows is None:
+        table = model.tensors["embed.weight"]
+        return table[ids.to(table.device)].to(model.device, FP64), table.numel()
+    wanted = torch.unique(ids.cpu())  # sorted
+    if wanted.numel() and int(wanted[-1]) >= rows.shape[0]:
+        raise ValueError(f"token id {int(wanted[-1])} is outside the embedding of {rows.shape[0]} rows")
+    table = torch.cat([rows(int(i), int(i) + 1) for i in wanted])
+    return table[torch.searchsorted(wanted, ids.cpu())].to(model.device, FP64), math.prod(rows.shape)
 
 
 def _equal(x: torch.Tensor, y: torch.Tensor) -> bool:
@@ -405,12 +416,23 @@ def _head_name(config: ModelConfig) -> str:
     return "embed.weight" if config.tie_embeddings else "lm_head.weight"
 
 
-def _slices(head: torch.Tensor, rows: int, device: torch.device):
-    """(start, float64 slice of ``head``), one slice of the vocabulary at a time in one buffer."""
-    buffer = torch.empty((min(rows, head.shape[0]), head.shape[1]), dtype=FP64, device=device)
-    for start in range(0, head.shape[0], rows):
-        part = head[start : start + rows]
-        yield start, buffer[: part.shape[0]].copy_(part)
+class _Head:
+    """A model's head for slicing: read slice by slice from its file when it lies there
+    unchanged (:func:`~.tensors.stored_rows`), else produced whole once."""
+
+    def __init__(self, model: _Model, name: str) -> None:
+        self._rows = stored_rows(model.tensors, name)
+        self._whole = model.tensors[name] if self._rows is None else None
+        self.shape = tuple(self._whole.shape) if self._whole is not None else self._rows.shape
+        self.numel = math.prod(self.shape)
+
+    def slices(self, rows: int, device: torch.device):
+        """(start, float64 slice), one slice of the vocabulary at a time in one buffer."""
+        n = self.shape[0]
+        buffer = torch.empty((min(rows, n), self.shape[1]), dtype=FP64, device=device)
+        for start in range(0, n, rows):
+            part = self._whole[start : start + rows] if self._whole is not None else self._rows(start, min(start + rows, n))
+            yield start, buffer[: part.shape[0]].copy_(part)
 
 
 def _heads(a: _Model, b: _Model, xa: torch.Tensor, xb: torch.Tensor, ids: torch.Tensor) -> _HeadStats:
@@ -426,9 +448,9 @@ def _heads(a: _Model, b: _Model, xa: torch.Tensor, xb: torch.Tensor, ids: torch.
     rows = max(256, HEAD_SLICE_BYTES // (8 * max(a.config.d_model, b.config.d_model)))
     with torch.no_grad():
         if one_head:  # one head for both: the grown states go through the same slices
-            head = a.tensors[name_a]
-            a_head_numel = b_head_numel = head.numel()
-            for start, w in _slices(head, rows, a.device):
+            head = _Head(a, name_a)
+            a_head_numel = b_head_numel = head.numel
+            for start, w in head.slices(rows, a.device):
                 za = F.linear(ha, w)
                 zb = za if hb is ha else F.linear(hb, w)
                 stats.add_one(0, start, za)
@@ -437,16 +459,16 @@ def _heads(a: _Model, b: _Model, xa: torch.Tensor, xb: torch.Tensor, ids: torch.
         else:
             # One head in memory at a time, the grown one first (making it is the growth's
             # own peak): its logits are kept while the original's head is loaded.
-            head = b.tensors[name_b]
-            b_head_numel = head.numel()
+            head = _Head(b, name_b)
+            b_head_numel = head.numel
             kept = []
-            for start, w in _slices(head, rows, b.device):
+            for start, w in head.slices(rows, b.device):
                 kept.append(F.linear(hb, w))
                 stats.add_one(1, start, kept[-1])
             del head
-            head = a.tensors[name_a]
-            a_head_numel = head.numel()
-            for (start, w), zb in zip(_slices(head, rows, a.device), kept):
+            head = _Head(a, name_a)
+            a_head_numel = head.numel
+            for (start, w), zb in zip(head.slices(rows, a.device), kept):
                 za = F.linear(ha, w)
                 stats.add_one(0, start, za)
                 stats.compare(za, zb)
@@ -464,25 +486,30 @@ def compare_streamed(
     *,
     check_gradients: bool = True,
     device: torch.device | str | None = None,
+    turns: AbstractContextManager | None = None,
 ) -> Comparison:
     """Evaluate the original ``a`` and the grown ``b`` on ``ids`` (B, S) block by block in
     float64 on ``device`` (default the CPU) and compare their logits, losses, parameter counts
     and (``check_gradients``) the gradient flow into ``b``'s unshared blocks; see the module
-    docstring."""
+    docstring.  ``turns`` (a lock) is held while the check holds more than a matrix (the
+    embedding-sized tensors at the two ends, a gradient-checked block in float32), so that a
+    writer beside it can take turns with it at holding large tensors."""
+    turns = turns if turns is not None else nullcontext()
     device = torch.device("cpu" if device is None else device)
     if config_a.vocab_size != config_b.vocab_size:
         raise ValueError(f"the models have different vocabularies ({config_a.vocab_size} vs {config_b.vocab_size} tokens); growth never changes the vocabulary")
     a, b = _Model(config_a, tensors_a, ids.shape[1], device), _Model(config_b, tensors_b, ids.shape[1], device)
     buffers = _Buffers(device)
-    xa, count = _embed(a, ids)
-    a.params += count
-    if _one_origin(tensors_a, "embed.weight", tensors_b, "embed.weight"):
-        xb = xa
-        b.params += count
-    else:
-        xb, count = _embed(b, ids)
-        b.params += count
-        xb = xa if _equal(xa, xb) else xb
+    with turns:
+        xa, count = _embed(a, ids)
+        a.params += count
+        if _one_origin(tensors_a, "embed.weight", tensors_b, "embed.weight"):
+            xb = xa
+            b.params += count
+        else:
+            xb, count = _embed(b, ids)
+            b.params += count
+            xb = xa if _equal(xa, xb) else xb
     i, shared, silent = 0, 0, 0
     new: list[str] = []
     dead: list[str] = []
@@ -511,7 +538,8 @@ def compare_streamed(
         b.params += count
     if check_gradients:  # the first and the last unshared block (every growth builds its blocks alike)
         for j, x in (block for block in (first, last) if block is not None):
-            names, silent_names = b.gradient_check(j, x, buffers)
+            with turns:
+                names, silent_names = b.gradient_check(j, x, buffers)
             new += names
             dead += silent_names
     for k in range(i, config_a.n_layers):
@@ -519,7 +547,8 @@ def compare_streamed(
         a.params += count
     del buffers
     release_freed_memory()
-    stats = _heads(a, b, xa, xb, ids)
+    with turns:
+        stats = _heads(a, b, xa, xb, ids)
     return Comparison(
         max_abs=stats.max_abs,
         scale=stats.scale,

@@ -16,13 +16,16 @@ encoded again.
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 
 from ..checkpoint.load import expected_tensors
-from ..checkpoint.stream import TensorSpec
+from ..checkpoint.stream import TensorSpec, tensor_bytes
 from ..config import ModelConfig
 
 Tensors = Mapping[str, torch.Tensor]
@@ -78,6 +81,44 @@ def origin(tensors: Tensors, name: str) -> tuple[Tensors, str]:
         if found is None:
             return tensors, name
         tensors, name = found
+
+
+class StoredRows:
+    """Row ranges of a tensor read straight from the file that stores it (``tensors[name]``
+    would read all of it): an embedding-sized table whose sample rows, or whose head slices,
+    are all a check needs."""
+
+    def __init__(self, path: Path, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+        self.path, self.offset, self.dtype, self.shape = path, offset, dtype, shape
+        self.row_bytes = math.prod(shape[1:]) * dtype.itemsize
+
+    def __call__(self, start: int, stop: int) -> torch.Tensor:
+        if not 0 <= start <= stop <= self.shape[0]:
+            raise IndexError(f"rows {start}:{stop} are outside a tensor of {self.shape[0]} rows")
+        out = torch.empty((stop - start, *self.shape[1:]), dtype=self.dtype)
+        want = (stop - start) * self.row_bytes
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            got = os.preadv(fd, [tensor_bytes(out)], self.offset + start * self.row_bytes) if want else 0
+        finally:
+            os.close(fd)
+        if got != want:
+            raise OSError(f"{self.path} ended {want - got} bytes early reading rows {start}:{stop}; the file is truncated")
+        return out
+
+
+def stored_rows(tensors: Tensors, name: str) -> StoredRows | None:
+    """A reader of row ranges of ``tensors[name]`` from its file, when it is a stored tensor
+    passed on unchanged (its :func:`origin` mapping knows its ``location`` and ``spec``); None
+    when it is computed (then only the whole tensor exists)."""
+    mapping, key = origin(tensors, name)
+    location, spec = getattr(mapping, "location", None), getattr(mapping, "spec", None)
+    where = location(key) if location is not None and spec is not None else None
+    if where is None:
+        return None
+    path, offset, _ = where
+    stored = spec(key)
+    return StoredRows(path, offset, stored.dtype, tuple(stored.shape)) if len(stored.shape) >= 1 else None
 
 
 def derive(fn: Callable[..., torch.Tensor], tensors: Tensors, *names: str) -> Producer:
