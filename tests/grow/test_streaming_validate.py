@@ -94,7 +94,8 @@ def test_relative_tolerance_follows_the_logits_scale():
     assert DEFAULT_TOLERANCE == 1e-5
 
 
-def test_a_silent_block_must_be_finite_to_be_passed_over():
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_silent_block_must_be_finite_to_be_passed_over(bad):
     """A new block whose writers are zero is passed over only when all of it is finite: a NaN
     behind the zeroed o_proj makes 0 * NaN = NaN in a real forward, and the check must see it."""
     config = dense_shapes()["gqa2-untied"]
@@ -102,7 +103,7 @@ def test_a_silent_block_must_be_finite_to_be_passed_over():
     new_config, tensors = get_op("llama_pro")(config, state, positions=[0])
     tensors = dict(tensors)
     q = tensors["layers.1.attn.q_proj.weight"].clone()
-    q[0, 0] = float("nan")
+    q[0, 0] = bad
     tensors["layers.1.attn.q_proj.weight"] = q
     report = check_growth(config, state, new_config, tensors, check_sample([config]), exact_expected=True, check_gradients=False)
     assert report.silent_blocks == 0 and not report.preserved and not report.passed
