@@ -35,6 +35,7 @@ from ..checkpoint.save import write_checkpoint
 from ..config import ModelConfig
 from ..errors import ConfigError, LiteLLMError
 from ..model import LiteLLM, load_stored
+from ..runtime.cpu_memory import release_freed_memory
 from .importance import layer_importance
 from .recipe import VALIDATE_MODES, GrowthStep
 from .carry import CarriedEWC, carry_ewc
@@ -159,6 +160,7 @@ def _expand(
     planned: list[tuple[GrowthStep, GrowthOp, dict[str, Any], ModelConfig, Tensors, ModelConfig, Tensors]] = []
     do_validate = validate != "never"
     ids = check_sample([config], source_tokenizer(src), check_tokens) if do_validate or _measures_importance(steps) else None
+    release_freed_memory()  # the tokenizer that made the sample (SmolLM2's: 30 MB) is gone; return its heap before the writer's peak
     for step in steps:
         op = get_op(step.method)
         params = _resolve_params(step, config, tensors, ids)
