@@ -109,12 +109,14 @@ def test_a_silent_block_must_be_finite_to_be_passed_over(bad):
     assert report.silent_blocks == 0 and not report.preserved and not report.passed
 
 
-def test_gradient_check_finds_a_dead_new_block():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradient_check_finds_a_dead_new_block(dtype):
     """A LLaMA-Pro block whose FFN norm is zero: gate/up see zeros and down's input is zero, so
-    no SGD step ever gives the FFN a gradient; the attention (behind the zeroed o_proj) revives."""
+    no SGD step ever gives the FFN a gradient; the attention (behind the zeroed o_proj) revives.
+    A bf16 model's dense blocks are gradient-checked in bf16: the same verdict as float32's."""
     config = dense_shapes()["gqa2-untied"]
     model = random_model(config)
-    state = stored_state(model)
+    state = {name: t.to(dtype) for name, t in stored_state(model).items()}
     new_config, tensors = get_op("llama_pro")(config, state, positions=[0])
     tensors = dict(tensors)
     tensors["layers.1.ffn_norm.weight"] = torch.zeros_like(tensors["layers.1.ffn_norm.weight"])

@@ -62,7 +62,7 @@ from ..model.transformer import Block
 from .tensors import LazyTensors, Tensors, layer_names, layer_prefix, origin, stored_names, stored_rows
 
 FP64 = torch.float64
-GRAD_DTYPE = torch.float32  # of the gradient-flow check (see grad_block)
+GRAD_DTYPE = torch.float32  # of the gradient-flow check, unless a bf16 dense block allows less (see grad_dtype)
 GRAD_TOKENS = 8  # tokens of the gradient-flow check (whether a gradient exists needs few)
 SGD_LR = 1e-2
 HEAD_SLICE_BYTES = 8 * 1024**2  # float64 bytes of one slice of the head's rows
@@ -242,17 +242,25 @@ class _Model:
         self._load(block, state, layer, frozenset(streamed))
         return block.eval(), state, on_use
 
-    def grad_block(self, layer: int) -> Block:
-        """Block ``layer`` whole, in float32, its parameters requiring gradients (for
-        :func:`_dead_parameters`: whether a gradient is all zero is a question of structure,
-        which float32 answers as float64 does, at half the memory)."""
+    def grad_dtype(self, layer: int) -> torch.dtype:
+        """The dtype of block ``layer``'s gradient-flow check: whether a gradient is all zero
+        is a question of structure, which float32 answers as float64 does at half the memory,
+        and bfloat16 (float32's exponent range: nothing underflows that float32 keeps; CPU
+        matmuls accumulate in float32) at a quarter — used for a dense block stored in bf16
+        (a MoE block stays in float32, where its routing is the float32 model's)."""
+        stored = self.tensors[layer_prefix(layer) + "attn.q_proj.weight"].dtype if not self.config.is_moe_layer(layer) else None
+        return torch.bfloat16 if stored == torch.bfloat16 else GRAD_DTYPE
+
+    def grad_block(self, layer: int, dtype: torch.dtype) -> Block:
+        """Block ``layer`` whole, in ``dtype``, its parameters requiring gradients (for
+        :func:`_dead_parameters`)."""
         block = self._new_block(layer)
         prefix = layer_prefix(layer)
-        state = {name: self.tensors[prefix + name].to(self.device, GRAD_DTYPE, copy=True) for name in layer_names(self.names, layer)}
+        state = {name: self.tensors[prefix + name].to(self.device, dtype, copy=True) for name in layer_names(self.names, layer)}
         self._load(block, state, layer)  # copies: the SGD steps change them
         for p in block.parameters():
             p.requires_grad_(True)
-        return block.float()
+        return block.to(dtype)
 
     def run(self, layer: int, x: torch.Tensor, buffers: _Buffers) -> tuple[torch.Tensor, int]:
         """Block ``layer``'s output on ``x`` and its parameter count (stored router biases
@@ -294,8 +302,9 @@ class _Model:
         """Block ``layer``'s parameters, and those of them no gradient reaches from ``x``."""
         buffers.clear()  # the whole float32 block needs the memory more than the pool does (twice a check)
         prefix = layer_prefix(layer)
-        block = self.grad_block(layer)
-        return [prefix + n for n, _ in block.named_parameters()], [prefix + n for n in _dead_parameters(block, x, self, layer)]
+        dtype = self.grad_dtype(layer)
+        block = self.grad_block(layer, dtype)
+        return [prefix + n for n, _ in block.named_parameters()], [prefix + n for n in _dead_parameters(block, x, self, layer, dtype)]
 
 
 def _extremes(t: torch.Tensor) -> tuple[float, float]:
@@ -307,7 +316,7 @@ def _extremes(t: torch.Tensor) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def _dead_parameters(block: Block, x: torch.Tensor, model: _Model, layer: int) -> list[str]:
+def _dead_parameters(block: Block, x: torch.Tensor, model: _Model, layer: int, dtype: torch.dtype) -> list[str]:
     """Parameters of ``block`` whose gradient stays all zero through two sweeps (``block``'s
     weights change: it is dropped after).
 
@@ -320,9 +329,9 @@ def _dead_parameters(block: Block, x: torch.Tensor, model: _Model, layer: int) -
     after the SGD step of all of them, so a parameter behind a zero-initialised writer (a
     LLaMA-Pro block's q/k/v behind its zeroed o_proj) sees that writer moved."""
     n = min(GRAD_TOKENS, x.shape[1])
-    x = x[:1, :n].detach().to(GRAD_DTYPE)
-    cos, sin = model.cos[:n].to(GRAD_DTYPE), model.sin[:n].to(GRAD_DTYPE)
-    direction = torch.randn(x.shape, generator=torch.Generator().manual_seed(layer), dtype=FP64).to(x.device, GRAD_DTYPE)
+    x = x[:1, :n].detach().to(dtype)
+    cos, sin = model.cos[:n].to(dtype), model.sin[:n].to(dtype)
+    direction = torch.randn(x.shape, generator=torch.Generator().manual_seed(layer), dtype=FP64).to(x.device, dtype)
     params = dict(block.named_parameters())
     moved: set[str] = set()
 
