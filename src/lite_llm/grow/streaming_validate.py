@@ -197,9 +197,6 @@ class _Model:
         self.device = device
         self.params = 0
 
-    def head(self) -> torch.Tensor:
-        return self.tensors["embed.weight" if self.config.tie_embeddings else "lm_head.weight"]
-
     def _new_block(self, layer: int) -> Block:
         if self.config.is_moe_layer(layer):
             # The router computes its routing tables (buffers no checkpoint holds) when built,
