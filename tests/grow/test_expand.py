@@ -170,6 +170,60 @@ def test_a_writer_that_fails_at_the_embedding_does_not_hang_the_check(source, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
+def test_a_writer_that_never_asks_for_the_record_still_commits_nothing_refused(source, tmp_path, monkeypatch):
+    """``before_commit`` itself waits for the check: a writer of another format that writes no
+    record (so never waits for the check) cannot commit a refused growth."""
+    _, path = source
+
+    def refuse_late(*args, **kwargs):
+        time.sleep(0.3)  # after the writer has written everything
+        raise GrowthError("refused by the test")
+
+    def write_without_record(out, grown, *, max_shard_bytes, before_commit):
+        tmp = out.with_name(out.name + ".partial")
+        tmp.mkdir()
+        for name in grown.tensors:
+            torch.save(grown.tensors[name], tmp / f"{name}.pt")
+        try:
+            before_commit()
+        except BaseException:
+            __import__("shutil").rmtree(tmp)
+            raise
+        tmp.rename(out)
+        return out
+
+    monkeypatch.setattr(expand, "_check_step", refuse_late)
+    with pytest.raises(GrowthError, match="refused by the test"):
+        expand_checkpoint(path, tmp_path / "out", [GrowthStep("llama_pro", {"target_layers": 6})], write_output=write_without_record)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_a_writer_that_fails_stops_the_check_at_its_next_block(source, tmp_path, monkeypatch):
+    """After the writer failed, the check beside it stops at its next block instead of
+    computing to the end for a growth that is already lost."""
+    from lite_llm.grow import streaming_validate
+
+    _, path = source
+    blocks: list[int] = []
+    real_run = streaming_validate._Model.run
+
+    def slow_run(self, layer, x, buffers):
+        blocks.append(layer)
+        time.sleep(0.2)
+        return real_run(self, layer, x, buffers)
+
+    def fail_in_the_writer(name: str) -> None:
+        if not threading.current_thread().name.startswith("check-growth"):
+            raise OSError("the disk went away (test)")
+
+    monkeypatch.setattr(streaming_validate._Model, "run", slow_run)
+    break_llama_pro(monkeypatch, scale=1.0, on_produce=fail_in_the_writer)
+    with pytest.raises(OSError, match="the disk went away"):
+        expand_checkpoint(path, tmp_path / "out", [GrowthStep("llama_pro", {"target_layers": 6})])
+    assert len(blocks) <= 2, blocks  # a whole check runs the 4 shared blocks (the 2 new ones are proven silent)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

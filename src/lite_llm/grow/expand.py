@@ -42,6 +42,7 @@ from .carry import CarriedEWC, carry_ewc
 from .common import refuse_quantized
 from .registry import GrowthOp, get_op
 from .tensors import LazyTensors, Tensors, expected_specs
+from .streaming_validate import Beside
 from .validate import DEFAULT_TOLERANCE, SAMPLE_TOKENS, ValidationReport, check_growth, check_sample
 
 
@@ -69,6 +70,10 @@ class GrownModel:
     until the checks are done and raises what they raised (then nothing may be committed)."""
     chain: list[tuple[GrowthOp, dict[str, Any]]]
     model_version: str
+    stop_if_refused: Callable[[], None] = lambda: None
+    """Raises the check's error once it has failed: a writer calls it between pieces of work
+    that do not go through ``tensors`` (raw byte copies), which stops at the next tensor by
+    itself."""
 
 
 OutputWriter = Callable[..., Path]
@@ -169,62 +174,97 @@ def _expand(
         planned.append((step, op, params, config, tensors, new_config, new_tensors))
         config, tensors = new_config, new_tensors
 
-    turns = _Turns()
+    beside = _Beside()
 
     def check_and_record() -> tuple[list[dict[str, Any]], list[ValidationReport | None]]:
         records, reports = [], []
         for step, op, params, before, before_tensors, after, after_tensors in planned:
             exact = op.exact(params)
-            report = _check_step(step, exact, before, before_tensors, after, after_tensors, ids, tolerance, turns.lock) if do_validate else None
+            report = _check_step(step, exact, before, before_tensors, after, after_tensors, ids, tolerance, beside) if do_validate else None
             records.append(_record(src, step.method, params, exact, before, after, report))
             reports.append(report)
         return records, reports
 
     def finish_progressive() -> dict[str, Any]:
-        turns.writer_done()
-        return with_record(src.progressive, *checked.result()[0])
+        beside.writer_done()
+        return with_record(src.progressive, *beside.checked.result()[0])
+
+    def before_commit() -> None:  # whatever the writer: nothing is committed before the check passed
+        beside.writer_done()
+        beside.checked.result()
+        if verified is not None:
+            verified.result()
 
     # The check reads and computes (float64 matmuls, which release the GIL) while the writer
-    # copies and fsyncs: two cores busy instead of one after the other.  The writer stops at
-    # its next tensor once the check has failed, and never commits before it passed; the two
-    # take turns at holding large tensors (:class:`_Turns`).
+    # copies and fsyncs: two cores busy instead of one after the other (:class:`_Beside`).
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="check-growth") as pool:
-        checked = pool.submit(check_and_record)
-        grown = GrownModel(src, config, _UntilFailed(tensors, checked, turns), dtype, finish_progressive, chain, _grown_version(src.manifest, steps))
+        beside.checked = pool.submit(check_and_record)
+        grown = GrownModel(
+            src, config, _UntilFailed(tensors, beside), dtype, finish_progressive, chain, _grown_version(src.manifest, steps),
+            stop_if_refused=beside.stop_if_refused,
+        )
         try:
-            path = write(out, grown, max_shard_bytes=max_shard_bytes, before_commit=verified.result if verified is not None else None)
+            path = write(out, grown, max_shard_bytes=max_shard_bytes, before_commit=before_commit)
+        except BaseException:
+            beside.cancel()  # a failed (or interrupted) writer: the check stops at its next block
+            raise
         finally:
-            turns.writer_done()  # a writer that failed must not keep the check waiting
-    records, reports = checked.result()
+            beside.writer_done()  # a writer that failed must not keep the check waiting
+    records, reports = beside.checked.result()
     return ExpandResult(path, config, records, reports)
 
 
-class _Turns:
-    """Turns at holding large tensors, between the writer and the check beside it.
+class _Beside:
+    """How the writer and the check beside it share the work (the check's side is the
+    :class:`~.streaming_validate.Beside` protocol).
 
-    Each side's peak is one large thing at a time: the writer's the embedding-sized tensor it
-    writes, the check's the table it embeds from, a gradient-checked block in float32, or the
-    head it applies.  Both at once would add them up, which for a small model is most of the
-    peak (SmolLM2's tied 113 MB embedding against a 0.68 GB output).  The check holds ``lock``
-    around those phases; the writer takes it when it asks for one of ``NAMES`` and gives it
-    back when it asks for the next tensor (it has written the last one) or is done."""
+    * Turns at holding large tensors.  Each side's peak is one large thing at a time: the
+      writer's the embedding-sized tensor it writes, the check's the table it embeds from, a
+      gradient-checked block, or the head it applies.  Both at once would add them up, which for
+      a small model is most of the peak (SmolLM2's tied 113 MB embedding against a 0.68 GB
+      output).  The check holds the lock around those phases (:meth:`large`); the writer takes
+      it when it asks for one of ``NAMES`` and gives it back when it asks for the next tensor
+      (it has written the last one) or is done.
+    * The check's verdict for the writer: once ``checked`` has failed, :meth:`stop_if_refused`
+      raises its error, so the writer stops instead of writing on for nothing.
+    * The writer's failure for the check: after :meth:`cancel` the check stops at its next
+      block (:meth:`poll`) instead of computing to the end for a growth that already failed."""
 
     NAMES = frozenset({"embed.weight", "lm_head.weight"})
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._holding = threading.Lock()  # guards _writer_holds (a writer may produce on several threads)
         self._writer_holds = False
+        self._cancelled = threading.Event()
+        self.checked: Future = Future()
+
+    def large(self) -> threading.Lock:
+        return self._lock
+
+    def poll(self) -> None:
+        if self._cancelled.is_set():
+            raise GrowthError("the growth stopped before its check finished")
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    def stop_if_refused(self) -> None:
+        if self.checked.done() and self.checked.exception() is not None:
+            raise self.checked.exception()
 
     def writer_takes(self, name: str) -> None:
         self.writer_done()
         if name in self.NAMES:
-            self.lock.acquire()
-            self._writer_holds = True
+            self._lock.acquire()
+            with self._holding:
+                self._writer_holds = True
 
     def writer_done(self) -> None:
-        if self._writer_holds:
-            self._writer_holds = False
-            self.lock.release()
+        with self._holding:
+            holds, self._writer_holds = self._writer_holds, False
+        if holds:
+            self._lock.release()
 
 
 class _UntilFailed(Mapping[str, torch.Tensor]):
@@ -233,13 +273,12 @@ class _UntilFailed(Mapping[str, torch.Tensor]):
     for nothing).  Every name is a reference to the same name of ``tensors``, so a writer that
     copies unchanged bytes (:func:`~.tensors.origin`) still finds where they lie."""
 
-    def __init__(self, tensors: Tensors, checked: Future, turns: _Turns) -> None:
-        self._tensors, self._checked, self._turns = tensors, checked, turns
+    def __init__(self, tensors: Tensors, beside: _Beside) -> None:
+        self._tensors, self._beside = tensors, beside
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        if self._checked.done() and self._checked.exception() is not None:
-            raise self._checked.exception()
-        self._turns.writer_takes(name)
+        self._beside.stop_if_refused()
+        self._beside.writer_takes(name)
         return self._tensors[name]
 
     def __iter__(self) -> Iterator[str]:
@@ -335,11 +374,11 @@ def _check_step(
     grown: Tensors,
     ids: torch.Tensor,
     tolerance: float,
-    turns: threading.Lock | None = None,
+    beside: Beside | None = None,
 ) -> ValidationReport:
     """The streamed check of one step; an exact step that changed the logits is refused."""
     tolerance = step.tolerance if step.tolerance is not None else tolerance
-    report = check_growth(before, tensors, after, grown, ids, exact_expected=exact, tolerance=tolerance, turns=turns)
+    report = check_growth(before, tensors, after, grown, ids, exact_expected=exact, tolerance=tolerance, beside=beside)
     if exact and not report.preserved:
         raise GrowthError(
             f"{step.describe()} is meant to be exact but changed the logits by {report.max_rel:.3g} of their scale "

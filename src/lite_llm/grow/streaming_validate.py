@@ -50,6 +50,7 @@ from __future__ import annotations
 import math
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +86,20 @@ class Comparison:
     dead_params: list[str] = field(default_factory=list)  # of those, the ones still without gradient
     shared_blocks: int = 0  # grown blocks computed once for both models
     silent_blocks: int = 0  # grown blocks proven to add nothing to the residual stream, not computed
+
+
+class Beside(Protocol):
+    """The writer a check runs beside (``grow/expand.py``), as the check sees it."""
+
+    def large(self) -> AbstractContextManager:
+        """Held while the check holds more than a matrix (the embedding-sized tensors at the two
+        ends, a gradient-checked block), so that the writer and the check take turns at holding
+        large tensors and their peaks do not add."""
+        ...
+
+    def poll(self) -> None:
+        """Raises when the check should stop (the writer has failed); called between blocks."""
+        ...
 
 
 class _Buffers:
@@ -276,7 +291,8 @@ class _Model:
 
     def writes_nothing(self, layer: int, x: torch.Tensor) -> int | None:
         """Block ``layer``'s parameter count when it provably adds exactly zero to the residual
-        stream on ``x`` (so its output is ``x``, bitwise), else None.
+        stream on ``x`` (so its output is ``x``: a real forward's, up to the sign of zeros,
+        ``-0.0 + 0.0`` being ``+0.0``, which no later operation tells apart), else None.
 
         The block computes ``h = x + o_proj(attn)`` and ``h + down_proj(ffn)`` (an MoE's
         output is a weighted sum of its experts' ``down_proj`` products).  When every one of
@@ -501,21 +517,20 @@ def compare_streamed(
     *,
     check_gradients: bool = True,
     device: torch.device | str | None = None,
-    turns: AbstractContextManager | None = None,
+    beside: Beside | None = None,
 ) -> Comparison:
     """Evaluate the original ``a`` and the grown ``b`` on ``ids`` (B, S) block by block in
     float64 on ``device`` (default the CPU) and compare their logits, losses, parameter counts
     and (``check_gradients``) the gradient flow into ``b``'s unshared blocks; see the module
-    docstring.  ``turns`` (a lock) is held while the check holds more than a matrix (the
-    embedding-sized tensors at the two ends, a gradient-checked block in float32), so that a
-    writer beside it can take turns with it at holding large tensors."""
-    turns = turns if turns is not None else nullcontext()
+    docstring.  ``beside`` is the writer this check runs beside (:class:`Beside`)."""
+    large = beside.large() if beside is not None else nullcontext()
+    poll = beside.poll if beside is not None else (lambda: None)
     device = torch.device("cpu" if device is None else device)
     if config_a.vocab_size != config_b.vocab_size:
         raise ValueError(f"the models have different vocabularies ({config_a.vocab_size} vs {config_b.vocab_size} tokens); growth never changes the vocabulary")
     a, b = _Model(config_a, tensors_a, ids.shape[1], device), _Model(config_b, tensors_b, ids.shape[1], device)
     buffers = _Buffers(device)
-    with turns:
+    with large:
         xa, count = _embed(a, ids)
         a.params += count
         if _one_origin(tensors_a, "embed.weight", tensors_b, "embed.weight"):
@@ -530,6 +545,7 @@ def compare_streamed(
     dead: list[str] = []
     first = last = None  # the first and the latest grown block not shared with the original, and their inputs
     for j in range(config_b.n_layers):
+        poll()
         if i < config_a.n_layers and _equal(xa, xb) and _block_key(config_a, i) == _block_key(config_b, j):
             same = _layer_of_one_origin(tensors_a, i, tensors_b, j)
             if not same and not isinstance(tensors_b, LazyTensors):
@@ -553,16 +569,17 @@ def compare_streamed(
         b.params += count
     if check_gradients:  # the first and the last unshared block (every growth builds its blocks alike)
         for j, x in (block for block in (first, last) if block is not None):
-            with turns:
+            with large:
                 names, silent_names = b.gradient_check(j, x, buffers)
             new += names
             dead += silent_names
     for k in range(i, config_a.n_layers):
+        poll()
         xa, count = a.run(k, xa, buffers)
         a.params += count
     del buffers
     release_freed_memory()
-    with turns:
+    with large:
         stats = _heads(a, b, xa, xb, ids)
     return Comparison(
         max_abs=stats.max_abs,

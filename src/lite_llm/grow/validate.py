@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import os
-from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -29,7 +28,7 @@ import torch
 from ..config import ModelConfig
 from ..errors import ConfigError, LiteLLMError
 from ..model import LiteLLM, stored_state
-from .streaming_validate import compare_streamed
+from .streaming_validate import Beside, compare_streamed
 from .tensors import Tensors
 
 # fp32-stored weights of an exact growth evaluated in float64 differ from the source by the
@@ -131,16 +130,16 @@ def check_growth(
     tolerance: float = DEFAULT_TOLERANCE,
     check_gradients: bool = True,
     device: torch.device | str | None = None,
-    turns: AbstractContextManager | None = None,
+    beside: Beside | None = None,
 ) -> ValidationReport:
     """Compare the grown tensors with the original's on ``input_ids`` (B, S), streaming both,
-    computing in float64 on ``device`` (default the CPU); ``turns`` see :func:`compare_streamed`."""
+    computing in float64 on ``device`` (default the CPU); ``beside`` see :func:`compare_streamed`."""
     if original_config.vocab_size != grown_config.vocab_size:
         raise ValidationError(
             f"the models have different vocabularies ({original_config.vocab_size} vs {grown_config.vocab_size} tokens), "
             "so one is not a growth of the other; compare a grown checkpoint with the one it was grown from"
         )
-    c = compare_streamed(original_config, original, grown_config, grown, input_ids, check_gradients=check_gradients, device=device, turns=turns)
+    c = compare_streamed(original_config, original, grown_config, grown, input_ids, check_gradients=check_gradients, device=device, beside=beside)
     max_rel = c.max_abs / c.scale if c.scale > 0 else (0.0 if c.max_abs == 0 else math.inf)
     return ValidationReport(
         max_abs=c.max_abs,

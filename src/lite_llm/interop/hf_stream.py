@@ -233,7 +233,7 @@ def write_grown_hf(out: Path, grown: GrownModel, *, max_shard_bytes: int, before
     tmp = atomic.temp_sibling(out, "tmp")
     tmp.mkdir()
     try:
-        write_weights(tmp, specs, raw, lambda name: producers[name](), max_shard_bytes)
+        write_weights(tmp, specs, raw, lambda name: producers[name](), max_shard_bytes, before_copy=grown.stop_if_refused)
         progressive = {**grown.finish_progressive(), MODEL_VERSION_KEY: grown.model_version}  # waits for the checks
         _write_json(tmp / HF_CONFIG_FILE, hf_config)
         for name, data in side_files.items():
@@ -301,17 +301,23 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 # ------------------------------------------------------------------------------- the weights
 def write_weights(
-    folder: Path, specs: dict[str, TensorSpec], raw: Mapping[str, RawSource], produce: Callable[[str], torch.Tensor], max_shard_bytes: int
+    folder: Path,
+    specs: dict[str, TensorSpec],
+    raw: Mapping[str, RawSource],
+    produce: Callable[[str], torch.Tensor],
+    max_shard_bytes: int,
+    before_copy: Callable[[], None] = lambda: None,
 ) -> None:
     """``model.safetensors``, or shards of at most ``max_shard_bytes`` plus the index
     transformers reads them through.  Each finished shard is fsynced in the background while
-    the next one is written."""
+    the next one is written.  ``before_copy`` runs before each raw copy (it may raise to stop
+    the writing: a growth whose check beside the writer has failed)."""
     pieces = split_by_bytes([(n, s.nbytes) for n, s in specs.items()], max_shard_bytes)
     names = [HF_WEIGHTS_FILE] if len(pieces) == 1 else [f"model-{k:05d}-of-{len(pieces):05d}.safetensors" for k in range(1, len(pieces) + 1)]
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-fsync") as syncer, _SourceFiles() as sources:
         syncs = []
         for file_name, piece in zip(names, pieces):
-            write_safetensors_raw(folder / file_name, {n: specs[n] for n in piece}, raw, produce, sources)
+            write_safetensors_raw(folder / file_name, {n: specs[n] for n in piece}, raw, produce, sources, before_copy)
             syncs.append(syncer.submit(atomic.fsync_file, folder / file_name))
         for done in syncs:
             done.result()
@@ -340,7 +346,12 @@ class _SourceFiles:
 
 
 def write_safetensors_raw(
-    path: Path, specs: Mapping[str, TensorSpec], raw: Mapping[str, RawSource], produce: Callable[[str], torch.Tensor], sources: _SourceFiles
+    path: Path,
+    specs: Mapping[str, TensorSpec],
+    raw: Mapping[str, RawSource],
+    produce: Callable[[str], torch.Tensor],
+    sources: _SourceFiles,
+    before_copy: Callable[[], None] = lambda: None,
 ) -> None:
     """One safetensors file of ``specs``, in order: tensors in ``raw`` copied byte for byte from
     their source file (runs that are contiguous there in one call), the others produced and
@@ -356,10 +367,12 @@ def write_safetensors_raw(
                     run[2] += where[2]
                     continue
                 if run:
+                    before_copy()
                     _copy_range(sources.fd(run[0]), run[1], run[2], fd, run[0])
                 run = list(where)
                 continue
             if run:
+                before_copy()
                 _copy_range(sources.fd(run[0]), run[1], run[2], fd, run[0])
                 run = []
             tensor = produce(name)
@@ -370,6 +383,7 @@ def write_safetensors_raw(
             _write_all(fd, tensor_bytes(tensor))
             del tensor
         if run:
+            before_copy()
             _copy_range(sources.fd(run[0]), run[1], run[2], fd, run[0])
     finally:
         os.close(fd)
