@@ -66,8 +66,10 @@ class GrownModel:
     dtype: torch.dtype
     finish_progressive: Callable[[], dict[str, Any]]
     """The grown model's ``progressive.json``, whose records carry the checks' figures: the
-    checks run beside the writer, so a writer calls this once the weights are out; it blocks
-    until the checks are done and raises what they raised (then nothing may be committed)."""
+    checks run beside the writer, so a writer calls this once the weights are out, from the
+    thread that wrote them (it hands back the writer's turn at large tensors, which the check
+    may be waiting for); it blocks until the checks are done and raises what they raised (then
+    nothing may be committed, which ``before_commit`` enforces anyway)."""
     chain: list[tuple[GrowthOp, dict[str, Any]]]
     model_version: str
     stop_if_refused: Callable[[], None] = lambda: None
