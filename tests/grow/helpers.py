@@ -165,3 +165,33 @@ def break_llama_pro(monkeypatch, *, scale: float = 1.01, on_produce=None) -> Non
         return new_config, LazyTensors({name: producer(name) for name in new_tensors})
 
     monkeypatch.setitem(registry._REGISTRY, "llama_pro", dataclasses.replace(real, fn=broken))
+
+
+class RefusalMidWrite:
+    """A check that refuses once the writer is under way, and the writer's side of that meeting:
+    ``writer_step`` (called at each unit of the writer's work: a tensor produced, a raw copy)
+    holds the first unit until the refusal is in, so what the writer does after it shows."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.writing, self.failed = threading.Event(), threading.Event()
+        self.steps = 0
+
+    def refuse(self, *args, **kwargs) -> None:
+        from lite_llm.grow.expand import GrowthError
+
+        self.writing.wait(10)  # fail once the writer is under way
+        try:
+            raise GrowthError("refused by the test")
+        finally:
+            self.failed.set()
+
+    def writer_step(self, *args) -> None:
+        import time
+
+        self.steps += 1
+        if self.steps == 1:
+            self.writing.set()
+            self.failed.wait(10)
+            time.sleep(0.3)  # the check's future is marked failed just after the event

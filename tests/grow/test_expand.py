@@ -20,7 +20,7 @@ from lite_llm.grow.expand import GrowthError, expand_checkpoint
 from lite_llm.grow.recipe import GrowthStep, Recipe
 from lite_llm.grow.validate import validate_models
 
-from .helpers import break_llama_pro, dense_shapes, moe_shapes, random_model, sample_ids
+from .helpers import RefusalMidWrite, break_llama_pro, dense_shapes, moe_shapes, random_model, sample_ids
 
 runner = CliRunner()
 
@@ -119,25 +119,15 @@ def test_a_failed_check_stops_the_writer_beside_it(source, tmp_path, monkeypatch
     """The check runs beside the writer: once it has failed, the writer stops at its next
     tensor instead of writing the rest for nothing."""
     _, path = source
-    writing, failed = threading.Event(), threading.Event()
+    meeting = RefusalMidWrite()
     produced: list[str] = []
-
-    def refuse(*args, **kwargs):
-        writing.wait(10)  # fail once the writer is under way
-        try:
-            raise GrowthError("refused by the test")
-        finally:
-            failed.set()
 
     def hold_the_first(name: str) -> None:
         produced.append(name)
-        if len(produced) == 1:
-            writing.set()
-            failed.wait(10)
-            time.sleep(0.3)  # the check's future is marked failed just after the event
+        meeting.writer_step()
 
     break_llama_pro(monkeypatch, scale=1.0, on_produce=hold_the_first)
-    monkeypatch.setattr(expand, "_check_step", refuse)
+    monkeypatch.setattr(expand, "_check_step", meeting.refuse)
     with pytest.raises(GrowthError, match="refused by the test"):
         expand_checkpoint(path, tmp_path / "out", [GrowthStep("llama_pro", {"target_layers": 6})])
     assert len(produced) == 1, produced

@@ -136,12 +136,9 @@ def test_a_refused_check_leaves_no_folder(hf_llama, tmp_path, monkeypatch):
 def test_raw_copies_stop_once_the_check_has_failed(hf_llama, tmp_path, monkeypatch):
     """Tensors passed on unchanged are copied as raw bytes, not through the grown mapping; the
     writer still asks, before each copy, whether the check beside it has failed."""
-    import threading
-    import time
-
     from lite_llm.grow import expand
-    from lite_llm.grow.expand import GrowthError
     from lite_llm.interop import hf_stream
+    from tests.grow.helpers import RefusalMidWrite
 
     src, _ = hf_llama
     copies: list[int] = []
@@ -151,24 +148,14 @@ def test_raw_copies_stop_once_the_check_has_failed(hf_llama, tmp_path, monkeypat
     assert code == 0 and len(copies) > 2  # SOLAR's reordered blocks break the copy into several runs
     copies.clear()
 
-    writing, failed = threading.Event(), threading.Event()
-
-    def refuse(*args, **kwargs):
-        writing.wait(10)
-        try:
-            raise GrowthError("refused by the test")
-        finally:
-            failed.set()
+    meeting = RefusalMidWrite()
 
     def hold_the_first(*args):
         copies.append(args[2])
-        if len(copies) == 1:
-            writing.set()
-            failed.wait(10)
-            time.sleep(0.3)  # the check's future is marked failed just after the event
+        meeting.writer_step()
         return real_copy(*args)
 
-    monkeypatch.setattr(expand, "_check_step", refuse)
+    monkeypatch.setattr(expand, "_check_step", meeting.refuse)
     monkeypatch.setattr(hf_stream, "_copy_range", hold_the_first)
     code, out = _expand(str(src), "--method", "solar", "--target-layers", "6", "-o", str(tmp_path / "g"), "--format", "hf")
     assert code == 1 and "refused by the test" in out, out

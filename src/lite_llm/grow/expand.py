@@ -166,8 +166,10 @@ def _expand(
     chain: list[tuple[GrowthOp, dict[str, Any]]] = []
     planned: list[tuple[GrowthStep, GrowthOp, dict[str, Any], ModelConfig, Tensors, ModelConfig, Tensors]] = []
     do_validate = validate != "never"
-    ids = check_sample([config], source_tokenizer(src), check_tokens) if do_validate or _measures_importance(steps) else None
-    release_freed_memory()  # the tokenizer that made the sample (SmolLM2's: 30 MB) is gone; return its heap before the writer's peak
+    ids = None
+    if do_validate or _measures_importance(steps):
+        ids = check_sample([config], source_tokenizer(src), check_tokens)
+        release_freed_memory()  # the tokenizer that made the sample (SmolLM2's: 30 MB) is gone; return its heap before the writer's peak
     for step in steps:
         op = get_op(step.method)
         params = _resolve_params(step, config, tensors, ids)

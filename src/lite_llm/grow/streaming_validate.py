@@ -27,18 +27,21 @@ Why it is built this way (DESIGN.md, "Exactness, measured"):
 * **The head in slices.**  The final norm and the head are applied one slice of the
   vocabulary at a time, and the next-token losses come from the same slices (a running
   log-sum-exp).  A head that lies unchanged in a file is read slice by slice from it, and of
-  the embedding only the sample's rows are read (:func:`~.tensors.stored_rows`).  When the grown head is the original's passed on unchanged, both models' states
-  go through each slice; when it differs (width growth), the grown model's logits are kept
-  (tokens x vocabulary in float64) while its head is dropped and the original's loaded, so at
-  most one head is in memory.
+  the embedding only the sample's rows are read (:func:`~.tensors.stored_rows`).  When the
+  grown head is the original's passed on unchanged, both models' states go through each slice;
+  when it differs (width growth), the grown model's logits are kept (tokens x vocabulary in
+  float64) while its head is dropped and the original's loaded, so at most one head is in
+  memory.
 * **Gradient flow where growth created something.**  The first and the last grown block that
   is not shared with the original (every growth builds its blocks alike, so not all of them)
-  are loaded whole in float32 (whether a gradient is all zero is structure, which float32
-  answers as float64 does, at half the memory and twice the speed) and run forward and backward on their first ``GRAD_TOKENS`` tokens under a fixed random
-  projection of the output (plus the routers' balance and z-losses).  A parameter with an
-  all-zero gradient gets one plain SGD step of the whole block and a second chance (a
-  LLaMA-Pro block's q/k/v sit behind its zeroed o_proj).  The embedding, final norm and head
-  are not checked: their gradients come straight from the loss and the residual stream.
+  are loaded whole in float32, or bf16 for a dense block stored so (whether a gradient is all
+  zero is structure, which these answer as float64 does, at a half or a quarter of the memory:
+  :meth:`_Model.grad_dtype`), and run forward and backward on their first ``GRAD_TOKENS``
+  tokens under a fixed random projection of the output (plus the routers' balance and
+  z-losses).  A parameter with an all-zero gradient gets one plain SGD step of the whole block
+  and a second chance (a LLaMA-Pro block's q/k/v sit behind its zeroed o_proj).  The
+  embedding, final norm and head are not checked: their gradients come straight from the loss
+  and the residual stream.
 * **On any device, still float64.**  The tensors are read on the CPU (the mappings are lazy
   files); the float64 buffers, the states and the arithmetic are on ``device``.  A GPU
   computes float64 to the same IEEE rules (the sums in another order: ~1e-16 relative), so the
@@ -313,7 +316,7 @@ class _Model:
 
     def gradient_check(self, layer: int, x: torch.Tensor, buffers: _Buffers) -> tuple[list[str], list[str]]:
         """Block ``layer``'s parameters, and those of them no gradient reaches from ``x``."""
-        buffers.clear()  # the whole float32 block needs the memory more than the pool does (twice a check)
+        buffers.clear()  # the whole block in its gradient dtype needs the memory more than the pool does (twice a check)
         prefix = layer_prefix(layer)
         dtype = self.grad_dtype(layer)
         block = self.grad_block(layer, dtype)
