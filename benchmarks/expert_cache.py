@@ -14,6 +14,16 @@ would see them.  Each policy (``lru``, ours ``layer-cycle``, and Belady's offlin
 at capacities of 5, 10, 25 and 50% of all experts, counted in experts (all are the same size
 here).  Hit rate = hits / accesses; the figure is ours / Belady.  Target: >= 0.9x at 10%.
 
+Fresh requests: every ``--seq-len`` tokens a new request starts on an empty cache; its first
+``--prompt-tokens`` are prefilled (each expert the prompt uses fetched once per layer) and the
+rest decoded.  The store tells its policy how many prompt rows used each expert (the prompt's
+routes are known before decoding starts); the table compares that with counting each once.
+
+How much of the future Belady's figure rests on: a policy that knows the routes of the token
+being decoded, and of the next 1, 2, 4, 8 tokens, evicts by Belady's rule inside that horizon
+and by our estimate beyond it.  Knowing only the current token is the most any pre-gating
+guess could give a decoder, which sees no later token before it has decoded it.
+
 Prefetch: layer l+1's router applied to the residual stream leaving layer l (before layer
 l+1's attention) predicts l+1's experts.  Predicting the same number of experts as are used
 gives precision = recall; predicting ``--prefetch-extra`` more per token raises recall at the
@@ -34,6 +44,7 @@ from _common import cpu_description, emit_json, print_table, setup_torch_threads
 import torch  # noqa: E402
 
 CAPACITIES = (0.05, 0.10, 0.25, 0.50)
+LOOKAHEAD = (0, 1, 2, 4, 8)  # tokens beyond the one being decoded whose routes an oracle policy knows
 TARGET_VS_BELADY_AT_10 = 0.9
 TARGET_RECALL = 0.9
 
@@ -73,24 +84,26 @@ def train_model(work: Path, steps: int, corpus_bytes: int):
 
 @torch.no_grad()
 def record(model, data, tokens: int, seq_len: int):
-    """Per domain: the experts each token used in each MoE layer (decode order), and the
-    pre-gating predictions of each layer from the previous layer's output."""
+    """Per domain: the experts each token used in each MoE layer (one list per token, layer
+    by layer), and the pre-gating predictions of each layer from the previous layer's output."""
     from lite_llm.model import TieredMoE
 
     moe_layers = [b.layer for b in model.layers if isinstance(b.ffn, TieredMoE)]
     k_used = None
     traces, predictions = {}, {}
     for domain in data.domains:
-        accesses: list[tuple[int, str, int]] = []
+        accesses: list[list[tuple[int, str, int]]] = []  # per token, its experts in layer order
         pred_hits = {extra: [0, 0, 0] for extra in [0, *ARGS.prefetch_extra]}  # extra -> [predicted & used, predicted, used]
         windows = data.val_batches(domain, batch_size=1, seq_len=seq_len, max_batches=max(tokens // seq_len, 1))
         for batch in windows:
             per_layer, pre = _forward_with_pregating(model, batch, moe_layers)
             n = batch.numel()
             for t in range(n):
+                token: list[tuple[int, str, int]] = []
                 for layer in moe_layers:
                     ids = sorted(int(e) for e in per_layer[layer][t] if e >= 0)
-                    accesses.extend(_key(model, layer, e) for e in ids)
+                    token.extend(_key(model, layer, e) for e in ids)
+                accesses.append(token)
             for layer in moe_layers[1:]:
                 used = per_layer[layer]
                 k_used = used.shape[1]
@@ -159,24 +172,92 @@ def check_bitwise(model, data, work: Path) -> dict[str, bool]:
     return out
 
 
+class ReplayCache:
+    """A cache of ``capacity`` experts under ``policy``, as the store's levels run it."""
+
+    def __init__(self, capacity: int, policy) -> None:
+        self.capacity, self.policy, self.cached = capacity, policy, set()
+
+    def access(self, key, uses: int = 1) -> bool:
+        """Look ``key`` up (touching the policy with ``uses``); a miss brings it in. True on a hit."""
+        self.policy.touch(key, uses)
+        if key in self.cached:
+            return True
+        if len(self.cached) >= self.capacity:
+            victim = self.policy.victim(self.cached)
+            self.cached.discard(victim)
+            self.policy.forget(victim)
+        self.cached.add(key)
+        return False
+
+
 def replay(accesses, capacity: int, policy_name: str, n_layers: int) -> int:
     """Hits of ``policy_name`` holding ``capacity`` experts over ``accesses``."""
     from lite_llm.store.policies import belady_hits, make_policy
 
     if policy_name == "belady":
         return belady_hits(accesses, capacity)
-    policy = make_policy(policy_name, n_layers)
-    cached: set = set()
-    hits = 0
-    for key in accesses:
+    cache = ReplayCache(capacity, make_policy(policy_name, n_layers))
+    return sum(cache.access(key) for key in accesses)
+
+
+def replay_requests(tokens, capacity: int, policy_name: str, n_layers: int, *, prompt: int, window: int, weighted: bool) -> tuple[int, int]:
+    """Each ``window`` tokens a fresh request (empty cache, new policy): its first ``prompt``
+    tokens are prefilled — layer by layer, each expert the prompt uses fetched once, touched
+    with ``uses`` = its rows when ``weighted`` (what the store does) or 1 — and the rest are
+    decoded token by token.  Returns (hits, accesses) of the decoded tokens."""
+    from collections import Counter
+
+    from lite_llm.store.policies import make_policy
+
+    hits = total = 0
+    for start in range(0, len(tokens), window):
+        request = tokens[start : start + window]
+        cache = ReplayCache(capacity, make_policy(policy_name, n_layers))
+        rows = Counter(key for token in request[:prompt] for key in token)
+        for key in sorted(rows):  # layer by layer (keys sort by layer first)
+            cache.access(key, rows[key] if weighted else 1)
+        for token in request[prompt:]:
+            for key in token:
+                hits += cache.access(key)
+                total += 1
+    return hits, total
+
+
+def lookahead_hits(tokens, capacity: int, n_layers: int, ahead: int) -> int:
+    """Hits of a policy that knows the routes of the token being decoded and of the next
+    ``ahead`` tokens: among cached experts, one not needed within that horizon goes first
+    (the least valuable by our policy's estimate), else the one needed last (Belady's rule
+    inside the horizon).  ``ahead=0`` is perfect pre-gating of every layer of the current
+    token — the most any guess from the current token's hidden states could give; Belady is
+    ``ahead`` = the whole trace.  Shows how much of the future Belady's figure rests on."""
+    from lite_llm.store.policies import LayerCycle
+
+    accesses = [key for token in tokens for key in token]
+    token_of = [t for t, token in enumerate(tokens) for _ in token]
+    horizon_end = [0] * (len(tokens) + ahead + 1)
+    position = 0
+    for t, token in enumerate(tokens):
+        position += len(token)
+        horizon_end[t] = position
+    for t in range(len(tokens), len(horizon_end)):
+        horizon_end[t] = position
+    next_use = [len(accesses)] * len(accesses)
+    last: dict = {}
+    for i in range(len(accesses) - 1, -1, -1):
+        next_use[i] = last.get(accesses[i], len(accesses))
+        last[accesses[i]] = i
+    policy, cached, upcoming, hits = LayerCycle(n_layers), set(), {}, 0
+    for i, key in enumerate(accesses):
         policy.touch(key)
+        upcoming[key] = next_use[i]
         if key in cached:
             hits += 1
             continue
         if len(cached) >= capacity:
-            victim = policy.victim(cached)
+            end = horizon_end[token_of[i] + ahead]
+            victim = min(cached, key=lambda k: ((1, -upcoming[k]) if upcoming[k] < end else (0, policy.value(k)), k))
             cached.discard(victim)
-            policy.forget(victim)
         cached.add(key)
     return hits
 
@@ -189,7 +270,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--corpus-bytes", type=int, default=2_000_000)
     p.add_argument("--tokens", type=int, default=4096, help="held-out tokens per domain")
-    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per window (and per request in the fresh-request replay)")
+    p.add_argument("--prompt-tokens", type=int, default=64, help="prefilled tokens of each request in the fresh-request replay")
     p.add_argument("--prefetch-extra", type=int, nargs="+", default=[2, 4, 8], help="experts predicted beyond those used, per token")
     p.add_argument("--threads", type=int, default=None)
     ARGS = p.parse_args()
@@ -208,7 +290,8 @@ def main() -> None:
 
     total_experts = sum(t.num_experts for t in model.config.tiers) * len(moe_layers)
     rows, figures = [], {}
-    for domain, accesses in traces.items():
+    for domain, tokens in traces.items():
+        accesses = [key for token in tokens for key in token]
         for share in CAPACITIES:
             capacity = max(int(round(share * total_experts)), 1)
             rates = {name: replay(accesses, capacity, name, model.config.n_layers) / len(accesses) for name in ("lru", "layer-cycle", "belady")}
@@ -217,7 +300,31 @@ def main() -> None:
             rows.append([domain, f"{share:.0%} ({capacity})", rates["lru"], rates["layer-cycle"], rates["belady"],
                          figures[f"{domain}@{int(share * 100)}%"]["ours_vs_belady"]])
     print_table(["domain", "capacity", "lru", "layer-cycle", "belady", "ours/belady"], rows,
-                title=f"hit rates, {total_experts} experts, {sum(len(a) for a in traces.values())} accesses")
+                title=f"hit rates, {total_experts} experts, {sum(len(k) for t in traces.values() for k in t)} accesses")
+
+    n_layers = model.config.n_layers
+    requests, rrows = {}, []
+    for domain, tokens in traces.items():
+        for share in CAPACITIES:
+            capacity = max(int(round(share * total_experts)), 1)
+            rates = {}
+            for name, policy, weighted in (("lru", "lru", False), ("ours, prompt seen once", "layer-cycle", False), ("ours, prompt's counts", "layer-cycle", True)):
+                hits, total = replay_requests(tokens, capacity, policy, n_layers, prompt=ARGS.prompt_tokens, window=ARGS.seq_len, weighted=weighted)
+                rates[name] = hits / max(total, 1)
+            requests[f"{domain}@{int(share * 100)}%"] = rates
+            rrows.append([domain, f"{share:.0%} ({capacity})", *rates.values()])
+    print_table(["domain", "capacity", "lru", "ours, prompt seen once", "ours, prompt's counts (the store)"], rrows,
+                title=f"fresh requests of {ARGS.seq_len} tokens: {ARGS.prompt_tokens} prefilled, the rest decoded (hit rate of the decoded)")
+
+    lookahead, lrows = {}, []
+    for domain, tokens in traces.items():
+        capacity = max(int(round(0.10 * total_experts)), 1)
+        belady = figures[f"{domain}@10%"]["belady"] * sum(len(t) for t in tokens)
+        ratios = {ahead: lookahead_hits(tokens, capacity, n_layers, ahead) / belady for ahead in LOOKAHEAD}
+        lookahead[domain] = ratios
+        lrows.append([domain, figures[f"{domain}@10%"]["ours_vs_belady"], *ratios.values()])
+    print_table(["domain", "ours", *(f"knows {a} more token{'s' if a != 1 else ''}" if a else "knows this token" for a in LOOKAHEAD)], lrows,
+                title="hit rate / Belady at 10%, for a policy that knows the routes of the token being decoded and of the next few")
 
     prefetch = {}
     prow = []
@@ -235,7 +342,7 @@ def main() -> None:
     print(f"target prefetch recall >= {TARGET_RECALL}: " + (f"met from k + {reaching[0]} (worst domain {best_recall[reaching[0]]:.3f})" if reaching
           else f"NOT met (best {max(best_recall.values()):.3f})"))
     emit_json({"benchmark": "expert_cache", "cpu": cpu_description(), "experts": total_experts, "hit_rates": figures, "prefetch": prefetch,
-               "ours_vs_belady_at_10": min(at10), "prefetch_worst_recall_by_extra": best_recall, "bitwise_vs_resident": bitwise})
+               "ours_vs_belady_at_10": min(at10), "fresh_requests": requests, "lookahead_vs_belady_at_10": lookahead, "prefetch_worst_recall_by_extra": best_recall, "bitwise_vs_resident": bitwise})
 
 
 if __name__ == "__main__":

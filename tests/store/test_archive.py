@@ -103,3 +103,19 @@ def test_a_failing_or_lying_server_is_one_sentence_and_no_output(server, fault, 
 def test_an_unreachable_archive_is_one_sentence():
     with pytest.raises(CheckpointError, match="could not be read from http://127.0.0.1:9/manifest.json"):
         load_with_store("http://127.0.0.1:9", hot_budget="1MB")
+
+
+def test_a_bad_manifest_at_a_url_is_named_by_its_url(checkpoint, tmp_path):  # noqa: F811
+    """The URL stays a URL in the message (a Path would fold ``file://`` into ``file:/``)."""
+    import json
+    import shutil
+
+    copy = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["model_config"]["d_model"] = "wide"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    url = copy.resolve().as_uri()
+    with pytest.raises(CheckpointError) as err:
+        load_with_store(url, hot_budget="1MB")
+    assert str(err.value).startswith(f"{url}/manifest.json holds an invalid model_config")

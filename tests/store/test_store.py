@@ -162,3 +162,34 @@ def test_prefetch_guesses_the_next_layer_and_never_changes_the_text(checkpoint, 
         assert prefetcher.stats.recall < good.recall and prefetcher.stats.wasted_bytes > 0
     finally:
         prefetcher.close()
+
+
+def test_a_prefill_tells_the_policy_how_many_prompt_tokens_used_each_expert(checkpoint, resident):
+    """The prompt's routes are known before decoding starts: one forward over the prompt leaves
+    the policy with each expert's row count, which the resident model's routing reports."""
+    stored = load_with_store(checkpoint, hot_budget="1GB", warm_budget="1GB", policy="layer-cycle")
+    with torch.no_grad():
+        stored.model(PROMPT)
+        routing = resident(PROMPT).routing
+    policy = stored.store.hot.policy
+    offsets = {0: ("tier_a", 0), 8: ("tier_b", 8)}
+    checked = 0
+    for layer_routing in routing:
+        for flat, n in enumerate(layer_routing.expert_routes.tolist()):
+            tier, start = offsets[8 if flat >= 8 else 0]
+            assert policy.decayed_uses((layer_routing.layer, tier, flat - start)) == n
+            checked += n > 1
+    assert checked > 0  # some expert was used by several rows, so a count of one access each would differ
+
+
+def test_the_policy_keeps_the_expert_the_prompt_used_most():
+    """Closed form: two experts of one layer, prefilled with 5 and 1 uses; the next eviction
+    takes the one used once, and value() is uses x (1 - decay) / distance."""
+    from lite_llm.store.policies import LayerCycle
+
+    policy = LayerCycle(n_layers=2, half_life=128.0)
+    policy.touch((0, "t", 1), uses=5)
+    policy.touch((0, "t", 2), uses=1)
+    assert policy.victim([(0, "t", 1), (0, "t", 2)]) == (0, "t", 2)
+    decay = 0.5 ** (1 / 128)
+    assert policy.value((0, "t", 1)) == pytest.approx(5 * (1 - decay) / 2)  # layer 0 comes round after 2 layer visits

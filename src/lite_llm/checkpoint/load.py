@@ -72,8 +72,9 @@ def read_manifest(path: str | os.PathLike) -> dict:
 
 
 # ------------------------------------------------------------------------------- helpers
-def config_from_manifest(manifest: dict, root: Path) -> tuple[dict, list[str]]:
-    """The raw model_config with tiers needing a newer reader removed, and their names."""
+def config_from_manifest(manifest: dict, root: Path | str) -> tuple[dict, list[str]]:
+    """The raw model_config with tiers needing a newer reader removed, and their names
+    (``root``, a folder or a URL, only names the checkpoint in the warning)."""
     raw = dict(manifest["model_config"])
     ours = reader_version()
     kept, skipped = [], []
@@ -94,7 +95,7 @@ def config_from_manifest(manifest: dict, root: Path) -> tuple[dict, list[str]]:
     return raw, skipped
 
 
-def build_config(raw: dict, manifest: dict, manifest_path: Path) -> ModelConfig:
+def build_config(raw: dict, manifest: dict, manifest_path: Path | str) -> ModelConfig:
     routing = dict(raw.get("routing") or {})
     n_tiers = len(raw.get("tiers", []))
     if n_tiers and isinstance(routing.get("k_tier"), int):

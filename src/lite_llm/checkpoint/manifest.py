@@ -205,7 +205,7 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     return validate_manifest(data, manifest_path)
 
 
-def validate_manifest(data: Any, manifest_path: Path) -> dict[str, Any]:
+def validate_manifest(data: Any, manifest_path: Path | str) -> dict[str, Any]:
     """Check a parsed manifest (see :func:`read_manifest`) and fill the defaults of optional fields."""
     if not isinstance(data, dict):
         raise CheckpointError(f"{manifest_path} must hold a JSON object; restore it from a backup or re-save the checkpoint")

@@ -30,9 +30,13 @@ from .experts import DispatchImpl, choose_impl, grouped_experts, looped_experts
 class ExpertSource(Protocol):
     """Where the weights of experts the model does not hold come from."""
 
-    def fetch(self, layer: int, tier: str, experts: Sequence[int]) -> AbstractContextManager[list[tuple[torch.Tensor, torch.Tensor]]]:
+    def fetch(
+        self, layer: int, tier: str, experts: Sequence[int], uses: Sequence[int] | None = None
+    ) -> AbstractContextManager[list[tuple[torch.Tensor, torch.Tensor]]]:
         """``(gate_up (2H, d), down (d, H))`` of each of ``experts``, in that order, on the
-        compute device in the compute dtype, pinned (never evicted) until the context exits."""
+        compute device in the compute dtype, pinned (never evicted) until the context exits.
+        ``uses``: how many rows routed to each (a prefill's counts tell a cache more than one
+        access each would)."""
         ...
 
     def max_experts_at_once(self, layer: int, tier: str) -> int:
@@ -68,7 +72,7 @@ class SourcedExperts(nn.Module):
             chunk_counts = [counts[e] for e in chunk]
             rows = x[row : row + sum(chunk_counts)]
             row += rows.shape[0]
-            with self.source.fetch(self.layer, self.tier, chunk) as weights:
+            with self.source.fetch(self.layer, self.tier, chunk, chunk_counts) as weights:
                 if impl == "grouped_mm":
                     w_gu = torch.stack([gu for gu, _ in weights])
                     w_d = torch.stack([d for _, d in weights])

@@ -59,9 +59,10 @@ class Archive:
             parsed = json.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ArchiveError(f"{self.url}/{MANIFEST} is not valid JSON ({exc}); point to a lite-llm checkpoint") from None
-        self.manifest = validate_manifest(parsed, Path(self.url) / MANIFEST)
-        raw, skipped = config_from_manifest(self.manifest, Path(self.url))
-        self.config = build_config(raw, self.manifest, Path(self.url) / MANIFEST)
+        where = f"{self.url}/{MANIFEST}"  # a URL, not a Path (which would fold s3:// into s3:/)
+        self.manifest = validate_manifest(parsed, where)
+        raw, skipped = config_from_manifest(self.manifest, self.url)
+        self.config = build_config(raw, self.manifest, where)
 
     def member(self, rel: str) -> str:
         if rel.startswith("/") or ".." in rel.split("/"):

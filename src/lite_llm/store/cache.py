@@ -47,14 +47,15 @@ class CacheLevel:
     used: int = 0
     stats: LevelStats = field(default_factory=LevelStats)
 
-    def get(self, key: Key) -> Weights | None:
-        """The cached weights of ``key`` (a hit), or None (a miss); either way an access."""
+    def get(self, key: Key, uses: int = 1) -> Weights | None:
+        """The cached weights of ``key`` (a hit), or None (a miss); either way an access, by
+        ``uses`` tokens at once (what the policy learns; the statistics count one lookup)."""
         entry = self.entries.get(key)
         if entry is None:
             self.stats.misses += 1
         else:
             self.stats.hits += 1
-        self.policy.touch(key)
+        self.policy.touch(key, uses)
         return None if entry is None else entry[0]
 
     def fits(self, nbytes: int) -> bool:

@@ -14,7 +14,9 @@ accesses, so the policies behave the same whatever the speed of the machine.
   expected use per access until its next chance — ``p(use) / distance`` — which is what
   Belady's rule (evict the one needed furthest in the future) becomes when the future is
   known only in distribution.  Experts of tiers outside the request's TierSet cannot be used
-  at all and go first.
+  at all and go first.  A prompt's routes are known before decoding starts: a prefill touches
+  each expert once with ``uses`` = the prompt tokens routed to it, so decoding begins with the
+  prompt's own frequencies rather than a flat "seen once" for every expert it touched.
 * :class:`Belady` — the offline optimum for a known sequence of accesses (benchmarks only).
 """
 
@@ -31,8 +33,8 @@ Key = tuple[int, str, int]  # (layer, tier, expert)
 class EvictionPolicy(Protocol):
     name: str
 
-    def touch(self, key: Key) -> None:
-        """``key`` was accessed (a hit or a miss)."""
+    def touch(self, key: Key, uses: int = 1) -> None:
+        """``key`` was accessed (a hit or a miss) by ``uses`` tokens at once."""
         ...
 
     def forget(self, key: Key) -> None:
@@ -54,7 +56,7 @@ class LRU:
     def __init__(self) -> None:
         self._order: OrderedDict[Key, None] = OrderedDict()
 
-    def touch(self, key: Key) -> None:
+    def touch(self, key: Key, uses: int = 1) -> None:
         self._order[key] = None
         self._order.move_to_end(key)
 
@@ -84,13 +86,13 @@ class LayerCycle:
         self._layer = 0  # the layer accessed last
         self._allowed: set[str] | None = None
 
-    def touch(self, key: Key) -> None:
+    def touch(self, key: Key, uses: int = 1) -> None:
         layer = key[0] % self.n_layers
         if layer != self._layer or self._visits[layer] == 0:
             self._visits[layer] += 1  # a new visit of this layer (experts of one visit share it)
         self._layer = layer
         now = self._visits[layer]
-        self._score[key] = self._score_at(key, now) + 1.0
+        self._score[key] = self._score_at(key, now) + float(uses)
         self._seen[key] = now
 
     def forget(self, key: Key) -> None:
@@ -101,13 +103,17 @@ class LayerCycle:
             return 0.0
         return self._score[key] * self.decay ** (now - self._seen[key])
 
+    def decayed_uses(self, key: Key) -> float:
+        """Uses of ``key`` so far, each weighted by 1/2 per ``half_life`` visits of its layer since."""
+        return self._score_at(key, self._visits[key[0] % self.n_layers])
+
     def value(self, key: Key) -> float:
         """Expected uses per access until ``key``'s layer comes round again."""
         if self._allowed is not None and key[1] not in self._allowed:
             return -1.0
         layer = key[0] % self.n_layers
         distance = (layer - self._layer - 1) % self.n_layers + 1  # 1 = the next layer, n = this one again
-        rate = self._score_at(key, self._visits[layer]) * (1.0 - self.decay)  # ~ p(use) per visit
+        rate = self.decayed_uses(key) * (1.0 - self.decay)  # ~ p(use) per visit
         return rate / distance
 
     def victim(self, candidates: Iterable[Key]) -> Key:

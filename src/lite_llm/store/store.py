@@ -4,7 +4,8 @@ interface (:class:`lite_llm.model.expert_source.ExpertSource`).
 
 A fetch of a step's experts looks each up in hot, then warm, then reads it cold; what it
 brings in is kept in warm (as stored) and hot (as computed with) when their budgets allow,
-evicting unpinned entries by the policy.  Every fetched expert stays pinned in hot until the
+evicting unpinned entries by the policy, which is told how many rows the step routed to each
+expert (a prefill's counts are the prompt's routes, known before decoding starts).  Every fetched expert stays pinned in hot until the
 computation that asked for it is done, so the budget must hold the experts of one call:
 :meth:`max_experts_at_once` tells the model how many that is, and it takes a layer's experts
 in chunks of that many (the outputs do not change, see ``model/expert_source.py``).
@@ -95,8 +96,11 @@ class ExpertStore:
 
     # ------------------------------------------------------------------------------ fetch
     @contextmanager
-    def fetch(self, layer: int, tier: str, experts: Sequence[int]) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+    def fetch(
+        self, layer: int, tier: str, experts: Sequence[int], uses: Sequence[int] | None = None
+    ) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
         keys: list[Key] = [(layer, tier, int(e)) for e in experts]
+        counts = [1] * len(keys) if uses is None else [max(int(n), 1) for n in uses]
         if len(keys) > self.max_experts_at_once(layer, tier):
             raise ConfigError(f"{len(keys)} experts of tier {tier} do not fit the hot budget at once; ask for at most {self.max_experts_at_once(layer, tier)}")
         self.fetches += 1
@@ -107,8 +111,8 @@ class ExpertStore:
         held: list[Key] = []
         out: list[Weights] = []
         try:
-            for key in keys:
-                weights = self._hot(key)
+            for key, n in zip(keys, counts, strict=True):
+                weights = self._hot(key, n)
                 self.hot.pin(key)
                 held.append(key)
                 out.append(weights)
@@ -117,11 +121,11 @@ class ExpertStore:
             for key in held:
                 self.hot.unpin(key)
 
-    def _hot(self, key: Key) -> Weights:
-        weights = self.hot.get(key)
+    def _hot(self, key: Key, uses: int) -> Weights:
+        weights = self.hot.get(key, uses)
         if weights is not None:
             return weights
-        stored = self._warm(key)  # as on disk (a quantized tier: quantized), dequantized on the way to hot
+        stored = self._warm(key, uses)  # as on disk (a quantized tier: quantized), dequantized on the way to hot
         weights = tuple(t.to(device=self.device, dtype=self.dtype) for t in self.cold.weights(key, stored))  # type: ignore[assignment]
         if not self.hot.put(key, weights, self.hot_bytes(key[0], key[1])):
             raise RuntimeError(f"the hot level has no room for expert {key} beside the pinned ones")  # max_experts_at_once prevents this
@@ -132,9 +136,9 @@ class ExpertStore:
             self.on_fetch(self._layer, self._layer_keys)
         self._layer_keys = []
 
-    def _warm(self, key: Key) -> tuple[torch.Tensor, ...]:
+    def _warm(self, key: Key, uses: int) -> tuple[torch.Tensor, ...]:
         with self._warm_lock:
-            weights = self.warm.get(key)
+            weights = self.warm.get(key, uses)
         if weights is not None:
             return weights
         return self._read_into_warm(key)
