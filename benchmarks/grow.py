@@ -11,10 +11,13 @@ Each measurement runs in a fresh subprocess so its peak RSS (VmHWM) is its own:
   ``copy-nofsync``: the same without fsync (what ``cp`` alone measures);
 * ``grow``: ``expand_checkpoint(..., validate="never")``, LLaMA-Pro depth growth, with the
   source's sha256 verified first (the default) and without (``--no-verify`` figure);
-* ``grow-validate``: the same growth with the default validation (the streamed float64 check
-  of :mod:`lite_llm.grow.streaming_validate`, 128 sample tokens), and ``grow-validate-256`` with
-  256 sample tokens;
-* the same ``grow`` / ``grow-validate`` pair on SmolLM2-135M-Instruct imported from its GGUF
+* ``grow-validate``: the same growth with the default validation (``validate="auto"``: for
+  LLaMA-Pro the proof that the grown model is the original by construction plus the gradient
+  check; for other methods the streamed float64 check of
+  :mod:`lite_llm.grow.streaming_validate` on 128 sample tokens), ``grow-validate-sample``: the
+  float64 sample evaluated whatever the method (``validate="always"``), and
+  ``grow-validate-256`` the same with 256 sample tokens;
+* the same ``grow`` / ``grow-validate`` / ``grow-validate-sample`` runs on SmolLM2-135M-Instruct imported from its GGUF
   (``--smollm2 FILE``, default ``models/SmolLM2-135M-Instruct.Q4_1.gguf`` when present), grown by
   ``--smollm2-steps`` (default: llama_pro to 40 layers, and width to d_model 1152);
 * ``mergekit`` (when the ``mergekit-yaml`` command is installed): the same depth growth as a
@@ -75,7 +78,7 @@ def _child(args: argparse.Namespace) -> None:
                     os.fsync(fd)
                     os.close(fd)
     else:
-        validate = "never" if args.child in ("grow", "grow-noverify") else "auto"
+        validate = {"grow": "never", "grow-noverify": "never", "grow-validate": "auto"}.get(args.child, "always")
         tokens = 256 if args.child == "grow-validate-256" else SAMPLE_TOKENS
         verify = args.child != "grow-noverify"
         expand_checkpoint(args.src, args.out, [step], validate=validate, check_tokens=tokens, verify=verify, max_shard_bytes=args.shard_bytes)
@@ -116,15 +119,16 @@ def _smollm2(gguf: Path, work: Path, args: argparse.Namespace) -> list[dict]:
         method, _, rest = spec.partition(":")
         params = json.loads(rest) if rest else {}
         step = {"method": method, "params": params}
-        runs: dict[str, list[dict]] = {"grow": [], "grow-validate": []}
+        runs: dict[str, list[dict]] = {"grow": [], "grow-validate": [], "grow-validate-sample": []}
         for _ in range(args.repeats):
             for kind in runs:
                 runs[kind].append(_run_child(kind, src, work / f"smol-{kind}", args, step))
-        figures = _validation_figures(runs, ["grow-validate"])["grow-validate"]
+        figures = _validation_figures(runs, ["grow-validate", "grow-validate-sample"])
         peak_grow = max(r["peak_kib"] - r["baseline_kib"] for r in runs["grow"]) * 1024
-        results.append({"step": spec, "grow_s": min(r["seconds"] for r in runs["grow"]), "grow_peak_bytes": peak_grow, "out_bytes": runs["grow"][0]["out_bytes"], **figures})
-        shutil.rmtree(work / "smol-grow", ignore_errors=True)
-        shutil.rmtree(work / "smol-grow-validate", ignore_errors=True)
+        results.append({"step": spec, "grow_s": min(r["seconds"] for r in runs["grow"]), "grow_peak_bytes": peak_grow, "out_bytes": runs["grow"][0]["out_bytes"],
+                        **figures["grow-validate"], "sample": figures["grow-validate-sample"]})
+        for kind in runs:
+            shutil.rmtree(work / f"smol-{kind}", ignore_errors=True)
     return results
 
 
@@ -202,7 +206,7 @@ def main() -> None:
     parser.add_argument(
         "--smollm2-steps", nargs="+", default=['llama_pro:{"target_layers": 40}', 'width:{"d_model": 1152}'], help="METHOD:JSON_PARAMS growths of SmolLM2."
     )
-    parser.add_argument("--child", choices=["copy", "copy-nofsync", "grow", "grow-noverify", "grow-validate", "grow-validate-256"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["copy", "copy-nofsync", "grow", "grow-noverify", "grow-validate", "grow-validate-sample", "grow-validate-256"], help=argparse.SUPPRESS)
     parser.add_argument("--src", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--step", default='{"method": "llama_pro", "params": {"target_layers": 14}}', help=argparse.SUPPRESS)
@@ -217,7 +221,8 @@ def main() -> None:
         t0 = time.perf_counter()
         src_bytes, config = _make_source(src, args)
         print(f"source: {src_bytes / 1e9:.2f} GB, {config.n_layers} layers, d_model {config.d_model} (made in {time.perf_counter() - t0:.1f} s)")
-        runs: dict[str, list[dict]] = {"copy": [], "copy-nofsync": [], "grow": [], "grow-noverify": [], "grow-validate": [], "grow-validate-256": []}
+        kinds = ["copy", "copy-nofsync", "grow", "grow-noverify", "grow-validate", "grow-validate-sample", "grow-validate-256"]
+        runs: dict[str, list[dict]] = {kind: [] for kind in kinds}
         for _ in range(args.repeats):  # interleaved, so drift hits every variant alike
             for kind in runs:
                 runs[kind].append(_run_child(kind, src, work / f"out-{kind}", args))
@@ -234,17 +239,19 @@ def main() -> None:
         print_table(["run", "seconds", "/ copy", "peak RSS - baseline (MB)", "/ output size"], rows, title=f"growth {config.n_layers} -> {args.target_layers} layers, output {out_bytes / 1e9:.2f} GB")
         if mk is None:
             print("mergekit: not installed (pip install mergekit to compare)")
-        validation = _validation_figures(runs, ["grow-validate", "grow-validate-256"])
+        validation = _validation_figures(runs, ["grow-validate", "grow-validate-sample", "grow-validate-256"])
         print_table(
             ["run", "seconds", "added to grow", "peak RSS - baseline (MB)", "/ output size"],
             [[k, f"{v['seconds']:.2f}", f"{v['added']:+.0%}", f"{v['peak_bytes'] / 1e6:.0f}", f"{v['peak_over_output']:.1%}"] for k, v in validation.items()],
-            title="default validation (targets: adds <= 25%, peak <= 25% of the output)",
+            title="validation: default (proof for llama_pro), and the float64 sample (targets: adds <= 25%, peak <= 25% of the output)",
         )
         smol = [] if args.no_smollm2 or not args.smollm2.exists() else _smollm2(args.smollm2, work, args)
         if smol:
             print_table(
-                ["SmolLM2-135M growth", "output (GB)", "grow (s)", "grow + validate (s)", "added", "peak RSS grow / validated (MB)", "validated peak / output"],
-                [[r["step"], f"{r['out_bytes'] / 1e9:.2f}", f"{r['grow_s']:.2f}", f"{r['seconds']:.2f}", f"{r['added']:+.0%}", f"{r['grow_peak_bytes'] / 1e6:.0f} / {r['peak_bytes'] / 1e6:.0f}", f"{r['peak_over_output']:.1%}"] for r in smol],
+                ["SmolLM2-135M growth", "output (GB)", "grow (s)", "default validate (s)", "added", "peak RSS grow / validated (MB)", "validated peak / output",
+                 "sample (s)", "added", "sample peak / output"],
+                [[r["step"], f"{r['out_bytes'] / 1e9:.2f}", f"{r['grow_s']:.2f}", f"{r['seconds']:.2f}", f"{r['added']:+.0%}", f"{r['grow_peak_bytes'] / 1e6:.0f} / {r['peak_bytes'] / 1e6:.0f}", f"{r['peak_over_output']:.1%}",
+                  f"{r['sample']['seconds']:.2f}", f"{r['sample']['added']:+.0%}", f"{r['sample']['peak_over_output']:.1%}"] for r in smol],
                 title="validation on the real model",
             )
         emit_json(
@@ -268,11 +275,14 @@ def main() -> None:
                 "validate_s": rounded(validation["grow-validate"]["seconds"], 3),
                 "validate_added": rounded(validation["grow-validate"]["added"], 3),
                 "validate_peak_over_output": rounded(validation["grow-validate"]["peak_over_output"], 4),
+                "validate_sample_added": rounded(validation["grow-validate-sample"]["added"], 3),
+                "validate_sample_peak_over_output": rounded(validation["grow-validate-sample"]["peak_over_output"], 4),
                 "validate256_added": rounded(validation["grow-validate-256"]["added"], 3),
                 "validate256_peak_over_output": rounded(validation["grow-validate-256"]["peak_over_output"], 4),
                 "smollm2": [
                     {"step": r["step"], "grow_s": rounded(r["grow_s"], 3), "validate_s": rounded(r["seconds"], 3), "validate_added": rounded(r["added"], 3),
-                     "validate_peak_over_output": rounded(r["peak_over_output"], 4), "output_gb": rounded(r["out_bytes"] / 1e9, 3)}
+                     "validate_peak_over_output": rounded(r["peak_over_output"], 4), "output_gb": rounded(r["out_bytes"] / 1e9, 3),
+                     "sample_s": rounded(r["sample"]["seconds"], 3), "sample_added": rounded(r["sample"]["added"], 3), "sample_peak_over_output": rounded(r["sample"]["peak_over_output"], 4)}
                     for r in smol
                 ],
             }

@@ -244,3 +244,103 @@ def test_validate_of_checkpoints_on_disk_shares_bitwise_equal_blocks(source, tmp
     assert result.exit_code == 0, result.output
     report = json.loads(report_file.read_text())
     assert report["max_abs"] == 0.0 and report["shared_blocks"] == model.config.n_layers and report["passed"]
+
+
+# ------------------------------------------------------------------ identity by construction
+@pytest.mark.parametrize("shape", sorted(dense_shapes()))
+def test_a_llama_pro_growth_is_proved_with_the_figures_the_sample_measures(shape, monkeypatch):
+    """``prove=True`` on LLaMA-Pro: no block is evaluated and no head computed, yet the verdict,
+    the parameter counts and the gradient check equal the float64 sample's (the oracle here)."""
+    from lite_llm.grow import streaming_validate
+
+    config = dense_shapes()[shape]
+    model = random_model(config)
+    state = stored_state(model)
+    new_config, tensors = get_op("llama_pro")(config, state, target_layers=config.n_layers + 2)
+    ids = check_sample([config])
+    measured = check_growth(config, state, new_config, tensors, ids, exact_expected=True)
+    monkeypatch.setattr(streaming_validate._Model, "run", lambda *a: pytest.fail("a block was evaluated"))
+    monkeypatch.setattr(streaming_validate, "_heads", lambda *a: pytest.fail("a head was computed"))
+    proved = check_growth(config, state, new_config, tensors, ids, exact_expected=True, prove=True)
+    assert proved.proved and not measured.proved and proved.passed and measured.passed
+    assert proved.max_abs == measured.max_abs == 0.0 and proved.max_rel == 0.0 and proved.loss_jump == measured.loss_jump == 0.0
+    assert proved.tokens == 0 and proved.loss_original is None and measured.tokens == 128
+    assert (proved.params_original, proved.params_grown) == (measured.params_original, measured.params_grown) == (model.num_params(), new_config.num_params())
+    assert proved.new_params == measured.new_params and proved.dead_params == measured.dead_params == []
+    assert (proved.shared_blocks, proved.silent_blocks) == (measured.shared_blocks, measured.silent_blocks) == (config.n_layers, 2)
+    assert proved.preservation()["proved"] is True and "no sample evaluated" in proved.preservation()["measure"]
+
+
+def _llama_pro(config_name: str = "gqa2-untied"):
+    config = dense_shapes()[config_name]
+    state = stored_state(random_model(config))
+    new_config, tensors = get_op("llama_pro")(config, state, positions=[0])
+    return config, state, new_config, tensors
+
+
+def _changed(tensors, changes: dict):
+    """``tensors`` with ``changes`` computed and every other tensor passed on (origins kept)."""
+    from lite_llm.grow.tensors import LazyTensors, Ref
+
+    return LazyTensors({n: (lambda t=changes[n]: t) if n in changes else Ref(tensors, n) for n in tensors})
+
+
+def _nan_in_new_block(t):
+    q = t["layers.1.attn.q_proj.weight"].clone()
+    q[0, 0] = float("nan")
+    return {"layers.1.attn.q_proj.weight": q}
+
+
+def test_the_changed_helper_keeps_the_proof():
+    config, state, new_config, tensors = _llama_pro()
+    assert check_growth(config, state, new_config, _changed(tensors, {}), check_sample([config]), exact_expected=True, prove=True).proved
+
+
+@pytest.mark.parametrize(
+    "change, refused",
+    [
+        (lambda t: {"layers.1.attn.o_proj.weight": torch.full_like(t["layers.1.attn.o_proj.weight"], 1e-3)}, True),  # a writer not zero
+        (_nan_in_new_block, True),  # 0 * NaN is NaN: not silent
+        (lambda t: {"layers.0.ffn.up_proj.weight": t["layers.0.ffn.up_proj.weight"] * 1.5}, True),  # an original block changed
+        (lambda t: {"norm.weight": t["norm.weight"].clone()}, False),  # bitwise the same, but computed: not known without reading
+        (lambda t: {"embed.weight": t["embed.weight"] * 1.01}, True),
+    ],
+)
+def test_anything_not_the_identity_by_construction_is_evaluated(change, refused):
+    """The proof declines whatever it cannot show from origins and zero writers; the float64
+    sample then judges (and refuses what changed the function)."""
+    config, state, new_config, tensors = _llama_pro()
+    tensors = _changed(tensors, change(tensors))
+    report = check_growth(config, state, new_config, tensors, check_sample([config]), exact_expected=True, check_gradients=False, prove=True)
+    assert not report.proved and report.tokens == 128
+    assert report.passed is not refused and report.preserved is not refused
+
+
+def test_a_config_that_differs_beyond_depth_is_evaluated():
+    config, state, new_config, tensors = _llama_pro()
+    other = new_config.replace(norm_eps=new_config.norm_eps * 10)
+    report = check_growth(config, state, other, tensors, check_sample([config]), exact_expected=True, check_gradients=False, prove=True)
+    assert not report.proved and report.max_abs > 0 and not report.passed
+
+
+def test_widening_and_moe_depth_growth_are_evaluated():
+    """Width growth computes new tensors; LLaMA-Pro on an MoE model shifts the routed blocks'
+    indices, on which routing's tie-breaks depend: neither is the identity by construction."""
+    config = dense_shapes()["gqa2-untied"]
+    state = stored_state(random_model(config))
+    report = check_growth(config, state, *get_op("width")(config, state, d_model=80), check_sample([config]), exact_expected=True, prove=True)
+    assert not report.proved and report.passed
+    moe = moe_shapes()["two-tier"]
+    state = stored_state(random_model(moe))
+    report = check_growth(moe, state, *get_op("llama_pro")(moe, state, positions=[0]), check_sample([moe]), exact_expected=True, prove=True)
+    assert not report.proved and report.passed
+
+
+def test_the_proof_still_finds_a_dead_new_block():
+    """The gradient check runs on the proof's path too (on the sample's embeddings): a new
+    block with a zero FFN norm is still silent (proved), and its FFN gets no gradient."""
+    config, state, new_config, tensors = _llama_pro()
+    tensors = _changed(tensors, {"layers.1.ffn_norm.weight": torch.zeros_like(tensors["layers.1.ffn_norm.weight"])})
+    report = check_growth(config, state, new_config, tensors, check_sample([config]), exact_expected=True, prove=True)
+    assert report.proved and report.preserved and not report.passed
+    assert sorted(report.dead_params) == ["layers.1.ffn.down_proj.weight", "layers.1.ffn.gate_proj.weight", "layers.1.ffn.up_proj.weight", "layers.1.ffn_norm.weight"]

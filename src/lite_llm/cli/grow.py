@@ -39,9 +39,9 @@ def _print_records(records: list[dict[str, Any]]) -> None:
             r["method"],
             f"{format_size(r['params_before'])} → {format_size(r['params_after'])}  {json.dumps(shown)}",
             "yes" if r["exact"] else "no",
-            f"{p['max_rel']:.2e}" if p else "not measured",
+            ("0, proved (no sample needed)" if p.get("proved") else f"{p['max_rel']:.2e}") if p else "not measured",
             f"{p['max_abs']:.2e}" if p else "-",
-            f"{p['loss_jump']:+.4f}" if p else "-",
+            ("0 (same function)" if p.get("proved") else f"{p['loss_jump']:+.4f}") if p else "-",
         )
     console.print(table)
 
@@ -58,7 +58,11 @@ def expand(
     method: Optional[str] = typer.Option(None, "--method", help="One growth method (see --list)."),
     target_layers: Optional[int] = typer.Option(None, "--target-layers", help="Depth methods: layers after growth.", min=1),
     set_: list[str] = typer.Option([], "--set", help="Method parameter KEY=VALUE (repeatable), e.g. --set d_model=512."),
-    validate: str = typer.Option("auto", help="auto or always: check every step (streamed, any size); never: skip the check."),
+    validate: str = typer.Option(
+        "auto",
+        help="auto: check every step (streamed, any size), proving a step that is the identity by construction (llama_pro) instead of "
+        "evaluating it; always: evaluate the float64 sample for every step; never: skip the check.",
+    ),
     tolerance: Optional[float] = typer.Option(
         None, "--tolerance", help="Largest relative logit change (max|Δ| / max|logit|, float64) an exact step may make [default: 1e-05, or the recipe's]."
     ),

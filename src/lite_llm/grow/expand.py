@@ -4,7 +4,9 @@ The source is opened with :func:`open_checkpoint` (hash-verified, nothing loaded
 are chained as lazy tensor mappings, and the output is written with ``write_checkpoint`` one
 tensor at a time — so a growth needs memory for a few tensors, not two models.  Unless
 ``validate="never"``, every step is checked at every size by :func:`check_growth`, which
-streams both models block by block in float64 on 128 sample tokens.  The check runs in a
+streams both models block by block in float64 on 128 sample tokens — or, by default for a
+step that is the identity by construction (LLaMA-Pro), proves it so from the tensors'
+origins and the new blocks' zero writers, evaluating nothing.  The check runs in a
 thread beside the writer (its float64 matmuls and reads release the GIL while the writer
 copies and fsyncs); an exact step whose relative logit change exceeds its tolerance stops the
 writer at its next tensor, and nothing is committed: the output is swapped into place only
@@ -122,8 +124,10 @@ def expand_checkpoint(
     """Grow the checkpoint at ``source`` by ``steps`` into a new checkpoint at ``output``
     (or, with ``open_source`` / ``write_output``, another kind of source / output).
 
-    ``validate``: ``auto`` and ``always`` check every step (streamed, at any size), ``never``
-    skips the check, ``check_tokens`` is its sample size.  ``tolerance`` is the relative logit
+    ``validate``: ``auto`` checks every step (streamed, at any size), proving a step that is
+    the identity by construction (LLaMA-Pro's zero-writer blocks between the original's, passed
+    on unchanged) instead of evaluating it; ``always`` evaluates the float64 sample for every
+    step; ``never`` skips the check.  ``check_tokens`` is the sample's size.  ``tolerance`` is the relative logit
     change an exact step may make (a step's own ``tolerance`` wins; None: ``DEFAULT_TOLERANCE``)."""
     if validate not in VALIDATE_MODES:
         raise ConfigError(f"validate must be one of {', '.join(VALIDATE_MODES)}, got {validate!r}")
@@ -184,7 +188,7 @@ def _expand(
         records, reports = [], []
         for step, op, params, before, before_tensors, after, after_tensors in planned:
             exact = op.exact(params)
-            report = _check_step(step, exact, before, before_tensors, after, after_tensors, ids, tolerance, beside) if do_validate else None
+            report = _check_step(step, exact, before, before_tensors, after, after_tensors, ids, tolerance, beside, prove=validate == "auto") if do_validate else None
             records.append(_record(src, step.method, params, exact, before, after, report))
             reports.append(report)
         return records, reports
@@ -379,10 +383,13 @@ def _check_step(
     ids: torch.Tensor,
     tolerance: float,
     beside: Beside | None = None,
+    *,
+    prove: bool = False,
 ) -> ValidationReport:
-    """The streamed check of one step; an exact step that changed the logits is refused."""
+    """The streamed check of one step (``prove``: a step that is the identity by construction is
+    proved so, not evaluated); an exact step that changed the logits is refused."""
     tolerance = step.tolerance if step.tolerance is not None else tolerance
-    report = check_growth(before, tensors, after, grown, ids, exact_expected=exact, tolerance=tolerance, beside=beside)
+    report = check_growth(before, tensors, after, grown, ids, exact_expected=exact, tolerance=tolerance, beside=beside, prove=prove)
     if exact and not report.preserved:
         raise GrowthError(
             f"{step.describe()} is meant to be exact but changed the logits by {report.max_rel:.3g} of their scale "

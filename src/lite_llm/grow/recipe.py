@@ -9,7 +9,7 @@ steps:
     target_layers: 12
   - method: width
     d_model: 384
-validate: auto                  # auto | always | never
+validate: auto                  # auto (prove identity steps, evaluate the rest) | always (evaluate every step) | never
 tolerance: 1e-5                 # optional: largest relative logit change an exact step may make
 ```
 Each step is a method name from :func:`available_ops` and that method's parameters, and

@@ -80,8 +80,8 @@ class Comparison:
     scale: float  # max |a|
     sse: float  # sum of (a - b)^2
     logits: int  # how many logits were compared
-    loss_a: float
-    loss_b: float
+    loss_a: float | None  # None when proved (no sample was evaluated)
+    loss_b: float | None
     tokens: int
     params_a: int  # parameters the tensors hold (embedding counted once when tied)
     params_b: int
@@ -89,6 +89,7 @@ class Comparison:
     dead_params: list[str] = field(default_factory=list)  # of those, the ones still without gradient
     shared_blocks: int = 0  # grown blocks computed once for both models
     silent_blocks: int = 0  # grown blocks proven to add nothing to the residual stream, not computed
+    proved: bool = False  # the grown model is the original by construction (:func:`prove_unchanged`)
 
 
 class Beside(Protocol):
@@ -295,23 +296,32 @@ class _Model:
     def writes_nothing(self, layer: int, x: torch.Tensor) -> int | None:
         """Block ``layer``'s parameter count when it provably adds exactly zero to the residual
         stream on ``x`` (so its output is ``x``: a real forward's, up to the sign of zeros,
-        ``-0.0 + 0.0`` being ``+0.0``, which no later operation tells apart), else None.
+        ``-0.0 + 0.0`` being ``+0.0``, which no later operation tells apart), else None: ``x``
+        finite and the block :meth:`zero_writers`."""
+        if not bool(torch.isfinite(x).all()) or not self.zero_writers(layer):
+            return None
+        return self.block_params(layer)
+
+    def zero_writers(self, layer: int) -> bool:
+        """Whether block ``layer`` adds exactly zero to any finite residual stream.
 
         The block computes ``h = x + o_proj(attn)`` and ``h + down_proj(ffn)`` (an MoE's
         output is a weighted sum of its experts' ``down_proj`` products).  When every one of
-        those writers is all zeros and every other tensor of the block and ``x`` are finite,
-        each product is a sum of ``0 * finite`` terms, exactly zero, and ``x + 0 = x`` (a
-        LLaMA-Pro block is born so).  Reading the block is cheap; its float64 forward is not."""
+        those writers is all zeros and every other tensor of the block is finite, each product
+        is a sum of ``0 * finite`` terms, exactly zero, and ``x + 0 = x`` (a LLaMA-Pro block is
+        born so).  Reading the block is cheap; its float64 forward is not."""
         names = layer_names(self.names, layer)
         writers = [n for n in names if n in ("attn.o_proj.weight", "ffn.down_proj.weight") or (n.startswith("ffn.experts.") and n.endswith(".down_proj"))]
         expected = 1 + (len(self.config.tiers) if self.config.is_moe_layer(layer) else 1)
-        if len(writers) != expected or not bool(torch.isfinite(x).all()):
-            return None
+        if len(writers) != expected:
+            return False
         prefix = layer_prefix(layer)
         if any(_extremes(self.tensors[prefix + n]) != (0.0, 0.0) for n in writers):
-            return None
-        if not all(all(map(math.isfinite, _extremes(self.tensors[prefix + n]))) for n in names if n not in writers):
-            return None
+            return False
+        return all(all(map(math.isfinite, _extremes(self.tensors[prefix + n]))) for n in names if n not in writers)
+
+    def block_params(self, layer: int) -> int:
+        """Parameters of block ``layer`` by its config (stored router biases are buffers)."""
         return sum(p.numel() for p in self._new_block(layer).parameters())
 
     def gradient_check(self, layer: int, x: torch.Tensor, buffers: _Buffers) -> tuple[list[str], list[str]]:
@@ -509,6 +519,101 @@ def _heads(a: _Model, b: _Model, xa: torch.Tensor, xb: torch.Tensor, ids: torch.
     a.params += norm_a.numel() + (0 if a.config.tie_embeddings else a_head_numel)
     b.params += norm_b.numel() + (0 if b.config.tie_embeddings else b_head_numel)
     return stats
+
+
+def _shape(tensors: Tensors, name: str) -> tuple[int, ...]:
+    """The shape of ``tensors[name]``, from its file's header when it is a stored tensor passed on
+    unchanged (nothing read), else from the tensor."""
+    source, key = origin(tensors, name)
+    spec = getattr(source, "spec", None)
+    return tuple(spec(key).shape) if spec is not None else tuple(tensors[name].shape)
+
+
+def _stored_params(model: _Model, layer: int) -> int | None:
+    """Parameters block ``layer``'s stored tensors hold, or None when a shape is not the config's."""
+    prefix, count = layer_prefix(layer), 0
+    for name, p in model._new_block(layer).named_parameters():
+        shape = _shape(model.tensors, prefix + name)
+        if shape != tuple(p.shape):
+            return None
+        count += math.prod(shape)
+    return count
+
+
+def _same_function_config(a: ModelConfig, b: ModelConfig) -> bool:
+    """Whether ``b`` configures everything but the depth as ``a`` does (the sample's positions
+    fit both; ``init_std`` and the name compute nothing)."""
+    import dataclasses
+
+    return dataclasses.replace(b, n_layers=a.n_layers, moe_layers=a.moe_layers, name=a.name, init_std=a.init_std, max_seq_len=a.max_seq_len) == a
+
+
+def prove_unchanged(
+    config_a: ModelConfig,
+    tensors_a: Tensors,
+    config_b: ModelConfig,
+    tensors_b: Tensors,
+    ids: torch.Tensor,
+    *,
+    check_gradients: bool = True,
+    device: torch.device | str | None = None,
+    beside: Beside | None = None,
+) -> Comparison | None:
+    """The comparison of :func:`compare_streamed` without evaluating the sample, when the grown
+    ``b`` is the original ``a`` by construction; None when it is not (then measure it).
+
+    By construction means: ``b`` is configured as ``a`` but for its depth; its embedding,
+    final norm and head are ``a``'s passed on unchanged (:func:`~.tensors.origin`: known
+    without reading them); every block of ``b`` is either ``a``'s next block passed on unchanged
+    with the same block config, or adds exactly zero to any finite residual stream
+    (:meth:`_Model.zero_writers`, a LLaMA-Pro block as it is born); and every block of ``a`` is
+    passed on, in order.  Then ``b`` computes ``a``'s states on every input whose states are
+    finite in ``a``, in any dtype: its logits are bitwise ``a``'s — more than any sample shows,
+    for one read of the new blocks (their extremes) instead of a float64 forward of the whole
+    model.  The figures are ``max_abs = 0`` with no sample evaluated (``tokens = 0``, no losses);
+    the parameter counts come from the tensors' shapes and the gradient check runs as in
+    :func:`compare_streamed`, on the sample's embeddings (whether a gradient reaches a
+    parameter is structure)."""
+    if not _same_function_config(config_a, config_b):
+        return None
+    device = torch.device("cpu" if device is None else device)
+    a, b = _Model(config_a, tensors_a, ids.shape[1], device), _Model(config_b, tensors_b, ids.shape[1], device)
+    ends = ["embed.weight", "norm.weight"] + ([] if config_a.tie_embeddings else ["lm_head.weight"])
+    if not all(_one_origin(tensors_a, n, tensors_b, n) and _shape(tensors_a, n) == _shape(tensors_b, n) for n in ends):
+        return None
+    poll = beside.poll if beside is not None else (lambda: None)
+    ends_count = sum(math.prod(_shape(tensors_a, n)) for n in ends)
+    params_a = params_b = ends_count
+    i, shared, silent = 0, 0, []
+    for j in range(config_b.n_layers):
+        poll()
+        if i < config_a.n_layers and _block_key(config_a, i) == _block_key(config_b, j) and _layer_of_one_origin(tensors_a, i, tensors_b, j):
+            count = _stored_params(b, j)
+            if count is None:
+                return None
+            params_a, params_b, i, shared = params_a + count, params_b + count, i + 1, shared + 1
+        elif b.zero_writers(j) and (count := _stored_params(b, j)) is not None:
+            params_b += count
+            silent.append(j)
+        else:
+            return None
+    if i != config_a.n_layers:
+        return None
+    new, dead = [], []
+    if check_gradients and silent:
+        large = beside.large() if beside is not None else nullcontext()
+        with large:
+            x, _ = _embed(b, ids)
+        buffers = _Buffers(device)
+        for j in sorted({silent[0], silent[-1]}):  # every growth builds its blocks alike
+            with large:
+                names, silent_names = b.gradient_check(j, x, buffers)
+            new += names
+            dead += silent_names
+    return Comparison(
+        max_abs=0.0, scale=0.0, sse=0.0, logits=0, loss_a=None, loss_b=None, tokens=0, params_a=params_a, params_b=params_b,
+        new_params=new, dead_params=dead, shared_blocks=shared, silent_blocks=len(silent), proved=True,
+    )
 
 
 def compare_streamed(

@@ -14,6 +14,14 @@ never two whole models in memory):
 * **parameter count** — the parameters the grown tensors hold equal the config's analytic count;
 * **loss jump** — the change in next-token loss on the sample, which is what a non-exact
   method (SOLAR, stacking, noise) costs before continued training.
+
+A growth that is the identity by construction — every original block passed on unchanged,
+every new block with all-zero residual writers (LLaMA-Pro as it is born) — can be *proved*
+instead (``prove=True``, what ``validate: auto`` asks for): forward equivalence holds on every
+input, bitwise, without evaluating one (the report says ``proved``, with no sample losses);
+the gradient flow and parameter count are checked as always.  On a 2-core CPU the float64
+forward of the original is the check's whole cost (BENCHMARKS.md, "Validation that streams"),
+which ``validate: always`` still pays.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ import torch
 from ..config import ModelConfig
 from ..errors import ConfigError, LiteLLMError
 from ..model import LiteLLM, stored_state
-from .streaming_validate import Beside, compare_streamed
+from .streaming_validate import Beside, compare_streamed, prove_unchanged
 from .tensors import Tensors
 
 # fp32-stored weights of an exact growth evaluated in float64 differ from the source by the
@@ -42,6 +50,7 @@ DEFAULT_TOLERANCE = 1e-5
 # on far fewer.
 SAMPLE_TOKENS = 128
 MEASURE = "max_rel = max|logit change| / max|original logit|, float64"
+PROOF = "proved: every original block passed on unchanged, every new block adds exactly zero (no sample evaluated)"
 
 
 class ValidationError(LiteLLMError):
@@ -69,8 +78,8 @@ class ValidationReport:
     max_rel: float
     logits_scale: float
     mse: float
-    loss_original: float
-    loss_grown: float
+    loss_original: float | None  # None when proved: no sample was evaluated
+    loss_grown: float | None
     params_original: int
     params_grown: int
     params_analytic: int
@@ -81,10 +90,18 @@ class ValidationReport:
     tokens: int = 0
     shared_blocks: int = 0
     silent_blocks: int = 0  # grown blocks proven (all-zero writers) to pass their input on, not computed
+    proved: bool = False  # the grown model is the original by construction (no sample evaluated)
 
     @property
     def loss_jump(self) -> float:
+        """The change in next-token loss on the sample (zero when proved: the same function)."""
+        if self.proved or self.loss_grown is None or self.loss_original is None:
+            return 0.0
         return self.loss_grown - self.loss_original
+
+    @property
+    def measure(self) -> str:
+        return PROOF if self.proved else MEASURE
 
     @property
     def count_ok(self) -> bool:
@@ -100,7 +117,7 @@ class ValidationReport:
         return self.count_ok and not self.dead_params and (not self.exact_expected or self.preserved)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "loss_jump": self.loss_jump, "preserved": self.preserved, "passed": self.passed, "measure": MEASURE}
+        return {**asdict(self), "loss_jump": self.loss_jump, "preserved": self.preserved, "passed": self.passed, "measure": self.measure}
 
     def preservation(self) -> dict[str, Any]:
         """The figures recorded in ``progressive.json``."""
@@ -115,7 +132,8 @@ class ValidationReport:
             "tokens": self.tokens,
             "tolerance": self.tolerance,
             "preserved": self.preserved,
-            "measure": MEASURE,
+            "proved": self.proved,
+            "measure": self.measure,
         }
 
 
@@ -131,15 +149,20 @@ def check_growth(
     check_gradients: bool = True,
     device: torch.device | str | None = None,
     beside: Beside | None = None,
+    prove: bool = False,
 ) -> ValidationReport:
     """Compare the grown tensors with the original's on ``input_ids`` (B, S), streaming both,
-    computing in float64 on ``device`` (default the CPU); ``beside`` see :func:`compare_streamed`."""
+    computing in float64 on ``device`` (default the CPU); ``beside`` see :func:`compare_streamed`.
+    ``prove``: when the grown model is the original by construction
+    (:func:`~.streaming_validate.prove_unchanged`), say so instead of evaluating the sample."""
     if original_config.vocab_size != grown_config.vocab_size:
         raise ValidationError(
             f"the models have different vocabularies ({original_config.vocab_size} vs {grown_config.vocab_size} tokens), "
             "so one is not a growth of the other; compare a grown checkpoint with the one it was grown from"
         )
-    c = compare_streamed(original_config, original, grown_config, grown, input_ids, check_gradients=check_gradients, device=device, beside=beside)
+    c = prove_unchanged(original_config, original, grown_config, grown, input_ids, check_gradients=check_gradients, device=device, beside=beside) if prove else None
+    if c is None:
+        c = compare_streamed(original_config, original, grown_config, grown, input_ids, check_gradients=check_gradients, device=device, beside=beside)
     max_rel = c.max_abs / c.scale if c.scale > 0 else (0.0 if c.max_abs == 0 else math.inf)
     return ValidationReport(
         max_abs=c.max_abs,
@@ -158,6 +181,7 @@ def check_growth(
         tokens=c.tokens,
         shared_blocks=c.shared_blocks,
         silent_blocks=c.silent_blocks,
+        proved=c.proved,
     )
 
 
