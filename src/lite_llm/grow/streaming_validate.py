@@ -577,7 +577,8 @@ def prove_unchanged(
     if not _same_function_config(config_a, config_b):
         return None
     device = torch.device("cpu" if device is None else device)
-    a, b = _Model(config_a, tensors_a, ids.shape[1], device), _Model(config_b, tensors_b, ids.shape[1], device)
+    _Model(config_a, tensors_a, ids.shape[1], device)  # refuses tensors that do not fit the config, as the evaluation would
+    b = _Model(config_b, tensors_b, ids.shape[1], device)
     ends = ["embed.weight", "norm.weight"] + ([] if config_a.tie_embeddings else ["lm_head.weight"])
     if not all(_one_origin(tensors_a, n, tensors_b, n) and _shape(tensors_a, n) == _shape(tensors_b, n) for n in ends):
         return None
