@@ -20,11 +20,11 @@ boto3 = pytest.importorskip("boto3")
 import fsspec.config  # noqa: E402
 import s3fs  # noqa: E402
 
-from lite_llm.checkpoint import load_checkpoint  # noqa: E402
 from lite_llm.errors import CheckpointError  # noqa: E402
 from lite_llm.store import load_with_store  # noqa: E402
 
-from .test_store import EXPERT_A, PROMPT, checkpoint  # noqa: E402,F401  (the module's checkpoint fixture)
+from .test_archive import _logits, resident_logits  # noqa: E402,F401  (the resident model's logits, a fixture)
+from .test_store import EXPERT_A, checkpoint  # noqa: E402,F401  (the module's checkpoint fixture)
 
 BUCKET = "lite-llm-test"
 
@@ -80,16 +80,6 @@ def uploaded(request, s3, endpoint, checkpoint):  # noqa: F811
     for path in sorted(p for p in checkpoint.rglob("*") if p.is_file()):
         client.put_object(Bucket=BUCKET, Key=f"{prefix}/{path.relative_to(checkpoint).as_posix()}", Body=path.read_bytes())
     return f"s3://{BUCKET}/{prefix}", prefix
-
-
-def _logits(model):
-    with torch.no_grad():
-        return model(PROMPT).logits
-
-
-@pytest.fixture(scope="module")
-def resident_logits(checkpoint):  # noqa: F811
-    return _logits(load_checkpoint(checkpoint).model.eval())
 
 
 def _expert_shards(checkpoint):  # noqa: F811
