@@ -321,6 +321,8 @@ def test_a_config_that_differs_beyond_depth_is_evaluated():
     other = new_config.replace(norm_eps=new_config.norm_eps * 10)
     report = check_growth(config, state, other, tensors, check_sample([config]), exact_expected=True, check_gradients=False, prove=True)
     assert not report.proved and report.max_abs > 0 and not report.passed
+    shorter = new_config.replace(max_seq_len=new_config.max_seq_len - 1)  # would refuse inputs the original takes
+    assert not check_growth(config, state, shorter, tensors, check_sample([config]), exact_expected=True, check_gradients=False, prove=True).proved
 
 
 def test_widening_and_moe_depth_growth_are_evaluated():
@@ -334,6 +336,19 @@ def test_widening_and_moe_depth_growth_are_evaluated():
     state = stored_state(random_model(moe))
     report = check_growth(moe, state, *get_op("llama_pro")(moe, state, positions=[0]), check_sample([moe]), exact_expected=True, prove=True)
     assert not report.proved and report.passed
+
+
+def test_a_new_moe_block_is_evaluated_even_at_the_end():
+    """A new MoE block after the last one shifts no index, and its output is provably zero; but
+    which experts its gradient check reaches depends on what its input routes to them, so only
+    the evaluation (the block's real input) gives the verdict: the proof declines it."""
+    moe = moe_shapes()["two-tier"]
+    state = stored_state(random_model(moe))
+    new_config, tensors = get_op("llama_pro")(moe, state, positions=[moe.n_layers - 1])
+    assert new_config.is_moe_layer(moe.n_layers)  # the new block is routed
+    proved = check_growth(moe, state, new_config, tensors, check_sample([moe]), exact_expected=True, prove=True)
+    measured = check_growth(moe, state, new_config, tensors, check_sample([moe]), exact_expected=True)
+    assert not proved.proved and proved.to_dict() == measured.to_dict()
 
 
 def test_the_proof_still_finds_a_dead_new_block():

@@ -541,11 +541,11 @@ def _stored_params(model: _Model, layer: int) -> int | None:
 
 
 def _same_function_config(a: ModelConfig, b: ModelConfig) -> bool:
-    """Whether ``b`` configures everything but the depth as ``a`` does (the sample's positions
-    fit both; ``init_std`` and the name compute nothing)."""
+    """Whether ``b`` configures everything but the depth as ``a`` does (``init_std`` and the
+    name compute nothing; a changed ``max_seq_len`` would refuse inputs ``a`` takes)."""
     import dataclasses
 
-    return dataclasses.replace(b, n_layers=a.n_layers, moe_layers=a.moe_layers, name=a.name, init_std=a.init_std, max_seq_len=a.max_seq_len) == a
+    return dataclasses.replace(b, n_layers=a.n_layers, moe_layers=a.moe_layers, name=a.name, init_std=a.init_std) == a
 
 
 def prove_unchanged(
@@ -568,12 +568,16 @@ def prove_unchanged(
     with the same block config, or adds exactly zero to any finite residual stream
     (:meth:`_Model.zero_writers`, a LLaMA-Pro block as it is born); and every block of ``a`` is
     passed on, in order.  Then ``b`` computes ``a``'s states on every input whose states are
-    finite in ``a``, in any dtype: its logits are bitwise ``a``'s — more than any sample shows,
+    finite in ``a`` — in float32, bf16 or float64; in float16 a new block's products on finite
+    states can overflow to inf and ``0 * inf`` is NaN, which the float64 evaluation, passing
+    such blocks over, does not see either — so its logits are bitwise ``a``'s: more than any sample shows,
     for one read of the new blocks (their extremes) instead of a float64 forward of the whole
     model.  The figures are ``max_abs = 0`` with no sample evaluated (``tokens = 0``, no losses);
     the parameter counts come from the tensors' shapes and the gradient check runs as in
-    :func:`compare_streamed`, on the sample's embeddings (whether a gradient reaches a
-    parameter is structure)."""
+    :func:`compare_streamed`, on the sample's embeddings (whether a gradient reaches a dense
+    block's parameter is structure).  A new MoE block is not proved: which experts its
+    gradient check reaches depends on what the sample routes to them, so only its real input
+    (the evaluation's) gives the evaluation's verdict."""
     if not _same_function_config(config_a, config_b):
         return None
     device = torch.device("cpu" if device is None else device)
@@ -593,7 +597,7 @@ def prove_unchanged(
             if count is None:
                 return None
             params_a, params_b, i, shared = params_a + count, params_b + count, i + 1, shared + 1
-        elif b.zero_writers(j) and (count := _stored_params(b, j)) is not None:
+        elif not config_b.is_moe_layer(j) and b.zero_writers(j) and (count := _stored_params(b, j)) is not None:
             params_b += count
             silent.append(j)
         else:

@@ -101,6 +101,8 @@ class ExpertStore:
     ) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
         keys: list[Key] = [(layer, tier, int(e)) for e in experts]
         counts = [1] * len(keys) if uses is None else [max(int(n), 1) for n in uses]
+        if len(counts) != len(keys):
+            raise ValueError(f"{len(keys)} experts but {len(counts)} use counts")  # before anything is fetched or pinned
         if len(keys) > self.max_experts_at_once(layer, tier):
             raise ConfigError(f"{len(keys)} experts of tier {tier} do not fit the hot budget at once; ask for at most {self.max_experts_at_once(layer, tier)}")
         self.fetches += 1
@@ -111,7 +113,7 @@ class ExpertStore:
         held: list[Key] = []
         out: list[Weights] = []
         try:
-            for key, n in zip(keys, counts, strict=True):
+            for key, n in zip(keys, counts):
                 weights = self._hot(key, n)
                 self.hot.pin(key)
                 held.append(key)
