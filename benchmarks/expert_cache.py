@@ -172,23 +172,21 @@ def check_bitwise(model, data, work: Path) -> dict[str, bool]:
     return out
 
 
-class ReplayCache:
-    """A cache of ``capacity`` experts under ``policy``, as the store's levels run it."""
+def replay_cache(capacity: int, policy):
+    """The store's own cache level (``lite_llm.store.cache.CacheLevel``), counting experts:
+    every entry is one "byte", so the budget is ``capacity`` experts."""
+    from lite_llm.store.cache import CacheLevel
 
-    def __init__(self, capacity: int, policy) -> None:
-        self.capacity, self.policy, self.cached = capacity, policy, set()
+    return CacheLevel("replay", capacity, policy)
 
-    def access(self, key, uses: int = 1) -> bool:
-        """Look ``key`` up (touching the policy with ``uses``); a miss brings it in. True on a hit."""
-        self.policy.touch(key, uses)
-        if key in self.cached:
-            return True
-        if len(self.cached) >= self.capacity:
-            victim = self.policy.victim(self.cached)
-            self.cached.discard(victim)
-            self.policy.forget(victim)
-        self.cached.add(key)
-        return False
+
+def access(level, key, uses: int = 1) -> bool:
+    """Look ``key`` up as the store does (touching the policy with ``uses``); a miss brings it
+    in, evicting by the policy.  True on a hit."""
+    if level.get(key, uses) is not None:
+        return True
+    level.put(key, (), 1)
+    return False
 
 
 def replay(accesses, capacity: int, policy_name: str, n_layers: int) -> int:
@@ -197,8 +195,8 @@ def replay(accesses, capacity: int, policy_name: str, n_layers: int) -> int:
 
     if policy_name == "belady":
         return belady_hits(accesses, capacity)
-    cache = ReplayCache(capacity, make_policy(policy_name, n_layers))
-    return sum(cache.access(key) for key in accesses)
+    cache = replay_cache(capacity, make_policy(policy_name, n_layers))
+    return sum(access(cache, key) for key in accesses)
 
 
 def replay_requests(tokens, capacity: int, policy_name: str, n_layers: int, *, prompt: int, window: int, weighted: bool) -> tuple[int, int]:
@@ -213,13 +211,13 @@ def replay_requests(tokens, capacity: int, policy_name: str, n_layers: int, *, p
     hits = total = 0
     for start in range(0, len(tokens), window):
         request = tokens[start : start + window]
-        cache = ReplayCache(capacity, make_policy(policy_name, n_layers))
+        cache = replay_cache(capacity, make_policy(policy_name, n_layers))
         rows = Counter(key for token in request[:prompt] for key in token)
         for key in sorted(rows):  # layer by layer (keys sort by layer first)
-            cache.access(key, rows[key] if weighted else 1)
+            access(cache, key, rows[key] if weighted else 1)
         for token in request[prompt:]:
             for key in token:
-                hits += cache.access(key)
+                hits += access(cache, key)
                 total += 1
     return hits, total
 

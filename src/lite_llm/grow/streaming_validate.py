@@ -300,7 +300,7 @@ class _Model:
         finite and the block :meth:`zero_writers`."""
         if not bool(torch.isfinite(x).all()) or not self.zero_writers(layer):
             return None
-        return self.block_params(layer)
+        return self.stored_params(layer)
 
     def zero_writers(self, layer: int) -> bool:
         """Whether block ``layer`` adds exactly zero to any finite residual stream.
@@ -320,9 +320,16 @@ class _Model:
             return False
         return all(all(map(math.isfinite, _extremes(self.tensors[prefix + n]))) for n in names if n not in writers)
 
-    def block_params(self, layer: int) -> int:
-        """Parameters of block ``layer`` by its config (stored router biases are buffers)."""
-        return sum(p.numel() for p in self._new_block(layer).parameters())
+    def stored_params(self, layer: int) -> int | None:
+        """Parameters block ``layer``'s stored tensors hold (stored router biases are buffers),
+        from their shapes; None when a shape is not the config's (then loading it says which)."""
+        prefix, count = layer_prefix(layer), 0
+        for name, p in self._new_block(layer).named_parameters():
+            shape = _shape(self.tensors, prefix + name)
+            if shape != tuple(p.shape):
+                return None
+            count += math.prod(shape)
+        return count
 
     def gradient_check(self, layer: int, x: torch.Tensor, buffers: _Buffers) -> tuple[list[str], list[str]]:
         """Block ``layer``'s parameters, and those of them no gradient reaches from ``x``."""
@@ -521,23 +528,26 @@ def _heads(a: _Model, b: _Model, xa: torch.Tensor, xb: torch.Tensor, ids: torch.
     return stats
 
 
+def _gradient_checks(model: _Model, blocks: list[tuple[int, torch.Tensor]], buffers: _Buffers, large: AbstractContextManager) -> tuple[list[str], list[str]]:
+    """The parameters of ``blocks`` ((layer, input) pairs: the first and the last a growth
+    made, for every growth builds its blocks alike), and those no gradient reaches; each
+    check holds ``large`` (its block is loaded whole)."""
+    new: list[str] = []
+    dead: list[str] = []
+    for layer, x in blocks:
+        with large:
+            names, silent = model.gradient_check(layer, x, buffers)
+        new += names
+        dead += silent
+    return new, dead
+
+
 def _shape(tensors: Tensors, name: str) -> tuple[int, ...]:
     """The shape of ``tensors[name]``, from its file's header when it is a stored tensor passed on
     unchanged (nothing read), else from the tensor."""
     source, key = origin(tensors, name)
     spec = getattr(source, "spec", None)
     return tuple(spec(key).shape) if spec is not None else tuple(tensors[name].shape)
-
-
-def _stored_params(model: _Model, layer: int) -> int | None:
-    """Parameters block ``layer``'s stored tensors hold, or None when a shape is not the config's."""
-    prefix, count = layer_prefix(layer), 0
-    for name, p in model._new_block(layer).named_parameters():
-        shape = _shape(model.tensors, prefix + name)
-        if shape != tuple(p.shape):
-            return None
-        count += math.prod(shape)
-    return count
 
 
 def _same_function_config(a: ModelConfig, b: ModelConfig) -> bool:
@@ -584,7 +594,7 @@ def prove_unchanged(
     _Model(config_a, tensors_a, ids.shape[1], device)  # refuses tensors that do not fit the config, as the evaluation would
     b = _Model(config_b, tensors_b, ids.shape[1], device)
     ends = ["embed.weight", "norm.weight"] + ([] if config_a.tie_embeddings else ["lm_head.weight"])
-    if not all(_one_origin(tensors_a, n, tensors_b, n) and _shape(tensors_a, n) == _shape(tensors_b, n) for n in ends):
+    if not all(_one_origin(tensors_a, n, tensors_b, n) for n in ends):
         return None
     poll = beside.poll if beside is not None else (lambda: None)
     ends_count = sum(math.prod(_shape(tensors_a, n)) for n in ends)
@@ -593,11 +603,11 @@ def prove_unchanged(
     for j in range(config_b.n_layers):
         poll()
         if i < config_a.n_layers and _block_key(config_a, i) == _block_key(config_b, j) and _layer_of_one_origin(tensors_a, i, tensors_b, j):
-            count = _stored_params(b, j)
+            count = b.stored_params(j)
             if count is None:
                 return None
             params_a, params_b, i, shared = params_a + count, params_b + count, i + 1, shared + 1
-        elif not config_b.is_moe_layer(j) and b.zero_writers(j) and (count := _stored_params(b, j)) is not None:
+        elif not config_b.is_moe_layer(j) and b.zero_writers(j) and (count := b.stored_params(j)) is not None:
             params_b += count
             silent.append(j)
         else:
@@ -609,12 +619,7 @@ def prove_unchanged(
         large = beside.large() if beside is not None else nullcontext()
         with large:
             x, _ = _embed(b, ids)
-        buffers = _Buffers(device)
-        for j in sorted({silent[0], silent[-1]}):  # every growth builds its blocks alike
-            with large:
-                names, silent_names = b.gradient_check(j, x, buffers)
-            new += names
-            dead += silent_names
+        new, dead = _gradient_checks(b, [(j, x) for j in sorted({silent[0], silent[-1]})], _Buffers(device), large)
     return Comparison(
         max_abs=0.0, scale=0.0, sse=0.0, logits=0, loss_a=None, loss_b=None, tokens=0, params_a=params_a, params_b=params_b,
         new_params=new, dead_params=dead, shared_blocks=shared, silent_blocks=len(silent), proved=True,
@@ -654,8 +659,6 @@ def compare_streamed(
             b.params += count
             xb = xa if _equal(xa, xb) else xb
     i, shared, silent = 0, 0, 0
-    new: list[str] = []
-    dead: list[str] = []
     first = last = None  # the first and the latest grown block not shared with the original, and their inputs
     for j in range(config_b.n_layers):
         poll()
@@ -680,12 +683,7 @@ def compare_streamed(
             xb_new, count = b.run(j, xb, buffers)
             xb = xa if _equal(xb_new, xa) else xb_new
         b.params += count
-    if check_gradients:  # the first and the last unshared block (every growth builds its blocks alike)
-        for j, x in (block for block in (first, last) if block is not None):
-            with large:
-                names, silent_names = b.gradient_check(j, x, buffers)
-            new += names
-            dead += silent_names
+    new, dead = _gradient_checks(b, [block for block in (first, last) if block is not None], buffers, large) if check_gradients else ([], [])
     for k in range(i, config_a.n_layers):
         poll()
         xa, count = a.run(k, xa, buffers)

@@ -357,6 +357,11 @@ def write_safetensors_raw(
     their source file (runs that are contiguous there in one call), the others produced and
     written one at a time.  Not fsynced (the caller does)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+
+    def copy(run: list[Any]) -> None:
+        before_copy()
+        _copy_range(sources.fd(run[0]), run[1], run[2], fd, run[0])
+
     try:
         _write_all(fd, memoryview(safetensors_header(specs, {"format": "pt"})))
         run: list[Any] = []  # [file, offset, count] of the pending contiguous raw copy
@@ -367,13 +372,11 @@ def write_safetensors_raw(
                     run[2] += where[2]
                     continue
                 if run:
-                    before_copy()
-                    _copy_range(sources.fd(run[0]), run[1], run[2], fd, run[0])
+                    copy(run)
                 run = list(where)
                 continue
             if run:
-                before_copy()
-                _copy_range(sources.fd(run[0]), run[1], run[2], fd, run[0])
+                copy(run)
                 run = []
             tensor = produce(name)
             if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
@@ -383,8 +386,7 @@ def write_safetensors_raw(
             _write_all(fd, tensor_bytes(tensor))
             del tensor
         if run:
-            before_copy()
-            _copy_range(sources.fd(run[0]), run[1], run[2], fd, run[0])
+            copy(run)
     finally:
         os.close(fd)
 
