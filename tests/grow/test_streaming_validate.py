@@ -359,3 +359,34 @@ def test_the_proof_still_finds_a_dead_new_block():
     report = check_growth(config, state, new_config, tensors, check_sample([config]), exact_expected=True, prove=True)
     assert report.proved and report.preserved and not report.passed
     assert sorted(report.dead_params) == ["layers.1.ffn.down_proj.weight", "layers.1.ffn.gate_proj.weight", "layers.1.ffn.up_proj.weight", "layers.1.ffn_norm.weight"]
+
+
+def test_silenced_writers_are_known_zero_and_made_without_reading_the_source(tmp_path, monkeypatch):
+    """A LLaMA-Pro block's zeroed writers are :class:`~lite_llm.grow.tensors.Zeros`: made from the
+    file's header (nothing of the source's o_proj/down_proj is read, by the proof, its gradient
+    check or the writer), known zero through a second growth step, and equal to real zeros."""
+    from lite_llm.checkpoint.lazy import open_checkpoint
+    from lite_llm.checkpoint.stream import SafetensorsReader
+    from lite_llm.grow.tensors import known_zeros
+
+    config = dense_shapes()["gqa2-untied"]
+    model = random_model(config)
+    stored = open_checkpoint(save_checkpoint(tmp_path / "src", model, tokenizer=ByteTokenizer()), verify=False).tensors
+    new_config, tensors = get_op("llama_pro")(config, stored, positions=[0])  # block 1 is the silenced copy of block 0
+    twice_config, twice = get_op("llama_pro")(new_config, tensors, positions=[1])  # block 2 the silenced copy of block 1
+    read: list[str] = []
+    real_get = SafetensorsReader.get
+    monkeypatch.setattr(SafetensorsReader, "get", lambda self, name: read.append(name) or real_get(self, name))
+    writers = ("attn.o_proj.weight", "ffn.down_proj.weight")
+    assert all(known_zeros(tensors, f"layers.1.{w}") for w in writers)
+    assert all(known_zeros(twice, f"layers.{j}.{w}") for j in (1, 2) for w in writers)  # passed on, and copied again
+    assert not any(known_zeros(twice, f"layers.{j}.{w}") for j in (0, 3) for w in writers)
+    assert not known_zeros(tensors, "layers.1.attn.q_proj.weight")
+    for j in (1, 2):
+        for w in writers:
+            made = twice[f"layers.{j}.{w}"]
+            assert made.dtype == model.layers[0].attn.o_proj.weight.dtype and not made.any()
+            assert made.shape == stored_state(model)[f"layers.0.{w}"].shape
+    report = check_growth(config, stored, twice_config, twice, check_sample([config]), exact_expected=True, prove=True)
+    assert report.proved and report.silent_blocks == 2 and report.new_params and report.dead_params == []
+    assert not [n for n in read if n.endswith(writers)]

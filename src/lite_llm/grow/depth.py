@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import re
 
-import torch
-
 from ..config import ModelConfig
 from ..errors import ConfigError
 from .registry import register
-from .tensors import LazyTensors, Tensors, layer_prefix, ref
+from .tensors import LazyTensors, Tensors, Zeros, layer_prefix, ref
 
 # Tensors that write into the residual stream: zero them and the block adds nothing.
 _RESIDUAL_WRITERS = re.compile(r"^(attn\.o_proj\.weight|ffn\.down_proj\.weight|ffn\.experts\.[a-z][a-z0-9_]*\.down_proj)$")
@@ -53,7 +51,7 @@ def apply_layer_plan(config: ModelConfig, tensors: Tensors, plan: LayerPlan) -> 
         for rest in per_layer.get(src, []):
             source_name = layer_prefix(src) + rest
             if silenced and _RESIDUAL_WRITERS.match(rest):
-                body[layer_prefix(j) + rest] = lambda s=source_name: torch.zeros_like(tensors[s])
+                body[layer_prefix(j) + rest] = Zeros(tensors, source_name)
             else:
                 body[layer_prefix(j) + rest] = ref(tensors, source_name)
     # Keep the stored order: embedding, blocks, then final norm and head.

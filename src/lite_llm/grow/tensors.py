@@ -52,6 +52,10 @@ class LazyTensors(Mapping[str, torch.Tensor]):
         producer = self._producers[name]
         return (producer.tensors, producer.name) if isinstance(producer, Ref) else None
 
+    def producer(self, name: str) -> Producer:
+        """What computes ``name`` (:func:`known_zeros` asks whether it is a :class:`Zeros`)."""
+        return self._producers[name]
+
 
 class Ref:
     """A producer returning ``tensors[name]`` unchanged, and saying so (see :func:`origin`)."""
@@ -69,6 +73,39 @@ class Ref:
 def ref(tensors: Tensors, name: str) -> Producer:
     """A producer that returns input tensor ``name`` unchanged."""
     return Ref(tensors, name)
+
+
+class Zeros:
+    """A producer of zeros with the dtype and shape of ``tensors[name]`` (a silenced block's
+    residual writers), saying so (:func:`known_zeros`): a check knows them zero without reading
+    them, and making them reads nothing either when ``tensors[name]`` is stored (its file's
+    header has the shape)."""
+
+    __slots__ = ("tensors", "name")
+
+    def __init__(self, tensors: Tensors, name: str) -> None:
+        self.tensors = tensors
+        self.name = name
+
+    def __call__(self) -> torch.Tensor:
+        spec = stored_spec(self.tensors, self.name)
+        return torch.zeros_like(self.tensors[self.name]) if spec is None else torch.zeros(spec.shape, dtype=spec.dtype)
+
+
+def known_zeros(tensors: Tensors, name: str) -> bool:
+    """Whether ``tensors[name]`` is all zeros by construction (a :class:`Zeros`, passed on
+    unchanged through any number of steps): known without computing it."""
+    mapping, key = origin(tensors, name)
+    producer = getattr(mapping, "producer", None)
+    return producer is not None and isinstance(producer(key), Zeros)
+
+
+def stored_spec(tensors: Tensors, name: str) -> TensorSpec | None:
+    """The dtype and shape of ``tensors[name]`` from its file's header when it is a stored
+    tensor passed on unchanged (nothing read); None when it is computed."""
+    mapping, key = origin(tensors, name)
+    spec = getattr(mapping, "spec", None)
+    return spec(key) if spec is not None else None
 
 
 def origin(tensors: Tensors, name: str) -> tuple[Tensors, str]:
@@ -112,12 +149,11 @@ def stored_rows(tensors: Tensors, name: str) -> StoredRows | None:
     passed on unchanged (its :func:`origin` mapping knows its ``location`` and ``spec``); None
     when it is computed (then only the whole tensor exists)."""
     mapping, key = origin(tensors, name)
-    location, spec = getattr(mapping, "location", None), getattr(mapping, "spec", None)
-    where = location(key) if location is not None and spec is not None else None
+    location, stored = getattr(mapping, "location", None), stored_spec(tensors, name)
+    where = location(key) if location is not None and stored is not None else None
     if where is None:
         return None
     path, offset, _ = where
-    stored = spec(key)
     return StoredRows(path, offset, stored.dtype, tuple(stored.shape)) if len(stored.shape) >= 1 else None
 
 
