@@ -192,6 +192,21 @@ def test_expand_records_both_figures_and_obeys_tolerance(source, tmp_path):
     assert bad.exit_code == 1 and "tolerance must be a positive number" in bad.output
 
 
+def test_a_step_not_meant_to_be_exact_is_measured_in_float32_by_default(source, tmp_path):
+    """``validate: auto`` measures SOLAR in float32 (half the float64 work); its figures equal the
+    float64 sample's (``always``, itself checked against a whole-model forward above) far
+    inside what the step changes, and the record says which precision measured it."""
+    _, path = source
+    step = [GrowthStep("solar", {"drop": 1})]
+    records = {mode: expand_checkpoint(path, tmp_path / mode, step, validate=mode).records[0]["preservation"] for mode in ("auto", "always")}
+    auto, always = records["auto"], records["always"]
+    assert "float32" in auto["measure"] and "float64" in always["measure"] and auto["tokens"] == always["tokens"] == 128
+    assert always["max_rel"] > 1e-2  # SOLAR changes the function: the figures are far above float32's rounding
+    for key in ("loss_original", "loss_grown", "max_abs", "logits_scale", "mse"):
+        assert auto[key] == pytest.approx(always[key], rel=1e-4), key
+    assert auto["loss_jump"] == pytest.approx(always["loss_jump"], abs=1e-5)
+
+
 def test_recipe_tolerance_per_recipe_and_per_step(source, tmp_path):
     _, path = source
     recipe = tmp_path / "grow.yaml"

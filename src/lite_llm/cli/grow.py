@@ -30,7 +30,7 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
 def _print_records(records: list[dict[str, Any]]) -> None:
     from ..config import format_size
 
-    table = Table("step", "method", "params", "exact", "max |Δlogit| / max |logit|", "max |Δlogit|", "loss jump", title="growth (logits in float64)")
+    table = Table("step", "method", "params", "exact", "max |Δlogit| / max |logit|", "max |Δlogit|", "loss jump", title="growth (logits in float64; a step not meant to be exact in float32 unless --validate always)")
     for i, r in enumerate(records, 1):
         p = r["preservation"]
         shown = {k: v for k, v in r["params"].items() if k != "importance"}
@@ -61,7 +61,8 @@ def expand(
     validate: str = typer.Option(
         "auto",
         help="auto: check every step (streamed, any size), proving a step that is the identity by construction (llama_pro) instead of "
-        "evaluating it; always: evaluate the float64 sample for every step; never: skip the check.",
+        "evaluating it and measuring a step not meant to be exact (solar) in float32; always: evaluate the float64 sample for every "
+        "step; never: skip the check.",
     ),
     tolerance: Optional[float] = typer.Option(
         None, "--tolerance", help="Largest relative logit change (max|Δ| / max|logit|, float64) an exact step may make [default: 1e-05, or the recipe's]."

@@ -69,7 +69,7 @@ FP64 = torch.float64
 GRAD_DTYPE = torch.float32  # of the gradient-flow check, unless a bf16 dense block allows less (see grad_dtype)
 GRAD_TOKENS = 8  # tokens of the gradient-flow check (whether a gradient exists needs few)
 SGD_LR = 1e-2
-HEAD_SLICE_BYTES = 8 * 1024**2  # float64 bytes of one slice of the head's rows
+HEAD_SLICE_BYTES = 8 * 1024**2  # bytes of one slice of the head's rows
 
 
 @dataclass
@@ -107,16 +107,17 @@ class Beside(Protocol):
 
 
 class _Buffers:
-    """float64 buffers reused from matrix to matrix, pooled by size (a model's blocks share
-    their shapes, and fresh 100 MB allocations cost more in page faults than the copy)."""
+    """Buffers of the check's dtype reused from matrix to matrix, pooled by size (a model's
+    blocks share their shapes, and fresh 100 MB allocations cost more in page faults than the
+    copy)."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, dtype: torch.dtype = FP64) -> None:
         self._free: dict[int, list[torch.Tensor]] = {}
-        self.device = device
+        self.device, self.dtype = device, dtype
 
     def take(self, t: torch.Tensor) -> torch.Tensor:
         pool = self._free.get(t.numel())
-        out = pool.pop().view(t.shape) if pool else torch.empty(t.shape, dtype=FP64, device=self.device)
+        out = pool.pop().view(t.shape) if pool else torch.empty(t.shape, dtype=self.dtype, device=self.device)
         return out.copy_(t)
 
     def give(self, tensors) -> None:
@@ -202,7 +203,7 @@ def _allowed(config: ModelConfig) -> torch.Tensor | None:
 class _Model:
     """One side of the comparison: its config, tensors, RoPE tables and tier mask."""
 
-    def __init__(self, config: ModelConfig, tensors: Tensors, seq: int, device: torch.device) -> None:
+    def __init__(self, config: ModelConfig, tensors: Tensors, seq: int, device: torch.device, dtype: torch.dtype = FP64) -> None:
         expected, held = set(stored_names(config)), set(tensors)
         if expected != held:
             odd = sorted(expected ^ held)[0]
@@ -210,10 +211,10 @@ class _Model:
         self.config, self.tensors = config, tensors
         self.names = list(tensors)
         cos, sin = rope_tables(config.head_dim, config.rope_theta, torch.arange(seq))
-        self.cos, self.sin = cos.to(device, FP64), sin.to(device, FP64)  # cast once, not in every block
+        self.cos, self.sin = cos.to(device, dtype), sin.to(device, dtype)  # cast once, not in every block
         allowed = _allowed(config)
         self.allowed = allowed.to(device) if allowed is not None else None
-        self.device = device
+        self.device, self.dtype = device, dtype
         self.params = 0
         self._param_shapes: dict[tuple, list[tuple[str, tuple[int, ...]]]] = {}
 
@@ -401,17 +402,17 @@ def _dead_parameters(block: Block, x: torch.Tensor, model: _Model, layer: int, d
 
 
 def _embed(model: _Model, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """The sample's embeddings in float64, and the table's size: only the sample's rows are
+    """The sample's embeddings in the check's dtype, and the table's size: only the sample's rows are
     read when the table lies unchanged in a file (a few hundred rows of a 100 MB table)."""
     rows = stored_rows(model.tensors, "embed.weight")
     if rows is None:
         table = model.tensors["embed.weight"]
-        return table[ids.to(table.device)].to(model.device, FP64), table.numel()
+        return table[ids.to(table.device)].to(model.device, model.dtype), table.numel()
     wanted = torch.unique(ids.cpu())  # sorted
     if wanted.numel() and int(wanted[-1]) >= rows.shape[0]:
         raise ValueError(f"token id {int(wanted[-1])} is outside the embedding of {rows.shape[0]} rows")
     table = torch.cat([rows(int(i), int(i) + 1) for i in wanted])
-    return table[torch.searchsorted(wanted, ids.cpu())].to(model.device, FP64), math.prod(rows.shape)
+    return table[torch.searchsorted(wanted, ids.cpu())].to(model.device, model.dtype), math.prod(rows.shape)
 
 
 def _equal(x: torch.Tensor, y: torch.Tensor) -> bool:
@@ -420,13 +421,14 @@ def _equal(x: torch.Tensor, y: torch.Tensor) -> bool:
 
 def _final_states(model: _Model, x: torch.Tensor, norm_weight: torch.Tensor) -> torch.Tensor:
     norm = RMSNorm(model.config.d_model, model.config.norm_eps)
-    norm.weight = torch.nn.Parameter(norm_weight.to(x.device, FP64), requires_grad=False)
+    norm.weight = torch.nn.Parameter(norm_weight.to(x.device, x.dtype), requires_grad=False)
     with torch.no_grad():
         return norm(x).reshape(-1, x.shape[-1])
 
 
 class _HeadStats:
-    """Running figures over the vocabulary slices: logit differences and log-sum-exps."""
+    """Running figures over the vocabulary slices: logit differences and log-sum-exps (kept in
+    float64 whatever the slices' dtype)."""
 
     def __init__(self, labels: torch.Tensor) -> None:
         self.labels = labels
@@ -438,8 +440,8 @@ class _HeadStats:
     def add_one(self, side: int, start: int, z: torch.Tensor) -> None:
         """One model's slice of logits: its log-sum-exp and its targets' logits."""
         inside = (self.labels >= start) & (self.labels < start + z.shape[1])
-        self.lse[side] = torch.logaddexp(self.lse[side], torch.logsumexp(z, dim=-1))
-        self.target[side][inside] = z[inside].gather(1, (self.labels[inside] - start)[:, None]).squeeze(1)
+        self.lse[side] = torch.logaddexp(self.lse[side], torch.logsumexp(z, dim=-1).to(FP64))
+        self.target[side][inside] = z[inside].gather(1, (self.labels[inside] - start)[:, None]).squeeze(1).to(FP64)
 
     def compare(self, a: torch.Tensor, b: torch.Tensor) -> None:
         self.scale = _nan_max(self.scale, float(a.abs().max()))
@@ -481,10 +483,10 @@ class _Head:
         self.shape = tuple(self._whole.shape) if self._whole is not None else self._rows.shape
         self.numel = math.prod(self.shape)
 
-    def slices(self, rows: int, device: torch.device):
-        """(start, float64 slice), one slice of the vocabulary at a time in one buffer."""
+    def slices(self, rows: int, device: torch.device, dtype: torch.dtype):
+        """(start, slice in ``dtype``), one slice of the vocabulary at a time in one buffer."""
         n = self.shape[0]
-        buffer = torch.empty((min(rows, n), self.shape[1]), dtype=FP64, device=device)
+        buffer = torch.empty((min(rows, n), self.shape[1]), dtype=dtype, device=device)
         for start in range(0, n, rows):
             part = self._whole[start : start + rows] if self._whole is not None else self._rows(start, min(start + rows, n))
             yield start, buffer[: part.shape[0]].copy_(part)
@@ -500,12 +502,12 @@ def _heads(a: _Model, b: _Model, xa: torch.Tensor, xb: torch.Tensor, ids: torch.
     one_head = _one_origin(a.tensors, name_a, b.tensors, name_b)
     a_head_numel = 0
     stats = _HeadStats(_next_token_labels(ids).to(a.device))
-    rows = max(256, HEAD_SLICE_BYTES // (8 * max(a.config.d_model, b.config.d_model)))
+    rows = max(256, HEAD_SLICE_BYTES // (a.dtype.itemsize * max(a.config.d_model, b.config.d_model)))
     with torch.no_grad():
         if one_head:  # one head for both: the grown states go through the same slices
             head = _Head(a, name_a)
             a_head_numel = b_head_numel = head.numel
-            for start, w in head.slices(rows, a.device):
+            for start, w in head.slices(rows, a.device, a.dtype):
                 za = F.linear(ha, w)
                 zb = za if hb is ha else F.linear(hb, w)
                 stats.add_one(0, start, za)
@@ -517,13 +519,13 @@ def _heads(a: _Model, b: _Model, xa: torch.Tensor, xb: torch.Tensor, ids: torch.
             head = _Head(b, name_b)
             b_head_numel = head.numel
             kept = []
-            for start, w in head.slices(rows, b.device):
+            for start, w in head.slices(rows, b.device, b.dtype):
                 kept.append(F.linear(hb, w))
                 stats.add_one(1, start, kept[-1])
             del head
             head = _Head(a, name_a)
             a_head_numel = head.numel
-            for (start, w), zb in zip(head.slices(rows, a.device), kept):
+            for (start, w), zb in zip(head.slices(rows, a.device, a.dtype), kept):
                 za = F.linear(ha, w)
                 stats.add_one(0, start, za)
                 stats.compare(za, zb)
@@ -639,18 +641,21 @@ def compare_streamed(
     check_gradients: bool = True,
     device: torch.device | str | None = None,
     beside: Beside | None = None,
+    dtype: torch.dtype = FP64,
 ) -> Comparison:
     """Evaluate the original ``a`` and the grown ``b`` on ``ids`` (B, S) block by block in
-    float64 on ``device`` (default the CPU) and compare their logits, losses, parameter counts
-    and (``check_gradients``) the gradient flow into ``b``'s unshared blocks; see the module
-    docstring.  ``beside`` is the writer this check runs beside (:class:`Beside`)."""
+    ``dtype`` (float64 unless told) on ``device`` (default the CPU) and compare their logits,
+    losses, parameter counts and (``check_gradients``) the gradient flow into ``b``'s unshared
+    blocks; see the module docstring.  ``beside`` is the writer this check runs beside
+    (:class:`Beside`).  float32 (``dtype``) suits a growth that is not meant to be exact: its
+    loss jump and logit change are far above float32's rounding, at half the float64 work."""
     large = beside.large() if beside is not None else nullcontext()
     poll = beside.poll if beside is not None else (lambda: None)
     device = torch.device("cpu" if device is None else device)
     if config_a.vocab_size != config_b.vocab_size:
         raise ValueError(f"the models have different vocabularies ({config_a.vocab_size} vs {config_b.vocab_size} tokens); growth never changes the vocabulary")
-    a, b = _Model(config_a, tensors_a, ids.shape[1], device), _Model(config_b, tensors_b, ids.shape[1], device)
-    buffers = _Buffers(device)
+    a, b = _Model(config_a, tensors_a, ids.shape[1], device, dtype), _Model(config_b, tensors_b, ids.shape[1], device, dtype)
+    buffers = _Buffers(device, dtype)
     with large:
         xa, count = _embed(a, ids)
         a.params += count
