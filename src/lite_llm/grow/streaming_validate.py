@@ -336,9 +336,8 @@ class _Model:
             count += math.prod(shape)
         return count
 
-    def gradient_check(self, layer: int, x: torch.Tensor, buffers: _Buffers) -> tuple[list[str], list[str]]:
+    def gradient_check(self, layer: int, x: torch.Tensor) -> tuple[list[str], list[str]]:
         """Block ``layer``'s parameters, and those of them no gradient reaches from ``x``."""
-        buffers.clear()  # the whole block in its gradient dtype needs the memory more than the pool does (twice a check)
         prefix = layer_prefix(layer)
         dtype = self.grad_dtype(layer)
         block = self.grad_block(layer, dtype)
@@ -537,14 +536,19 @@ def _heads(a: _Model, b: _Model, xa: torch.Tensor, xb: torch.Tensor, ids: torch.
 def _gradient_checks(model: _Model, blocks: list[tuple[int, torch.Tensor]], buffers: _Buffers, large: AbstractContextManager) -> tuple[list[str], list[str]]:
     """The parameters of ``blocks`` ((layer, input) pairs: the first and the last a growth
     made, for every growth builds its blocks alike), and those no gradient reaches; each
-    check holds ``large`` (its block is loaded whole)."""
+    check holds ``large`` (its block is loaded whole).  The heap is trimmed before and after:
+    the forward's freed matrices (up to 32 MiB each, heap-allocated) would otherwise stay
+    resident under the whole block this loads, and its block under the next phase's buffers."""
     new: list[str] = []
     dead: list[str] = []
     for layer, x in blocks:
         with large:
-            names, silent = model.gradient_check(layer, x, buffers)
+            buffers.clear()  # the whole block needs the memory more than the pool does
+            release_freed_memory()
+            names, silent = model.gradient_check(layer, x)
         new += names
         dead += silent
+    release_freed_memory()
     return new, dead
 
 
