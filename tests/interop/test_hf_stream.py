@@ -63,6 +63,25 @@ def test_llama_pro_hf_to_hf_in_one_pass_is_bitwise(hf_llama, tmp_path):
     assert record["method"] == "llama_pro" and record["preservation"]["max_abs"] == 0.0
 
 
+def test_an_unchecked_one_pass_growth_reads_no_tensor(hf_llama, tmp_path, monkeypatch):
+    """Opening the folder asks only headers (a membership test on the lazy mapping used to read
+    the tensor), passed-on tensors are copied as raw bytes, and LLaMA-Pro's zeroed writers are
+    made from the headers' shapes: no tensor is decoded at all, and the output is still bitwise."""
+    from lite_llm.checkpoint.stream import SafetensorsReader
+
+    src, model = hf_llama
+    read: list[str] = []
+    real_get = SafetensorsReader.get
+    monkeypatch.setattr(SafetensorsReader, "get", lambda self, name: read.append(name) or real_get(self, name))
+    code, out = _expand(str(src), "--method", "llama_pro", "--target-layers", "6", "-o", str(tmp_path / "g"), "--format", "hf", "--validate", "never")
+    assert code == 0, out
+    assert read == []
+    monkeypatch.undo()
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(_logits(tmp_path / "g", ids), model(ids).logits)
+
+
 def test_solar_equals_the_stack_built_by_hand(hf_llama, tmp_path):
     src, _ = hf_llama
     code, out = _expand(str(src), "--method", "solar", "--target-layers", "6", "-o", str(tmp_path / "s"), "--format", "hf")

@@ -290,6 +290,9 @@ class _UntilFailed(Mapping[str, torch.Tensor]):
         self._beside.writer_takes(name)
         return self._tensors[name]
 
+    def __contains__(self, name: object) -> bool:  # a look-up would produce the tensor
+        return name in self._tensors
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._tensors)
 

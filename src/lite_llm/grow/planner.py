@@ -72,6 +72,9 @@ class _NamesOnly(Mapping[str, torch.Tensor]):
     def __getitem__(self, name: str) -> torch.Tensor:
         raise RuntimeError(f"the planner never reads weights (asked for {name})")
 
+    def __contains__(self, name: object) -> bool:  # Mapping's default would look it up
+        return name in self._names
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)
 

@@ -41,6 +41,9 @@ class LazyTensors(Mapping[str, torch.Tensor]):
     def __getitem__(self, name: str) -> torch.Tensor:
         return self._producers[name]()
 
+    def __contains__(self, name: object) -> bool:  # Mapping's default would compute the tensor
+        return name in self._producers
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._producers)
 

@@ -318,6 +318,9 @@ class _DigestingTensors(Mapping[str, torch.Tensor]):
             self.digests[name] = tensor_sha256(t)
         return t
 
+    def __contains__(self, name: object) -> bool:  # a look-up would produce (and digest) the tensor
+        return name in self._tensors
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._tensors)
 

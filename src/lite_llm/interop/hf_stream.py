@@ -110,6 +110,9 @@ class HFTensors(Mapping[str, torch.Tensor]):
         theirs = self._direct.get(name)
         return self._weights[theirs] if theirs is not None else self._producers[name]()
 
+    def __contains__(self, name: object) -> bool:  # Mapping's default would read the tensor
+        return name in self._specs
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._specs)
 
@@ -196,6 +199,9 @@ class _Specced(Mapping[str, torch.Tensor]):
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self._tensors[name]
+
+    def __contains__(self, name: object) -> bool:  # Mapping's default would produce the tensor
+        return name in self._specs
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._specs)
