@@ -405,3 +405,20 @@ def test_silenced_writers_are_known_zero_and_made_without_reading_the_source(tmp
     report = check_growth(config, stored, twice_config, twice, check_sample([config]), exact_expected=True, prove=True)
     assert report.proved and report.silent_blocks == 2 and report.new_params and report.dead_params == []
     assert not [n for n in read if n.endswith(writers)]
+
+
+@pytest.mark.parametrize("dead_ffn", [False, True])
+def test_a_silent_blocks_first_sweep_stopping_at_its_writers_gives_the_same_verdict(dead_ffn):
+    """For a block whose writers are all zero, the gradient check's first sweep computes only the
+    writers' gradients (everything behind them is exactly zero then); the full first sweep is
+    the oracle: the same parameters reached, the same ones dead."""
+    from lite_llm.grow import streaming_validate as sv
+
+    config, state, new_config, tensors = _llama_pro()
+    if dead_ffn:
+        tensors = _changed(tensors, {"layers.1.ffn_norm.weight": torch.zeros_like(tensors["layers.1.ffn_norm.weight"])})
+    model = sv._Model(new_config, tensors, 16, torch.device("cpu"))
+    assert model.zero_writers(1)
+    x, _ = sv._embed(model, check_sample([config])[:, :16])
+    verdicts = {silent: sv._dead_parameters(model.grad_block(1, torch.float32), x, model, 1, torch.float32, silent) for silent in (False, True)}
+    assert verdicts[True] == verdicts[False] == (["ffn_norm.weight", "ffn.gate_proj.weight", "ffn.up_proj.weight", "ffn.down_proj.weight"] if dead_ffn else [])

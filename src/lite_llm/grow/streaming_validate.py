@@ -314,7 +314,7 @@ class _Model:
         born so: its writers are :class:`~.tensors.Zeros`, known zero without reading them).
         Reading the rest of the block is cheap; its float64 forward is not."""
         names = layer_names(self.names, layer)
-        writers = [n for n in names if n in ("attn.o_proj.weight", "ffn.down_proj.weight") or (n.startswith("ffn.experts.") and n.endswith(".down_proj"))]
+        writers = [n for n in names if _is_writer(n)]
         expected = 1 + (len(self.config.tiers) if self.config.is_moe_layer(layer) else 1)
         if len(writers) != expected:
             return False
@@ -336,12 +336,18 @@ class _Model:
             count += math.prod(shape)
         return count
 
-    def gradient_check(self, layer: int, x: torch.Tensor) -> tuple[list[str], list[str]]:
-        """Block ``layer``'s parameters, and those of them no gradient reaches from ``x``."""
+    def gradient_check(self, layer: int, x: torch.Tensor, silent: bool) -> tuple[list[str], list[str]]:
+        """Block ``layer``'s parameters, and those of them no gradient reaches from ``x``
+        (``silent``: the block's residual writers are known to be all zero)."""
         prefix = layer_prefix(layer)
         dtype = self.grad_dtype(layer)
         block = self.grad_block(layer, dtype)
-        return [prefix + n for n, _ in block.named_parameters()], [prefix + n for n in _dead_parameters(block, x, self, layer, dtype)]
+        return [prefix + n for n, _ in block.named_parameters()], [prefix + n for n in _dead_parameters(block, x, self, layer, dtype, silent)]
+
+
+def _is_writer(name: str) -> bool:
+    """Whether a block's tensor ``name`` (without the layer prefix) writes into the residual stream."""
+    return name in ("attn.o_proj.weight", "ffn.down_proj.weight") or (name.startswith("ffn.experts.") and name.endswith(".down_proj"))
 
 
 def _extremes(t: torch.Tensor) -> tuple[float, float]:
@@ -353,7 +359,7 @@ def _extremes(t: torch.Tensor) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def _dead_parameters(block: Block, x: torch.Tensor, model: _Model, layer: int, dtype: torch.dtype) -> list[str]:
+def _dead_parameters(block: Block, x: torch.Tensor, model: _Model, layer: int, dtype: torch.dtype, silent: bool = False) -> list[str]:
     """Parameters of ``block`` whose gradient stays all zero through two sweeps (``block``'s
     weights change: it is dropped after).
 
@@ -364,7 +370,10 @@ def _dead_parameters(block: Block, x: torch.Tensor, model: _Model, layer: int, d
     run when its gradient is complete, so the step changes nothing the backward still reads.
     The first sweep's gradients are those of the block as grown; the second sweep's are taken
     after the SGD step of all of them, so a parameter behind a zero-initialised writer (a
-    LLaMA-Pro block's q/k/v behind its zeroed o_proj) sees that writer moved."""
+    LLaMA-Pro block's q/k/v behind its zeroed o_proj) sees that writer moved.  For a
+    ``silent`` block (every writer all zeros) the first sweep's gradient of everything but the
+    writers is exactly zero (each is a sum of ``0 * finite`` terms), so only the writers'
+    are computed then: the same verdict from a first sweep that stops at the writers."""
     n = min(GRAD_TOKENS, x.shape[1])
     x = x[:1, :n].detach().to(dtype)
     cos, sin = model.cos[:n].to(dtype), model.sin[:n].to(dtype)
@@ -382,9 +391,9 @@ def _dead_parameters(block: Block, x: torch.Tensor, model: _Model, layer: int, d
     hooks = [p.register_post_accumulate_grad_hook(lambda p, name=name: take_step(name, p)) for name, p in params.items()]
     block.train()
     try:
-        for _ in range(2):
-            for name in moved:  # the second sweep looks only at the still silent ones
-                params[name].requires_grad_(False)
+        for sweep in range(2):
+            for name, p in params.items():  # the second sweep looks only at the still silent ones
+                p.requires_grad_(name not in moved and (sweep == 1 or not silent or _is_writer(name)))
             with torch.enable_grad():
                 out, routes = block(x, cos, sin, model.allowed, None, None)
                 loss = (out * direction).sum()
@@ -533,21 +542,21 @@ def _heads(a: _Model, b: _Model, xa: torch.Tensor, xb: torch.Tensor, ids: torch.
     return stats
 
 
-def _gradient_checks(model: _Model, blocks: list[tuple[int, torch.Tensor]], buffers: _Buffers, large: AbstractContextManager) -> tuple[list[str], list[str]]:
-    """The parameters of ``blocks`` ((layer, input) pairs: the first and the last a growth
+def _gradient_checks(model: _Model, blocks: list[tuple[int, torch.Tensor, bool]], buffers: _Buffers, large: AbstractContextManager) -> tuple[list[str], list[str]]:
+    """The parameters of ``blocks`` ((layer, input, silent) triples: the first and the last a growth
     made, for every growth builds its blocks alike), and those no gradient reaches; each
     check holds ``large`` (its block is loaded whole).  The heap is trimmed before and after:
     the forward's freed matrices (up to 32 MiB each, heap-allocated) would otherwise stay
     resident under the whole block this loads, and its block under the next phase's buffers."""
     new: list[str] = []
     dead: list[str] = []
-    for layer, x in blocks:
+    for layer, x, silent in blocks:
         with large:
             buffers.clear()  # the whole block needs the memory more than the pool does
             release_freed_memory()
-            names, silent = model.gradient_check(layer, x)
+            names, unreached = model.gradient_check(layer, x, silent)
         new += names
-        dead += silent
+        dead += unreached
     release_freed_memory()
     return new, dead
 
@@ -628,7 +637,7 @@ def prove_unchanged(
         large = beside.large() if beside is not None else nullcontext()
         with large:
             x, _ = _embed(b, ids)
-        new, dead = _gradient_checks(b, [(j, x) for j in sorted({silent[0], silent[-1]})], _Buffers(device), large)
+        new, dead = _gradient_checks(b, [(j, x, True) for j in sorted({silent[0], silent[-1]})], _Buffers(device), large)
     return Comparison(
         max_abs=0.0, scale=0.0, sse=0.0, logits=0, loss_a=None, loss_b=None, tokens=0, params_a=params_a, params_b=params_b,
         new_params=new, dead_params=dead, shared_blocks=shared, silent_blocks=len(silent), proved=True,
@@ -671,7 +680,7 @@ def compare_streamed(
             b.params += count
             xb = xa if _equal(xa, xb) else xb
     i, shared, silent = 0, 0, 0
-    first = last = None  # the first and the latest grown block not shared with the original, and their inputs
+    first = last = None  # the first and the latest grown block not shared with the original, their inputs, whether silent
     for j in range(config_b.n_layers):
         poll()
         if i < config_a.n_layers and _equal(xa, xb) and _block_key(config_a, i) == _block_key(config_b, j):
@@ -684,11 +693,11 @@ def compare_streamed(
                 a.params, b.params = a.params + count, b.params + count
                 i, shared = i + 1, shared + 1
                 continue
-        if first is None:
-            first = (j, xb)
-        else:
-            last = (j, xb)
         count = b.writes_nothing(j, xb)
+        if first is None:
+            first = (j, xb, count is not None)
+        else:
+            last = (j, xb, count is not None)
         if count is not None:
             silent += 1
         else:
