@@ -193,3 +193,20 @@ def test_the_policy_keeps_the_expert_the_prompt_used_most():
     assert policy.victim([(0, "t", 1), (0, "t", 2)]) == (0, "t", 2)
     decay = 0.5 ** (1 / 128)
     assert policy.value((0, "t", 1)) == pytest.approx(5 * (1 - decay) / 2)  # layer 0 comes round after 2 layer visits
+
+
+def test_a_single_moe_layer_still_decays_once_per_visit():
+    """Closed form: with one MoE layer the layer never changes between tokens; an expert accessed
+    again starts the next visit, so an expert last used one visit ago has half its use at a
+    half-life of one visit (it used to keep its whole count forever)."""
+    from lite_llm.store.policies import LayerCycle
+
+    policy = LayerCycle(n_layers=1, half_life=1.0)
+    policy.touch((0, "t", 1))
+    policy.touch((0, "t", 2))  # the same visit
+    policy.touch((0, "t", 1))  # the next token's visit
+    assert policy.decayed_uses((0, "t", 2)) == pytest.approx(0.5)
+    assert policy.decayed_uses((0, "t", 1)) == pytest.approx(1.5)
+    policy.touch((0, "t", 3))  # still the second visit
+    policy.touch((0, "t", 3), uses=2)  # a third
+    assert policy.decayed_uses((0, "t", 2)) == pytest.approx(0.25) and policy.decayed_uses((0, "t", 3)) == pytest.approx(2.5)

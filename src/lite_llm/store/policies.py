@@ -88,8 +88,12 @@ class LayerCycle:
 
     def touch(self, key: Key, uses: int = 1) -> None:
         layer = key[0] % self.n_layers
-        if layer != self._layer or self._visits[layer] == 0:
-            self._visits[layer] += 1  # a new visit of this layer (experts of one visit share it)
+        # A new visit of this layer (the experts of one visit share it) when another layer came
+        # between, or when an expert of this visit is accessed again (a visit accesses each
+        # expert once): with a single MoE layer the layer never changes, and only that shows
+        # the next token's visit.
+        if layer != self._layer or self._visits[layer] == 0 or self._seen.get(key) == self._visits[layer]:
+            self._visits[layer] += 1
         self._layer = layer
         now = self._visits[layer]
         self._score[key] = self._score_at(key, now) + float(uses)
