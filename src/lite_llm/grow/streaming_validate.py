@@ -6,7 +6,9 @@ Why it is built this way (DESIGN.md, "Exactness, measured"):
 * **float64.**  fp32 sums taken in another order differ by ~1e-6 relative per layer: a
   width-grown SmolLM2 (30 layers, logits near 37) differed from its source by 1.3e-4 in fp32
   although it is exact in real arithmetic.  Every stored weight converts to float64 exactly,
-  so in float64 what remains is the rounding of the grown weights themselves.
+  so in float64 what remains is the rounding of the grown weights themselves.  A step not
+  meant to be exact may be measured in float32 instead (``dtype``; ``validate: auto`` does):
+  what it changes dwarfs float32's rounding.
 * **One block at a time.**  Materialising both models held two whole models (3.5 GiB and 9x
   the growth's time for SmolLM2 grown to 40 layers).  Here the sample's hidden states (128
   tokens by default, a few MB) go through one block at a time.  Within a block each projection
@@ -23,7 +25,8 @@ Why it is built this way (DESIGN.md, "Exactness, measured"):
   as new; blocks of two checkpoints on disk are compared bitwise, one tensor pair at a time.
   A new block whose residual writers (``o_proj``, ``down_proj``) are all zeros, a LLaMA-Pro
   block as it is born, adds exactly zero on finite inputs: it is read and passed over
-  (:meth:`_Model.writes_nothing`), not computed.
+  (:meth:`_Model.writes_nothing`), not computed; writers made as
+  :class:`~lite_llm.grow.tensors.Zeros` are not even read.
 * **The head in slices.**  The final norm and the head are applied one slice of the
   vocabulary at a time, and the next-token losses come from the same slices (a running
   log-sum-exp).  A head that lies unchanged in a file is read slice by slice from it, and of

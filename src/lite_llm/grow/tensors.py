@@ -11,7 +11,9 @@ with ``dict(lazy)`` when that matters more than memory.
 A tensor passed through unchanged is produced by a :class:`Ref` rather than an opaque closure,
 so a writer can ask :func:`origin` where its bytes already lie: a source file holding them can
 then be copied byte for byte (the one-pass Hugging Face growth does) instead of decoded and
-encoded again.
+encoded again.  Likewise a tensor that is all zeros by construction (a silenced block's
+residual writers) is produced by a :class:`Zeros`, made from the source's header without
+reading the source, and known to be zero (:func:`known_zeros`) without being made.
 """
 
 from __future__ import annotations
