@@ -98,6 +98,16 @@ def test_output_is_not_wrapped_when_not_a_terminal(tmp_path):
     assert str(long_dir) in line and "active per token" in line  # one line, however long
 
 
+def test_tables_keep_their_natural_width_when_not_a_terminal(tmp_path):
+    """A growth's record table in a log or pipe: every cell whole on one row (rich fitted tables
+    into 80 columns, eliding ``{"target_l…`` and wrapping it over three lines)."""
+    assert runner.invoke(app, ["init", "--preset", "tiny", "-o", str(tmp_path / "a")]).exit_code == 0
+    result = runner.invoke(app, ["expand", str(tmp_path / "a"), "--method", "llama_pro", "--target-layers", "5", "-o", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    row = next(l for l in result.output.splitlines() if "llama_pro" in l)
+    assert '{"target_layers": 5}' in row and "…" not in result.output
+
+
 def test_a_manifest_disagreeing_with_the_shard_header_is_refused(tmp_path):
     import json
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import os
 import sys
 import warnings
 from collections.abc import Iterator
@@ -30,7 +31,17 @@ app = typer.Typer(
     add_completion=False,
 )
 
-console = Console(soft_wrap=not sys.stdout.isatty())  # plain, unwrapped lines in logs and pipes
+def _piped_width() -> int | None:
+    """The console's width when stdout is not a terminal: wide enough for any table at its
+    natural width (rich would fit it into 80 columns, wrapping and eliding its cells), unless
+    ``$COLUMNS`` says otherwise; None on a terminal (rich asks it)."""
+    if sys.stdout.isatty():
+        return None
+    columns = os.environ.get("COLUMNS", "")
+    return int(columns) if columns.isdigit() and int(columns) > 0 else 1000
+
+
+console = Console(soft_wrap=not sys.stdout.isatty(), width=_piped_width())  # plain, unwrapped lines in logs and pipes
 err_console = Console(stderr=True, soft_wrap=True)
 
 
