@@ -131,3 +131,18 @@ def test_training_on_cpu_keeps_freed_memory_unless_told_not_to(small_dataset, mo
     cfg = _cfg(steps=1, keep_freed_cpu_memory=keep)
     Trainer(build_model(ModelConfig.from_preset("tiny")), data, cfg, show_progress=False).train()
     assert len(calls) == (1 if keep else 0)
+
+
+def test_progress_in_a_log_is_plain_lines_with_the_metrics_log(small_dataset, capsys):
+    """stderr that is not a terminal gets one whole line about every 5% of the run and at every
+    evaluation (a rich bar there was drawn once, at the end, with its stats elided), and its
+    figures are the metrics' (the oracle: the losses the result returns)."""
+    data = TokenData(small_dataset)
+    trainer = Trainer(build_model(ModelConfig.from_preset("tiny"), seed=0), data, _cfg(steps=40, eval_every=20), show_progress=True)
+    result = trainer.train()
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train step")]
+    steps = [int(line.split()[2].split("/")[0]) for line in lines]
+    assert steps == list(range(2, 41, 2)) and all(line.split()[2].endswith("/40") for line in lines)
+    for line, step in zip(lines, steps):
+        assert f"loss {result.losses[step - 1]:.3f}" in line and "…" not in line
+    assert [("val bpb" in line) for line in lines] == [step % 20 == 0 for step in steps]
