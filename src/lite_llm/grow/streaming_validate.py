@@ -341,10 +341,13 @@ class _Model:
 
     def gradient_check(self, layer: int, x: torch.Tensor, silent: bool) -> tuple[list[str], list[str]]:
         """Block ``layer``'s parameters, and those of them no gradient reaches from ``x``
-        (``silent``: the block's residual writers are known to be all zero)."""
+        (``silent``: the block's residual writers are known to be all zero; only a dense
+        block's first sweep is shortened by it — a router's balance and z-losses reach it past
+        zero writers, and its first SGD step changes the second sweep's routing)."""
         prefix = layer_prefix(layer)
         dtype = self.grad_dtype(layer)
         block = self.grad_block(layer, dtype)
+        silent = silent and not self.config.is_moe_layer(layer)
         return [prefix + n for n, _ in block.named_parameters()], [prefix + n for n in _dead_parameters(block, x, self, layer, dtype, silent)]
 
 
@@ -374,7 +377,7 @@ def _dead_parameters(block: Block, x: torch.Tensor, model: _Model, layer: int, d
     The first sweep's gradients are those of the block as grown; the second sweep's are taken
     after the SGD step of all of them, so a parameter behind a zero-initialised writer (a
     LLaMA-Pro block's q/k/v behind its zeroed o_proj) sees that writer moved.  For a
-    ``silent`` block (every writer all zeros) the first sweep's gradient of everything but the
+    ``silent`` dense block (every writer all zeros) the first sweep's gradient of everything but the
     writers is exactly zero (each is a sum of ``0 * finite`` terms), so only the writers'
     are computed then: the same verdict from a first sweep that stops at the writers."""
     n = min(GRAD_TOKENS, x.shape[1])
