@@ -10,7 +10,7 @@ folder.  Candidates, interleaved over ``--repeats``, each in a fresh subprocess 
 VmHWM, is its own):
 
 * ``ours``: ``lite-llm expand SRC --method solar --target-layers 24 --format hf`` with the
-  default streamed check (a step not meant to be exact, as SOLAR is, is measured in float32;
+  default streamed check (a depth step not meant to be exact, as SOLAR is, is measured in float32;
   the loss jump recorded);
 * ``ours-novalidate``: the same with ``--validate never``;
 * ``mergekit``: ``mergekit-yaml`` passthrough with the same two slices (when installed);

@@ -99,13 +99,20 @@ def test_output_is_not_wrapped_when_not_a_terminal(tmp_path):
 
 
 def test_tables_keep_their_natural_width_when_not_a_terminal(tmp_path):
-    """A growth's record table in a log or pipe: every cell whole on one row (rich fitted tables
-    into 80 columns, eliding ``{"target_l…`` and wrapping it over three lines)."""
+    """A growth's record table in a real pipe (a subprocess, $COLUMNS unset): every cell whole on
+    one row (rich fitted tables into 80 columns, eliding ``{"target_l…`` and wrapping it over
+    three lines)."""
+    import os
+    import subprocess
+    import sys
+
     assert runner.invoke(app, ["init", "--preset", "tiny", "-o", str(tmp_path / "a")]).exit_code == 0
-    result = runner.invoke(app, ["expand", str(tmp_path / "a"), "--method", "llama_pro", "--target-layers", "5", "-o", str(tmp_path / "b")])
-    assert result.exit_code == 0, result.output
-    row = next(l for l in result.output.splitlines() if "llama_pro" in l)
-    assert '{"target_layers": 5}' in row and "…" not in result.output
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "FORCE_COLOR", "TTY_INTERACTIVE", "TTY_COMPATIBLE")}
+    command = [sys.executable, "-c", "from lite_llm.cli import main; main()", "expand", str(tmp_path / "a"), "--method", "llama_pro", "--target-layers", "5", "-o", str(tmp_path / "b")]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    row = next(line for line in result.stdout.splitlines() if "llama_pro" in line)
+    assert '{"target_layers": 5}' in row and "…" not in result.stdout
 
 
 def test_a_manifest_disagreeing_with_the_shard_header_is_refused(tmp_path):

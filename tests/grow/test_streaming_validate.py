@@ -192,10 +192,11 @@ def test_expand_records_both_figures_and_obeys_tolerance(source, tmp_path):
     assert bad.exit_code == 1 and "tolerance must be a positive number" in bad.output
 
 
-def test_a_step_not_meant_to_be_exact_is_measured_in_float32_by_default(source, tmp_path):
-    """``validate: auto`` measures SOLAR in float32 (half the float64 work); its figures equal the
-    float64 sample's (``always``, itself checked against a whole-model forward above) far
-    inside what the step changes, and the record says which precision measured it."""
+def test_a_depth_step_not_meant_to_be_exact_is_measured_in_float32_by_default(source, tmp_path):
+    """``validate: auto`` measures SOLAR in float32 (less work than float64); its figures equal
+    the float64 sample's (``always``, itself checked against a whole-model forward above) far
+    inside what the step changes, and the record says which precision measured it.  A step made
+    inexact by noise stays float64 (its change can be as small as float32's rounding)."""
     _, path = source
     step = [GrowthStep("solar", {"drop": 1})]
     records = {mode: expand_checkpoint(path, tmp_path / mode, step, validate=mode).records[0]["preservation"] for mode in ("auto", "always")}
@@ -205,6 +206,8 @@ def test_a_step_not_meant_to_be_exact_is_measured_in_float32_by_default(source, 
     for key in ("loss_original", "loss_grown", "max_abs", "logits_scale", "mse"):
         assert auto[key] == pytest.approx(always[key], rel=1e-4), key
     assert auto["loss_jump"] == pytest.approx(always["loss_jump"], abs=1e-5)
+    noisy = expand_checkpoint(path, tmp_path / "noisy", [GrowthStep("width", {"d_model": 72, "noise": 1e-6})]).records[0]["preservation"]
+    assert "float64" in noisy["measure"] and not noisy["proved"]
 
 
 def test_recipe_tolerance_per_recipe_and_per_step(source, tmp_path):

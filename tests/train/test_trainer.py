@@ -133,10 +133,12 @@ def test_training_on_cpu_keeps_freed_memory_unless_told_not_to(small_dataset, mo
     assert len(calls) == (1 if keep else 0)
 
 
-def test_progress_in_a_log_is_plain_lines_with_the_metrics_log(small_dataset, capsys):
+def test_progress_in_a_log_is_plain_lines_with_the_metrics_log(small_dataset, capsys, monkeypatch):
     """stderr that is not a terminal gets one whole line about every 5% of the run and at every
     evaluation (a rich bar there was drawn once, at the end, with its stats elided), and its
     figures are the metrics' (the oracle: the losses the result returns)."""
+    for forcing in ("FORCE_COLOR", "TTY_INTERACTIVE", "TTY_COMPATIBLE"):  # would make rich call a pipe a terminal
+        monkeypatch.delenv(forcing, raising=False)
     data = TokenData(small_dataset)
     trainer = Trainer(build_model(ModelConfig.from_preset("tiny"), seed=0), data, _cfg(steps=40, eval_every=20), show_progress=True)
     result = trainer.train()

@@ -30,7 +30,7 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
 def _print_records(records: list[dict[str, Any]]) -> None:
     from ..config import format_size
 
-    table = Table("step", "method", "params", "exact", "max |Δlogit| / max |logit|", "max |Δlogit|", "loss jump", title="growth (logits in float64; a step not meant to be exact in float32 unless --validate always)")
+    table = Table("step", "method", "params", "exact", "max |Δlogit| / max |logit|", "max |Δlogit|", "loss jump", title="growth (logits in float64; an inexact depth step in float32 unless --validate always)")
     for i, r in enumerate(records, 1):
         p = r["preservation"]
         shown = {k: v for k, v in r["params"].items() if k != "importance"}
@@ -61,7 +61,7 @@ def expand(
     validate: str = typer.Option(
         "auto",
         help="auto: check every step (streamed, any size), proving a step that is the identity by construction (llama_pro) instead of "
-        "evaluating it and measuring a step not meant to be exact (solar) in float32; always: evaluate the float64 sample for every "
+        "evaluating it and measuring a depth step not meant to be exact (solar, stack) in float32; always: evaluate the float64 sample for every "
         "step; never: skip the check.",
     ),
     tolerance: Optional[float] = typer.Option(

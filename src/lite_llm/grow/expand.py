@@ -7,7 +7,7 @@ tensor at a time — so a growth needs memory for a few tensors, not two models.
 streams both models block by block in float64 on 128 sample tokens — or, by default
 (``validate="auto"``), proves a step that is the identity by construction (LLaMA-Pro) so from
 the tensors' origins and the new blocks' zero writers, evaluating nothing, and measures a
-step not meant to be exact (SOLAR) in float32.  The check runs in a
+depth step not meant to be exact (SOLAR) in float32.  The check runs in a
 thread beside the writer (its float64 matmuls and reads release the GIL while the writer
 copies and fsyncs); an exact step whose relative logit change exceeds its tolerance stops the
 writer at its next tensor, and nothing is committed: the output is swapped into place only
@@ -46,7 +46,7 @@ from .common import refuse_quantized
 from .registry import GrowthOp, get_op
 from .tensors import LazyTensors, Tensors, expected_specs
 from .streaming_validate import Beside
-from .validate import DEFAULT_TOLERANCE, NOT_EXACT_DTYPE, SAMPLE_TOKENS, ValidationReport, check_growth, check_sample
+from .validate import DEFAULT_TOLERANCE, COARSE_STEP_DTYPE, SAMPLE_TOKENS, ValidationReport, check_growth, check_sample
 
 
 class GrowthError(LiteLLMError):
@@ -189,7 +189,8 @@ def _expand(
         records, reports = [], []
         for step, op, params, before, before_tensors, after, after_tensors in planned:
             exact = op.exact(params)
-            report = _check_step(step, exact, before, before_tensors, after, after_tensors, ids, tolerance, beside, auto=validate == "auto") if do_validate else None
+            coarse = not exact and op.family == "depth"
+            report = _check_step(step, exact, before, before_tensors, after, after_tensors, ids, tolerance, beside, auto=validate == "auto", coarse=coarse) if do_validate else None
             records.append(_record(src, step.method, params, exact, before, after, report))
             reports.append(report)
         return records, reports
@@ -389,13 +390,15 @@ def _check_step(
     beside: Beside | None = None,
     *,
     auto: bool = False,
+    coarse: bool = False,
 ) -> ValidationReport:
     """The streamed check of one step; an exact step that changed the logits is refused.
     ``auto`` (``validate: auto``) checks at the least cost that answers: a step that is the
-    identity by construction is proved so, not evaluated, and one not meant to be exact is
-    measured in float32 (``validate: always``: float64 for every step)."""
+    identity by construction is proved so, not evaluated, and a ``coarse`` one (a depth step
+    not meant to be exact) is measured in float32 (``validate: always``: float64 for every
+    step; see ``COARSE_STEP_DTYPE``)."""
     tolerance = step.tolerance if step.tolerance is not None else tolerance
-    dtype = NOT_EXACT_DTYPE if auto and not exact else torch.float64
+    dtype = COARSE_STEP_DTYPE if auto and coarse else torch.float64
     report = check_growth(before, tensors, after, grown, ids, exact_expected=exact, tolerance=tolerance, beside=beside, prove=auto, dtype=dtype)
     if exact and not report.preserved:
         raise GrowthError(

@@ -6,9 +6,9 @@ Why it is built this way (DESIGN.md, "Exactness, measured"):
 * **float64.**  fp32 sums taken in another order differ by ~1e-6 relative per layer: a
   width-grown SmolLM2 (30 layers, logits near 37) differed from its source by 1.3e-4 in fp32
   although it is exact in real arithmetic.  Every stored weight converts to float64 exactly,
-  so in float64 what remains is the rounding of the grown weights themselves.  A step not
-  meant to be exact may be measured in float32 instead (``dtype``; ``validate: auto`` does):
-  what it changes dwarfs float32's rounding.
+  so in float64 what remains is the rounding of the grown weights themselves.  A depth step
+  not meant to be exact may be measured in float32 instead (``dtype``; ``validate: auto``
+  does): re-ordering blocks changes the logits far beyond float32's rounding.
 * **One block at a time.**  Materialising both models held two whole models (3.5 GiB and 9x
   the growth's time for SmolLM2 grown to 40 layers).  Here the sample's hidden states (128
   tokens by default, a few MB) go through one block at a time.  Within a block each projection
@@ -666,8 +666,8 @@ def compare_streamed(
     ``dtype`` (float64 unless told) on ``device`` (default the CPU) and compare their logits,
     losses, parameter counts and (``check_gradients``) the gradient flow into ``b``'s unshared
     blocks; see the module docstring.  ``beside`` is the writer this check runs beside
-    (:class:`Beside`).  float32 (``dtype``) suits a growth that is not meant to be exact: its
-    loss jump and logit change are far above float32's rounding, at half the float64 work."""
+    (:class:`Beside`).  float32 (``dtype``) suits a depth step that is not meant to be exact:
+    its loss jump and logit change are far above float32's rounding, for less work."""
     large = beside.large() if beside is not None else nullcontext()
     poll = beside.poll if beside is not None else (lambda: None)
     device = torch.device("cpu" if device is None else device)

@@ -18,7 +18,7 @@ class TrainProgress:
     def __init__(self, total: int, start: int, enabled: bool = True) -> None:
         self.enabled = enabled
         self.console = Console(stderr=True)
-        self.plain = enabled and not self.console.is_terminal
+        self.plain = enabled and not self.console.is_terminal and not self.console.is_jupyter  # a notebook keeps its live bar
         self._total, self._started = total, time.monotonic()
         self._every = max(1, (total - start) // 20)  # plain lines: about twenty a run, and every evaluation
         self._progress = Progress(
