@@ -322,3 +322,37 @@ def test_ffn_width_intermediate_size_on_an_all_moe_model_grows_every_tier():
     partial = random_model(moe_shapes()["partial-moe-tied"])  # dense layers too: intermediate_size is theirs
     with pytest.raises(ConfigError, match="^tier='tier_0' names the tier whose experts grow, but no expert size was given"):
         grow(partial, "ffn_width", intermediate_size=50, tier="tier_0")
+
+
+@pytest.mark.parametrize("shape", ["gqa3-tied", "gqa2-untied"])
+@pytest.mark.parametrize("d_model", ["double", "odd"])  # tiling, and zero padding
+def test_the_widened_tables_are_made_row_range_by_row_range_bitwise(shape, d_model, tmp_path, monkeypatch):
+    """From a checkpoint on disk the grown embedding and head (tiling; padding: the embedding) are
+    made a few rows at a time from the source's rows (never reading the whole source table),
+    bitwise equal to widening the whole tensor in memory (the oracle); their rows are readable
+    without making them, also through a later step that passes them on."""
+    from lite_llm.checkpoint import save_checkpoint
+    from lite_llm.checkpoint.lazy import open_checkpoint
+    from lite_llm.checkpoint.stream import SafetensorsReader
+    from lite_llm.data import ByteTokenizer
+    from lite_llm.grow import tensors as lazy
+
+    config = dense_shapes()[shape]
+    model = random_model(config)
+    size = 2 * config.d_model if d_model == "double" else config.d_model + 8
+    in_memory = get_op("width")(config, stored_state(model), d_model=size)[1]
+    stored = open_checkpoint(save_checkpoint(tmp_path / "src", model, tokenizer=ByteTokenizer()), verify=False).tensors
+    new_config, grown = get_op("width")(config, stored, d_model=size)
+    deeper = get_op("llama_pro")(new_config, grown, target_layers=new_config.n_layers + 1)[1]
+    monkeypatch.setattr(lazy, "ROW_CHUNK_BYTES", 3 * config.d_model * 4)  # three source rows a chunk: many chunks
+    read: list[str] = []
+    real_get = SafetensorsReader.get
+    monkeypatch.setattr(SafetensorsReader, "get", lambda self, name: read.append(name) or real_get(self, name))
+    # Padding gives an untied head fresh random columns, drawn over the whole tensor: made whole.
+    tables = [n for n in ("embed.weight", "lm_head.weight") if n in grown and (d_model == "double" or n == "embed.weight")]
+    for name in tables:
+        assert torch.equal(grown[name], in_memory[name]), name
+        rows = lazy.row_reader(deeper, name)
+        assert rows is not None and rows.shape == tuple(in_memory[name].shape)
+        assert torch.equal(rows(5, 9), in_memory[name][5:9])
+    assert not [n for n in read if n in tables]

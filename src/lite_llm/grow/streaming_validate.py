@@ -29,8 +29,9 @@ Why it is built this way (DESIGN.md, "Exactness, measured"):
   :class:`~lite_llm.grow.tensors.Zeros` are not even read.
 * **The head in slices.**  The final norm and the head are applied one slice of the
   vocabulary at a time, and the next-token losses come from the same slices (a running
-  log-sum-exp).  A head that lies unchanged in a file is read slice by slice from it, and of
-  the embedding only the sample's rows are read (:func:`~.tensors.stored_rows`).  When the
+  log-sum-exp).  A head that lies unchanged in a file is read slice by slice from it (a widened
+  one made slice by slice from its source's), and of the embedding only the sample's rows are
+  read (:func:`~.tensors.row_reader`).  When the
   grown head is the original's passed on unchanged, both models' states go through each slice;
   when it differs (width growth), the grown model's logits are kept (tokens x vocabulary in
   float64) while its head is dropped and the original's loaded, so at most one head is in
@@ -66,7 +67,7 @@ from ..config import ModelConfig, TierSet
 from ..runtime.cpu_memory import release_freed_memory
 from ..model.layers import RMSNorm, rope_tables
 from ..model.transformer import Block
-from .tensors import LazyTensors, Tensors, known_zeros, layer_names, layer_prefix, origin, stored_names, stored_rows, stored_spec
+from .tensors import LazyTensors, Tensors, known_zeros, layer_names, layer_prefix, origin, row_reader, stored_names, stored_spec
 
 FP64 = torch.float64
 GRAD_DTYPE = torch.float32  # of the gradient-flow check, unless a bf16 dense block allows less (see grad_dtype)
@@ -416,9 +417,10 @@ def _dead_parameters(block: Block, x: torch.Tensor, model: _Model, layer: int, d
 
 
 def _embed(model: _Model, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """The sample's embeddings in the check's dtype, and the table's size: only the sample's rows are
-    read when the table lies unchanged in a file (a few hundred rows of a 100 MB table)."""
-    rows = stored_rows(model.tensors, "embed.weight")
+    """The sample's embeddings in the check's dtype, and the table's size: only the sample's rows
+    are read (a few hundred rows of a 100 MB table) when the table lies unchanged in a file or
+    is made row by row from one (a widened embedding: :func:`~.tensors.row_reader`)."""
+    rows = row_reader(model.tensors, "embed.weight")
     if rows is None:
         table = model.tensors["embed.weight"]
         return table[ids.to(table.device)].to(model.device, model.dtype), table.numel()
@@ -489,10 +491,11 @@ def _head_name(config: ModelConfig) -> str:
 
 class _Head:
     """A model's head for slicing: read slice by slice from its file when it lies there
-    unchanged (:func:`~.tensors.stored_rows`), else produced whole once."""
+    unchanged, or made slice by slice from its source's rows (a widened head), else produced
+    whole once (:func:`~.tensors.row_reader`)."""
 
     def __init__(self, model: _Model, name: str) -> None:
-        self._rows = stored_rows(model.tensors, name)
+        self._rows = row_reader(model.tensors, name)
         self._whole = model.tensors[name] if self._rows is None else None
         self.shape = tuple(self._whole.shape) if self._whole is not None else self._rows.shape
         self.numel = math.prod(self.shape)

@@ -48,7 +48,7 @@ from ..config import ModelConfig, format_size
 from ..errors import ConfigError
 from ..model.router import seeded_hash
 from .registry import register
-from .tensors import LazyTensors, Producer, Tensors, ref
+from .tensors import LazyTensors, Producer, RowWise, Tensors, ref
 
 Role = Literal["reader", "writer", "norm", "keep"]
 FFN_MODES: tuple[str, ...] = ("split", "paired_noise", "noise_copies", "fresh")
@@ -217,6 +217,11 @@ def pad_tensor(t: torch.Tensor, axis: int, size: int, fill_std: float = 0.0, gen
     return torch.cat([t, fill], dim=axis)
 
 
+# The vocabulary-sized tables, the growth's largest tensors.  Without noise (whose draws depend
+# on the whole tensor) their rows are widened one by one, so they are made as RowWise.
+_TABLES = frozenset({"embed.weight", "lm_head.weight"})
+
+
 def _tiled_producer(tensors: Tensors, name: str, role: Role, axis: int, k: int, final_scale: float, split: float, noise_std: float, seed: int) -> Producer:
     """Integer growth d -> k*d: writers tiled, readers tiled in the unequal shares ``split``
     gives, norm scales tiled (the final norm's times ``final_scale``, 1/k when the head is
@@ -227,6 +232,8 @@ def _tiled_producer(tensors: Tensors, name: str, role: Role, axis: int, k: int, 
         scale = final_scale if name == "norm.weight" else 1.0
         return lambda: tile_tensor(tensors[name], 0, [scale] * k)
     shares = split_fractions(k, split) if role == "reader" else [1.0] * k
+    if not noise_std and name in _TABLES:  # each row tiled alone: made row range by row range
+        return RowWise(tensors, name, lambda t: tile_tensor(t, axis, shares))
     return lambda: tile_tensor(tensors[name], axis, shares, noise_std, tensor_generator(seed, name))
 
 
@@ -248,6 +255,8 @@ def _padded_producer(tensors: Tensors, name: str, role: Role, axis: int, size: i
     if role == "norm":
         return lambda: _padded_norm(tensors[name], size)
     std = reader_std if role == "reader" else writer_std
+    if not std and name in _TABLES:  # each row zero-padded alone: made row range by row range
+        return RowWise(tensors, name, lambda t: pad_tensor(t, axis, size))
     return lambda: pad_tensor(tensors[name], axis, size, std, tensor_generator(seed, name))
 
 
