@@ -13,7 +13,9 @@ so a writer can ask :func:`origin` where its bytes already lie: a source file ho
 then be copied byte for byte (the one-pass Hugging Face growth does) instead of decoded and
 encoded again.  Likewise a tensor that is all zeros by construction (a silenced block's
 residual writers) is produced by a :class:`Zeros`, made from the source's header without
-reading the source, and known to be zero (:func:`known_zeros`) without being made.
+reading the source, and known to be zero (:func:`known_zeros`) without being made.  And a
+tensor computed row by row from a source (a widened embedding) is a :class:`RowWise`: made a
+few rows at a time, and readable by rows (:func:`row_reader`) without being made whole.
 """
 
 from __future__ import annotations
