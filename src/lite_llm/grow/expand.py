@@ -127,8 +127,8 @@ def expand_checkpoint(
 
     ``validate``: ``auto`` checks every step (streamed, at any size), proving a step that is
     the identity by construction (LLaMA-Pro's zero-writer blocks between the original's, passed
-    on unchanged) instead of evaluating it; ``always`` evaluates the float64 sample for every
-    step; ``never`` skips the check.  ``check_tokens`` is the sample's size.  ``tolerance`` is the relative logit
+    on unchanged) instead of evaluating it, and measuring a depth step not meant to be exact
+    (SOLAR) in float32; ``always`` evaluates the float64 sample for every step; ``never`` skips the check.  ``check_tokens`` is the sample's size.  ``tolerance`` is the relative logit
     change an exact step may make (a step's own ``tolerance`` wins; None: ``DEFAULT_TOLERANCE``)."""
     if validate not in VALIDATE_MODES:
         raise ConfigError(f"validate must be one of {', '.join(VALIDATE_MODES)}, got {validate!r}")

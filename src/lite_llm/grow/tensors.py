@@ -60,7 +60,7 @@ class LazyTensors(Mapping[str, torch.Tensor]):
         return (producer.tensors, producer.name) if isinstance(producer, Ref) else None
 
     def producer(self, name: str) -> Producer:
-        """What computes ``name`` (:func:`known_zeros` asks whether it is a :class:`Zeros`)."""
+        """What computes ``name`` (:func:`known_zeros` and :func:`row_reader` ask what kind it is)."""
         return self._producers[name]
 
 
@@ -99,12 +99,17 @@ class Zeros:
         return torch.zeros_like(self.tensors[self.name]) if spec is None else torch.zeros(spec.shape, dtype=spec.dtype)
 
 
+def _producer(tensors: Tensors, name: str) -> Producer | None:
+    """What computes ``tensors[name]``, followed back through the steps that passed it on
+    unchanged; None when it is stored (or its mapping does not say)."""
+    mapping, key = origin(tensors, name)
+    return mapping.producer(key) if isinstance(mapping, LazyTensors) else None
+
+
 def known_zeros(tensors: Tensors, name: str) -> bool:
     """Whether ``tensors[name]`` is all zeros by construction (a :class:`Zeros`, passed on
     unchanged through any number of steps): known without computing it."""
-    mapping, key = origin(tensors, name)
-    producer = getattr(mapping, "producer", None)
-    return producer is not None and isinstance(producer(key), Zeros)
+    return isinstance(_producer(tensors, name), Zeros)
 
 
 def stored_spec(tensors: Tensors, name: str) -> TensorSpec | None:
@@ -156,11 +161,12 @@ def stored_rows(tensors: Tensors, name: str) -> StoredRows | None:
     passed on unchanged (its :func:`origin` mapping knows its ``location`` and ``spec``); None
     when it is computed (then see :func:`row_reader`)."""
     mapping, key = origin(tensors, name)
-    location, stored = getattr(mapping, "location", None), stored_spec(tensors, name)
-    where = location(key) if location is not None and stored is not None else None
+    location, spec = getattr(mapping, "location", None), getattr(mapping, "spec", None)
+    where = location(key) if location is not None and spec is not None else None
     if where is None:
         return None
     path, offset, _ = where
+    stored = spec(key)
     return StoredRows(path, offset, stored.dtype, tuple(stored.shape)) if len(stored.shape) >= 1 else None
 
 
@@ -239,12 +245,11 @@ def row_reader(tensors: Tensors, name: str) -> StoredRows | RowReader | None:
     stored = stored_rows(tensors, name)
     if stored is not None:
         return stored
-    mapping, key = origin(tensors, name)
-    producer = mapping.producer(key) if isinstance(mapping, LazyTensors) else None
+    producer = _producer(tensors, name)
     if not isinstance(producer, RowWise):
         return None
     source = row_reader(producer.tensors, producer.name)
-    if source is None or not source.shape:
+    if source is None:
         return None
     fn = producer.fn
     one_row = fn(source(0, min(1, source.shape[0])))
