@@ -356,3 +356,43 @@ def test_the_widened_tables_are_made_row_range_by_row_range_bitwise(shape, d_mod
         assert rows is not None and rows.shape == tuple(in_memory[name].shape)
         assert torch.equal(rows(5, 9), in_memory[name][5:9])
     assert not [n for n in read if n in tables]
+
+
+@pytest.mark.parametrize("method", ["width", "llama_pro"])
+def test_the_writer_takes_the_tables_range_by_range_and_writes_the_same_files(method, tmp_path, monkeypatch):
+    """``expand_checkpoint`` hands the writer an embedding-sized table as row ranges (a widened
+    one computed from the source's rows, one passed on read from its file) instead of whole: the
+    whole table is never made or read, and the shard files are byte for byte those of writing
+    each table whole (the oracle, with the row path switched off), with the same manifest hashes."""
+    import json
+
+    from lite_llm.checkpoint import save_checkpoint
+    from lite_llm.checkpoint.stream import SafetensorsReader
+    from lite_llm.data import ByteTokenizer
+    from lite_llm.grow import expand as expand_module
+    from lite_llm.grow import tensors as lazy
+    from lite_llm.grow.expand import expand_checkpoint
+    from lite_llm.grow.recipe import GrowthStep
+
+    config = dense_shapes()["gqa2-untied"]
+    src = save_checkpoint(tmp_path / "src", random_model(config), tokenizer=ByteTokenizer())
+    step = GrowthStep("width", {"d_model": 2 * config.d_model}) if method == "width" else GrowthStep("llama_pro", {"target_layers": config.n_layers + 1})
+    monkeypatch.setattr(lazy, "ROW_CHUNK_BYTES", 3 * config.d_model * 4)  # three source rows a chunk
+    tables = ("embed.weight", "lm_head.weight")
+    read: list[str] = []
+    real_get = SafetensorsReader.get
+    monkeypatch.setattr(SafetensorsReader, "get", lambda self, name: read.append(name) or real_get(self, name))
+    made_whole: list[str] = []
+    real_call = lazy.RowWise.__call__
+    monkeypatch.setattr(lazy.RowWise, "__call__", lambda self: made_whole.append(self.name) or real_call(self))
+    by_rows = expand_checkpoint(src, tmp_path / "by-rows", [step], validate="never").path
+    assert not [n for n in read if n in tables] and made_whole == []
+
+    monkeypatch.setattr(expand_module, "row_chunks", lambda *args: None)
+    whole = expand_checkpoint(src, tmp_path / "whole", [step], validate="never").path
+    assert (made_whole if method == "width" else [n for n in read if n in tables])  # the oracle made or read them whole
+    shards = [s["path"] for s in json.loads((whole / "manifest.json").read_text())["shards"]]
+    for name in shards:
+        assert (by_rows / name).read_bytes() == (whole / name).read_bytes(), name
+    hashes = [[s["sha256"] for s in json.loads((p / "manifest.json").read_text())["shards"]] for p in (by_rows, whole)]
+    assert hashes[0] == hashes[1]

@@ -40,7 +40,7 @@ from .manifest import (
     split_by_bytes,
 )
 from . import manifest as _manifest
-from .stream import TensorSpec, iter_specs, tensor_bytes, write_safetensors
+from .stream import RowChunks, TensorSpec, iter_specs, tensor_bytes, write_safetensors
 from .training import TrainingState
 
 _EXTRA_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
@@ -142,6 +142,7 @@ def write_checkpoint(
     max_shard_bytes: int = 2 * 1024**3,
     before_commit: Callable[[], None] | None = None,
     model_version: str = MODEL_VERSION_DEFAULT,
+    rows: Callable[[str], RowChunks | None] | None = None,
 ) -> Path:
     """Write a checkpoint of ``config`` whose stored tensors (tied ``lm_head`` excluded) are
     ``tensors``, atomically, as :func:`save_checkpoint` does.
@@ -149,7 +150,8 @@ def write_checkpoint(
     ``tensors`` may be lazy (a mapping that computes each tensor when it is looked up, as the
     growth operations return): give ``specs`` (name -> dtype and shape, in writing order) and
     each tensor is produced, written, hashed and dropped one at a time, so a checkpoint larger
-    than memory can be written.  ``tokenizer`` is an object with ``save(dir)``.
+    than memory can be written.  ``rows`` may offer a tensor as :class:`RowChunks` instead
+    (None: take it from ``tensors``), so not even one embedding-sized table is held whole.  ``tokenizer`` is an object with ``save(dir)``.
     ``progressive`` may be a callable returning the record, called once the weights are
     written (growth checks its result beside the writer, and the record holds the figures).
     ``before_commit`` runs once everything is written, before the swap into place; if it
@@ -181,7 +183,7 @@ def write_checkpoint(
     tmp = atomic.temp_sibling(target, "tmp")
     tmp.mkdir()
     try:
-        shards = _write_shards(tmp, config, tensors, specs, max_shard_bytes)
+        shards = _write_shards(tmp, config, tensors, specs, max_shard_bytes, rows)
         if callable(progressive):
             progressive_bytes = _json_bytes(fill_progressive(progressive()), "progressive")
         files = _write_files(tmp, tokenizer, progressive_bytes, training, training_meta, extra_dirs)
@@ -198,9 +200,19 @@ def write_checkpoint(
 
 
 def _write_shards(
-    tmp: Path, config: ModelConfig, tensors: Mapping[str, torch.Tensor], specs: Mapping[str, TensorSpec], max_shard_bytes: int
+    tmp: Path,
+    config: ModelConfig,
+    tensors: Mapping[str, torch.Tensor],
+    specs: Mapping[str, TensorSpec],
+    max_shard_bytes: int,
+    rows: Callable[[str], RowChunks | None] | None = None,
 ) -> list[dict[str, Any]]:
     """One safetensors file per (tier, kind) group (split at ``max_shard_bytes``), streamed."""
+
+    def produce(name: str) -> torch.Tensor | RowChunks:
+        chunks = rows(name) if rows is not None else None
+        return chunks if chunks is not None else tensors[name]
+
     tier_names = [t.name for t in config.tiers]
     groups: dict[tuple[str, str], list[str]] = {(DENSE, DENSE): []}
     for name in tier_names:
@@ -221,8 +233,8 @@ def _write_shards(
             for file_name, piece in zip(shard_file_names(shard_stem(tier, kind), len(pieces)), pieces):
                 piece_specs = {n: specs[n] for n in piece}
                 meta = {"format": "pt", "lite_llm_tier": tier, "lite_llm_kind": kind}
-                produce, expert_hashes = (_hashing_experts(tensors) if kind == "experts" else (tensors.__getitem__, None))
-                sha = write_safetensors(tmp / file_name, piece_specs, produce, meta, fsync=False)
+                produce_here, expert_hashes = _hashing_experts(produce) if kind == "experts" else (produce, None)
+                sha = write_safetensors(tmp / file_name, piece_specs, produce_here, meta, fsync=False)
                 syncs.append(syncer.submit(atomic.fsync_file, tmp / file_name))
                 dtypes = sorted({_dtype_name(s.dtype) for s in piece_specs.values()})
                 shards.append(
@@ -242,18 +254,26 @@ def _write_shards(
     return shards
 
 
-def _hashing_experts(tensors: Mapping[str, torch.Tensor]) -> tuple[Callable[[str], torch.Tensor], dict[str, list[str]]]:
-    """A producer for an expert shard that also records the sha256 of every expert's bytes
+def _hashing_experts(
+    produce: Callable[[str], torch.Tensor | RowChunks],
+) -> tuple[Callable[[str], torch.Tensor | RowChunks], dict[str, list[str]]]:
+    """``produce`` for an expert shard, also recording the sha256 of every expert's bytes
     (row ``e`` of each bank): what a reader fetching one expert from an archive checks."""
     hashes: dict[str, list[str]] = {}
 
-    def produce(name: str) -> torch.Tensor:
-        tensor = tensors[name]
-        rows = tensor.detach().contiguous().cpu()
-        hashes[name] = [hashlib.sha256(tensor_bytes(row)).hexdigest() for row in rows]
-        return tensor
+    def hashed(name: str, rows: torch.Tensor) -> torch.Tensor:
+        hashes[name].extend(hashlib.sha256(tensor_bytes(row)).hexdigest() for row in rows.detach().contiguous().cpu())
+        return rows
 
-    return produce, hashes
+    def produce_hashing(name: str) -> torch.Tensor | RowChunks:
+        produced = produce(name)
+        hashes[name] = []
+        if isinstance(produced, RowChunks):
+            read = produced.read
+            return RowChunks(produced.dtype, produced.shape, lambda start, stop: hashed(name, read(start, stop)), produced.rows_per_chunk)
+        return hashed(name, produced)
+
+    return produce_hashing, hashes
 
 
 def _write_files(

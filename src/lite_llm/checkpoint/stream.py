@@ -147,10 +147,50 @@ def safetensors_header(specs: Mapping[str, TensorSpec], metadata: Mapping[str, s
     return struct.pack("<Q", len(blob)) + blob
 
 
+class RowChunks:
+    """A tensor of ``dtype`` and ``shape`` handed to a writer as consecutive row ranges, each
+    made (``read(start, stop)``) only when the writer reaches it: an embedding-sized table
+    written this way is never whole in memory (a widened SmolLM2's 226 MB embedding was most
+    of its growth's peak).  Iterating yields the ranges of ``rows_per_chunk`` rows in order."""
+
+    def __init__(self, dtype: torch.dtype, shape: Sequence[int], read: Callable[[int, int], torch.Tensor], rows_per_chunk: int) -> None:
+        if not shape or rows_per_chunk < 1:
+            raise ValueError(f"row chunks need a tensor with rows and at least one row a chunk, got shape {tuple(shape)} and {rows_per_chunk}")
+        self.dtype, self.shape, self.read, self.rows_per_chunk = dtype, tuple(int(s) for s in shape), read, rows_per_chunk
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        rows = self.shape[0]
+        for start in range(0, rows, self.rows_per_chunk):
+            yield self.read(start, min(start + self.rows_per_chunk, rows))
+
+
+def _pieces(name: str, spec: TensorSpec, produced: torch.Tensor | RowChunks) -> Iterator[torch.Tensor]:
+    """The tensor ``produced`` for ``spec`` as the pieces to write in order (itself, or its row
+    ranges), each checked against ``spec``: the header was already written from the specs, and
+    a silent mismatch would corrupt the file."""
+
+    def refuse(what: str) -> CheckpointError:
+        return CheckpointError(f"tensor {name} came out as {what} but {spec.dtype} {spec.shape} was planned; this is a bug in the operation that produced it")
+
+    if produced.dtype != spec.dtype or tuple(produced.shape) != spec.shape:
+        raise refuse(f"{produced.dtype} {tuple(produced.shape)}")
+    if isinstance(produced, torch.Tensor):
+        yield produced
+        return
+    rows = 0
+    for piece in produced:
+        if piece.dtype != spec.dtype or tuple(piece.shape[1:]) != spec.shape[1:] or rows + piece.shape[0] > spec.shape[0]:
+            raise refuse(f"a row range of {piece.dtype} {tuple(piece.shape)} after {rows} rows")
+        rows += piece.shape[0]
+        yield piece
+    if rows != spec.shape[0]:
+        raise refuse(f"{rows} rows")
+
+
 def write_safetensors(
     path: str | os.PathLike,
     specs: Mapping[str, TensorSpec],
-    produce: Callable[[str], torch.Tensor],
+    produce: Callable[[str], torch.Tensor | RowChunks],
     metadata: Mapping[str, str] | None = None,
     *,
     fsync: bool = True,
@@ -158,7 +198,8 @@ def write_safetensors(
     """Write the tensors named in ``specs`` (in that order) to ``path``, asking ``produce`` for
     each only when it is written; fsync (unless the caller will); return the file's sha256.
 
-    A produced tensor whose dtype or shape differs from its spec is refused: the header was
+    ``produce`` may hand a large tensor over as :class:`RowChunks`, written range by range.  A
+    produced tensor whose dtype or shape differs from its spec is refused: the header was
     already written from the specs, and a silent mismatch would corrupt the file.
     """
     blob = safetensors_header(specs, metadata)
@@ -171,16 +212,12 @@ def write_safetensors(
             digest.update(chunk)
             f.write(chunk)
         for name, spec in specs.items():
-            tensor = produce(name)
-            if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
-                raise CheckpointError(
-                    f"tensor {name} came out as {tensor.dtype} {tuple(tensor.shape)} but {spec.dtype} {spec.shape} was planned; this is a bug in the operation that produced it"
-                )
-            data = tensor_bytes(tensor)
-            hashed = pool.submit(digest.update, data)
-            f.write(data)
-            hashed.result()
-            del tensor, data
+            for piece in _pieces(name, spec, produce(name)):
+                data = tensor_bytes(piece)
+                hashed = pool.submit(digest.update, data)
+                f.write(data)
+                hashed.result()
+                del piece, data
         f.flush()
         if fsync:
             os.fsync(f.fileno())

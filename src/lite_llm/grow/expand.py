@@ -44,7 +44,7 @@ from .recipe import VALIDATE_MODES, GrowthStep
 from .carry import CarriedEWC, carry_ewc
 from .common import refuse_quantized
 from .registry import GrowthOp, get_op
-from .tensors import LazyTensors, Tensors, expected_specs
+from .tensors import LazyTensors, Tensors, expected_specs, row_chunks
 from .streaming_validate import Beside
 from .validate import DEFAULT_TOLERANCE, COARSE_STEP_DTYPE, SAMPLE_TOKENS, ValidationReport, check_growth, check_sample
 
@@ -326,6 +326,7 @@ def write_grown_checkpoint(
         max_shard_bytes=max_shard_bytes,
         before_commit=before_commit,
         model_version=grown.model_version,
+        rows=lambda name: row_chunks(grown.tensors, name, grown.dtype, grown.stop_if_refused),
     )
 
 

@@ -15,7 +15,8 @@ encoded again.  Likewise a tensor that is all zeros by construction (a silenced 
 residual writers) is produced by a :class:`Zeros`, made from the source's header without
 reading the source, and known to be zero (:func:`known_zeros`) without being made.  And a
 tensor computed row by row from a source (a widened embedding) is a :class:`RowWise`: made a
-few rows at a time, and readable by rows (:func:`row_reader`) without being made whole.
+few rows at a time, and readable by rows (:func:`row_reader`) without being made whole — so
+a writer can take it range by range too (:func:`row_chunks`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Callable, Iterator
 import torch
 
 from ..checkpoint.load import expected_tensors
-from ..checkpoint.stream import TensorSpec, tensor_bytes
+from ..checkpoint.stream import RowChunks, TensorSpec, tensor_bytes
 from ..config import ModelConfig
 
 Tensors = Mapping[str, torch.Tensor]
@@ -254,3 +255,19 @@ def row_reader(tensors: Tensors, name: str) -> StoredRows | RowReader | None:
     fn = producer.fn
     one_row = fn(source(0, min(1, source.shape[0])))
     return RowReader((source.shape[0], *one_row.shape[1:]), lambda start, stop: fn(source(start, stop)))
+
+
+def row_chunks(tensors: Tensors, name: str, dtype: torch.dtype, before_each: Callable[[], None] = lambda: None) -> RowChunks | None:
+    """``tensors[name]`` in ``dtype`` as :class:`RowChunks` for a writer, when it can be read by
+    rows (:func:`row_reader`) and is larger than one chunk; None otherwise (then write it
+    whole).  ``before_each`` runs before each range is made (it may raise to stop the writer)."""
+    rows = row_reader(tensors, name)
+    if rows is None or len(rows.shape) < 1 or (step := _rows_per_chunk(rows)) >= rows.shape[0]:
+        return None
+
+    def read(start: int, stop: int) -> torch.Tensor:
+        before_each()
+        piece = rows(start, stop)
+        return piece if piece.dtype == dtype else piece.to(dtype)
+
+    return RowChunks(dtype, rows.shape, read, step)
