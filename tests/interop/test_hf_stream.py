@@ -180,3 +180,29 @@ def test_raw_copies_stop_once_the_check_has_failed(hf_llama, tmp_path, monkeypat
     assert code == 1 and "refused by the test" in out, out
     assert len(copies) == 1, copies
     assert sorted(p.name for p in tmp_path.iterdir()) == ["all"]
+
+
+def test_a_widened_hf_folder_gets_its_tables_range_by_range(hf_llama, tmp_path, monkeypatch):
+    """Width growth written as a Hugging Face folder: the widened embedding and head go to the
+    file row range by row range (never made whole), the files are byte for byte those of
+    writing them whole (the oracle, with the row path off), and transformers computes the
+    original's logits from the widened folder."""
+    from lite_llm.grow import tensors as lazy
+    from lite_llm.grow.recipe import GrowthStep
+    from lite_llm.interop import hf_stream
+
+    src, model = hf_llama
+    monkeypatch.setattr(lazy, "ROW_CHUNK_BYTES", 3 * 64 * 4)  # three source rows a chunk
+    made_whole: list[str] = []
+    real_call = lazy.RowWise.__call__
+    monkeypatch.setattr(lazy.RowWise, "__call__", lambda self: made_whole.append(self.name) or real_call(self))
+    step = [GrowthStep("width", {"d_model": 128})]
+    hf_stream.expand_model(src, tmp_path / "rows", step, output_format="hf")
+    assert made_whole == []
+    monkeypatch.setattr(hf_stream, "row_chunks", lambda *args: None)
+    hf_stream.expand_model(src, tmp_path / "whole", step, output_format="hf", validate="never")
+    assert sorted(made_whole) == ["embed.weight", "lm_head.weight"]
+    assert (tmp_path / "rows" / "model.safetensors").read_bytes() == (tmp_path / "whole" / "model.safetensors").read_bytes()
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(_logits(tmp_path / "rows", ids), model(ids).logits, rtol=0, atol=1e-5)

@@ -164,7 +164,7 @@ class RowChunks:
             yield self.read(start, min(start + self.rows_per_chunk, rows))
 
 
-def _pieces(name: str, spec: TensorSpec, produced: torch.Tensor | RowChunks) -> Iterator[torch.Tensor]:
+def checked_pieces(name: str, spec: TensorSpec, produced: torch.Tensor | RowChunks) -> Iterator[torch.Tensor]:
     """The tensor ``produced`` for ``spec`` as the pieces to write in order (itself, or its row
     ranges), each checked against ``spec``: the header was already written from the specs, and
     a silent mismatch would corrupt the file."""
@@ -212,7 +212,7 @@ def write_safetensors(
             digest.update(chunk)
             f.write(chunk)
         for name, spec in specs.items():
-            for piece in _pieces(name, spec, produce(name)):
+            for piece in checked_pieces(name, spec, produce(name)):
                 data = tensor_bytes(piece)
                 hashed = pool.submit(digest.update, data)
                 f.write(data)

@@ -37,13 +37,13 @@ import torch
 
 from ..checkpoint import atomic
 from ..checkpoint.manifest import MANIFEST, MODEL_VERSION_DEFAULT, PROGRESSIVE, fill_progressive, one_line, split_by_bytes
-from ..checkpoint.stream import TensorSpec, tensor_bytes, safetensors_header
+from ..checkpoint.stream import RowChunks, TensorSpec, checked_pieces, tensor_bytes, safetensors_header
 from ..config import ModelConfig
 from ..data.tokenizer import HF_TOKENIZER_FILE
 from ..errors import CheckpointError, ConfigError
 from ..grow.expand import ExpandResult, GrownModel, expand_checkpoint, write_grown_checkpoint
 from ..grow.recipe import OUTPUT_FORMATS, GrowthStep
-from ..grow.tensors import Producer, Tensors, expected_specs, origin, stored_names
+from ..grow.tensors import Producer, Tensors, expected_specs, origin, row_chunks, stored_names
 from .hf_export import GENERATION_CONFIG_FILE, dtype_fields, special_token_ids, tokenizer_files, check_exportable, plan_export
 from .hf_import import HF_CONFIG_FILE, HF_INDEX_FILE, HF_TOKENIZER_EXTRAS, HF_WEIGHTS_FILE, HFWeights, lite_config, plan_import, read_hf_config, read_hf_tokenizer
 from .hf_mapping import hf_config_dict, lite_names_to_hf, mixtral_block_to_classic
@@ -227,6 +227,7 @@ def write_grown_hf(out: Path, grown: GrownModel, *, max_shard_bytes: int, before
     check_exportable(view)
     specs, producers = plan_export(view, grown.dtype)
     raw = _raw_sources(grown, specs)
+    direct = _direct_names(grown.config)
     side_files = _side_files(grown)
     hf_config = _hf_config(grown, side_files)
     extras = {f.get("name") for f in grown.source.manifest.get("files", []) if isinstance(f, dict) and f.get("kind") == "extra"}
@@ -239,7 +240,13 @@ def write_grown_hf(out: Path, grown: GrownModel, *, max_shard_bytes: int, before
     tmp = atomic.temp_sibling(out, "tmp")
     tmp.mkdir()
     try:
-        write_weights(tmp, specs, raw, lambda name: producers[name](), max_shard_bytes, before_copy=grown.stop_if_refused)
+
+        def produce(theirs: str) -> torch.Tensor | RowChunks:
+            ours = direct.get(theirs)
+            chunks = row_chunks(grown.tensors, ours, specs[theirs].dtype, grown.stop_if_refused) if ours is not None else None
+            return chunks if chunks is not None else producers[theirs]()
+
+        write_weights(tmp, specs, raw, produce, max_shard_bytes, before_copy=grown.stop_if_refused)
         progressive = {**grown.finish_progressive(), MODEL_VERSION_KEY: grown.model_version}  # waits for the checks
         _write_json(tmp / HF_CONFIG_FILE, hf_config)
         for name, data in side_files.items():
@@ -255,10 +262,16 @@ def write_grown_hf(out: Path, grown: GrownModel, *, max_shard_bytes: int, before
     return out
 
 
+def _direct_names(config: ModelConfig) -> dict[str, str]:
+    """Hugging Face name -> our name, for the output tensors that are ours renamed and nothing
+    else (a Mixtral gate divided by its temperature, or experts split, are not)."""
+    return {theirs: ours for ours, theirs in lite_names_to_hf(stored_names(config), config).items()}
+
+
 def _raw_sources(grown: GrownModel, specs: dict[str, TensorSpec]) -> dict[str, RawSource]:
     """Hugging Face name -> where in a source file its bytes already lie, for every output
     tensor that is an unchanged copy of a stored tensor of the same dtype and shape."""
-    ours_of = {theirs: ours for ours, theirs in lite_names_to_hf(stored_names(grown.config), grown.config).items()}
+    ours_of = _direct_names(grown.config)
     raw = {}
     for theirs, spec in specs.items():
         ours = ours_of.get(theirs)
@@ -310,7 +323,7 @@ def write_weights(
     folder: Path,
     specs: dict[str, TensorSpec],
     raw: Mapping[str, RawSource],
-    produce: Callable[[str], torch.Tensor],
+    produce: Callable[[str], torch.Tensor | RowChunks],
     max_shard_bytes: int,
     before_copy: Callable[[], None] = lambda: None,
 ) -> None:
@@ -355,7 +368,7 @@ def write_safetensors_raw(
     path: Path,
     specs: Mapping[str, TensorSpec],
     raw: Mapping[str, RawSource],
-    produce: Callable[[str], torch.Tensor],
+    produce: Callable[[str], torch.Tensor | RowChunks],
     sources: _SourceFiles,
     before_copy: Callable[[], None] = lambda: None,
 ) -> None:
@@ -384,13 +397,9 @@ def write_safetensors_raw(
             if run:
                 copy(run)
                 run = []
-            tensor = produce(name)
-            if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
-                raise CheckpointError(
-                    f"tensor {name} came out as {tensor.dtype} {tuple(tensor.shape)} but {spec.dtype} {spec.shape} was planned; this is a bug in the operation that produced it"
-                )
-            _write_all(fd, tensor_bytes(tensor))
-            del tensor
+            for piece in checked_pieces(name, spec, produce(name)):
+                _write_all(fd, tensor_bytes(piece))
+                del piece
         if run:
             copy(run)
     finally:
