@@ -425,3 +425,30 @@ def test_a_silent_blocks_first_sweep_stopping_at_its_writers_gives_the_same_verd
     x, _ = sv._embed(model, check_sample([config])[:, :16])
     verdicts = {silent: sv._dead_parameters(model.grad_block(1, torch.float32), x, model, 1, torch.float32, silent) for silent in (False, True)}
     assert verdicts[True] == verdicts[False] == (["ffn_norm.weight", "ffn.gate_proj.weight", "ffn.up_proj.weight", "ffn.down_proj.weight"] if dead_ffn else [])
+
+
+@pytest.mark.parametrize("steps, evaluated", [(["llama_pro"], False), (["solar"], True), (["llama_pro", "solar"], True)])
+def test_the_sample_is_made_only_when_a_step_is_evaluated(steps, evaluated, tmp_path, monkeypatch):
+    """A growth proved unchanged needs no sample, so it never loads the source's tokenizer (0.1 s
+    of a 0.9 s SmolLM2 growth); a growth with an evaluated step makes the sample once, from the
+    tokenizer, and records its tokens.  The proof's gradient check runs on seeded ids instead and
+    finds the same dead parameters as the evaluation on the sample (the oracle: ``always``)."""
+    from lite_llm.grow import expand as expand_module
+
+    config = dense_shapes()["gqa2-untied"]
+    src = save_checkpoint(tmp_path / "src", random_model(config), tokenizer=ByteTokenizer())
+    loaded: list[object] = []
+    real = expand_module.source_tokenizer
+    monkeypatch.setattr(expand_module, "source_tokenizer", lambda s: loaded.append(s) or real(s))
+    n, plan = config.n_layers, []
+    for method in steps:  # llama_pro: two more layers; solar: 2 * (n - 1)
+        n = n + 2 if method == "llama_pro" else 2 * (n - 1)
+        plan.append(GrowthStep(method, {"target_layers": n}))
+    result = expand_checkpoint(src, tmp_path / "g", plan)
+    assert len(loaded) == (1 if evaluated else 0)
+    assert [r.proved for r in result.reports] == [m == "llama_pro" for m in steps]
+    assert [r.tokens for r in result.reports] == [0 if m == "llama_pro" else 128 for m in steps]
+    if not evaluated:
+        sampled = expand_checkpoint(src, tmp_path / "a", plan, validate="always").reports[0]
+        assert not sampled.proved and sampled.tokens == 128
+        assert result.reports[0].new_params == sampled.new_params and result.reports[0].dead_params == sampled.dead_params

@@ -596,13 +596,12 @@ def prove_unchanged(
     tensors_a: Tensors,
     config_b: ModelConfig,
     tensors_b: Tensors,
-    ids: torch.Tensor,
     *,
     check_gradients: bool = True,
     device: torch.device | str | None = None,
     beside: Beside | None = None,
 ) -> Comparison | None:
-    """The comparison of :func:`compare_streamed` without evaluating the sample, when the grown
+    """The comparison of :func:`compare_streamed` without any sample, when the grown
     ``b`` is the original ``a`` by construction; None when it is not (then measure it).
 
     By construction means: ``b`` is configured as ``a`` but for its depth; its embedding,
@@ -617,15 +616,17 @@ def prove_unchanged(
     for one read of the new blocks (their extremes) instead of a float64 forward of the whole
     model.  The figures are ``max_abs = 0`` with no sample evaluated (``tokens = 0``, no losses);
     the parameter counts come from the tensors' shapes and the gradient check runs as in
-    :func:`compare_streamed`, on the sample's embeddings (whether a gradient reaches a dense
-    block's parameter is structure).  A new MoE block is not proved: which experts its
+    :func:`compare_streamed`, on the embeddings of ``GRAD_TOKENS`` seeded random ids (whether a
+    gradient reaches a dense block's parameter is structure, which any input shows; so a proof
+    needs no sample, and a growth proved so never loads a tokenizer to make one).  A new MoE block is not proved: which experts its
     gradient check reaches depends on what the sample routes to them, so only its real input
     (the evaluation's) gives the evaluation's verdict."""
     if not _same_function_config(config_a, config_b):
         return None
     device = torch.device("cpu" if device is None else device)
-    _Model(config_a, tensors_a, ids.shape[1], device)  # refuses tensors that do not fit the config, as the evaluation would
-    b = _Model(config_b, tensors_b, ids.shape[1], device)
+    ids = torch.randint(0, config_b.vocab_size, (1, GRAD_TOKENS), generator=torch.Generator().manual_seed(0))
+    _Model(config_a, tensors_a, GRAD_TOKENS, device)  # refuses tensors that do not fit the config, as the evaluation would
+    b = _Model(config_b, tensors_b, GRAD_TOKENS, device)
     ends = ["embed.weight", "norm.weight"] + ([] if config_a.tie_embeddings else ["lm_head.weight"])
     if not all(_one_origin(tensors_a, n, tensors_b, n) for n in ends):
         return None

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -151,7 +151,7 @@ def check_growth(
     original: Tensors,
     grown_config: ModelConfig,
     grown: Tensors,
-    input_ids: torch.Tensor,
+    input_ids: torch.Tensor | Callable[[], torch.Tensor],
     *,
     exact_expected: bool | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
@@ -164,15 +164,18 @@ def check_growth(
     """Compare the grown tensors with the original's on ``input_ids`` (B, S), streaming both,
     computing in ``dtype`` (float64 unless told) on ``device`` (default the CPU); ``beside`` see
     :func:`compare_streamed`.  ``prove``: when the grown model is the original by construction
-    (:func:`~.streaming_validate.prove_unchanged`), say so instead of evaluating the sample."""
+    (:func:`~.streaming_validate.prove_unchanged`), say so instead of evaluating the sample.
+    ``input_ids`` may be a callable making the sample, called only when it is evaluated (a
+    proof needs none)."""
     if original_config.vocab_size != grown_config.vocab_size:
         raise ValidationError(
             f"the models have different vocabularies ({original_config.vocab_size} vs {grown_config.vocab_size} tokens), "
             "so one is not a growth of the other; compare a grown checkpoint with the one it was grown from"
         )
-    c = prove_unchanged(original_config, original, grown_config, grown, input_ids, check_gradients=check_gradients, device=device, beside=beside) if prove else None
+    c = prove_unchanged(original_config, original, grown_config, grown, check_gradients=check_gradients, device=device, beside=beside) if prove else None
     if c is None:
-        c = compare_streamed(original_config, original, grown_config, grown, input_ids, check_gradients=check_gradients, device=device, beside=beside, dtype=dtype)
+        ids = input_ids() if callable(input_ids) else input_ids
+        c = compare_streamed(original_config, original, grown_config, grown, ids, check_gradients=check_gradients, device=device, beside=beside, dtype=dtype)
     max_rel = c.max_abs / c.scale if c.scale > 0 else (0.0 if c.max_abs == 0 else math.inf)
     return ValidationReport(
         max_abs=c.max_abs,
