@@ -192,14 +192,25 @@ def test_expand_records_both_figures_and_obeys_tolerance(source, tmp_path):
     assert bad.exit_code == 1 and "tolerance must be a positive number" in bad.output
 
 
-def test_a_depth_step_not_meant_to_be_exact_is_measured_in_float32_by_default(source, tmp_path):
+@pytest.mark.parametrize("kernels", ["onednn", "default"])
+def test_a_depth_step_not_meant_to_be_exact_is_measured_in_float32_by_default(kernels, source, tmp_path, monkeypatch):
     """``validate: auto`` measures SOLAR in float32 (less work than float64); its figures equal
     the float64 sample's (``always``, itself checked against a whole-model forward above) far
-    inside what the step changes, and the record says which precision measured it.  A step made
-    inexact by noise stays float64 (its change can be as small as float32's rounding)."""
+    inside what the step changes, and the record says which precision measured it — whichever
+    library the float32 products ran on (oneDNN where it measured faster: forced on, and off).
+    A step made inexact by noise stays float64 (its change can be as small as float32's rounding)."""
+    from lite_llm.runtime import cpu_linear
+
+    if kernels == "onednn" and not torch.backends.mkldnn.is_available():
+        pytest.skip("PyTorch built without oneDNN")
+    routed: list[tuple[int, ...]] = []
+    real = cpu_linear._onednn_linear
+    monkeypatch.setattr(cpu_linear, "onednn_is_faster", lambda: kernels == "onednn")
+    monkeypatch.setattr(cpu_linear, "_onednn_linear", lambda x, w, b: routed.append(tuple(x.shape)) or real(x, w, b))
     _, path = source
     step = [GrowthStep("solar", {"drop": 1})]
     records = {mode: expand_checkpoint(path, tmp_path / mode, step, validate=mode).records[0]["preservation"] for mode in ("auto", "always")}
+    assert bool(routed) == (kernels == "onednn")
     auto, always = records["auto"], records["always"]
     assert "float32" in auto["measure"] and "float64" in always["measure"] and auto["tokens"] == always["tokens"] == 128
     assert always["max_rel"] > 1e-2  # SOLAR changes the function: the figures are far above float32's rounding

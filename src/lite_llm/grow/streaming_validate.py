@@ -64,6 +64,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig, TierSet
+from ..runtime.cpu_linear import faster_float32_linear
 from ..runtime.cpu_memory import release_freed_memory
 from ..model.layers import RMSNorm, rope_tables
 from ..model.transformer import Block
@@ -286,11 +287,13 @@ class _Model:
 
     def run(self, layer: int, x: torch.Tensor, buffers: _Buffers) -> tuple[torch.Tensor, int]:
         """Block ``layer``'s output on ``x`` and its parameter count (stored router biases
-        are buffers, not parameters)."""
+        are buffers, not parameters); float32 products on the CPU go to the faster of MKL
+        and oneDNN here (:mod:`lite_llm.runtime.cpu_linear`)."""
         block, state, on_use = self.streamed_block(layer, buffers)
         count = sum(p.numel() for p in block.parameters())
+        kernels = faster_float32_linear() if self.dtype == torch.float32 and self.device.type == "cpu" else nullcontext()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), kernels:
                 y, _ = block(x, self.cos, self.sin, self.allowed, None, None)
         finally:
             for hooks in on_use:
