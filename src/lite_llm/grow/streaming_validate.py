@@ -68,7 +68,7 @@ from ..runtime.cpu_linear import faster_float32_linear
 from ..runtime.cpu_memory import release_freed_memory
 from ..model.layers import RMSNorm, rope_tables
 from ..model.transformer import Block
-from .tensors import LazyTensors, Tensors, known_zeros, layer_names, layer_prefix, origin, row_reader, stored_names, stored_spec
+from .tensors import LazyTensors, Tensors, known_zeros, layer_names, layer_prefix, origin, row_reader, stored_names, stored_rows, stored_spec
 
 FP64 = torch.float64
 GRAD_DTYPE = torch.float32  # of the gradient-flow check, unless a bf16 dense block allows less (see grad_dtype)
@@ -121,9 +121,17 @@ class _Buffers:
         self.device, self.dtype = device, dtype
 
     def take(self, t: torch.Tensor) -> torch.Tensor:
-        pool = self._free.get(t.numel())
-        out = pool.pop().view(t.shape) if pool else torch.empty(t.shape, dtype=self.dtype, device=self.device)
-        return out.copy_(t)
+        return self._buffer(t.shape).copy_(t)
+
+    def take_named(self, tensors: Tensors, name: str) -> torch.Tensor:
+        """``take(tensors[name])``, read straight from its file into the buffer when it is stored
+        and the buffer is on the CPU (:meth:`~.tensors.StoredRows.copy_into`)."""
+        rows = stored_rows(tensors, name) if self.device.type == "cpu" else None
+        return rows.copy_into(self._buffer(rows.shape)) if rows is not None else self.take(tensors[name])
+
+    def _buffer(self, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+        pool = self._free.get(math.prod(shape))
+        return pool.pop().view(shape) if pool else torch.empty(shape, dtype=self.dtype, device=self.device)
 
     def give(self, tensors) -> None:
         for t in tensors:
@@ -150,7 +158,7 @@ class _OnUse:
 
     def fill(self, module: nn.Module, args) -> None:
         for attr, name in self.names.items():
-            module._parameters[attr] = nn.Parameter(self.buffers.take(self.model.tensors[name]), requires_grad=False)
+            module._parameters[attr] = nn.Parameter(self.buffers.take_named(self.model.tensors, name), requires_grad=False)
 
     def empty(self, module: nn.Module, args, output) -> None:
         for attr in self.names:
@@ -291,9 +299,8 @@ class _Model:
         and oneDNN here (:mod:`lite_llm.runtime.cpu_linear`)."""
         block, state, on_use = self.streamed_block(layer, buffers)
         count = sum(p.numel() for p in block.parameters())
-        kernels = faster_float32_linear() if self.dtype == torch.float32 and self.device.type == "cpu" else nullcontext()
         try:
-            with torch.no_grad(), kernels:
+            with torch.no_grad(), _kernels(self.dtype, self.device):
                 y, _ = block(x, self.cos, self.sin, self.allowed, None, None)
         finally:
             for hooks in on_use:
@@ -353,6 +360,12 @@ class _Model:
         block = self.grad_block(layer, dtype)
         silent = silent and not self.config.is_moe_layer(layer)
         return [prefix + n for n, _ in block.named_parameters()], [prefix + n for n in _dead_parameters(block, x, self, layer, dtype, silent)]
+
+
+def _kernels(dtype: torch.dtype, device: torch.device) -> AbstractContextManager:
+    """Where the products of a forward in ``dtype`` on ``device`` run: float32 on the CPU on the
+    faster of MKL and oneDNN here (:mod:`lite_llm.runtime.cpu_linear`), else PyTorch's default."""
+    return faster_float32_linear() if dtype == torch.float32 and device.type == "cpu" else nullcontext()
 
 
 def _is_writer(name: str) -> bool:
@@ -730,7 +743,7 @@ def compare_streamed(
         a.params += count
     del buffers
     release_freed_memory()
-    with large:
+    with large, _kernels(dtype, device):
         stats = _heads(a, b, xa, xb, ids)
     return Comparison(
         max_abs=stats.max_abs,
