@@ -151,7 +151,8 @@ def write_checkpoint(
     growth operations return): give ``specs`` (name -> dtype and shape, in writing order) and
     each tensor is produced, written, hashed and dropped one at a time, so a checkpoint larger
     than memory can be written.  ``rows`` may offer a tensor as :class:`RowChunks` instead
-    (None: take it from ``tensors``), so not even one embedding-sized table is held whole.  ``tokenizer`` is an object with ``save(dir)``.
+    (None: take it from ``tensors``), so not even one embedding-sized table is held whole.
+    ``tokenizer`` is an object with ``save(dir)``.
     ``progressive`` may be a callable returning the record, called once the weights are
     written (growth checks its result beside the writer, and the record holds the figures).
     ``before_commit`` runs once everything is written, before the swap into place; if it

@@ -175,7 +175,7 @@ def _expand(
     # The sample is made where it is first needed: before planning when a step measures
     # importance on it, else in the check beside the writer, and only if a step is evaluated
     # (a proof needs none): loading SmolLM2's tokenizer takes 0.1 s of a 0.9 s growth.
-    ids = _sample(src, config, check_tokens) if _measures_importance(steps) else None
+    ids = _sample(src, check_tokens) if _measures_importance(steps) else None
     for step in steps:
         op = get_op(step.method)
         params = _resolve_params(step, config, tensors, ids)
@@ -188,7 +188,7 @@ def _expand(
 
     def check_and_record() -> tuple[list[dict[str, Any]], list[ValidationReport | None]]:
         records, reports = [], []
-        sample = ids if ids is not None else functools.cache(lambda: _sample(src, src.config, check_tokens))  # made if a step is evaluated
+        sample = ids if ids is not None else functools.cache(lambda: _sample(src, check_tokens))  # made if a step is evaluated
         for step, op, params, before, before_tensors, after, after_tensors in planned:
             exact = op.exact(params)
             coarse = not exact and op.family == "depth"
@@ -377,9 +377,9 @@ def _grown_version(manifest: dict, steps: Sequence[GrowthStep]) -> str:
     return next_minor_version(version) if additive else next_major_version(version)
 
 
-def _sample(src: CheckpointTensors, config: ModelConfig, tokens: int) -> torch.Tensor:
+def _sample(src: CheckpointTensors, tokens: int) -> torch.Tensor:
     """The check's sample of ``tokens`` ids, from the source's tokenizer."""
-    ids = check_sample([config], source_tokenizer(src), tokens)
+    ids = check_sample([src.config], source_tokenizer(src), tokens)
     release_freed_memory()  # the tokenizer that made it (SmolLM2's: 30 MB) is gone; return its heap
     return ids
 

@@ -634,9 +634,9 @@ def prove_unchanged(
     the parameter counts come from the tensors' shapes and the gradient check runs as in
     :func:`compare_streamed`, on the embeddings of ``GRAD_TOKENS`` seeded random ids (whether a
     gradient reaches a dense block's parameter is structure, which any input shows; so a proof
-    needs no sample, and a growth proved so never loads a tokenizer to make one).  A new MoE block is not proved: which experts its
-    gradient check reaches depends on what the sample routes to them, so only its real input
-    (the evaluation's) gives the evaluation's verdict."""
+    needs no sample, and a growth proved so never loads a tokenizer to make one).  A new MoE
+    block is not proved: which experts its gradient check reaches depends on what the sample
+    routes to them, so only its real input (the evaluation's) gives the evaluation's verdict."""
     if not _same_function_config(config_a, config_b):
         return None
     device = torch.device("cpu" if device is None else device)

@@ -134,8 +134,6 @@ def origin(tensors: Tensors, name: str) -> tuple[Tensors, str]:
         tensors, name = found
 
 
-
-
 class StoredRows:
     """Row ranges of a tensor read straight from the file that stores it (``tensors[name]``
     would read all of it): an embedding-sized table whose sample rows, or whose head slices,
@@ -162,9 +160,8 @@ class StoredRows:
     def copy_into(self, out: torch.Tensor) -> torch.Tensor:
         """The whole tensor copied into ``out`` (its shape; any dtype: converted on the way)
         straight from a mapping of the file: no intermediate tensor, so none of its fresh
-        pages to fault in and no second copy of the bytes (the
-        float32 check of a SOLAR growth of a 1.7 GB bf16 Llama reads 2.5 GB of blocks so: 3.4 ->
-        3.0 s).  The mapping is private and writable only so that torch may view it without a
+        pages to fault in and no second copy of the bytes (the float32 check of a SOLAR
+        growth of a 1.7 GB bf16 Llama reads 2.5 GB of blocks so: 3.4 -> 3.0 s).  The mapping is private and writable only so that torch may view it without a
         warning; it is never written, so no page is copied (the kernel maps the page cache's
         pages in as they are read, many per fault)."""
         nbytes = math.prod(self.shape) * self.dtype.itemsize
@@ -287,7 +284,7 @@ def row_chunks(tensors: Tensors, name: str, dtype: torch.dtype, before_each: Cal
     rows (:func:`row_reader`) and is larger than one chunk; None otherwise (then write it
     whole).  ``before_each`` runs before each range is made (it may raise to stop the writer)."""
     rows = row_reader(tensors, name)
-    if rows is None or len(rows.shape) < 1 or (step := _rows_per_chunk(rows)) >= rows.shape[0]:
+    if rows is None or (step := _rows_per_chunk(rows)) >= rows.shape[0]:
         return None
 
     def read(start: int, stop: int) -> torch.Tensor:

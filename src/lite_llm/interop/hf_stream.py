@@ -226,8 +226,8 @@ def write_grown_hf(out: Path, grown: GrownModel, *, max_shard_bytes: int, before
     view = SimpleNamespace(config=grown.config, tensors=_Specced(grown.tensors, expected_specs(grown.config, grown.dtype)), path=grown.source.path)
     check_exportable(view)
     specs, producers = plan_export(view, grown.dtype)
-    raw = _raw_sources(grown, specs)
     direct = _direct_names(grown.config)
+    raw = _raw_sources(grown, specs, direct)
     side_files = _side_files(grown)
     hf_config = _hf_config(grown, side_files)
     extras = {f.get("name") for f in grown.source.manifest.get("files", []) if isinstance(f, dict) and f.get("kind") == "extra"}
@@ -268,10 +268,10 @@ def _direct_names(config: ModelConfig) -> dict[str, str]:
     return {theirs: ours for ours, theirs in lite_names_to_hf(stored_names(config), config).items()}
 
 
-def _raw_sources(grown: GrownModel, specs: dict[str, TensorSpec]) -> dict[str, RawSource]:
+def _raw_sources(grown: GrownModel, specs: dict[str, TensorSpec], ours_of: Mapping[str, str]) -> dict[str, RawSource]:
     """Hugging Face name -> where in a source file its bytes already lie, for every output
-    tensor that is an unchanged copy of a stored tensor of the same dtype and shape."""
-    ours_of = _direct_names(grown.config)
+    tensor that is an unchanged copy of a stored tensor of the same dtype and shape
+    (``ours_of``: :func:`_direct_names`)."""
     raw = {}
     for theirs, spec in specs.items():
         ours = ours_of.get(theirs)
