@@ -133,3 +133,39 @@ def test_exchange_swaps_two_directories_where_supported(tmp_path):
     if not atomic._exchange(a, b):
         pytest.skip("renameat2(RENAME_EXCHANGE) is not available here; the two-rename fallback is tested above")
     assert (a / "x").read_text() == "b" and (b / "x").read_text() == "a"
+
+
+def test_early_writeback_hands_every_written_range_to_the_disk_once_in_order(tmp_path, monkeypatch):
+    calls: list[tuple[int, int, int, int]] = []
+    monkeypatch.setattr(atomic, "_sync_file_range", lambda fd, offset, nbytes, flags: calls.append((fd, offset, nbytes, flags)) or 0)
+    with open(tmp_path / "f", "wb") as f:
+        writeback = atomic.EarlyWriteback(f.fileno(), every=100)
+        for n in (30, 80, 10, 150, 99):  # 110 pending -> flush; 160 -> flush; 99 stays pending
+            writeback.wrote(n)
+        assert calls == [(f.fileno(), 0, 110, 2), (f.fileno(), 110, 160, 2)]
+
+
+def test_early_writeback_stops_asking_where_it_is_refused_and_does_nothing_without_the_call(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(atomic, "_sync_file_range", lambda *args: calls.append(args) or -1)
+    writeback = atomic.EarlyWriteback(3, every=10)
+    for _ in range(5):
+        writeback.wrote(10)
+    assert len(calls) == 1
+    monkeypatch.setattr(atomic, "_sync_file_range", False)
+    writeback = atomic.EarlyWriteback(3, every=10)
+    writeback.wrote(100)
+    assert writeback.written == 100
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="Linux only")
+def test_early_writeback_is_accepted_by_linux_for_a_regular_file_and_changes_no_byte(tmp_path):
+    data = os.urandom(3 * 4096 + 17)
+    with open(tmp_path / "f", "wb") as f:
+        writeback = atomic.EarlyWriteback(f.fileno(), every=4096)
+        for start in range(0, len(data), 1000):
+            f.write(data[start : start + 1000])
+            f.flush()
+            writeback.wrote(len(data[start : start + 1000]))
+        assert atomic._load_sync_file_range() and writeback._call  # never refused here
+    assert (tmp_path / "f").read_bytes() == data

@@ -59,6 +59,48 @@ def fsync_tree(root: Path) -> None:
         fsync_dir(d)
 
 
+_SYNC_FILE_RANGE_WRITE = 1 << 1
+_sync_file_range: Any = None
+
+
+def _load_sync_file_range() -> Any:
+    global _sync_file_range
+    if _sync_file_range is None:
+        try:
+            fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+            fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+            fn.restype = ctypes.c_int
+            _sync_file_range = fn
+        except Exception:  # noqa: BLE001 - no libc symbol (macOS, Windows)
+            _sync_file_range = False
+    return _sync_file_range
+
+
+class EarlyWriteback:
+    """Start the disk writing a file while it is still being written, so the fsync at its end
+    waits for the last few megabytes instead of the whole file.
+
+    Left alone, the kernel keeps a new file's pages dirty until their total passes a fraction
+    of memory (``vm.dirty_background_ratio``) and then throttles the writer.  Handing each
+    64 MB to the disk as soon as it is written (``sync_file_range(SYNC_FILE_RANGE_WRITE)``,
+    which starts the writeback of a range and returns without waiting) made writing and
+    fsyncing 2.4 GB 1.36x faster (median; ``benchmarks/writeback.py``).  A hint only: where the call is missing or refused
+    (not Linux, a filesystem that cannot), nothing changes but the speed.  Durability is still
+    the caller's fsync."""
+
+    def __init__(self, fd: int, every: int = 64 * 1024**2, start: int = 0) -> None:
+        self.fd, self.every, self.flushed, self.written = fd, every, start, start
+        self._call = _load_sync_file_range()
+
+    def wrote(self, nbytes: int) -> None:
+        """Count ``nbytes`` more written; once ``every`` bytes are pending, start their writeback."""
+        self.written += nbytes
+        if self._call and self.written - self.flushed >= self.every:
+            if self._call(self.fd, self.flushed, self.written - self.flushed, _SYNC_FILE_RANGE_WRITE) != 0:
+                self._call = False  # refused here (e.g. not a regular file): stop asking
+            self.flushed = self.written
+
+
 def write_bytes_durable(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)

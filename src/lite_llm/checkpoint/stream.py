@@ -24,6 +24,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 import torch
 
 from ..errors import CheckpointError
+from .atomic import EarlyWriteback
 
 _TO_CODE: dict[torch.dtype, str] = {
     torch.float64: "F64",
@@ -208,14 +209,17 @@ def write_safetensors(
     # are produced on this thread, one at a time: producing the next one ahead would overlap
     # more but hold two large tensors at once and fragment memory across threads.
     with open(path, "wb") as f, ThreadPoolExecutor(max_workers=1, thread_name_prefix="safetensors-hash") as pool:
+        writeback = EarlyWriteback(f.fileno())
         for chunk in (blob[:8], blob[8:]):
             digest.update(chunk)
             f.write(chunk)
+        writeback.wrote(len(blob))
         for name, spec in specs.items():
             for piece in checked_pieces(name, spec, produce(name)):
                 data = tensor_bytes(piece)
                 hashed = pool.submit(digest.update, data)
                 f.write(data)
+                writeback.wrote(data.nbytes)
                 hashed.result()
                 del piece, data
         f.flush()

@@ -13,7 +13,9 @@ Speed comes from not touching what does not change: a tensor the growth passes t
 unchanged (every tensor of a SOLAR or stacked depth growth, the embeddings of any depth
 growth) is found by :func:`lite_llm.grow.tensors.origin`, and its bytes are copied from the
 source file by the kernel (``copy_file_range``) with no decoding, no Python buffer and no
-resident copy.  Shards are fsynced in the background while the next one is written; the
+resident copy.  The disk starts on every 64 MB as soon as it is written
+(:class:`~lite_llm.checkpoint.atomic.EarlyWriteback`), and shards are fsynced in the
+background while the next one is written; the
 folder is built under a temporary name and renamed into place, so a failure leaves nothing.
 """
 
@@ -376,13 +378,14 @@ def write_safetensors_raw(
     their source file (runs that are contiguous there in one call), the others produced and
     written one at a time.  Not fsynced (the caller does)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    writeback = atomic.EarlyWriteback(fd)
 
     def copy(run: list[Any]) -> None:
         before_copy()
-        _copy_range(sources.fd(run[0]), run[1], run[2], fd, run[0])
+        _copy_range(sources.fd(run[0]), run[1], run[2], fd, run[0], writeback)
 
     try:
-        _write_all(fd, memoryview(safetensors_header(specs, {"format": "pt"})))
+        _write_all(fd, memoryview(safetensors_header(specs, {"format": "pt"})), writeback)
         run: list[Any] = []  # [file, offset, count] of the pending contiguous raw copy
         for name, spec in specs.items():
             where = raw.get(name)
@@ -398,7 +401,7 @@ def write_safetensors_raw(
                 copy(run)
                 run = []
             for piece in checked_pieces(name, spec, produce(name)):
-                _write_all(fd, tensor_bytes(piece))
+                _write_all(fd, tensor_bytes(piece), writeback)
                 del piece
         if run:
             copy(run)
@@ -406,36 +409,39 @@ def write_safetensors_raw(
         os.close(fd)
 
 
-def _write_all(fd: int, data: memoryview) -> None:
+def _write_all(fd: int, data: memoryview, writeback: atomic.EarlyWriteback) -> None:
     data = data.cast("B")
     while data:
         written = os.write(fd, data)
+        writeback.wrote(written)
         data = data[written:]
 
 
 _NO_IN_KERNEL_COPY = (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM)
 
 
-def _copy_range(src_fd: int, offset: int, count: int, dst_fd: int, src_path: Path) -> None:
+def _copy_range(src_fd: int, offset: int, count: int, dst_fd: int, src_path: Path, writeback: atomic.EarlyWriteback) -> None:
     """Append ``count`` bytes of ``src_fd`` from ``offset`` to ``dst_fd``: in the kernel
-    (``copy_file_range``) where it can, else through a bounded buffer."""
+    (``copy_file_range``) where it can, else through a bounded buffer; ``writeback.every``
+    bytes a call, so the disk starts on each range as soon as it is copied."""
     end = offset + count
     copy = getattr(os, "copy_file_range", None)
     while offset < end and copy is not None:
         try:
-            n = copy(src_fd, dst_fd, end - offset, offset)
+            n = copy(src_fd, dst_fd, min(writeback.every, end - offset), offset)
         except OSError as exc:
             if exc.errno not in _NO_IN_KERNEL_COPY:
                 raise
             break
         if n == 0:
             raise CheckpointError(f"{src_path} is truncated: it ended while its tensors were being copied; download the model folder again")
+        writeback.wrote(n)
         offset += n
     while offset < end:
         data = os.pread(src_fd, min(_COPY_CHUNK, end - offset), offset)
         if not data:
             raise CheckpointError(f"{src_path} is truncated: it ended while its tensors were being copied; download the model folder again")
-        _write_all(dst_fd, memoryview(data))
+        _write_all(dst_fd, memoryview(data), writeback)
         offset += len(data)
 
 
