@@ -63,16 +63,21 @@ _SYNC_FILE_RANGE_WRITE = 1 << 1
 _sync_file_range: Any = None
 
 
+def _libc_function(name: str, argtypes: list[Any]) -> Any:
+    """libc's ``name`` (returning int, setting errno), or False where there is none (macOS,
+    Windows, an old glibc)."""
+    try:
+        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
+    except Exception:  # noqa: BLE001 - no libc, or no such symbol
+        return False
+    fn.argtypes, fn.restype = argtypes, ctypes.c_int
+    return fn
+
+
 def _load_sync_file_range() -> Any:
     global _sync_file_range
     if _sync_file_range is None:
-        try:
-            fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-            fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-            fn.restype = ctypes.c_int
-            _sync_file_range = fn
-        except Exception:  # noqa: BLE001 - no libc symbol (macOS, Windows)
-            _sync_file_range = False
+        _sync_file_range = _libc_function("sync_file_range", [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint])
     return _sync_file_range
 
 
@@ -84,12 +89,12 @@ class EarlyWriteback:
     of memory (``vm.dirty_background_ratio``) and then throttles the writer.  Handing each
     64 MB to the disk as soon as it is written (``sync_file_range(SYNC_FILE_RANGE_WRITE)``,
     which starts the writeback of a range and returns without waiting) made writing and
-    fsyncing 2.4 GB 1.36x faster (median; ``benchmarks/writeback.py``).  A hint only: where the call is missing or refused
-    (not Linux, a filesystem that cannot), nothing changes but the speed.  Durability is still
-    the caller's fsync."""
+    fsyncing 2.4 GB 1.36x faster (median; ``benchmarks/writeback.py``).  A hint only: where
+    the call is missing or refused (not Linux, a filesystem that cannot), nothing changes but
+    the speed.  Durability is still the caller's fsync."""
 
-    def __init__(self, fd: int, every: int = 64 * 1024**2, start: int = 0) -> None:
-        self.fd, self.every, self.flushed, self.written = fd, every, start, start
+    def __init__(self, fd: int, every: int = 64 * 1024**2) -> None:
+        self.fd, self.every, self.flushed, self.written = fd, every, 0, 0
         self._call = _load_sync_file_range()
 
     def wrote(self, nbytes: int) -> None:
@@ -126,13 +131,7 @@ _renameat2: Any = None
 def _load_renameat2() -> Any:
     global _renameat2
     if _renameat2 is None:
-        try:
-            fn = ctypes.CDLL(None, use_errno=True).renameat2
-            fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-            fn.restype = ctypes.c_int
-            _renameat2 = fn
-        except Exception:  # noqa: BLE001 - no libc symbol (macOS, Windows, old glibc)
-            _renameat2 = False
+        _renameat2 = _libc_function("renameat2", [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint])
     return _renameat2
 
 
