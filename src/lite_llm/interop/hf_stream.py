@@ -15,8 +15,8 @@ growth) is found by :func:`lite_llm.grow.tensors.origin`, and its bytes are copi
 source file by the kernel (``copy_file_range``) with no decoding, no Python buffer and no
 resident copy.  The disk starts on every 64 MB as soon as it is written
 (:class:`~lite_llm.checkpoint.atomic.EarlyWriteback`), and shards are fsynced in the
-background while the next one is written; the
-folder is built under a temporary name and renamed into place, so a failure leaves nothing.
+background while the next one is written; the folder is built under a temporary name and
+renamed into place, so a failure leaves nothing.
 """
 
 from __future__ import annotations
