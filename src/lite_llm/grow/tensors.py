@@ -161,9 +161,10 @@ class StoredRows:
         """The whole tensor copied into ``out`` (its shape; any dtype: converted on the way)
         straight from a mapping of the file: no intermediate tensor, so none of its fresh
         pages to fault in and no second copy of the bytes (the float32 check of a SOLAR
-        growth of a 1.7 GB bf16 Llama reads 2.5 GB of blocks so: 3.4 -> 3.0 s).  The mapping is private and writable only so that torch may view it without a
-        warning; it is never written, so no page is copied (the kernel maps the page cache's
-        pages in as they are read, many per fault)."""
+        growth of a 1.7 GB bf16 Llama reads 2.5 GB of blocks so: 3.4 -> 3.0 s).  The mapping
+        is private and writable only so that torch may view it without a warning; it is never
+        written, so no page is copied (the kernel maps the page cache's pages in as they are
+        read, many per fault)."""
         nbytes = math.prod(self.shape) * self.dtype.itemsize
         start = self.offset - self.offset % mmap.ALLOCATIONGRANULARITY
         with open(self.path, "rb") as f:
