@@ -82,3 +82,29 @@ def test_init_with_a_bad_config_exits_1_with_one_sentence(text, tmp_path):
     assert result.exit_code == 1, result.output
     assert "error:" in result.output and "Traceback" not in result.output and str(path.name) in result.output
     assert not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.parametrize(
+    "text, field, wanted",
+    [
+        ("moe_layers: 3\n", "moe_layers", "a list of integers, or null"),
+        ("rope_theta: x\n", "rope_theta", "a finite number"),
+        ("norm_eps: .nan\n", "norm_eps", "a finite number"),
+        ("tie_embeddings: 1\n", "tie_embeddings", "true or false"),
+        ("tiers: 3\n", "tiers", "a list of tiers"),
+        ("head_dim: '16'\n", "head_dim", "an integer, or null"),
+        ("routing: {tier_temperature: hot}\n", "routing.tier_temperature", "a finite number"),
+        ("tiers: [{name: tier_a, num_groups: 1, experts_per_group: 2, k_expert: two}]\n", "tiers[tier_a].k_expert", "an integer, or null"),
+        ("tiers: [{name: tier_a, placement: 3}]\n", "tiers[tier_a].placement", "one of hot, warm, cold, archive"),
+    ],
+)
+def test_every_model_field_of_the_wrong_type_is_named(text, field, wanted, tmp_path):
+    """A field of the wrong type is refused by name before any check compares it (these used
+    to end in a TypeError from the comparison or the list conversion)."""
+    path = tmp_path / "model.yaml"
+    path.write_text("preset: tiny\n" + text)
+    with pytest.raises(ConfigError) as err:
+        ModelConfig.from_file(path)
+    message = str(err.value)
+    assert f"{field} must be {wanted}, got" in message or f"{field} must be a list of tiers" in message, message
+    assert "\n" not in message

@@ -64,6 +64,13 @@ def test_an_empty_source_is_refused(tmp_path):
         assert not (tmp_path / "d").exists()
 
 
+@pytest.mark.parametrize("value", ["inf", "nan", "0", "-5"])
+def test_a_cap_that_is_not_a_positive_size_is_refused(value, tmp_path):
+    code, out = _run(["data", "prepare", "x=stdlib-code", "--max-mb", value, "-o", str(tmp_path / "d")])
+    assert code == 1 and "--max-mb must be a positive number of megabytes" in out and "Traceback" not in out, out
+    assert not (tmp_path / "d").exists()
+
+
 def test_empty_tiersets_are_refused():
     for text in ("", " ", ",", "upto:", "only: ,"):
         with pytest.raises(TierSetError):
@@ -72,7 +79,7 @@ def test_empty_tiersets_are_refused():
 
 
 def test_bools_are_not_integers_and_lists_are_not_numbers():
-    with pytest.raises(ConfigError, match="d_model must be a positive integer, got True"):
+    with pytest.raises(ConfigError, match="d_model must be an integer, got True"):
         ModelConfig.from_dict({**ModelConfig.from_preset("tiny").to_dict(), "d_model": True})
     with pytest.raises(ConfigError, match=r"train.lr must be a number, got \[1, 2\]"):
         TrainConfig.from_dict({"lr": [1, 2]})
@@ -133,3 +140,14 @@ def test_a_manifest_disagreeing_with_the_shard_header_is_refused(tmp_path):
         load_checkpoint(ckpt, verify=False)
     code, out = _run(["inspect", str(ckpt)])
     assert code == 1 and "bfloat16" in out and "Traceback" not in out
+
+
+def test_a_json_report_path_that_cannot_be_written_is_refused_before_the_work(tmp_path):
+    """``eval --json DIR`` used to run the whole evaluation and then end in IsADirectoryError."""
+    ckpt = tmp_path / "ckpt"
+    assert _run(["init", "--preset", "tiny", "-o", str(ckpt)])[0] == 0
+    for bad, said in ((tmp_path, "is a directory"), (tmp_path / "missing" / "r.json", "does not exist")):
+        code, out = _run(["validate", str(ckpt), str(ckpt), "--json", str(bad)])
+        assert code == 1 and said in out and "Traceback" not in out, out
+        code, out = _run(["eval", str(ckpt), "--data", str(tmp_path / "no-data"), "--json", str(bad)])
+        assert code == 1 and said in out and "Traceback" not in out, out

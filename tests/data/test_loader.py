@@ -130,3 +130,26 @@ def test_truncated_or_newer_data_is_refused(corpus, tmp_path):
     with pytest.raises(DataError) as err:
         TokenData(out)
     assert_one_sentence(str(err.value))
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_token_ids_outside_the_vocabulary_are_refused(corpus, tmp_path, split):
+    """A token file damaged behind an intact index (same size, ids past the vocabulary) is one
+    sentence when a batch reaches it, not an IndexError from the model's embedding."""
+    out = tmp_path / "out"
+    prepare_data({"notes": str(corpus)}, out, ByteTokenizer())
+    data = TokenData(out)
+    good = next(iter(data.val_batches("notes", 2, 16)))
+    assert int(good.max()) < data.tokenizer.vocab_size
+    path = out / "notes" / f"{split}.bin"
+    tokens = np.fromfile(path, dtype=np.uint16)
+    tokens[:] = 60000
+    tokens.tofile(path)
+    data = TokenData(out)
+    with pytest.raises(DataError) as err:
+        if split == "val":
+            list(data.val_batches("notes", 2, 16))
+        else:
+            data.sample_batch("train", {"notes": 1.0}, 2, 16, seed=0, step=0)
+    assert_one_sentence(str(err.value))
+    assert "60000" in str(err.value) and f"{split}.bin" in str(err.value)

@@ -114,6 +114,28 @@ def model_config_from(preset: Optional[str], config: Optional[Path]):
     return ModelConfig.from_preset(preset or "tiny")
 
 
+def check_report_path(path: Optional[Path]) -> None:
+    """Refuse a ``--json`` path that cannot be written before the work that fills it runs."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise LiteLLMError(f"--json {path} is a directory; give a file name such as {path / 'report.json'}")
+    if not path.parent.is_dir():
+        raise LiteLLMError(f"--json {path}: the folder {path.parent} does not exist; create it or give another path")
+
+
+def write_report(path: Path, data: Any) -> None:
+    """Write ``data`` as JSON to ``path`` whole or not at all (a temporary sibling renamed)."""
+    import json
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def print_scores(scores: dict[str, dict[str, float]], title: str = "validation") -> None:
     if not scores:
         return

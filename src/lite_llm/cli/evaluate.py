@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -10,7 +9,7 @@ import typer
 from rich.table import Table
 
 from ..errors import LiteLLMError
-from .app import THREADS_HELP, app, apply_threads, console, device_option, err_console, friendly_errors, print_scores
+from .app import THREADS_HELP, app, apply_threads, console, device_option, err_console, friendly_errors, print_scores, check_report_path, write_report
 from .store_options import (
     cache_policy_option, hot_budget_option, load_for_inference, prefetch_option, print_store_stats, stats_option, warm_budget_option,
 )
@@ -55,6 +54,7 @@ def eval_command(
     from ..runtime.device import resolve_device
 
     run_device = resolve_device(device)
+    check_report_path(json_out)
 
     apply_threads(threads)
     dataset = TokenData(data)
@@ -83,7 +83,7 @@ def eval_command(
         written = retention.write(report)
         console.print("wrote " + ", ".join(str(w) for w in written))
     if json_out:
-        json_out.write_text(json.dumps(results if len(results) > 1 else next(iter(results.values())), indent=2))
+        write_report(json_out, results if len(results) > 1 else next(iter(results.values())))
 
 
 def _labels(paths: list[Path]) -> dict[str, Path]:

@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import ConfigError
-from .app import app, console, device_option, err_console, friendly_errors, plain_warnings
+from .app import app, console, device_option, err_console, friendly_errors, plain_warnings, check_report_path, write_report
 
 
 def _parse_set(items: list[str]) -> dict[str, Any]:
@@ -148,6 +148,7 @@ def validate_command(
     from ..runtime.device import resolve_device
 
     run_device = resolve_device(device)
+    check_report_path(json_out)
 
     check_tolerance(tolerance, "--tolerance")
     if tokens < 2:
@@ -170,7 +171,7 @@ def validate_command(
     for name in report.dead_params[:10]:
         err_console.print(f"no gradient reaches {name}", highlight=False)
     if json_out:
-        json_out.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        write_report(json_out, report.to_dict())
     if not report.passed:
         raise typer.Exit(1)
 

@@ -74,6 +74,8 @@ def data_prepare(
     """
     from ..checkpoint.atomic import refuse_existing
 
+    if max_mb is not None and not 0 < max_mb < float("inf"):
+        raise LiteLLMError(f"--max-mb must be a positive number of megabytes, got {max_mb}; leave it out to read every file")
     refuse_existing(output, overwrite, "dataset")
     from ..data import get_tokenizer, prepare_data
 
@@ -92,7 +94,7 @@ def data_prepare(
             get_tokenizer(tokenizer),
             val_fraction=val_fraction,
             seed=seed,
-            max_bytes_per_domain=int(max_mb * 1e6) if max_mb else None,
+            max_bytes_per_domain=None if max_mb is None else max(1, int(max_mb * 1e6)),
         )
     table = Table("domain", "source", "train tokens", "val tokens")
     for name, info in index["domains"].items():

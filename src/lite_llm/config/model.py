@@ -11,7 +11,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import re
+import types
+import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +62,51 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether ``value`` has the type ``hint`` names (int, float, bool, str, Literal, unions,
+    lists of those; a nested config dataclass also as a mapping, which its parent converts)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arm) for arm in args)
+    if origin is Literal:
+        return isinstance(value, str) and value in args
+    if origin is list:
+        return isinstance(value, (list, tuple)) and all(_matches(v, args[0]) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return is_int(value)
+    if hint is float:
+        return (is_int(value) or isinstance(value, float)) and math.isfinite(value)
+    if dataclasses.is_dataclass(hint):
+        return isinstance(value, (hint, dict))
+    return isinstance(value, hint)
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return ", or ".join(_describe(arm) for arm in args)
+    if origin is Literal:
+        return "one of " + ", ".join(args)
+    if origin is list:
+        plural = {int: "integers", float: "numbers", str: "strings"}
+        return f"a list of {plural.get(args[0], getattr(args[0], '__name__', 'items'))}"
+    names = {type(None): "null", bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _check_types(config: Any, where: str) -> None:
+    """One sentence for a field of the wrong type (``rope_theta: "x"``, ``moe_layers: 3``),
+    before any check compares it: YAML and JSON give whatever was typed."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        _require(_matches(value, hints[f.name]), f"{where}{f.name} must be {_describe(hints[f.name])}, got {value!r}")
+
+
 @dataclass
 class TierConfig:
     """One tier of experts: ``num_groups`` groups of ``experts_per_group`` SwiGLU experts.
@@ -85,6 +133,7 @@ class TierConfig:
     description: str = ""
 
     def __post_init__(self) -> None:
+        _check_types(self, f"tiers[{self.name}]." if isinstance(self.name, str) else "tiers[].")
         _require(
             isinstance(self.name, str) and bool(_TIER_NAME.match(self.name)),
             f"tier name {self.name!r} must be lower-case letters, digits and underscores starting with a letter (e.g. 'tier_1b')",
@@ -144,6 +193,7 @@ class RoutingConfig:
     z_loss_coef: float = 1e-3
 
     def __post_init__(self) -> None:
+        _check_types(self, "routing.")
         for name in ("k_tier", "k_group", "k_expert"):
             value = getattr(self, name)
             _require(is_int(value) and value >= 1, f"routing.{name} must be an integer >= 1, got {value!r}")
@@ -183,6 +233,7 @@ class ModelConfig:
     name: str = "custom"
 
     def __post_init__(self) -> None:
+        _check_types(self, "")
         self.tiers = [t if isinstance(t, TierConfig) else TierConfig(**t) for t in self.tiers]
         if isinstance(self.routing, dict):
             self.routing = RoutingConfig(**self.routing)
@@ -344,6 +395,7 @@ class ModelConfig:
         a newer minor version, whose extra fields we may ignore); missing fields take defaults.
         """
         data = dict(data)
+        _require(isinstance(data.get("tiers", []), list), f"tiers must be a list of tiers, got {data.get('tiers')!r}")
         data["tiers"] = [_pick_fields(TierConfig, _without_retired_dtype(t), "tiers[]", allow_unknown) for t in data.get("tiers", [])]
         data["routing"] = _pick_fields(RoutingConfig, data.get("routing", {}), "routing", allow_unknown)
         return cls(**_pick_fields(cls, data, "model", allow_unknown))

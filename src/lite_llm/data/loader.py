@@ -89,6 +89,8 @@ class TokenData:
         out = np.empty((batch_size, seq_len), dtype=np.int64)
         for row, (d, start) in enumerate(zip(which.tolist(), starts.tolist())):
             out[row] = arrays[d][start : start + seq_len]
+        for d in set(which.tolist()):
+            self._check_ids(torch.from_numpy(out[which == d]), names[d], split)
         return torch.from_numpy(out), [names[d] for d in which.tolist()]
 
     def val_batches(
@@ -100,7 +102,7 @@ class TokenData:
         _check_shape(batch_size, seq_len)
         self._check_domain(domain)
         tokens = self._array_long_enough(domain, "val", seq_len)
-        return _windows(tokens, batch_size, seq_len, max_batches)
+        return (self._check_ids(batch, domain, "val") for batch in _windows(tokens, batch_size, seq_len, max_batches))
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -130,6 +132,17 @@ class TokenData:
                 f"use a shorter seq_len or give the domain more text"
             )
         return tokens
+
+    def _check_ids(self, batch: torch.Tensor, domain: str, split: str) -> torch.Tensor:
+        """``batch``, after refusing token ids outside the tokenizer's vocabulary: a token file
+        damaged behind an intact index would otherwise index past the model's embedding."""
+        vocab = self.tokenizer.vocab_size
+        if batch.numel() and int(batch.max()) >= vocab:
+            raise DataError(
+                f"{self.data_dir / self.index['domains'][domain][split]['path']} holds token id {int(batch.max())}, outside its "
+                f"tokenizer's vocabulary of {vocab}; the file is damaged: prepare the data again"
+            )
+        return batch
 
     def _check_domain(self, domain: str) -> None:
         if domain not in self.index["domains"]:
