@@ -136,6 +136,26 @@ def test_hf_generation_config_eos_list_is_read(tmp_path):
     assert read_hf_tokenizer(tmp_path).tokenizer.eos_ids == (9,)
 
 
+def test_a_template_that_starts_with_the_bos_token_renders_it_as_transformers_does(tmp_path):
+    """Llama 3, Mistral and Gemma templates open with ``{{ bos_token }}``: the imported
+    tokenizer keeps the token and the rendered prompt equals apply_chat_template's."""
+    transformers = pytest.importorskip("transformers")
+    from lite_llm.interop.hf_import import read_hf_tokenizer
+
+    bpe = BPETokenizer.train(texts=["hello world " * 20, "<|im_start|>user<|im_end|>"], vocab_size=300, min_frequency=1)
+    bpe.backend.add_special_tokens(["<s>"])
+    bpe.backend.save(str(tmp_path / "tokenizer.json"))
+    template = "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "chat_template": template}))
+    files = read_hf_tokenizer(tmp_path)
+    files.tokenizer.save(tmp_path / "ours")
+    ours = load_tokenizer(tmp_path / "ours")
+    assert ours.bos_token == "<s>"
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    messages = [{"role": "user", "content": "hi"}]
+    assert render_chat(ours, messages) == theirs.apply_chat_template(messages, tokenize=False) == "<s>[user]hi"
+
+
 def _fails(args: list[str], fragment: str) -> None:
     result = runner.invoke(app, args)
     assert result.exit_code == 1, result.output

@@ -102,7 +102,8 @@ class BPETokenizer:
     ``eos_ids`` are every id that ends a generation (a chat model ends a turn with
     ``<|im_end|>``, not ``<|endoftext|>``), first the main one; without them the tokenizer
     falls back to ``<|endoftext|>``.  ``chat_template`` is the model's Jinja chat template, if
-    it has one.  Both are kept in ``lite_tokenizer.json``.
+    it has one, and ``bos_token`` the text its ``{{ bos_token }}`` renders (Llama 3, Mistral
+    and Gemma templates start with it).  All are kept in ``lite_tokenizer.json``.
     """
 
     kind: ClassVar[str] = "bpe"
@@ -111,6 +112,7 @@ class BPETokenizer:
         self.backend = backend
         self._eos_ids = tuple(dict.fromkeys(int(i) for i in eos_ids)) if eos_ids else None
         self.chat_template = chat_template or None
+        self.bos_token: str | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -152,6 +154,8 @@ class BPETokenizer:
         meta: dict = {"kind": self.kind, "vocab_size": self.vocab_size, "eos_id": self.eos_id, "eos_ids": list(self.eos_ids)}
         if self.chat_template is not None:
             meta["chat_template"] = self.chat_template
+        if self.bos_token is not None:
+            meta["bos_token"] = self.bos_token
         _write_meta(directory, meta)
         self.backend.save(str(directory / HF_TOKENIZER_FILE))
 
@@ -253,6 +257,7 @@ def load_tokenizer(directory: str | Path) -> AnyTokenizer:
         eos_ids = meta.get("eos_ids", [] if meta.get("eos_id") is None else [meta["eos_id"]])
         tok.eos_ids = [int(i) for i in eos_ids]
         tok.chat_template = meta.get("chat_template") or None
+        tok.bos_token = meta.get("bos_token") if isinstance(meta.get("bos_token"), str) else None
     else:
         raise DataError(f"{meta_path} names unknown tokenizer kind {kind!r}; expected 'byte' or 'bpe'")
     if tok.vocab_size != vocab_size:
@@ -285,7 +290,9 @@ def render_chat(tokenizer: Tokenizer, messages: Sequence[dict], *, add_generatio
     backend = getattr(tokenizer, "backend", None)
     eos = backend.id_to_token(tokenizer.eos_id) if backend is not None and tokenizer.eos_id is not None else None
     try:
-        return env.from_string(template).render(messages=list(messages), add_generation_prompt=add_generation_prompt, eos_token=eos)
+        return env.from_string(template).render(
+            messages=list(messages), add_generation_prompt=add_generation_prompt, eos_token=eos, bos_token=getattr(tokenizer, "bos_token", None) or ""
+        )
     except TemplateError as exc:
         raise DataError(f"the tokenizer's chat template failed to render ({_first_line(exc)}); generate without --chat") from None
 

@@ -275,6 +275,9 @@ def gguf_tokenizer(path: Path, metadata: Mapping[str, Any] | None = None) -> HFT
         if isinstance(template, str) and template:
             files.tokenizer.chat_template = template
         files.tokenizer.eos_ids = gguf_eos_ids(metadata, files.tokenizer) or files.tokenizer.eos_ids
+        bos_id = metadata.get("tokenizer.ggml.bos_token_id")
+        if isinstance(bos_id, int) and not isinstance(bos_id, bool):
+            files.tokenizer.bos_token = files.tokenizer.backend.id_to_token(bos_id)
     return files
 
 

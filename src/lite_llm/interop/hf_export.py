@@ -248,17 +248,23 @@ def tokenizer_files(ckpt: CheckpointTensors) -> dict[str, bytes]:
         return {}
     files = {name: (folder / name).read_bytes() for name in (HF_TOKENIZER_FILE, *HF_TOKENIZER_EXTRAS) if (folder / name).is_file()}
     if TOKENIZER_CONFIG_FILE not in files:
-        files[TOKENIZER_CONFIG_FILE] = _minimal_tokenizer_config(folder / HF_TOKENIZER_FILE, ckpt.config)
+        try:
+            bos_token = getattr(load_tokenizer(folder), "bos_token", None)
+        except LiteLLMError:
+            bos_token = None
+        files[TOKENIZER_CONFIG_FILE] = _minimal_tokenizer_config(folder / HF_TOKENIZER_FILE, ckpt.config, bos_token)
     return files
 
 
-def _minimal_tokenizer_config(tokenizer_json: Path, config: ModelConfig) -> bytes:
+def _minimal_tokenizer_config(tokenizer_json: Path, config: ModelConfig, bos_token: str | None = None) -> bytes:
     from tokenizers import Tokenizer
 
     backend = Tokenizer.from_file(str(tokenizer_json))
     data: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": config.max_seq_len, "clean_up_tokenization_spaces": False}
     if backend.token_to_id(EOS_TOKEN) is not None:
         data["eos_token"] = EOS_TOKEN
+    if bos_token is not None and backend.token_to_id(bos_token) is not None:
+        data["bos_token"] = bos_token  # what the chat template's {{ bos_token }} renders
     return (json.dumps(data, indent=2) + "\n").encode("utf-8")
 
 

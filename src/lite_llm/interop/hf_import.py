@@ -75,6 +75,9 @@ def read_hf_tokenizer(folder: str | os.PathLike) -> HFTokenizerFiles | None:
     if not eos_ids and isinstance(eos_token, str) and tokenizer.backend.token_to_id(eos_token) is not None:
         eos_ids = [tokenizer.backend.token_to_id(eos_token)]
     tokenizer.eos_ids = [*(eos_ids or tokenizer.eos_ids), *turn_end_ids(tokenizer)]
+    bos_token = tok_config.get("bos_token")
+    bos_token = bos_token.get("content") if isinstance(bos_token, dict) else bos_token
+    tokenizer.bos_token = bos_token if isinstance(bos_token, str) and bos_token else None
     return HFTokenizerFiles(tokenizer, extras)
 
 
