@@ -151,3 +151,19 @@ def test_a_json_report_path_that_cannot_be_written_is_refused_before_the_work(tm
         assert code == 1 and said in out and "Traceback" not in out, out
         code, out = _run(["eval", str(ckpt), "--data", str(tmp_path / "no-data"), "--json", str(bad)])
         assert code == 1 and said in out and "Traceback" not in out, out
+
+
+def test_expand_says_when_its_check_found_a_new_parameter_without_gradient(tmp_path):
+    """``validate`` fails on a new parameter no gradient reaches; ``expand`` records the same
+    finding in progressive.json and used to write it silently.  On the tiny preset (seed 0),
+    no sample token routes to tier_10b in LLaMA-Pro's last new block."""
+    import json
+
+    src, out = tmp_path / "t", tmp_path / "grown"
+    assert _run(["init", "--preset", "tiny", "-o", str(src)])[0] == 0
+    result = runner.invoke(app, ["expand", str(src), "--method", "llama_pro", "--target-layers", "4", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    dead = json.loads((out / "progressive.json").read_text())["expansions"][-1]["gradient_flow_dead"]
+    assert dead, "the case this test is about: a dead parameter on the check's sample"
+    said = (result.output + (result.stderr if result.stderr_bytes else "")).replace("\n", "")
+    assert "warning: step 1 (llama_pro): no gradient reached" in said and dead[0] in said

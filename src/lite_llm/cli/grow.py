@@ -44,6 +44,14 @@ def _print_records(records: list[dict[str, Any]]) -> None:
             ("0 (same function)" if p.get("proved") else f"{p['loss_jump']:+.4f}") if p else "-",
         )
     console.print(table)
+    for i, r in enumerate(records, 1):
+        dead = r.get("gradient_flow_dead") or []
+        if dead:  # recorded, and what `lite-llm validate` fails on: say it here too
+            err_console.print(
+                f"warning: step {i} ({r['method']}): no gradient reached {len(dead)} new parameter(s) on the check's sample "
+                f"({', '.join(dead[:3])}); an expert no sample token routes to stays untrained until tokens reach it",
+                highlight=False,
+            )
 
 
 @app.command()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -98,10 +99,15 @@ def _describe(hint: Any) -> str:
     return names.get(hint, getattr(hint, "__name__", str(hint)))
 
 
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
 def _check_types(config: Any, where: str) -> None:
     """One sentence for a field of the wrong type (``rope_theta: "x"``, ``moe_layers: 3``),
     before any check compares it: YAML and JSON give whatever was typed."""
-    hints = typing.get_type_hints(type(config))
+    hints = _field_types(type(config))
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         _require(_matches(value, hints[f.name]), f"{where}{f.name} must be {_describe(hints[f.name])}, got {value!r}")
