@@ -167,3 +167,12 @@ def test_expand_says_when_its_check_found_a_new_parameter_without_gradient(tmp_p
     assert dead, "the case this test is about: a dead parameter on the check's sample"
     said = (result.output + (result.stderr if result.stderr_bytes else "")).replace("\n", "")
     assert "warning: step 1 (llama_pro): no gradient reached" in said and dead[0] in said
+
+
+def test_a_grown_model_inside_its_source_is_refused_and_the_source_kept(tmp_path):
+    src = tmp_path / "t"
+    assert _run(["init", "--preset", "tiny", "-o", str(src)])[0] == 0
+    before = _hashes(src)
+    code, out = _run(["expand", str(src), "--method", "llama_pro", "--target-layers", "4", "-o", str(src / "inner")])
+    assert code == 1 and "nested in each other" in out and "Traceback" not in out, out
+    assert _hashes(src) == before and not (src / "inner").exists()

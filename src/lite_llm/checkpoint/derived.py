@@ -32,6 +32,8 @@ def check_new_output(out: Path, source: Path, what: str = "the grown model") -> 
     """Refuse to write ``what`` over its own source or into an existing non-empty path."""
     if out.resolve() == source.resolve():
         raise CheckpointError(f"output {out} is the source checkpoint; write {what} to a new directory")
+    if out.resolve().is_relative_to(source.resolve()) or source.resolve().is_relative_to(out.resolve()):
+        raise CheckpointError(f"output {out} and the source {source} are nested in each other; write {what} to a directory outside the source")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(f"output {out} already exists and is not empty; choose a new directory or remove it first")
 
