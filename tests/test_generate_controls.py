@@ -167,7 +167,9 @@ def test_cli_refuses_bad_counts_and_chat_without_template(tmp_path):
     for bad in ("0", "-5"):  # a count below its range: Click's usage error (exit 2), naming the option and the range
         result = runner.invoke(app, ["generate", str(tmp_path / "anything"), "--max-new-tokens", bad])
         assert result.exit_code == 2 and "--max-new-tokens" in result.output and "greater than or equal" in result.output, result.output
-    _fails(["generate", str(tmp_path / "anything"), "--repetition-penalty", "0"], "--repetition-penalty must be positive")
+    _fails(["generate", str(tmp_path / "anything"), "--repetition-penalty", "0"], "--repetition-penalty must be between 0.01 and 100")
+    _fails(["generate", str(tmp_path / "anything"), "--repetition-penalty", "1e-300"], "--repetition-penalty must be between 0.01 and 100")
+    _fails(["generate", str(tmp_path / "anything"), "--temperature", "nan"], "--temperature must be 0 (greedy) or a finite positive number")
     ckpt = tmp_path / "ckpt"
     assert runner.invoke(app, ["init", "--preset", "tiny", "-o", str(ckpt)]).exit_code == 0
     _fails(["generate", str(ckpt), "--chat", "--prompt", "hi"], "has no chat template")
@@ -185,3 +187,15 @@ def test_gguf_eos_ids_take_eos_eot_and_the_templates_turn_end():
     assert gguf_eos_ids(metadata, bpe) == [0, 5, im_end]
     bpe.eos_ids = gguf_eos_ids({"tokenizer.ggml.eos_token_id": im_end}, bpe)
     assert bpe.eos_ids == (im_end,)  # listed once
+
+
+def test_a_tiny_temperature_is_greedy_and_extreme_penalties_are_refused(model):
+    """Dividing by 1e-45 made the logits inf and the draw a NaN traceback; vLLM's rule (below
+    1e-5 is greedy) gives the argmax instead.  A penalty of 1e-300 overflowed the same way."""
+    greedy = list(generate_ids(model, [1, 2, 3], 8, temperature=0))
+    assert list(generate_ids(model, [1, 2, 3], 8, temperature=1e-45, seed=3)) == greedy
+    for bad in (1e-300, 0.0, 1e9, float("nan")):
+        with pytest.raises(ValueError, match="repetition_penalty must be between"):
+            list(generate_ids(model, [1, 2, 3], 2, repetition_penalty=bad))
+    with pytest.raises(ValueError, match="temperature must be a finite number"):
+        list(generate_ids(model, [1, 2, 3], 2, temperature=float("nan")))

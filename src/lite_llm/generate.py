@@ -39,13 +39,21 @@ def apply_repetition_penalty(logits: torch.Tensor, seen_ids: Sequence[int], pena
     return logits.scatter(-1, index, score)
 
 
+GREEDY_BELOW = 1e-5
+"""Temperatures below this decode greedily (vLLM's rule): dividing by 1e-45 overflows the
+logits to inf and the softmax to NaN."""
+PENALTY_RANGE = (0.01, 100.0)
+"""The repetition penalties accepted: beyond them a logit overflows as it is divided or
+multiplied, and no model is steered usefully."""
+
+
 def sample_token(
     logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator
 ) -> int:
     """The next token from one position's logits (V,): the argmax when ``temperature == 0``,
     else a draw from the filtered, tempered softmax with ``generator`` (a CPU generator).
     One function for :func:`generate_ids` and the server, so both draw bitwise alike."""
-    if temperature == 0:
+    if temperature < GREEDY_BELOW:
         return int(logits.argmax())
     filtered = _filter_logits(logits.float() / temperature, top_k, top_p)
     return int(torch.multinomial(filtered.softmax(-1).cpu(), 1, generator=generator))
@@ -76,10 +84,10 @@ def generate_ids(
     is yielded, as transformers' ``generate`` returns it.  ``repetition_penalty`` is applied
     to the raw logits before temperature and filtering, in transformers' order.
     """
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if repetition_penalty <= 0:
-        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+    if not temperature >= 0 or temperature == float("inf"):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+    if not PENALTY_RANGE[0] <= repetition_penalty <= PENALTY_RANGE[1]:
+        raise ValueError(f"repetition_penalty must be between {PENALTY_RANGE[0]} and {PENALTY_RANGE[1]}, got {repetition_penalty}")
     stop_ids = {int(i) for i in eos_ids} | ({int(eos_id)} if eos_id is not None else set())
     limit = model.config.max_seq_len
     ids = list(prompt_ids)[-(limit - 1) :] or [0]

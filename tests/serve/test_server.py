@@ -171,6 +171,12 @@ def test_bad_requests_are_400_and_the_server_keeps_serving(chat_server, client):
     chat = chat_server[0] + "/v1/chat/completions"
     assert _error(httpx.post(chat, json={"messages": [{"role": "wizard", "content": "x"}]}))["param"] == "messages"
     assert _error(httpx.post(chat, json={"messages": []}))["param"] == "messages"
+    assert _error(httpx.post(url, json={"prompt": "hi", "repetition_penalty": 1e-300}))["param"] == "repetition_penalty"
+    # A temperature of 1e-45 overflowed the logits and its NaN draw ended the engine for every
+    # later request; below 1e-5 it is greedy now (vLLM's rule), as temperature 0.
+    tiny = httpx.post(url, json={"prompt": "hi", "max_tokens": 3, "temperature": 1e-45}, timeout=30).json()
+    greedy = httpx.post(url, json={"prompt": "hi", "max_tokens": 3, "temperature": 0}, timeout=30).json()
+    assert tiny["choices"][0]["text"] == greedy["choices"][0]["text"]
     # still serving
     assert client.completions.create(model="chat", prompt="hi", max_tokens=3, temperature=0).usage.completion_tokens >= 1
     assert metric(chat_server[0], "lite_llm_requests_total", '{endpoint="/v1/completions",status="400"}') >= 9

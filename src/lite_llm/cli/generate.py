@@ -61,10 +61,14 @@ def generate(
 
     run_device = resolve_device(device)
 
-    if temperature < 0:
-        raise LiteLLMError(f"--temperature must be 0 (greedy) or more, got {temperature}")
-    if repetition_penalty <= 0:
-        raise LiteLLMError(f"--repetition-penalty must be positive (1 is off, 1.1-1.3 discourages repeats), got {repetition_penalty}")
+    from ..generate import PENALTY_RANGE
+
+    if not 0 <= temperature < float("inf"):
+        raise LiteLLMError(f"--temperature must be 0 (greedy) or a finite positive number, got {temperature}")
+    if not PENALTY_RANGE[0] <= repetition_penalty <= PENALTY_RANGE[1]:
+        raise LiteLLMError(
+            f"--repetition-penalty must be between {PENALTY_RANGE[0]:g} and {PENALTY_RANGE[1]:g} (1 is off, 1.1-1.3 discourages repeats), got {repetition_penalty}"
+        )
     apply_threads(threads, header_to_stderr=True)
     loaded = load_for_inference(checkpoint, tiers=tiers, device=run_device, hot_budget=hot_budget, warm_budget=warm_budget, policy=cache_policy, prefetch=prefetch)
     if loaded.tokenizer is None:

@@ -303,14 +303,21 @@ class Engine:
     def _take(self, job: Job, logits: torch.Tensor) -> None:
         """Sample ``job``'s next token from its logits (V,) and tell its client what it made."""
         p = job.params
-        logits = apply_repetition_penalty(logits, job.seen, p.repetition_penalty)
-        token = sample_token(logits, p.temperature, p.top_k, p.top_p, job.generator)
+        try:
+            logits = apply_repetition_penalty(logits, job.seen, p.repetition_penalty)
+            token = sample_token(logits, p.temperature, p.top_k, p.top_p, job.generator)
+        except Exception as exc:  # one bad request must not stop the server
+            self._fail(job, exc)
+            return
         job.generated += 1
         self.stats.generated_tokens += 1
         self.stats.recent.append((time.perf_counter(), 1))
         if job.generated == 1:
             self.stats.observe_ttft(time.perf_counter() - job.submitted)
         if token in self.eos_ids:
+            tail = job.text.finish()  # text held back as a possible stop-string prefix
+            if tail:
+                job.sink(Event("text", text=tail))
             self._finish(job, "stop")
             return
         piece = job.text.push(token)
