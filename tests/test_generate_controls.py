@@ -170,6 +170,8 @@ def test_cli_refuses_bad_counts_and_chat_without_template(tmp_path):
     _fails(["generate", str(tmp_path / "anything"), "--repetition-penalty", "0"], "--repetition-penalty must be between 0.01 and 100")
     _fails(["generate", str(tmp_path / "anything"), "--repetition-penalty", "1e-300"], "--repetition-penalty must be between 0.01 and 100")
     _fails(["generate", str(tmp_path / "anything"), "--temperature", "nan"], "--temperature must be 0 (greedy) or a finite positive number")
+    for bad in ("0", "1.5", "-1"):  # 0 used to sample from everything, as no filter at all
+        _fails(["generate", str(tmp_path / "anything"), "--top-p", bad], "--top-p must be above 0 and at most 1")
     ckpt = tmp_path / "ckpt"
     assert runner.invoke(app, ["init", "--preset", "tiny", "-o", str(ckpt)]).exit_code == 0
     _fails(["generate", str(ckpt), "--chat", "--prompt", "hi"], "has no chat template")

@@ -65,6 +65,8 @@ def generate(
 
     if not 0 <= temperature < float("inf"):
         raise LiteLLMError(f"--temperature must be 0 (greedy) or a finite positive number, got {temperature}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise LiteLLMError(f"--top-p must be above 0 and at most 1 (the probability mass kept; 1 keeps every token), got {top_p}")
     if not PENALTY_RANGE[0] <= repetition_penalty <= PENALTY_RANGE[1]:
         raise LiteLLMError(
             f"--repetition-penalty must be between {PENALTY_RANGE[0]:g} and {PENALTY_RANGE[1]:g} (1 is off, 1.1-1.3 discourages repeats), got {repetition_penalty}"
