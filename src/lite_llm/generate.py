@@ -50,9 +50,10 @@ multiplied, and no model is steered usefully."""
 def sample_token(
     logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator
 ) -> int:
-    """The next token from one position's logits (V,): the argmax when ``temperature == 0``,
-    else a draw from the filtered, tempered softmax with ``generator`` (a CPU generator).
-    One function for :func:`generate_ids` and the server, so both draw bitwise alike."""
+    """The next token from one position's logits (V,): the argmax when ``temperature`` is 0
+    (or below :data:`GREEDY_BELOW`), else a draw from the filtered, tempered softmax with
+    ``generator`` (a CPU generator).  One function for :func:`generate_ids` and the server,
+    so both draw bitwise alike."""
     if temperature < GREEDY_BELOW:
         return int(logits.argmax())
     filtered = _filter_logits(logits.float() / temperature, top_k, top_p)
@@ -84,7 +85,7 @@ def generate_ids(
     is yielded, as transformers' ``generate`` returns it.  ``repetition_penalty`` is applied
     to the raw logits before temperature and filtering, in transformers' order.
     """
-    if not temperature >= 0 or temperature == float("inf"):
+    if not 0 <= temperature < float("inf"):
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
     if not PENALTY_RANGE[0] <= repetition_penalty <= PENALTY_RANGE[1]:
         raise ValueError(f"repetition_penalty must be between {PENALTY_RANGE[0]} and {PENALTY_RANGE[1]}, got {repetition_penalty}")

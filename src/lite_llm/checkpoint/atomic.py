@@ -113,6 +113,19 @@ def write_bytes_durable(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def replace_file(target: Path, data: bytes) -> None:
+    """Make ``target`` hold ``data``, whole or not at all: a durable temporary sibling renamed
+    over it, then the folder synced.  A failure leaves ``target`` as it was and no sibling."""
+    tmp = temp_sibling(target, "tmp")
+    try:
+        write_bytes_durable(tmp, data)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(target.parent)
+
+
 def temp_sibling(target: Path, tag: str) -> Path:
     """A hidden, unique path next to ``target``: ``.<name>.<tag>-<pid>-<random>``."""
     return target.parent / f".{target.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}"

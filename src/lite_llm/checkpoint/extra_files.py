@@ -53,28 +53,13 @@ def write_extra_file(path: str | os.PathLike, name: str, data: bytes, *, folder:
     rel = f"{folder + '/' if folder else ''}{name}.{digest[:12]}{suffix}"
     target = root / rel
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic.temp_sibling(target, "tmp")
-    try:
-        atomic.write_bytes_durable(tmp, data)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    atomic.fsync_dir(target.parent)
+    atomic.replace_file(target, data)
 
     old = [f for f in manifest["files"] if isinstance(f, dict) and f.get("kind") == EXTRA_FILE and f.get("name") == name]
     files = [f for f in manifest["files"] if f not in old]
     files.append({"path": rel, "kind": EXTRA_FILE, "name": name, "bytes": len(data), "sha256": sha256_file(target)})
     manifest["files"] = files
-    manifest_path = root / MANIFEST
-    tmp_manifest = atomic.temp_sibling(manifest_path, "tmp")
-    try:
-        atomic.write_bytes_durable(tmp_manifest, (json.dumps(manifest, indent=2, allow_nan=False) + "\n").encode("utf-8"))
-        os.replace(tmp_manifest, manifest_path)
-    except BaseException:
-        tmp_manifest.unlink(missing_ok=True)
-        raise
-    atomic.fsync_dir(root)
+    atomic.replace_file(root / MANIFEST, (json.dumps(manifest, indent=2, allow_nan=False) + "\n").encode("utf-8"))
     for entry in old:
         if entry.get("path") != rel and isinstance(entry.get("path"), str):
             stale = check_path(root, entry["path"])

@@ -71,11 +71,7 @@ class CheckpointManager:
 
     def _write_persisted(self, names: set[str]) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        path = self.dir / PROTECTED_FILE
-        tmp = atomic.temp_sibling(path, "tmp")
-        atomic.write_bytes_durable(tmp, (json.dumps(sorted(names), indent=2) + "\n").encode())
-        os.replace(tmp, path)
-        atomic.fsync_dir(self.dir)
+        atomic.replace_file(self.dir / PROTECTED_FILE, (json.dumps(sorted(names), indent=2) + "\n").encode())
 
     def protect(self, ref: int | str | os.PathLike) -> None:
         """Never prune this checkpoint (a step, directory name or path); persisted."""

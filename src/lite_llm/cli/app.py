@@ -125,15 +125,12 @@ def check_report_path(path: Optional[Path]) -> None:
 
 
 def write_report(path: Path, data: Any) -> None:
-    """Write ``data`` as JSON to ``path`` whole or not at all (a temporary sibling renamed)."""
+    """Write ``data`` as JSON to ``path`` whole or not at all."""
     import json
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    from ..checkpoint.atomic import replace_file
+
+    replace_file(path, (json.dumps(data, indent=2) + "\n").encode("utf-8"))
 
 
 def print_scores(scores: dict[str, dict[str, float]], title: str = "validation") -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -89,9 +89,8 @@ class TokenData:
         out = np.empty((batch_size, seq_len), dtype=np.int64)
         for row, (d, start) in enumerate(zip(which.tolist(), starts.tolist())):
             out[row] = arrays[d][start : start + seq_len]
-        for d in set(which.tolist()):
-            self._check_ids(torch.from_numpy(out[which == d]), names[d], split)
-        return torch.from_numpy(out), [names[d] for d in which.tolist()]
+        domains = [names[d] for d in which.tolist()]
+        return self._check_ids(torch.from_numpy(out), domains, split), domains
 
     def val_batches(
         self, domain: str, batch_size: int, seq_len: int, max_batches: int | None = None
@@ -102,7 +101,7 @@ class TokenData:
         _check_shape(batch_size, seq_len)
         self._check_domain(domain)
         tokens = self._array_long_enough(domain, "val", seq_len)
-        return (self._check_ids(batch, domain, "val") for batch in _windows(tokens, batch_size, seq_len, max_batches))
+        return (self._check_ids(batch, [domain] * len(batch), "val") for batch in _windows(tokens, batch_size, seq_len, max_batches))
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -133,13 +132,16 @@ class TokenData:
             )
         return tokens
 
-    def _check_ids(self, batch: torch.Tensor, domain: str, split: str) -> torch.Tensor:
-        """``batch``, after refusing token ids outside the tokenizer's vocabulary: a token file
-        damaged behind an intact index would otherwise index past the model's embedding."""
+    def _check_ids(self, batch: torch.Tensor, domains: Sequence[str], split: str) -> torch.Tensor:
+        """``batch`` (rows from ``domains``, one per row), after refusing token ids outside the
+        tokenizer's vocabulary: a token file damaged behind an intact index would otherwise
+        index past the model's embedding.  One ``max`` per batch; the file is found on failure."""
         vocab = self.tokenizer.vocab_size
         if batch.numel() and int(batch.max()) >= vocab:
+            row = int((batch >= vocab).any(-1).nonzero()[0])
+            bad = int(batch[row].max())
             raise DataError(
-                f"{self.data_dir / self.index['domains'][domain][split]['path']} holds token id {int(batch.max())}, outside its "
+                f"{self.data_dir / self.index['domains'][domains[row]][split]['path']} holds token id {bad}, outside its "
                 f"tokenizer's vocabulary of {vocab}; the file is damaged: prepare the data again"
             )
         return batch

@@ -315,9 +315,7 @@ class Engine:
         if job.generated == 1:
             self.stats.observe_ttft(time.perf_counter() - job.submitted)
         if token in self.eos_ids:
-            tail = job.text.finish()  # text held back as a possible stop-string prefix
-            if tail:
-                job.sink(Event("text", text=tail))
+            self._send_held_text(job)
             self._finish(job, "stop")
             return
         piece = job.text.push(token)
@@ -326,13 +324,18 @@ class Engine:
         if job.text.stopped:
             self._finish(job, "stop")
         elif job.generated >= p.max_tokens:
-            tail = job.text.finish()
-            if tail:
-                job.sink(Event("text", text=tail))
+            self._send_held_text(job)
             self._finish(job, "stop" if job.text.stopped else "length")
         else:
             job.seen.append(token)
             job.last_token = token
+
+    def _send_held_text(self, job: Job) -> None:
+        """Send the text held back as a possible stop-string prefix (or an unfinished
+        character), now that no more tokens will come."""
+        tail = job.text.finish()
+        if tail:
+            job.sink(Event("text", text=tail))
 
     def _finish(self, job: Job, reason: str) -> None:
         job.finished = True

@@ -20,6 +20,7 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import LiteLLMError
+from ..generate import PENALTY_RANGE
 
 
 class APIError(LiteLLMError):
@@ -59,7 +60,7 @@ class _Sampling(BaseModel):
     user: str | None = None
     # Lite LLM's own (extra_body in the openai client)
     top_k: int | None = Field(None, ge=1)
-    repetition_penalty: float = Field(1.0, ge=0.01, le=100.0)  # generate.PENALTY_RANGE
+    repetition_penalty: float = Field(1.0, ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1])
     tier_set: Union[str, list[str], None] = None
     latency_budget_ms: float | None = Field(None, gt=0)
     memory_budget: Union[int, str, None] = None
