@@ -463,3 +463,21 @@ def test_the_sample_is_made_only_when_a_step_is_evaluated(steps, evaluated, tmp_
         sampled = expand_checkpoint(src, tmp_path / "a", plan, validate="always").reports[0]
         assert not sampled.proved and sampled.tokens == 128
         assert result.reports[0].new_params == sampled.new_params and result.reports[0].dead_params == sampled.dead_params
+
+
+def test_a_tier_no_sample_token_routes_to_is_checked_under_that_tier_alone():
+    """The router, not the growth, decides which tier a token goes to: a new block whose
+    router sends none of the sample to tier_b is still trainable (an ``only:tier_b`` request
+    sends everything there), so its experts are checked under tier_b alone.  Experts that no
+    gradient reaches under any TierSet (both matrices zero) are still found."""
+    moe = moe_shapes()["two-tier"]
+    state = stored_state(random_model(moe))
+    new_config, tensors = get_op("llama_pro")(moe, state, positions=[0])
+    bias = "layers.1.ffn.router.heads.tier_b.tier_bias"
+    unrouted = _changed(tensors, {bias: torch.full_like(tensors[bias], -1e4)})  # no token picks tier_b by default
+    report = check_growth(moe, state, new_config, unrouted, check_sample([moe]), exact_expected=True)
+    assert report.preserved and report.passed and report.dead_params == []
+    experts = ["layers.1.ffn.experts.tier_b.down_proj", "layers.1.ffn.experts.tier_b.gate_up_proj"]
+    dead = _changed(unrouted, {name: torch.zeros_like(tensors[name]) for name in experts})
+    report = check_growth(moe, state, new_config, dead, check_sample([moe]), exact_expected=True)
+    assert sorted(report.dead_params) == experts and not report.passed

@@ -57,7 +57,7 @@ from __future__ import annotations
 import math
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -414,22 +414,42 @@ def _dead_parameters(block: Block, x: torch.Tensor, model: _Model, layer: int, d
     hooks = [p.register_post_accumulate_grad_hook(lambda p, name=name: take_step(name, p)) for name, p in params.items()]
     block.train()
     try:
-        for sweep in range(2):
-            for name, p in params.items():  # the second sweep looks only at the still silent ones
-                p.requires_grad_(name not in moved and (sweep == 1 or not silent or _is_writer(name)))
-            with torch.enable_grad():
-                out, routes = block(x, cos, sin, model.allowed, None, None)
-                loss = (out * direction).sum()
-                if routes is not None:
-                    loss = loss + routes.balance_loss + routes.z_loss
-                if loss.requires_grad:
-                    loss.backward()
-            if len(moved) == len(params):
-                break
+        for allowed in _tier_masks(model, params, moved):
+            for sweep in range(2):
+                for name, p in params.items():  # the second sweep looks only at the still silent ones
+                    p.requires_grad_(name not in moved and (sweep == 1 or not silent or _is_writer(name)))
+                with torch.enable_grad():
+                    out, routes = block(x, cos, sin, allowed, None, None)
+                    loss = (out * direction).sum()
+                    if routes is not None:
+                        loss = loss + routes.balance_loss + routes.z_loss
+                    if loss.requires_grad:
+                        loss.backward()
+                if len(moved) == len(params):
+                    break
     finally:
         for hook in hooks:
             hook.remove()
     return [name for name in params if name not in moved]
+
+
+def _tier_masks(model: _Model, params: dict[str, torch.Tensor], moved: set[str]) -> Iterator[torch.Tensor | None]:
+    """The TierSets the gradient sweeps run under: the default one, then, for each tier whose
+    experts are still without gradient, that tier alone (``only:TIER``).
+
+    Why: which tier a token routes to is the router's choice, so a handful of sample tokens
+    may reach no expert of a tier at all (the tiny preset's LLaMA-Pro block sends none of its
+    first 8 tokens to tier_10b).  That says nothing about the parameters: a request for
+    ``only:tier_10b`` sends every token there.  Under the tier alone, a parameter still
+    without gradient is dead for every TierSet."""
+    yield model.allowed
+    if model.allowed is None:
+        return
+    for index, tier in enumerate(model.config.tiers):
+        if any(f".{tier.name}." in f".{name}." and name not in moved for name in params):
+            only = torch.zeros_like(model.allowed)
+            only[index] = True
+            yield only
 
 
 def _embed(model: _Model, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
