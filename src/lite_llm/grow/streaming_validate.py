@@ -43,7 +43,8 @@ Why it is built this way (DESIGN.md, "Exactness, measured"):
   :meth:`_Model.grad_dtype`), and run forward and backward on their first ``GRAD_TOKENS``
   tokens under a fixed random projection of the output (plus the routers' balance and
   z-losses).  A parameter with an all-zero gradient gets one plain SGD step of the whole block
-  and a second chance (a LLaMA-Pro block's q/k/v sit behind its zeroed o_proj).  The
+  and a second chance (a LLaMA-Pro block's q/k/v sit behind its zeroed o_proj); a tier whose
+  experts the sample never reaches is swept again under that tier alone (:func:`_tier_masks`).  The
   embedding, final norm and head are not checked: their gradients come straight from the loss
   and the residual stream.
 * **On any device, still float64.**  The tensors are read on the CPU (the mappings are lazy
