@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import math
 from pathlib import Path
 from typing import Any
@@ -55,15 +54,13 @@ class MetricsLogger:
         rows were dropped."""
         if self.path is None or not self.path.exists():
             return 0
-        from ..checkpoint.atomic import temp_sibling
+        from ..checkpoint.atomic import replace_file
 
         if self._file is not None:
             self._file.close()
         lines = self.path.read_text().splitlines()
         kept = [line for line in lines if line.strip() and int(json.loads(line).get("step", -1)) < step]
-        tmp = temp_sibling(self.path, "rewrite")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        replace_file(self.path, "".join(line + "\n" for line in kept).encode())  # durable before the new rows follow
         self._file = self.path.open("a")
         return len([line for line in lines if line.strip()]) - len(kept)
 
