@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lite_llm import ModelConfig, build_model
 from lite_llm.data import ByteTokenizer
+from lite_llm.errors import PromptError
 from lite_llm.generate import _filter_logits, generate_ids, generate_text
 
 
@@ -51,8 +53,45 @@ def test_generate_text_streams_whole_characters():
     assert "".join(pieces) == ByteTokenizer().decode(list(generate_ids(model, ByteTokenizer().encode("héllo"), 40, temperature=1.0, seed=1)))
 
 
-def test_prompt_longer_than_the_context_is_truncated_from_the_left():
+def test_a_prompt_that_fills_the_context_is_refused_not_cut():
+    """Cutting a long prompt silently would answer another question; the server refuses it
+    with a 400, and the library says the same in one sentence."""
     cfg = ModelConfig.from_preset("tiny", max_seq_len=32)
     model = build_model(cfg, seed=4)
-    out = list(generate_ids(model, list(range(100)), 10))
-    assert len(out) == 1  # 31 prompt tokens kept; one position left
+    with pytest.raises(PromptError, match="the prompt is 32 tokens but the model's context is 32; shorten it to at most 31"):
+        list(generate_ids(model, list(range(32)), 10))
+    with pytest.raises(PromptError, match="the prompt is empty"):
+        list(generate_ids(model, [], 10))
+    assert len(list(generate_ids(model, list(range(31)), 10))) == 1  # one position left: one token
+
+
+def test_a_kv_cache_that_grows_gives_the_tokens_of_one_allocated_whole(monkeypatch):
+    """Caches start ``KV_ROOM`` past the prompt and double as they fill; the tokens must be
+    those of a cache allocated whole (the old way) and of a full recompute."""
+    import lite_llm.generate as gen
+    from lite_llm.model.layers import KVCache
+
+    model = build_model(ModelConfig.from_preset("tiny"), seed=4).eval()
+    prompt = [5, 17, 99, 3, 250]
+    whole = list(generate_ids(model, prompt, 40, temperature=0.9, seed=2))
+    monkeypatch.setattr(gen, "KV_ROOM", 1)  # 6 positions at first, then 12, 24, 45
+    assert list(generate_ids(model, prompt, 40, temperature=0.9, seed=2)) == whole
+    assert list(generate_ids(model, prompt, 40)) == _reference_greedy(model, prompt, 40)
+
+    grown, full = KVCache(1, 2, 45, 4, torch.float32, reserve=3), KVCache(1, 2, 45, 4, torch.float32)
+    for start in range(0, 45, 5):
+        k, v = torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4)
+        for got, want in zip(grown.update(start, k, v), full.update(start, k, v)):
+            assert torch.equal(got, want)
+    assert grown.allocated == 45
+    with pytest.raises(ValueError, match="holds 45 positions but generation reached 46"):
+        grown.update(45, k[:, :, :1], v[:, :, :1])
+
+
+def test_a_request_that_may_fill_the_context_does_not_hold_its_cache_from_the_start():
+    from lite_llm.model.layers import KV_ROOM
+    from lite_llm.serve.batched import new_row_cache
+
+    model = build_model(ModelConfig.from_preset("tiny", max_seq_len=4096), seed=4)
+    cache = new_row_cache(model, 10, 4096)
+    assert {layer.allocated for layer in cache} == {10 + KV_ROOM} and {layer.max_len for layer in cache} == {4096}

@@ -14,7 +14,7 @@ from lite_llm import ModelConfig, build_model
 from lite_llm.cli import app
 from lite_llm.data import ByteTokenizer
 from lite_llm.data.tokenizer import BPETokenizer, load_tokenizer, render_chat
-from lite_llm.errors import DataError
+from lite_llm.errors import DataError, PromptError
 from lite_llm.generate import apply_repetition_penalty, generate_ids, generate_text
 
 runner = CliRunner()
@@ -201,3 +201,65 @@ def test_a_tiny_temperature_is_greedy_and_extreme_penalties_are_refused(model):
             list(generate_ids(model, [1, 2, 3], 2, repetition_penalty=bad))
     with pytest.raises(ValueError, match="temperature must be a finite number"):
         list(generate_ids(model, [1, 2, 3], 2, temperature=float("nan")))
+    for name in ("presence_penalty", "frequency_penalty"):
+        for bad in (2.5, -3.0, float("nan")):
+            with pytest.raises(ValueError, match=f"{name} must be between -2 and 2"):
+                list(generate_ids(model, [1, 2, 3], 2, **{name: bad}))
+
+
+def _llama3_style_folder(tmp_path):
+    """A Hugging Face tokenizer folder whose post-processor prepends ``<|begin_of_text|>`` to
+    every encoded text, as Llama 3's does."""
+    from tokenizers.processors import TemplateProcessing
+
+    bpe = BPETokenizer.train(texts=["hello world " * 20], vocab_size=280, min_frequency=1)
+    bpe.backend.add_special_tokens(["<|begin_of_text|>"])
+    bos = bpe.backend.token_to_id("<|begin_of_text|>")
+    bpe.backend.post_processor = TemplateProcessing(single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos)])
+    bpe.backend.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|begin_of_text|>", "eos_token": "<|endoftext|>"}))
+    return bos
+
+
+def test_plain_prompts_get_the_special_tokens_transformers_tokenizer_adds(tmp_path):
+    """A Llama 3 model sees ``<|begin_of_text|>`` first in training; a plain prompt without it
+    is another input.  transformers' ``tokenizer(prompt)`` adds it, and so do we — also for an
+    empty prompt, which transformers' generate starts from the BOS."""
+    transformers = pytest.importorskip("transformers")
+    from lite_llm.generate import prompt_start
+    from lite_llm.interop.hf_import import read_hf_tokenizer
+
+    bos = _llama3_style_folder(tmp_path)
+    read_hf_tokenizer(tmp_path).tokenizer.save(tmp_path / "ours")
+    ours = load_tokenizer(tmp_path / "ours")
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    for prompt in ("hello world", " hello", ""):
+        assert prompt_start(ours, prompt) == theirs(prompt).input_ids
+    assert prompt_start(ours, "hello")[0] == bos and ours.encode("hello")[0] != bos  # training text gets none
+    # A tokenizer trained here adds nothing; an empty prompt starts a document after <|endoftext|>.
+    plain = BPETokenizer.train(texts=["hello world " * 20], vocab_size=280, min_frequency=1)
+    assert prompt_start(plain, "hello") == plain.encode("hello")
+    assert prompt_start(plain, "") == [plain.backend.token_to_id("<|endoftext|>")]
+    with pytest.raises(PromptError, match="the prompt is empty and the tokenizer has no beginning- or end-of-sequence token"):
+        prompt_start(ByteTokenizer(), "")
+
+
+def test_special_tokens_are_left_out_of_the_generated_text_as_transformers_pipeline_does(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from lite_llm.generate import TextStream
+    from lite_llm.interop.hf_import import read_hf_tokenizer
+
+    bos = _llama3_style_folder(tmp_path)
+    ours = read_hf_tokenizer(tmp_path).tokenizer
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    ids = ours.encode("hello") + [bos] + ours.encode(" world hello")
+    stream = TextStream(ours)
+    text = "".join(stream.push(i) for i in ids) + stream.finish()
+    assert text == theirs.decode(ids, skip_special_tokens=True) == "hello world hello"
+
+
+def test_generate_refuses_a_prompt_longer_than_the_context_before_printing(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    assert runner.invoke(app, ["init", "--preset", "tiny", "-o", str(ckpt)]).exit_code == 0
+    context = ModelConfig.from_preset("tiny").max_seq_len
+    _fails(["generate", str(ckpt), "--prompt", "x" * (context + 5)], f"the prompt is {context + 5} tokens but the model's context is {context}")

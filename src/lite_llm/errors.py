@@ -24,5 +24,9 @@ class CheckpointError(LiteLLMError):
     """A checkpoint is missing, corrupt, truncated or of an unsupported version."""
 
 
+class PromptError(LiteLLMError, ValueError):
+    """A prompt that cannot be generated from: empty, or longer than the model's context."""
+
+
 class DataError(LiteLLMError, ValueError):
     """A corpus, tokenizer or prepared dataset is missing, empty, corrupt or too small."""

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Collection, Iterator, Sequence
 import torch
 
 from .config import TierSet
+from .errors import PromptError
+from .model.layers import KV_ROOM
 
 if TYPE_CHECKING:
     from .model import LiteLLM
@@ -39,6 +41,36 @@ def apply_repetition_penalty(logits: torch.Tensor, seen_ids: Sequence[int], pena
     return logits.scatter(-1, index, score)
 
 
+FREQUENCY_PENALTY_RANGE = (-2.0, 2.0)
+"""The presence and frequency penalties accepted (OpenAI's bounds)."""
+LOGIT_BIAS_RANGE = (-100.0, 100.0)
+"""The logit biases accepted (OpenAI's bounds: -100 bans a token, +100 all but forces it)."""
+
+
+def apply_presence_frequency_penalties(
+    logits: torch.Tensor, generated_ids: Sequence[int], presence: float, frequency: float
+) -> torch.Tensor:
+    """OpenAI's presence and frequency penalties, counted over the tokens generated so far (not
+    the prompt; vLLM's rule): ``logits[j] -= frequency * count[j] + presence * (count[j] > 0)``.
+    Tokens not generated yet keep their logits bitwise."""
+    if (presence == 0.0 and frequency == 0.0) or not len(generated_ids):
+        return logits
+    ids, counts = torch.unique(torch.tensor(list(generated_ids), dtype=torch.long), return_counts=True)
+    ids = ids.to(logits.device)
+    score = logits.gather(-1, ids) - (frequency * counts.to(logits.device, logits.dtype) + presence)
+    return logits.scatter(-1, ids, score)
+
+
+def apply_logit_bias(logits: torch.Tensor, bias: dict[int, float] | None) -> torch.Tensor:
+    """OpenAI's ``logit_bias``: ``bias[j]`` added to token j's logit before the penalties and
+    sampling (vLLM's order).  Ids must lie in the vocabulary (the server checks them)."""
+    if not bias:
+        return logits
+    ids = torch.tensor(list(bias), dtype=torch.long, device=logits.device)
+    values = torch.tensor(list(bias.values()), dtype=logits.dtype, device=logits.device)
+    return logits.scatter(-1, ids, logits.gather(-1, ids) + values)
+
+
 GREEDY_BELOW = 1e-5
 """Temperatures below this decode greedily (vLLM's rule): dividing by 1e-45 overflows the
 logits to inf and the softmax to NaN."""
@@ -60,6 +92,17 @@ def sample_token(
     return int(torch.multinomial(filtered.softmax(-1).cpu(), 1, generator=generator))
 
 
+def check_prompt(prompt_ids: Sequence[int], context: int) -> list[int]:
+    """The prompt as a list, refused when empty or when it leaves no room in the context for
+    one new token (cutting it silently would answer a question nobody asked)."""
+    ids = [int(i) for i in prompt_ids]
+    if not ids:
+        raise PromptError("the prompt is empty; give at least one token of text")
+    if len(ids) >= context:
+        raise PromptError(f"the prompt is {len(ids)} tokens but the model's context is {context}; shorten it to at most {context - 1} tokens")
+    return ids
+
+
 @torch.no_grad()
 def generate_ids(
     model: "LiteLLM",
@@ -74,6 +117,9 @@ def generate_ids(
     eos_id: int | None = None,
     eos_ids: Collection[int] = (),
     repetition_penalty: float = 1.0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    logit_bias: dict[int, float] | None = None,
 ) -> Iterator[int]:
     """Yield new token ids one at a time.  ``temperature == 0`` is greedy decoding.
 
@@ -82,30 +128,35 @@ def generate_ids(
     seeded by ``seed`` (same seed, same text, on any device: CUDA's generator is another
     algorithm, and one draw per token costs nothing next to the forward).
     Generation ends after yielding any id in ``eos_ids`` (or ``eos_id``); the end token itself
-    is yielded, as transformers' ``generate`` returns it.  ``repetition_penalty`` is applied
-    to the raw logits before temperature and filtering, in transformers' order.
+    is yielded, as transformers' ``generate`` returns it.  ``logit_bias``, then
+    ``repetition_penalty``, then OpenAI's ``presence_penalty``/``frequency_penalty`` are applied
+    to the raw logits before temperature and filtering (vLLM's order; the server's too).
     """
     if not 0 <= temperature < float("inf"):
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
     if not PENALTY_RANGE[0] <= repetition_penalty <= PENALTY_RANGE[1]:
         raise ValueError(f"repetition_penalty must be between {PENALTY_RANGE[0]} and {PENALTY_RANGE[1]}, got {repetition_penalty}")
+    for name, value in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
+        if not FREQUENCY_PENALTY_RANGE[0] <= value <= FREQUENCY_PENALTY_RANGE[1]:
+            raise ValueError(f"{name} must be between {FREQUENCY_PENALTY_RANGE[0]:g} and {FREQUENCY_PENALTY_RANGE[1]:g}, got {value}")
     stop_ids = {int(i) for i in eos_ids} | ({int(eos_id)} if eos_id is not None else set())
-    limit = model.config.max_seq_len
-    ids = list(prompt_ids)[-(limit - 1) :] or [0]
-    max_new_tokens = min(max_new_tokens, limit - len(ids))
+    ids = check_prompt(prompt_ids, model.config.max_seq_len)
+    max_new_tokens = min(max_new_tokens, model.config.max_seq_len - len(ids))
     if max_new_tokens <= 0:
         return
     was_training = model.training
     model.eval()
     device = model.embed.weight.device
     gen = torch.Generator().manual_seed(seed)
-    model.setup_kv_cache(batch=1, max_len=len(ids) + max_new_tokens)
+    model.setup_kv_cache(batch=1, max_len=len(ids) + max_new_tokens, reserve=len(ids) + KV_ROOM)
     try:
         logits = model(torch.tensor([ids], device=device), tierset=tierset, start_pos=0).logits[0, -1]
         pos = len(ids)
         seen = list(ids)
         for _ in range(max_new_tokens):
+            logits = apply_logit_bias(logits, logit_bias)
             logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+            logits = apply_presence_frequency_penalties(logits, seen[len(ids) :], presence_penalty, frequency_penalty)
             token = sample_token(logits, temperature, top_k, top_p, gen)
             yield token
             if token in stop_ids:
@@ -134,7 +185,7 @@ def generate_text(
     stop string ends it too, and the text is cut just before it (see :class:`TextStream`).
     ``prompt_ids`` (a rendered chat prompt, say) replaces the encoding of ``prompt``.
     """
-    ids = list(prompt_ids) if prompt_ids is not None else tokenizer.encode(prompt)
+    ids = list(prompt_ids) if prompt_ids is not None else prompt_start(tokenizer, prompt)
     eos_ids = tuple(getattr(tokenizer, "eos_ids", ()) or ())
     text = TextStream(tokenizer, stop)
     for token in generate_ids(model, ids, max_new_tokens, eos_ids=eos_ids, **kwargs):
@@ -150,6 +201,21 @@ def generate_text(
         yield piece
 
 
+def prompt_start(tokenizer, prompt: str) -> list[int]:
+    """A plain prompt's ids as transformers' ``tokenizer(prompt)`` gives them (with the BOS a
+    Llama 3 tokenizer adds).  An empty prompt starts from the beginning-of-sequence token, as
+    transformers' ``generate`` without inputs does, or else from the end-of-document token
+    that separates documents in training (GPT-2's convention), so it samples a fresh document."""
+    ids = list(tokenizer.encode_prompt(prompt))
+    if ids:
+        return ids
+    start = getattr(tokenizer, "bos_id", None)
+    start = tokenizer.eos_id if start is None else start
+    if start is None:
+        raise PromptError("the prompt is empty and the tokenizer has no beginning- or end-of-sequence token to start from; give some text")
+    return [int(start)]
+
+
 class TextStream:
     """New token ids in, printable text pieces out — what `lite-llm generate` prints and what
     the server streams, from one piece of code so the two never disagree.
@@ -158,7 +224,8 @@ class TextStream:
     a stop string the text is cut just before it and :attr:`stopped` turns true.  Byte tokens
     are decoded incrementally, so a multi-byte character is given once it is complete; other
     tokenizers' text is re-decoded from all new ids (a character split across tokens waits
-    for the rest).
+    for the rest).  Special tokens (``<|im_start|>`` and the like) are left out of the text,
+    as transformers' text-generation pipeline and vLLM leave them out by default.
     """
 
     def __init__(self, tokenizer, stop: Sequence[str] = ()) -> None:
@@ -179,7 +246,7 @@ class TextStream:
             self._text += self._decoder.decode(bytes([token]))
         else:
             self._new.append(token)
-            self._text = self.tokenizer.decode(self._new)
+            self._text = self.tokenizer.decode(self._new, skip_special_tokens=True)
             if self._text.endswith("\ufffd"):  # a character split across tokens: wait for the rest
                 return ""
         cut = _first_stop(self._text, self.stops)
@@ -195,7 +262,7 @@ class TextStream:
         if self._decoder is not None:
             self._text += self._decoder.decode(b"", final=True)
         elif self._new:
-            self._text = self.tokenizer.decode(self._new)
+            self._text = self.tokenizer.decode(self._new, skip_special_tokens=True)
         cut = _first_stop(self._text, self.stops)
         self.stopped = cut is not None
         return self._advance(len(self._text) if cut is None else cut)

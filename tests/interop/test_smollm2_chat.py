@@ -91,7 +91,7 @@ def test_served_chat_equals_transformers_greedy_generate(smollm2, transformers_r
     ckpt, _ = smollm2
     hf_prompt, hf_reply, hf_tok = transformers_reply
     want = hf_tok.decode(hf_reply, skip_special_tokens=True)
-    with serve_in_thread(ckpt, max_batch=2) as (base, _):
+    with serve_in_thread(ckpt, model_name="smol", max_batch=2) as (base, _):
         client = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0, timeout=120)
         messages = [{"role": "user", "content": QUESTION}]
         whole = client.chat.completions.create(model="smol", messages=messages, max_tokens=40, temperature=0)

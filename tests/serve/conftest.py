@@ -85,9 +85,10 @@ def wait_healthy(base: str, timeout: float = 30.0, proc=None) -> None:
 
 
 @contextlib.contextmanager
-def serve_in_thread(ckpt: Path, **engine_options) -> Iterator[tuple[str, object]]:
+def serve_in_thread(ckpt: Path, *, model_name: str | None = None, **engine_options) -> Iterator[tuple[str, object]]:
     """The real app under a real uvicorn on a free port, in a thread of this process (so tests
-    can read the engine's counters).  Yields (base URL, engine)."""
+    can read the engine's counters), serving the model as ``model_name`` (by default the
+    checkpoint folder's name, as `lite-llm serve` does).  Yields (base URL, engine)."""
     import uvicorn
 
     from lite_llm.serve.app import create_app
@@ -95,7 +96,7 @@ def serve_in_thread(ckpt: Path, **engine_options) -> Iterator[tuple[str, object]
 
     loaded = load_checkpoint(ckpt)
     engine = Engine(loaded.model, loaded.tokenizer, **engine_options)
-    app = create_app(engine, model_name=ckpt.name, checkpoint=ckpt)
+    app = create_app(engine, model_name=model_name or ckpt.name, checkpoint=ckpt)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -17,6 +17,7 @@ from lite_llm.config import TierSet
 from lite_llm.data import ByteTokenizer
 from lite_llm.generate import generate_ids, generate_text, sample_token
 from lite_llm.model.rowwise import row_invariant, rowwise_linear
+from lite_llm.serve import batched
 from lite_llm.serve.batched import decode_step, new_row_cache, prefill
 from lite_llm.serve.engine import Engine, Event, Job, QueueFullError, SamplingParams
 
@@ -66,7 +67,7 @@ def _batched(model, requests):
         while pending and requests[pending[0]][5] <= step:
             i = pending.pop(0)
             prompt, n, temp, seed, ts, _ = requests[i]
-            cache = new_row_cache(model, len(prompt) + n)
+            cache = new_row_cache(model, len(prompt), len(prompt) + n)
             logits, _ = prefill(model, prompt, cache, ts)
             gen = torch.Generator().manual_seed(seed)
             token = sample_token(logits, temp, None, 0.9 if temp else None, gen)
@@ -90,7 +91,8 @@ def _batched(model, requests):
     [tiny_two_tier(300), two_tier_config(), ModelConfig.from_preset("tiny-dense"), ModelConfig.from_preset("quickstart", n_layers=2)],
     ids=["aligned-two-tier", "unaligned-two-tier", "dense", "quickstart-shape"],
 )
-def test_batched_decode_gives_each_row_what_it_gets_alone(cfg):
+def test_batched_decode_gives_each_row_what_it_gets_alone(cfg, monkeypatch):
+    monkeypatch.setattr(batched, "KV_ROOM", 1)  # the rows' caches grow as they decode; generate_ids' are allocated whole
     model = build_model(cfg, seed=3).eval()
     tiers = [t.name for t in cfg.tiers]
     choices = [None, f"only:{tiers[0]}", f"only:{tiers[-1]}", f"upto:{tiers[0]}"] if tiers else [None]
@@ -191,6 +193,57 @@ def test_engine_joins_and_leaves_at_token_boundaries_and_matches_generate_text(d
             assert sink.done.completion_tokens == len(ids) and sink.done.finish_reason == "length"
         assert sink.done.prompt_tokens == len(prompt)
     assert engine.stats.max_batch_seen == 3 and engine.stats.requests_finished == len(specs)
+
+
+def test_engine_penalties_logit_bias_and_logprobs_match_generate_ids():
+    """Rows decoded together, each with its own presence/frequency penalties, logit bias and
+    repetition penalty, greedy and seeded: each row's tokens (read from its logprob entries, one
+    per generated token) are bitwise those generate_ids gives it alone, and each entry's logprob
+    is the log-softmax of its raw logits there."""
+    from lite_llm.serve.engine import token_logprob
+
+    cfg = tiny_two_tier(256)
+    model = build_model(cfg, seed=8).eval()
+    engine = Engine(model, ByteTokenizer(), max_batch=4, max_queue=16)
+    specs = [
+        ("def f(", 24, 0.0, 0, dict(presence_penalty=1.2)),
+        ("class A", 20, 0.9, 5, dict(frequency_penalty=0.8, logit_bias={ord("e"): 3.0, ord(" "): -100.0})),
+        ("x = 1", 22, 0.0, 0, dict(presence_penalty=-1.0, frequency_penalty=2.0, repetition_penalty=1.3)),
+        ("import", 18, 1.0, 9, dict(logit_bias={ord("a"): 100.0}, frequency_penalty=0.5)),
+        ("The", 16, 0.7, 3, dict()),
+    ]
+    events: list[list[Event]] = [[] for _ in specs]
+    done = [threading.Event() for _ in specs]
+
+    def sink(i):
+        def put(event: Event) -> None:
+            events[i].append(event)
+            if event.kind != "text":
+                done[i].set()
+        return put
+
+    for i, (prompt, n, t, seed, extra) in enumerate(specs):
+        params = SamplingParams(max_tokens=n, temperature=t, seed=seed, logprobs=2, **extra)
+        engine.submit(Job(list(prompt.encode()), params, TierSet.all(), sink(i)))
+    engine.start()
+    try:
+        for flag in done:
+            assert flag.wait(60)
+    finally:
+        engine.stop(10)
+    for (prompt, n, t, seed, extra), got in zip(specs, events):
+        want = list(generate_ids(model, list(prompt.encode()), n, temperature=t, seed=seed, **extra))
+        entries = [e for event in got for e in event.logprobs]
+        assert [e.token for e in entries] == want
+        assert got[-1].kind == "done" and got[-1].completion_tokens == len(want)
+        with torch.no_grad():  # the entries' values: a cache-free forward of prompt + tokens
+            logits = model(torch.tensor([list(prompt.encode()) + want])).logits[0, len(prompt) - 1 : -1]
+        for entry, row in zip(entries, logits):
+            alone = token_logprob(row, entry.token, 2)
+            assert entry.logprob == pytest.approx(alone.logprob, abs=1e-5)
+            assert [i for i, _ in entry.top] == [i for i, _ in alone.top]
+    assert engine.stats.max_batch_seen >= 3
+    assert list(generate_ids(model, list(b"def f("), 24, presence_penalty=1.2)) != list(generate_ids(model, list(b"def f("), 24))
 
 
 def test_engine_counts_routes_only_in_the_requested_tier():

@@ -303,13 +303,13 @@ def test_budgets_choose_the_tierset_from_the_checkpoints_profile(chat_ckpt, refe
                              ({"memory_budget": 1_999, "latency_budget_ms": 10}, "upto:tier_1b")):
             other = "tier_1b" if want == "only:tier_10b" else "tier_10b"
             before = metric(base, "lite_llm_expert_routes_total", f'{{tier="{other}"}}')
-            raw = client.completions.with_raw_response.create(model="c", prompt="Hello", max_tokens=12, temperature=0, extra_body=budget)
+            raw = client.completions.with_raw_response.create(model="profiled", prompt="Hello", max_tokens=12, temperature=0, extra_body=budget)
             assert raw.headers["x-lite-llm-tier-set"] == want, budget
             assert raw.parse().choices[0].text == _alone(reference, "Hello", 12, temperature=0, tierset=want)
             if want != "all":
                 assert metric(base, "lite_llm_expert_routes_total", f'{{tier="{other}"}}') == before, budget
         with client.chat.completions.with_streaming_response.create(
-            model="c", messages=[{"role": "user", "content": "hi"}], max_tokens=4, stream=True, extra_body={"latency_budget_ms": 2.5}
+            model="profiled", messages=[{"role": "user", "content": "hi"}], max_tokens=4, stream=True, extra_body={"latency_budget_ms": 2.5}
         ) as streamed:
             assert streamed.headers["x-lite-llm-tier-set"] == "upto:tier_1b"
             assert "data: [DONE]" in "".join(streamed.iter_lines())
@@ -317,4 +317,4 @@ def test_budgets_choose_the_tierset_from_the_checkpoints_profile(chat_ckpt, refe
         assert unmet["code"] == "budget_unmet" and "the smallest that fits needs" in unmet["message"] and "upto:tier_1b" in unmet["message"]
         bad = _error(httpx.post(base + "/v1/completions", json={"prompt": "hi", "max_tokens": 3, "memory_budget": "lots"}))
         assert bad["param"] == "memory_budget" and "cannot read 'lots'" in bad["message"]
-        assert client.completions.create(model="c", prompt="hi", max_tokens=3, temperature=0).usage.completion_tokens >= 1
+        assert client.completions.create(model="profiled", prompt="hi", max_tokens=3, temperature=0).usage.completion_tokens >= 1

@@ -20,7 +20,7 @@ from .store_options import (
 @friendly_errors
 def generate(
     checkpoint: Path = typer.Argument(..., help="Checkpoint directory."),
-    prompt: str = typer.Option("", help="Text to continue (with --chat: the user's message)."),
+    prompt: str = typer.Option("", help="Text to continue (with --chat: the user's message); empty starts a new document from the beginning-of-sequence token."),
     max_new_tokens: int = typer.Option(200, help="Tokens to generate (at least 1).", min=1),
     temperature: float = typer.Option(0.8, help="Sampling temperature; 0 is greedy."),
     top_k: Optional[int] = typer.Option(None, help="Keep the k most likely tokens.", min=1),
@@ -56,7 +56,7 @@ def generate(
       lite-llm generate big --prompt 'def ' --hot-budget 512MB --warm-budget 2GB --stats
     """
     from ..data.tokenizer import render_chat
-    from ..generate import generate_text
+    from ..generate import check_prompt, generate_text, prompt_start
     from ..runtime.device import resolve_device
 
     run_device = resolve_device(device)
@@ -75,12 +75,14 @@ def generate(
     loaded = load_for_inference(checkpoint, tiers=tiers, device=run_device, hot_budget=hot_budget, warm_budget=warm_budget, policy=cache_policy, prefetch=prefetch)
     if loaded.tokenizer is None:
         raise LiteLLMError(f"checkpoint {checkpoint} has no tokenizer/ folder; re-save it with its tokenizer")
-    prompt_ids = None
     if chat:
         if not getattr(loaded.tokenizer, "chat_template", None):
             raise LiteLLMError(f"checkpoint {checkpoint} has no chat template in its tokenizer; generate without --chat, or import the model again from a file that has one")
         prompt_ids = loaded.tokenizer.encode(render_chat(loaded.tokenizer, [{"role": "user", "content": prompt}]))
     else:
+        prompt_ids = prompt_start(loaded.tokenizer, prompt)
+    check_prompt(prompt_ids, loaded.model.config.max_seq_len)  # before anything is printed
+    if not chat:
         sys.stdout.write(prompt)
     for piece in generate_text(
         loaded.model,

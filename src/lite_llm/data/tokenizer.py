@@ -33,7 +33,9 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
 
-    def decode(self, ids: Sequence[int]) -> str: ...
+    def encode_prompt(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str: ...
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]: ...
 
@@ -60,6 +62,7 @@ class ByteTokenizer:
     kind: ClassVar[str] = "byte"
     vocab_size: ClassVar[int] = 256
     chat_template: ClassVar[str | None] = None
+    bos_id: ClassVar[int | None] = None  # bytes have no beginning-of-sequence token
 
     def __post_init__(self) -> None:
         if self.eos_id is not None and not 0 <= self.eos_id < 256:
@@ -72,10 +75,17 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """A prompt's ids: its bytes (a byte tokenizer adds no special tokens)."""
+        return self.encode(text)
+
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]
 
-    def decode(self, ids: Sequence[int]) -> str:
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        """``skip_special_tokens`` drops the end-of-sequence byte, the one special id."""
+        if skip_special_tokens and self.eos_id is not None:
+            ids = [i for i in ids if i != self.eos_id]
         # Invalid UTF-8 (a model's sample cut mid-character) becomes U+FFFD instead of failing.
         arr = np.asarray(ids, dtype=np.int64).reshape(-1)
         if arr.size and (arr.min() < 0 or arr.max() > 255):
@@ -134,8 +144,20 @@ class BPETokenizer:
         ids = self.eos_ids
         return ids[0] if ids else None
 
+    @property
+    def bos_id(self) -> int | None:
+        return self.backend.token_to_id(self.bos_token) if self.bos_token else None
+
     def encode(self, text: str) -> list[int]:
+        """Plain text's ids, no special tokens: what training data and chat templates (which
+        write their own ``{{ bos_token }}``) need."""
         return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A plain prompt's ids as transformers' ``tokenizer(text)`` gives them: with the
+        special tokens the tokenizer's post-processor adds (Llama 3's ``<|begin_of_text|>``;
+        none for SmolLM2 or a tokenizer trained here)."""
+        return self.backend.encode(text, add_special_tokens=True).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         # The Rust side encodes a batch on all cores; ``encode_batch_fast`` (tokenizers >= 0.21)
@@ -143,8 +165,8 @@ class BPETokenizer:
         encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
         return [e.ids for e in encode(list(texts), add_special_tokens=False)]
 
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.backend.decode([int(i) for i in ids], skip_special_tokens=False)
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def num_bytes(self, text: str) -> int:
         return len(text.encode("utf-8"))

@@ -46,26 +46,53 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + _rotate_half(x) * sin
 
 
-class KVCache(nn.Module):
-    """Pre-allocated keys and values of one attention layer, for incremental decoding."""
+KV_ROOM = 256
+"""Positions a KV cache holds past the prompt at first: a request that may run to the whole
+context (a chat request without ``max_tokens``) would otherwise hold the whole context's
+cache from its first token (377 MB for SmolLM2 in float32), most of it never written."""
 
-    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype, device: torch.device | None = None) -> None:
+
+class KVCache(nn.Module):
+    """Keys and values of one attention layer, for incremental decoding, up to ``max_len``
+    positions.
+
+    ``reserve`` positions are allocated at first (all ``max_len`` when not given); a write
+    past them grows the buffers to twice their length (at most ``max_len``), copying what is
+    there, so the copies cost O(1) per position.  Attention reads ``[:end]`` either way, the
+    same values, so growing changes no logit."""
+
+    def __init__(
+        self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype,
+        device: torch.device | None = None, reserve: int | None = None,
+    ) -> None:
         super().__init__()
-        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.max_len = max_len
+        length = max_len if reserve is None else max(1, min(reserve, max_len))
+        shape = (batch, n_kv_heads, length, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     @property
-    def max_len(self) -> int:
+    def allocated(self) -> int:
+        """Positions the buffers hold now (``max_len`` once grown to it)."""
         return self.k.shape[2]
 
     def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = start + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"the KV cache holds {self.max_len} positions but generation reached {end}; allocate a longer cache")
+        if end > self.allocated:
+            self._grow(min(self.max_len, max(end, 2 * self.allocated)))
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
+
+    def _grow(self, length: int) -> None:
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_zeros((*old.shape[:2], length, old.shape[3]))
+            new[:, :, : old.shape[2]] = old
+            setattr(self, name, new)
 
 
 class Attention(nn.Module):

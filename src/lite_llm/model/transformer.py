@@ -113,13 +113,14 @@ class LiteLLM(nn.Module):
             if isinstance(block.ffn, TieredMoE):
                 block.ffn.dispatch_impl = impl
 
-    def setup_kv_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> None:
-        """Allocate a KV cache of ``max_len`` positions in every layer (for generation)."""
+    def setup_kv_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None, reserve: int | None = None) -> None:
+        """Give every layer a KV cache of up to ``max_len`` positions (for generation), of
+        ``reserve`` positions at first (see :class:`KVCache`)."""
         dtype = dtype or self.embed.weight.dtype
         device = self.embed.weight.device
         cfg = self.config
         for block in self.layers:
-            block.attn.kv_cache = KVCache(batch, cfg.n_kv_heads, max_len, cfg.head_dim, dtype, device)
+            block.attn.kv_cache = KVCache(batch, cfg.n_kv_heads, max_len, cfg.head_dim, dtype, device, reserve)
 
     def clear_kv_cache(self) -> None:
         for block in self.layers:

@@ -34,10 +34,13 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from ..config import TierSet
 from ..data.tokenizer import render_chat
 from ..errors import LiteLLMError
-from .engine import EngineStoppedError, Engine, Event, Job, QueueFullError, SamplingParams
+from .engine import EngineStoppedError, Engine, Event, Job, QueueFullError, SamplingParams, TokenLogprob
+from .logprobs import LogprobFormat, TokenTexts
 from .metrics import RequestCounter, render_metrics
 from .channel import EventChannel
-from .protocol import APIError, ChatRequest, CompletionRequest, StreamRenderer, chat_body, completion_body, new_id, parse_request
+from .protocol import (
+    APIError, ChatRequest, CompletionRequest, StreamRenderer, chat_body, check_model, completion_body, new_id, parse_request,
+)
 from .selection import choose, load_profile, tierset_label
 
 TIER_SET_HEADER = "X-Lite-LLM-Tier-Set"  # on every answer: the TierSet that served it (chosen by budget or asked for)
@@ -83,6 +86,7 @@ class Server:
         self.store = store
         self.requests = RequestCounter()
         self.started = int(time.time())
+        self.token_texts = TokenTexts(self.tokenizer)  # what logprobs show for each token
 
     # ------------------------------------------------------------------ request -> job
     def tierset(self, request: Any) -> TierSet:
@@ -108,6 +112,10 @@ class Server:
                 raise APIError(str(exc), param="messages") from None
             return list(self.tokenizer.encode(text))
         prompt = request.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], list):  # token ids in a batch (lm-evaluation-harness)
+            if len(prompt) != 1:
+                raise APIError(f"this server takes one prompt per request, got {len(prompt)}", param="prompt")
+            prompt = prompt[0]
         if isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
             bad = [p for p in prompt if not 0 <= p < self.config.vocab_size]
             if bad:
@@ -117,15 +125,27 @@ class Server:
             if len(prompt) != 1:
                 raise APIError(f"this server takes one prompt per request, got {len(prompt)}", param="prompt")
             prompt = prompt[0]
-        return list(self.tokenizer.encode(prompt)) if prompt else []
+        return list(self.tokenizer.encode_prompt(prompt)) if prompt else []  # with the BOS transformers' tokenizer(prompt) adds
+
+    def echo_text(self, request: Any, ids: list[int]) -> str:
+        """The prompt's text as a completion with ``echo`` repeats it: as sent, or decoded from its ids."""
+        prompt = request.prompt
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        return prompt if isinstance(prompt, str) else self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def job(self, request: Any, sink) -> tuple[Job, int]:
         ids = self.prompt_ids(request)
         if not ids:
             raise APIError("the prompt is empty; send at least one token of text", param="prompt")
         limit = self.config.max_seq_len
-        if len(ids) >= limit:
+        scoring = request.max_tokens == 0  # echo only (parse_request saw to it): the whole context may be prompt
+        if len(ids) > limit or (len(ids) == limit and not scoring):
             raise APIError(f"the prompt is {len(ids)} tokens but the model's context is {limit}; shorten it", param="prompt")
+        bias = request.bias()
+        bad = [t for t in bias if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise APIError(f"logit_bias names token {bad[0]}, outside the vocabulary (0..{self.config.vocab_size - 1})", param="logit_bias")
         asked = request.max_tokens
         if isinstance(request, ChatRequest) and request.max_completion_tokens is not None:
             asked = request.max_completion_tokens
@@ -137,9 +157,12 @@ class Server:
                 f"max_tokens={asked} plus the prompt's {len(ids)} tokens exceeds the model's context of {limit}; ask for at most {room}",
                 param="max_tokens", code="context_length_exceeded",
             )
+        top = request.top_logprobs_n()
         params = SamplingParams(
             max_tokens=asked, temperature=request.temperature, top_p=request.top_p if request.top_p < 1 else None,
             top_k=request.top_k, seed=request.sampling_seed(), stop=request.stops(), repetition_penalty=request.repetition_penalty,
+            presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty, logit_bias=bias,
+            logprobs=top, prompt_logprobs=bool(getattr(request, "echo", False)) and top is not None,
         )
         return Job(ids, params, self.tierset(request), sink), len(ids)
 
@@ -202,8 +225,12 @@ async def _generate(server: Server, http: Request, kind: type) -> Response:
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise APIError("the request body is not valid JSON") from None
     request = parse_request(kind, body)
+    check_model(request, server.model_name)
     events: EventChannel[Event] = EventChannel(asyncio.get_running_loop())
     job, _ = server.job(request, events.put)  # the engine puts (on this loop), this handler takes
+    echo = server.echo_text(request, job.prompt_ids) if getattr(request, "echo", False) else ""
+    top = job.params.logprobs
+    shown = None if top is None else LogprobFormat(server.token_texts, chat=kind is ChatRequest, top=top, text_start=len(echo))
     try:
         server.engine.submit(job)
     except QueueFullError as exc:
@@ -212,23 +239,27 @@ async def _generate(server: Server, http: Request, kind: type) -> Response:
     except EngineStoppedError as exc:
         raise APIError(str(exc), status=503, type="server_error", code="shutting_down", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
     rid = new_id("chatcmpl" if kind is ChatRequest else "cmpl")
-    name = request.model or server.model_name
+    name = server.model_name
     server.requests.add(path, 200)
     order = [t.name for t in server.config.tiers]
     served_by = {TIER_SET_HEADER: tierset_label(job.tierset.resolve(server.config), order) if order else "all"}
     if request.stream:
         with_usage = bool(request.stream_options and request.stream_options.include_usage)
         renderer = StreamRenderer(rid, name, chat=kind is ChatRequest, with_usage=with_usage)
-        return StreamingResponse(_sse(job, events, renderer), media_type="text/event-stream",
+        return StreamingResponse(_sse(job, events, renderer, echo, shown), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **served_by})
-    response = await _whole(http, job, events, rid, name, kind is ChatRequest)
+    response = await _whole(http, job, events, rid, name, kind is ChatRequest, echo, shown)
     response.headers.update(served_by)
     return response
 
 
-async def _whole(http: Request, job: Job, events: EventChannel[Event], rid: str, name: str, chat: bool) -> Response:
+async def _whole(
+    http: Request, job: Job, events: EventChannel[Event], rid: str, name: str, chat: bool, echo: str, shown: LogprobFormat | None
+) -> Response:
     """Wait for the whole text, watching for the client leaving meanwhile."""
-    pieces: list[str] = []
+    pieces: list[str] = [echo]
+    scored: list[TokenLogprob] = []  # the prompt's (echo with logprobs)
+    sampled: list[TokenLogprob] = []
     checked = time.monotonic()
     try:
         while True:
@@ -242,21 +273,28 @@ async def _whole(http: Request, job: Job, events: EventChannel[Event], rid: str,
                     job.cancel()
                     return Response(status_code=499)
             for event in arrived:
+                scored.extend(event.prompt_logprobs or ())
+                sampled.extend(event.logprobs or ())
                 if event.kind == "text":
                     pieces.append(event.text)
                 elif event.kind == "error":
                     raise APIError(f"generation failed: {event.message}", status=500, type="server_error")
                 else:
                     build = chat_body if chat else completion_body
-                    return JSONResponse(build(rid, name, "".join(pieces), event.finish_reason, event.prompt_tokens, event.completion_tokens))
+                    logprobs = shown.render(sampled, prompt=scored) if shown is not None else None
+                    return JSONResponse(build(rid, name, "".join(pieces), event.finish_reason, event.prompt_tokens, event.completion_tokens,
+                                              logprobs))
     finally:
         job.cancel()  # a no-op once the job is done; stops it when this handler is cancelled
 
 
-async def _sse(job: Job, events: EventChannel[Event], renderer: StreamRenderer) -> AsyncIterator[str]:
-    """Server-sent events: one chunk per text piece, a final chunk with the finish reason, the
-    usage chunk when asked for, then ``data: [DONE]``.  Whatever arrived while the last write was
-    going out is written together (still one event per piece)."""
+async def _sse(
+    job: Job, events: EventChannel[Event], renderer: StreamRenderer, echo: str = "", shown: LogprobFormat | None = None
+) -> AsyncIterator[str]:
+    """Server-sent events: the echoed prompt first (with its logprobs when asked for), one chunk
+    per text piece (with the logprobs of the tokens sampled since the last chunk), a final chunk
+    with the finish reason, the usage chunk when asked for, then ``data: [DONE]``.  Whatever
+    arrived while the last write was going out is written together (still one event per piece)."""
     try:
         opening = renderer.opening()
         if opening:
@@ -264,11 +302,15 @@ async def _sse(job: Job, events: EventChannel[Event], renderer: StreamRenderer) 
         while True:
             out: list[str] = []
             for event in await events.take():
+                if echo and event.kind != "error":
+                    out.append(renderer.text(echo, shown.render((), prompt=event.prompt_logprobs) if shown is not None else None))
+                    echo = ""
                 if event.kind == "text":
-                    out.append(renderer.text(event.text))
+                    out.append(renderer.text(event.text, shown.render(event.logprobs or ()) if shown is not None else None))
                     continue
+                left = shown.render(event.logprobs) if shown is not None and event.logprobs else None
                 out.append(renderer.error(event.message) if event.kind == "error" else
-                           renderer.finish(event.finish_reason, event.prompt_tokens, event.completion_tokens))
+                           renderer.finish(event.finish_reason, event.prompt_tokens, event.completion_tokens, left))
                 yield "".join(out)
                 return
             yield "".join(out)

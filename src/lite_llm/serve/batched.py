@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..model.layers import KVCache, apply_rope, rope_tables
+from ..model.layers import KV_ROOM, KVCache, apply_rope, rope_tables
 from ..model.moe import TieredMoE
 from ..model.rowwise import linear, row_invariant
 
@@ -37,18 +37,21 @@ if TYPE_CHECKING:
     from ..model import LiteLLM
 
 
-def new_row_cache(model: "LiteLLM", max_len: int) -> list[KVCache]:
-    """One sequence's KV cache: a batch-of-one cache of ``max_len`` positions per layer, as
-    ``generate_ids`` allocates it."""
+def new_row_cache(model: "LiteLLM", prompt_len: int, max_len: int) -> list[KVCache]:
+    """One sequence's KV cache: a batch-of-one cache of up to ``max_len`` positions per layer,
+    ``KV_ROOM`` past the prompt at first, as ``generate_ids`` allocates it."""
     cfg = model.config
     dtype, device = model.embed.weight.dtype, model.embed.weight.device
-    return [KVCache(1, cfg.n_kv_heads, max_len, cfg.head_dim, dtype, device) for _ in model.layers]
+    return [KVCache(1, cfg.n_kv_heads, max_len, cfg.head_dim, dtype, device, reserve=prompt_len + KV_ROOM) for _ in model.layers]
 
 
 @torch.no_grad()
-def prefill(model: "LiteLLM", prompt_ids: Sequence[int], cache: list[KVCache], tierset) -> tuple[torch.Tensor, torch.Tensor]:
+def prefill(
+    model: "LiteLLM", prompt_ids: Sequence[int], cache: list[KVCache], tierset, *, every_position: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Run one sequence's prompt through the model into ``cache``: the call ``generate_ids``
-    makes, so its last logits (V,) are bitwise the same.  Returns (logits, tier routes (T,))."""
+    makes, so its last logits (V,) are bitwise the same.  Returns (logits, tier routes (T,));
+    with ``every_position`` the logits of every prompt position (S, V), the last row those."""
     device = model.embed.weight.device
     for block, layer_cache in zip(model.layers, cache):
         block.attn.kv_cache = layer_cache
@@ -58,7 +61,7 @@ def prefill(model: "LiteLLM", prompt_ids: Sequence[int], cache: list[KVCache], t
         for block in model.layers:
             block.attn.kv_cache = None
     routes = sum((r.tier_routes for r in out.routing), torch.zeros(len(model.config.tiers), dtype=torch.long))
-    return out.logits[0, -1], routes
+    return (out.logits[0] if every_position else out.logits[0, -1]), routes
 
 
 @torch.no_grad()

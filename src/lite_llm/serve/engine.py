@@ -27,13 +27,13 @@ import collections
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence
 
 import torch
 
 from ..config import TierSet
 from ..errors import LiteLLMError
-from ..generate import TextStream, apply_repetition_penalty, sample_token
+from ..generate import TextStream, apply_logit_bias, apply_presence_frequency_penalties, apply_repetition_penalty, sample_token
 from .batched import decode_step, new_row_cache, prefill
 
 if TYPE_CHECKING:
@@ -59,11 +59,34 @@ class SamplingParams:
     seed: int = 0
     stop: tuple[str, ...] = ()
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    logprobs: int | None = None  # None: no logprobs; n: each generated token's, with the n likeliest
+    prompt_logprobs: bool = False  # also the prompt's tokens' (with the same n): echo with logprobs
+    # max_tokens == 0 generates nothing: the prompt is scored (prompt_logprobs) or merely echoed
+
+
+class TokenLogprob(NamedTuple):
+    """One token's log-probability under the model's raw logits (before logit bias, penalties,
+    temperature and filters: vLLM's default "raw logprobs"), and the ``top`` likeliest tokens
+    there as (id, logprob), likeliest first.  The first prompt token has none: ``None``."""
+
+    token: int
+    logprob: float | None
+    top: list[tuple[int, float]] | None
 
 
 @dataclass
 class Event:
-    """One thing that happened to a request: text to send, the end, or an error."""
+    """One thing that happened to a request: text to send, the end, or an error.
+
+    With ``SamplingParams.logprobs`` set, each text or done event carries ``logprobs``: the
+    entries of every token sampled since the previous event (a token whose text is held back —
+    a possible stop-string prefix, an unfinished character — rides with the event that sends
+    it; the end-of-sequence token and the tokens of a stop string ride with the next event,
+    the last at the latest).  So the entries of all events together are one per generated
+    token, in order.  The first event carries ``prompt_logprobs`` when asked for."""
 
     kind: str  # "text" | "done" | "error"
     text: str = ""
@@ -71,6 +94,8 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     message: str = ""  # error only
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -92,6 +117,8 @@ class Job:
     last_token: int = 0
     generated: int = 0
     finished: bool = False
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # sampled since the last event
+    prompt_logprobs: list[TokenLogprob] | None = None  # until the first event takes them
 
     def cancel(self) -> None:
         """Ask the engine to drop this request at the next token boundary (thread-safe)."""
@@ -266,9 +293,17 @@ class Engine:
         if self._drop_if_cancelled(job):
             return
         p = job.params
+        if p.max_tokens == 0 and not p.prompt_logprobs:  # an echo: nothing to compute
+            self.stats.requests_admitted += 1
+            self._finish(job, "length")
+            return
+        score = p.prompt_logprobs and p.logprobs is not None
         try:
-            job.cache = new_row_cache(self.model, len(job.prompt_ids) + p.max_tokens)
-            logits, routes = prefill(self.model, job.prompt_ids, job.cache, job.tierset)
+            job.cache = new_row_cache(self.model, len(job.prompt_ids), len(job.prompt_ids) + p.max_tokens)
+            logits, routes = prefill(self.model, job.prompt_ids, job.cache, job.tierset, every_position=score)
+            if score:
+                job.prompt_logprobs = prompt_logprobs(logits, job.prompt_ids, p.logprobs)
+                logits = logits[-1]
         except Exception as exc:  # one bad request must not stop the server
             self._fail(job, exc)
             return
@@ -276,6 +311,9 @@ class Engine:
         self.stats.prefills += 1
         self.stats.prompt_tokens += len(job.prompt_ids)
         self._count_routes(routes)
+        if p.max_tokens == 0:
+            self._finish(job, "length")
+            return
         job.generator = torch.Generator().manual_seed(p.seed)
         job.text = TextStream(self.tokenizer, p.stop)
         job.seen = list(job.prompt_ids)
@@ -303,9 +341,17 @@ class Engine:
     def _take(self, job: Job, logits: torch.Tensor) -> None:
         """Sample ``job``'s next token from its logits (V,) and tell its client what it made."""
         p = job.params
-        try:
+        raw = logits
+        try:  # the order generate_ids applies them in, so both draw bitwise alike
+            logits = apply_logit_bias(logits, p.logit_bias)
             logits = apply_repetition_penalty(logits, job.seen, p.repetition_penalty)
+            if p.presence_penalty or p.frequency_penalty:
+                logits = apply_presence_frequency_penalties(
+                    logits, job.seen[len(job.prompt_ids) :], p.presence_penalty, p.frequency_penalty
+                )
             token = sample_token(logits, p.temperature, p.top_k, p.top_p, job.generator)
+            if p.logprobs is not None:
+                job.logprobs.append(token_logprob(raw, token, p.logprobs))
         except Exception as exc:  # one bad request must not stop the server
             self._fail(job, exc)
             return
@@ -320,7 +366,7 @@ class Engine:
             return
         piece = job.text.push(token)
         if piece:
-            job.sink(Event("text", text=piece))
+            self._send(job, Event("text", text=piece))
         if job.text.stopped:
             self._finish(job, "stop")
         elif job.generated >= p.max_tokens:
@@ -335,13 +381,20 @@ class Engine:
         character), now that no more tokens will come."""
         tail = job.text.finish()
         if tail:
-            job.sink(Event("text", text=tail))
+            self._send(job, Event("text", text=tail))
+
+    def _send(self, job: Job, event: Event) -> None:
+        """Give ``event`` to the client, with the logprobs gathered since the last one."""
+        if job.params.logprobs is not None:
+            event.logprobs, job.logprobs = job.logprobs, []
+            event.prompt_logprobs, job.prompt_logprobs = job.prompt_logprobs, None
+        job.sink(event)
 
     def _finish(self, job: Job, reason: str) -> None:
         job.finished = True
         job.cache = None
         self.stats.requests_finished += 1
-        job.sink(Event("done", finish_reason=reason, prompt_tokens=len(job.prompt_ids), completion_tokens=job.generated))
+        self._send(job, Event("done", finish_reason=reason, prompt_tokens=len(job.prompt_ids), completion_tokens=job.generated))
 
     def _drop_if_cancelled(self, job: Job) -> bool:
         if not job.cancelled.is_set():
@@ -349,7 +402,7 @@ class Engine:
         job.finished = True
         job.cache = None
         self.stats.requests_cancelled += 1
-        job.sink(Event("done", finish_reason="cancelled", prompt_tokens=len(job.prompt_ids), completion_tokens=job.generated))
+        self._send(job, Event("done", finish_reason="cancelled", prompt_tokens=len(job.prompt_ids), completion_tokens=job.generated))
         return True
 
     def _fail(self, job: Job, exc: Exception) -> None:
@@ -361,6 +414,30 @@ class Engine:
     def _count_routes(self, routes: torch.Tensor) -> None:
         for name, n in zip(self.tier_names, routes.tolist()):
             self.stats.tier_routes[name] += int(n)
+
+
+def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """``token``'s log-probability under one position's raw logits (V,), in float32, with the
+    ``top`` likeliest tokens."""
+    lp = logits.float().log_softmax(-1)
+    best = torch.topk(lp, min(top, lp.shape[-1])) if top else None
+    return TokenLogprob(token, float(lp[token]), list(zip(best.indices.tolist(), best.values.tolist())) if best is not None else [])
+
+
+def prompt_logprobs(logits: torch.Tensor, prompt_ids: Sequence[int], top: int) -> list[TokenLogprob]:
+    """Each prompt token's log-probability given the tokens before it, from the prefill's
+    logits at every position (S, V); the first token has none."""
+    lp = logits[:-1].float().log_softmax(-1)
+    ids = torch.tensor(list(prompt_ids[1:]), dtype=torch.long, device=lp.device)
+    chosen = lp.gather(-1, ids[:, None])[:, 0].tolist()
+    if top:
+        best = torch.topk(lp, min(top, lp.shape[-1]))
+        tops = [list(zip(i, v)) for i, v in zip(best.indices.tolist(), best.values.tolist())]
+    else:
+        tops = [[] for _ in chosen]
+    return [TokenLogprob(int(prompt_ids[0]), None, None)] + [
+        TokenLogprob(int(t), c, b) for t, c, b in zip(prompt_ids[1:], chosen, tops)
+    ]
 
 
 def _on_loop_thread(loop: asyncio.AbstractEventLoop) -> bool:

@@ -6,12 +6,21 @@ the context — answers HTTP 400 with OpenAI's error body
 ``{"error": {"message", "type", "param", "code"}}`` (FastAPI would say 422 in its own shape,
 which OpenAI clients do not read).  Lite LLM's own fields sit beside OpenAI's, as vLLM's do:
 ``tier_set``, ``latency_budget_ms``, ``memory_budget``, ``top_k``, ``repetition_penalty``.
-Unknown fields are ignored, as OpenAI's API ignores them.
+
+OpenAI's fields are either implemented — ``model`` (another name than the one served is a
+404, as OpenAI and vLLM answer), ``max_tokens``, ``temperature``, ``top_p``, ``seed``,
+``stop``, ``presence_penalty``, ``frequency_penalty``, ``logit_bias``, ``logprobs`` (and chat's
+``top_logprobs``), ``echo``, ``stream``, ``stream_options`` — or, when one this server does not
+implement is set to anything but its default (``n``, ``best_of``, ``suffix``,
+``response_format``, ``tools``, ``tool_choice``, ``functions``, ``function_call``), answered 400
+naming it: a client is never told 200 for a request it did not get.  Fields OpenAI does not
+define are ignored, as OpenAI's API ignores them.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import secrets
 import time
 import uuid
@@ -20,7 +29,7 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import LiteLLMError
-from ..generate import PENALTY_RANGE
+from ..generate import FREQUENCY_PENALTY_RANGE, LOGIT_BIAS_RANGE, PENALTY_RANGE
 
 
 class APIError(LiteLLMError):
@@ -49,10 +58,15 @@ class _Sampling(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = 1
+    max_tokens: int | None = Field(None, ge=0)  # 0 only with echo (checked in parse_request)
+    # the numbers' ranges are checked in parse_request, so that NaN gets a message that says so
+    temperature: float | None = 1.0
+    top_p: float | None = 1.0
+    presence_penalty: float | None = 0.0
+    frequency_penalty: float | None = 0.0
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias
+    response_format: Any = None  # only {"type": "text"}
+    n: int | None = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: Union[str, list[str], None] = None
@@ -60,7 +74,7 @@ class _Sampling(BaseModel):
     user: str | None = None
     # Lite LLM's own (extra_body in the openai client)
     top_k: int | None = Field(None, ge=1)
-    repetition_penalty: float = Field(1.0, ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1])
+    repetition_penalty: float | None = 1.0
     tier_set: Union[str, list[str], None] = None
     latency_budget_ms: float | None = Field(None, gt=0)
     memory_budget: Union[int, str, None] = None
@@ -74,9 +88,20 @@ class _Sampling(BaseModel):
         """The request's seed, or a fresh random one (OpenAI: no seed, no reproducibility)."""
         return self.seed if self.seed is not None else secrets.randbits(63)
 
+    def bias(self) -> dict[int, float]:
+        """``logit_bias`` with int keys (checked in parse_request; the vocabulary in the app)."""
+        return {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
+
 
 class CompletionRequest(_Sampling):
-    prompt: Union[str, list[str], list[int]]
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    echo: bool | None = False
+    logprobs: int | None = Field(None, ge=0, le=5)  # the likeliest tokens to list at each position
+    best_of: int | None = None  # only 1
+    suffix: str | None = None  # not supported
+
+    def top_logprobs_n(self) -> int | None:
+        return self.logprobs
 
 
 class ContentPart(BaseModel):
@@ -101,6 +126,16 @@ class ChatMessage(BaseModel):
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    # not supported: no function calling
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+
+    def top_logprobs_n(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 def parse_request(model: type[BaseModel], body: Any) -> Any:
@@ -117,13 +152,76 @@ def parse_request(model: type[BaseModel], body: Any) -> Any:
         if first.get("type") == "missing":
             raise APIError(f"the request is missing the required field '{field}'", param=field) from None
         raise APIError(f"field '{loc}' is invalid: {detail}", param=field) from None
-    if request.n != 1:
-        raise APIError(f"this server generates one choice per request; n must be 1, got {request.n}", param="n")
+    _check_numbers(request)
+    _refuse_unsupported(request)
+    if request.max_tokens == 0 and not getattr(request, "echo", False):
+        raise APIError("max_tokens must be at least 1; 0 is allowed only with echo=true (to score the prompt)", param="max_tokens")
+    for key, value in (request.logit_bias or {}).items():
+        if not key.strip().lstrip("-").isdigit():
+            raise APIError(f"logit_bias keys must be token ids written as integers, got {key!r}", param="logit_bias")
+        low, high = LOGIT_BIAS_RANGE
+        if not (math.isfinite(value) and low <= value <= high):
+            raise APIError(f"logit_bias values must be finite numbers between {low:g} and {high:g}, got {value!r} for token {key}", param="logit_bias")
+    if isinstance(request, ChatRequest) and request.top_logprobs and not request.logprobs:
+        raise APIError("top_logprobs needs logprobs=true", param="top_logprobs")
     if request.tier_set is not None and (request.latency_budget_ms is not None or request.memory_budget is not None):
         raise APIError(
             "give either tier_set or latency_budget_ms/memory_budget, not both: the budgets choose the TierSet", param="tier_set"
         )
     return request
+
+
+# field: (default when null, lowest, highest, whether the lowest itself is refused)
+_NUMBERS = {
+    "temperature": (1.0, 0.0, 2.0, False),
+    "top_p": (1.0, 0.0, 1.0, True),
+    "presence_penalty": (0.0, *FREQUENCY_PENALTY_RANGE, False),
+    "frequency_penalty": (0.0, *FREQUENCY_PENALTY_RANGE, False),
+    "repetition_penalty": (1.0, *PENALTY_RANGE, False),
+}
+
+
+def _check_numbers(request: _Sampling) -> None:
+    """Null means the default; anything else must be finite and in range (NaN compares false
+    with everything, so pydantic's bounds would call it too large)."""
+    for name, (default, low, high, open_low) in _NUMBERS.items():
+        value = getattr(request, name)
+        if value is None:
+            setattr(request, name, default)
+            continue
+        if math.isfinite(value) and (low < value if open_low else low <= value) and value <= high:
+            continue
+        between = f"greater than {low:g} and at most {high:g}" if open_low else f"between {low:g} and {high:g}"
+        raise APIError(f"{name} must be a finite number {between}, got {value!r}", param=name)
+
+
+def _refuse_unsupported(request: _Sampling) -> None:
+    """A 400 naming the first OpenAI field that asks for something this server does not do."""
+    if request.n not in (None, 1):
+        raise APIError(f"this server generates one choice per request; n must be 1, got {request.n}", param="n")
+    if getattr(request, "best_of", None) not in (None, 1):
+        raise APIError(f"this server generates one sequence per request; best_of must be 1, got {request.best_of}", param="best_of")
+    if getattr(request, "suffix", None):
+        raise APIError("suffix is not supported: this server only continues a prompt, it does not fill in before a suffix", param="suffix")
+    rf = request.response_format
+    if rf is not None and not (isinstance(rf, dict) and rf.get("type") == "text"):
+        raise APIError('response_format is not supported: this server does not constrain its output; only {"type": "text"} is accepted',
+                       param="response_format")
+    for name in ("tools", "functions"):
+        if getattr(request, name, None):
+            raise APIError(f"{name} are not supported: this server does not call functions", param=name)
+    for name in ("tool_choice", "function_call"):
+        if getattr(request, name, None) not in (None, "none"):
+            raise APIError(f"{name} is not supported: this server does not call functions", param=name)
+
+
+def check_model(request: _Sampling, served: str) -> None:
+    """A 404 when ``model`` names another model than the one served (a missing one is fine)."""
+    if request.model is not None and request.model != served:
+        raise APIError(
+            f"The model `{request.model}` does not exist; this server serves `{served}` (GET /v1/models)",
+            status=404, param="model", code="model_not_found",
+        )
 
 
 # ------------------------------------------------------------------------------ responses
@@ -135,36 +233,44 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion_body(rid: str, model: str, text: str, finish_reason: str | None, prompt_tokens: int, completion_tokens: int) -> dict:
+def completion_body(
+    rid: str, model: str, text: str, finish_reason: str | None, prompt_tokens: int, completion_tokens: int, logprobs: dict | None = None
+) -> dict:
     return {
         "id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+        "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
         "usage": usage(prompt_tokens, completion_tokens),
     }
 
 
-def completion_chunk(rid: str, model: str, text: str, finish_reason: str | None, with_usage: bool, created: int) -> dict:
+def completion_chunk(
+    rid: str, model: str, text: str, finish_reason: str | None, with_usage: bool, created: int, logprobs: dict | None = None
+) -> dict:
     chunk = {
         "id": rid, "object": "text_completion", "created": created, "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+        "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
     }
     if with_usage:
         chunk["usage"] = None
     return chunk
 
 
-def chat_body(rid: str, model: str, text: str, finish_reason: str | None, prompt_tokens: int, completion_tokens: int) -> dict:
+def chat_body(
+    rid: str, model: str, text: str, finish_reason: str | None, prompt_tokens: int, completion_tokens: int, logprobs: dict | None = None
+) -> dict:
     return {
         "id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish_reason}],
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs, "finish_reason": finish_reason}],
         "usage": usage(prompt_tokens, completion_tokens),
     }
 
 
-def chat_chunk(rid: str, model: str, delta: dict, finish_reason: str | None, with_usage: bool, created: int) -> dict:
+def chat_chunk(
+    rid: str, model: str, delta: dict, finish_reason: str | None, with_usage: bool, created: int, logprobs: dict | None = None
+) -> dict:
     chunk = {
         "id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
     }
     if with_usage:
         chunk["usage"] = None
@@ -184,7 +290,8 @@ class StreamRenderer:
 
     Every chunk of a stream shares its id, ``created`` time and model, so a text chunk is
     rendered once with a placeholder and each piece of text is spliced in (one ``json.dumps``
-    of a string per token rather than of a whole nested dict)."""
+    of a string per token rather than of a whole nested dict).  A chunk that carries logprobs
+    is rendered whole."""
 
     def __init__(self, rid: str, model: str, *, chat: bool, with_usage: bool) -> None:
         self.rid, self.model, self.chat, self.with_usage = rid, model, chat, with_usage
@@ -193,22 +300,25 @@ class StreamRenderer:
         rendered = json.dumps(self._chunk(_TEXT_SLOT, None), ensure_ascii=False)
         self._before, self._after = rendered.split(json.dumps(_TEXT_SLOT, ensure_ascii=False))
 
-    def _chunk(self, text: str, finish_reason: str | None, *, role: bool = False) -> dict:
+    def _chunk(self, text: str, finish_reason: str | None, *, role: bool = False, logprobs: dict | None = None) -> dict:
         if not self.chat:
-            return completion_chunk(self.rid, self.model, text, finish_reason, self.with_usage, self.created)
+            return completion_chunk(self.rid, self.model, text, finish_reason, self.with_usage, self.created, logprobs)
         delta = {"role": "assistant", "content": text} if role else ({"content": text} if finish_reason is None else {})
-        return chat_chunk(self.rid, self.model, delta, finish_reason, self.with_usage, self.created)
+        return chat_chunk(self.rid, self.model, delta, finish_reason, self.with_usage, self.created, logprobs)
 
     def opening(self) -> str:
         """Chat streams start with the assistant's role and empty content, as OpenAI's do."""
         return sse(self._chunk("", None, role=True)) if self.chat else ""
 
-    def text(self, piece: str) -> str:
+    def text(self, piece: str, logprobs: dict | None = None) -> str:
+        if logprobs is not None:
+            return sse(self._chunk(piece, None, logprobs=logprobs))
         return f"data: {self._before}{json.dumps(piece, ensure_ascii=False)}{self._after}\n\n"
 
-    def finish(self, reason: str | None, prompt_tokens: int, completion_tokens: int) -> str:
-        """The chunk with the finish reason, the usage chunk when asked for, and ``[DONE]``."""
-        out = sse(self._chunk("", reason))
+    def finish(self, reason: str | None, prompt_tokens: int, completion_tokens: int, logprobs: dict | None = None) -> str:
+        """The chunk with the finish reason (and the logprobs of tokens no text chunk carried),
+        the usage chunk when asked for, and ``[DONE]``."""
+        out = sse(self._chunk("", reason, logprobs=logprobs))
         if self.with_usage:
             out += sse(usage_chunk(self.rid, self.model, self.object, prompt_tokens, completion_tokens, self.created))
         return out + SSE_DONE
