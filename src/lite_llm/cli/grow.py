@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Optional
 
@@ -230,11 +231,15 @@ def plan(
     from ..config import format_size, parse_size
     from ..grow.planner import STRATEGIES, PlanError, plan_growth
 
-    source = _config_of(from_)
+    if not math.isfinite(tokens_per_param) or tokens_per_param <= 0:  # else the FLOPs shown are negative or nan
+        raise ConfigError(f"--tokens-per-param must be a positive number (tokens of continued training per added parameter), got {tokens_per_param}")
+    if write_recipe is not None and (write_recipe.is_dir() or not write_recipe.parent.is_dir()):
+        raise ConfigError(f"--write-recipe {write_recipe} is a directory or in a folder that does not exist; give a file name such as grow.yaml")
+    source = _config_of(from_, "--from")
     try:
         target = parse_size(to)
     except ConfigError:
-        target = _config_of(Path(to)).num_params()
+        target = _config_of(Path(to), "--to", "a size (e.g. 350M, 7B), ").num_params()
     strategies = list(STRATEGIES) if strategy == "all" else [strategy]
     if write_recipe and len(strategies) != 1:
         raise ConfigError("--write-recipe needs one --strategy")
@@ -260,19 +265,27 @@ def plan(
         if write_recipe:
             import yaml
 
-            write_recipe.write_text(yaml.safe_dump(p.recipe(), sort_keys=False))
+            from ..checkpoint.atomic import replace_file
+
+            replace_file(write_recipe, yaml.safe_dump(p.recipe(), sort_keys=False).encode("utf-8"))
             console.print(f"wrote {write_recipe}")
 
 
-def _config_of(spec: Path):
-    """A model config from a checkpoint directory, a config file or a preset name."""
+def _config_of(spec: Path, option: str | None = None, also: str = ""):
+    """A model config from a checkpoint directory, a config file or a preset name; with
+    ``option``, a name that is none of these is refused as what it is (``unknown preset``
+    alone misleads whoever meant a path or, with ``also``, a size)."""
     from ..checkpoint import read_manifest
-    from ..config import ModelConfig
+    from ..config import PRESETS, ModelConfig
 
     if spec.is_dir():
         return ModelConfig.from_dict(read_manifest(spec)["model_config"], allow_unknown=True)
     if spec.is_file():
         return ModelConfig.from_file(spec)
+    if option is not None and str(spec) not in PRESETS:
+        raise ConfigError(
+            f"{option} {str(spec)!r} is not {also}a checkpoint directory, a config file or a preset ({', '.join(sorted(PRESETS))}); check the spelling or the path"
+        )
     return ModelConfig.from_preset(str(spec))
 
 

@@ -33,6 +33,8 @@ def read_yaml(text: str, path: str | Path) -> Any:
 def read_config_file(path: str | Path, what: str) -> dict[str, Any]:
     """The mapping in ``path`` (``.json``, else YAML), or one sentence naming the file."""
     path = Path(path)
+    if path.is_dir():  # "does not exist" would send the user looking for a path that is there
+        raise ConfigError(f"{what} {path} is a directory; give the path of the {what} file (YAML or JSON) instead")
     if not path.is_file():
         raise ConfigError(f"{what} {path} does not exist; check the path")
     try:

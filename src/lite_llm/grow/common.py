@@ -8,11 +8,17 @@ same numbers as an in-memory one, in any process.
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import zlib
+from collections.abc import Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from ..config import ModelConfig
+from ..config import ModelConfig, format_size
 from ..errors import ConfigError
 
 
@@ -67,3 +73,65 @@ def refuse_quantized(config: ModelConfig, what: str) -> None:
         raise ConfigError(
             f"cannot {what} a checkpoint whose tier(s) {', '.join(quantized)} are quantized; {what} the unquantized checkpoint, then quantize the result"
         )
+
+
+@dataclass(frozen=True)
+class Room:
+    """The free bytes where a growth writes, and the dtype it writes in."""
+
+    free: int
+    where: Path
+    dtype: torch.dtype
+
+    def check(self, params: int, what: str) -> None:
+        from ..store.sizes import format_bytes
+
+        need = params * torch.empty((), dtype=self.dtype).element_size()
+        if need > self.free:
+            dtype = str(self.dtype).removeprefix("torch.")
+            raise ConfigError(
+                f"{what} would make a model of {format_size(params)} parameters ({format_bytes(need)} in {dtype}), more than the "
+                f"{format_bytes(self.free)} free at {self.where}; grow less, or write the output to a disk with room"
+            )
+
+
+_ROOM: ContextVar[Room | None] = ContextVar("growth_room", default=None)
+
+
+@contextlib.contextmanager
+def room_at(output: Path, dtype: torch.dtype) -> Iterator[None]:
+    """While inside, :func:`check_room` refuses a growth whose output could not fit on the disk
+    under ``output``: a size that needs terabytes is refused in one sentence before anything
+    is built, instead of filling the memory (or the disk) and failing there."""
+    where = Path(output).absolute()
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    token = _ROOM.set(Room(shutil.disk_usage(where).free, where, dtype))
+    try:
+        yield
+    finally:
+        _ROOM.reset(token)
+
+
+def check_room(config: ModelConfig | int, n_layers: int | None = None, what: str = "this growth") -> None:
+    """Refuse a grown model too large for the output's disk (see :func:`room_at`; no check
+    outside it).  ``config`` is the grown model's config or parameter count; with
+    ``n_layers``, the count of ``config`` deepened to that many layers, each at least as large
+    as its smallest block (cheap at any depth, where a plan of that many blocks is not)."""
+    room = _ROOM.get()
+    if room is None:
+        return
+    if isinstance(config, int):
+        params = config
+    elif n_layers is None:
+        params = config.num_params()
+    else:
+        d = config.d_model
+        outside = config.vocab_size * d * (1 if config.tie_embeddings else 2) + d  # embeddings, head, final norm
+        block = 2 * d + config.attention_params()
+        n_moe = len(config.moe_layer_indices)
+        kinds = ([block + config.dense_ffn_params()] if n_moe < config.n_layers else []) + (
+            [block + sum(config.tier_params(t, per_layer=True) for t in config.tiers)] if n_moe else []
+        )
+        params = outside + n_layers * min(kinds)
+    room.check(params, what)

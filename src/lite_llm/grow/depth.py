@@ -12,10 +12,12 @@ identity in a pre-norm residual stack, as LLaMA-Pro does) — applied by :func:`
 
 from __future__ import annotations
 
+import math
 import re
 
-from ..config import ModelConfig
+from ..config import ModelConfig, is_int
 from ..errors import ConfigError
+from .common import check_room
 from .registry import register
 from .tensors import LazyTensors, Tensors, Zeros, layer_prefix, ref
 
@@ -83,6 +85,14 @@ def most_important(importance: list[float], count: int) -> list[int]:
     return sorted([i for i in range(n) for _ in range(full)] + order[:rest])
 
 
+def _check_importance(importance: object, n: int) -> None:
+    """One finite score per layer (a string or a bool would be ranked by Python's rules, or fail there)."""
+    if not isinstance(importance, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in importance):
+        raise ConfigError(f"importance must be a list of {n} numbers (one score per layer) or 'measured', got {importance!r}")
+    if len(importance) != n:
+        raise ConfigError(f"importance has {len(importance)} scores but the model has {n} layers")
+
+
 def _target(config: ModelConfig, target_layers: int | None, what: str) -> int:
     if target_layers is None:
         raise ConfigError(f"{what} needs target_layers (the number of layers after growth)")
@@ -110,14 +120,19 @@ def llama_pro(
     n = config.n_layers
     if positions is None:
         new_blocks = _target(config, target_layers, "llama_pro") - n
+        check_room(config, n + new_blocks, f"llama_pro to {n + new_blocks} layers")
         if importance is not None:
-            if len(importance) != n:
-                raise ConfigError(f"importance has {len(importance)} scores but the model has {n} layers")
+            _check_importance(importance, n)
             positions = most_important(list(importance), new_blocks)
         else:
             positions = uniform_positions(n, new_blocks)
     else:
-        positions = [int(p) for p in positions]
+        # A list of block indices, each an int: int() would read 0.5 as 0 and "1" as 1 and
+        # record what was not done; an empty list would write a copy and call it a growth.
+        if not isinstance(positions, list) or not positions or not all(is_int(p) for p in positions):
+            raise ConfigError(
+                f"positions must be a non-empty list of layer indices (integers 0..{n - 1}) to insert an identity block after, got {positions!r}"
+            )
         if target_layers is not None and target_layers != n + len(positions):
             raise ConfigError(f"target_layers={target_layers} does not match {n} layers plus {len(positions)} positions")
     bad = sorted({p for p in positions if not 0 <= p < n})
@@ -140,13 +155,20 @@ def solar(
     and recorded).  Give ``drop`` (m) or ``target_layers``.
     """
     n = config.n_layers
+    # drop m gives 2(n - m) layers, no fewer than n while m <= n/2: a larger drop would shrink
+    # the model and still be recorded as a growth.  (m = n/2 keeps the depth: a copy.)
+    most = 2 * (n - 1)
     if drop is None:
         target = _target(config, target_layers, "solar (or drop)")
-        if (2 * n - target) % 2:
+        if target % 2:
             raise ConfigError(f"solar makes an even number of layers 2*(n - drop); {target} is odd")
+        if target > most:
+            raise ConfigError(f"solar reaches at most {most} layers from {n} (drop 1); target_layers={target} needs stack or llama_pro")
         drop = (2 * n - target) // 2
-    if not isinstance(drop, int) or not 0 < drop < n:
-        raise ConfigError(f"solar's drop must be between 1 and {n - 1} for a {n}-layer model, got {drop!r}")
+    elif target_layers is not None and (not is_int(drop) or target_layers != 2 * (n - drop)):
+        raise ConfigError(f"solar's drop={drop!r} makes 2*(n - drop) layers, not target_layers={target_layers!r}; give one of them")
+    if not is_int(drop) or not 1 <= drop <= n // 2:
+        raise ConfigError(f"solar's drop must be between 1 and {n // 2} for a {n}-layer model (a larger one leaves fewer than {n} layers), got {drop!r}")
     plan = [(i, False) for i in range(n - drop)] + [(i, False) for i in range(drop, n)]
     return apply_layer_plan(config, tensors, plan)
 
@@ -156,6 +178,7 @@ def stack(config: ModelConfig, tensors: Tensors, *, times: int = 2) -> tuple[Mod
     """The whole stack repeated ``times`` times (progressive stacking).  Not exact."""
     if not isinstance(times, int) or times < 2:
         raise ConfigError(f"stack's times must be an integer >= 2, got {times!r}")
+    check_room(config, config.n_layers * times, f"stack times {times}")
     plan = [(i, False) for _ in range(times) for i in range(config.n_layers)]
     return apply_layer_plan(config, tensors, plan)
 
@@ -168,5 +191,6 @@ def interpolate(config: ModelConfig, tensors: Tensors, *, times: int = 2, identi
     """
     if not isinstance(times, int) or times < 2:
         raise ConfigError(f"interpolate's times must be an integer >= 2, got {times!r}")
+    check_room(config, config.n_layers * times, f"interpolate times {times}")
     plan = [(i, identity and c > 0) for i in range(config.n_layers) for c in range(times)]
     return apply_layer_plan(config, tensors, plan)

@@ -43,7 +43,7 @@ from ..runtime.cpu_memory import release_freed_memory
 from .importance import layer_importance
 from .recipe import VALIDATE_MODES, GrowthStep
 from .carry import CarriedEWC, carry_ewc
-from .common import refuse_quantized
+from .common import check_room, refuse_quantized, room_at
 from .registry import GrowthOp, get_op
 from .tensors import LazyTensors, Tensors, expected_specs, row_chunks
 from .streaming_validate import Beside
@@ -176,13 +176,20 @@ def _expand(
     # importance on it, else in the check beside the writer, and only if a step is evaluated
     # (a proof needs none): loading SmolLM2's tokenizer takes 0.1 s of a 0.9 s growth.
     ids = _sample(src, check_tokens) if _measures_importance(steps) else None
-    for step in steps:
-        op = get_op(step.method)
-        params = _resolve_params(step, config, tensors, ids)
-        new_config, new_tensors = op(config, tensors, **params)
-        chain.append((op, params))
-        planned.append((step, op, params, config, tensors, new_config, new_tensors))
-        config, tensors = new_config, new_tensors
+    with room_at(out, dtype):  # a size the output's disk cannot hold is refused before it is built
+        for i, step in enumerate(steps, 1):
+            op = get_op(step.method)
+            try:
+                params = _resolve_params(step, config, tensors, ids)
+                new_config, new_tensors = op(config, tensors, **params)
+                check_room(new_config, what=step.describe())
+            except ConfigError as exc:  # in a recipe, say which step (the model it grows is not the source's)
+                if len(steps) == 1:
+                    raise
+                raise ConfigError(f"step {i} ({step.method}): {exc}") from None
+            chain.append((op, params))
+            planned.append((step, op, params, config, tensors, new_config, new_tensors))
+            config, tensors = new_config, new_tensors
 
     beside = _Beside()
 

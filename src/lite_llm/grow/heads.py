@@ -28,6 +28,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import ConfigError
+from .common import check_room
 from .registry import register
 from .tensors import LazyTensors, Producer, Tensors, ref
 from .width import check_split, copy_ranks, lazy_in_order, split_shares, work_dtype
@@ -117,6 +118,9 @@ def head_plan(config: ModelConfig, n_heads: int, method: str, split: float) -> H
     if not isinstance(n_heads, int) or isinstance(n_heads, bool) or n_heads <= config.n_heads:
         raise ConfigError(f"n_heads must be an integer larger than the current {config.n_heads} (heads growth only adds heads), got {n_heads!r}")
     check_split(split)
+    if n_heads % (config.n_kv_heads if method == "gqa" else config.kv_groups) == 0:  # else the plan says why it cannot be
+        kv = config.n_kv_heads if method == "gqa" else n_heads // config.kv_groups
+        check_room(config.replace(n_heads=n_heads, n_kv_heads=kv), what=f"heads growth to n_heads={n_heads}")  # before a plan of that many heads
     plan = gqa_plan(config, n_heads, split) if method == "gqa" else group_copy_plan(config, n_heads, method, split)
     plan.check_groups(config.kv_groups)
     return plan

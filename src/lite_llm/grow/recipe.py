@@ -92,7 +92,8 @@ def parse_step(raw: Any, where: str) -> GrowthStep:
         op = get_op(str(raw["method"]))
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
-    unknown = sorted(set(params) - set(op.parameters()))
-    if unknown:
-        raise ConfigError(f"{where}: growth method {op.name!r} has no parameter {unknown[0]!r}; its parameters are {', '.join(op.parameters())}")
+    try:
+        op.check_params(params)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
     return GrowthStep(op.name, params, tolerance)

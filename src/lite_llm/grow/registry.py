@@ -31,13 +31,28 @@ class GrowthOp:
         sig = inspect.signature(self.fn)
         return [p.name for p in sig.parameters.values() if p.kind == p.KEYWORD_ONLY]
 
-    def __call__(self, config: ModelConfig, tensors: Tensors, **params: Any) -> tuple[ModelConfig, Tensors]:
+    def required(self) -> list[str]:
+        """The parameters without a default: a step that leaves one out cannot run."""
+        sig = inspect.signature(self.fn)
+        return [p.name for p in sig.parameters.values() if p.kind == p.KEYWORD_ONLY and p.default is p.empty]
+
+    def check_params(self, params: dict[str, Any]) -> None:
+        """Refuse an unknown or a missing parameter in one sentence (calling the function
+        would end in Python's TypeError instead)."""
         known = self.parameters()
         unknown = sorted(set(params) - set(known))
         if unknown:
             raise ConfigError(
                 f"growth method {self.name!r} has no parameter {unknown[0]!r}; its parameters are {', '.join(known) or 'none'}"
             )
+        missing = [name for name in self.required() if name not in params]
+        if missing:
+            raise ConfigError(
+                f"growth method {self.name!r} needs {', '.join(missing)}; give each as --set NAME=VALUE, or as NAME: VALUE in the recipe step"
+            )
+
+    def __call__(self, config: ModelConfig, tensors: Tensors, **params: Any) -> tuple[ModelConfig, Tensors]:
+        self.check_params(params)
         return self.fn(config, tensors, **params)
 
 

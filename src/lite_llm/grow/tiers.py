@@ -49,7 +49,7 @@ from ..config import ModelConfig, TierConfig
 from ..errors import ConfigError
 from .carry import extend_ewc
 from .expand import GrowthError, carried_ewc_dirs, materialize
-from .common import refuse_quantized, bank_prefix, check_choice, check_noise, check_positive_int, perturb, router_prefix, seeded_normal
+from .common import refuse_quantized, bank_prefix, check_room, room_at, check_choice, check_noise, check_positive_int, perturb, router_prefix, seeded_normal
 from .moe import UNROUTABLE_LIMIT
 from .registry import get_op, register
 from .tensors import LazyTensors, Producer, Tensors, expected_specs, ref, stored_names
@@ -447,7 +447,9 @@ def add_tier_checkpoint(
     src = open_checkpoint(source, verify=False)
     check_new_output(out, src.path)  # before any work
     refuse_quantized(src.config, "add a tier to")
-    config, tensors = get_op("add_tier")(src.config, src.tensors, **params)
+    with room_at(out, src.dtype):  # a tier the output's disk cannot hold is refused before it is built
+        config, tensors = get_op("add_tier")(src.config, src.tensors, **params)
+        check_room(config, what=f"adding the tier {params.get('tier')!r}")
     return derive(
         src.path,
         out,

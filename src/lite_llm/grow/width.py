@@ -47,6 +47,7 @@ import torch
 from ..config import ModelConfig, format_size
 from ..errors import ConfigError
 from ..model.router import seeded_hash
+from .common import check_room
 from .registry import register
 from .tensors import LazyTensors, Producer, RowWise, Tensors, ref
 
@@ -290,12 +291,14 @@ def hidden(
     if d_model % d == 0 and mode != "pad":
         k = d_model // d
         new_config = replace_within_budgets(config, what, d_model=d_model)
+        check_room(new_config, what=what)  # before k reader shares per tensor are computed
         final_scale = 1.0 / k if config.tie_embeddings else 1.0
         for name in tensors:
             role, axis = residual_role(name)
             producers[name] = _tiled_producer(tensors, name, role, axis, k, final_scale, split, noise_std, seed)
     else:
         new_config = replace_within_budgets(config, what, d_model=d_model, norm_eps=config.norm_eps * d / d_model)
+        check_room(new_config, what=what)
         for name in tensors:
             role, axis = residual_role(name)
             producers[name] = _padded_producer(tensors, name, role, axis, d_model, config.init_std, noise_std, seed)
@@ -477,6 +480,7 @@ def ffn(
     if intermediate_size is not None:
         changes["intermediate_size"] = intermediate_size
     new_config = replace_within_budgets(config, "ffn_width growth", **changes)
+    check_room(new_config, what="ffn_width growth")
 
     producers = {name: _ffn_producer(tensors, name, dense, experts, seed) for name in tensors}
     return new_config, lazy_in_order(producers)
