@@ -214,3 +214,12 @@ def test_a_recipe_path_that_is_a_directory_is_not_called_missing(dense, tmp_path
     (tmp_path / "recipes").mkdir()
     text = _refused(["expand", str(dense), "--recipe", str(tmp_path / "recipes"), "-o", str(out)], dense, out, "is a directory; give the path of the recipe file")
     assert "does not exist" not in text
+
+
+@pytest.mark.parametrize("seed", ["abc", "1.5", "-1"])
+def test_a_seed_that_is_not_a_whole_number_is_refused(seed, dense, tmp_path):
+    """``seed=abc`` said ``invalid literal for int()``; ``seed=1.5`` grew with seed 1 and
+    recorded 1.5; ``seed=-1`` was taken."""
+    out = tmp_path / "g"
+    _refused(["expand", str(dense), "--method", "width", "--set", "d_model=128", "--set", f"seed={seed}", "-o", str(out)],
+             dense, out, "seed must be a whole number from 0 to 2**63-1")

@@ -6,7 +6,7 @@ import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..config import ModelConfig
+from ..config import ModelConfig, is_int
 from ..errors import ConfigError
 from .tensors import Tensors
 
@@ -50,6 +50,9 @@ class GrowthOp:
             raise ConfigError(
                 f"growth method {self.name!r} needs {', '.join(missing)}; give each as --set NAME=VALUE, or as NAME: VALUE in the recipe step"
             )
+        seed = params.get("seed", 0)  # every op's seed keys its draws; int() would read 1.5 as 1 and record 1.5
+        if not (is_int(seed) and 0 <= seed < 2**63):
+            raise ConfigError(f"growth method {self.name!r}: seed must be a whole number from 0 to 2**63-1, got {seed!r}")
 
     def __call__(self, config: ModelConfig, tensors: Tensors, **params: Any) -> tuple[ModelConfig, Tensors]:
         self.check_params(params)
