@@ -107,10 +107,12 @@ def test_solar_refuses_what_it_cannot_grow_to(given, said, five_layers, tmp_path
     assert "got -" not in text
 
 
-def test_solar_past_its_reach_on_two_layers_says_its_reach(dense, tmp_path):
-    """``--target-layers 4`` on 2 layers said "drop must be between 1 and 1 ..., got 0"."""
+@pytest.mark.parametrize("given", [["--target-layers", "4"], ["--set", "drop=1"]])
+def test_solar_on_two_layers_says_it_cannot_deepen_them(given, dense, tmp_path):
+    """``--target-layers 4`` on 2 layers said "drop must be between 1 and 1 ..., got 0";
+    ``drop=1`` (n/2) gave the two blocks back as they were and recorded a solar growth."""
     out = tmp_path / "g"
-    text = _refused(["expand", str(dense), "--method", "solar", "--target-layers", "4", "-o", str(out)], dense, out, "solar reaches at most 2 layers from 2 (drop 1)")
+    text = _refused(["expand", str(dense), "--method", "solar", *given, "-o", str(out)], dense, out, "solar cannot deepen a 2-layer model")
     assert "got 0" not in text
 
 

@@ -44,7 +44,11 @@ def _reference(model: LiteLLM, ids: torch.Tensor) -> tuple[torch.Tensor, float]:
     return logits, float(loss)
 
 
-CASES = [(shape, method) for shape in sorted({**dense_shapes(), **moe_shapes()}) for method in GROWTHS if not (method == "upcycle" and shape in moe_shapes())]
+SHAPES = {**dense_shapes(), **moe_shapes()}
+CASES = [
+    (shape, method) for shape in sorted(SHAPES) for method in GROWTHS
+    if not (method == "upcycle" and shape in moe_shapes()) and not (method == "solar" and SHAPES[shape].n_layers < 3)  # solar cannot deepen 2 layers
+]
 
 
 @pytest.mark.parametrize("shape, method", CASES)

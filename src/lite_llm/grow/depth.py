@@ -155,9 +155,11 @@ def solar(
     and recorded).  Give ``drop`` (m) or ``target_layers``.
     """
     n = config.n_layers
-    # drop m gives 2(n - m) layers, no fewer than n while m <= n/2: a larger drop would shrink
-    # the model and still be recorded as a growth.  (m = n/2 keeps the depth: a copy.)
+    # drop m gives 2(n - m) layers, more than n only while m < n/2: m = n/2 gives back the
+    # original block for block (a copy), a larger m shrinks it — either recorded as a growth.
     most = 2 * (n - 1)
+    if n < 3:
+        raise ConfigError(f"solar cannot deepen a {n}-layer model (2*(n - drop) layers is at most {n}); use llama_pro or stack")
     if drop is None:
         target = _target(config, target_layers, "solar (or drop)")
         if target % 2:
@@ -167,8 +169,10 @@ def solar(
         drop = (2 * n - target) // 2
     elif target_layers is not None and (not is_int(drop) or target_layers != 2 * (n - drop)):
         raise ConfigError(f"solar's drop={drop!r} makes 2*(n - drop) layers, not target_layers={target_layers!r}; give one of them")
-    if not is_int(drop) or not 1 <= drop <= n // 2:
-        raise ConfigError(f"solar's drop must be between 1 and {n // 2} for a {n}-layer model (a larger one leaves fewer than {n} layers), got {drop!r}")
+    if not is_int(drop) or not 1 <= drop <= (n - 1) // 2:
+        raise ConfigError(
+            f"solar's drop must be between 1 and {(n - 1) // 2} for a {n}-layer model (a larger one leaves {n} layers or fewer), got {drop!r}"
+        )
     plan = [(i, False) for i in range(n - drop)] + [(i, False) for i in range(drop, n)]
     return apply_layer_plan(config, tensors, plan)
 
