@@ -11,7 +11,7 @@ from rich.table import Table
 from ..errors import LiteLLMError
 from .app import THREADS_HELP, app, apply_threads, console, device_option, err_console, friendly_errors, print_scores, check_report_path, write_report
 from .store_options import (
-    cache_policy_option, hot_budget_option, load_for_inference, prefetch_option, print_store_stats, stats_option, warm_budget_option,
+    cache_policy_option, checkpoint_location, hot_budget_option, load_for_inference, prefetch_option, print_store_stats, stats_option, warm_budget_option,
 )
 
 
@@ -19,21 +19,21 @@ from .store_options import (
 @app.command("eval")
 @friendly_errors
 def eval_command(
-    checkpoints: list[Path] = typer.Argument(..., help="Checkpoint directories (one or more)."),
+    checkpoints: list[str] = typer.Argument(..., help="Checkpoint directories (one or more; with --hot-budget also URLs: file://, https://, s3://)."),
     data: Path = typer.Option(..., help="Dataset directory from `lite-llm data prepare`."),
     domains: Optional[str] = typer.Option(None, help="Comma-separated domains (default: all)."),
-    against: Optional[Path] = typer.Option(None, "--against", help="Base checkpoint: report each model's change against it (retention)."),
+    against: Optional[str] = typer.Option(None, "--against", help="Base checkpoint: report each model's change against it (retention)."),
     report: Path = typer.Option(Path("retention"), "--report", help="With --against: where retention.json/.md/.png go."),
     tiers: str = typer.Option("all", help="TierSet to evaluate with."),
     batches: int = typer.Option(16, help="Validation batches per domain.", min=1),
     batch_size: int = typer.Option(16, help="Sequences per batch.", min=1),
-    seq_len: int = typer.Option(128, help="Tokens per sequence.", min=1),
+    seq_len: int = typer.Option(128, help="Tokens per sequence (at least 2: one token predicted from another).", min=2),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the scores here."),
     device: str = device_option(),
     threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
     hot_budget: Optional[str] = hot_budget_option(),
     warm_budget: Optional[str] = warm_budget_option(),
-    cache_policy: str = cache_policy_option(),
+    cache_policy: Optional[str] = cache_policy_option(),
     prefetch: bool = prefetch_option(),
     stats: bool = stats_option(),
 ) -> None:
@@ -51,21 +51,33 @@ def eval_command(
     """
     from ..data import TokenData
     from ..eval import RetentionReport, evaluate
+    from ..eval.compat import check_data_tokenizer
     from ..runtime.device import resolve_device
 
     run_device = resolve_device(device)
     check_report_path(json_out)
+    if against is not None and Path(report).exists() and not Path(report).is_dir():
+        raise LiteLLMError(f"--report {report} is a file; give a folder for retention.json, .md and .png (it is created if missing)")
+    locations = [checkpoint_location(c) for c in ([against, *checkpoints] if against is not None else checkpoints)]
+    labels = _labels(locations)
 
     apply_threads(threads)
     dataset = TokenData(data)
-    names = [d.strip() for d in domains.split(",")] if domains else dataset.domains
+    names = list(dict.fromkeys(d.strip() for d in domains.split(",") if d.strip())) if domains is not None else dataset.domains
+    if not names:
+        raise LiteLLMError(f"--domains {domains!r} names no domain; give a comma-separated list such as {','.join(dataset.domains)}, or leave it out for all")
     unknown = [d for d in names if d not in dataset.domains]
     if unknown:
         raise LiteLLMError(f"unknown domain(s) {', '.join(unknown)}; the data has {', '.join(dataset.domains)}")
-    labels = _labels([against, *checkpoints] if against is not None else checkpoints)
     results: dict[str, dict[str, dict[str, float]]] = {}
     for label, path in labels.items():
-        loaded = load_for_inference(path, tiers=tiers, device=run_device, hot_budget=hot_budget, warm_budget=warm_budget, policy=cache_policy, prefetch=prefetch)
+        loaded = load_for_inference(
+            path, tiers=tiers, device=run_device, hot_budget=hot_budget, warm_budget=warm_budget, policy=cache_policy, prefetch=prefetch, stats=stats
+        )
+        config = loaded.model.config
+        check_data_tokenizer(dataset.tokenizer, data, loaded.tokenizer, config.vocab_size, path)
+        if seq_len > config.max_seq_len:
+            raise LiteLLMError(f"--seq-len {seq_len} is longer than checkpoint {path}'s context of {config.max_seq_len} tokens; give --seq-len {config.max_seq_len} or less")
         scores = evaluate(loaded.model, dataset, names, batch_size=batch_size, seq_len=seq_len, max_batches=batches, tierset=tiers)
         if stats and loaded.store is not None:
             print_store_stats(loaded)
@@ -86,14 +98,23 @@ def eval_command(
         write_report(json_out, results if len(results) > 1 else next(iter(results.values())))
 
 
-def _labels(paths: list[Path]) -> dict[str, Path]:
+def _labels(paths: list[Path | str]) -> dict[str, Path | str]:
     """Short unique names for checkpoints: the directory name, or more of the path when two
-    share one (``runs/a/final`` and ``runs/b/final`` become ``a/final`` and ``b/final``)."""
+    share one (``runs/a/final`` and ``runs/b/final`` become ``a/final`` and ``b/final``).
+    The same checkpoint twice (also as --against) is refused: it would be scored once and
+    its label would grow into the whole path."""
+    parts = [tuple(p.rstrip("/").split("/")) if isinstance(p, str) else p.resolve().parts for p in paths]
+    seen: dict[tuple[str, ...], Path | str] = {}
+    for path, key in zip(paths, parts):
+        if key in seen:
+            also = f" (as {seen[key]} and {path})" if str(seen[key]) != str(path) else ""
+            raise LiteLLMError(f"checkpoint {path} is given twice{also}; name each checkpoint once, and --against's base not among the others")
+        seen[key] = path
     depth = 1
     while True:
-        labels = ["/".join(p.resolve().parts[-depth:]) for p in paths]
-        if len(set(labels)) == len(labels) or depth > 8:
-            return dict(zip(labels, paths))
+        labels = ["/".join(p[-depth:]) for p in parts]
+        if len(set(labels)) == len(labels) or depth >= max(len(p) for p in parts):
+            return dict(zip(labels if len(set(labels)) == len(labels) else [str(p) for p in paths], paths))
         depth += 1
 
 

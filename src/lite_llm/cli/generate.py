@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import List, Optional
 
 import typer
@@ -11,7 +10,7 @@ import typer
 from ..errors import LiteLLMError
 from .app import THREADS_HELP, app, apply_threads, device_option, friendly_errors
 from .store_options import (
-    cache_policy_option, hot_budget_option, load_for_inference, prefetch_option, print_store_stats, stats_option, warm_budget_option,
+    cache_policy_option, checkpoint_location, hot_budget_option, load_for_inference, prefetch_option, print_store_stats, stats_option, warm_budget_option,
 )
 
 
@@ -19,7 +18,7 @@ from .store_options import (
 @app.command()
 @friendly_errors
 def generate(
-    checkpoint: Path = typer.Argument(..., help="Checkpoint directory."),
+    checkpoint: str = typer.Argument(..., help="Checkpoint directory (with --hot-budget also a URL: file://, https://, s3://)."),
     prompt: str = typer.Option("", help="Text to continue (with --chat: the user's message); empty starts a new document from the beginning-of-sequence token."),
     max_new_tokens: int = typer.Option(200, help="Tokens to generate (at least 1).", min=1),
     temperature: float = typer.Option(0.8, help="Sampling temperature; 0 is greedy."),
@@ -34,7 +33,7 @@ def generate(
     threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
     hot_budget: Optional[str] = hot_budget_option(),
     warm_budget: Optional[str] = warm_budget_option(),
-    cache_policy: str = cache_policy_option(),
+    cache_policy: Optional[str] = cache_policy_option(),
     prefetch: bool = prefetch_option(),
     stats: bool = stats_option(),
 ) -> None:
@@ -59,6 +58,7 @@ def generate(
     from ..generate import check_prompt, generate_text, prompt_start
     from ..runtime.device import resolve_device
 
+    location = checkpoint_location(checkpoint)
     run_device = resolve_device(device)
 
     from ..generate import PENALTY_RANGE
@@ -72,7 +72,7 @@ def generate(
             f"--repetition-penalty must be between {PENALTY_RANGE[0]:g} and {PENALTY_RANGE[1]:g} (1 is off, 1.1-1.3 discourages repeats), got {repetition_penalty}"
         )
     apply_threads(threads, header_to_stderr=True)
-    loaded = load_for_inference(checkpoint, tiers=tiers, device=run_device, hot_budget=hot_budget, warm_budget=warm_budget, policy=cache_policy, prefetch=prefetch)
+    loaded = load_for_inference(location, tiers=tiers, device=run_device, hot_budget=hot_budget, warm_budget=warm_budget, policy=cache_policy, prefetch=prefetch, stats=stats)
     if loaded.tokenizer is None:
         raise LiteLLMError(f"checkpoint {checkpoint} has no tokenizer/ folder; re-save it with its tokenizer")
     if chat:

@@ -10,6 +10,20 @@ import typer
 from .app import app, console, friendly_errors, parse_dtype, plain_warnings
 
 
+GGUF_MAGIC = b"GGUF"
+
+
+def is_gguf(source: Path) -> bool:
+    """A GGUF file by its name or, renamed or downloaded without the suffix, by its magic bytes
+    (else it would be taken for a Hugging Face folder and refused as a folder that does not exist)."""
+    if source.suffix.lower() == ".gguf":
+        return True
+    if not source.is_file():
+        return False
+    with open(source, "rb") as f:
+        return f.read(len(GGUF_MAGIC)) == GGUF_MAGIC
+
+
 @app.command("import")
 @friendly_errors
 def import_command(
@@ -33,7 +47,7 @@ def import_command(
 
     torch_dtype = parse_dtype(dtype)
     with console.status("importing…"):
-        if source.suffix == ".gguf":
+        if is_gguf(source):
             path = import_gguf(source, output, **({"dtype": torch_dtype} if torch_dtype else {}))
         else:
             path = import_hf(source, output, dtype=torch_dtype)

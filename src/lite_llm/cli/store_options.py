@@ -4,11 +4,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import typer
 
+from ..errors import LiteLLMError
 from .app import err_console
+
+
+def checkpoint_location(text: str) -> Union[Path, str]:
+    """A checkpoint argument as given: a URL stays a string (``Path`` folds ``file:///x`` and
+    ``https://host/x`` into ``file:/x`` and ``https:/host/x``, which no longer read as URLs, so
+    the archive level would never be reached), anything else is a local path."""
+    from ..store.archive import is_url
+
+    return text if is_url(text) else Path(text)
 
 
 def hot_budget_option() -> Any:
@@ -22,7 +32,8 @@ def warm_budget_option() -> Any:
 
 
 def cache_policy_option() -> Any:
-    return typer.Option("layer-cycle", "--cache-policy", help="With --hot-budget: which expert to evict: layer-cycle or lru.")
+    # no default value: a policy given without --hot-budget is refused, not silently unused
+    return typer.Option(None, "--cache-policy", help="With --hot-budget: which expert to evict: layer-cycle (the default) or lru.")
 
 
 def prefetch_option() -> Any:
@@ -44,15 +55,37 @@ class InferenceModel:
     prefetcher: Any = None
 
 
-def load_for_inference(
-    checkpoint: Path, *, tiers: str, device: Any, hot_budget: Optional[str], warm_budget: Optional[str], policy: str, prefetch: bool = False
-) -> InferenceModel:
-    """The checkpoint whole in memory, or with its experts in a store when a budget is given."""
+def check_store_options(
+    checkpoint: Union[Path, str], *, hot_budget: Optional[str], warm_budget: Optional[str], policy: Optional[str] = None,
+    prefetch: bool = False, stats: bool = False,
+) -> None:
+    """Refuse store options that would do nothing without the ones they depend on: a user who
+    asked for --stats or --prefetch should hear why there is none, not get silence."""
+    from ..store.archive import is_url
+
     if hot_budget is None:
         if warm_budget is not None:
-            from ..errors import LiteLLMError
-
             raise LiteLLMError("--warm-budget needs --hot-budget (the experts on the compute device); give both, or neither")
+        if policy is not None:
+            raise LiteLLMError(f"--cache-policy {policy} chooses what the expert store evicts, which only --hot-budget uses; add --hot-budget (e.g. 512MB) or leave it out")
+        if stats:
+            raise LiteLLMError("--stats reports the expert store, which only --hot-budget uses; add --hot-budget (e.g. 512MB) or leave --stats out")
+        if prefetch:
+            raise LiteLLMError("--prefetch needs --hot-budget and --warm-budget (it reads experts into the warm level); give both, or leave --prefetch out")
+        if is_url(checkpoint):
+            raise LiteLLMError(f"a checkpoint at a URL ({checkpoint}) is read through the expert store; add --hot-budget (e.g. --hot-budget 512MB)")
+    elif prefetch and warm_budget is None:
+        raise LiteLLMError("--prefetch reads experts into the warm level, which --warm-budget sizes; add --warm-budget (e.g. 1GB) or leave --prefetch out")
+
+
+def load_for_inference(
+    checkpoint: Union[Path, str], *, tiers: str, device: Any, hot_budget: Optional[str], warm_budget: Optional[str],
+    policy: Optional[str] = None, prefetch: bool = False, stats: bool = False,
+) -> InferenceModel:
+    """The checkpoint whole in memory, or with its experts in a store when a budget is given
+    (``checkpoint`` may then be a URL: see :func:`checkpoint_location`)."""
+    check_store_options(checkpoint, hot_budget=hot_budget, warm_budget=warm_budget, policy=policy, prefetch=prefetch, stats=stats)
+    if hot_budget is None:
         from ..checkpoint import load_checkpoint
 
         loaded = load_checkpoint(checkpoint, tierset=None if tiers == "all" else tiers, device=device)
@@ -60,7 +93,7 @@ def load_for_inference(
     from ..config import TierSet
     from ..store import Prefetcher, load_with_store
 
-    stored = load_with_store(checkpoint, hot_budget=hot_budget, warm_budget=warm_budget or 0, policy=policy, device=device)
+    stored = load_with_store(checkpoint, hot_budget=hot_budget, warm_budget=warm_budget or 0, policy=policy or "layer-cycle", device=device)
     stored.store.set_allowed_tiers(TierSet.coerce(tiers).resolve(stored.config))
     prefetcher = Prefetcher(stored.model, stored.store) if prefetch and stored.store.warm.budget > 0 else None
     return InferenceModel(stored.model, stored.tokenizer, stored.store, prefetcher)

@@ -36,6 +36,9 @@ def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+RESERVED_TIER_NAMES = ("all",)
+
+
 def parse_size(value: int | float | str | None) -> int | None:
     """Parse a parameter count such as ``10B``, ``1.5M``, ``250k`` or ``12000`` into an int."""
     if isinstance(value, bool):
@@ -144,6 +147,8 @@ class TierConfig:
             isinstance(self.name, str) and bool(_TIER_NAME.match(self.name)),
             f"tier name {self.name!r} must be lower-case letters, digits and underscores starting with a letter (e.g. 'tier_1b')",
         )
+        # "all" is the TierSet of every tier: a tier of that name could never be chosen alone by it
+        _require(self.name not in RESERVED_TIER_NAMES, f"tier name {self.name!r} is reserved (the TierSet 'all' means every tier); choose another name such as 'tier_{self.name}'")
         for name in ("num_groups", "experts_per_group", "expert_hidden"):
             value = getattr(self, name)
             _require(is_int(value) and value > 0, f"tiers[{self.name}].{name} must be a positive integer, got {value!r}")

@@ -79,7 +79,11 @@ def open_gguf(path: Path) -> Any:
     try:
         return gguf.GGUFReader(path)
     except Exception as exc:  # noqa: BLE001 - the reader raises ValueError, struct.error, IndexError ... on a bad file
-        raise CheckpointError(f"{path} cannot be read as a GGUF file ({type(exc).__name__}: {one_line(exc)}); download it again") from None
+        with open(path, "rb") as f:
+            magic = f.read(4) == b"GGUF"
+        # the reader's own words (numpy reshape and dtype errors) do not say what is wrong with the file
+        why = "it is truncated or corrupt" if magic else "it does not start with the GGUF magic bytes"
+        raise CheckpointError(f"{path} cannot be read as a GGUF file: {why} ({type(exc).__name__}: {one_line(exc)}); download it again") from None
 
 
 def _field_value(field: Any) -> Any:

@@ -25,6 +25,7 @@ from typing import Any, Callable
 import torch
 
 from ..checkpoint import atomic
+from ..checkpoint.derived import check_new_output
 from ..checkpoint.lazy import CheckpointTensors, open_checkpoint
 from ..checkpoint.manifest import split_by_bytes
 from ..checkpoint.stream import TensorSpec, write_safetensors
@@ -63,6 +64,8 @@ def export_hf(
     """
     target = Path(out_dir)
     _check_target(target)
+    # a folder written inside the checkpoint would change it (an unlisted tokenizer/x makes it unloadable)
+    check_new_output(target, Path(ckpt_dir), "the Hugging Face folder")
     if max_shard_bytes <= 0:
         raise ConfigError(f"max_shard_bytes must be positive, got {max_shard_bytes}; pass a size in bytes such as 5 * 1024**3")
     if dtype is not None and not dtype.is_floating_point:

@@ -142,6 +142,8 @@ def import_hf(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: 
 # ------------------------------------------------------------------------------- config
 def read_hf_config(src: Path) -> dict[str, Any]:
     """``config.json`` of a Hugging Face folder as a dict, with its model_type checked."""
+    if src.is_file():
+        raise ConfigError(f"{src} is a file, not a Hugging Face model folder; pass the folder holding config.json and model.safetensors (or a GGUF file)")
     if not src.is_dir():
         raise ConfigError(f"Hugging Face model folder {src} does not exist; pass a folder holding config.json and model.safetensors")
     path = src / HF_CONFIG_FILE

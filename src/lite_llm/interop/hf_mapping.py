@@ -211,6 +211,21 @@ def hf_config_dict(config: ModelConfig) -> dict[str, Any]:
     }
 
 
+def _check_computable(model_type: str, get: Any) -> None:
+    """Refuse config fields that change what the model computes in ways Lite LLM does not: the
+    weights would still load (an activation has no tensor) or fail on a tensor named as if the
+    config were wrong, so the reason must come from the config."""
+    act = get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise ConfigError(f"this {model_type} model uses the {act!r} activation, but Lite LLM computes SwiGLU with silu; it cannot be imported")
+    if get("mlp_bias", False):
+        raise ConfigError(f"this {model_type} model has biases in its MLP (mlp_bias), which Lite LLM does not have; it cannot be imported")
+    if model_type != "qwen2" and get("attention_bias", False):
+        raise ConfigError(
+            f"this {model_type} model has attention_bias, which also biases o_proj; Lite LLM has biases on q, k and v only (as Qwen2), so it cannot be imported"
+        )
+
+
 def config_from_hf(hf: Mapping[str, Any] | Any) -> ModelConfig:
     """A Lite LLM config from a Hugging Face Llama, Mistral, Qwen2 or Mixtral config."""
     get = (lambda k, default=None: hf.get(k, default)) if isinstance(hf, Mapping) else (lambda k, default=None: getattr(hf, k, default))
@@ -223,6 +238,7 @@ def config_from_hf(hf: Mapping[str, Any] | Any) -> ModelConfig:
     if rope_type != "default":
         raise ConfigError(f"RoPE scaling {rope_type!r} is not supported yet; only plain RoPE models can be imported")
     rope_theta = (rope.get("rope_theta") if isinstance(rope, Mapping) else None) or get("rope_theta", 10000.0) or 10000.0
+    _check_computable(model_type, get)
     n_heads = get("num_attention_heads")
     d = get("hidden_size")
     fields: dict[str, Any] = dict(

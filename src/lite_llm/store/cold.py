@@ -7,11 +7,16 @@ fresh tensor — only that expert's bytes leave the disk (or the page cache).
 
 Every read first checks that the shard is still the file that was opened (inode, size,
 modification time): a shard deleted, replaced or rewritten after loading is one sentence
-naming the expert and the file, never an expert read from other bytes.
+naming the expert and the file, never an expert read from other bytes.  The first read of
+each expert is also hashed against the per-expert sha256 the manifest records (when it records
+them): the shards' own hashes are not checked at load (a full read of every expert), so this is
+what keeps a shard corrupted in place — same size, other bytes — from being computed with.
+Later reads of the same unchanged file are not hashed again (see ``_verified``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import threading
@@ -55,6 +60,15 @@ class ColdExperts:
     def __init__(self, source: CheckpointTensors) -> None:
         layout = {name: (*source.tensors.location(name), source.tensors.spec(name)) for name in source.tensors}
         self._setup(source.path, source.config, layout)
+        self._hashes: dict[str, list[str]] = {}
+        # Experts whose bytes matched their hash once: a later read of the same, unchanged file
+        # (inode, size, mtime: _check_same_file) is not hashed again.  sha256 runs at ~1.6 GB/s
+        # here, so hashing every read would add ~8 ms per decoded token at a 10% hot budget
+        # (12.7 MB read per token, BENCHMARKS.md "Decoding with the experts on disk").
+        self._verified: set[tuple[str, int]] = set()
+        for shard in source.manifest.get("shards", []):
+            if shard.get("kind") == "experts":
+                self._hashes.update(shard.get("expert_sha256") or {})
         self._identity: dict[Path, tuple[int, int, int]] = {}
         for where in self._slices.values():
             if where.path not in self._identity:
@@ -127,6 +141,15 @@ class ColdExperts:
         if got != where.row_bytes:
             raise ExpertFileChanged(f"{what} could not be read from {where.path} (short read: the file is truncated); restore the checkpoint")
         self._check_same_file(where.path, what)  # not rewritten while it was read
+        want = self._hashes.get(where.tensor)
+        if want is None or (where.tensor, expert) in self._verified:
+            return
+        if expert >= len(want) or hashlib.sha256(buf).hexdigest() != want[expert]:
+            raise ExpertFileChanged(
+                f"{what} in {where.path} does not match its sha256 in the manifest (the shard is corrupt); nothing was computed with it: "
+                "restore the checkpoint from a backup or re-save it"
+            )
+        self._verified.add((where.tensor, expert))
 
     def _check_same_file(self, path: Path, what: str) -> None:
         try:

@@ -1,0 +1,46 @@
+"""Whether a prepared dataset can score a model: tokenized by the model's own tokenizer.
+
+A dataset holds token ids, not text.  Scored by a model with another tokenizer, ids beyond
+its vocabulary crash the embedding, and ids within it are other words: the loss and bits per
+byte come out as plausible numbers that mean nothing.  So every evaluation compares the two
+tokenizers before the first batch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import DataError
+
+# The parts of a tokenizer.json that decide which ids a text becomes; padding, truncation,
+# the post-processor (special tokens added at encode time, which data preparation does not
+# ask for) and the decoder do not change the ids of prepared data.
+_ENCODING_PARTS = ("normalizer", "pre_tokenizer", "model", "added_tokens")
+
+
+def _encoding(tokenizer: Any) -> tuple[Any, ...]:
+    """What decides a tokenizer's ids: its kind and vocabulary size, and for BPE the parts of
+    its ``tokenizer.json`` listed in ``_ENCODING_PARTS``."""
+    backend = getattr(tokenizer, "backend", None)
+    if backend is None:
+        return (tokenizer.kind, tokenizer.vocab_size)
+    spec = json.loads(backend.to_str())
+    return (tokenizer.kind, tokenizer.vocab_size, *(json.dumps(spec.get(part), sort_keys=True) for part in _ENCODING_PARTS))
+
+
+def check_data_tokenizer(data_tokenizer: Any, data_dir: str | Path, model_tokenizer: Any, vocab_size: int, checkpoint: object) -> None:
+    """Refuse to score ``checkpoint`` on data tokenized by another tokenizer than its own
+    (``model_tokenizer``; None when the checkpoint has none, and then only the vocabulary
+    size can be checked)."""
+    fix = f"prepare the data again with the checkpoint's tokenizer (lite-llm data prepare ... --tokenizer {checkpoint}/tokenizer)"
+    if data_tokenizer.vocab_size > vocab_size:
+        raise DataError(
+            f"the data in {data_dir} was tokenized with {data_tokenizer.vocab_size} token ids but checkpoint {checkpoint} has {vocab_size}; {fix}"
+        )
+    if model_tokenizer is not None and _encoding(data_tokenizer) != _encoding(model_tokenizer):
+        raise DataError(
+            f"the data in {data_dir} was tokenized by another tokenizer ({data_tokenizer.kind}, {data_tokenizer.vocab_size} tokens) than "
+            f"checkpoint {checkpoint}'s ({model_tokenizer.kind}, {model_tokenizer.vocab_size} tokens), so its scores would mean nothing; {fix}"
+        )
