@@ -248,3 +248,15 @@ def test_each_expert_is_hashed_on_its_first_read_only(world, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     experts.read((0, "tier_1b", 2))
     assert len(hashed) > once  # another expert is hashed on its own first read
+
+
+def test_import_refuses_an_output_nested_with_its_source(tmp_path):
+    """``import hf -o hf/sub`` wrote the checkpoint into the Hugging Face folder, and
+    ``import dir/model.gguf -o dir --overwrite`` would have deleted the GGUF it reads."""
+    src = tmp_path / "hf"
+    LlamaForCausalLM(LlamaConfig(**LLAMA)).save_pretrained(src)
+    before = _hashes(src)
+    for args in (["-o", str(src / "sub")], ["-o", str(tmp_path), "--overwrite"], ["-o", str(src), "--overwrite"]):
+        code, out = _run(["import", str(src), *args])
+        assert code == 1 and "nested in each other" in out and "Traceback" not in out, out
+    assert _hashes(src) == before and not (src / "sub").exists()

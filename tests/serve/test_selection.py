@@ -93,8 +93,8 @@ def test_no_fit_names_the_smallest_budgets_that_would_work():
     )
     with pytest.raises(NoTierSetFits) as err:
         choose(table, 2.0, 10 * 10**6)
-    assert str(err.value) == "no TierSet fits latency 2 ms/token and memory 10 MB; the smallest that fits needs 3.1 ms/token and 12 MB (upto:tier_1b)"
-    with pytest.raises(NoTierSetFits, match=r"needs 2.5 ms/token and 40 MB \(only:tier_10b\)$"):
+    assert str(err.value) == "no TierSet fits latency 2 ms/token and memory 10 MB; the nearest, upto:tier_1b, needs 3.1 ms/token and 12 MB: raise the budgets to at least that"
+    with pytest.raises(NoTierSetFits, match=r"the nearest, only:tier_10b, needs 2.5 ms/token and 40 MB: raise"):
         choose(table, 1.0)  # latency alone: the fastest
     assert choose(table, 3.1, 12 * 10**6).tiers == ("tier_1b",)  # the named budgets do work
     assert choose(table, None, 40 * 10**6).tiers == ("tier_1b", "tier_10b")
@@ -224,8 +224,8 @@ def test_cli_profile_then_choose_end_to_end(checkpoint, dataset):
     none = runner.invoke(app_(), ["tiers", "choose", str(checkpoint), "--memory", "10kB", "--latency-ms", "0.001"])
     assert none.exit_code == 1
     fastest = min(table.profiles, key=lambda p: max(p.latency_ms_per_token / 0.001, p.memory_bytes / 10_000))
-    assert "no TierSet fits latency 0.001 ms/token and memory 10 kB; the smallest that fits needs" in none.stderr
-    assert f"({table.label(fastest.tiers)})" in none.stderr and none.stderr.count("\n") == 1
+    assert "no TierSet fits latency 0.001 ms/token and memory 10 kB; the nearest, " in none.stderr and "raise the budgets to at least that" in none.stderr
+    assert f"the nearest, {table.label(fastest.tiers)}, needs" in none.stderr and none.stderr.count("\n") == 1
 
 
 def app_():

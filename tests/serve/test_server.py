@@ -314,7 +314,29 @@ def test_budgets_choose_the_tierset_from_the_checkpoints_profile(chat_ckpt, refe
             assert streamed.headers["x-lite-llm-tier-set"] == "upto:tier_1b"
             assert "data: [DONE]" in "".join(streamed.iter_lines())
         unmet = _error(httpx.post(base + "/v1/completions", json={"prompt": "hi", "max_tokens": 3, "latency_budget_ms": 1.0}))
-        assert unmet["code"] == "budget_unmet" and "the smallest that fits needs" in unmet["message"] and "upto:tier_1b" in unmet["message"]
+        assert unmet["code"] == "budget_unmet" and "the nearest, upto:tier_1b, needs" in unmet["message"]
         bad = _error(httpx.post(base + "/v1/completions", json={"prompt": "hi", "max_tokens": 3, "memory_budget": "lots"}))
         assert bad["param"] == "memory_budget" and "cannot read 'lots'" in bad["message"]
         assert client.completions.create(model="profiled", prompt="hi", max_tokens=3, temperature=0).usage.completion_tokens >= 1
+
+
+def test_a_checkpoint_url_is_served_through_the_expert_store(chat_ckpt, reference):
+    """`serve file:///...` used to fold the URL into a path that does not exist; now it reads
+    the experts through the archive level and answers as the local checkpoint does."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(SRC), "LITE_LLM_DEVICE": "cpu"}
+    url = chat_ckpt.resolve().as_uri()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lite_llm.cli", "serve", url, "--hot-budget", "10MB", "--port", str(port), "--log-level", "warning"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_healthy(base, timeout=60, proc=proc)
+        assert [m["id"] for m in httpx.get(base + "/v1/models", timeout=10).json()["data"]] == [chat_ckpt.name]
+        body = {"prompt": "def add", "max_tokens": 20, "temperature": 0.0}
+        got = httpx.post(base + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+        assert got == _alone(reference, "def add", 20, temperature=0.0)
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from ..errors import LiteLLMError
 from .app import app, console, friendly_errors, parse_dtype, plain_warnings
 
 
@@ -42,6 +43,9 @@ def import_command(
     """
     from ..checkpoint.atomic import refuse_existing
 
+    src, out = source.resolve(), output.resolve()
+    if src.is_relative_to(out) or (src.is_dir() and out.is_relative_to(src)):  # replacing OUTPUT would delete the source, or write into it
+        raise LiteLLMError(f"the output {output} and the source {source} are nested in each other; write the checkpoint to a directory outside the source")
     refuse_existing(output, overwrite, "checkpoint")
     from ..interop import import_gguf, import_hf
 

@@ -10,13 +10,13 @@ import typer
 
 from ..errors import LiteLLMError
 from .app import THREADS_HELP, app, apply_threads, device_option, err_console, friendly_errors
-from .store_options import cache_policy_option, hot_budget_option, load_for_inference, prefetch_option, warm_budget_option
+from .store_options import cache_policy_option, checkpoint_location, hot_budget_option, load_for_inference, prefetch_option, warm_budget_option
 
 
 @app.command()
 @friendly_errors
 def serve(
-    checkpoint: Path = typer.Argument(..., help="Checkpoint directory."),
+    checkpoint: str = typer.Argument(..., help="Checkpoint directory (with --hot-budget also a URL: file://, https://, s3://)."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0 for every interface)."),
     port: int = typer.Option(8000, help="Port to listen on.", min=0, max=65535),
     model_name: Optional[str] = typer.Option(None, "--model-name", help="The model id /v1/models reports (default: the checkpoint's folder name)."),
@@ -26,7 +26,7 @@ def serve(
     threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
     hot_budget: Optional[str] = hot_budget_option(),
     warm_budget: Optional[str] = warm_budget_option(),
-    cache_policy: str = cache_policy_option(),
+    cache_policy: Optional[str] = cache_policy_option(),
     prefetch: bool = prefetch_option(),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn's log level: critical, error, warning, info, debug."),
 ) -> None:
@@ -53,15 +53,17 @@ def serve(
     from ..serve.app import create_app
     from ..serve.engine import Engine
 
+    location = checkpoint_location(checkpoint)
     apply_threads(threads, header_to_stderr=True)
     loaded = load_for_inference(
-        checkpoint, tiers="all", device=resolve_device(device), hot_budget=hot_budget, warm_budget=warm_budget, policy=cache_policy, prefetch=prefetch
+        location, tiers="all", device=resolve_device(device), hot_budget=hot_budget, warm_budget=warm_budget, policy=cache_policy, prefetch=prefetch
     )
     if loaded.tokenizer is None:
         raise LiteLLMError(f"checkpoint {checkpoint} has no tokenizer/ folder; re-save it with its tokenizer")
     engine = Engine(loaded.model, loaded.tokenizer, max_batch=max_batch, max_queue=max_queue)
-    name = model_name or checkpoint.resolve().name
-    api = create_app(engine, model_name=name, checkpoint=checkpoint, store=loaded.store)
+    local = location if isinstance(location, Path) else None  # a URL has no TierSet profile to read
+    name = model_name or (local.resolve().name if local is not None else checkpoint.rstrip("/").rsplit("/", 1)[-1])
+    api = create_app(engine, model_name=name, checkpoint=local, store=loaded.store)
     err_console.print(f"serving {name} on http://{host}:{port}/v1 (max batch {max_batch}, queue {max_queue})", highlight=False)
     # uvicorn turns SIGTERM into a graceful shutdown (stop accepting, finish the responses in
     # flight, then the lifespan drains the engine) and afterwards re-raises the signal to the

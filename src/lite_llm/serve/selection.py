@@ -242,8 +242,8 @@ def no_fit_message(candidates: Sequence[TierSetProfile], order: Sequence[str], l
 
     best = min(candidates, key=key)
     return (
-        f"no TierSet fits {_budget_text(latency_ms, memory_bytes)}; the smallest that fits needs "
-        f"{best.latency_ms_per_token:.3g} ms/token and {format_bytes(best.memory_bytes)} ({tierset_label(best.tiers, order)})"
+        f"no TierSet fits {_budget_text(latency_ms, memory_bytes)}; the nearest, {tierset_label(best.tiers, order)}, needs "
+        f"{best.latency_ms_per_token:.3g} ms/token and {format_bytes(best.memory_bytes)}: raise the budgets to at least that"
     )
 
 
