@@ -25,7 +25,9 @@ class CheckpointError(LiteLLMError):
 
 
 class PromptError(LiteLLMError, ValueError):
-    """A prompt that cannot be generated from: empty, or longer than the model's context."""
+    """Model inputs that cannot be computed with: an empty prompt or one longer than the model's
+    context, token ids that are not integers or lie outside the vocabulary, labels that do not
+    fit the inputs."""
 
 
 class DataError(LiteLLMError, ValueError):

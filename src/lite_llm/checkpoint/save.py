@@ -116,6 +116,10 @@ def save_checkpoint(
     complete.  Any exception removes the temporary directory and leaves ``path`` as it was.
     Returns ``path``.
     """
+    if not isinstance(model, LiteLLM):
+        raise CheckpointError(
+            f"save_checkpoint needs a LiteLLM model (from build_model or load_checkpoint), got {type(model).__name__}; write tensors of another kind with write_checkpoint"
+        )
     return write_checkpoint(
         path,
         model.config,

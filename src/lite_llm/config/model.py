@@ -364,7 +364,7 @@ class ModelConfig:
     def num_active_params(self, tierset: "TierSet | str | Sequence[str] | None" = None) -> int:
         """Parameters that one token can touch: all dense weights, the router heads of the
         tiers in ``tierset`` and the experts of the largest allowed choice of k_tier tiers."""
-        names = TierSet.coerce(tierset).resolve(self) if self.tiers else []
+        names = TierSet.coerce(tierset).resolve(self)  # a dense model has no tier to name either
         return self._count(active_tiers=names)
 
     def _count(self, active_tiers: list[str] | None) -> int:
@@ -489,24 +489,41 @@ class TierSet:
     mode: Literal["all", "explicit", "cumulative", "exclusive"] = "all"
     names: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        # checked here, not at resolve: a TierSet built by hand would otherwise fail later as a
+        # KeyError (unknown mode) or IndexError (cumulative with no name) deep in the model
+        modes = ("all", "explicit", "cumulative", "exclusive")
+        if self.mode not in modes:
+            raise TierSetError(f"TierSet mode must be one of {', '.join(modes)}, got {self.mode!r}")
+        if isinstance(self.names, str) or not all(isinstance(n, str) for n in self.names):
+            raise TierSetError(f"TierSet names must be tier names (strings), got {self.names!r}; build one with TierSet.of('tier_1b', ...)")
+        object.__setattr__(self, "names", tuple(self.names))
+        if self.mode == "cumulative" and len(self.names) != 1:
+            raise TierSetError(f"a cumulative TierSet names exactly one tier (everything up to it), got {len(self.names)}; use TierSet.up_to('tier_1b')")
+
     @classmethod
     def all(cls) -> "TierSet":
+        """Every tier the model has."""
         return cls("all")
 
     @classmethod
     def of(cls, *names: str) -> "TierSet":
+        """Exactly the named tiers."""
         return cls("explicit", tuple(names))
 
     @classmethod
     def up_to(cls, name: str) -> "TierSet":
+        """Every tier up to and including ``name``, in the model's tier order."""
         return cls("cumulative", (name,))
 
     @classmethod
     def only(cls, *names: str) -> "TierSet":
+        """Only the named tiers (as :meth:`of`, with the intent kept in its string form)."""
         return cls("exclusive", tuple(names))
 
     @classmethod
     def parse(cls, text: str) -> "TierSet":
+        """The TierSet of a string form: ``all``, ``tier_1b,tier_10b``, ``upto:tier_10b``, ``only:tier_10b``."""
         text = text.strip()
         if text in ("all", "*"):
             return cls.all()
@@ -524,12 +541,15 @@ class TierSet:
 
     @classmethod
     def coerce(cls, value: "TierSet | str | Iterable[str] | None") -> "TierSet":
+        """A TierSet from what an API accepts: None (all), a TierSet, its string form or tier names."""
         if value is None:
             return cls.all()
         if isinstance(value, TierSet):
             return value
         if isinstance(value, str):
             return cls.parse(value)
+        if not isinstance(value, Iterable):
+            raise TierSetError(f"a TierSet must be a TierSet, a string such as 'upto:tier_1b' or a list of tier names, got {value!r}")
         return cls.of(*value)
 
     def resolve(self, config: ModelConfig) -> list[str]:

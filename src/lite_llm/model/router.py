@@ -84,6 +84,8 @@ def stable_topk(scores: torch.Tensor, k: int, rank: torch.Tensor) -> torch.Tenso
     the fp64 keys used before (BENCHMARKS.md, dispatch, fifth round).
     """
     n = scores.shape[-1]
+    if scores.dtype == torch.float64:  # an fp64 model's scores: fp32 keys would round them into ties
+        return _topk_by_sort(scores, k, rank)
     if scores.device.type != "cpu" or k >= n:
         return _topk_by_exact_key(scores, k, rank)
     values, indices = torch.topk(scores.float(), k + 1, dim=-1, sorted=True)
@@ -112,6 +114,16 @@ def _topk_by_exact_key(scores: torch.Tensor, k: int, rank: torch.Tensor) -> torc
     n = scores.shape[-1]
     keys = ordered * n + (n - 1 - rank)
     return torch.topk(keys, k, dim=-1, sorted=True).indices
+
+
+def _topk_by_sort(scores: torch.Tensor, k: int, rank: torch.Tensor) -> torch.Tensor:
+    """``stable_topk`` in the scores' own precision (fp64, whose order-preserving keys would not
+    fit in int64 once multiplied by the candidate count): candidates laid out in tie-break
+    order, then a stable descending sort by score, so equal scores keep that order.  NaNs sort
+    first and -0.0 equals +0.0, as in the exact keys."""
+    by_rank = rank.expand_as(scores).argsort(-1)
+    top = scores.gather(-1, by_rank).sort(dim=-1, descending=True, stable=True).indices[..., :k]
+    return by_rank.gather(-1, top)
 
 
 class TierRouterHead(nn.Module):
@@ -249,22 +261,23 @@ class HSERRouter(nn.Module):
 
     # ------------------------------------------------------------------------------------
     def gate_logits(self, x: torch.Tensor, allowed: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Raw gate outputs (N,T), (N,T,G), (N,T,G,E) in fp32, padded.
+        """Raw gate outputs (N,T), (N,T,G), (N,T,G,E) in fp32 (fp64 for an fp64 model), padded.
 
         One matmul per allowed tier covers its three levels.  Tiers are few, and keeping the
         matmuls apart makes a tier's logits bitwise independent of which other tiers exist (a
         single matmul over all tiers changes the rounding when rows are added).  Masked tiers
         are not computed at all: their router weights need not even be present.  fp32 under
         autocast too: a bf16 gate matmul (8 mantissa bits) would turn near-ties between
-        experts into exact ties and route on rounding.
+        experts into exact ties and route on rounding.  An fp64 model routes in fp64, so that
+        it is fp64 throughout (the growth checks evaluate in fp64).
         """
         if torch.is_autocast_enabled(x.device.type):  # autocast would run the gate matmul in bf16
             with torch.autocast(x.device.type, enabled=False):
                 return self.gate_logits(x, allowed)
         n, T, G, E = x.shape[0], self.num_tiers, self.max_groups, self.max_epg
-        x32 = x.float()
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 at least; "x32" is fp64 for an fp64 model
         if T == 1 and allowed[0]:  # one tier fills the padded shape exactly: views, no copies
-            logits = linear(x32, self._head_weight(self.tier_names[0]))
+            logits = linear(x32, self._head_weight(self.tier_names[0], x32.dtype))
             return logits[:, :1], logits[:, 1 : 1 + G].view(n, 1, G), logits[:, 1 + G :].view(n, 1, G, E)
         tier_l = x32.new_full((n, T), float("-inf"))
         group_l = self.group_fill.to(x32.dtype).expand(n, T, G).clone()
@@ -274,16 +287,17 @@ class HSERRouter(nn.Module):
                 continue
             head = self.heads[name]
             g, e = head.num_groups, head.experts_per_group
-            logits = linear(x32, self._head_weight(name))
+            logits = linear(x32, self._head_weight(name, x32.dtype))
             tier_l[:, t] = logits[:, 0]
             group_l[:, t, :g] = logits[:, 1 : 1 + g]
             expert_l[:, t, :g, :e] = logits[:, 1 + g :].view(n, g, e)
         return tier_l, group_l, expert_l
 
-    def _head_weight(self, name: str) -> torch.Tensor:
-        """One tier's three gates as one (1 + G + G*E, d) fp32 matrix: one matmul per tier."""
+    def _head_weight(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """One tier's three gates as one (1 + G + G*E, d) matrix in ``dtype`` (fp32, or fp64
+        for an fp64 model): one matmul per tier."""
         head = self.heads[name]
-        return torch.cat([head.tier_gate, head.group_gate, head.expert_gate]).float()
+        return torch.cat([head.tier_gate, head.group_gate, head.expert_gate]).to(dtype)
 
     def _biases(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The logit bias buffers of all tiers, padded like the logits."""

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig, TierSet
+from ..errors import ConfigError, PromptError
 from .experts import DispatchImpl
 from .layers import Attention, DenseFFN, KVCache, RMSNorm, rope_tables
 from .moe import TieredMoE
@@ -36,6 +37,9 @@ class LayerRouting:
 
 @dataclass
 class ModelOutput:
+    """What :meth:`LiteLLM.forward` returns: logits (B, S, V) and, with ``labels``, the loss
+    ``lm_loss + balance_loss + z_loss`` (MoE) or ``lm_loss`` (dense) and its parts."""
+
     logits: torch.Tensor
     loss: torch.Tensor | None = None
     lm_loss: torch.Tensor | None = None
@@ -123,6 +127,7 @@ class LiteLLM(nn.Module):
             block.attn.kv_cache = KVCache(batch, cfg.n_kv_heads, max_len, cfg.head_dim, dtype, device, reserve)
 
     def clear_kv_cache(self) -> None:
+        """Drop every layer's KV cache (back to full-sequence forwards)."""
         for block in self.layers:
             block.attn.kv_cache = None
 
@@ -157,15 +162,28 @@ class LiteLLM(nn.Module):
         ``start_pos`` is the position of ``input_ids[:, 0]`` when decoding with a KV cache.
         ``step`` seeds the optional routing exploration noise.  Under ``torch.no_grad()`` the
         load-balance and z-losses are not computed (reported as 0): they only exist to train.
+        ``lm_loss`` is the mean cross-entropy over the non-ignored targets, in fp32 (fp64 for an
+        fp64 model).  Ids that are not integers, outside the vocabulary or past ``max_seq_len``
+        raise :class:`PromptError`; a TierSet naming a tier the model lacks, :class:`TierSetError`.
         """
         cfg = self.config
+        input_ids = _checked_ids(input_ids, "input_ids", cfg.vocab_size)
         b, s = input_ids.shape
+        if start_pos is not None and not (isinstance(start_pos, int) and start_pos >= 0):
+            raise PromptError(f"start_pos must be a non-negative integer (the position of input_ids[:, 0]), got {start_pos!r}")
         offset = start_pos or 0
         if offset + s > cfg.max_seq_len:
-            raise ValueError(f"sequence of {offset + s} positions exceeds max_seq_len={cfg.max_seq_len}")
+            raise PromptError(
+                f"a sequence of {offset + s} positions exceeds this model's max_seq_len={cfg.max_seq_len}; give at most {cfg.max_seq_len} tokens"
+            )
+        if labels is not None:
+            labels = _checked_ids(labels, "labels", cfg.vocab_size, like=input_ids)
         positions = torch.arange(offset, offset + s, device=input_ids.device)
         cos, sin = rope_tables(cfg.head_dim, cfg.rope_theta, positions)
-        allowed = self.allowed_tiers(tierset) if cfg.is_moe else None
+        # resolved for a dense model too: a TierSet naming a tier it lacks is an error, not ignored
+        allowed = self.allowed_tiers(tierset)
+        if not cfg.is_moe:
+            allowed = None
 
         x = self.embed(input_ids)
         routing: list[LayerRouting] = []
@@ -191,8 +209,10 @@ class LiteLLM(nn.Module):
         if cfg.is_moe:
             out.balance_loss, out.z_loss = balance, z
         if labels is not None:
+            # at least fp32 (bf16 logits would round the loss); an fp64 model keeps fp64
+            shifted = logits[:, :-1].reshape(-1, logits.shape[-1])
             out.lm_loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
+                shifted.to(torch.promote_types(shifted.dtype, torch.float32)), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
             )
             out.loss = out.lm_loss + balance + z if cfg.is_moe else out.lm_loss
         return out
@@ -201,6 +221,34 @@ class LiteLLM(nn.Module):
     def num_params(self) -> int:
         """Parameters actually held (shared embedding counted once)."""
         return sum(p.numel() for p in self.parameters())
+
+
+def _checked_ids(ids: torch.Tensor, what: str, vocab_size: int, like: torch.Tensor | None = None) -> torch.Tensor:
+    """``ids`` as token ids (B, S) the embedding and the loss take, or one sentence saying why they cannot be: checked
+    here because the embedding and the loss would fail deep inside torch (an IndexError, or a
+    device-side assert on a GPU).  ``labels`` (``like`` given) must match the inputs' shape and
+    may hold -100 (ignored)."""
+    if not isinstance(ids, torch.Tensor):
+        raise PromptError(f"{what} must be a torch.Tensor of token ids of shape (batch, seq), got {type(ids).__name__}")
+    if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+        raise PromptError(f"{what} must hold integer token ids (e.g. torch.long), got dtype {str(ids.dtype).removeprefix('torch.')}")
+    if like is None and ids.dim() != 2:
+        raise PromptError(f"{what} must be a (batch, seq) tensor, got shape {tuple(ids.shape)}; add a batch dimension with ids[None] or flatten the extra ones")
+    if like is None and ids.numel() == 0:
+        raise PromptError(f"{what} of shape {tuple(ids.shape)} holds no token; give at least one row of one token")
+    if like is not None and ids.shape != like.shape:
+        raise PromptError(f"{what} must have the shape of input_ids {tuple(like.shape)}, got {tuple(ids.shape)}")
+    lo, hi = torch.stack(torch.aminmax(ids)).tolist()  # one pass, and one device sync on a GPU
+    if lo < 0:
+        bad = ids[ids < 0] if like is None else ids[(ids < 0) & (ids != IGNORE_INDEX)]
+        if bad.numel():
+            ignored = f" or {IGNORE_INDEX} (ignored)" if like is not None else ""
+            raise PromptError(f"{what} hold {int(bad[0])}, but token ids must lie in [0, {vocab_size}){ignored}")
+    if hi >= vocab_size:
+        raise PromptError(f"{what} hold token id {hi}, outside this model's vocabulary of {vocab_size}; encode with the model's tokenizer")
+    if like is None and ids.dtype in (torch.long, torch.int32):
+        return ids  # what the embedding takes as it is
+    return ids.long()  # the loss takes int64 targets only
 
 
 def stored_state(model: LiteLLM) -> dict[str, torch.Tensor]:
@@ -228,6 +276,8 @@ def build_model(
     config: ModelConfig, *, seed: int = 0, device: torch.device | str | None = None, dtype: torch.dtype | None = None
 ) -> LiteLLM:
     """Build and initialise a model for ``config`` — the one public way to get a model."""
+    if not isinstance(config, ModelConfig):
+        raise ConfigError(f"build_model needs a ModelConfig, got {type(config).__name__}; build one with ModelConfig(...) or ModelConfig.from_dict(...)")
     model = LiteLLM(config)
     model.reset_parameters(seed)
     if device is not None or dtype is not None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..errors import ConfigError
+from ..errors import ConfigError, TierSetError
 
 
 # How a field is read from the command line when it is not a plain number, flag or word.
@@ -130,9 +130,33 @@ class TrainConfig:
             raise ConfigError(f"train.domains weights must be >= 0, got {bad}")
         if self.domains and not any(v > 0 for v in self.domains.values()):
             raise ConfigError("train.domains must give at least one domain a positive weight")
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise ConfigError(f"train.{name} must be a number in [0, 1) (AdamW's moment decay), got {value!r}")
+        self._normalise_tierset()
         if self.pp_schedule not in ("1f1b", "gpipe"):
             raise ConfigError(f"train.pp_schedule must be 1f1b or gpipe, got {self.pp_schedule!r}")
         self._check_protection()
+
+    def _normalise_tierset(self) -> None:
+        """Keep ``tierset`` in its string form (``upto:tier_1b``), whatever form it was given in
+        (a TierSet, a list of names): the config is written to JSON in every checkpoint and
+        compared on resume, where a TierSet object would come back as a dict and never match."""
+        from ..config import TierSet
+
+        if not isinstance(self.tierset, str):
+            try:
+                self.tierset = str(TierSet.coerce(self.tierset))
+            except TierSetError:
+                raise ConfigError(
+                    f"train.tierset must be a TierSet or its string form (all, tier_1b, upto:tier_1b, only:tier_10b), got {self.tierset!r}"
+                ) from None
+        else:
+            try:
+                TierSet.parse(self.tierset)
+            except TierSetError as exc:
+                raise ConfigError(f"train.tierset: {exc}") from None
 
     def _check_protection(self) -> None:
         if not 0 <= self.replay_share < 1:

@@ -113,13 +113,26 @@ class Trainer:
         tokenizer: Any = None,
         device: str | torch.device | None = None,
     ) -> None:
+        from ..errors import ConfigError
+
+        if not isinstance(config, TrainConfig):
+            raise ConfigError(f"Trainer needs a TrainConfig, got {type(config).__name__}; build one with TrainConfig(...) or TrainConfig.from_dict(...)")
+        # Shapes that would otherwise fail at step 0 deep inside the model (an IndexError from the
+        # embedding for data of a larger vocabulary): refused now, in one sentence.
+        if config.seq_len > model.config.max_seq_len:
+            raise ConfigError(
+                f"train.seq_len {config.seq_len} is longer than the model's context of {model.config.max_seq_len} tokens (max_seq_len); give seq_len {model.config.max_seq_len} or less"
+            )
+        data_vocab = getattr(getattr(data, "tokenizer", None), "vocab_size", None)
+        if isinstance(data_vocab, int) and data_vocab > model.config.vocab_size:
+            raise ConfigError(
+                f"the data was tokenized with {data_vocab} token ids but the model's vocabulary has {model.config.vocab_size}; prepare the data with the model's tokenizer or build the model with vocab_size={data_vocab}"
+            )
         # A run-time choice, not a TrainConfig field: where a run computes must not change what
         # it computes, and a run resumed on another device is the same run.
         self.device = module_device(model) if device is None else resolve_device(device)
         self.bf16: Bf16Support | None = bf16_support(self.device) if config.bf16 else None
         if self.bf16 is not None and not self.bf16.usable:
-            from ..errors import ConfigError
-
             raise ConfigError(f"train.bf16 is set but {self.device} cannot compute in bfloat16 ({self.bf16.how}); train in fp32 (--no-bf16)")
         self.model = model.to(self.device)
         self.data = data
