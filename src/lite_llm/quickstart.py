@@ -20,7 +20,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from .errors import DataError
+from .errors import DataError, LiteLLMError
 
 QUICKSTART_PRESET = "quickstart"
 QUICKSTART_SOURCES = {"code": "stdlib-code", "prose": "stdlib-docs"}
@@ -83,6 +83,27 @@ def _prepare(data_dir: Path, vocab_size: int, seed: int, max_bytes_per_domain: i
     return data
 
 
+def _clear_previous_run(output: Path, overwrite: bool) -> None:
+    """Refuse, or with ``overwrite`` delete, the run and charts an earlier quickstart left in
+    ``output``: a new run beside them would append its metrics to the old ones (two runs in
+    one chart) and leave the old run's later checkpoints as the newest.  The prepared data is
+    kept either way (``_prepare`` reuses it)."""
+    from .checkpoint.atomic import remove_dir
+
+    if output.exists() and not output.is_dir():
+        raise LiteLLMError(f"-o {output} is a file; give the quickstart a folder for its data, run and charts")
+    leftovers = [p for p in (output / "run", output / "plots") if p.exists() and (not p.is_dir() or any(p.iterdir()))]
+    if not leftovers:
+        return
+    if not overwrite:
+        raise LiteLLMError(
+            f"{output} already holds a quickstart run ({leftovers[0]}); pass --overwrite to replace it (the prepared data is reused), "
+            "or choose another -o folder"
+        )
+    for path in leftovers:
+        remove_dir(path) if path.is_dir() else path.unlink()
+
+
 def run_quickstart(
     output: str | Path,
     *,
@@ -90,11 +111,13 @@ def run_quickstart(
     seed: int = 0,
     console: Console | None = None,
     max_bytes_per_domain: int | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run the quickstart into ``output``; returns the scores, paths, sample and timings.
 
     ``max_bytes_per_domain`` caps the corpora (tests use it for a run of seconds); the
-    quickstart itself reads them whole.
+    quickstart itself reads them whole.  An earlier quickstart's run in ``output`` is refused
+    unless ``overwrite`` (its prepared data is reused either way).
     """
     from .config import ModelConfig
     from .generate import generate_text
@@ -104,6 +127,7 @@ def run_quickstart(
 
     console = console or Console()
     output = Path(output)
+    _clear_previous_run(output, overwrite)
     started = time.perf_counter()
 
     cfg = ModelConfig.from_preset(QUICKSTART_PRESET)

@@ -80,12 +80,21 @@ def data_prepare(
     from ..data import get_tokenizer, prepare_data
 
     mapping: dict[str, str] = {}
+    seen: dict[str, str] = {}  # where each source really is -> the domain that reads it
     for spec in sources:
         domain, _, target = spec.partition("=") if "=" in spec else (spec, "", spec)
         if not domain.strip() or not target.strip():
             raise LiteLLMError(f"source {spec!r} has an empty {'domain name' if not domain.strip() else 'path'}; write DOMAIN=SPEC, e.g. code=stdlib-code or notes=~/notes/")
         if domain in mapping:
             raise LiteLLMError(f"domain {domain!r} is given twice; give each source its own name as DOMAIN=SPEC")
+        # the same text in two domains would be trained on twice and scored as if it were two
+        where = target if not Path(target).expanduser().exists() else str(Path(target).expanduser().resolve())
+        if where in seen:
+            raise LiteLLMError(
+                f"source {target!r} is given twice, for domains {seen[where]!r} and {domain!r}; give each domain its own source "
+                "(weigh a domain with `lite-llm train --domains` instead)"
+            )
+        seen[where] = domain
         mapping[domain] = target
     with plain_warnings():  # a Latin-1 file is read with one plain warning line
         index = prepare_data(

@@ -19,6 +19,7 @@ def quickstart(
     steps: int = typer.Option(QUICKSTART_STEPS, min=1, help="Training steps."),
     seed: int = typer.Option(0, help="Seed.", min=0),
     threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier quickstart's run and charts in OUTPUT (its prepared data is reused)."),
 ) -> None:
     """Prepare the built-in corpora, train a small two-tier model, evaluate, sample, chart.
 
@@ -31,4 +32,4 @@ def quickstart(
     from ..quickstart import run_quickstart
 
     apply_threads(threads)
-    run_quickstart(output, steps=steps, seed=seed, console=console)
+    run_quickstart(output, steps=steps, seed=seed, console=console, overwrite=overwrite)

@@ -78,18 +78,27 @@ def _train(
     if launched_by_torchrun():
         return train_distributed(
             data=data, output=output, init_from=init_from, preset=preset, model_config=model_config, config=config, resume=resume,
-            overwrite=overwrite, quiet=quiet, device=run_device, given=given,
+            resume_from=resume_from, overwrite=overwrite, quiet=quiet, device=run_device, given=given,
         )
     if given.get("parallel"):
-        raise LiteLLMError(
-            f"--parallel {given['parallel']} needs several processes; launch with torchrun, e.g. "
-            f"torchrun --nproc-per-node 4 $(which lite-llm) train ... --parallel {given['parallel']}"
-        )
+        from ..dist.degrees import ParallelDegrees
+
+        needed = ParallelDegrees.processes_for(given["parallel"])  # all degrees 1 is one process: this one
+        if needed > 1:
+            raise LiteLLMError(
+                f"--parallel {given['parallel']} needs {needed} processes (dp x ep x tp x pp) but this is one; launch with torchrun, "
+                f"e.g. torchrun --nproc-per-node {needed} $(which lite-llm) train ... --parallel {given['parallel']}"
+            )
     with RunLock(output, say=lambda message: console.print(f"[yellow]{message}[/yellow]")):
         manager = CheckpointManager(output)
         for leftover in manager.clean_interrupted():
             console.print(f"removed {leftover.name}, left by an interrupted run")
-        sharded = _newer_sharded_checkpoint(manager, output) if resume and resume_from is None else None
+        from ..dist.checkpoint import is_sharded_checkpoint
+
+        if resume_from is not None and is_sharded_checkpoint(resume_from):
+            sharded: Optional[Path] = resume_from  # one of a distributed run's sharded checkpoints, continued in one process
+        else:
+            sharded = _newer_sharded_checkpoint(manager, output) if resume and resume_from is None else None
         if sharded is not None:  # a distributed run continued in one process
             from ..dist.checkpoint import read_meta
 
@@ -129,13 +138,13 @@ def _train(
             from ..dist.trainer import resume_sharded
 
             resume_sharded(trainer, sharded)
+            if trainer.step >= cfg.steps:
+                return _say_finished(output, trainer.step, sharded)
             console.print(f"resumed from {sharded} at step {trainer.step} of {cfg.steps} (in one process)")
         if latest is not None:
             trainer.resume(latest)
             if trainer.step >= cfg.steps:
-                console.print(f"the run in {output} is finished at step {trainer.step}; pass --steps N (N > {trainer.step}) to extend it")
-                console.print(f"checkpoint: {latest}")
-                return
+                return _say_finished(output, trainer.step, latest)
             console.print(f"resumed from {latest} at step {trainer.step} of {cfg.steps}")
         console.print(f"device: {trainer.runtime_summary()}")
         result = trainer.train()
@@ -224,6 +233,44 @@ def _newer_sharded_checkpoint(manager: Any, output: Path) -> Optional[Path]:
     return sharded if newer else None
 
 
+def _say_finished(output: Path, step: int, checkpoint: Path) -> None:
+    """What resuming a run that already reached its --steps prints (it trains nothing)."""
+    console.print(f"the run in {output} is finished at step {step}; pass --steps N (N > {step}) to extend it")
+    console.print(f"checkpoint: {checkpoint}")
+
+
+def _sharded_to_resume(output: Path, resume_from: Optional[Path]) -> Path:
+    """The sharded checkpoint a distributed run continues from: ``resume_from``, or the run's
+    newest — refused when the run went on in one process after it (its newer ordinary
+    checkpoints would be silently trained over) or never was distributed."""
+    from ..checkpoint import CheckpointManager
+    from ..dist.checkpoint import is_sharded_checkpoint, latest_sharded
+
+    if resume_from is not None:
+        if not is_sharded_checkpoint(resume_from):
+            raise LiteLLMError(
+                f"--resume-from {resume_from} is not a sharded checkpoint; under torchrun give one of {output}/sharded/step-N, "
+                "or continue from an ordinary checkpoint in one process (without torchrun)"
+            )
+        return resume_from
+    manager = CheckpointManager(output)
+    latest, ordinary = latest_sharded(output), manager.latest()
+    ordinary_step = (manager.step_of(ordinary) or -1) if ordinary is not None else -1
+    if latest is None:
+        if ordinary is not None:
+            raise LiteLLMError(
+                f"{output} holds checkpoints of a one-process run but no sharded checkpoint; continue it in one process (without torchrun), "
+                f"or start a distributed run from it with --init {ordinary} -o another directory"
+            )
+        raise LiteLLMError(f"nothing to resume in {output}: it has no complete sharded checkpoint; drop --resume to start a new run")
+    if ordinary_step > int(latest.name.split("-")[1]):
+        raise LiteLLMError(
+            f"{ordinary} is newer than the run's last sharded checkpoint {latest.name}: the run went on in one process; continue it "
+            f"in one process (without torchrun), or pass --resume-from {latest} to go back to step {int(latest.name.split('-')[1])}"
+        )
+    return latest
+
+
 def refuse_existing_run(output: Path, overwrite: bool) -> None:
     """A fresh run never mixes into an old one: refuse unless ``overwrite``, then clear it."""
     from ..checkpoint.atomic import remove_dir
@@ -271,22 +318,23 @@ def rollback(
 # ------------------------------------------------------------------------------ under torchrun
 def train_distributed(
     *, data: Path, output: Path, init_from: Optional[Path], preset: Optional[str], model_config: Optional[Path], config: Optional[Path],
-    resume: bool, overwrite: bool, quiet: bool, device: torch.device, given: dict[str, Any],
+    resume: bool, resume_from: Optional[Path], overwrite: bool, quiet: bool, device: torch.device, given: dict[str, Any],
 ) -> None:
+    """One rank's part of ``lite-llm train`` under torchrun.  Whatever can be refused from the
+    command line and the files alone is refused before the process group forms, on every rank
+    alike: a rank that stopped alone would leave the others to report a lost peer instead."""
     import torch.distributed as dist
 
-    from ..checkpoint import load_checkpoint
+    from ..checkpoint import CheckpointManager, load_checkpoint
     from ..data import TokenData
-    from ..dist.checkpoint import latest_sharded, read_meta
+    from ..dist.checkpoint import read_meta
     from ..dist.launch import describe_collective_failure, init_distributed, shutdown
     from ..dist.parallelize import parallelize
     from ..dist.trainer import DistributedTrainer
     from ..model import build_model
     from ..train import TrainConfig
 
-    latest = latest_sharded(output) if resume else None
-    if resume and latest is None:
-        raise LiteLLMError(f"nothing to resume in {output}: it has no complete sharded checkpoint; drop --resume to start a new run")
+    latest = _sharded_to_resume(output, resume_from) if resume else None
     if latest is not None:
         saved = dict(read_meta(latest)["trainer"].get("train_config") or {})
         file_fields = TrainConfig.from_file(config).to_dict() if config else {}
@@ -294,6 +342,8 @@ def train_distributed(
     else:
         fields = (TrainConfig.from_file(config) if config else TrainConfig()).to_dict()
         cfg = TrainConfig.from_dict({**fields, **given})
+    if latest is None and not overwrite:
+        refuse_existing_run(output, overwrite=False)  # every rank, before any of them waits for the others
     ranks = init_distributed(cfg.parallel or None, device)
     try:
         if latest is None:
@@ -313,6 +363,11 @@ def train_distributed(
             trainer.inherit(loaded.progressive)
         if latest is not None:
             trainer.resume_sharded(latest)
+            if trainer.step >= cfg.steps:  # every rank: nothing to train, nothing to write
+                if ranks.is_main:
+                    consolidated = CheckpointManager(output).path_for(trainer.step)
+                    _say_finished(output, trainer.step, consolidated if consolidated.is_dir() else latest)
+                return
             if ranks.is_main:
                 console.print(f"resumed from {latest} at step {trainer.step} of {cfg.steps}")
         if ranks.is_main:

@@ -18,6 +18,7 @@ number is the whole position.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -26,7 +27,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from safetensors import SafetensorError
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from ..checkpoint import TrainingState, save_checkpoint
 from ..checkpoint.atomic import fsync_tree, remove_dir
@@ -126,12 +129,10 @@ def load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
     the world size and degrees it was saved at; returns its metadata.  Collective when a
     process group is up."""
     meta = read_meta(path)
-    reader = HuggingFaceStorageReader(str(path))
-    stored = reader.read_metadata().state_dict_metadata
+    reader, stored = _read_stored(path)
     targets = model_tensors(model)
-    missing = [k for k in targets if k not in stored]
-    if missing:
-        raise CheckpointError(f"{path} has no {missing[0][len(MODEL):]}; it was saved from another model — resume with the model it was trained with")
+    # a pipeline stage holds only its own blocks, so tensors of the other stages are expected
+    _check_model(path, stored, targets, "it was saved from another model — resume with the model it was trained with", whole=False)
     moments: dict[str, tuple[torch.nn.Parameter, str]] = {}
     if optimizer is not None:
         for n, p in model.named_parameters():
@@ -155,9 +156,9 @@ def consolidate(path: Path, output: Path) -> Path:
     meta = read_meta(path)
     config = ModelConfig.from_dict(meta["model_config"])
     model = build_model(config, seed=0)
-    reader = HuggingFaceStorageReader(str(path))
-    stored = reader.read_metadata().state_dict_metadata
+    reader, stored = _read_stored(path)
     targets = model_tensors(model)
+    _check_model(path, stored, targets, f"its {META_FILE} describes another model than its shards hold — restore that file, or consolidate another sharded checkpoint")
     optim: dict[str, torch.Tensor] = {}
     for key, info in stored.items():
         if key.startswith(OPTIM):
@@ -168,6 +169,46 @@ def consolidate(path: Path, output: Path) -> Path:
     tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir.is_dir() else None
     training = TrainingState(tensors=tensors, meta=meta["trainer"])
     return save_checkpoint(output, model, tokenizer=tokenizer, progressive=meta.get("progressive") or {}, training=training)
+
+
+def _read_stored(path: Path) -> tuple[HuggingFaceStorageReader, dict[str, Any]]:
+    """DCP's reader of a sharded checkpoint and what its shard files hold, every tensor whole.
+
+    DCP reads whatever shard files it finds: a missing one leaves its chunks out of the
+    metadata, and loading would keep the model's own values there without a word, so a
+    tensor whose chunks do not cover it is refused here, as is a file cut short."""
+    reader = HuggingFaceStorageReader(str(path))
+    try:
+        stored = reader.read_metadata().state_dict_metadata
+    except (SafetensorError, OSError, ValueError) as exc:
+        detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"a shard file of {path} is cut short or corrupt ({detail}); use an earlier sharded checkpoint of the run"
+        ) from None
+    for key, info in stored.items():
+        if isinstance(info, TensorStorageMetadata) and sum(math.prod(c.sizes) for c in info.chunks) < math.prod(info.size):
+            raise CheckpointError(
+                f"{path} holds only part of {key}: one of its shard files is missing; restore it, or use an earlier sharded checkpoint of the run"
+            )
+    return reader, stored
+
+
+def _check_model(path: Path, stored: dict[str, Any], targets: dict[str, torch.Tensor], remedy: str, *, whole: bool = True) -> None:
+    """Every weight of the model is stored with its shape, and (``whole``: the model is the
+    whole model, not one pipeline stage) nothing else of a model is: DCP would stop at a
+    missing one with a traceback and silently drop an extra one."""
+    missing = [k for k in targets if k not in stored]
+    if missing:
+        raise CheckpointError(f"{path} has no {missing[0][len(MODEL):]}; {remedy}")
+    extra = [k for k in stored if k.startswith(MODEL) and k not in targets] if whole else []
+    if extra:
+        raise CheckpointError(f"{path} holds {extra[0][len(MODEL):]}, which the model lacks; {remedy}")
+    for key, tensor in targets.items():
+        info = stored[key]
+        if isinstance(info, TensorStorageMetadata) and tuple(info.size) != tuple(tensor.shape):
+            raise CheckpointError(
+                f"{path} holds {key[len(MODEL):]} of shape {tuple(info.size)}, not the model's {tuple(tensor.shape)}; {remedy}"
+            )
 
 
 def _barrier() -> None:

@@ -75,6 +75,16 @@ class ParallelDegrees:
             )
         return degrees
 
+    @staticmethod
+    def processes_for(spec: str | dict | None) -> int:
+        """How many processes ``spec`` asks for at the least (``dp`` left out counts 1): what a
+        run started without torchrun is told to launch, and 1 when every degree is 1."""
+        given = _parse_pairs(spec)
+        needed = 1
+        for key in KEYS:
+            needed *= given.get(key, 1)
+        return needed
+
 
 def _parse_pairs(spec: str | dict | None) -> dict[str, int]:
     if spec is None or spec == "":
