@@ -6,7 +6,6 @@ a traceback, a misleading message or a silently wrong result, and the files left
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -15,23 +14,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from lite_llm.cli import app
 from lite_llm.dist.local import free_port
 
-runner = CliRunner()
+from .test_issue16_safety import _hashes, _run
+
 TRAIN = ["--preset", "tiny", "--batch-size", "4", "--seq-len", "32", "--eval-batches", "1", "--eval-batch-size", "2", "--quiet"]
-
-
-def _run(args: list[str]) -> tuple[int, str]:
-    result = runner.invoke(app, args)
-    out = result.output + (result.stderr if result.stderr_bytes else "")
-    return result.exit_code, out.replace("\n", "")
-
-
-def _hashes(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def _env() -> dict[str, str]:
