@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 quickstart: setup
-	THP_MEM_ALLOC_ENABLE=1 $(VENV)/bin/lite-llm quickstart
+	THP_MEM_ALLOC_ENABLE=1 $(VENV)/bin/lite-llm quickstart $(ARGS)
 
 test: setup
 	THP_MEM_ALLOC_ENABLE=1 $(PY) -m pytest -q
