@@ -262,3 +262,24 @@ def test_one_source_given_for_two_domains_is_refused(tmp_path):
         assert code == 1 and "is given twice, for domains 'a' and 'b'" in out, out
         assert not (tmp_path / "d").exists()
     assert _hashes(corpus) == before
+
+
+def test_resume_after_a_metrics_row_cut_short_drops_it_and_a_corrupt_row_is_named(data, tmp_path):
+    """A run killed while writing metrics.jsonl leaves a cut last row: ``--resume`` ended in a
+    bare "Unterminated string" from the JSON decoder.  Now that row goes with the re-run steps,
+    and a damaged row in the middle is one sentence naming the file and the line."""
+    import json
+
+    run = tmp_path / "r"
+    assert _run(["train", "--data", str(data), "-o", str(run), "--steps", "3", "--save-every", "2", *TRAIN])[0] == 0
+    metrics = run / "metrics.jsonl"
+    rows = metrics.read_text().splitlines()
+    metrics.write_text("\n".join(rows) + '\n{"step": 3, "loss": 4.1')  # the row a kill cut short
+    code, out = _run(["train", "--data", str(data), "-o", str(run), "--steps", "5", "--resume", *TRAIN])
+    assert code == 0, out
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == [0, 1, 2, 3, 4], steps  # the rows of steps 2 and 3 were re-run from the step-2 checkpoint, each once
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join([lines[0], "garbage", *lines[1:]]) + "\n")
+    code, out = _run(["train", "--data", str(data), "-o", str(run), "--steps", "6", "--resume", *TRAIN])
+    assert code == 1 and f"line 2 of {metrics} is not a metrics record" in out and "Traceback" not in out, out

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ def _pyplot():
 
 def plot_run(run: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     """Write the charts of run directory ``run`` into ``out_dir`` (default ``run/plots``)."""
-    records = _read_records(run)
+    records = read_metrics(run)
     if not records:
         raise LiteLLMError(f"the metrics of {run} are empty; train for at least one step first")
     out = Path(out_dir) if out_dir is not None else Path(run) / "plots"
@@ -49,30 +48,6 @@ def plot_run(run: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     if any("new_tier_share" in r for r in records):
         written.append(_plot_ramp(plt, records, out))
     return [w for w in written if w is not None]
-
-
-def _read_records(run: str | Path) -> list[dict[str, Any]]:
-    """The run's metrics records.  A last line cut short (a run killed while writing it) is
-    left out, so the run so far still plots; any other line that is not a JSON record is one
-    sentence naming the file and the line, not a bare decoder message."""
-    path = Path(run) / "metrics.jsonl" if Path(run).is_dir() else Path(run)
-    if not path.is_file():
-        return read_metrics(run)  # its one sentence for a missing file
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    last = max((n for n, line in enumerate(lines, 1) if line.strip()), default=0)
-    records: list[dict[str, Any]] = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            record = None
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
-            records.append(record)
-        elif number < last or not records:  # a cut-short last line, but not the only one
-            raise LiteLLMError(f"line {number} of {path} is not a metrics record; delete or repair that line and plot again")
-    return records
 
 
 def _val_series(records: list[dict[str, Any]], key: str) -> dict[str, tuple[list[int], list[float]]]:

@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ..errors import LiteLLMError
+
 
 def _scalars(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
     out: dict[str, float] = {}
@@ -58,11 +60,12 @@ class MetricsLogger:
 
         if self._file is not None:
             self._file.close()
-        lines = self.path.read_text().splitlines()
-        kept = [line for line in lines if line.strip() and int(json.loads(line).get("step", -1)) < step]
+        rows = _records(self.path)  # a row cut short by a killed run is dropped with the re-run ones
+        kept = [line for line, record in rows if record["step"] < step]
+        dropped = len([line for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]) - len(kept)
         replace_file(self.path, "".join(line + "\n" for line in kept).encode())  # durable before the new rows follow
         self._file = self.path.open("a")
-        return len([line for line in lines if line.strip()]) - len(kept)
+        return dropped
 
     def last(self, key: str) -> Any:
         return self._last.get(key)
@@ -77,12 +80,31 @@ class MetricsLogger:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """All records of a metrics file (a run directory or the JSONL file itself)."""
+    """All records of a metrics file (a run directory or the JSONL file itself).  A last line
+    cut short (a run killed while writing it) is left out; any other line that is not a
+    record is one sentence naming the file and the line."""
     path = Path(path)
     if path.is_dir():
         path = path / "metrics.jsonl"
-    if not path.exists():
-        from ..errors import LiteLLMError
-
+    if not path.is_file():
         raise LiteLLMError(f"no metrics at {path}; point at a run directory that `lite-llm train` wrote")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [record for _, record in _records(path)]
+
+
+def _records(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(line, record) for each record of ``path``; see :func:`read_metrics`."""
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    last = max((n for n, line in enumerate(lines, 1) if line.strip()), default=0)
+    out: list[tuple[str, dict[str, Any]]] = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            out.append((line, record))
+        elif number < last or not out:  # a cut-short last line, but not the only one
+            raise LiteLLMError(f"line {number} of {path} is not a metrics record; delete or repair that line and run again")
+    return out
