@@ -263,3 +263,17 @@ def test_generate_refuses_a_prompt_longer_than_the_context_before_printing(tmp_p
     assert runner.invoke(app, ["init", "--preset", "tiny", "-o", str(ckpt)]).exit_code == 0
     context = ModelConfig.from_preset("tiny").max_seq_len
     _fails(["generate", str(ckpt), "--prompt", "x" * (context + 5)], f"the prompt is {context + 5} tokens but the model's context is {context}")
+
+
+def test_library_sampling_settings_out_of_range_are_one_sentence(model):
+    """``top_k=-1`` and ``top_p=2`` were ignored silently by ``generate_ids`` (the CLI and the
+    server refuse them); every range error is a :class:`SamplingError`, still a ValueError."""
+    from lite_llm.errors import LiteLLMError, SamplingError
+
+    for kwargs, said in (({"top_k": -1}, "top_k must be a whole number >= 1"), ({"top_k": 1.5}, "top_k must be a whole number >= 1"),
+                         ({"top_p": 2.0}, "top_p must be above 0 and at most 1"), ({"top_p": 0.0}, "top_p must be above 0 and at most 1"),
+                         ({"temperature": -1.0}, "temperature must be a finite number")):
+        with pytest.raises(SamplingError, match=said) as caught:
+            list(generate_ids(model, [1, 2, 3], 2, **kwargs))
+        assert isinstance(caught.value, (LiteLLMError, ValueError))
+    assert len(list(generate_ids(model, [1, 2, 3], 2, top_k=1, top_p=1.0, temperature=0.5))) == 2

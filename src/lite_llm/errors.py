@@ -30,5 +30,9 @@ class PromptError(LiteLLMError, ValueError):
     fit the inputs."""
 
 
+class SamplingError(LiteLLMError, ValueError):
+    """A sampling setting out of its range (temperature, top-k, top-p, penalties)."""
+
+
 class DataError(LiteLLMError, ValueError):
     """A corpus, tokenizer or prepared dataset is missing, empty, corrupt or too small."""

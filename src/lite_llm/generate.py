@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Collection, Iterator, Sequence
 import torch
 
 from .config import TierSet
-from .errors import PromptError
+from .errors import PromptError, SamplingError
 from .model.layers import KV_ROOM
 
 if TYPE_CHECKING:
@@ -133,12 +133,16 @@ def generate_ids(
     to the raw logits before temperature and filtering (vLLM's order; the server's too).
     """
     if not 0 <= temperature < float("inf"):
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+        raise SamplingError(f"temperature must be a finite number >= 0, got {temperature}")
+    if top_k is not None and not (isinstance(top_k, int) and not isinstance(top_k, bool) and top_k >= 1):
+        raise SamplingError(f"top_k must be a whole number >= 1 (or None for no limit), got {top_k!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise SamplingError(f"top_p must be above 0 and at most 1 (or None for no limit), got {top_p!r}")
     if not PENALTY_RANGE[0] <= repetition_penalty <= PENALTY_RANGE[1]:
-        raise ValueError(f"repetition_penalty must be between {PENALTY_RANGE[0]} and {PENALTY_RANGE[1]}, got {repetition_penalty}")
+        raise SamplingError(f"repetition_penalty must be between {PENALTY_RANGE[0]} and {PENALTY_RANGE[1]}, got {repetition_penalty}")
     for name, value in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
         if not FREQUENCY_PENALTY_RANGE[0] <= value <= FREQUENCY_PENALTY_RANGE[1]:
-            raise ValueError(f"{name} must be between {FREQUENCY_PENALTY_RANGE[0]:g} and {FREQUENCY_PENALTY_RANGE[1]:g}, got {value}")
+            raise SamplingError(f"{name} must be between {FREQUENCY_PENALTY_RANGE[0]:g} and {FREQUENCY_PENALTY_RANGE[1]:g}, got {value}")
     stop_ids = {int(i) for i in eos_ids} | ({int(eos_id)} if eos_id is not None else set())
     ids = check_prompt(prompt_ids, model.config.max_seq_len)
     max_new_tokens = min(max_new_tokens, model.config.max_seq_len - len(ids))
