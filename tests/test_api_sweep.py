@@ -304,3 +304,11 @@ def test_train_config_keeps_a_tierset_in_its_string_form():
         with pytest.raises(ConfigError, match=message) as err:
             _train_cfg(tierset=bad)
         assert_one_sentence(err.value)
+
+
+@pytest.mark.parametrize("kwargs, said", [({"seed": "a"}, "seed must be a whole number >= 0"), ({"seed": -1}, "seed must be a whole number >= 0"),
+                                          ({"device": "bogus"}, "device 'bogus' is not a device")])
+def test_build_model_names_a_bad_seed_or_device(kwargs, said):
+    """Both ended in torch's RuntimeError (a generator's seed, a list of two dozen device types)."""
+    with pytest.raises(ConfigError, match=said):
+        build_model(ModelConfig.from_preset("tiny"), **kwargs)

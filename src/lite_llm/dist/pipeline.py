@@ -35,7 +35,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
 from ..config import ModelConfig, TierSet
-from ..errors import ConfigError
+from ..errors import ConfigError, PromptError
 from ..model import LiteLLM
 from ..model.layers import rope_tables
 from ..model.transformer import IGNORE_INDEX
@@ -88,7 +88,9 @@ class StageModule(nn.Module):
         if self.first:
             (input_ids,) = inputs
             if input_ids.shape[1] > cfg.max_seq_len:
-                raise ValueError(f"sequence of {input_ids.shape[1]} positions exceeds max_seq_len={cfg.max_seq_len}")
+                raise PromptError(
+                    f"a sequence of {input_ids.shape[1]} positions exceeds this model's max_seq_len={cfg.max_seq_len}; give at most {cfg.max_seq_len} tokens"
+                )
             x = self.embed(input_ids)
             balance = x.new_zeros((), dtype=torch.float32)
             z = x.new_zeros((), dtype=torch.float32)

@@ -278,6 +278,13 @@ def build_model(
     """Build and initialise a model for ``config`` — the one public way to get a model."""
     if not isinstance(config, ModelConfig):
         raise ConfigError(f"build_model needs a ModelConfig, got {type(config).__name__}; build one with ModelConfig(...) or ModelConfig.from_dict(...)")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"build_model's seed must be a whole number >= 0, got {seed!r}")
+    if isinstance(device, str):
+        try:
+            device = torch.device(device)
+        except RuntimeError:  # torch's message lists two dozen device types
+            raise ConfigError(f"build_model's device {device!r} is not a device; give 'cpu', 'cuda' or 'cuda:N'") from None
     model = LiteLLM(config)
     model.reset_parameters(seed)
     if device is not None or dtype is not None:
