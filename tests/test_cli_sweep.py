@@ -82,6 +82,13 @@ def test_tiers_profile_refuses_data_made_by_another_tokenizer_and_a_long_seq_len
     code, out = _run(["tiers", "profile", str(ckpt), "--data", f"x={world['bpe_data']}", *fast, "--seq-len", "1000"])
     assert code == 1 and "--seq-len 1000 is longer than checkpoint" in out and "give --seq-len 256 or less" in out, out
     assert _hashes(ckpt) == before  # no profile stored
+    # the library call checks the same before timing anything (it used to check only the vocabulary's size)
+    from lite_llm.errors import DataError
+    from lite_llm.serve.profiling import profile_checkpoint
+
+    with pytest.raises(DataError, match="was tokenized by another tokenizer"):
+        profile_checkpoint(ckpt, {"x": world["other_data"]}, tokens=2, repeats=1, eval_batches=1, batch_size=1, seq_len=16)
+    assert _hashes(ckpt) == before
 
 
 # ------------------------------------------------------------------ eval: arguments

@@ -29,21 +29,14 @@ def parse_data_pairs(pairs: list[str]) -> dict[str, Path]:
     return out
 
 
-def check_profile_inputs(checkpoint: Path, pairs: dict[str, Path], seq_len: int) -> None:
-    """Refuse, before anything is timed, data tokenized by another tokenizer than the
-    checkpoint's (its bits per byte would be plausible numbers that mean nothing) and a
-    --seq-len beyond the model's context."""
+def check_profile_inputs(checkpoint: Path, seq_len: int) -> None:
+    """Refuse, before anything is timed, a --seq-len beyond the model's context (data from
+    another tokenizer is refused by ``profile_checkpoint`` itself, also before any timing)."""
     from ..checkpoint.lazy import open_checkpoint
-    from ..checkpoint.load import load_tokenizer
-    from ..data import TokenData
-    from ..eval.compat import check_data_tokenizer
 
     source = open_checkpoint(checkpoint, verify=False)
     if seq_len > source.config.max_seq_len:
         raise LiteLLMError(f"--seq-len {seq_len} is longer than checkpoint {checkpoint}'s context of {source.config.max_seq_len} tokens; give --seq-len {source.config.max_seq_len} or less")
-    model_tokenizer = load_tokenizer(source.tokenizer_dir) if source.tokenizer_dir else None
-    for path in dict.fromkeys(pairs.values()):
-        check_data_tokenizer(TokenData(path).tokenizer, path, model_tokenizer, source.config.vocab_size, checkpoint)
 
 
 def print_table(table, chosen=None, title: str = "TierSet profile") -> None:
@@ -92,7 +85,7 @@ def profile_command(
 
     pairs = parse_data_pairs(data)
     run_device = resolve_device(device)
-    check_profile_inputs(checkpoint, pairs, seq_len)
+    check_profile_inputs(checkpoint, seq_len)
     apply_threads(threads)
     table = profile_checkpoint(
         checkpoint, pairs, device=run_device, hot_budget=hot_budget, warm_budget=warm_budget, tokens=tokens, repeats=repeats,

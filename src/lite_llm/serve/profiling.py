@@ -71,10 +71,12 @@ def decode_once(model: Any, prompt: Sequence[int], tokens: int, tierset: TierSet
         model.clear_kv_cache()
 
 
-def open_domains(data: Mapping[str, str | Path], vocab_size: int) -> dict[str, Any]:
+def open_domains(data: Mapping[str, str | Path], vocab_size: int, model_tokenizer: Any = None, checkpoint: object = "the checkpoint") -> dict[str, Any]:
     """``{domain: TokenData}`` for ``DOMAIN=PATH`` pairs, each checked: the folder is a prepared
-    dataset, it holds the domain, and its tokenizer fits the model's vocabulary."""
+    dataset, it holds the domain, and it was tokenized by the model's tokenizer
+    (``model_tokenizer``; without one, only its vocabulary size can be checked)."""
     from ..data import TokenData
+    from ..eval.compat import check_data_tokenizer
 
     if not data:
         raise DataError("name at least one validation domain, as --data DOMAIN=PATH (a folder from `lite-llm data prepare`)")
@@ -87,11 +89,7 @@ def open_domains(data: Mapping[str, str | Path], vocab_size: int) -> dict[str, A
         dataset = opened[path]
         if domain not in dataset.domains:
             raise DataError(f"the data in {path} has no domain {domain!r}; it has {', '.join(dataset.domains)}")
-        if dataset.tokenizer.vocab_size > vocab_size:
-            raise DataError(
-                f"the data in {path} was tokenized with {dataset.tokenizer.vocab_size} token ids but the model has {vocab_size}; "
-                "prepare it with the checkpoint's tokenizer"
-            )
+        check_data_tokenizer(dataset.tokenizer, path, model_tokenizer, vocab_size, checkpoint)
         out[domain] = dataset
     return out
 
@@ -117,6 +115,8 @@ def profile_checkpoint(
     (as `generate --hot-budget` serves them), else all resident.  ``data`` maps each validation
     domain to its prepared dataset folder.  Returns the table; :func:`save_profile` stores it."""
     from ..checkpoint import load_checkpoint, read_manifest
+    from ..checkpoint.load import load_tokenizer
+    from ..checkpoint.manifest import TOKENIZER_DIR
     from ..eval import evaluate
     from ..store import load_with_store, parse_bytes
 
@@ -129,7 +129,8 @@ def profile_checkpoint(
         raise LiteLLMError(f"checkpoint {checkpoint} has no tiers of experts, so there is no TierSet to choose; profile a tiered model")
     if prompt_tokens + tokens + 1 > config.max_seq_len:
         raise LiteLLMError(f"{prompt_tokens} prompt tokens and {tokens} decoded ones exceed the model's {config.max_seq_len} positions; ask for fewer --tokens")
-    domains = open_domains(data, config.vocab_size)
+    tokenizer_dir = Path(checkpoint) / TOKENIZER_DIR
+    domains = open_domains(data, config.vocab_size, load_tokenizer(tokenizer_dir) if tokenizer_dir.is_dir() else None, checkpoint)
     sets = [tuple(TierSet.of(*c).resolve(config)) for c in candidates] if candidates is not None else candidate_tiersets(order)
     dense_bytes, tier_bytes = resident_bytes(manifest)
     per_expert = expert_bytes_per_tier(manifest, config)
