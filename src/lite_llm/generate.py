@@ -160,7 +160,8 @@ def generate_ids(
         for _ in range(max_new_tokens):
             logits = apply_logit_bias(logits, logit_bias)
             logits = apply_repetition_penalty(logits, seen, repetition_penalty)
-            logits = apply_presence_frequency_penalties(logits, seen[len(ids) :], presence_penalty, frequency_penalty)
+            if presence_penalty or frequency_penalty:  # else no O(length) slice per token
+                logits = apply_presence_frequency_penalties(logits, seen[len(ids) :], presence_penalty, frequency_penalty)
             token = sample_token(logits, temperature, top_k, top_p, gen)
             yield token
             if token in stop_ids:

@@ -11,20 +11,6 @@ from ..errors import LiteLLMError
 from .app import app, console, friendly_errors, parse_dtype, plain_warnings
 
 
-GGUF_MAGIC = b"GGUF"
-
-
-def is_gguf(source: Path) -> bool:
-    """A GGUF file by its name or, renamed or downloaded without the suffix, by its magic bytes
-    (else it would be taken for a Hugging Face folder and refused as a folder that does not exist)."""
-    if source.suffix.lower() == ".gguf":
-        return True
-    if not source.is_file():
-        return False
-    with open(source, "rb") as f:
-        return f.read(len(GGUF_MAGIC)) == GGUF_MAGIC
-
-
 @app.command("import")
 @friendly_errors
 def import_command(
@@ -48,6 +34,7 @@ def import_command(
         raise LiteLLMError(f"the output {output} and the source {source} are nested in each other; write the checkpoint to a directory outside the source")
     refuse_existing(output, overwrite, "checkpoint")
     from ..interop import import_gguf, import_hf
+    from ..interop.gguf_import import is_gguf
 
     torch_dtype = parse_dtype(dtype)
     with console.status("importing…"):

@@ -21,6 +21,8 @@ two of them.  Degrees left out are 1; ``dp`` left out is whatever the world size
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 from ..errors import ConfigError
@@ -80,10 +82,7 @@ class ParallelDegrees:
         """How many processes ``spec`` asks for at the least (``dp`` left out counts 1): what a
         run started without torchrun is told to launch, and 1 when every degree is 1."""
         given = _parse_pairs(spec)
-        needed = 1
-        for key in KEYS:
-            needed *= given.get(key, 1)
-        return needed
+        return math.prod(given.get(key, 1) for key in KEYS)
 
 
 def _parse_pairs(spec: str | dict | None) -> dict[str, int]:

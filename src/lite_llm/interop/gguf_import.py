@@ -68,6 +68,22 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, dty
 
 
 # ------------------------------------------------------------------------------- reading
+GGUF_MAGIC = b"GGUF"
+
+
+def _starts_with_magic(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(GGUF_MAGIC)) == GGUF_MAGIC
+
+
+def is_gguf(source: Path) -> bool:
+    """A GGUF file by its name or, renamed or downloaded without the suffix, by its magic bytes
+    (else it would be taken for a Hugging Face folder and refused as a folder that does not exist)."""
+    if source.suffix.lower() == ".gguf":
+        return True
+    return source.is_file() and _starts_with_magic(source)
+
+
 def open_gguf(path: Path) -> Any:
     """A ``gguf.GGUFReader`` over ``path`` (memory-mapped: nothing is read yet)."""
     try:
@@ -79,8 +95,7 @@ def open_gguf(path: Path) -> Any:
     try:
         return gguf.GGUFReader(path)
     except Exception as exc:  # noqa: BLE001 - the reader raises ValueError, struct.error, IndexError ... on a bad file
-        with open(path, "rb") as f:
-            magic = f.read(4) == b"GGUF"
+        magic = _starts_with_magic(path)
         # the reader's own words (numpy reshape and dtype errors) do not say what is wrong with the file
         why = "it is truncated or corrupt" if magic else "it does not start with the GGUF magic bytes"
         raise CheckpointError(f"{path} cannot be read as a GGUF file: {why} ({type(exc).__name__}: {one_line(exc)}); download it again") from None

@@ -112,19 +112,15 @@ class Server:
                 raise APIError(str(exc), param="messages") from None
             return list(self.tokenizer.encode(text))
         prompt = request.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], list):  # token ids in a batch (lm-evaluation-harness)
+        while isinstance(prompt, list) and not (prompt and all(isinstance(p, int) for p in prompt)):  # a batch: [text] or [[ids]] (lm-eval)
             if len(prompt) != 1:
                 raise APIError(f"this server takes one prompt per request, got {len(prompt)}", param="prompt")
             prompt = prompt[0]
-        if isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
+        if isinstance(prompt, list):  # token ids
             bad = [p for p in prompt if not 0 <= p < self.config.vocab_size]
             if bad:
                 raise APIError(f"prompt token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})", param="prompt")
             return list(prompt)
-        if isinstance(prompt, list):
-            if len(prompt) != 1:
-                raise APIError(f"this server takes one prompt per request, got {len(prompt)}", param="prompt")
-            prompt = prompt[0]
         return list(self.tokenizer.encode_prompt(prompt)) if prompt else []  # with the BOS transformers' tokenizer(prompt) adds
 
     def echo_text(self, request: Any, ids: list[int]) -> str:

@@ -53,7 +53,7 @@ class MetricsLogger:
     def drop_from(self, step: int) -> int:
         """Remove the rows of steps ``>= step`` (a resumed run re-runs them, and its rows replace
         theirs rather than follow them).  The file is rewritten atomically.  Returns how many
-        rows were dropped."""
+        records were dropped (a row cut short by a killed run is dropped too, not counted)."""
         if self.path is None or not self.path.exists():
             return 0
         from ..checkpoint.atomic import replace_file
@@ -62,10 +62,9 @@ class MetricsLogger:
             self._file.close()
         rows = _records(self.path)  # a row cut short by a killed run is dropped with the re-run ones
         kept = [line for line, record in rows if record["step"] < step]
-        dropped = len([line for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]) - len(kept)
         replace_file(self.path, "".join(line + "\n" for line in kept).encode())  # durable before the new rows follow
         self._file = self.path.open("a")
-        return dropped
+        return len(rows) - len(kept)
 
     def last(self, key: str) -> Any:
         return self._last.get(key)
