@@ -73,6 +73,25 @@ def test_eval_refuses_data_made_by_another_tokenizer(world, tmp_path):
     assert {k: _hashes(world[k]) for k in before} == before
 
 
+def test_train_from_a_checkpoint_refuses_data_made_by_another_tokenizer(world, tmp_path):
+    """Was: ``train --init`` (and ``--resume``) a BPE checkpoint on byte data, or on another
+    BPE of the same size, trained without a word: the model learned other words under its old ids
+    and the run's checkpoints were saved with the data's tokenizer in place of the model's."""
+    before = {k: _hashes(world[k]) for k in ("bpe_ckpt", "byte_data", "other_data")}
+    steps = ["--steps", "1", "--batch-size", "1", "--seq-len", "16", "--eval-every", "0"]
+    for data, message in (("byte_data", "(byte, 256 tokens) than checkpoint"), ("other_data", "(bpe, 300 tokens) than checkpoint")):
+        run = tmp_path / f"run_{data}"
+        code, out = _run(["train", "--init", str(world["bpe_ckpt"]), "--data", str(world[data]), *steps, "-o", str(run)])
+        assert code == 1 and message in out and "--tokenizer" in out and "Traceback" not in out, out
+        assert not (run / "checkpoints").exists()
+    run = tmp_path / "run_own"
+    code, out = _run(["train", "--init", str(world["bpe_ckpt"]), "--data", str(world["bpe_data"]), *steps, "-o", str(run)])
+    assert code == 0, out  # the checkpoint's own tokenizer is accepted
+    code, out = _run(["train", "--data", str(world["other_data"]), "--steps", "2", "-o", str(run), "--resume"])
+    assert code == 1 and "(bpe, 300 tokens) than checkpoint" in out and "Traceback" not in out, out
+    assert {k: _hashes(world[k]) for k in before} == before
+
+
 def test_tiers_profile_refuses_data_made_by_another_tokenizer_and_a_long_seq_len(world, tmp_path):
     ckpt = _copy(world["bpe_ckpt"], tmp_path)
     before = _hashes(ckpt)

@@ -51,7 +51,7 @@ def eval_command(
     """
     from ..data import TokenData
     from ..eval import RetentionReport, evaluate
-    from ..eval.compat import check_data_tokenizer
+    from ..data.compat import check_data_tokenizer
     from ..runtime.device import resolve_device
 
     run_device = resolve_device(device)

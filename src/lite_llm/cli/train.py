@@ -59,6 +59,7 @@ def _train(
     """
     from ..checkpoint import CheckpointManager, load_checkpoint
     from ..data import TokenData
+    from ..data.compat import check_data_tokenizer
     from ..model import build_model
     from ..train import TrainConfig, Trainer
     from ..train.curriculum import Curriculum, CurriculumConfig
@@ -127,7 +128,8 @@ def _train(
                 raise LiteLLMError(f"cannot resume with a different model: {latest} holds another configuration than --preset/--model-config give; drop them to continue the run")
         else:
             model = build_model(model_config_from(preset, model_config), seed=cfg.seed)
-        check_vocab(model.config.vocab_size, dataset.tokenizer.vocab_size)
+        if latest is not None or init_from is not None:
+            check_data_tokenizer(dataset.tokenizer, data, loaded.tokenizer, model.config.vocab_size, latest or init_from)
         callbacks = [Curriculum(plan)] if plan is not None else []
         trainer = Trainer.from_config(
             model, dataset, cfg, run_dir=output, show_progress=not quiet, tokenizer=dataset.tokenizer, callbacks=callbacks, device=run_device
@@ -327,6 +329,7 @@ def train_distributed(
 
     from ..checkpoint import CheckpointManager, load_checkpoint
     from ..data import TokenData
+    from ..data.compat import check_data_tokenizer
     from ..dist.checkpoint import read_meta
     from ..dist.launch import describe_collective_failure, init_distributed, shutdown
     from ..dist.parallelize import parallelize
@@ -356,7 +359,8 @@ def train_distributed(
             model = loaded.model
         else:
             model = build_model(model_config_from(preset, model_config), seed=cfg.seed)
-        check_vocab(model.config.vocab_size, dataset.tokenizer.vocab_size)
+        if init_from is not None:
+            check_data_tokenizer(dataset.tokenizer, data, loaded.tokenizer, model.config.vocab_size, init_from)
         model = parallelize(model.to(ranks.device), ranks)
         trainer = DistributedTrainer(model, dataset, cfg, ranks, run_dir=output, show_progress=not quiet, tokenizer=dataset.tokenizer)
         if init_from is not None and latest is None:
@@ -384,10 +388,3 @@ def train_distributed(
         raise LiteLLMError(message) from None
     finally:
         shutdown()
-
-
-def check_vocab(model_vocab: int, tokenizer_vocab: int) -> None:
-    if tokenizer_vocab > model_vocab:
-        raise LiteLLMError(
-            f"the dataset's tokenizer has {tokenizer_vocab} tokens but the model only {model_vocab}; prepare the data with the model's tokenizer"
-        )

@@ -76,7 +76,7 @@ def open_domains(data: Mapping[str, str | Path], vocab_size: int, model_tokenize
     dataset, it holds the domain, and it was tokenized by the model's tokenizer
     (``model_tokenizer``; without one, only its vocabulary size can be checked)."""
     from ..data import TokenData
-    from ..eval.compat import check_data_tokenizer
+    from ..data.compat import check_data_tokenizer
 
     if not data:
         raise DataError("name at least one validation domain, as --data DOMAIN=PATH (a folder from `lite-llm data prepare`)")

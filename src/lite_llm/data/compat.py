@@ -1,9 +1,10 @@
-"""Whether a prepared dataset can score a model: tokenized by the model's own tokenizer.
+"""Whether a prepared dataset fits a model: tokenized by the model's own tokenizer.
 
 A dataset holds token ids, not text.  Scored by a model with another tokenizer, ids beyond
 its vocabulary crash the embedding, and ids within it are other words: the loss and bits per
-byte come out as plausible numbers that mean nothing.  So every evaluation compares the two
-tokenizers before the first batch.
+byte come out as plausible numbers that mean nothing; trained on them, a model learns other
+words under its old ids.  So every evaluation, and every training run that starts from a
+checkpoint, compares the two tokenizers before the first batch.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def _encoding(tokenizer: Any) -> tuple[Any, ...]:
 
 
 def check_data_tokenizer(data_tokenizer: Any, data_dir: str | Path, model_tokenizer: Any, vocab_size: int, checkpoint: object) -> None:
-    """Refuse to score ``checkpoint`` on data tokenized by another tokenizer than its own
+    """Refuse to score or train ``checkpoint`` on data tokenized by another tokenizer than its own
     (``model_tokenizer``; None when the checkpoint has none, and then only the vocabulary
     size can be checked)."""
     fix = f"prepare the data again with the checkpoint's tokenizer (lite-llm data prepare ... --tokenizer {checkpoint}/tokenizer)"
@@ -42,5 +43,5 @@ def check_data_tokenizer(data_tokenizer: Any, data_dir: str | Path, model_tokeni
     if model_tokenizer is not None and _encoding(data_tokenizer) != _encoding(model_tokenizer):
         raise DataError(
             f"the data in {data_dir} was tokenized by another tokenizer ({data_tokenizer.kind}, {data_tokenizer.vocab_size} tokens) than "
-            f"checkpoint {checkpoint}'s ({model_tokenizer.kind}, {model_tokenizer.vocab_size} tokens), so its scores would mean nothing; {fix}"
+            f"checkpoint {checkpoint}'s ({model_tokenizer.kind}, {model_tokenizer.vocab_size} tokens), so its scores and training would mean nothing; {fix}"
         )
