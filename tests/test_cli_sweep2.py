@@ -103,6 +103,30 @@ def test_resume_under_torchrun_of_a_one_process_run_says_to_continue_it_in_one_p
     assert _hashes(run) == before
 
 
+def test_a_curriculum_under_torchrun_is_refused_not_dropped(data, tmp_path, monkeypatch):
+    """Was: ``--curriculum`` under torchrun set the run's steps from the plan and then trained
+    with no curriculum at all, without a word."""
+    import yaml
+
+    plan = tmp_path / "curriculum.yaml"
+    plan.write_text(yaml.safe_dump({"tier": "tier_new", "phases": [{"name": "integration", "steps": 2, "to_share": 0.4}]}))
+    _as_rank(monkeypatch)
+    run = tmp_path / "run"
+    code, out = _run(["train", "--data", str(data), "-o", str(run), "--curriculum", str(plan), "--parallel", "dp=2", *TRAIN])
+    assert code == 1 and "--curriculum runs in one process only for now" in out and "train without torchrun" in out, out
+    assert not run.exists()
+
+
+def test_a_refused_resume_change_names_every_setting_that_may_change(data, tmp_path):
+    """Was: "only --steps, --eval-every and --save-every can change" while --log-every,
+    --keep-last, --parallel and --pp-schedule may change too."""
+    run = tmp_path / "run"
+    assert _run(["train", "--data", str(data), "-o", str(run), "--steps", "1", *TRAIN])[0] == 0
+    code, out = _run(["train", "--data", str(data), "-o", str(run), "--resume", "--steps", "2", "--lr", "0.5", "--quiet"])
+    listed = "only --steps, --eval-every, --save-every, --log-every, --keep-last, --parallel, --pp-schedule can change when resuming"
+    assert code == 1 and "cannot resume with --lr 0.5" in out and listed in out, out
+
+
 def test_resume_under_torchrun_refuses_to_train_over_newer_one_process_steps(dist_run, data, tmp_path, monkeypatch):
     run = _copy(dist_run, tmp_path)
     # the run went on in one process from its last sharded checkpoint (step 4) to step 5

@@ -77,6 +77,11 @@ def _train(
     from ..dist.launch import launched_by_torchrun
 
     if launched_by_torchrun():
+        if plan is not None:  # every rank refuses alike, before the process group forms
+            raise LiteLLMError(
+                "--curriculum runs in one process only for now (its pre-integration checkpoint and rollback are ordinary "
+                "checkpoints, which a distributed run does not write); train without torchrun"
+            )
         return train_distributed(
             data=data, output=output, init_from=init_from, preset=preset, model_config=model_config, config=config, resume=resume,
             resume_from=resume_from, overwrite=overwrite, quiet=quiet, device=run_device, given=given,
@@ -189,8 +194,8 @@ def resume_fields(saved: dict[str, Any], given: dict[str, Any]) -> dict[str, Any
         elif key in saved and saved[key] != value:
             flag = flag_of(key)
             raise LiteLLMError(
-                f"cannot resume with {flag} {value!r}: the run was trained with {saved[key]!r}, and only --steps, --eval-every"
-                f" and --save-every can change when resuming; drop {flag}, or start a new run in another -o directory"
+                f"cannot resume with {flag} {value!r}: the run was trained with {saved[key]!r}, and only "
+                f"{', '.join(flag_of(name) for name in RESUMABLE_CHANGES)} can change when resuming; drop {flag}, or start a new run in another -o directory"
             )
     return fields
 
