@@ -145,9 +145,11 @@ def test_every_train_config_field_is_a_train_option_and_reaches_the_run(tmp_path
     missing = [f.name for f in dataclasses.fields(TrainConfig) if flag_of(f.name) + " " not in help_text]
     assert missing == []
     out = tmp_path / "run"
+    teacher = tmp_path / "teacher"  # --distill-domains needs a teacher: without one it is refused, not ignored
+    assert CliRunner().invoke(app, ["init", "--preset", "tiny", "-o", str(teacher)]).exit_code == 0
     args = ["train", "--data", str(small_dataset), "--preset", "tiny", "-o", str(out), "--quiet", "--steps", "2", "--batch-size", "2",
             "--seq-len", "16", "--eval-batches", "1", "--weight-decay", "0.25", "--beta2", "0.9", "--keep-last", "2",
-            "--domains", "code=3,prose=1", "--no-keep-memory", "--distill-domains", "prose, code", "--tiers", "tier_1b"]
+            "--domains", "code=3,prose=1", "--no-keep-memory", "--distill-from", str(teacher), "--distill-domains", "prose, code", "--tiers", "tier_1b"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     saved = json.loads((out / "checkpoints" / "step-00000002" / "training" / "state.json").read_text())["train_config"]

@@ -4,7 +4,8 @@ chosen TierSet; stops on any of the tokenizer's end-of-sequence ids or on a stop
 from __future__ import annotations
 
 import codecs
-from typing import TYPE_CHECKING, Collection, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Collection, Iterator, Protocol, Sequence
 
 import torch
 
@@ -92,6 +93,58 @@ def sample_token(
     return int(torch.multinomial(filtered.softmax(-1).cpu(), 1, generator=generator))
 
 
+class SamplingSettings(Protocol):
+    """What :func:`next_token` reads of a request's settings: :class:`Sampling` (what
+    :func:`generate_ids` builds) and the server's ``SamplingParams`` both have these fields, so
+    the server hands its own params over as they are (it may import this layer; not the reverse)."""
+
+    @property
+    def temperature(self) -> float: ...
+    @property
+    def top_k(self) -> int | None: ...
+    @property
+    def top_p(self) -> float | None: ...
+    @property
+    def repetition_penalty(self) -> float: ...
+    @property
+    def presence_penalty(self) -> float: ...
+    @property
+    def frequency_penalty(self) -> float: ...
+    @property
+    def logit_bias(self) -> dict[int, float] | None: ...
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """The sampling settings of one :func:`generate_ids` call, as :func:`next_token` reads them."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
+
+
+def next_token(
+    logits: torch.Tensor, seen: Sequence[int], prompt_len: int, params: SamplingSettings, generator: torch.Generator
+) -> int:
+    """The next token from one position's raw logits (V,): ``logit_bias``, then
+    ``repetition_penalty`` over ``seen`` (prompt and generated tokens), then the presence and
+    frequency penalties over the generated ones (``seen[prompt_len:]``), then
+    :func:`sample_token` (vLLM's order).
+
+    The one sampling pipeline of :func:`generate_ids` and the server's engine: both call it, so
+    a request to the server draws bitwise the tokens ``generate_ids`` gives it alone by
+    construction, not by two copies of this sequence kept in step by hand."""
+    logits = apply_logit_bias(logits, params.logit_bias)
+    logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if params.presence_penalty or params.frequency_penalty:  # else no O(length) slice per token
+        logits = apply_presence_frequency_penalties(logits, seen[prompt_len:], params.presence_penalty, params.frequency_penalty)
+    return sample_token(logits, params.temperature, params.top_k, params.top_p, generator)
+
+
 def check_prompt(prompt_ids: Sequence[int], context: int) -> list[int]:
     """The prompt as a list, refused when empty or when it leaves no room in the context for
     one new token (cutting it silently would answer a question nobody asked)."""
@@ -152,17 +205,14 @@ def generate_ids(
     model.eval()
     device = model.embed.weight.device
     gen = torch.Generator().manual_seed(seed)
+    settings = Sampling(temperature, top_k, top_p, repetition_penalty, presence_penalty, frequency_penalty, logit_bias)
     model.setup_kv_cache(batch=1, max_len=len(ids) + max_new_tokens, reserve=len(ids) + KV_ROOM)
     try:
         logits = model(torch.tensor([ids], device=device), tierset=tierset, start_pos=0).logits[0, -1]
         pos = len(ids)
         seen = list(ids)
         for _ in range(max_new_tokens):
-            logits = apply_logit_bias(logits, logit_bias)
-            logits = apply_repetition_penalty(logits, seen, repetition_penalty)
-            if presence_penalty or frequency_penalty:  # else no O(length) slice per token
-                logits = apply_presence_frequency_penalties(logits, seen[len(ids) :], presence_penalty, frequency_penalty)
-            token = sample_token(logits, temperature, top_k, top_p, gen)
+            token = next_token(logits, seen, len(ids), settings, gen)
             yield token
             if token in stop_ids:
                 break

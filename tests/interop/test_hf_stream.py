@@ -156,13 +156,13 @@ def test_raw_copies_stop_once_the_check_has_failed(hf_llama, tmp_path, monkeypat
     """Tensors passed on unchanged are copied as raw bytes, not through the grown mapping; the
     writer still asks, before each copy, whether the check beside it has failed."""
     from lite_llm.grow import expand
-    from lite_llm.interop import hf_stream
+    from lite_llm.interop import hf_weights
     from tests.grow.helpers import RefusalMidWrite
 
     src, _ = hf_llama
     copies: list[int] = []
-    real_copy = hf_stream._copy_range
-    monkeypatch.setattr(hf_stream, "_copy_range", lambda *args: copies.append(args[2]) or real_copy(*args))
+    real_copy = hf_weights._copy_range
+    monkeypatch.setattr(hf_weights, "_copy_range", lambda *args: copies.append(args[2]) or real_copy(*args))
     code, _ = _expand(str(src), "--method", "solar", "--target-layers", "6", "-o", str(tmp_path / "all"), "--format", "hf", "--validate", "never")
     assert code == 0 and len(copies) > 2  # SOLAR's reordered blocks break the copy into several runs
     copies.clear()
@@ -175,7 +175,7 @@ def test_raw_copies_stop_once_the_check_has_failed(hf_llama, tmp_path, monkeypat
         return real_copy(*args)
 
     monkeypatch.setattr(expand, "_check_step", meeting.refuse)
-    monkeypatch.setattr(hf_stream, "_copy_range", hold_the_first)
+    monkeypatch.setattr(hf_weights, "_copy_range", hold_the_first)
     code, out = _expand(str(src), "--method", "solar", "--target-layers", "6", "-o", str(tmp_path / "g"), "--format", "hf")
     assert code == 1 and "refused by the test" in out, out
     assert len(copies) == 1, copies

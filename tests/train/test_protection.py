@@ -181,11 +181,12 @@ def test_bad_protection_settings_are_refused_in_one_sentence(fields, message):
         _cfg(**fields)
 
 
-def test_unknown_replay_domain_and_unmatched_freeze_pattern(small_dataset):
+def test_unknown_replay_domain_and_unmatched_freeze_pattern(small_dataset, tmp_path):
     data = TokenData(small_dataset)
     with pytest.raises(ConfigError, match="train.replay names unknown domain"):
         Trainer.from_config(build_model(DENSE), data, _cfg(replay={"poetry": 1.0}, replay_share=0.2), show_progress=False)
+    teacher = save_checkpoint(tmp_path / "teacher", build_model(DENSE))  # distill_domains without a teacher is refused by TrainConfig
     with pytest.raises(ConfigError, match="train.distill_domains names unknown domain"):
-        Trainer.from_config(build_model(DENSE), data, _cfg(distill_domains=["poetry"]), show_progress=False)
+        Trainer.from_config(build_model(DENSE), data, _cfg(distill_from=str(teacher), distill_domains=["poetry"]), show_progress=False)
     with pytest.raises(ConfigError, match="matches no parameter"):
         Trainer.from_config(build_model(DENSE), data, _cfg(freeze=[{"patterns": ["layer.0.*"]}]), show_progress=False)

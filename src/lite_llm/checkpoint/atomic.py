@@ -11,13 +11,15 @@ the new checkpoint is loadable.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
+
 from ..errors import CheckpointError
 
 _RENAME_EXCHANGE = 2
@@ -185,6 +187,32 @@ def swap_into_place(tmp: Path, target: Path) -> None:
         raise
     fsync_dir(parent)
     shutil.rmtree(aside, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def building_dir(target: Path, marker: str, before_commit: Callable[[], None] | None = None) -> Iterator[Path]:
+    """Build a directory to appear at ``target`` whole or not at all: the ``with`` body fills the
+    yielded temporary sibling; on leaving it, everything is fsynced, ``before_commit`` (if any)
+    runs, and the directory is swapped into place.
+
+    The one copy of the sequence every directory writer needs (checkpoints, Hugging Face
+    folders): an interrupted earlier swap is first restored (``marker`` names the file that
+    makes a directory complete), and any exception, from the body, the fsync, ``before_commit``
+    or the swap, removes the temporary and leaves ``target`` as it was.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    recover(target, marker)
+    tmp = temp_sibling(target, "tmp")
+    tmp.mkdir()
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        if before_commit is not None:
+            before_commit()
+        swap_into_place(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def resolve_dir(target: Path, marker: str) -> Path:

@@ -1,5 +1,7 @@
 """One pipeline for every checkpoint made from another: grown (expand), a new tier (add-tier),
-a copy with an EWC estimate — and later quantized or consolidated ones.
+a copy with an EWC estimate, a quantized tier.  (A distributed run's consolidation writes an
+ordinary checkpoint from its shards through ``save_checkpoint`` instead: it has no source
+checkpoint to derive from.)
 
 Each step of a derivation is the same whatever it computes:
 

@@ -6,7 +6,6 @@ time) and how tools that only need a few tensors avoid building a model.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,8 +17,8 @@ import torch
 from ..config import ModelConfig
 from ..errors import CheckpointError
 from . import atomic
-from .load import build_config, check_listed_file, config_from_manifest, load_json, verify_checkpoint
-from .manifest import MANIFEST, PROGRESSIVE, SHARD_KINDS, TOKENIZER_DIR, fill_progressive, read_manifest, safe_member
+from .load import build_config, config_from_manifest, read_progressive, verify_checkpoint
+from .manifest import MANIFEST, SHARD_KINDS, TOKENIZER_DIR, read_manifest, safe_member
 from .stream import SafetensorsReader, TensorSpec
 
 
@@ -110,9 +109,5 @@ def open_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> Checkpoi
         for shard in manifest["shards"]
         if shard["kind"] in SHARD_KINDS
     ]
-    progressive = fill_progressive(None)
-    if (root / PROGRESSIVE).exists():
-        data = load_json(check_listed_file(root, manifest, PROGRESSIVE, "file", False), "file")
-        if isinstance(data, dict):
-            progressive = fill_progressive(json.loads(json.dumps(data)))
+    progressive = read_progressive(root, manifest, verify=False)  # hashed by check_sound when verify
     return CheckpointTensors(root, config, manifest, progressive, LazyTensorFiles(files))

@@ -161,6 +161,32 @@ def check_listed_file(root: Path, manifest: dict, rel: str, what: str, verify: b
     return path
 
 
+def read_progressive(root: Path, manifest: dict | None, verify: bool) -> dict[str, Any]:
+    """The ``progressive.json`` of the checkpoint (or grown Hugging Face folder) at ``root``,
+    with the defaults of missing keys filled in; the defaults alone when it has none.
+
+    The one reader of that file, so a damaged one is refused with the same sentence wherever it
+    is met (loading, lazy opening for growth, the CLI, ``verify_checkpoint``) rather than being
+    refused by one reader and read as an empty history by another: a file that is not JSON, or
+    JSON that is not an object, raises :class:`CheckpointError`.  Where ``manifest`` lists the
+    file its presence and size are checked, and its sha256 too when ``verify``; ``manifest`` is
+    None for a folder that has none (a grown Hugging Face folder)."""
+    listed = manifest is not None and PROGRESSIVE in _file_entries(manifest)
+    file = root / PROGRESSIVE
+    if not (listed or file.exists()):
+        return fill_progressive(None)
+    if manifest is not None:
+        file = check_listed_file(root, manifest, PROGRESSIVE, "file", verify)
+    if not file.is_file():  # load_json would raise IsADirectoryError, a traceback
+        raise CheckpointError(f"{file} is not a regular file; remove it or restore progressive.json from a backup")
+    data = load_json(file, "file")
+    if not isinstance(data, dict):
+        raise CheckpointError(
+            f"file {file} must hold a JSON object, not a {type(data).__name__}; restore it from a backup or re-save the checkpoint"
+        )
+    return fill_progressive(data)
+
+
 def _aligned(t: torch.Tensor) -> torch.Tensor:
     """``t`` in memory from torch's allocator (64-byte aligned).  safetensors may hand back CPU
     tensors at 8-byte offsets, and CPU kernels (vectorised loads, BLAS) can round differently
@@ -240,16 +266,41 @@ def load_checkpoint(
         config = build_config(raw, manifest, manifest_path)
 
     # Progressive state first: it is small, and a problem with it should not wait for the weights.
-    progressive_path = root / PROGRESSIVE
-    progressive: dict = fill_progressive(None)
-    if progressive_path.exists() or PROGRESSIVE in _file_entries(manifest):
-        data = load_json(check_listed_file(root, manifest, PROGRESSIVE, "file", verify), "file")
-        if not isinstance(data, dict):
-            raise CheckpointError(f"file {progressive_path} must hold a JSON object; restore it from a backup or re-save the checkpoint")
-        progressive = fill_progressive(data)
+    progressive = read_progressive(root, manifest, verify)
+    state, origin = _read_shards(root, manifest, kept, device, verify)
+    dequantize_state(config, state)  # a quantized tier's banks, as the model holds them
+    model = build_model(config, device=device)
+    _check_state(root, state, origin, expected_tensors(config, model))
+    load_stored(model, state)  # assigned: keeps the stored dtypes
 
-    # Shards: the dense part and the kept tiers' parts; unknown kinds and tiers are ignored.
-    # Presence and sizes of all of them are checked before any is hashed or read.
+    tokenizer = _read_tokenizer(root, manifest, verify)
+    training = None
+    if load_training and ((root / TRAINING_TENSORS).exists() or TRAINING_TENSORS in _file_entries(manifest)):
+        training = _load_training(root, manifest, device, verify)
+    extras = sorted(
+        f["name"] for f in _file_entries(manifest).values() if f.get("kind") == "extra" and isinstance(f.get("name"), str)
+    )
+    return LoadedCheckpoint(
+        model=model,
+        config=config,
+        manifest=manifest,
+        progressive=progressive,
+        tokenizer=tokenizer,
+        training=training,
+        path=root,
+        skipped_tiers=skipped,
+        tiers=kept,
+        extra_dirs=extras,
+    )
+
+
+def _read_shards(
+    root: Path, manifest: dict, kept: list[str], device: str, verify: bool
+) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
+    """The tensors of the dense shards and of the ``kept`` tiers' (unknown kinds and tiers are
+    ignored), and the shard each came from.  Presence and sizes of all of them are checked
+    before any is hashed or read, so a missing last shard is reported before minutes of hashing."""
+    manifest_path = root / MANIFEST
     selected = [
         (shard, safe_member(root, shard["path"], manifest_path))
         for shard in manifest["shards"]
@@ -270,10 +321,12 @@ def load_checkpoint(
             if name in state:
                 raise CheckpointError(f"tensor {name} appears in both {origin[name]} and {shard_path}; restore the checkpoint from a backup or re-save it")
             state[name], origin[name] = tensor, shard_path
+    return state, origin
 
-    dequantize_state(config, state)  # a quantized tier's banks, as the model holds them
-    model = build_model(config, device=device)
-    expected = expected_tensors(config, model)
+
+def _check_state(root: Path, state: dict[str, torch.Tensor], origin: dict[str, Path], expected: dict[str, tuple[int, ...]]) -> None:
+    """Refuse shards that do not supply exactly the ``expected`` tensors and shapes, naming
+    the first difference (``load_stored`` would otherwise fail with torch's own message)."""
     missing = [n for n in expected if n not in state]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
@@ -291,36 +344,16 @@ def load_checkpoint(
                 f"tensor {name} in {origin[name]} has shape {tuple(state[name].shape)} but the config needs {shape}; restore the checkpoint from a backup or re-save it"
             )
 
-    load_stored(model, state)  # assigned: keeps the stored dtypes
 
-    # Tokenizer and training state.
-    tokenizer = None
+def _read_tokenizer(root: Path, manifest: dict, verify: bool) -> Any:
+    """The checkpoint's tokenizer (its listed files checked first), or None when it has none."""
     tok_dir = root / TOKENIZER_DIR
     tok_files = [rel for rel in _file_entries(manifest) if rel.startswith(TOKENIZER_DIR + "/")]
-    if tok_dir.is_dir() or tok_files:
-        for rel in tok_files:
-            check_listed_file(root, manifest, rel, "tokenizer file", verify)
-        tokenizer = load_tokenizer(tok_dir)
-
-    training = None
-    if load_training and ((root / TRAINING_TENSORS).exists() or TRAINING_TENSORS in _file_entries(manifest)):
-        training = _load_training(root, manifest, device, verify)
-
-    extras = sorted(
-        f["name"] for f in _file_entries(manifest).values() if f.get("kind") == "extra" and isinstance(f.get("name"), str)
-    )
-    return LoadedCheckpoint(
-        model=model,
-        config=config,
-        manifest=manifest,
-        progressive=progressive,
-        tokenizer=tokenizer,
-        training=training,
-        path=root,
-        skipped_tiers=skipped,
-        tiers=kept,
-        extra_dirs=extras,
-    )
+    if not (tok_dir.is_dir() or tok_files):
+        return None
+    for rel in tok_files:
+        check_listed_file(root, manifest, rel, "tokenizer file", verify)
+    return load_tokenizer(tok_dir)
 
 
 def _load_training(root: Path, manifest: dict, device: str, verify: bool) -> TrainingState:
@@ -362,8 +395,10 @@ def verify_checkpoint(path: str | os.PathLike) -> list[str]:
     """Every problem found in the checkpoint at ``path``, one sentence each (empty = sound).
 
     Checks the manifest, then every listed shard and file: present, of the recorded size,
-    matching its sha256 and (for safetensors) holding exactly the listed tensors; and that the
-    shards together supply every tensor the model config needs.
+    matching its sha256 and (for safetensors) holding exactly the listed tensors; that
+    ``progressive.json`` is readable (:func:`read_progressive`: a checkpoint that passes here
+    must not be refused by the loader); and that the shards together supply every tensor the
+    model config needs.
     """
     root = atomic.resolve_dir(Path(path), MANIFEST)
     try:
@@ -375,20 +410,28 @@ def verify_checkpoint(path: str | os.PathLike) -> list[str]:
     present: dict[str, tuple[int, ...]] = {}
     explained: set[str] = set()  # tensors of files already reported as bad
     listed = [(s, "shard") for s in manifest["shards"]] + [(f, "file") for f in _file_entries(manifest).values()]
+    bad: set[str] = set()  # paths of files already reported
     for entry, what in listed:
         try:
             file_path = safe_member(root, entry["path"], manifest_path)
         except CheckpointError as exc:
             problems.append(str(exc))
+            bad.add(entry["path"])
             continue
         problem = check_file(file_path, entry, what, verify=True)
         if problem:
             problems.append(problem)
+            bad.add(entry["path"])
             if isinstance(entry.get("tensors"), dict):
                 explained.update(entry["tensors"])
             continue
         if isinstance(entry.get("tensors"), dict):
             problems.extend(_check_header(file_path, entry["tensors"], what, present if what == "shard" else {}))
+    if PROGRESSIVE not in bad:  # intact bytes can still be a file no reader accepts
+        try:
+            read_progressive(root, manifest, verify=False)  # hashed above
+        except CheckpointError as exc:
+            problems.append(str(exc))
     try:
         config = build_config(dict(manifest["model_config"]), manifest, manifest_path)
     except CheckpointError as exc:

@@ -17,6 +17,7 @@ float32 (:func:`dequantize_state`).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import MutableMapping
 
 import torch
@@ -99,3 +100,13 @@ def dequantize_state(config: ModelConfig, state: MutableMapping[str, torch.Tenso
                 name = f"layers.{layer}.ffn.experts.{tier.name}.{bank}"
                 if f"{name}.qweight" in state and f"{name}.qscale" in state:
                     state[name] = dequantize(state.pop(f"{name}.qweight"), state.pop(f"{name}.qscale"), tier.quantization, dtype)
+
+
+def float_banks_config(config: ModelConfig) -> ModelConfig:
+    """``config`` with no tier quantized: what a model built from a quantized checkpoint holds
+    (:func:`dequantize_state` gave it float banks, which training then moves), so what saving
+    it writes.  A saved config that still said int8 over float banks would send the expert
+    store looking for ``qweight``/``qscale`` tensors that are not there."""
+    if not any(t.quantization for t in config.tiers):
+        return config
+    return config.replace(tiers=[dataclasses.replace(t, quantization=None) for t in config.tiers])

@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
@@ -120,9 +119,11 @@ def save_checkpoint(
         raise CheckpointError(
             f"save_checkpoint needs a LiteLLM model (from build_model or load_checkpoint), got {type(model).__name__}; write tensors of another kind with write_checkpoint"
         )
+    from .quantization import float_banks_config
+
     return write_checkpoint(
         path,
-        model.config,
+        float_banks_config(model.config),  # the model holds float banks, whatever it was loaded from
         stored_state(model),
         tokenizer=tokenizer,
         progressive=progressive,
@@ -183,24 +184,13 @@ def write_checkpoint(
     if target.exists() and not (target.is_dir() and ((target / MANIFEST).is_file() or not any(target.iterdir()))):
         raise CheckpointError(f"refusing to overwrite {target}, which is not a lite-llm checkpoint; choose another path or remove it first")
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    atomic.recover(target, MANIFEST)
-    tmp = atomic.temp_sibling(target, "tmp")
-    tmp.mkdir()
-    try:
+    with atomic.building_dir(target, MANIFEST, before_commit) as tmp:
         shards = _write_shards(tmp, config, tensors, specs, max_shard_bytes, rows)
         if callable(progressive):
             progressive_bytes = _json_bytes(fill_progressive(progressive()), "progressive")
         files = _write_files(tmp, tokenizer, progressive_bytes, training, training_meta, extra_dirs)
         manifest = _manifest_of(config, shards, files, model_version)
         atomic.write_bytes_durable(tmp / MANIFEST, _json_bytes(manifest, "manifest", allow_nan=False))
-        atomic.fsync_tree(tmp)
-        if before_commit is not None:
-            before_commit()
-        atomic.swap_into_place(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

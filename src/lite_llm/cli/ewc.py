@@ -21,7 +21,7 @@ def estimate(
     domain: str = typer.Option(..., help="The domain to remember (e.g. prose)."),
     output: Path = typer.Option(..., "-o", "--output", help="New checkpoint: a copy of CHECKPOINT with ewc/."),
     samples: int = typer.Option(256, help="Sequences the Fisher is averaged over.", min=1),
-    seq_len: int = typer.Option(128, help="Tokens per sequence.", min=1),
+    seq_len: int = typer.Option(128, help="Tokens per sequence (at least 2: one next-token prediction).", min=2),
     estimator: str = typer.Option("sample", help="'sample': one gradient per sequence; 'batch': per micro-batch (cheaper, biased up where gradients agree)."),
     batch_size: int = typer.Option(16, help="Sequences per micro-batch (estimator 'batch').", min=1),
     seed: int = typer.Option(0, help="Which sequences are drawn.", min=0),
@@ -36,11 +36,16 @@ def estimate(
       lite-llm ewc estimate ckpt/prose --data data/std --domain prose --samples 256 -o ckpt/prose-ewc
     """
     from ..checkpoint import load_checkpoint
+    from ..checkpoint.derived import check_new_output
+    from ..checkpoint.lazy import open_checkpoint
     from ..data import TokenData
-    from ..train.ewc import estimate_fisher, save_ewc
+    from ..train.ewc import EWC_FORMAT, check_values, estimate_fisher, save_ewc
 
+    # refused before the estimate, which takes minutes, not after it
+    check_new_output(output, open_checkpoint(checkpoint, verify=False).path, "the checkpoint with its EWC estimate")
     model = load_checkpoint(checkpoint).model
     result = estimate_fisher(model, TokenData(data), domain, samples=samples, seq_len=seq_len, estimator=estimator, batch_size=batch_size, seed=seed)
+    check_values(result, EWC_FORMAT)  # a diverged model's estimate is refused, not stored
     path = save_ewc(checkpoint, result, output)
     total = sum(float(f.sum()) for f in result.fisher.values())
     console.print(f"wrote {path}: Fisher of {domain!r} over {samples} sequences ({estimator} estimator), trace {total:.4g}")

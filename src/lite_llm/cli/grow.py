@@ -365,7 +365,7 @@ def add_tier_command(
     )
     console.print(table)
     if change_routing:
-        p = json.loads((path / "progressive.json").read_text())["expansions"][-1]["preservation"]
+        p = _load_progressive(path, manifest)["expansions"][-1]["preservation"]
         change = f"max |Δlogit| {p['max_abs']:.3g}, loss jump {p['loss_jump']:+.4f} on {p['tokens']} sample tokens" if p else "not measured"
         console.print(f"k_tier is now {manifest['model_config']['routing']['k_tier']}: the output changed ({change}); recorded as not exact")
     console.print(f"wrote {path} ({manifest['num_params']:,} parameters; the new tier is unroutable until ramped in)")
@@ -423,5 +423,12 @@ def quantize_command(
     )
 
 
-def _load_progressive(path: Path) -> dict[str, Any]:
-    return json.loads((path / "progressive.json").read_text())
+def _load_progressive(path: Path, manifest: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``progressive.json`` of the checkpoint just written at ``path`` (whose ``manifest``
+    the caller may have read already), through the checkpoint layer's one reader: its error for
+    a damaged file, not a JSON traceback."""
+    from ..checkpoint import read_manifest
+    from ..checkpoint.load import read_progressive
+
+    manifest = manifest if manifest is not None else read_manifest(path)
+    return read_progressive(path, manifest, verify=False)  # the writer verified what it wrote

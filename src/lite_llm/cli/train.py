@@ -113,6 +113,7 @@ def _train(
             cfg = TrainConfig.from_dict(resume_fields(saved, {**explicit_fields(file_fields), **given}))
         elif resume:
             latest, saved = _resumable_checkpoint(manager, output, resume_from)
+            plan = plan or _saved_curriculum(latest)
             file_fields = TrainConfig.from_file(config).to_dict() if config else {}
             cfg = TrainConfig.from_dict(resume_fields(saved, {**explicit_fields(file_fields), **given}))
         else:
@@ -227,6 +228,24 @@ def _resumable_checkpoint(manager: Any, output: Path, chosen: Optional[Path]) ->
     raise LiteLLMError(f"no checkpoint in {output} is intact enough to resume from; start a new run with --overwrite")
 
 
+def _saved_curriculum(checkpoint: Path) -> Any:
+    """The curriculum a run's checkpoint was trained with (None when it had none): resuming
+    takes the run's saved settings, and a curriculum dropped on resume would silently train
+    every weight with no ramp.  Read from the run's own training state, not progressive.json,
+    which also carries the curriculum of the checkpoint a run was started from."""
+    from ..checkpoint.load import load_json
+    from ..checkpoint.manifest import TRAINING_META
+    from ..train.curriculum import CurriculumConfig
+
+    meta_path = checkpoint / TRAINING_META
+    meta = load_json(meta_path, "training state") if meta_path.is_file() else {}
+    state = ((meta or {}).get("callbacks") or {}).get("curriculum") or {}
+    if not state.get("schedule"):
+        return None
+    console.print(f"continuing the run's curriculum for tier {state['schedule']['tier']}")
+    return CurriculumConfig.from_dict(state["schedule"])
+
+
 def _newer_sharded_checkpoint(manager: Any, output: Path) -> Optional[Path]:
     """The newest sharded checkpoint of a distributed run, when it is newer than every
     ordinary checkpoint of the run (so continuing in one process starts from it)."""
@@ -313,12 +332,9 @@ def rollback(
 
       lite-llm rollback runs/tier2/checkpoints/step-00000400 -o ckpt/before-tier2
     """
-    from ..checkpoint.atomic import refuse_existing
-
-    refuse_existing(output, overwrite, "checkpoint")
     from ..train.rollback import rollback_checkpoint
 
-    path, tiers = rollback_checkpoint(checkpoint, output)
+    path, tiers = rollback_checkpoint(checkpoint, output, overwrite=overwrite)
     console.print(f"wrote {path} with tiers {', '.join(tiers)}")
 
 

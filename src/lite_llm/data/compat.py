@@ -31,6 +31,12 @@ def _encoding(tokenizer: Any) -> tuple[Any, ...]:
     return (tokenizer.kind, tokenizer.vocab_size, *(json.dumps(spec.get(part), sort_keys=True) for part in _ENCODING_PARTS))
 
 
+def same_encoding(a: Any, b: Any) -> bool:
+    """Whether tokenizers ``a`` and ``b`` turn text into the same ids (a distillation teacher
+    and its student must: their distributions are compared id by id)."""
+    return _encoding(a) == _encoding(b)
+
+
 def check_data_tokenizer(data_tokenizer: Any, data_dir: str | Path, model_tokenizer: Any, vocab_size: int, checkpoint: object) -> None:
     """Refuse to score or train ``checkpoint`` on data tokenized by another tokenizer than its own
     (``model_tokenizer``; None when the checkpoint has none, and then only the vocabulary
@@ -40,7 +46,7 @@ def check_data_tokenizer(data_tokenizer: Any, data_dir: str | Path, model_tokeni
         raise DataError(
             f"the data in {data_dir} was tokenized with {data_tokenizer.vocab_size} token ids but checkpoint {checkpoint} has {vocab_size}; {fix}"
         )
-    if model_tokenizer is not None and _encoding(data_tokenizer) != _encoding(model_tokenizer):
+    if model_tokenizer is not None and not same_encoding(data_tokenizer, model_tokenizer):
         raise DataError(
             f"the data in {data_dir} was tokenized by another tokenizer ({data_tokenizer.kind}, {data_tokenizer.vocab_size} tokens) than "
             f"checkpoint {checkpoint}'s ({model_tokenizer.kind}, {model_tokenizer.vocab_size} tokens), so its scores and training would mean nothing; {fix}"

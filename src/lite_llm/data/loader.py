@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from ._hashing import stable_u64
+from .hashing import stable_u64
 from .prepare import FORMAT_VERSION, INDEX_FILE, SPLITS, TOKENIZER_DIR
 from .tokenizer import AnyTokenizer, load_tokenizer
 

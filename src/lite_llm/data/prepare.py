@@ -28,7 +28,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from ..errors import DataError
-from ._hashing import stable_unit
+from .hashing import stable_unit
 from .sources import Document, resolve_source
 from .tokenizer import AnyTokenizer, ByteTokenizer, get_tokenizer
 

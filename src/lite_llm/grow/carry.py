@@ -103,7 +103,7 @@ def carry_ewc(
     ``tensors``: they supply the buffers the anchors lack) after the growth ``chain`` of
     (operation, resolved parameters) pairs, as the module docstring describes."""
     names = stored_names(config)
-    _check_estimate(config, tensors, fisher, anchor)
+    _check_estimate(tensors, fisher, anchor)
     offsets: dict[str, tuple[int, torch.Size]] = {}
     total = 0
     for name in names:
@@ -149,7 +149,7 @@ def carry_ewc(
     return CarriedEWC(out_fisher, out_anchor, unmapped)
 
 
-def _check_estimate(config: ModelConfig, tensors: Tensors, fisher: Mapping[str, torch.Tensor], anchor: Mapping[str, torch.Tensor]) -> None:
+def _check_estimate(tensors: Tensors, fisher: Mapping[str, torch.Tensor], anchor: Mapping[str, torch.Tensor]) -> None:
     """One sentence for an estimate that does not belong to this model (instead of a KeyError
     or a shape error from deep inside the probes)."""
     for kind, given in (("Fisher", fisher), ("anchor", anchor)):

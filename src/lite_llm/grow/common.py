@@ -20,6 +20,7 @@ import torch
 
 from ..config import ModelConfig, format_size
 from ..errors import ConfigError
+from ..model.router import seeded_hash
 
 
 def router_prefix(layer: int, tier: str) -> str:
@@ -31,14 +32,27 @@ def bank_prefix(layer: int, tier: str) -> str:
 
 
 def tensor_generator(seed: int, name: str) -> torch.Generator:
-    """A generator private to one output tensor: the same (seed, name) draws the same numbers
-    in any process and in any order of evaluation (global RNG is never touched)."""
-    return torch.Generator().manual_seed(int(seed) + zlib.crc32(name.encode()))
+    """A CPU generator private to one output tensor, seeded by ``seed`` and a stable hash of
+    ``name``: the same (seed, name) draws the same numbers in any process and in any order of
+    evaluation (the global RNG is never touched).
+
+    The CPU generator (mt19937) keeps only the low 32 bits of its seed, so the 64-bit hash of
+    (seed, name) is folded to 32 bits rather than, say, adding the name's hash to the seed
+    (seeds 2**32 apart, or pairs whose sums agree, would then draw the same noise).
+    """
+    mixed = seeded_hash(int(seed), zlib.crc32(name.encode()))
+    return torch.Generator().manual_seed((mixed ^ (mixed >> 32)) & 0xFFFF_FFFF)
+
+
+def normal(shape: torch.Size | tuple[int, ...], std: float, gen: torch.Generator) -> torch.Tensor:
+    """N(0, std^2) noise of ``shape`` in fp32 drawn from ``gen``."""
+    return torch.randn(tuple(shape), generator=gen, dtype=torch.float32) * std
 
 
 def seeded_normal(shape: tuple[int, ...], std: float, seed: int, name: str, dtype: torch.dtype) -> torch.Tensor:
-    """Seeded normal(0, std) draws, made in fp32 (the same numbers whatever ``dtype``)."""
-    return (torch.randn(shape, generator=tensor_generator(seed, name), dtype=torch.float32) * std).to(dtype)
+    """Seeded normal(0, std) draws for the tensor ``name``, made in fp32 (the same numbers
+    whatever ``dtype``)."""
+    return normal(shape, std, tensor_generator(seed, name)).to(dtype)
 
 
 def perturb(weight: torch.Tensor, noise: float, seed: int, name: str) -> torch.Tensor:

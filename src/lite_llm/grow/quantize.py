@@ -35,6 +35,8 @@ def quantize_tier(config: ModelConfig, tensors: Tensors, *, tier: str, to: str) 
     each quantized tensor is computed when it is looked up)."""
     if to not in QUANTIZATIONS:
         raise ConfigError(f"cannot quantize to {to!r}; choose one of {', '.join(QUANTIZATIONS)}")
+    if not config.tiers:  # "unknown tier; this model has tiers (none)" would send the user looking for a name
+        raise ConfigError("this model is dense: it has no tier of experts to quantize (only expert banks are quantized); quantize a tiered checkpoint")
     old = config.tier(tier)
     if old.quantization:
         raise ConfigError(f"tier {tier} is already {old.quantization}; quantize from the unquantized checkpoint it came from")

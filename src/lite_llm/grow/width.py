@@ -38,7 +38,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-import zlib
 from collections.abc import Iterable
 from typing import Literal
 
@@ -46,8 +45,7 @@ import torch
 
 from ..config import ModelConfig, format_size
 from ..errors import ConfigError
-from ..model.router import seeded_hash
-from .common import check_room
+from .common import check_room, normal, tensor_generator
 from .registry import register
 from .tensors import LazyTensors, Producer, RowWise, Tensors, ref
 
@@ -77,22 +75,6 @@ def stored_order(names: Iterable[str]) -> list[str]:
 def lazy_in_order(producers: dict[str, Producer]) -> LazyTensors:
     """A :class:`LazyTensors` over ``producers`` in checkpoint order."""
     return LazyTensors({name: producers[name] for name in stored_order(producers)})
-
-
-def tensor_generator(seed: int, name: str) -> torch.Generator:
-    """A CPU generator seeded by ``seed`` and a stable hash of ``name``: each tensor's noise is
-    reproducible and independent of which other tensors were computed before it.
-
-    The CPU generator (mt19937) keeps only the low 32 bits of its seed, so the 64-bit hash of
-    (seed, name) is folded to 32 bits rather than, say, shifting the seed above the name's hash.
-    """
-    mixed = seeded_hash(int(seed), zlib.crc32(name.encode()))
-    return torch.Generator().manual_seed((mixed ^ (mixed >> 32)) & 0xFFFF_FFFF)
-
-
-def seeded_normal(shape: torch.Size | tuple[int, ...], std: float, gen: torch.Generator) -> torch.Tensor:
-    """N(0, std^2) noise of ``shape`` in fp32 drawn from ``gen``."""
-    return torch.randn(tuple(shape), generator=gen, dtype=torch.float32) * std
 
 
 def work_dtype(t: torch.Tensor) -> torch.dtype:
@@ -196,7 +178,7 @@ def _with_noise_after(t: torch.Tensor, axis: int, start: int, std: float, gen: t
     if std == 0:
         return t
     new = t.narrow(axis, start, t.shape[axis] - start)
-    noisy = new + seeded_normal(new.shape, std, gen).to(t.dtype)
+    noisy = new + normal(new.shape, std, gen).to(t.dtype)
     return torch.cat([t.narrow(axis, 0, start), noisy], dim=axis)
 
 
@@ -214,7 +196,7 @@ def pad_tensor(t: torch.Tensor, axis: int, size: int, fill_std: float = 0.0, gen
     """``t`` extended to ``size`` along ``axis``: zeros, or N(0, fill_std^2) noise from ``gen``."""
     shape = list(t.shape)
     shape[axis] = size - t.shape[axis]
-    fill = seeded_normal(shape, fill_std, gen).to(t.dtype) if fill_std else t.new_zeros(shape)
+    fill = normal(shape, fill_std, gen).to(t.dtype) if fill_std else t.new_zeros(shape)
     return torch.cat([t, fill], dim=axis)
 
 
@@ -361,7 +343,7 @@ class NeuronSplit:
     def _zero_sum_noise(self, shape: torch.Size, source: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """Noise whose sum over the copies of each source is zero (a lone neuron gets none):
         draw z, then subtract each source's mean over its copies."""
-        z = seeded_normal(shape, self.noise_std, gen).to(torch.float64)
+        z = normal(shape, self.noise_std, gen).to(torch.float64)
         sums = z.new_zeros((*shape[:-1], self.old)).index_add_(-1, source, z)
         counts = torch.bincount(source, minlength=self.old).to(z.dtype)
         return (z - (sums / counts)[..., source]).to(torch.float32)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -27,13 +26,13 @@ import torch
 from ..checkpoint import atomic
 from ..checkpoint.derived import check_new_output
 from ..checkpoint.lazy import CheckpointTensors, open_checkpoint
-from ..checkpoint.manifest import split_by_bytes
-from ..checkpoint.stream import TensorSpec, write_safetensors
+from ..checkpoint.stream import TensorSpec
 from ..config import ModelConfig
 from ..data.tokenizer import EOS_TOKEN, HF_TOKENIZER_FILE, load_tokenizer
 from ..errors import CheckpointError, ConfigError, LiteLLMError
 from ..grow.tensors import Producer, stored_names
-from .hf_import import HF_CONFIG_FILE, HF_INDEX_FILE, HF_TOKENIZER_EXTRAS, HF_WEIGHTS_FILE
+from .hf_import import HF_CONFIG_FILE, HF_TOKENIZER_EXTRAS
+from .hf_weights import write_json, write_weights
 from .hf_mapping import MIXTRAL_FUSED_EXPERTS, hf_config_dict, lite_names_to_hf, mixtral_block_to_classic, mixtral_classic_expert
 
 GENERATION_CONFIG_FILE = "generation_config.json"
@@ -77,22 +76,12 @@ def export_hf(
     special = special_token_ids(tokenizer)
     model_dtype = specs["model.embed_tokens.weight"].dtype
     hf_config = {**hf_config_dict(ckpt.config), **dtype_fields(model_dtype), **special}
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    atomic.recover(target, HF_CONFIG_FILE)
-    tmp = atomic.temp_sibling(target, "tmp")
-    tmp.mkdir()
-    try:
-        _write_weights(tmp, specs, producers, max_shard_bytes)
-        _write_json(tmp / HF_CONFIG_FILE, hf_config)
-        _write_json(tmp / GENERATION_CONFIG_FILE, {"_from_model_config": True, **special, **_generation_eos(ckpt)})
+    with atomic.building_dir(target, HF_CONFIG_FILE) as tmp:
+        write_weights(tmp, specs, {}, lambda name: producers[name](), max_shard_bytes)
+        write_json(tmp / HF_CONFIG_FILE, hf_config)
+        write_json(tmp / GENERATION_CONFIG_FILE, generation_config(ckpt, special))
         for name, data in tokenizer.items():
             atomic.write_bytes_durable(tmp / name, data)
-        atomic.fsync_tree(tmp)
-        atomic.swap_into_place(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
@@ -208,30 +197,10 @@ def _add_classic_experts(add: _AddTensor, read: _RecentReads, ours: str, layer: 
             add(mixtral_classic_expert(layer, j, "w2"), spec.shape[1:], spec.dtype, _piece(read, ours, (j,), dtype))
 
 
-def _write_weights(folder: Path, specs: dict[str, TensorSpec], producers: dict[str, Producer], max_shard_bytes: int) -> None:
-    """``model.safetensors``, or shards plus the index transformers reads them through."""
-    pieces = split_by_bytes([(n, s.nbytes) for n, s in specs.items()], max_shard_bytes)
-    produce = lambda name: producers[name]()  # noqa: E731
-    if len(pieces) == 1:
-        write_safetensors(folder / HF_WEIGHTS_FILE, specs, produce, {"format": "pt"})
-        return
-    weight_map: dict[str, str] = {}
-    for k, piece in enumerate(pieces, start=1):
-        file_name = f"model-{k:05d}-of-{len(pieces):05d}.safetensors"
-        write_safetensors(folder / file_name, {n: specs[n] for n in piece}, produce, {"format": "pt"})
-        weight_map.update({n: file_name for n in piece})
-    total = sum(s.nbytes for s in specs.values())
-    _write_json(folder / HF_INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
-
-
 # ------------------------------------------------------------------------------- config and tokenizer
 def dtype_fields(dtype: torch.dtype) -> dict[str, str]:
     name = str(dtype).removeprefix("torch.")
     return {"torch_dtype": name, "dtype": name}  # transformers 4 reads the first, 5 the second
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    atomic.write_bytes_durable(path, (json.dumps(data, indent=2) + "\n").encode("utf-8"))
 
 
 def tokenizer_files(ckpt: CheckpointTensors) -> dict[str, bytes]:
@@ -269,6 +238,14 @@ def _minimal_tokenizer_config(tokenizer_json: Path, config: ModelConfig, bos_tok
     if bos_token is not None and backend.token_to_id(bos_token) is not None:
         data["bos_token"] = bos_token  # what the chat template's {{ bos_token }} renders
     return (json.dumps(data, indent=2) + "\n").encode("utf-8")
+
+
+def generation_config(ckpt: CheckpointTensors, special: Mapping[str, int]) -> dict[str, Any]:
+    """``generation_config.json`` for a folder made from our checkpoint ``ckpt`` (by ``export``
+    or by a growth written as a Hugging Face folder): ``special`` (:func:`special_token_ids`)
+    with ``eos_token_id`` widened to every id the tokenizer stops on.  One function for both
+    writers, so that neither can again drop a chat model's turn end (``<|im_end|>``)."""
+    return {"_from_model_config": True, **special, **_generation_eos(ckpt)}
 
 
 def _generation_eos(ckpt: CheckpointTensors) -> dict[str, Any]:
@@ -310,4 +287,4 @@ def special_token_ids(files: Mapping[str, bytes]) -> dict[str, int]:
     return out
 
 
-__all__ = ["check_exportable", "export_hf", "plan_export"]
+__all__ = ["check_exportable", "export_hf", "generation_config", "plan_export"]

@@ -21,15 +21,11 @@ renamed into place, so a failure leaves nothing.
 
 from __future__ import annotations
 
-import errno
 import functools
 import hashlib
-import json
 import os
-import shutil
 import warnings
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -38,23 +34,32 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from ..checkpoint import atomic
-from ..checkpoint.manifest import MANIFEST, MODEL_VERSION_DEFAULT, PROGRESSIVE, fill_progressive, one_line, split_by_bytes
-from ..checkpoint.stream import RowChunks, TensorSpec, checked_pieces, tensor_bytes, safetensors_header
+from ..checkpoint.load import read_progressive
+from ..checkpoint.manifest import MANIFEST, MODEL_VERSION_DEFAULT, PROGRESSIVE
+from ..checkpoint.stream import RowChunks, TensorSpec
 from ..config import ModelConfig
 from ..data.tokenizer import HF_TOKENIZER_FILE
 from ..errors import CheckpointError, ConfigError
 from ..grow.expand import ExpandResult, GrownModel, expand_checkpoint, write_grown_checkpoint
 from ..grow.recipe import OUTPUT_FORMATS, GrowthStep
 from ..grow.tensors import Producer, Tensors, expected_specs, origin, row_chunks, stored_names
-from .hf_export import GENERATION_CONFIG_FILE, dtype_fields, special_token_ids, tokenizer_files, check_exportable, plan_export
-from .hf_import import HF_CONFIG_FILE, HF_INDEX_FILE, HF_TOKENIZER_EXTRAS, HF_WEIGHTS_FILE, HFWeights, lite_config, plan_import, read_hf_config, read_hf_tokenizer
+from .hf_export import (
+    GENERATION_CONFIG_FILE,
+    check_exportable,
+    dtype_fields,
+    generation_config,
+    plan_export,
+    special_token_ids,
+    tokenizer_files,
+)
+from .hf_weights import RawSource, json_bytes, write_json, write_weights
+from .hf_import import HF_CONFIG_FILE, HF_TOKENIZER_EXTRAS, HFWeights, lite_config, plan_import, read_hf_config, read_hf_tokenizer
 from .hf_mapping import hf_config_dict, lite_names_to_hf, mixtral_block_to_classic
 
 # Files of a Hugging Face folder that describe its tokenizer and generation defaults: a grown
 # folder gets them unchanged (the vocabulary does not change with growth).
 HF_SIDE_FILES = (HF_TOKENIZER_FILE, *HF_TOKENIZER_EXTRAS, "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", GENERATION_CONFIG_FILE)
 MODEL_VERSION_KEY = "model_version"  # in a grown folder's progressive.json (there is no manifest)
-_COPY_CHUNK = 64 * 1024**2
 
 
 # ------------------------------------------------------------------------------- the entry point
@@ -173,23 +178,9 @@ def open_hf_folder(path: Path) -> tuple[HFFolder, None]:
             if candidate in weights and weights.spec(candidate) == specs[ours]:
                 direct[ours] = candidate
                 break
-    progressive = _read_progressive(path)
+    progressive = read_progressive(path, None, verify=False)  # a grown folder has no manifest to hash against
     manifest = {"model_version": progressive.pop(MODEL_VERSION_KEY, MODEL_VERSION_DEFAULT), "files": []}
     return HFFolder(path, config, hf_config, manifest, progressive, HFTensors(weights, specs, producers, direct)), None
-
-
-def _read_progressive(path: Path) -> dict[str, Any]:
-    """The growth history of a folder we grew before (its ``progressive.json``), else empty."""
-    file = path / PROGRESSIVE
-    if not file.is_file():
-        return fill_progressive(None)
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{file} is not valid JSON ({one_line(exc)}); remove it or restore it from a backup") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{file} does not hold a JSON object; remove it or restore it from a backup")
-    return fill_progressive(data)
 
 
 # ------------------------------------------------------------------------------- the output
@@ -215,7 +206,6 @@ class _Specced(Mapping[str, torch.Tensor]):
         return self._specs[name]
 
 
-RawSource = tuple[Path, int, int]  # file, byte offset, byte count
 
 
 def write_grown_hf(out: Path, grown: GrownModel, *, max_shard_bytes: int, before_commit: Callable[[], None] | None) -> Path:
@@ -237,30 +227,18 @@ def write_grown_hf(out: Path, grown: GrownModel, *, max_shard_bytes: int, before
         if name in extras:
             warnings.warn(f"the {what} of {grown.source.path} is not carried into the Hugging Face folder {out}, which has no place for it", stacklevel=3)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic.recover(out, HF_CONFIG_FILE)
-    tmp = atomic.temp_sibling(out, "tmp")
-    tmp.mkdir()
-    try:
+    def produce(theirs: str) -> torch.Tensor | RowChunks:
+        ours = direct.get(theirs)
+        chunks = row_chunks(grown.tensors, ours, specs[theirs].dtype, grown.stop_if_refused) if ours is not None else None
+        return chunks if chunks is not None else producers[theirs]()
 
-        def produce(theirs: str) -> torch.Tensor | RowChunks:
-            ours = direct.get(theirs)
-            chunks = row_chunks(grown.tensors, ours, specs[theirs].dtype, grown.stop_if_refused) if ours is not None else None
-            return chunks if chunks is not None else producers[theirs]()
-
+    with atomic.building_dir(out, HF_CONFIG_FILE, before_commit) as tmp:
         write_weights(tmp, specs, raw, produce, max_shard_bytes, before_copy=grown.stop_if_refused)
         progressive = {**grown.finish_progressive(), MODEL_VERSION_KEY: grown.model_version}  # waits for the checks
-        _write_json(tmp / HF_CONFIG_FILE, hf_config)
+        write_json(tmp / HF_CONFIG_FILE, hf_config)
         for name, data in side_files.items():
             (tmp / name).write_bytes(data)
-        _write_json(tmp / PROGRESSIVE, progressive)
-        atomic.fsync_tree(tmp)
-        if before_commit is not None:
-            before_commit()
-        atomic.swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_json(tmp / PROGRESSIVE, progressive)
     return out
 
 
@@ -295,8 +273,7 @@ def _side_files(grown: GrownModel) -> dict[str, bytes]:
     if isinstance(src, HFFolder):
         return {name: (src.path / name).read_bytes() for name in HF_SIDE_FILES if (src.path / name).is_file()}
     files = tokenizer_files(src)
-    special = special_token_ids(files)
-    files[GENERATION_CONFIG_FILE] = (json.dumps({"_from_model_config": True, **special}, indent=2) + "\n").encode("utf-8")
+    files[GENERATION_CONFIG_FILE] = json_bytes(generation_config(src, special_token_ids(files)))  # what export writes
     return files
 
 
@@ -316,133 +293,4 @@ def _hf_config(grown: GrownModel, side_files: Mapping[str, bytes]) -> dict[str, 
     return {**base, **dtype_fields(grown.dtype)}
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_bytes((json.dumps(data, indent=2) + "\n").encode("utf-8"))
-
-
-# ------------------------------------------------------------------------------- the weights
-def write_weights(
-    folder: Path,
-    specs: dict[str, TensorSpec],
-    raw: Mapping[str, RawSource],
-    produce: Callable[[str], torch.Tensor | RowChunks],
-    max_shard_bytes: int,
-    before_copy: Callable[[], None] = lambda: None,
-) -> None:
-    """``model.safetensors``, or shards of at most ``max_shard_bytes`` plus the index
-    transformers reads them through.  Each finished shard is fsynced in the background while
-    the next one is written.  ``before_copy`` runs before each raw copy (it may raise to stop
-    the writing: a growth whose check beside the writer has failed)."""
-    pieces = split_by_bytes([(n, s.nbytes) for n, s in specs.items()], max_shard_bytes)
-    names = [HF_WEIGHTS_FILE] if len(pieces) == 1 else [f"model-{k:05d}-of-{len(pieces):05d}.safetensors" for k in range(1, len(pieces) + 1)]
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-fsync") as syncer, _SourceFiles() as sources:
-        syncs = []
-        for file_name, piece in zip(names, pieces):
-            write_safetensors_raw(folder / file_name, {n: specs[n] for n in piece}, raw, produce, sources, before_copy)
-            syncs.append(syncer.submit(atomic.fsync_file, folder / file_name))
-        for done in syncs:
-            done.result()
-    if len(pieces) > 1:
-        weight_map = {n: file_name for file_name, piece in zip(names, pieces) for n in piece}
-        _write_json(folder / HF_INDEX_FILE, {"metadata": {"total_size": sum(s.nbytes for s in specs.values())}, "weight_map": weight_map})
-
-
-class _SourceFiles:
-    """Read-only descriptors of the source files, opened once each."""
-
-    def __init__(self) -> None:
-        self._fds: dict[Path, int] = {}
-
-    def fd(self, path: Path) -> int:
-        if path not in self._fds:
-            self._fds[path] = os.open(path, os.O_RDONLY)
-        return self._fds[path]
-
-    def __enter__(self) -> "_SourceFiles":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-
-
-def write_safetensors_raw(
-    path: Path,
-    specs: Mapping[str, TensorSpec],
-    raw: Mapping[str, RawSource],
-    produce: Callable[[str], torch.Tensor | RowChunks],
-    sources: _SourceFiles,
-    before_copy: Callable[[], None] = lambda: None,
-) -> None:
-    """One safetensors file of ``specs``, in order: tensors in ``raw`` copied byte for byte from
-    their source file (runs that are contiguous there in one call), the others produced and
-    written one at a time.  Not fsynced (the caller does)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    writeback = atomic.EarlyWriteback(fd)
-
-    def copy(run: list[Any]) -> None:
-        before_copy()
-        _copy_range(sources.fd(run[0]), run[1], run[2], fd, run[0], writeback)
-
-    try:
-        _write_all(fd, memoryview(safetensors_header(specs, {"format": "pt"})), writeback)
-        run: list[Any] = []  # [file, offset, count] of the pending contiguous raw copy
-        for name, spec in specs.items():
-            where = raw.get(name)
-            if where is not None:
-                if run and run[0] == where[0] and run[1] + run[2] == where[1]:
-                    run[2] += where[2]
-                    continue
-                if run:
-                    copy(run)
-                run = list(where)
-                continue
-            if run:
-                copy(run)
-                run = []
-            for piece in checked_pieces(name, spec, produce(name)):
-                _write_all(fd, tensor_bytes(piece), writeback)
-                del piece
-        if run:
-            copy(run)
-    finally:
-        os.close(fd)
-
-
-def _write_all(fd: int, data: memoryview, writeback: atomic.EarlyWriteback) -> None:
-    data = data.cast("B")
-    while data:
-        written = os.write(fd, data)
-        writeback.wrote(written)
-        data = data[written:]
-
-
-_NO_IN_KERNEL_COPY = (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM)
-
-
-def _copy_range(src_fd: int, offset: int, count: int, dst_fd: int, src_path: Path, writeback: atomic.EarlyWriteback) -> None:
-    """Append ``count`` bytes of ``src_fd`` from ``offset`` to ``dst_fd``: in the kernel
-    (``copy_file_range``) where it can, else through a bounded buffer; ``writeback.every``
-    bytes a call, so the disk starts on each range as soon as it is copied."""
-    end = offset + count
-    copy = getattr(os, "copy_file_range", None)
-    while offset < end and copy is not None:
-        try:
-            n = copy(src_fd, dst_fd, min(writeback.every, end - offset), offset)
-        except OSError as exc:
-            if exc.errno not in _NO_IN_KERNEL_COPY:
-                raise
-            break
-        if n == 0:
-            raise CheckpointError(f"{src_path} is truncated: it ended while its tensors were being copied; download the model folder again")
-        writeback.wrote(n)
-        offset += n
-    while offset < end:
-        data = os.pread(src_fd, min(_COPY_CHUNK, end - offset), offset)
-        if not data:
-            raise CheckpointError(f"{src_path} is truncated: it ended while its tensors were being copied; download the model folder again")
-        _write_all(dst_fd, memoryview(data), writeback)
-        offset += len(data)
-
-
-__all__ = ["HFFolder", "HFTensors", "OUTPUT_FORMATS", "expand_model", "is_hf_folder", "open_hf_folder", "write_grown_hf", "write_weights"]
+__all__ = ["HFFolder", "HFTensors", "OUTPUT_FORMATS", "expand_model", "is_hf_folder", "open_hf_folder", "write_grown_hf"]

@@ -7,8 +7,9 @@ experts in each picked group.  The weight of an active expert is
 Why it is built the way it is:
 
 * Every tier owns its router heads (``heads[tier_name]``) so that a tier can be added, frozen
-  or dropped without touching another tier's tensors; the heads of all tiers are concatenated
-  per forward (they are tiny) so that the three levels cost one matmul.
+  or dropped without touching another tier's tensors.  A tier's three levels cost one matmul
+  (its heads are concatenated), and tiers are kept apart so that a tier's logits are bitwise
+  the same whichever other tiers exist (see :meth:`HSERRouter.gate_logits`).
 * Tiers outside the TierSet are masked with ``-inf`` before the softmax: probability exactly
   zero, no gradient, never selected.
 * Top-k is a *stable* sort: by score (descending), then by a seeded hash of (seed, layer,

@@ -15,7 +15,6 @@ from torch import nn
 
 from ..config import ModelConfig, TierSet
 from ..errors import ConfigError, PromptError
-from .experts import DispatchImpl
 from .layers import Attention, DenseFFN, KVCache, RMSNorm, rope_tables
 from .moe import TieredMoE
 from .router import Routes
@@ -110,12 +109,6 @@ class LiteLLM(nn.Module):
                 else:
                     std = residual_std if name.endswith(("o_proj.weight", "down_proj.weight", "down_proj")) else cfg.init_std
                     p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
-
-    def set_dispatch_impl(self, impl: DispatchImpl) -> None:
-        """Choose the expert compute path in every MoE block (``auto``, ``grouped_mm``, ``loop``, ``padded_bmm``)."""
-        for block in self.layers:
-            if isinstance(block.ffn, TieredMoE):
-                block.ffn.dispatch_impl = impl
 
     def setup_kv_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None, reserve: int | None = None) -> None:
         """Give every layer a KV cache of up to ``max_len`` positions (for generation), of

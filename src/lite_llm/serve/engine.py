@@ -33,7 +33,7 @@ import torch
 
 from ..config import TierSet
 from ..errors import LiteLLMError
-from ..generate import TextStream, apply_logit_bias, apply_presence_frequency_penalties, apply_repetition_penalty, sample_token
+from ..generate import TextStream, next_token
 from .batched import decode_step, new_row_cache, prefill
 
 if TYPE_CHECKING:
@@ -341,17 +341,10 @@ class Engine:
     def _take(self, job: Job, logits: torch.Tensor) -> None:
         """Sample ``job``'s next token from its logits (V,) and tell its client what it made."""
         p = job.params
-        raw = logits
-        try:  # the order generate_ids applies them in, so both draw bitwise alike
-            logits = apply_logit_bias(logits, p.logit_bias)
-            logits = apply_repetition_penalty(logits, job.seen, p.repetition_penalty)
-            if p.presence_penalty or p.frequency_penalty:
-                logits = apply_presence_frequency_penalties(
-                    logits, job.seen[len(job.prompt_ids) :], p.presence_penalty, p.frequency_penalty
-                )
-            token = sample_token(logits, p.temperature, p.top_k, p.top_p, job.generator)
+        try:  # generate_ids' own sampling function, so both draw bitwise alike
+            token = next_token(logits, job.seen, len(job.prompt_ids), p, job.generator)
             if p.logprobs is not None:
-                job.logprobs.append(token_logprob(raw, token, p.logprobs))
+                job.logprobs.append(token_logprob(logits, token, p.logprobs))  # the raw logits
         except Exception as exc:  # one bad request must not stop the server
             self._fail(job, exc)
             return

@@ -231,13 +231,15 @@ def no_fit_message(candidates: Sequence[TierSetProfile], order: Sequence[str], l
     need to budget), so the advice changes as little as possible."""
     from ..store import format_bytes
 
-    def ratio(need: float, budget: float | None) -> float:
+    def ratio(need: float, budget: float | None, unit: float) -> float:
+        # a zero budget counts as one unit (1e-3 ms, 1 byte): every need is then a finite
+        # multiple of it, so the smallest need still wins instead of ties broken by the other budget
         if budget is None:
             return 0.0
-        return need / budget if budget > 0 else (math.inf if need > 0 else 0.0)
+        return need / max(budget, unit)
 
     def key(p: TierSetProfile) -> tuple[float, float, float, int]:
-        r = (ratio(p.latency_ms_per_token, latency_ms), ratio(p.memory_bytes, memory_bytes))
+        r = (ratio(p.latency_ms_per_token, latency_ms, 1e-3), ratio(p.memory_bytes, memory_bytes, 1.0))
         return (max(r), sum(r), p.latency_ms_per_token, p.memory_bytes)
 
     best = min(candidates, key=key)

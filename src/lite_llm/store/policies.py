@@ -17,7 +17,7 @@ accesses, so the policies behave the same whatever the speed of the machine.
   at all and go first.  A prompt's routes are known before decoding starts: a prefill touches
   each expert once with ``uses`` = the prompt tokens routed to it, so decoding begins with the
   prompt's own frequencies rather than a flat "seen once" for every expert it touched.
-* :class:`Belady` — the offline optimum for a known sequence of accesses (benchmarks only).
+* :func:`belady_hits` — the offline optimum for a known sequence of accesses (benchmarks only).
 """
 
 from __future__ import annotations
@@ -127,6 +127,9 @@ class LayerCycle:
         self._allowed = None if tiers is None else set(tiers)
 
 
+POLICIES = ("layer-cycle", "lru")  # the names make_policy takes
+
+
 def make_policy(name: str, n_layers: int) -> EvictionPolicy:
     """A policy by its command-line name."""
     from ..errors import ConfigError
@@ -135,10 +138,7 @@ def make_policy(name: str, n_layers: int) -> EvictionPolicy:
         return LRU()
     if name == "layer-cycle":
         return LayerCycle(n_layers)
-    raise ConfigError(f"unknown cache policy {name!r}; choose lru or layer-cycle")
-
-
-POLICIES = ("layer-cycle", "lru")
+    raise ConfigError(f"unknown cache policy {name!r}; choose {' or '.join(POLICIES)}")
 
 
 def belady_hits(accesses: Sequence[Hashable], capacity: int) -> int:

@@ -10,7 +10,7 @@ from .schedule import lr_at
 from .protection import protection_callbacks
 from .synaptic import SynapticIntelligence, load_si
 from .callbacks import TrainerCallback
-from .trainer import Trainer, TrainResult, replay_rows, run_training
+from .trainer import Trainer, TrainResult, replay_rows
 
 __all__ = [
     "Distillation",
@@ -35,6 +35,5 @@ __all__ = [
     "protection_callbacks",
     "read_metrics",
     "replay_rows",
-    "run_training",
     "save_ewc",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -14,6 +15,12 @@ from ..errors import ConfigError, TierSetError
 SettingKind = Literal["weights", "names", "freeze", "path"]
 POSITIVE_INTS = ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "eval_batch_size", "keep_last", "log_every")
 NON_NEGATIVE_INTS = ("warmup_steps", "eval_every", "save_every", "seed")
+# settings that only mean something with another one: setting -> (that field, its flag)
+_PROTECTION_SETTINGS = {
+    "distill_weight": ("distill_from", "--distill-from TEACHER"),
+    "distill_temperature": ("distill_from", "--distill-from TEACHER"),
+    "si_damping": ("si_strength", "--si-strength C"),
+}
 
 
 def _setting(default: Any, help: str = "", *, flag: str | None = None, kind: SettingKind | None = None) -> Any:
@@ -159,12 +166,14 @@ class TrainConfig:
                 raise ConfigError(f"train.tierset: {exc}") from None
 
     def _check_protection(self) -> None:
+        self._check_finite_protection()
+        self._check_unused_protection()
         if not 0 <= self.replay_share < 1:
             raise ConfigError(f"train.replay_share must be in [0, 1) (the rest of each batch is new data), got {self.replay_share}")
+        if any(not 0 <= v < math.inf for v in self.replay.values()):
+            raise ConfigError(f"train.replay weights must be finite numbers >= 0, got {self.replay}")
         if self.replay_share > 0 and not any(v > 0 for v in self.replay.values()):
             raise ConfigError("train.replay_share is set but train.replay names no old domain with a positive weight, e.g. {prose: 1.0}")
-        if any(not v >= 0 for v in self.replay.values()):
-            raise ConfigError(f"train.replay weights must be >= 0, got {self.replay}")
         if self.replay and self.replay_share == 0:
             raise ConfigError("train.replay names old domains but train.replay_share is 0, so nothing would be replayed; set a share such as 0.25")
         if self.replay_share > (self.batch_size - 1) / self.batch_size:
@@ -185,6 +194,26 @@ class TrainConfig:
             raise ConfigError(f"train.si_strength must be >= 0 and train.si_damping > 0, got {self.si_strength} and {self.si_damping}")
         if self.si_from is not None and self.si_strength == 0:
             raise ConfigError("train.si_from needs a positive train.si_strength (the penalty's c, e.g. 1.0); without it the importance would be ignored")
+
+    def _check_finite_protection(self) -> None:
+        """An infinite penalty weight or temperature makes every step's loss non-finite: each
+        step would be skipped and the run would end "successfully" having learnt nothing."""
+        for name in ("ewc_weight", "distill_weight", "distill_temperature", "si_strength", "si_damping"):
+            value = getattr(self, name)
+            if not math.isfinite(value):
+                raise ConfigError(f"train.{name} must be a finite number, got {value}")
+
+    def _check_unused_protection(self) -> None:
+        """A distillation or SI setting given without the option that turns it on would be
+        ignored without a word: the user believes the run is protected when it is not."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name in _PROTECTION_SETTINGS}
+        for name, (switch, flag) in _PROTECTION_SETTINGS.items():
+            if getattr(self, name) != defaults[name] and getattr(self, switch) in (None, 0, 0.0):
+                raise ConfigError(f"train.{name} is set but train.{switch} is not, so it would be ignored; give {flag} too, or leave train.{name} out")
+        if self.distill_domains and self.distill_from is None:
+            raise ConfigError(
+                "train.distill_domains is set but train.distill_from is not, so it would be ignored; give --distill-from TEACHER too, or leave train.distill_domains out"
+            )
 
     @property
     def tokens_per_step(self) -> int:

@@ -27,8 +27,10 @@ load-balancing term is off: it would pull the tiers towards equal shares, agains
 Rollback: at the start of integration the model is checkpointed (``pre-integration``, kept) and
 the validation loss of the old domains recorded; if during integration that loss rises by more
 than ``rollback.margin`` (relative), the weights are restored from that checkpoint, the new tier
-made unroutable again, and the run stops saying why.  ``lite-llm rollback`` does the same by
-hand from a finished run.
+made unroutable again, and the run stops saying why, its last checkpoint the restored model (a
+rolled-back run is not resumed: that would ramp the tier in again over it).  ``lite-llm
+rollback`` does the same by hand from a finished run.  Resuming a curriculum run without its
+file takes the schedule saved in the run's training state, as every other saved setting.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..config import is_int
 from ..errors import ConfigError
 from .callbacks import TrainerCallback
 
@@ -78,16 +81,22 @@ class Phase:
         where = f"curriculum phase {self.name!r}"
         if self.name not in PHASES:
             raise ConfigError(f"unknown curriculum phase {self.name!r}; phases are {', '.join(PHASES)} (in that order)")
-        if not isinstance(self.steps, int) or self.steps < 0:
+        if not is_int(self.steps) or self.steps < 0:
             raise ConfigError(f"{where}: steps must be a non-negative integer, got {self.steps!r}")
-        if not self.lr_scale > 0:
-            raise ConfigError(f"{where}: lr_scale must be positive, got {self.lr_scale!r}")
+        if not _is_number(self.lr_scale) or not 0 < self.lr_scale < math.inf:
+            raise ConfigError(f"{where}: lr_scale must be a finite positive number (a factor of the learning rate), got {self.lr_scale!r}")
         for key in ("share", "from_share", "to_share"):
             value = getattr(self, key)
-            if value is not None and not 0 <= value <= 1:
+            if value is not None and (not _is_number(value) or not 0 <= value <= 1):
                 raise ConfigError(f"{where}: {key} must be a probability between 0 and 1, got {value!r}")
         if self.ramp not in ("linear", "cosine"):
             raise ConfigError(f"{where}: ramp must be 'linear' or 'cosine', got {self.ramp!r}")
+        trainable = [self.trainable] if isinstance(self.trainable, str) else self.trainable
+        if not isinstance(trainable, list) or not trainable or not all(isinstance(t, str) and t for t in trainable):
+            raise ConfigError(f"{where}: trainable must be 'new', 'all' or parameter-name patterns (a string or a list of them), got {self.trainable!r}")
+        if self.balance is not None and not isinstance(self.balance, bool):
+            raise ConfigError(f"{where}: balance must be true or false (tier-level load balancing), got {self.balance!r}")
+        self._refuse_unused()
         if self.name == "integration":
             if self.steps == 0:
                 raise ConfigError("curriculum phase 'integration' has a zero-length ramp; give it at least one step")
@@ -100,6 +109,41 @@ class Phase:
         if self.name == "joint" and self.trainable == "new":
             self.trainable = "all"
 
+    def _refuse_unused(self) -> None:
+        """A share or ramp given to a phase that does not read it would be ignored without a
+        word, and the schedule would not be the one the user wrote."""
+        unused = {"share": self.share is not None and self.name != "isolation"}
+        for key in ("from_share", "to_share"):
+            unused[key] = getattr(self, key) is not None and self.name != "integration"
+        unused["ramp"] = self.ramp != "linear" and self.name != "integration"
+        given = [key for key, bad in unused.items() if bad]
+        if given:
+            owner = "isolation" if given[0] == "share" else "integration"
+            raise ConfigError(
+                f"curriculum phase {self.name!r} does not use {given[0]} (only the {owner} phase does), so it would be ignored; move it to the {owner} phase or leave it out"
+            )
+
+
+def _is_number(value: Any) -> bool:
+    """A real number and not a bool (``True`` is an ``int`` to Python, never to a schedule)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _fields_of(cls: type, data: Any, where: str) -> dict[str, Any]:
+    """``data`` as keyword arguments of the dataclass ``cls``: a mapping whose keys are its
+    fields, else one sentence naming ``where`` and what is expected."""
+    known = [f.name for f in dataclasses.fields(cls)]
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping of {', '.join(known)}, got {data!r}")
+    unknown = sorted(str(k) for k in set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"{where} has unknown key {unknown[0]!r}; expected {', '.join(known)}")
+    required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise ConfigError(f"{where} needs {' and '.join(required)}; it lacks {', '.join(missing)}")
+    return data
+
 
 @dataclass
 class RollbackConfig:
@@ -108,6 +152,14 @@ class RollbackConfig:
     domains: list[str] = field(default_factory=list)
     margin: float = 0.02
     enabled: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.domains, list) or not all(isinstance(d, str) and d for d in self.domains):
+            raise ConfigError(f"curriculum rollback.domains must be a list of domain names, e.g. [prose], got {self.domains!r}")
+        if not _is_number(self.margin) or not math.isfinite(self.margin):
+            raise ConfigError(f"curriculum rollback.margin must be a finite number (the relative rise of loss tolerated, e.g. 0.05), got {self.margin!r}")
+        if not isinstance(self.enabled, bool):
+            raise ConfigError(f"curriculum rollback.enabled must be true or false, got {self.enabled!r}")
 
 
 @dataclass
@@ -118,17 +170,21 @@ class CurriculumConfig:
     rollback: RollbackConfig | None = None
 
     def __post_init__(self) -> None:
-        self.phases = [p if isinstance(p, Phase) else Phase(**p) for p in self.phases]
-        if isinstance(self.rollback, dict):
-            self.rollback = RollbackConfig(**self.rollback)
+        if not isinstance(self.tier, str) or not self.tier:
+            raise ConfigError(f"curriculum tier must be the new tier's name (e.g. tier_10b), got {self.tier!r}")
+        if not isinstance(self.phases, list):
+            raise ConfigError(f"curriculum phases must be a list of phases, e.g. [{{name: integration, steps: 100, to_share: 0.5}}], got {self.phases!r}")
+        self.phases = [p if isinstance(p, Phase) else Phase(**_fields_of(Phase, p, f"curriculum phase {i + 1}")) for i, p in enumerate(self.phases)]
+        if self.rollback is not None and not isinstance(self.rollback, RollbackConfig):
+            self.rollback = RollbackConfig(**_fields_of(RollbackConfig, self.rollback, "curriculum rollback"))
         order = [PHASES.index(p.name) for p in self.phases]
         if order != sorted(set(order)):
             names = ", ".join(p.name for p in self.phases)
             raise ConfigError(f"curriculum phases are out of order or repeated ({names}); use {', '.join(PHASES)}, each at most once, in that order")
         if "integration" not in [p.name for p in self.phases]:
             raise ConfigError("a curriculum needs an integration phase (the ramp that brings the new tier in)")
-        if not self.gain > 0:
-            raise ConfigError(f"curriculum gain must be positive, got {self.gain!r}")
+        if not _is_number(self.gain) or not 0 < self.gain < math.inf:
+            raise ConfigError(f"curriculum gain must be a finite positive number (the share controller's step), got {self.gain!r}")
         integ = self.phase("integration")
         if integ.from_share is None:
             iso = self.phase("isolation")
@@ -247,6 +303,13 @@ class Curriculum(TrainerCallback):
             raise ConfigError(f"the curriculum's tier {tier!r} is not in the model (tiers: {', '.join(names) or 'none'}); add it first with lite-llm add-tier")
         if len(names) < 2:
             raise ConfigError("a curriculum brings a new tier in next to existing ones; this model has only one tier")
+        chosen = trainer.tierset.resolve(model.config)
+        if tier not in chosen or len(chosen) < 2:
+            # the new tier outside the TierSet has nothing to train; alone in it, no share to steer
+            raise ConfigError(
+                f"the run's TierSet {trainer.tierset} selects {', '.join(chosen)}, but a curriculum needs its tier {tier!r} and at least one "
+                "existing tier in it; train with --tiers all (or a TierSet naming both)"
+            )
         if trainer.config.steps != self.config.total_steps:
             raise ConfigError(
                 f"train.steps is {trainer.config.steps} but the curriculum's phases add up to {self.config.total_steps}; make them equal"
@@ -376,8 +439,12 @@ class Curriculum(TrainerCallback):
         model = trainer.model
         if self.pre_integration.get("path"):
             from ..checkpoint import load_checkpoint
+            from .rollback import find_pre_integration
 
-            state = load_checkpoint(self.pre_integration["path"]).model.state_dict()
+            recorded = self.pre_integration["path"]
+            # a run resumed from another directory: the snapshot is in its run directory
+            found = find_pre_integration(recorded, [trainer.run_dir] if trainer.run_dir is not None else [], self.pre_integration.get("step"))
+            state = load_checkpoint(found if found is not None else recorded).model.state_dict()
         else:
             state = self._memory_copy
         model.load_state_dict(state)
@@ -401,6 +468,12 @@ class Curriculum(TrainerCallback):
         if state.get("schedule") != self.config.to_dict():
             raise ConfigError(
                 "cannot resume: the curriculum schedule differs from the one this run started with; resume with the original curriculum file or start a new run"
+            )
+        if state.get("rolled_back"):
+            # continuing would ramp the tier in again over the very weights the rollback restored
+            raise ConfigError(
+                f"cannot resume: this curriculum run was {state['rolled_back'].split(';')[0]}; start a new run from its checkpoint "
+                "(lite-llm rollback gives the model without the tier) with another curriculum"
             )
         self.pre_integration = state.get("pre_integration")
         self.rolled_back = state.get("rolled_back")

@@ -8,11 +8,13 @@ teacher is typically the checkpoint before growth; it runs under ``no_grad`` in 
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
+from ..data.compat import same_encoding
 from ..errors import ConfigError
 from .callbacks import TrainerCallback
 
@@ -35,14 +37,17 @@ class Distillation(TrainerCallback):
 
     name = "distillation"
 
-    def __init__(self, teacher: "LiteLLM", *, weight: float = 1.0, temperature: float = 2.0, domains: list[str] | None = None) -> None:
-        if not weight > 0 or not temperature > 0:
-            raise ConfigError(f"distillation weight and temperature must be positive, got {weight} and {temperature}")
+    def __init__(
+        self, teacher: "LiteLLM", *, weight: float = 1.0, temperature: float = 2.0, domains: list[str] | None = None, tokenizer: Any = None
+    ) -> None:
+        if not 0 < weight < math.inf or not 0 < temperature < math.inf:
+            raise ConfigError(f"distillation weight and temperature must be positive finite numbers, got {weight} and {temperature}")
         self.teacher = teacher.eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.weight, self.temperature = float(weight), float(temperature)
         self.domains = set(domains) if domains else None
+        self.tokenizer = tokenizer  # the teacher's, when known: compared with the run's
 
     def on_train_begin(self, trainer: "Trainer") -> None:
         self.teacher.to(trainer.device)  # the teacher runs beside the student
@@ -50,6 +55,18 @@ class Distillation(TrainerCallback):
         if student != teacher:
             raise ConfigError(
                 f"the distillation teacher has a vocabulary of {teacher} tokens but the model has {student}; distil from a checkpoint with the same tokenizer"
+            )
+        if self.tokenizer is not None and trainer.tokenizer is not None and not same_encoding(self.tokenizer, trainer.tokenizer):
+            # equal sizes, other words: the teacher's distribution would be over other tokens
+            raise ConfigError(
+                f"the distillation teacher's tokenizer ({self.tokenizer.kind}, {self.tokenizer.vocab_size} tokens) is not the one the run's data "
+                "was made with, so its predictions are of other tokens; distil from a checkpoint with the same tokenizer"
+            )
+        context = self.teacher.config.max_seq_len
+        if trainer.config.seq_len > context:
+            raise ConfigError(
+                f"the distillation teacher's context is {context} tokens but train.seq_len is {trainer.config.seq_len}; "
+                f"train with --seq-len {context} or less, or distil from a teacher with a longer context"
             )
 
     def extra_loss(self, trainer: "Trainer", step: int, batch: torch.Tensor, output: "ModelOutput") -> torch.Tensor | None:

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from .trainer import Trainer
 
 ESTIMATORS = ("sample", "batch")
-__all__ = ["ESTIMATORS", "EWC", "FisherEstimate", "check_fits", "estimate_fisher", "ewc_penalty", "load_ewc", "save_ewc"]
+__all__ = ["ESTIMATORS", "EWC", "FisherEstimate", "check_fits", "check_values", "estimate_fisher", "ewc_penalty", "load_ewc", "save_ewc"]
 def estimate_fisher(
     model: "LiteLLM",
     data: "TokenData",
@@ -56,6 +56,8 @@ def estimate_fisher(
         raise ConfigError(f"unknown Fisher estimator {estimator!r}; choose {' or '.join(ESTIMATORS)}")
     if samples < 1 or batch_size < 1:
         raise ConfigError(f"Fisher samples and batch size must be positive, got {samples} and {batch_size}")
+    if seq_len < 2:  # one token predicts nothing: the loss and every gradient would be 0
+        raise ConfigError(f"Fisher sequences need at least 2 tokens (a token and the one it predicts), got seq_len {seq_len}")
     if domain not in data.domains:
         raise ConfigError(f"unknown domain {domain!r} for the Fisher; the data has {', '.join(data.domains)}")
     sequences, _ = data.sample_batch(split, {domain: 1.0}, samples, seq_len, seed=seed, step=0)
@@ -118,6 +120,21 @@ def check_fits(model: "LiteLLM", estimate: FisherEstimate, fmt: ImportanceFormat
                 f"the {fmt.what} of {name} has shape {tuple(f.shape)} but the model's parameter has {tuple(params[name].shape)}; "
                 f"grow the checkpoint that holds the estimate (lite-llm expand carries {fmt.directory}/) instead of reusing an old one"
             )
+    check_values(estimate, fmt)
+
+
+def check_values(estimate: FisherEstimate, fmt: ImportanceFormat) -> None:
+    """One sentence when an importance is negative or not finite, or an anchor not finite (a
+    file written by another tool, an estimate of a diverged model): a negative weight would
+    reward moving away from the anchor and a non-finite one makes every step's loss non-finite,
+    so each step would be skipped and the run would end having learnt nothing."""
+    for name, f in estimate.fisher.items():
+        if not bool(torch.isfinite(f).all()) or bool((f < 0).any()):
+            raise ConfigError(
+                f"the {fmt.what} of {name} has negative or non-finite entries; an importance must be finite and >= 0, so make the estimate again"
+            )
+        if not bool(torch.isfinite(estimate.anchor[name]).all()):
+            raise ConfigError(f"the {fmt.what}'s anchor of {name} has non-finite entries (it was taken from a diverged model); make the estimate again")
 
 
 class EWC(TrainerCallback):

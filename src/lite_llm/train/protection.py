@@ -41,9 +41,12 @@ def protection_callbacks(config: TrainConfig, model: "LiteLLM", *, device: "torc
     if config.distill_from is not None:
         from ..checkpoint import load_checkpoint
 
-        teacher = load_checkpoint(config.distill_from, device=device).model
+        loaded = load_checkpoint(config.distill_from, device=device)
         callbacks.append(
-            Distillation(teacher, weight=config.distill_weight, temperature=config.distill_temperature, domains=config.distill_domains or None)
+            Distillation(
+                loaded.model, weight=config.distill_weight, temperature=config.distill_temperature, domains=config.distill_domains or None,
+                tokenizer=loaded.tokenizer,
+            )
         )
     return callbacks
 

@@ -397,7 +397,8 @@ class Trainer:
                 if step % c.log_every == 0 or "val" in record:
                     self.logger.log(record)
                 progress.update(self.step, record)
-                if (c.save_every and self.step % c.save_every == 0) or (last and self.run_dir is not None):
+                stopped = self.stop_reason is not None  # a callback ended the run (a curriculum's rollback): keep where it stopped
+                if (c.save_every and self.step % c.save_every == 0) or ((last or stopped) and self.run_dir is not None):
                     result.checkpoint = self.save()
         if self.stop_reason is not None:
             result.stopped_early = self.stop_reason
@@ -503,27 +504,8 @@ def replay_rows(batch_size: int, share: float, *, seed: int, step: int, micro: i
     probability equal to the remainder (a stable hash of seed/step/micro decides), so every
     batch is within one row of the share and the long-run share is exact.  At least one row
     stays new data."""
-    from ..data._hashing import stable_unit
+    from ..data.hashing import stable_unit
 
     whole, rest = divmod(share * batch_size, 1.0)
     rows = int(whole) + (1 if stable_unit("replay", seed, step, micro) < rest else 0)
     return min(rows, batch_size - 1)
-
-
-def run_training(
-    model: "LiteLLM",
-    data: "TokenData",
-    config: TrainConfig,
-    *,
-    run_dir: str | Path | None = None,
-    resume: str | Path | None = None,
-    callbacks: list[TrainerCallback] | None = None,
-    show_progress: bool = True,
-    device: str | torch.device | None = None,
-) -> TrainResult:
-    """Convenience wrapper: build a Trainer (on ``device``: auto, cpu, cuda, cuda:N; default
-    where the model is), optionally resume, train to the end."""
-    trainer = Trainer(model, data, config, run_dir=run_dir, callbacks=callbacks, show_progress=show_progress, device=device)
-    if resume is not None:
-        trainer.resume(resume)
-    return trainer.train()
