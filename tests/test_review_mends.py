@@ -17,12 +17,10 @@ import threading
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 from lite_llm import ModelConfig, build_model
 from lite_llm.checkpoint import load_checkpoint, save_checkpoint
 from lite_llm.checkpoint.lazy import open_checkpoint
-from lite_llm.cli import app
 from lite_llm.config import TierSet
 from lite_llm.data import ByteTokenizer
 from lite_llm.errors import CheckpointError
@@ -30,20 +28,7 @@ from lite_llm.generate import generate_ids
 from lite_llm.serve.engine import Engine, Event, Job, SamplingParams
 
 from .serve.conftest import tiny_two_tier
-
-runner = CliRunner()
-
-
-def _run(args: list[str]) -> tuple[int, str]:
-    """As tests/test_issue16_safety.py runs a command: exit code and all it printed."""
-    result = runner.invoke(app, args)
-    out = result.output + (result.stderr if result.stderr_bytes else "")
-    return result.exit_code, out.replace("\n", "")
-
-
-def _hashes(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
-
+from .test_issue16_safety import _hashes, _run
 
 def _squeezed(text: str) -> str:
     """``text`` without whitespace: rich wraps a long line at a space, and _run drops the newline."""
