@@ -139,6 +139,25 @@ def test_resume_under_torchrun_refuses_to_train_over_newer_one_process_steps(dis
     assert _hashes(run) == before
 
 
+def test_resume_under_torchrun_builds_the_runs_own_model_not_the_default_preset(data, tmp_path, monkeypatch):
+    """Was: a distributed run of any model but the default preset could not be resumed as the
+    README writes it (no --preset retyped): every rank built the tiny preset and failed on the
+    first tensor of another shape.  A different --preset is refused, as in one process."""
+    (tmp_path / "model.yaml").write_text("preset: tiny\nd_model: 48\n")
+    run = tmp_path / "run"
+    small = [a for a in TRAIN if a not in ("--preset", "tiny")]
+    done = _torchrun(2, "train", "--data", str(data), "-o", str(run), "--steps", "2", "--parallel", "dp=2", "--model-config", str(tmp_path / "model.yaml"), *small)
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = _torchrun(2, "train", "--data", str(data), "-o", str(run), "--steps", "3", "--resume", "--parallel", "dp=2", "--quiet")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and (run / "sharded" / "step-00000003").is_dir(), resumed.stdout
+    before = _hashes(run)
+    _as_rank(monkeypatch)
+    code, out = _run(["train", "--data", str(data), "-o", str(run), "--steps", "4", "--resume", "--preset", "tiny", "--quiet"])
+    assert code == 1 and "cannot resume with a different model" in out, out
+    assert _hashes(run) == before
+
+
 def test_resume_from_under_torchrun_must_be_a_sharded_checkpoint(dist_run, data, tmp_path, monkeypatch):
     run = _copy(dist_run, tmp_path)
     before = _hashes(run)

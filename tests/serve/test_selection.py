@@ -241,7 +241,7 @@ def test_bad_inputs_are_one_sentence(checkpoint, dataset, tmp_path):
         (["tiers", "choose", str(checkpoint), "--latency-ms", "-1"], "the latency budget must be a finite number of ms/token >= 0, got -1.0"),
         (["tiers", "choose", str(checkpoint), "--memory", "lots"], "cannot read 'lots' as a memory budget"),
         (["tiers", "choose", str(bare), "--latency-ms", "5"], "has no TierSet profile; measure one with `lite-llm tiers profile"),
-        (["tiers", "profile", str(bare), "--data", f"code={tmp_path / 'nowhere'}"], "does not exist; prepare it with prepare_data first"),
+        (["tiers", "profile", str(bare), "--data", f"code={tmp_path / 'nowhere'}"], "does not exist; prepare it first with lite-llm data prepare"),
         (["tiers", "profile", str(bare), "--data", f"poetry={dataset}"], "has no domain 'poetry'; it has code, prose"),
         (["tiers", "profile", str(bare), "--data", "code"], "cannot read --data 'code'; write DOMAIN=PATH"),
     ):

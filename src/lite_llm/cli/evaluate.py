@@ -43,9 +43,9 @@ def eval_command(
 
       lite-llm eval runs/small/checkpoints/step-00000300 --data data/std --domains code,prose
 
-      lite-llm eval runs/ewc/final runs/replay/final --against ckpt/base --data data/std --domains prose,code --report reports/retention
+      lite-llm eval runs/ewc/checkpoints/step-00000200 runs/replay/checkpoints/step-00000200 --against ckpt/base --data data/std --domains prose,code --report reports/retention
 
-      lite-llm eval runs/gpu/final --data data/std --device cuda:1
+      lite-llm eval runs/gpu/checkpoints/step-00000200 --data data/std --device cuda:1
 
       lite-llm eval big --data data/std --hot-budget 1GB --stats
     """

@@ -147,9 +147,9 @@ def validate_command(
 
     Examples:
 
-      lite-llm validate runs/small/final runs/grown
+      lite-llm validate runs/small/checkpoints/step-00000300 runs/grown
 
-      lite-llm validate runs/small/final runs/grown --device cpu
+      lite-llm validate runs/small/checkpoints/step-00000300 runs/grown --device cpu
     """
     from ..checkpoint.lazy import open_checkpoint
     from ..checkpoint.derived import source_tokenizer
@@ -224,7 +224,7 @@ def plan(
 
     Examples:
 
-      lite-llm plan --from runs/small/final --to 1B
+      lite-llm plan --from runs/small/checkpoints/step-00000300 --to 1B
 
       lite-llm plan --from small --to 350M --strategy moe --write-recipe grow.yaml
     """

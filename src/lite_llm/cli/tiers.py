@@ -75,7 +75,7 @@ def profile_command(
 
     Examples:
 
-      lite-llm tiers profile runs/small/final --data code=data/std --data prose=data/std
+      lite-llm tiers profile runs/small/checkpoints/step-00000300 --data code=data/std --data prose=data/std
 
       lite-llm tiers profile big --data code=data/std --hot-budget 512MB --warm-budget 2GB --tokens 64
     """
@@ -108,9 +108,9 @@ def choose_command(
 
     Examples:
 
-      lite-llm tiers choose runs/small/final --latency-ms 5 --memory 512MB
+      lite-llm tiers choose runs/small/checkpoints/step-00000300 --latency-ms 5 --memory 512MB
 
-      lite-llm tiers choose runs/small/final --memory 20MB --table
+      lite-llm tiers choose runs/small/checkpoints/step-00000300 --memory 20MB --table
     """
     from ..serve.selection import choose, load_profile
     from ..store import format_bytes, parse_bytes

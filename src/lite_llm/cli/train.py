@@ -349,6 +349,7 @@ def train_distributed(
     import torch.distributed as dist
 
     from ..checkpoint import CheckpointManager, load_checkpoint
+    from ..config import ModelConfig
     from ..data import TokenData
     from ..data.compat import check_data_tokenizer
     from ..dist.checkpoint import read_meta
@@ -360,7 +361,11 @@ def train_distributed(
 
     latest = _sharded_to_resume(output, resume_from) if resume else None
     if latest is not None:
-        saved = dict(read_meta(latest)["trainer"].get("train_config") or {})
+        meta = read_meta(latest)
+        run_model = ModelConfig.from_dict(meta["model_config"])  # the run's own model: nothing to retype
+        if (preset or model_config) and model_config_from(preset, model_config).to_dict() != run_model.to_dict():
+            raise LiteLLMError(f"cannot resume with a different model: {latest} holds another configuration than --preset/--model-config give; drop them to continue the run")
+        saved = dict(meta["trainer"].get("train_config") or {})
         file_fields = TrainConfig.from_file(config).to_dict() if config else {}
         cfg = TrainConfig.from_dict(resume_fields(saved, {**explicit_fields(file_fields), **given}))
     else:
@@ -375,13 +380,14 @@ def train_distributed(
                 refuse_existing_run(output, overwrite)
             dist.barrier()
         dataset = TokenData(data)
-        if init_from is not None:
+        if latest is not None:  # its weights come from the sharded checkpoint below
+            model = build_model(run_model, seed=cfg.seed)
+        elif init_from is not None:
             loaded = load_checkpoint(init_from, device="cpu")
             model = loaded.model
+            check_data_tokenizer(dataset.tokenizer, data, loaded.tokenizer, model.config.vocab_size, init_from)
         else:
             model = build_model(model_config_from(preset, model_config), seed=cfg.seed)
-        if init_from is not None:
-            check_data_tokenizer(dataset.tokenizer, data, loaded.tokenizer, model.config.vocab_size, init_from)
         model = parallelize(model.to(ranks.device), ranks)
         trainer = DistributedTrainer(model, dataset, cfg, ranks, run_dir=output, show_progress=not quiet, tokenizer=dataset.tokenizer)
         if init_from is not None and latest is None:

@@ -186,9 +186,9 @@ def _windows(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches: int
 def _read_index(data_dir: Path) -> dict:
     path = data_dir / INDEX_FILE
     if not data_dir.is_dir():
-        raise DataError(f"data folder {data_dir} does not exist; prepare it with prepare_data first")
+        raise DataError(f"data folder {data_dir} does not exist; prepare it first with lite-llm data prepare (or lite_llm.data.prepare_data)")
     if not path.is_file():
-        raise DataError(f"{data_dir} is not a prepared dataset (it has no {INDEX_FILE}); prepare it with prepare_data first")
+        raise DataError(f"{data_dir} is not a prepared dataset (it has no {INDEX_FILE}); prepare it first with lite-llm data prepare (or lite_llm.data.prepare_data)")
     try:
         index = json.loads(path.read_text(encoding="utf-8"))
         version = int(index["format_version"])

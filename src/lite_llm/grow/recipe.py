@@ -2,8 +2,8 @@
 
 ```yaml
 # grow.yaml
-source: runs/small/final        # optional when given on the command line
-output: runs/grown              # optional likewise
+source: runs/small/checkpoints/step-00000300  # optional when given on the command line
+output: runs/grown                            # optional likewise
 steps:
   - method: llama_pro
     target_layers: 12
