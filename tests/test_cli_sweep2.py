@@ -158,6 +158,20 @@ def test_resume_under_torchrun_builds_the_runs_own_model_not_the_default_preset(
     assert _hashes(run) == before
 
 
+def test_consolidate_in_one_process_prints_no_torch_warning(dist_run, tmp_path):
+    """Was: torch's "UserWarning: torch.distributed is disabled ... assuming the intent is to load
+    in a single process" on every consolidate and one-process resume — which is the intent."""
+    import warnings
+
+    from lite_llm.dist.checkpoint import consolidate
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        consolidate(dist_run / "sharded" / "step-00000004", tmp_path / "whole")
+    assert not [w for w in caught if "torch.distributed is disabled" in str(w.message)], [str(w.message) for w in caught]
+    assert (tmp_path / "whole" / "manifest.json").is_file()
+
+
 def test_resume_from_under_torchrun_must_be_a_sharded_checkpoint(dist_run, data, tmp_path, monkeypatch):
     run = _copy(dist_run, tmp_path)
     before = _hashes(run)

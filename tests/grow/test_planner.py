@@ -146,7 +146,9 @@ def test_dense_strategies_on_a_budget_bound_model_say_why_in_one_sentence(tmp_pa
         plan_growth(ModelConfig.from_preset("small"), 350 * 10**6, "balanced")
     assert str(info.value) == (
         "no balanced plan reaches 350M within 10% in steps of at most 4x the layers and 8x the width: every growth of this model is refused "
-        "(tiers[tier_1b] needs 5.91M parameters (5912320) but its budget is 5M; raise the budget or use fewer/smaller experts); "
+        "(a depth growth to 5 layers would give tiers[tier_1b] 5.91M parameters (5912320), over its strict budget of 5M; raise it first "
+        "with a budget step (lite-llm expand CKPT --method budget --set tier=tier_1b --set size=5912320, or mode=advisory; or first in a "
+        "recipe), or grow less); "
         "fix that first or try another --strategy"
     )
     result = runner.invoke(app, ["plan", "--from", "small", "--to", "350M"])  # all strategies: moe has a plan

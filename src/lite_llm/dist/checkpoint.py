@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -141,7 +142,7 @@ def load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
                     slot = key.rsplit("/", 1)[1]
                     targets[key] = torch.zeros_like(p.detach()) if slot != "step" else torch.zeros((), dtype=torch.float32)
                     moments[key] = (p, slot)
-    dcp.load(targets, storage_reader=reader, no_dist=not dist.is_initialized())
+    _load(targets, reader, alone=not dist.is_initialized())
     if optimizer is not None:
         optimizer.state.clear()
         for key, (p, slot) in moments.items():
@@ -163,12 +164,25 @@ def consolidate(path: Path, output: Path) -> Path:
     for key, info in stored.items():
         if key.startswith(OPTIM):
             optim[key] = torch.zeros(tuple(info.size), dtype=info.properties.dtype)
-    dcp.load({**targets, **optim}, storage_reader=reader, no_dist=True)
+    _load({**targets, **optim}, reader, alone=True)
     tensors = {"optimizer/" + key[len(OPTIM) :]: value for key, value in optim.items()}
     tokenizer_dir = Path(path) / "tokenizer"
     tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir.is_dir() else None
     training = TrainingState(tensors=tensors, meta=meta["trainer"])
     return save_checkpoint(output, model, tokenizer=tokenizer, progressive=meta.get("progressive") or {}, training=training)
+
+
+def _load(state: dict[str, Any], reader: HuggingFaceStorageReader, *, alone: bool) -> None:
+    """``dcp.load`` into ``state``: collectively by every rank, or (``alone``) in this process
+    only — a run continued in one process, or ``consolidate``, which the main rank runs by itself
+    even inside a process group.  Alone, torch warns that it "assumes the intent is to load in a
+    single process", which is exactly the intent and which users read as something gone wrong."""
+    if not alone:
+        dcp.load(state, storage_reader=reader)
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        dcp.load(state, storage_reader=reader, no_dist=True)
 
 
 def _read_stored(path: Path) -> tuple[HuggingFaceStorageReader, dict[str, Any]]:

@@ -7,7 +7,7 @@ the function: the grown model's logits equal the original's (to fp32 rounding).
 
 # The built-in operations register themselves on import; lite_llm.grow.registry is only ever
 # reached through this package, so they are always registered before get_op runs.
-from . import depth, heads, moe, tiers, width  # noqa: F401
+from . import budget, depth, heads, moe, tiers, width  # noqa: F401
 from .importance import layer_importance
 from .moe import old_expert_mask
 from .tiers import add_tier_checkpoint

@@ -9,6 +9,7 @@ same numbers as an in-memory one, in any process.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import shutil
 import zlib
 from collections.abc import Iterator
@@ -62,6 +63,24 @@ def perturb(weight: torch.Tensor, noise: float, seed: int, name: str) -> torch.T
         return weight
     scale = float(weight.float().std()) * noise
     return (weight.float() + seeded_normal(tuple(weight.shape), scale, seed, name, torch.float32)).to(weight.dtype)
+
+
+def replace_within_budgets(config: ModelConfig, growth: str, **changes) -> ModelConfig:
+    """``config.replace(**changes)``, refusing first — with a message that says how to fix it —
+    when the growth would take a tier past its strict parameter budget."""
+    tiers = changes.get("tiers", config.tiers)
+    unbudgeted = config.replace(**{**changes, "tiers": [dataclasses.replace(t, budget=None) for t in tiers]})
+    for tier, new in zip(tiers, unbudgeted.tiers):
+        if tier.budget is None or tier.budget_mode != "strict":
+            continue
+        need = unbudgeted.tier_params(new)
+        if need > tier.budget:
+            raise ConfigError(
+                f"{growth} would give tiers[{tier.name}] {format_size(need)} parameters ({need}), over its strict budget of "
+                f"{format_size(tier.budget)}; raise it first with a budget step (lite-llm expand CKPT --method budget --set "
+                f"tier={tier.name} --set size={need}, or mode=advisory; or first in a recipe), or grow less"
+            )
+    return config.replace(**changes)
 
 
 def check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:

@@ -17,7 +17,7 @@ import re
 
 from ..config import ModelConfig, is_int
 from ..errors import ConfigError
-from .common import check_room
+from .common import check_room, replace_within_budgets
 from .registry import register
 from .tensors import LazyTensors, Tensors, Zeros, layer_prefix, ref
 
@@ -38,7 +38,7 @@ def apply_layer_plan(config: ModelConfig, tensors: Tensors, plan: LayerPlan) -> 
     moe = None
     if config.moe_layers is not None:
         moe = [j for j, (src, _) in enumerate(plan) if src in set(config.moe_layers)]
-    new_config = config.replace(n_layers=len(plan), moe_layers=moe)
+    new_config = replace_within_budgets(config, f"a depth growth to {len(plan)} layers", n_layers=len(plan), moe_layers=moe)
 
     producers = {}
     per_layer: dict[int, list[str]] = {}

@@ -29,7 +29,7 @@ import torch
 
 from ..config import ModelConfig, TierConfig
 from ..errors import ConfigError
-from .common import bank_prefix, check_choice, check_noise, check_positive_int, perturb, router_prefix, seeded_normal
+from .common import bank_prefix, check_choice, replace_within_budgets, check_noise, check_positive_int, perturb, router_prefix, seeded_normal
 from .registry import register
 from .tensors import LazyTensors, Producer, Tensors, ref
 
@@ -258,7 +258,7 @@ def add_experts(
         )
     old_tier = config.tier(tier)
     grown_tier = dataclasses.replace(old_tier, experts_per_group=old_tier.experts_per_group + count)
-    new_config = config.replace(tiers=[grown_tier if t.name == tier else t for t in config.tiers])
+    new_config = replace_within_budgets(config, f"add_experts count={count}", tiers=[grown_tier if t.name == tier else t for t in config.tiers])
 
     pattern = re.compile(
         rf"^layers\.\d+\.ffn\.(?:router\.heads\.{re.escape(tier)}\.(expert_gate|expert_bias)|experts\.{re.escape(tier)}\.(gate_up_proj|down_proj))$"

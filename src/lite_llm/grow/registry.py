@@ -22,7 +22,7 @@ class GrowthOp:
     """
 
     name: str
-    family: str  # depth, width, heads, moe
+    family: str  # depth, width, heads, moe, tiers
     fn: GrowthFn
     exact: Callable[[dict[str, Any]], bool]
     summary: str

@@ -43,9 +43,9 @@ from typing import Literal
 
 import torch
 
-from ..config import ModelConfig, format_size
+from ..config import ModelConfig
 from ..errors import ConfigError
-from .common import check_room, normal, tensor_generator
+from .common import check_room, normal, replace_within_budgets, tensor_generator
 from .registry import register
 from .tensors import LazyTensors, Producer, RowWise, Tensors, ref
 
@@ -118,24 +118,6 @@ def split_shares(source: list[int], split: float) -> list[float]:
     """The share of its source's outgoing weight that each new unit gets (asymmetric split)."""
     ranks, counts = copy_ranks(source)
     return [split_fractions(counts[s], split)[r] for s, r in zip(source, ranks)]
-
-
-def replace_within_budgets(config: ModelConfig, growth: str, **changes) -> ModelConfig:
-    """``config.replace(**changes)``, refusing first — with a message that says how to fix it —
-    when the growth would take a tier past its strict parameter budget."""
-    tiers = changes.get("tiers", config.tiers)
-    unbudgeted = config.replace(**{**changes, "tiers": [dataclasses.replace(t, budget=None) for t in tiers]})
-    for tier, new in zip(tiers, unbudgeted.tiers):
-        if tier.budget is None or tier.budget_mode != "strict":
-            continue
-        need = unbudgeted.tier_params(new)
-        if need > tier.budget:
-            raise ConfigError(
-                f"{growth} would give tiers[{tier.name}] {format_size(need)} parameters ({need}), over its strict budget of "
-                f"{format_size(tier.budget)}; raise tiers[{tier.name}].budget to at least {need} (or set its budget_mode to "
-                f"'advisory') before growing, or grow less"
-            )
-    return config.replace(**changes)
 
 
 def _check_noise(noise: float) -> None:
