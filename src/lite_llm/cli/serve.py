@@ -28,6 +28,9 @@ def serve(
     warm_budget: Optional[str] = warm_budget_option(),
     cache_policy: Optional[str] = cache_policy_option(),
     prefetch: bool = prefetch_option(),
+    max_body_size: str = typer.Option(
+        "4MiB", "--max-body-size", help="The largest request body taken (e.g. 4MiB, 16MB); a larger one is answered 413 unread."
+    ),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn's log level: critical, error, warning, info, debug."),
 ) -> None:
     """Serve CHECKPOINT over HTTP with the OpenAI API (completions, chat completions, streaming).
@@ -35,11 +38,11 @@ def serve(
     Requests may choose their tiers with a `tier_set` field ("all", "upto:tier_1b",
     "only:tier_10b", or a list), or give `latency_budget_ms` / `memory_budget` to have one
     chosen from the checkpoint's TierSet profile.  SIGTERM (Ctrl-C) finishes the requests in
-    flight, then exits.
+    flight, then exits; a second Ctrl-C ends them at once (a 503, or an error event in a stream).
 
     Examples:
 
-      lite-llm serve runs/quickstart/checkpoint --port 8000
+      lite-llm serve runs/quickstart/run/checkpoints/step-00000300 --port 8000
 
       lite-llm serve big --hot-budget 512MB --warm-budget 2GB --max-batch 4
 
@@ -52,7 +55,11 @@ def serve(
     from ..runtime.device import resolve_device
     from ..serve.app import create_app
     from ..serve.engine import Engine
+    from ..store.sizes import parse_bytes
 
+    body_limit = parse_bytes(max_body_size, "--max-body-size")
+    if body_limit < 1024:
+        raise LiteLLMError(f"--max-body-size must be at least 1kB (a request body this small holds no useful request), got {max_body_size}")
     location = checkpoint_location(checkpoint)
     apply_threads(threads, header_to_stderr=True)
     loaded = load_for_inference(
@@ -63,11 +70,24 @@ def serve(
     engine = Engine(loaded.model, loaded.tokenizer, max_batch=max_batch, max_queue=max_queue)
     local = location if isinstance(location, Path) else None  # a URL has no TierSet profile to read
     name = model_name or (local.resolve().name if local is not None else checkpoint.rstrip("/").rsplit("/", 1)[-1])
-    api = create_app(engine, model_name=name, checkpoint=local, store=loaded.store)
+    api = create_app(engine, model_name=name, checkpoint=local, store=loaded.store, max_body_bytes=body_limit)
     err_console.print(f"serving {name} on http://{host}:{port}/v1 (max batch {max_batch}, queue {max_queue})", highlight=False)
     # uvicorn turns SIGTERM into a graceful shutdown (stop accepting, finish the responses in
     # flight, then the lifespan drains the engine) and afterwards re-raises the signal to the
     # handler that was there before; a no-op one makes a drained shutdown exit 0, as a service
     # manager expects of a clean stop.
     signal.signal(signal.SIGTERM, lambda *_: None)
-    uvicorn.Server(uvicorn.Config(api, host=host, port=port, log_level=log_level, lifespan="on")).run()
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame) -> None:
+            # The second Ctrl-C (the one uvicorn calls "force quit") would leave the requests in
+            # flight to be torn down with the event loop: a 500 and a traceback for each.  Instead
+            # the engine ends them at the next token boundary (a stream gets an error event and
+            # [DONE], a whole response a 503), their connections close, and the drain finishes
+            # at once; a third Ctrl-C is still uvicorn's force quit.
+            if sig == signal.SIGINT and self.should_exit and not engine.aborted:
+                engine.abort()
+                return
+            super().handle_exit(sig, frame)
+
+    Server(uvicorn.Config(api, host=host, port=port, log_level=log_level, lifespan="on")).run()

@@ -5,17 +5,32 @@ ending with ``data: [DONE]``, or whole), ``GET /v1/models``, ``GET /health``, ``
 
 Behaviour under pressure, and why it is built so:
 
-* a client that leaves stops its generation within one decode step: a streamed response's
-  generator is cancelled by Starlette when the client disconnects (``asyncio.CancelledError``
-  is a ``BaseException``, so only ``finally`` sees it) and its ``finally`` flags the job; a
-  whole response polls ``request.is_disconnected()`` while it waits; the engine drops flagged
-  rows at the next token boundary;
+* a client that leaves stops its generation within a decode step or two: a streamed
+  response flags its job as soon as Starlette's disconnect listener hears the client go
+  (:class:`GenerationStream`); a whole response polls ``request.is_disconnected()`` while it
+  waits; the engine drops flagged rows at the next token boundary.  Starlette's own reaction
+  to a disconnect, cancelling the generator, cannot be relied on: anyio delivers that
+  cancellation only while the task waits on a future not yet done, and when every decode step
+  puts a piece of text the engine (which runs on the loop) completes that future before each
+  delivery attempt — the generator was never cancelled and the row decoded to ``max_tokens``
+  for nobody.  The generator's ``finally`` still flags the job too (it is what a server that
+  reports disconnects by failing ``send`` reaches);
 * the engine's queue is bounded: a request that finds it full is answered 429 with
   ``Retry-After`` at once, before any work;
-* every bad request is a 400 with OpenAI's error body (:mod:`.protocol`), and the server
-  carries on;
+* every bad request is a 4xx with OpenAI's error body (:mod:`.protocol`), and the server
+  carries on: 400 for a body that is not JSON (nested too deep for the parser included) or a
+  string that is not Unicode (a lone surrogate escape such as ``"\\ud800"``), 415 for a body sent
+  as anything but JSON, 413 for one over ``max_body_bytes`` (refused from its Content-Length
+  before it is read, or as soon as it grows past the limit), and 404/405 for a path or method
+  the server does not have;
+* a prompt long enough to take a while to tokenize (a few hundred kB of text) is tokenized on a
+  worker thread — the Rust tokenizer's batch call releases the GIL — so the requests decoding
+  meanwhile keep streaming instead of stalling for seconds behind it;
 * SIGTERM: uvicorn stops accepting, lets in-flight responses finish (the engine keeps
-  running them), then the lifespan's shutdown drains and stops the engine.
+  running them), then the lifespan's shutdown drains and stops the engine.  A second Ctrl-C
+  (`lite-llm serve` calls :meth:`Engine.abort`) ends every request in flight at the next token
+  boundary — a stream with an error event and ``[DONE]``, a whole response with a 503 — so the
+  connections close and the server exits at once, without a traceback.
 """
 
 from __future__ import annotations
@@ -30,6 +45,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import TierSet
 from ..data.tokenizer import render_chat
@@ -46,6 +62,9 @@ from .selection import choose, load_profile, tierset_label
 TIER_SET_HEADER = "X-Lite-LLM-Tier-Set"  # on every answer: the TierSet that served it (chosen by budget or asked for)
 DISCONNECT_POLL_S = 0.05  # how often a whole (non-streamed) response checks that its client is still there
 RETRY_AFTER_S = 1
+MAX_BODY_BYTES = 4 * 1024 * 1024  # a request body larger than this is a 413 (`lite-llm serve --max-body-size`)
+THREAD_TOKENIZE_CHARS = 64 * 1024  # a text longer than this is tokenized off the event loop
+ROUTES = "POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health and GET /metrics"
 
 
 def budget_tiers(checkpoint: Path | None, latency_ms: float | None, memory: int | str | None) -> tuple[str, ...]:
@@ -76,9 +95,10 @@ class Server:
     """What the handlers share: the engine, the tokenizer, the model's limits, the counters."""
 
     def __init__(
-        self, engine: Engine, *, model_name: str, checkpoint: Path | None = None, store: Any = None
+        self, engine: Engine, *, model_name: str, checkpoint: Path | None = None, store: Any = None, max_body_bytes: int = MAX_BODY_BYTES
     ) -> None:
         self.engine = engine
+        self.max_body_bytes = max_body_bytes
         self.tokenizer = engine.tokenizer
         self.config = engine.model.config
         self.model_name = model_name
@@ -99,7 +119,19 @@ class Server:
             raise APIError(str(exc), param="tier_set", code="unknown_tier") from None
         return ts
 
-    def prompt_ids(self, request: Any) -> list[int]:
+    async def encode(self, text: str, *, special: bool) -> list[int]:
+        """``text``'s ids (with the tokenizer's own special tokens when ``special``, as
+        ``encode_prompt`` gives them; without, as ``encode``).  A long text is tokenized on a
+        worker thread through the Rust tokenizer's batch call, which releases the GIL (its
+        single-text call does not): the event loop, which drives the engine, keeps streaming the
+        other requests' tokens meanwhile.  Same ids either way."""
+        backend = getattr(self.tokenizer, "backend", None)
+        if len(text) > THREAD_TOKENIZE_CHARS and hasattr(backend, "encode_batch"):
+            encoded = await asyncio.to_thread(backend.encode_batch, [text], add_special_tokens=special)
+            return list(encoded[0].ids)
+        return list(self.tokenizer.encode_prompt(text) if special else self.tokenizer.encode(text))
+
+    async def prompt_ids(self, request: Any) -> list[int]:
         if isinstance(request, ChatRequest):
             if not getattr(self.tokenizer, "chat_template", None):
                 raise APIError(
@@ -110,7 +142,7 @@ class Server:
                 text = render_chat(self.tokenizer, [{"role": m.role, "content": m.text()} for m in request.messages])
             except LiteLLMError as exc:
                 raise APIError(str(exc), param="messages") from None
-            return list(self.tokenizer.encode(text))
+            return await self.encode(text, special=False)
         prompt = request.prompt
         while isinstance(prompt, list) and not (prompt and all(isinstance(p, int) for p in prompt)):  # a batch: [text] or [[ids]] (lm-eval)
             if len(prompt) != 1:
@@ -121,7 +153,7 @@ class Server:
             if bad:
                 raise APIError(f"prompt token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})", param="prompt")
             return list(prompt)
-        return list(self.tokenizer.encode_prompt(prompt)) if prompt else []  # with the BOS transformers' tokenizer(prompt) adds
+        return await self.encode(prompt, special=True) if prompt else []  # with the BOS transformers' tokenizer(prompt) adds
 
     def echo_text(self, request: Any, ids: list[int]) -> str:
         """The prompt's text as a completion with ``echo`` repeats it: as sent, or decoded from its ids."""
@@ -130,8 +162,8 @@ class Server:
             prompt = prompt[0]
         return prompt if isinstance(prompt, str) else self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def job(self, request: Any, sink) -> tuple[Job, int]:
-        ids = self.prompt_ids(request)
+    async def job(self, request: Any, sink) -> tuple[Job, int]:
+        ids = await self.prompt_ids(request)
         if not ids:
             raise APIError("the prompt is empty; send at least one token of text", param="prompt")
         limit = self.config.max_seq_len
@@ -163,9 +195,12 @@ class Server:
         return Job(ids, params, self.tierset(request), sink), len(ids)
 
 
-def create_app(engine: Engine, *, model_name: str, checkpoint: Path | None = None, store: Any = None) -> FastAPI:
-    """The FastAPI app serving ``engine``; its lifespan starts the engine and drains it at shutdown."""
-    server = Server(engine, model_name=model_name, checkpoint=checkpoint, store=store)
+def create_app(
+    engine: Engine, *, model_name: str, checkpoint: Path | None = None, store: Any = None, max_body_bytes: int = MAX_BODY_BYTES
+) -> FastAPI:
+    """The FastAPI app serving ``engine``; its lifespan starts the engine and drains it at
+    shutdown.  A request body over ``max_body_bytes`` is answered 413."""
+    server = Server(engine, model_name=model_name, checkpoint=checkpoint, store=store, max_body_bytes=max_body_bytes)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -181,8 +216,29 @@ def create_app(engine: Engine, *, model_name: str, checkpoint: Path | None = Non
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
-        server.requests.add(request.url.path, exc.status)
+        # counted by route, not by the path asked for: a scan of made-up paths must not grow /metrics
+        server.requests.add(getattr(request.scope.get("route"), "path", "other"), exc.status)
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Starlette's own answers (no such path, wrong method) in OpenAI's error body too."""
+        where = f"{request.method} {request.url.path}"
+        if exc.status_code == 404:
+            error = APIError(f"there is no {where} on this server; it answers {ROUTES}", status=404, code="not_found")
+        elif exc.status_code == 405:
+            allowed = (exc.headers or {}).get("Allow", "")
+            error = APIError(f"{request.url.path} does not take {request.method}; use {allowed or 'another method'}",
+                             status=405, code="method_not_allowed", headers=exc.headers)
+        else:
+            error = APIError(f"{where} failed: {exc.detail}", status=exc.status_code, headers=exc.headers)
+        return await api_error(request, error)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        """A bug's 500, in OpenAI's error body (Starlette still logs the traceback)."""
+        error = APIError(f"the server failed on this request ({type(exc).__name__}); it is logged", status=500, type="server_error")
+        return JSONResponse(error.body(), status_code=500)
 
     @app.get("/health")
     async def health() -> dict:
@@ -192,15 +248,22 @@ def create_app(engine: Engine, *, model_name: str, checkpoint: Path | None = Non
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(render_metrics(engine, server.requests, server.store), media_type="text/plain; version=0.0.4")
 
+    def model_card() -> dict:
+        return {
+            "id": server.model_name, "object": "model", "created": server.started, "owned_by": "lite-llm",
+            "max_model_len": server.config.max_seq_len, "tiers": [t.name for t in server.config.tiers],
+        }
+
     @app.get("/v1/models")
     async def models() -> dict:
-        return {
-            "object": "list",
-            "data": [{
-                "id": server.model_name, "object": "model", "created": server.started, "owned_by": "lite-llm",
-                "max_model_len": server.config.max_seq_len, "tiers": [t.name for t in server.config.tiers],
-            }],
-        }
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str) -> dict:  # the openai client's models.retrieve
+        if model != server.model_name:
+            raise APIError(f"The model `{model}` does not exist; this server serves `{server.model_name}` (GET /v1/models)",
+                           status=404, param="model", code="model_not_found")
+        return model_card()
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -213,17 +276,27 @@ def create_app(engine: Engine, *, model_name: str, checkpoint: Path | None = Non
     return app
 
 
+class GenerationStream(StreamingResponse):
+    """A streamed generation that stops its job the moment the client is heard leaving (see
+    the module's notes: the generator's cancellation may never land while text keeps coming)."""
+
+    def __init__(self, job: Job, content: Any, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.job = job
+
+    async def listen_for_disconnect(self, receive: Any) -> None:
+        await super().listen_for_disconnect(receive)
+        self.job.cancel()  # the engine drops the row at the next token boundary; the stream then ends
+
+
 async def _generate(server: Server, http: Request, kind: type) -> Response:
     """Parse, validate, queue, and answer one generation request (whole or streamed)."""
     path = http.url.path
-    try:
-        body = json.loads(await http.body())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise APIError("the request body is not valid JSON") from None
+    body = await _read_json(http, server.max_body_bytes)
     request = parse_request(kind, body)
     check_model(request, server.model_name)
     events: EventChannel[Event] = EventChannel(asyncio.get_running_loop())
-    job, _ = server.job(request, events.put)  # the engine puts (on this loop), this handler takes
+    job, _ = await server.job(request, events.put)  # the engine puts (on this loop), this handler takes
     echo = server.echo_text(request, job.prompt_ids) if getattr(request, "echo", False) else ""
     top = job.params.logprobs
     shown = None if top is None else LogprobFormat(server.token_texts, chat=kind is ChatRequest, top=top, text_start=len(echo))
@@ -242,11 +315,64 @@ async def _generate(server: Server, http: Request, kind: type) -> Response:
     if request.stream:
         with_usage = bool(request.stream_options and request.stream_options.include_usage)
         renderer = StreamRenderer(rid, name, chat=kind is ChatRequest, with_usage=with_usage)
-        return StreamingResponse(_sse(job, events, renderer, echo, shown), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **served_by})
+        return GenerationStream(job, _sse(job, events, renderer, echo, shown), media_type="text/event-stream",
+                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **served_by})
     response = await _whole(http, job, events, rid, name, kind is ChatRequest, echo, shown)
     response.headers.update(served_by)
     return response
+
+
+async def _read_json(http: Request, limit: int) -> Any:
+    """The request's JSON body: a 415 when it is declared as something else, a 413 past
+    ``limit`` bytes (from Content-Length before reading, else as soon as it grows past it), a
+    400 when it does not parse (nested too deep for the parser included) or holds a string
+    that is not Unicode."""
+    declared = http.headers.get("content-type")
+    if declared:
+        media = declared.split(";", 1)[0].strip().lower()
+        if not (media == "application/json" or (media.startswith("application/") and media.endswith("+json"))):
+            raise APIError(f"the request body must be JSON sent as Content-Type: application/json, not {media or declared!r}",
+                           status=415, code="unsupported_media_type")
+    too_large = f"the request body is larger than this server takes ({limit:,} bytes); send a shorter prompt"
+    length = http.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise APIError(too_large, status=413, code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in http.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(too_large, status=413, code="request_too_large")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise APIError("the request body is not valid JSON") from None
+    except RecursionError:
+        raise APIError("the request body is nested too deeply to read as JSON") from None
+    if b"\\u" in raw:  # only an escape makes a lone surrogate (raw UTF-8 cannot hold one)
+        bad = _lone_surrogate(body)
+        if bad is not None:
+            raise APIError(f"the request body holds a string that is not valid Unicode (a lone surrogate, {bad!r})")
+    return body
+
+
+def _lone_surrogate(value: Any) -> str | None:
+    """The first lone surrogate in a decoded JSON value's strings and keys, or None."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                return item[exc.start]
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
 
 
 async def _whole(
@@ -274,7 +400,8 @@ async def _whole(
                 if event.kind == "text":
                     pieces.append(event.text)
                 elif event.kind == "error":
-                    raise APIError(f"generation failed: {event.message}", status=500, type="server_error")
+                    raise APIError(f"generation failed: {event.message}", status=event.status, type="server_error",
+                                   code="shutting_down" if event.status == 503 else None)
                 else:
                     build = chat_body if chat else completion_body
                     logprobs = shown.render(sampled, prompt=scored) if shown is not None else None

@@ -94,6 +94,7 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     message: str = ""  # error only
+    status: int = 500  # error only: the HTTP status a whole response answers it with (503: the server is stopping)
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob] | None = None
 
@@ -184,6 +185,7 @@ class Engine:
         self._running: list[Job] = []
         self._cond = threading.Condition()
         self._stopping = False
+        self._aborting = False  # set by :meth:`abort`, acted on at the next token boundary
         self._thread: threading.Thread | None = None
         self._wake: Callable[[], None] | None = None  # set while :meth:`run` drives the engine
 
@@ -203,6 +205,18 @@ class Engine:
                 self._wake()
         if self._thread is not None:
             self._thread.join(timeout)
+
+    def abort(self) -> None:
+        """Stop now rather than drain: at the next token boundary every running and waiting
+        request ends with an error event (status 503) and the engine takes no new one.  Safe to
+        call from a signal handler (``lite-llm serve`` calls it on a second Ctrl-C): it only sets
+        flags, which the driver reads; an idle engine has nothing to end."""
+        self._stopping = True
+        self._aborting = True
+
+    @property
+    def aborted(self) -> bool:
+        return self._aborting
 
     @property
     def queue_depth(self) -> int:
@@ -276,6 +290,16 @@ class Engine:
 
     def _iterate(self) -> None:
         """One token boundary: admit what fits, drop the cancelled, one decode step for the rest."""
+        with self._cond:
+            if self._aborting:
+                doomed = [*self._running, *self._waiting]
+                self._running, admitted = [], []
+                self._waiting.clear()
+            else:
+                doomed = []
+        for job in doomed:
+            if not job.finished:
+                self._fail(job, "the server was stopped before this request finished", status=503)
         with self._cond:
             admitted = []
             while self._waiting and len(self._running) < self.max_batch:
@@ -398,11 +422,11 @@ class Engine:
         self._send(job, Event("done", finish_reason="cancelled", prompt_tokens=len(job.prompt_ids), completion_tokens=job.generated))
         return True
 
-    def _fail(self, job: Job, exc: Exception) -> None:
+    def _fail(self, job: Job, exc: Exception | str, status: int = 500) -> None:
         job.finished = True
         job.cache = None
         self.stats.requests_failed += 1
-        job.sink(Event("error", message=str(exc) or type(exc).__name__))
+        job.sink(Event("error", message=str(exc) or type(exc).__name__, status=status))
 
     def _count_routes(self, routes: torch.Tensor) -> None:
         for name, n in zip(self.tier_names, routes.tolist()):
