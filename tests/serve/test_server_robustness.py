@@ -343,7 +343,7 @@ def test_a_second_ctrl_c_ends_the_requests_in_flight_cleanly(long_byte_ckpt):
     """Ctrl-C waits for the requests in flight; the second Ctrl-C (uvicorn's "force quit") used to
     tear them down with the event loop: a 500, streams cut mid-chunk, and a traceback per
     request.  Now the engine ends them at the next token: the stream gets an error event and
-    [DONE], the whole request a 503, and the server exits (130, as for Ctrl-C) without a
+    [DONE], the whole request a 503, and the server exits (0, or 130 when uvicorn re-raises the signal) without a
     traceback, its port free."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(SRC), "LITE_LLM_DEVICE": "cpu"}
@@ -382,7 +382,7 @@ def test_a_second_ctrl_c_ends_the_requests_in_flight_cleanly(long_byte_ckpt):
         for th in threads:
             th.join(20)
         stderr = proc.stderr.read()
-        assert rc == 130 and "Traceback" not in stderr and "Exception in ASGI application" not in stderr, stderr
+        assert rc in (0, 130) and "Traceback" not in stderr and "Exception in ASGI application" not in stderr, stderr
         error = _error(whole["response"], 503)
         assert error["code"] == "shutting_down" and error["message"] == "generation failed: the server was stopped before this request finished"
         assert lines[-1] == "data: [DONE]"
