@@ -112,8 +112,9 @@ def _train(
             file_fields = TrainConfig.from_file(config).to_dict() if config else {}
             cfg = TrainConfig.from_dict(resume_fields(saved, {**explicit_fields(file_fields), **given}))
         elif resume:
-            latest, saved = _resumable_checkpoint(manager, output, resume_from)
-            plan = plan or _saved_curriculum(latest)
+            latest, meta = _resumable_checkpoint(manager, output, resume_from)
+            saved = dict(meta.get("train_config") or {})
+            plan = plan or _saved_curriculum(meta)
             file_fields = TrainConfig.from_file(config).to_dict() if config else {}
             cfg = TrainConfig.from_dict(resume_fields(saved, {**explicit_fields(file_fields), **given}))
         else:
@@ -202,7 +203,7 @@ def resume_fields(saved: dict[str, Any], given: dict[str, Any]) -> dict[str, Any
 
 
 def _resumable_checkpoint(manager: Any, output: Path, chosen: Optional[Path]) -> tuple[Path, dict[str, Any]]:
-    """The checkpoint to resume from and its saved training settings: ``chosen``, or the
+    """The checkpoint to resume from and its training metadata (settings, callbacks' state): ``chosen``, or the
     newest checkpoint of the run whose weights and training state load and verify — a
     corrupt newest one is said so and the previous complete one taken."""
     from ..checkpoint import load_training_state, verify_checkpoint
@@ -224,22 +225,19 @@ def _resumable_checkpoint(manager: Any, output: Path, chosen: Optional[Path]) ->
             continue
         if state is None:
             raise LiteLLMError(f"checkpoint {path} has no training state; start a new run from it with --init instead of resuming")
-        return path, dict(state.meta.get("train_config") or {})
+        return path, state.meta or {}
     raise LiteLLMError(f"no checkpoint in {output} is intact enough to resume from; start a new run with --overwrite")
 
 
-def _saved_curriculum(checkpoint: Path) -> Any:
-    """The curriculum a run's checkpoint was trained with (None when it had none): resuming
-    takes the run's saved settings, and a curriculum dropped on resume would silently train
-    every weight with no ramp.  Read from the run's own training state, not progressive.json,
-    which also carries the curriculum of the checkpoint a run was started from."""
-    from ..checkpoint.load import load_json
-    from ..checkpoint.manifest import TRAINING_META
+def _saved_curriculum(meta: dict[str, Any]) -> Any:
+    """The curriculum a run's checkpoint was trained with, from its training metadata ``meta``
+    (None when it had none): resuming takes the run's saved settings, and a curriculum dropped
+    on resume would silently train every weight with no ramp.  Read from the run's own training
+    state, not progressive.json, which also carries the curriculum of the checkpoint a run was
+    started from."""
     from ..train.curriculum import CurriculumConfig
 
-    meta_path = checkpoint / TRAINING_META
-    meta = load_json(meta_path, "training state") if meta_path.is_file() else {}
-    state = ((meta or {}).get("callbacks") or {}).get("curriculum") or {}
+    state = (meta.get("callbacks") or {}).get("curriculum") or {}
     if not state.get("schedule"):
         return None
     console.print(f"continuing the run's curriculum for tier {state['schedule']['tier']}")

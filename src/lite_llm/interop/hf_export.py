@@ -32,7 +32,7 @@ from ..data.tokenizer import EOS_TOKEN, HF_TOKENIZER_FILE, load_tokenizer
 from ..errors import CheckpointError, ConfigError, LiteLLMError
 from ..grow.tensors import Producer, stored_names
 from .hf_import import HF_CONFIG_FILE, HF_TOKENIZER_EXTRAS
-from .hf_weights import write_json, write_weights
+from .hf_weights import json_bytes, write_json, write_weights
 from .hf_mapping import MIXTRAL_FUSED_EXPERTS, hf_config_dict, lite_names_to_hf, mixtral_block_to_classic, mixtral_classic_expert
 
 GENERATION_CONFIG_FILE = "generation_config.json"
@@ -237,7 +237,7 @@ def _minimal_tokenizer_config(tokenizer_json: Path, config: ModelConfig, bos_tok
         data["eos_token"] = EOS_TOKEN
     if bos_token is not None and backend.token_to_id(bos_token) is not None:
         data["bos_token"] = bos_token  # what the chat template's {{ bos_token }} renders
-    return (json.dumps(data, indent=2) + "\n").encode("utf-8")
+    return json_bytes(data)
 
 
 def generation_config(ckpt: CheckpointTensors, special: Mapping[str, int]) -> dict[str, Any]:

@@ -42,7 +42,6 @@ def write_json(path: Path, data: Mapping[str, Any]) -> None:
     atomic.write_bytes_durable(path, json_bytes(data))
 
 
-
 def write_weights(
     folder: Path,
     specs: dict[str, TensorSpec],

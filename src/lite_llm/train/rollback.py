@@ -15,14 +15,13 @@ moved.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Iterable
 
 from ..checkpoint import load_checkpoint, read_manifest, save_checkpoint
 from ..checkpoint.load import read_progressive
-from ..checkpoint.manifest import MANIFEST, PROGRESSIVE
+from ..checkpoint.manifest import MANIFEST
 from ..errors import CheckpointError
 
 
@@ -38,10 +37,9 @@ def find_pre_integration(recorded: str, runs: Iterable[Path], step: int | None =
 
 def _snapshot_step(checkpoint: Path) -> int | None:
     """The step a pre-integration checkpoint was taken at (None when it is not one)."""
-    path = checkpoint / PROGRESSIVE
     try:
-        state = (json.loads(path.read_text()) or {}).get("curriculum") or {}
-    except (OSError, ValueError, AttributeError):
+        state = read_progressive(checkpoint, None, verify=False).get("curriculum") or {}
+    except (CheckpointError, OSError):  # a damaged or unreadable file is no snapshot to take (the loader says why if it is chosen)
         return None
     pre = state.get("pre_integration") if isinstance(state, dict) else None
     return pre.get("step") if isinstance(pre, dict) else None
