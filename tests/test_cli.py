@@ -134,6 +134,26 @@ def test_every_command_help_has_an_example_of_itself():
     assert missing == []
 
 
+def test_help_paragraphs_are_not_cut_where_the_docstring_was_wrapped():
+    """Typer keeps a docstring's line breaks after its first paragraph: in a wide terminal a
+    paragraph came out cut where the source wrapped it (`plan`: "... own checks (tier" / "budgets,
+    ..."). Every prose paragraph of every command's help must read as one line at 400 columns."""
+    import inspect
+
+    import typer.main
+
+    cut = []
+    for path, command in _leaf_commands(typer.main.get_command(app)):
+        out = CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": "400"}).output
+        lines = {" ".join(line.strip(" │").split()) for line in out.splitlines()}
+        for paragraph in inspect.cleandoc(command.callback.__doc__ or "").split("\n\n")[1:]:
+            if "\n" in paragraph and not paragraph.startswith(" ") and "\n " not in paragraph:
+                joined = " ".join(paragraph.split())
+                if joined not in lines:
+                    cut.append((" ".join(path), joined[:60]))
+    assert cut == []
+
+
 def test_every_train_config_field_is_a_train_option_and_reaches_the_run(tmp_path, small_dataset):
     """TrainConfig declares each setting once; `lite-llm train` takes every field from it."""
     import dataclasses

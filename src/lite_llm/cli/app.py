@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import inspect
 import os
 import sys
 import warnings
@@ -43,6 +44,29 @@ def _piped_width() -> int | None:
 
 console = Console(soft_wrap=not sys.stdout.isatty(), width=_piped_width())  # plain, unwrapped lines in logs and pipes
 err_console = Console(stderr=True, soft_wrap=True)
+
+
+def reflow_help(application: typer.Typer) -> None:
+    """Join the wrapped lines of every command's help paragraphs into one line each.
+
+    Typer keeps a docstring's single line breaks after its first paragraph, so a paragraph
+    wrapped at 90 columns in the source came out ragged in an 80-column terminal (and cut
+    mid-phrase in a wide one).  Paragraphs with an indented line (examples, commands) keep
+    their lines as written."""
+    for info in application.registered_commands:
+        text = info.help or (info.callback.__doc__ if info.callback else None)
+        if text:
+            info.help = "\n\n".join(_reflowed(p) for p in inspect.cleandoc(text).split("\n\n"))
+    for group in application.registered_groups:
+        if group.typer_instance is not None:
+            reflow_help(group.typer_instance)
+
+
+def _reflowed(paragraph: str) -> str:
+    lines = paragraph.split("\n")
+    if any(line.startswith((" ", "\t", "\b")) for line in lines):
+        return paragraph
+    return " ".join(line.strip() for line in lines)
 
 
 def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
