@@ -65,8 +65,12 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+if TYPE_CHECKING:
+    from lite_llm import ModelConfig
+
 from _common import emit_json, print_table, reexec_with_thp, rounded, setup_torch_threads, stdlib_prose_and_code  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -355,7 +359,7 @@ def _report(args: argparse.Namespace, results: dict, scratch: dict, controls: di
         print(f"chart: {chart}")
 
 
-def _scratch_key(config: "ModelConfig", reference: "ModelConfig") -> str:
+def _scratch_key(config: ModelConfig, reference: ModelConfig) -> str:
     """The scratch run a grown ``config`` is measured against: the same architecture trained from
     scratch.  Named by kind (upcycling grows a MoE, the other paths a dense L) and by every float
     field where it differs from the dense L (``width mode: pad`` halves ``norm_eps`` to stay

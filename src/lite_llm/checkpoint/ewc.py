@@ -43,7 +43,6 @@ SI_FORMAT = ImportanceFormat(
     "si", "importance", "SI importance", "train with train.si_strength > 0 (--si-strength): every checkpoint of such a run holds its consolidated importance"
 )
 IMPORTANCE_FORMATS = (EWC_FORMAT, SI_FORMAT)  # what growth carries and a run started from a checkpoint does not inherit
-EWC_DIR = EWC_FORMAT.directory
 
 
 @dataclass

@@ -15,7 +15,6 @@ import dataclasses
 import os
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -122,15 +121,3 @@ def _errors(src: CheckpointTensors, tier: str, to: str) -> list[float]:
         back = dequantize(*quantize(w, to), to)
         out.append(float(torch.linalg.vector_norm(w - back) / torch.linalg.vector_norm(w).clamp_min(1e-30)))
     return out or [0.0]
-
-
-def quantized_bytes(config: ModelConfig, tier: str) -> dict[str, Any]:
-    """Bytes one expert of ``tier`` takes on disk, unquantized (fp32) and as stored."""
-    from ..checkpoint.quantization import stored_specs
-
-    t = config.tier(tier)
-    fp32 = 3 * t.expert_hidden * config.d_model * 4
-    if not t.quantization:
-        return {"fp32": fp32, "stored": fp32}
-    per_layer = sum(dtype.itemsize * shape[1] * shape[2] for dtype, shape in stored_specs(t, config.d_model).values())
-    return {"fp32": fp32, "stored": per_layer}
