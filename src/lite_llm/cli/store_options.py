@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import typer
 
 from ..errors import LiteLLMError
 from .app import err_console
+
+if TYPE_CHECKING:
+    from ..store import InferenceModel
 
 
 def checkpoint_location(text: str) -> Union[Path, str]:
@@ -47,14 +49,6 @@ def stats_option() -> Any:
     return typer.Option(False, "--stats", help="With --hot-budget: print the store's hits, misses, bytes moved and evictions (stderr).")
 
 
-@dataclass
-class InferenceModel:
-    model: Any
-    tokenizer: Any
-    store: Any = None  # an ExpertStore when the experts are served from disk
-    prefetcher: Any = None
-
-
 def check_store_options(
     checkpoint: Union[Path, str], *, hot_budget: Optional[str], warm_budget: Optional[str], policy: Optional[str] = None,
     prefetch: bool = False, stats: bool = False,
@@ -83,20 +77,15 @@ def load_for_inference(
     policy: Optional[str] = None, prefetch: bool = False, stats: bool = False,
 ) -> InferenceModel:
     """The checkpoint whole in memory, or with its experts in a store when a budget is given
-    (``checkpoint`` may then be a URL: see :func:`checkpoint_location`)."""
+    (``checkpoint`` may then be a URL: see :func:`checkpoint_location`), after refusing store
+    options that would do nothing."""
+    from ..store import load_for_inference as load
+
     check_store_options(checkpoint, hot_budget=hot_budget, warm_budget=warm_budget, policy=policy, prefetch=prefetch, stats=stats)
-    if hot_budget is None:
-        from ..checkpoint import load_checkpoint
-
-        loaded = load_checkpoint(checkpoint, tierset=None if tiers == "all" else tiers, device=device)
-        return InferenceModel(loaded.model, loaded.tokenizer)
-    from ..config import TierSet
-    from ..store import Prefetcher, load_with_store
-
-    stored = load_with_store(checkpoint, hot_budget=hot_budget, warm_budget=warm_budget or 0, policy=policy or "layer-cycle", device=device)
-    stored.store.set_allowed_tiers(TierSet.coerce(tiers).resolve(stored.config))
-    prefetcher = Prefetcher(stored.model, stored.store) if prefetch and stored.store.warm.budget > 0 else None
-    return InferenceModel(stored.model, stored.tokenizer, stored.store, prefetcher)
+    return load(
+        checkpoint, tierset=None if tiers == "all" else tiers, device=device, hot_budget=hot_budget, warm_budget=warm_budget,
+        policy=policy or "layer-cycle", prefetch=prefetch,
+    )
 
 
 def print_store_stats(loaded: InferenceModel) -> None:

@@ -114,11 +114,11 @@ def profile_checkpoint(
     ``device``, with the experts in a store of ``hot_budget``/``warm_budget`` bytes when given
     (as `generate --hot-budget` serves them), else all resident.  ``data`` maps each validation
     domain to its prepared dataset folder.  Returns the table; :func:`save_profile` stores it."""
-    from ..checkpoint import load_checkpoint, read_manifest
+    from ..checkpoint import read_manifest
     from ..checkpoint.load import load_tokenizer
     from ..checkpoint.manifest import TOKENIZER_DIR
     from ..eval import evaluate
-    from ..store import load_with_store, parse_bytes
+    from ..store import load_for_inference, parse_bytes
 
     if tokens < 1 or repeats < 1 or prompt_tokens < 1:
         raise LiteLLMError(f"tokens, repeats and prompt tokens must be >= 1, got {tokens}, {repeats} and {prompt_tokens}")
@@ -136,13 +136,8 @@ def profile_checkpoint(
     per_expert = expert_bytes_per_tier(manifest, config)
     tier_active = {t.name: config.k_group_of(t) * config.k_expert_of(t) * config.n_layers * per_expert[t.name] for t in config.tiers}
 
-    if hot_budget is None:
-        if warm_budget is not None:
-            raise LiteLLMError("--warm-budget needs --hot-budget (the experts on the compute device); give both, or neither")
-        model, store = load_checkpoint(checkpoint, device=device).model.eval(), None
-    else:
-        stored = load_with_store(checkpoint, hot_budget=hot_budget, warm_budget=warm_budget or 0, device=device)
-        model, store = stored.model, stored.store
+    loaded = load_for_inference(checkpoint, device=device, hot_budget=hot_budget, warm_budget=warm_budget)
+    model, store = loaded.model, loaded.store
 
     first = next(iter(domains))
     prompt = next(iter(domains[first].val_batches(first, 1, prompt_tokens, 1)))[0].tolist()

@@ -5,13 +5,13 @@ the model never reads a file."""
 
 from .cache import CacheLevel, LevelStats
 from .cold import ColdExperts, ExpertFileChanged
-from .load import StoredModel, load_with_store
+from .load import InferenceModel, StoredModel, load_for_inference, load_with_store
 from .prefetch import Prefetcher, PrefetchStats
 from .policies import LRU, POLICIES, LayerCycle, belady_hits, make_policy
 from .sizes import format_bytes, parse_bytes
 from .store import ExpertStore, StoreStats
 
 __all__ = [
-    "CacheLevel", "LevelStats", "ColdExperts", "ExpertFileChanged", "StoredModel", "load_with_store", "LRU", "POLICIES",
+    "CacheLevel", "LevelStats", "ColdExperts", "ExpertFileChanged", "InferenceModel", "StoredModel", "load_for_inference", "load_with_store", "LRU", "POLICIES",
     "LayerCycle", "belady_hits", "make_policy", "format_bytes", "parse_bytes", "ExpertStore", "StoreStats", "Prefetcher", "PrefetchStats",
 ]

@@ -21,13 +21,14 @@ import torch
 from ..checkpoint.lazy import open_checkpoint
 from ..checkpoint.load import load_tokenizer
 from ..checkpoint.manifest import DENSE, MANIFEST, check_file, safe_member
-from ..config import ModelConfig
-from ..errors import CheckpointError
+from ..config import ModelConfig, TierSet
+from ..errors import CheckpointError, LiteLLMError
 from ..model import LiteLLM, load_stored
 from ..model.expert_source import attach_expert_source
 from .archive import Archive, ArchiveExperts, is_url
 from .cold import ColdExperts
 from .policies import make_policy
+from .prefetch import Prefetcher
 from .sizes import parse_bytes
 from .store import ExpertStore
 
@@ -94,3 +95,42 @@ def _check_shards(root: Path, manifest: dict, verify_experts: bool) -> None:
         problem = check_file(shard_path, shard, "shard", verify=hash_it)
         if problem:
             raise CheckpointError(problem)
+
+
+@dataclass
+class InferenceModel:
+    """A model ready to decode, with the store serving its experts when it has one."""
+
+    model: LiteLLM
+    tokenizer: Any
+    store: ExpertStore | None = None  # None: every expert resident
+    prefetcher: Prefetcher | None = None
+
+
+def load_for_inference(
+    path: str | os.PathLike,
+    *,
+    tierset: TierSet | str | None = None,
+    device: str | torch.device = "cpu",
+    hot_budget: int | str | None = None,
+    warm_budget: int | str | None = None,
+    policy: str = "layer-cycle",
+    prefetch: bool = False,
+) -> InferenceModel:
+    """The checkpoint whole in memory, or with its experts in a store when ``hot_budget`` is
+    given (``path`` may then be a URL) — the one choice `generate`, `eval`, `serve` and
+    `tiers profile` make.  ``tierset`` limits which tiers are loaded, or, in a store, which
+    tiers it may read; ``prefetch`` starts a :class:`Prefetcher` when there is a warm level to
+    read into."""
+    if hot_budget is None:
+        if warm_budget is not None:
+            raise LiteLLMError("--warm-budget needs --hot-budget (the experts on the compute device); give both, or neither")
+        from ..checkpoint import load_checkpoint
+
+        loaded = load_checkpoint(path, tierset=tierset, device=device)
+        return InferenceModel(loaded.model.eval(), loaded.tokenizer)
+    stored = load_with_store(path, hot_budget=hot_budget, warm_budget=warm_budget or 0, policy=policy, device=device)
+    if tierset is not None:
+        stored.store.set_allowed_tiers(TierSet.coerce(tierset).resolve(stored.config))
+    prefetcher = Prefetcher(stored.model, stored.store) if prefetch and stored.store.warm.budget > 0 else None
+    return InferenceModel(stored.model, stored.tokenizer, stored.store, prefetcher)
