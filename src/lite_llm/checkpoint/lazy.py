@@ -18,7 +18,7 @@ from ..config import ModelConfig
 from ..errors import CheckpointError
 from . import atomic
 from .load import build_config, config_from_manifest, read_progressive, verify_checkpoint
-from .manifest import MANIFEST, SHARD_KINDS, TOKENIZER_DIR, read_manifest, safe_member
+from .manifest import MANIFEST, SHARD_KINDS, TOKENIZER_DIR, manifest_in, safe_member
 from .stream import SafetensorsReader, TensorSpec
 
 
@@ -97,7 +97,7 @@ def open_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> Checkpoi
     refused before anything is written from it.
     """
     root = atomic.resolve_dir(Path(path), MANIFEST)
-    manifest = read_manifest(root)
+    manifest = manifest_in(root)
     if verify:
         check_sound(root)
     raw, skipped = config_from_manifest(manifest, root)

@@ -28,11 +28,11 @@ from .manifest import (
     TRAINING_META,
     TRAINING_TENSORS,
     check_file,
-    one_line,
     fill_progressive,
     is_newer_minor,
+    manifest_in,
+    one_line,
     parse_version,
-    read_manifest as _read_manifest,
     reader_version,
     safe_member,
 )
@@ -68,7 +68,7 @@ class LoadedCheckpoint:
 def read_manifest(path: str | os.PathLike) -> dict:
     """The validated, version-checked manifest of the checkpoint at ``path`` (optional fields
     of older writers filled with defaults)."""
-    return _read_manifest(atomic.resolve_dir(Path(path), MANIFEST))
+    return manifest_in(atomic.resolve_dir(Path(path), MANIFEST))
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -253,7 +253,7 @@ def load_checkpoint(
     truncated, corrupt or of an unsupported version.
     """
     root = atomic.resolve_dir(Path(path), MANIFEST)
-    manifest = _read_manifest(root)
+    manifest = manifest_in(root)
     manifest_path = root / MANIFEST
     device = str(torch.device(device))
 
@@ -370,7 +370,7 @@ def _load_training(root: Path, manifest: dict, device: str, verify: bool) -> Tra
 def load_training_state(path: str | os.PathLike, *, device: str | torch.device = "cpu", verify: bool = True) -> TrainingState | None:
     """Only the training state of a checkpoint (None when it has none), without the model."""
     root = atomic.resolve_dir(Path(path), MANIFEST)
-    manifest = _read_manifest(root)
+    manifest = manifest_in(root)
     if not ((root / TRAINING_TENSORS).exists() or TRAINING_TENSORS in _file_entries(manifest)):
         return None
     return _load_training(root, manifest, str(torch.device(device)), verify)
@@ -381,7 +381,7 @@ def load_extra(
 ) -> dict[str, torch.Tensor]:
     """The tensors of the extra directory ``name`` (for example ``"ewc"``) of a checkpoint."""
     root = atomic.resolve_dir(Path(path), MANIFEST)
-    manifest = manifest if manifest is not None else _read_manifest(root)
+    manifest = manifest if manifest is not None else manifest_in(root)
     rel = f"{name}/{EXTRA_TENSORS}"
     entry = _file_entries(manifest).get(rel)
     if entry is None:
@@ -402,7 +402,7 @@ def verify_checkpoint(path: str | os.PathLike) -> list[str]:
     """
     root = atomic.resolve_dir(Path(path), MANIFEST)
     try:
-        manifest = _read_manifest(root)
+        manifest = manifest_in(root)
     except CheckpointError as exc:
         return [str(exc)]
     problems: list[str] = []

@@ -175,8 +175,10 @@ def check_file(path: Path, entry: dict[str, Any], what: str, *, verify: bool) ->
 
 
 # ------------------------------------------------------------------------------- manifest
-def read_manifest(path: str | Path) -> dict[str, Any]:
-    """Read, validate and version-check ``<path>/manifest.json``.
+def manifest_in(path: str | Path) -> dict[str, Any]:
+    """Read, validate and version-check ``<path>/manifest.json`` (this folder exactly: the
+    loaders' :func:`~lite_llm.checkpoint.load.read_manifest` first finds a folder an interrupted
+    swap left aside).
 
     Raises :class:`CheckpointError` for a missing directory or manifest, malformed JSON, a
     missing required field, or a newer major version.  Optional fields of an older writer are
@@ -206,7 +208,7 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
 
 
 def validate_manifest(data: Any, manifest_path: Path | str) -> dict[str, Any]:
-    """Check a parsed manifest (see :func:`read_manifest`) and fill the defaults of optional fields."""
+    """Check a parsed manifest (see :func:`manifest_in`) and fill the defaults of optional fields."""
     if not isinstance(data, dict):
         raise CheckpointError(f"{manifest_path} must hold a JSON object; restore it from a backup or re-save the checkpoint")
     if data.get("format") != FORMAT_NAME:
