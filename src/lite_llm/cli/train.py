@@ -109,14 +109,12 @@ def _train(
             from ..dist.checkpoint import read_meta
 
             latest, saved = None, dict(read_meta(sharded)["trainer"].get("train_config") or {})
-            file_fields = TrainConfig.from_file(config).to_dict() if config else {}
-            cfg = TrainConfig.from_dict(resume_fields(saved, {**explicit_fields(file_fields), **given}))
+            cfg = resumed_config(saved, config, given)
         elif resume:
             latest, meta = _resumable_checkpoint(manager, output, resume_from)
             saved = dict(meta.get("train_config") or {})
             plan = plan or _saved_curriculum(meta)
-            file_fields = TrainConfig.from_file(config).to_dict() if config else {}
-            cfg = TrainConfig.from_dict(resume_fields(saved, {**explicit_fields(file_fields), **given}))
+            cfg = resumed_config(saved, config, given)
         else:
             refuse_existing_run(output, overwrite)
             latest = None
@@ -178,12 +176,15 @@ app.command("train")(train)
 RESUMABLE_CHANGES = ("steps", "eval_every", "save_every", "log_every", "keep_last", "parallel", "pp_schedule")
 
 
-def explicit_fields(file_fields: dict[str, Any]) -> dict[str, Any]:
-    """The fields of a training config file that differ from TrainConfig's defaults."""
+def resumed_config(saved: dict[str, Any], config: Optional[Path], given: dict[str, Any]) -> Any:
+    """The resumed run's TrainConfig: its saved settings with the changes a training config
+    file (``config``: its fields that differ from the defaults) and the flags (``given``) apply."""
     from ..train import TrainConfig
 
     defaults = TrainConfig().to_dict()
-    return {k: v for k, v in file_fields.items() if defaults.get(k) != v}
+    file_fields = TrainConfig.from_file(config).to_dict() if config else {}
+    explicit = {k: v for k, v in file_fields.items() if defaults.get(k) != v}
+    return TrainConfig.from_dict(resume_fields(saved, {**explicit, **given}))
 
 
 def resume_fields(saved: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
@@ -364,8 +365,7 @@ def train_distributed(
         if (preset or model_config) and model_config_from(preset, model_config).to_dict() != run_model.to_dict():
             raise LiteLLMError(f"cannot resume with a different model: {latest} holds another configuration than --preset/--model-config give; drop them to continue the run")
         saved = dict(meta["trainer"].get("train_config") or {})
-        file_fields = TrainConfig.from_file(config).to_dict() if config else {}
-        cfg = TrainConfig.from_dict(resume_fields(saved, {**explicit_fields(file_fields), **given}))
+        cfg = resumed_config(saved, config, given)
     else:
         fields = (TrainConfig.from_file(config) if config else TrainConfig()).to_dict()
         cfg = TrainConfig.from_dict({**fields, **given})
