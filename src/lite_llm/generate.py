@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import codecs
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Collection, Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Collection, Iterator, Protocol, Sequence
 
 import torch
 
@@ -157,6 +157,35 @@ def check_prompt(prompt_ids: Sequence[int], context: int) -> list[int]:
 
 
 @torch.no_grad()
+def check_sampling(
+    *,
+    temperature: float,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    spell: Callable[[str], str] = str,
+) -> None:
+    """Refuse sampling settings no sampler can use, in one sentence naming the setting as the
+    caller's user knows it (``spell``: the argument's name by default; the CLI passes its flag,
+    so a bad flag is refused before a slow load)."""
+    if not 0 <= temperature < float("inf"):
+        raise SamplingError(f"{spell('temperature')} must be 0 (greedy) or a finite positive number, got {temperature}")
+    if top_k is not None and not (isinstance(top_k, int) and not isinstance(top_k, bool) and top_k >= 1):
+        raise SamplingError(f"{spell('top_k')} must be a whole number >= 1 (or None for no limit), got {top_k!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise SamplingError(f"{spell('top_p')} must be above 0 and at most 1 (the probability mass kept; 1 keeps every token), got {top_p!r}")
+    if not PENALTY_RANGE[0] <= repetition_penalty <= PENALTY_RANGE[1]:
+        raise SamplingError(
+            f"{spell('repetition_penalty')} must be between {PENALTY_RANGE[0]:g} and {PENALTY_RANGE[1]:g} "
+            f"(1 is off, 1.1-1.3 discourages repeats), got {repetition_penalty}"
+        )
+    for name, value in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
+        if not FREQUENCY_PENALTY_RANGE[0] <= value <= FREQUENCY_PENALTY_RANGE[1]:
+            raise SamplingError(f"{spell(name)} must be between {FREQUENCY_PENALTY_RANGE[0]:g} and {FREQUENCY_PENALTY_RANGE[1]:g}, got {value}")
+
+
 def generate_ids(
     model: "LiteLLM",
     prompt_ids: Sequence[int],
@@ -185,17 +214,10 @@ def generate_ids(
     ``repetition_penalty``, then OpenAI's ``presence_penalty``/``frequency_penalty`` are applied
     to the raw logits before temperature and filtering (vLLM's order; the server's too).
     """
-    if not 0 <= temperature < float("inf"):
-        raise SamplingError(f"temperature must be a finite number >= 0, got {temperature}")
-    if top_k is not None and not (isinstance(top_k, int) and not isinstance(top_k, bool) and top_k >= 1):
-        raise SamplingError(f"top_k must be a whole number >= 1 (or None for no limit), got {top_k!r}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise SamplingError(f"top_p must be above 0 and at most 1 (or None for no limit), got {top_p!r}")
-    if not PENALTY_RANGE[0] <= repetition_penalty <= PENALTY_RANGE[1]:
-        raise SamplingError(f"repetition_penalty must be between {PENALTY_RANGE[0]} and {PENALTY_RANGE[1]}, got {repetition_penalty}")
-    for name, value in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
-        if not FREQUENCY_PENALTY_RANGE[0] <= value <= FREQUENCY_PENALTY_RANGE[1]:
-            raise SamplingError(f"{name} must be between {FREQUENCY_PENALTY_RANGE[0]:g} and {FREQUENCY_PENALTY_RANGE[1]:g}, got {value}")
+    check_sampling(
+        temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+        presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+    )
     stop_ids = {int(i) for i in eos_ids} | ({int(eos_id)} if eos_id is not None else set())
     ids = check_prompt(prompt_ids, model.config.max_seq_len)
     max_new_tokens = min(max_new_tokens, model.config.max_seq_len - len(ids))

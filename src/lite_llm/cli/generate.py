@@ -55,22 +55,16 @@ def generate(
       lite-llm generate big --prompt 'def ' --hot-budget 512MB --warm-budget 2GB --stats
     """
     from ..data.tokenizer import render_chat
-    from ..generate import check_prompt, generate_text, prompt_start
+    from ..generate import check_prompt, check_sampling, generate_text, prompt_start
     from ..runtime.device import resolve_device
 
     location = checkpoint_location(checkpoint)
     run_device = resolve_device(device)
 
-    from ..generate import PENALTY_RANGE
-
-    if not 0 <= temperature < float("inf"):
-        raise LiteLLMError(f"--temperature must be 0 (greedy) or a finite positive number, got {temperature}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise LiteLLMError(f"--top-p must be above 0 and at most 1 (the probability mass kept; 1 keeps every token), got {top_p}")
-    if not PENALTY_RANGE[0] <= repetition_penalty <= PENALTY_RANGE[1]:
-        raise LiteLLMError(
-            f"--repetition-penalty must be between {PENALTY_RANGE[0]:g} and {PENALTY_RANGE[1]:g} (1 is off, 1.1-1.3 discourages repeats), got {repetition_penalty}"
-        )
+    check_sampling(  # before the load: a mistyped flag is refused at once
+        temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+        spell=lambda name: "--" + name.replace("_", "-"),
+    )
     apply_threads(threads, header_to_stderr=True)
     loaded = load_for_inference(location, tiers=tiers, device=run_device, hot_budget=hot_budget, warm_budget=warm_budget, policy=cache_policy, prefetch=prefetch, stats=stats)
     if loaded.tokenizer is None:
