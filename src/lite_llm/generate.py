@@ -145,14 +145,15 @@ def next_token(
     return sample_token(logits, params.temperature, params.top_k, params.top_p, generator)
 
 
-def check_prompt(prompt_ids: Sequence[int], context: int) -> list[int]:
+def check_prompt(prompt_ids: Sequence[int], context: int, *, room: int = 1) -> list[int]:
     """The prompt as a list, refused when empty or when it leaves no room in the context for
-    one new token (cutting it silently would answer a question nobody asked)."""
+    ``room`` new tokens (cutting it silently would answer a question nobody asked; ``room=0``
+    is a prompt only scored, which may fill the context)."""
     ids = [int(i) for i in prompt_ids]
     if not ids:
         raise PromptError("the prompt is empty; give at least one token of text")
-    if len(ids) >= context:
-        raise PromptError(f"the prompt is {len(ids)} tokens but the model's context is {context}; shorten it to at most {context - 1} tokens")
+    if len(ids) > context - room:
+        raise PromptError(f"the prompt is {len(ids)} tokens but the model's context is {context}; shorten it to at most {context - room} tokens")
     return ids
 
 

@@ -49,7 +49,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import TierSet
 from ..data.tokenizer import render_chat
-from ..errors import LiteLLMError
+from ..errors import LiteLLMError, PromptError
+from ..generate import check_prompt
 from .engine import EngineStoppedError, Engine, Event, Job, QueueFullError, SamplingParams, TokenLogprob
 from .logprobs import LogprobFormat, TokenTexts
 from .metrics import RequestCounter, render_metrics
@@ -163,13 +164,12 @@ class Server:
         return prompt if isinstance(prompt, str) else self.tokenizer.decode(ids, skip_special_tokens=True)
 
     async def job(self, request: Any, sink) -> tuple[Job, int]:
-        ids = await self.prompt_ids(request)
-        if not ids:
-            raise APIError("the prompt is empty; send at least one token of text", param="prompt")
         limit = self.config.max_seq_len
         scoring = request.max_tokens == 0  # echo only (parse_request saw to it): the whole context may be prompt
-        if len(ids) > limit or (len(ids) == limit and not scoring):
-            raise APIError(f"the prompt is {len(ids)} tokens but the model's context is {limit}; shorten it", param="prompt")
+        try:
+            ids = check_prompt(await self.prompt_ids(request), limit, room=0 if scoring else 1)
+        except PromptError as exc:
+            raise APIError(str(exc), param="prompt") from None
         bias = request.bias()
         bad = [t for t in bias if not 0 <= t < self.config.vocab_size]
         if bad:
