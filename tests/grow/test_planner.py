@@ -4,8 +4,11 @@ the cost model is the one documented; no plan is one sentence with the closest s
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -146,10 +149,9 @@ def test_dense_strategies_on_a_budget_bound_model_say_why_in_one_sentence(tmp_pa
         plan_growth(ModelConfig.from_preset("small"), 350 * 10**6, "balanced")
     assert str(info.value) == (
         "no balanced plan reaches 350M within 10% in steps of at most 4x the layers and 8x the width: every growth of this model is refused "
-        "(a depth growth to 5 layers would give tiers[tier_1b] 5.91M parameters (5912320), over its strict budget of 5M; raise it first "
-        "with a budget step (lite-llm expand CKPT --method budget --set tier=tier_1b --set size=5912320, or mode=advisory; or first in a "
-        "recipe), or grow less); "
-        "fix that first or try another --strategy"
+        "(a depth growth to 5 layers would give tiers[tier_1b] 5.91M parameters (5912320), over its strict budget of 5M); "
+        "pass --raise-budgets to let the planner raise the strict budgets first (budget steps: tier_1b to 170M, tier_10b to 170M; "
+        "the plan then ends at 369M), or try another --strategy"
     )
     result = runner.invoke(app, ["plan", "--from", "small", "--to", "350M"])  # all strategies: moe has a plan
     assert result.exit_code == 0, result.output
@@ -215,3 +217,105 @@ def test_plan_to_a_big_target_is_quick():
     plan = plan_growth(ModelConfig.from_preset("smollm2-135m"), 7 * 10**9, "balanced")
     assert abs(plan.final.num_params() / 7e9 - 1) <= DEFAULT_TOLERANCE
     assert math.isclose(plan.final.d_model / 576, 4)  # two width doublings, depth 4x: balanced
+
+
+# ----------------------------------------------------------------------------------- budgets
+DENSE = ("depth_first", "width_first", "balanced")
+
+
+def expected_tier_params(config: ModelConfig, tier: str) -> int:
+    """A tier's parameters counted by hand from the shape: per MoE layer, its experts (gate, up
+    and down: 3 x d_model x expert_hidden each) and its router heads (d_model x (1 + groups +
+    experts))."""
+    t = config.tier(tier)
+    experts = t.num_groups * t.experts_per_group
+    return len(config.moe_layer_indices) * (experts * 3 * config.d_model * t.expert_hidden + config.d_model * (1 + t.num_groups + experts))
+
+
+@pytest.mark.parametrize("strategy", DENSE)
+def test_raise_budgets_starts_with_budget_steps_sized_to_the_final_model(strategy):
+    """`small` to 350M: every dense growth breaks the 5M strict budgets, so with raise_budgets
+    the plan starts by raising both to exactly what the final model's tiers hold."""
+    small = ModelConfig.from_preset("small")
+    plan = plan_growth(small, 350 * 10**6, strategy, raise_budgets=True)
+    steps = plan.recipe()["steps"]
+    final = rerun(small, steps)  # the real ops, budgets checked, from the real `small`
+    need = {name: expected_tier_params(final, name) for name in ("tier_1b", "tier_10b")}
+    assert need == {"tier_1b": 169_970_688, "tier_10b": 169_970_688}  # 9 layers x (8 experts x 3 x 1024 x 768 + 1024 x 11)
+    assert steps[:2] == [{"method": "budget", "tier": "tier_1b", "size": need["tier_1b"]}, {"method": "budget", "tier": "tier_10b", "size": need["tier_10b"]}]
+    assert all(s["method"] != "budget" for s in steps[2:])
+    assert final.num_params() == plan.final.num_params() and abs(final.num_params() / 350e6 - 1) <= DEFAULT_TOLERANCE
+    assert [final.tier(n).budget for n in need] == list(need.values()) and [final.tier(n).budget_mode for n in need] == ["strict", "strict"]
+    for s in plan.steps[:2]:  # exact, nothing added, nothing to train
+        assert (s.params, s.added_params, s.tokens, s.flops) == (small.num_params(), 0, 0, 0.0)
+    with pytest.raises(ConfigError, match=r"over its strict budget of 5M"):  # the budget steps are what lets the rest pass
+        rerun(small, steps[2:])
+
+
+def test_plan_raise_budgets_recipe_expands_on_a_real_checkpoint(tmp_path):
+    """The written recipe, budget steps first, runs through `lite-llm expand --recipe` on a
+    checkpoint made by `lite-llm init` whose tiers sit exactly at their strict budgets."""
+    tiny = ModelConfig.from_preset("tiny")
+    bound = tiny.replace(tiers=[dataclasses.replace(t, budget=tiny.tier_params(t)) for t in tiny.tiers])
+    (tmp_path / "model.json").write_text(json.dumps(bound.to_dict()))
+    result = runner.invoke(app, ["init", "--config", str(tmp_path / "model.json"), "-o", str(tmp_path / "src")])
+    assert result.exit_code == 0, result.output
+    target = 6 * bound.num_params()
+    recipe = tmp_path / "grow.yaml"
+    args = ["plan", "--from", str(tmp_path / "src"), "--to", str(target), "--strategy", "balanced", "--write-recipe", str(recipe)]
+    result = runner.invoke(app, args + ["--raise-budgets"])
+    assert result.exit_code == 0, result.output
+    rows = [line.split("│")[1:-1] for line in result.output.splitlines() if "│ budget" in line]
+    assert [[c.strip() for c in r][-2:] for r in rows] == [["0", "0.00e+00"], ["0", "0.00e+00"]]  # shown like any step, free
+    steps = yaml.safe_load(recipe.read_text())["steps"]
+    plan = plan_growth(bound, target, "balanced", raise_budgets=True)
+    assert steps == plan.recipe()["steps"] and [s["method"] for s in steps[:2]] == ["budget", "budget"]
+    final = rerun(bound, steps)
+    assert [s["size"] for s in steps[:2]] == [expected_tier_params(final, "tier_1b"), expected_tier_params(final, "tier_10b")]
+    result = runner.invoke(app, ["expand", str(tmp_path / "src"), "--recipe", str(recipe), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    grown = load_checkpoint(tmp_path / "out")
+    assert grown.model.num_params() == plan.final.num_params() == sum(p.numel() for p in grown.model.parameters())
+    assert [grown.config.tier(t).budget for t in ("tier_1b", "tier_10b")] == [s["size"] for s in steps[:2]]
+
+
+def test_plan_without_raise_budgets_names_it_and_writes_nothing(tmp_path):
+    recipe = tmp_path / "grow.yaml"
+    result = runner.invoke(app, ["plan", "--from", "small", "--to", "350M", "--strategy", "depth_first", "--write-recipe", str(recipe)])
+    out = " ".join(result.output.split())
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "over its strict budget of 5M" in out and "pass --raise-budgets to let the planner raise the strict budgets first" in out
+    assert "(budget steps: tier_1b to 170M, tier_10b to 170M; the plan then ends at 369M)" in out
+    assert not recipe.exists() and list(tmp_path.iterdir()) == []
+    result = runner.invoke(app, ["plan", "--from", "small", "--to", "350M", "--raise-budgets"])  # all strategies now have a plan
+    out = " ".join(result.output.split())
+    assert result.exit_code == 0 and "plan reaches" not in out
+    assert all(f"{s}: 10.4M → 369M" in out for s in DENSE) and "moe: 10.4M → 350M" in out
+
+
+def test_raise_budgets_is_not_suggested_where_it_would_not_help():
+    """A target past the step caps has no plan with or without budgets: the sentence does not
+    send the user to an option that would fail too."""
+    small = ModelConfig.from_preset("small")
+    for raise_budgets in (False, True):
+        with pytest.raises(PlanError) as info:
+            plan_growth(small, 10**11, "depth_first", raise_budgets=raise_budgets)
+        assert "--raise-budgets" not in str(info.value) and str(info.value).startswith("no depth_first plan reaches 100B within 10%")
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_raise_budgets_adds_no_step_where_no_strict_budget_is_exceeded(strategy):
+    """No tiers, advisory budgets, or strict ones the plan stays within: the same plan as
+    without the option, with no budget step."""
+    small = ModelConfig.from_preset("small")
+    advisory = small.replace(tiers=[dataclasses.replace(t, budget_mode="advisory") for t in small.tiers])
+    cases = [(SOURCE, 8 * SOURCE.num_params()), (advisory, 350 * 10**6)]
+    if strategy == "moe":  # small's moe plan to 350M adds tiers only: its 5M budgets hold
+        cases.append((small, 350 * 10**6))
+    for source, target in cases:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # an advisory budget warns when exceeded
+            raised = plan_growth(source, target, strategy, raise_budgets=True)
+            honoured = plan_growth(source, target, strategy)
+        assert raised.recipe() == honoured.recipe()
+        assert all(s.step.method != "budget" for s in raised.steps)

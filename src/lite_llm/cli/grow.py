@@ -215,6 +215,9 @@ def plan(
     tolerance: float = typer.Option(0.1, help="How far (a fraction) the plan's final size may be from the target."),
     tokens_per_param: float = typer.Option(20.0, help="Continued-training tokens per added parameter (cost model)."),
     write_recipe: Optional[Path] = typer.Option(None, "--write-recipe", help="Write the (single) strategy's plan as a recipe YAML."),
+    raise_budgets: bool = typer.Option(
+        False, "--raise-budgets", help="Let a plan start with budget steps raising each strict tier budget its final model exceeds to exactly what it needs."
+    ),
 ) -> None:
     """Propose growth steps to a target size, with parameter counts and training FLOPs.
 
@@ -222,11 +225,17 @@ def plan(
     budgets, head groups, routing limits) and ends within --tolerance of the target; when no
     plan of sane steps fits, one line says so with the closest size that does.
 
+    A strict tier budget is honoured unless --raise-budgets says the growth is on purpose:
+    the plan then starts with a budget step (exact, no weight changes) per tier it takes past
+    its strict budget, and the recipe written runs through expand as it is.
+
     Examples:
 
       lite-llm plan --from runs/small/checkpoints/step-00000300 --to 1B
 
       lite-llm plan --from small --to 350M --strategy moe --write-recipe grow.yaml
+
+      lite-llm plan --from small --to 350M --strategy balanced --raise-budgets
     """
     from ..config import format_size, parse_size
     from ..grow.planner import STRATEGIES, PlanError, plan_growth
@@ -244,12 +253,12 @@ def plan(
     if write_recipe and len(strategies) != 1:
         raise ConfigError("--write-recipe needs one --strategy")
     if len(strategies) == 1:
-        plans = [plan_growth(source, target, strategies[0], tokens_per_param=tokens_per_param, tolerance=tolerance)]
+        plans = [plan_growth(source, target, strategies[0], tokens_per_param=tokens_per_param, tolerance=tolerance, raise_budgets=raise_budgets)]
     else:  # every strategy: one without a plan says why, the others are still shown
         plans = []
         for name in strategies:
             try:
-                plans.append(plan_growth(source, target, name, tokens_per_param=tokens_per_param, tolerance=tolerance))
+                plans.append(plan_growth(source, target, name, tokens_per_param=tokens_per_param, tolerance=tolerance, raise_budgets=raise_budgets))
             except PlanError as exc:
                 err_console.print(f"[yellow]{name}:[/yellow] {escape(str(exc))}", highlight=False)
         if not plans:

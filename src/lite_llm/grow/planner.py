@@ -19,6 +19,19 @@ would take, and proposes one only after running its whole chain of operations:
   copies of the first tier or fresh experts 2x/4x as wide), and only when that cannot reach
   the target is the dense part grown first.
 
+Tier budgets.  A strict budget is a guard against growing a tier by accident, so by default
+the planner honours it: a shape that would take a tier past it is refused like any failed
+check.  With ``raise_budgets`` (``lite-llm plan --raise-budgets``) the user says the growth is
+on purpose: shapes are searched on the source with its strict budgets lifted (by the
+``budget`` op itself), so the strategy's preferred shape is proposed even where a less
+preferred one would fit within the budgets.  The plan found starts with one ``budget`` step
+per tier whose strict budget its final model exceeds, setting the budget to exactly that
+tier's final size: growth only adds parameters to a tier, so that size bounds every step
+before it, and the guard stays as tight as it was.  The whole chain, budget steps first, is
+then run again from the source itself, every check included, so the recipe runs through
+``expand`` as it is.  A budget that is advisory (it only warns), or that the final model does
+not exceed, gets no step.
+
 A plan is proposed when its final size is within ``tolerance`` (relative) of the target.
 The strategies differ in which shape they prefer: ``depth_first`` the least width growth,
 ``width_first`` the most, ``balanced`` depth and width factors alike, ``moe`` the least
@@ -144,6 +157,44 @@ def _apply(config: ModelConfig, method: str, **params: Any) -> ModelConfig:
     """The config ``method`` makes of ``config``: the real operation with all its checks."""
     new_config, _ = get_op(method)(config, _NamesOnly(config), **params)
     return new_config
+
+
+# ----------------------------------------------------------------------------------- budgets
+def _strict_tiers(config: ModelConfig) -> list[str]:
+    """The tiers whose budget is strict: the only ones that refuse a growth (an advisory
+    budget just warns, so it never needs raising)."""
+    return [t.name for t in config.tiers if t.budget is not None and t.budget_mode == "strict"]
+
+
+def _unbudgeted(config: ModelConfig) -> ModelConfig:
+    """``config`` with its strict budgets removed by the ``budget`` op: where a plan that may
+    raise budgets searches its shapes (no other check is lifted)."""
+    for name in _strict_tiers(config):
+        config = _apply(config, "budget", tier=name, size="none")
+    return config
+
+
+def _budget_steps(source: ModelConfig, final: ModelConfig) -> list[GrowthStep]:
+    """A ``budget`` step for each strict budget of ``source`` that ``final`` exceeds, raising
+    it to exactly that tier's parameters in ``final``: enough for every step on the way (growth
+    only adds to a tier), and no slack for a later accident to hide in."""
+    steps = []
+    for name in _strict_tiers(source):
+        need = final.tier_params(final.tier(name))
+        if need > source.tier(name).budget:
+            steps.append(GrowthStep("budget", {"tier": name, "size": need}))
+    return steps
+
+
+def _chain(source: ModelConfig, search: ModelConfig, moves: list[tuple]) -> list[tuple[GrowthStep, ModelConfig]]:
+    """The plan's steps from ``source``, each with the config after it.  ``search`` is the
+    config the shapes were found on: ``source`` itself, or ``source`` with its strict budgets
+    lifted — then the budget steps the final model needs come first, and the whole chain is run
+    again from ``source`` (raises the first check that fails, budgets included)."""
+    chain = _run(search, moves)
+    if search is source:
+        return chain
+    return _run(source, [("step", step) for step in _budget_steps(source, chain[-1][1])] + moves)
 
 
 # ----------------------------------------------------------------------------------- moves
@@ -426,11 +477,13 @@ def plan_growth(
     tokens_per_param: float = 20.0,
     seq_len: int = 2048,
     tolerance: float = DEFAULT_TOLERANCE,
+    raise_budgets: bool = False,
 ) -> Plan:
     """A plan of growth steps from ``source`` to ``target_params`` parameters (within
     ``tolerance``, relative), every step checked by running its operation; see the module
-    docstring.  Raises :class:`PlanError` (one sentence, with the closest achievable size) when
-    no plan fits."""
+    docstring.  With ``raise_budgets`` the plan may start with ``budget`` steps raising strict
+    tier budgets to what its final model needs (otherwise they are honoured).  Raises
+    :class:`PlanError` (one sentence, with the closest achievable size) when no plan fits."""
     if strategy not in STRATEGIES:
         raise ConfigError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     if not isinstance(tolerance, (int, float)) or isinstance(tolerance, bool) or not 0 < tolerance < 1:
@@ -439,30 +492,67 @@ def plan_growth(
         raise ConfigError(
             f"the model already has {format_size(source.num_params())} parameters; the target ({format_size(target_params)}) must be larger"
         )
+    search = _unbudgeted(source) if raise_budgets else source
+    plan, candidates, refusals = _search(source, search, target_params, strategy, tokens_per_param, seq_len, tolerance)
+    if plan is not None:
+        return plan
+    hint = None if raise_budgets else _raising_hint(source, target_params, strategy, tokens_per_param, seq_len, tolerance)
+    raise PlanError(_no_plan(source, search, target_params, strategy, tolerance, candidates, refusals, hint))
+
+
+def _search(
+    source: ModelConfig, search: ModelConfig, target: int, strategy: str, tokens_per_param: float, seq_len: int, tolerance: float
+) -> tuple[Plan | None, list[_Candidate], _Refusals]:
+    """The strategy's preferred plan whose shape (found on ``search``) fits, or None, with the
+    candidates looked at and the checks that refused some (for the sentence saying why not)."""
     refusals = _Refusals()
     candidates: list[_Candidate] = []
-    for group in _candidate_groups(source, strategy, refusals):
+    for group in _candidate_groups(search, strategy, refusals):
         candidates += group
-        fitting = [c for c in group if _closeness(c.estimate, target_params) <= tolerance]
-        for candidate in sorted(fitting, key=lambda c: (c.preference, _closeness(c.estimate, target_params))):
+        fitting = [c for c in group if _closeness(c.estimate, target) <= tolerance]
+        for candidate in sorted(fitting, key=lambda c: (c.preference, _closeness(c.estimate, target))):
             try:
-                chain = _run(source, _named(candidate.moves, source))
+                chain = _chain(source, search, _named(candidate.moves, source))
             except ConfigError as exc:
                 refusals.note(exc)
                 continue
-            plan = _plan_of(source, target_params, strategy, chain, tokens_per_param, seq_len, tolerance)
+            plan = _plan_of(source, target, strategy, chain, tokens_per_param, seq_len, tolerance)
             if abs(plan.error) <= tolerance:
-                return plan
-    raise PlanError(_no_plan(source, target_params, strategy, tolerance, candidates, refusals))
+                return plan, candidates, refusals
+    return None, candidates, refusals
 
 
-def _no_plan(source: ModelConfig, target: int, strategy: str, tolerance: float, candidates: list[_Candidate], refusals: _Refusals) -> str:
+def _raising_hint(source: ModelConfig, target: int, strategy: str, tokens_per_param: float, seq_len: int, tolerance: float) -> str | None:
+    """When honouring strict budgets leaves no plan but raising them would give one: the
+    clause naming ``--raise-budgets`` and what it would raise (None otherwise, so the option is
+    never suggested where it would not help).  Costs a second search, on the failure path only."""
+    if not _strict_tiers(source):
+        return None
+    plan, _, _ = _search(source, _unbudgeted(source), target, strategy, tokens_per_param, seq_len, tolerance)
+    raised = [s.step.params for s in plan.steps if s.step.method == "budget"] if plan is not None else []
+    if not raised:
+        return None
+    what = ", ".join(f"{p['tier']} to {format_size(p['size'])}" for p in raised)
+    ends = format_size(plan.final.num_params())
+    return f"pass --raise-budgets to let the planner raise the strict budgets first (budget steps: {what}; the plan then ends at {ends})"
+
+
+def _no_plan(
+    source: ModelConfig,
+    search: ModelConfig,
+    target: int,
+    strategy: str,
+    tolerance: float,
+    candidates: list[_Candidate],
+    refusals: _Refusals,
+    hint: str | None = None,
+) -> str:
     """One sentence: no plan fits, the closest grown size that passes the checks (or the check
-    that refuses every growth), and what to do."""
+    that refuses every growth), and what to do (``hint``: how raising budgets would help)."""
     closest = None
     for candidate in sorted(candidates, key=lambda c: _closeness(c.estimate, target)):
         try:
-            closest = _run(source, _named(candidate.moves, source))[-1][1].num_params()
+            closest = _chain(source, search, _named(candidate.moves, source))[-1][1].num_params()
             break
         except ConfigError as exc:
             refusals.note(exc)
@@ -471,8 +561,11 @@ def _no_plan(source: ModelConfig, target: int, strategy: str, tolerance: float, 
         + (f", {MAX_EXPERTS} experts per tier and {MAX_NEW_TIERS} new tiers" if strategy == "moe" else "")
     )
     head = f"no {strategy} plan reaches {format_size(target)} within {tolerance:.0%} in steps of {limits}"
+    also = f"{hint}, " if hint else ""
     if closest is None:
         reason = (refusals.first or "no growth step applies").rstrip(".")
+        if hint:  # the check's own advice (a budget step by hand) is what the hint automates
+            return f"{head}: every growth of this model is refused ({reason.split('; ')[0]}); {hint}, or try another --strategy"
         return f"{head}: every growth of this model is refused ({reason}); fix that first or try another --strategy"
     why = f" (a check refused others: {refusals.first.rstrip('.')})" if refusals.first else ""
-    return f"{head}: the closest that passes the checks is {format_size(closest)}{why}; aim near that, raise --tolerance, or try another --strategy"
+    return f"{head}: the closest that passes the checks is {format_size(closest)}{why}; aim near that, raise --tolerance, {also}or try another --strategy"
