@@ -168,6 +168,23 @@ def test_fisher_matches_a_per_sample_reference_loop(world, estimator, batch):
         assert torch.equal(got.anchor[n], dict(model.named_parameters())[n].detach())
 
 
+def test_ewc_estimate_takes_device_and_threads_like_every_computing_command(world, tmp_path):
+    """`ewc estimate` had neither --device nor --threads (train, eval and generate have both):
+    on a shared machine its minutes could not be kept to one core, nor moved to a GPU."""
+    threads = torch.get_num_threads()
+    try:
+        code, out = _run(["ewc", "estimate", str(world["tiny"]), "--data", str(world["data"]), "--domain", "prose", "--samples", "3",
+                          "--seq-len", "32", "--device", "cpu", "--threads", "1", "-o", str(tmp_path / "e")])
+        assert code == 0, out
+        assert "threads: 1" in out
+        stored = load_ewc(tmp_path / "e")
+        expected = estimate_fisher(load_checkpoint(world["tiny"]).model, TokenData(world["data"]), "prose", samples=3, seq_len=32)
+    finally:
+        torch.set_num_threads(threads)
+    for name, fisher in expected.fisher.items():  # the same computation on one thread: the same numbers
+        assert torch.equal(stored.fisher[name], fisher), name
+
+
 def test_ewc_penalty_is_the_hand_sum(world):
     estimate, model = load_ewc(world["ewc"]), load_checkpoint(world["tiny"]).model
     with torch.no_grad():

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
-from .app import app, console, friendly_errors
+from .app import THREADS_HELP, app, apply_threads, console, device_option, friendly_errors
 
 
 ewc_app = typer.Typer(help="Elastic weight consolidation: Fisher estimates stored in checkpoints.", no_args_is_help=True)
@@ -25,6 +26,8 @@ def estimate(
     estimator: str = typer.Option("sample", help="'sample': one gradient per sequence; 'batch': per micro-batch (cheaper, biased up where gradients agree)."),
     batch_size: int = typer.Option(16, help="Sequences per micro-batch (estimator 'batch').", min=1),
     seed: int = typer.Option(0, help="Which sequences are drawn.", min=0),
+    device: str = device_option(),
+    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
 ) -> None:
     """Estimate the diagonal empirical Fisher of DOMAIN and write CHECKPOINT with it in ewc/.
 
@@ -39,11 +42,14 @@ def estimate(
     from ..checkpoint.derived import check_new_output
     from ..checkpoint.lazy import open_checkpoint
     from ..data import TokenData
+    from ..runtime.device import resolve_device
     from ..train.ewc import EWC_FORMAT, check_values, estimate_fisher, save_ewc
 
     # refused before the estimate, which takes minutes, not after it
     check_new_output(output, open_checkpoint(checkpoint, verify=False).path, "the checkpoint with its EWC estimate")
-    model = load_checkpoint(checkpoint).model
+    run_device = resolve_device(device)
+    apply_threads(threads)
+    model = load_checkpoint(checkpoint, device=run_device).model
     result = estimate_fisher(model, TokenData(data), domain, samples=samples, seq_len=seq_len, estimator=estimator, batch_size=batch_size, seed=seed)
     check_values(result, EWC_FORMAT)  # a diverged model's estimate is refused, not stored
     path = save_ewc(checkpoint, result, output)
