@@ -7,7 +7,7 @@ time) and how tools that only need a few tensors avoid building a model.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -22,11 +22,30 @@ from .manifest import MANIFEST, SHARD_KINDS, TOKENIZER_DIR, manifest_in, safe_me
 from .stream import SafetensorsReader, TensorSpec
 
 
-class LazyTensorFiles(Mapping[str, torch.Tensor]):
+class LazyMapping(Mapping[str, torch.Tensor]):
+    """A name -> tensor mapping whose names are known without its values: membership,
+    iteration and length answer from ``self._names`` (a container of the names), because
+    ``Mapping``'s defaults look the tensor up — read, compute or produce it — just to test a
+    name.  Subclasses set ``_names`` and define ``__getitem__``."""
+
+    _names: Collection[str]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+class LazyTensorFiles(LazyMapping):
     """name -> tensor over a set of safetensors files, each tensor read when looked up."""
 
     def __init__(self, files: list[Path], fix: str = "restore the checkpoint from a backup or re-save it") -> None:
         self._where: dict[str, SafetensorsReader] = {}
+        self._names = self._where
         for path in files:
             reader = SafetensorsReader(path)
             for name in reader.keys():
@@ -36,15 +55,6 @@ class LazyTensorFiles(Mapping[str, torch.Tensor]):
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self._where[name].get(name)
-
-    def __contains__(self, name: object) -> bool:  # Mapping's default would read the tensor
-        return name in self._where
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._where)
-
-    def __len__(self) -> int:
-        return len(self._where)
 
     def spec(self, name: str) -> TensorSpec:
         return self._where[name].spec(name)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 import os
 import threading
-from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +44,7 @@ from .recipe import VALIDATE_MODES, GrowthStep
 from .carry import CarriedEWC, carry_ewc
 from .common import check_room, refuse_quantized, room_at
 from .registry import GrowthOp, get_op
-from .tensors import LazyTensors, Tensors, expected_specs, row_chunks
+from .tensors import LazyMapping, LazyTensors, Tensors, expected_specs, row_chunks
 from .streaming_validate import Beside
 from .validate import DEFAULT_TOLERANCE, COARSE_STEP_DTYPE, SAMPLE_TOKENS, ValidationReport, check_growth, check_sample
 
@@ -286,7 +285,7 @@ class _Beside:
             self._lock.release()
 
 
-class _UntilFailed(Mapping[str, torch.Tensor]):
+class _UntilFailed(LazyMapping):
     """``tensors`` for the writer, raising the check's error instead of producing the next
     tensor once the check beside the writer has failed (so a refused growth does not write on
     for nothing).  Every name is a reference to the same name of ``tensors``, so a writer that
@@ -294,20 +293,12 @@ class _UntilFailed(Mapping[str, torch.Tensor]):
 
     def __init__(self, tensors: Tensors, beside: _Beside) -> None:
         self._tensors, self._beside = tensors, beside
+        self._names = tensors
 
     def __getitem__(self, name: str) -> torch.Tensor:
         self._beside.stop_if_refused()
         self._beside.writer_takes(name)
         return self._tensors[name]
-
-    def __contains__(self, name: object) -> bool:  # a look-up would produce the tensor
-        return name in self._tensors
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._tensors)
-
-    def __len__(self) -> int:
-        return len(self._tensors)
 
     def reference(self, name: str) -> tuple[Tensors, str]:
         return self._tensors, name

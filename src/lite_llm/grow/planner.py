@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,7 +60,7 @@ from ..errors import ConfigError
 from ..config import flops_per_token
 from .recipe import GrowthStep
 from .registry import get_op
-from .tensors import stored_names
+from .tensors import LazyMapping, stored_names
 
 STRATEGIES = ("depth_first", "width_first", "balanced", "moe")
 DEFAULT_TOLERANCE = 0.1
@@ -76,7 +76,7 @@ class PlanError(ConfigError):
     """No plan of sane steps reaches the target within the tolerance."""
 
 
-class _NamesOnly(Mapping[str, torch.Tensor]):
+class _NamesOnly(LazyMapping):
     """The tensor names of a config with no values: enough for a lazy growth op's config."""
 
     def __init__(self, config: ModelConfig) -> None:
@@ -84,15 +84,6 @@ class _NamesOnly(Mapping[str, torch.Tensor]):
 
     def __getitem__(self, name: str) -> torch.Tensor:
         raise RuntimeError(f"the planner never reads weights (asked for {name})")
-
-    def __contains__(self, name: object) -> bool:  # Mapping's default would look it up
-        return name in self._names
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
 
 
 @dataclass

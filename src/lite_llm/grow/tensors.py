@@ -26,10 +26,11 @@ import mmap
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
+from ..checkpoint.lazy import LazyMapping
 from ..checkpoint.load import expected_tensors
 from ..checkpoint.stream import RowChunks, TensorSpec, tensor_bytes
 from ..config import ModelConfig
@@ -38,23 +39,14 @@ Tensors = Mapping[str, torch.Tensor]
 Producer = Callable[[], torch.Tensor]
 
 
-class LazyTensors(Mapping[str, torch.Tensor]):
+class LazyTensors(LazyMapping):
     """name -> tensor, each computed by its producer when looked up (never cached)."""
 
     def __init__(self, producers: dict[str, Producer]) -> None:
-        self._producers = producers
+        self._producers = self._names = producers
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self._producers[name]()
-
-    def __contains__(self, name: object) -> bool:  # Mapping's default would compute the tensor
-        return name in self._producers
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._producers)
-
-    def __len__(self) -> int:
-        return len(self._producers)
 
     def reference(self, name: str) -> tuple[Tensors, str] | None:
         """(mapping, name) that ``name`` is an unchanged copy of, or None when it is computed."""

@@ -33,7 +33,7 @@ import functools
 import hashlib
 import os
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -52,7 +52,7 @@ from .expand import GrowthError, carried_ewc_dirs, materialize
 from .common import refuse_quantized, bank_prefix, check_room, room_at, check_choice, check_noise, check_positive_int, perturb, router_prefix, seeded_normal
 from .moe import UNROUTABLE_LIMIT
 from .registry import get_op, register
-from .tensors import LazyTensors, Producer, Tensors, expected_specs, ref, stored_names
+from .tensors import LazyMapping, LazyTensors, Producer, Tensors, expected_specs, ref, stored_names
 from .validate import sample_ids
 
 INITS = ("random", "copy", "upcycle")
@@ -304,12 +304,13 @@ def tensor_sha256(t: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
-class _DigestingTensors(Mapping[str, torch.Tensor]):
+class _DigestingTensors(LazyMapping):
     """Hands tensors to the writer unchanged, recording the sha256 of the ``watched`` ones as
     they go out: the hashes are of exactly what is written, at no extra read."""
 
     def __init__(self, tensors: Tensors, watched: set[str]) -> None:
         self._tensors, self._watched = tensors, watched
+        self._names = tensors
         self.digests: dict[str, str] = {}
 
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -317,15 +318,6 @@ class _DigestingTensors(Mapping[str, torch.Tensor]):
         if name in self._watched:
             self.digests[name] = tensor_sha256(t)
         return t
-
-    def __contains__(self, name: object) -> bool:  # a look-up would produce (and digest) the tensor
-        return name in self._tensors
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._tensors)
-
-    def __len__(self) -> int:
-        return len(self._tensors)
 
 
 def _source_digests(src: CheckpointTensors, verify: bool) -> dict[str, str]:

@@ -29,11 +29,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from ..checkpoint import atomic
+from ..checkpoint.lazy import LazyMapping
 from ..checkpoint.load import read_progressive
 from ..checkpoint.manifest import MANIFEST, MODEL_VERSION_DEFAULT, PROGRESSIVE
 from ..checkpoint.stream import RowChunks, TensorSpec
@@ -98,7 +99,7 @@ def is_hf_folder(path: Path) -> bool:
 
 
 # ------------------------------------------------------------------------------- the source
-class HFTensors(Mapping[str, torch.Tensor]):
+class HFTensors(LazyMapping):
     """Our name -> tensor over a Hugging Face folder, read when looked up.
 
     ``direct`` names map one to one onto a stored tensor of the same dtype and shape: those
@@ -109,22 +110,13 @@ class HFTensors(Mapping[str, torch.Tensor]):
 
     def __init__(self, weights: HFWeights, specs: dict[str, TensorSpec], producers: dict[str, Producer], direct: dict[str, str]) -> None:
         self._weights = weights
-        self._specs = specs
+        self._specs = self._names = specs
         self._producers = producers
         self._direct = direct
 
     def __getitem__(self, name: str) -> torch.Tensor:
         theirs = self._direct.get(name)
         return self._weights[theirs] if theirs is not None else self._producers[name]()
-
-    def __contains__(self, name: object) -> bool:  # Mapping's default would read the tensor
-        return name in self._specs
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._specs)
-
-    def __len__(self) -> int:
-        return len(self._specs)
 
     def spec(self, name: str) -> TensorSpec:
         return self._specs[name]
@@ -184,23 +176,15 @@ def open_hf_folder(path: Path) -> tuple[HFFolder, None]:
 
 
 # ------------------------------------------------------------------------------- the output
-class _Specced(Mapping[str, torch.Tensor]):
+class _Specced(LazyMapping):
     """Lazy tensors with the specs they will have (what ``plan_export`` asks of a checkpoint)."""
 
     def __init__(self, tensors: Tensors, specs: dict[str, TensorSpec]) -> None:
         self._tensors, self._specs = tensors, specs
+        self._names = specs
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self._tensors[name]
-
-    def __contains__(self, name: object) -> bool:  # Mapping's default would produce the tensor
-        return name in self._specs
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._specs)
-
-    def __len__(self) -> int:
-        return len(self._specs)
 
     def spec(self, name: str) -> TensorSpec:
         return self._specs[name]
