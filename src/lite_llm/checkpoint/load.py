@@ -243,8 +243,13 @@ def load_checkpoint(
     verify: bool = True,
     device: str | torch.device = "cpu",
     load_training: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> LoadedCheckpoint:
     """Load the checkpoint at ``path`` into a freshly built model.
+
+    ``dtype`` casts the stored floating-point tensors as they are loaded (computing in
+    bfloat16 from a float32 checkpoint, as transformers' ``torch_dtype``); the default keeps
+    the stored dtypes, which a checkpoint stored in that dtype gives bitwise.
 
     ``tierset`` restricts loading to those tiers: only their shards (and the dense shard) are
     opened and hashed, and the model is built with just those tiers.  ``verify`` checks the
@@ -271,6 +276,8 @@ def load_checkpoint(
     dequantize_state(config, state)  # a quantized tier's banks, as the model holds them
     model = build_model(config, device=device)
     _check_state(root, state, origin, expected_tensors(config, model))
+    if dtype is not None:
+        state = {name: t.to(dtype) if t.is_floating_point() else t for name, t in state.items()}
     load_stored(model, state)  # assigned: keeps the stored dtypes
 
     tokenizer = _read_tokenizer(root, manifest, verify)

@@ -11,7 +11,7 @@ from rich.table import Table
 from ..errors import LiteLLMError
 from .app import THREADS_HELP, app, apply_threads, console, device_option, err_console, friendly_errors, print_scores, check_report_path, write_report
 from .store_options import (
-    cache_policy_option, checkpoint_location, hot_budget_option, load_for_inference, prefetch_option, print_store_stats, stats_option, warm_budget_option,
+    cache_policy_option, checkpoint_location, dtype_option, hot_budget_option, load_for_inference, prefetch_option, print_store_stats, stats_option, warm_budget_option,
 )
 
 
@@ -31,6 +31,7 @@ def eval_command(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the scores here."),
     device: str = device_option(),
     threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
+    dtype: Optional[str] = dtype_option(),
     hot_budget: Optional[str] = hot_budget_option(),
     warm_budget: Optional[str] = warm_budget_option(),
     cache_policy: Optional[str] = cache_policy_option(),
@@ -72,7 +73,8 @@ def eval_command(
     results: dict[str, dict[str, dict[str, float]]] = {}
     for label, path in labels.items():
         loaded = load_for_inference(
-            path, tiers=tiers, device=run_device, hot_budget=hot_budget, warm_budget=warm_budget, policy=cache_policy, prefetch=prefetch, stats=stats
+            path, tiers=tiers, device=run_device, hot_budget=hot_budget, warm_budget=warm_budget, policy=cache_policy, prefetch=prefetch, stats=stats,
+            dtype=dtype,
         )
         config = loaded.model.config
         check_data_tokenizer(dataset.tokenizer, data, loaded.tokenizer, config.vocab_size, path)

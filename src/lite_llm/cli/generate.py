@@ -10,7 +10,7 @@ import typer
 from ..errors import LiteLLMError
 from .app import THREADS_HELP, app, apply_threads, device_option, friendly_errors
 from .store_options import (
-    cache_policy_option, checkpoint_location, hot_budget_option, load_for_inference, prefetch_option, print_store_stats, stats_option, warm_budget_option,
+    cache_policy_option, checkpoint_location, dtype_option, hot_budget_option, load_for_inference, prefetch_option, print_store_stats, stats_option, warm_budget_option,
 )
 
 
@@ -31,6 +31,7 @@ def generate(
     repetition_penalty: float = typer.Option(1.0, help="Divide (multiply, when negative) the logits of tokens already seen by this; 1 is off."),
     device: str = device_option(),
     threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
+    dtype: Optional[str] = dtype_option(),
     hot_budget: Optional[str] = hot_budget_option(),
     warm_budget: Optional[str] = warm_budget_option(),
     cache_policy: Optional[str] = cache_policy_option(),
@@ -66,7 +67,7 @@ def generate(
         spell=lambda name: "--" + name.replace("_", "-"),
     )
     apply_threads(threads, header_to_stderr=True)
-    loaded = load_for_inference(location, tiers=tiers, device=run_device, hot_budget=hot_budget, warm_budget=warm_budget, policy=cache_policy, prefetch=prefetch, stats=stats)
+    loaded = load_for_inference(location, tiers=tiers, device=run_device, hot_budget=hot_budget, warm_budget=warm_budget, policy=cache_policy, prefetch=prefetch, stats=stats, dtype=dtype)
     if loaded.tokenizer is None:
         raise LiteLLMError(f"checkpoint {checkpoint} has no tokenizer/ folder; re-save it with its tokenizer")
     if chat:

@@ -10,7 +10,7 @@ import typer
 
 from ..errors import LiteLLMError
 from .app import THREADS_HELP, app, apply_threads, device_option, err_console, friendly_errors
-from .store_options import cache_policy_option, checkpoint_location, hot_budget_option, load_for_inference, prefetch_option, warm_budget_option
+from .store_options import cache_policy_option, checkpoint_location, dtype_option, hot_budget_option, load_for_inference, prefetch_option, warm_budget_option
 
 
 @app.command()
@@ -24,6 +24,7 @@ def serve(
     max_queue: int = typer.Option(64, "--max-queue", help="Requests that may wait for a place in the batch; more are answered 429.", min=0),
     device: str = device_option(),
     threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
+    dtype: Optional[str] = dtype_option(),
     hot_budget: Optional[str] = hot_budget_option(),
     warm_budget: Optional[str] = warm_budget_option(),
     cache_policy: Optional[str] = cache_policy_option(),
@@ -63,7 +64,8 @@ def serve(
     location = checkpoint_location(checkpoint)
     apply_threads(threads, header_to_stderr=True)
     loaded = load_for_inference(
-        location, tiers="all", device=resolve_device(device), hot_budget=hot_budget, warm_budget=warm_budget, policy=cache_policy, prefetch=prefetch
+        location, tiers="all", device=resolve_device(device), hot_budget=hot_budget, warm_budget=warm_budget, policy=cache_policy, prefetch=prefetch,
+        dtype=dtype,
     )
     if loaded.tokenizer is None:
         raise LiteLLMError(f"checkpoint {checkpoint} has no tokenizer/ folder; re-save it with its tokenizer")

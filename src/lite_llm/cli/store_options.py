@@ -45,6 +45,12 @@ def prefetch_option() -> Any:
     )
 
 
+def dtype_option() -> Any:
+    return typer.Option(
+        None, "--dtype", help="Compute in this dtype: float32, bfloat16 or float16 (default: the checkpoint's own; bfloat16 halves the weights' memory)."
+    )
+
+
 def stats_option() -> Any:
     return typer.Option(False, "--stats", help="With --hot-budget: print the store's hits, misses, bytes moved and evictions (stderr).")
 
@@ -74,17 +80,19 @@ def check_store_options(
 
 def load_for_inference(
     checkpoint: Union[Path, str], *, tiers: str, device: Any, hot_budget: Optional[str], warm_budget: Optional[str],
-    policy: Optional[str] = None, prefetch: bool = False, stats: bool = False,
+    policy: Optional[str] = None, prefetch: bool = False, stats: bool = False, dtype: Optional[str] = None,
 ) -> InferenceModel:
     """The checkpoint whole in memory, or with its experts in a store when a budget is given
     (``checkpoint`` may then be a URL: see :func:`checkpoint_location`), after refusing store
     options that would do nothing."""
     from ..store import load_for_inference as load
+    from .app import parse_dtype
 
+    torch_dtype = parse_dtype(dtype)
     check_store_options(checkpoint, hot_budget=hot_budget, warm_budget=warm_budget, policy=policy, prefetch=prefetch, stats=stats)
     return load(
         checkpoint, tierset=None if tiers == "all" else tiers, device=device, hot_budget=hot_budget, warm_budget=warm_budget,
-        policy=policy or "layer-cycle", prefetch=prefetch,
+        policy=policy or "layer-cycle", prefetch=prefetch, dtype=torch_dtype,
     )
 
 

@@ -116,20 +116,21 @@ def load_for_inference(
     warm_budget: int | str | None = None,
     policy: str = "layer-cycle",
     prefetch: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> InferenceModel:
     """The checkpoint whole in memory, or with its experts in a store when ``hot_budget`` is
     given (``path`` may then be a URL) — the one choice `generate`, `eval`, `serve` and
     `tiers profile` make.  ``tierset`` limits which tiers are loaded, or, in a store, which
     tiers it may read; ``prefetch`` starts a :class:`Prefetcher` when there is a warm level to
-    read into."""
+    read into; ``dtype`` is the one computed in (default: the checkpoint's own)."""
     if hot_budget is None:
         if warm_budget is not None:
             raise LiteLLMError("--warm-budget needs --hot-budget (the experts on the compute device); give both, or neither")
         from ..checkpoint import load_checkpoint
 
-        loaded = load_checkpoint(path, tierset=tierset, device=device)
+        loaded = load_checkpoint(path, tierset=tierset, device=device, dtype=dtype)
         return InferenceModel(loaded.model.eval(), loaded.tokenizer)
-    stored = load_with_store(path, hot_budget=hot_budget, warm_budget=warm_budget or 0, policy=policy, device=device)
+    stored = load_with_store(path, hot_budget=hot_budget, warm_budget=warm_budget or 0, policy=policy, device=device, dtype=dtype)
     if tierset is not None:
         stored.store.set_allowed_tiers(TierSet.coerce(tierset).resolve(stored.config))
     prefetcher = Prefetcher(stored.model, stored.store) if prefetch and stored.store.warm.budget > 0 else None
