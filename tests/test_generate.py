@@ -95,3 +95,28 @@ def test_a_request_that_may_fill_the_context_does_not_hold_its_cache_from_the_st
     model = build_model(ModelConfig.from_preset("tiny", max_seq_len=4096), seed=4)
     cache = new_row_cache(model, 10, 4096)
     assert {layer.allocated for layer in cache} == {10 + KV_ROOM} and {layer.max_len for layer in cache} == {4096}
+
+
+def _grad_during_forward(run) -> list[tuple[bool, bool]]:
+    model = build_model(ModelConfig.from_preset("tiny"), seed=4)
+    seen: list[tuple[bool, bool]] = []
+    hook = model.register_forward_hook(lambda mod, args, out: seen.append((torch.is_grad_enabled(), out.logits.requires_grad)))
+    try:
+        run(model)
+    finally:
+        hook.remove()
+    assert seen, "the model was never called"
+    return seen
+
+
+def test_generate_ids_decodes_without_autograd():
+    """A resident model's parameters require grad: a decode step with autograd on builds a graph
+    that the KV cache keeps alive (1.6x the time and +150 MB over 300 tokens of `small`, seen
+    when the decorator once slid onto the function above it)."""
+    seen = _grad_during_forward(lambda m: list(generate_ids(m, [1, 2, 3], 4)))
+    assert seen == [(False, False)] * len(seen)
+
+
+def test_generate_text_decodes_without_autograd():
+    seen = _grad_during_forward(lambda m: list(generate_text(m, ByteTokenizer(), "def ", 4)))
+    assert seen == [(False, False)] * len(seen)

@@ -157,7 +157,6 @@ def check_prompt(prompt_ids: Sequence[int], context: int, *, room: int = 1) -> l
     return ids
 
 
-@torch.no_grad()
 def check_sampling(
     *,
     temperature: float,
@@ -187,6 +186,7 @@ def check_sampling(
             raise SamplingError(f"{spell(name)} must be between {FREQUENCY_PENALTY_RANGE[0]:g} and {FREQUENCY_PENALTY_RANGE[1]:g}, got {value}")
 
 
+@torch.no_grad()
 def generate_ids(
     model: "LiteLLM",
     prompt_ids: Sequence[int],

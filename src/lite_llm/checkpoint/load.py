@@ -276,8 +276,10 @@ def load_checkpoint(
     dequantize_state(config, state)  # a quantized tier's banks, as the model holds them
     model = build_model(config, device=device)
     _check_state(root, state, origin, expected_tensors(config, model))
-    if dtype is not None:
-        state = {name: t.to(dtype) if t.is_floating_point() else t for name, t in state.items()}
+    if dtype is not None:  # one tensor at a time: each original is freed as its cast replaces it
+        for name, t in state.items():
+            if t.is_floating_point():
+                state[name] = t.to(dtype)
     load_stored(model, state)  # assigned: keeps the stored dtypes
 
     tokenizer = _read_tokenizer(root, manifest, verify)

@@ -63,9 +63,7 @@ def check_store_options(
     asked for --stats or --prefetch should hear why there is none, not get silence."""
     from ..store.archive import is_url
 
-    if hot_budget is None:
-        if warm_budget is not None:
-            raise LiteLLMError("--warm-budget needs --hot-budget (the experts on the compute device); give both, or neither")
+    if hot_budget is None:  # --warm-budget alone is refused by the loader (store.load_for_inference)
         if policy is not None:
             raise LiteLLMError(f"--cache-policy {policy} chooses what the expert store evicts, which only --hot-budget uses; add --hot-budget (e.g. 512MB) or leave it out")
         if stats:

@@ -129,7 +129,7 @@ def load_for_inference(
         from ..checkpoint import load_checkpoint
 
         loaded = load_checkpoint(path, tierset=tierset, device=device, dtype=dtype)
-        return InferenceModel(loaded.model.eval(), loaded.tokenizer)
+        return InferenceModel(loaded.model.eval().requires_grad_(False), loaded.tokenizer)  # as the store's: decoding needs no graph
     stored = load_with_store(path, hot_budget=hot_budget, warm_budget=warm_budget or 0, policy=policy, device=device, dtype=dtype)
     if tierset is not None:
         stored.store.set_allowed_tiers(TierSet.coerce(tierset).resolve(stored.config))
