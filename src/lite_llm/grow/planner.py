@@ -55,9 +55,8 @@ from typing import Any
 
 import torch
 
-from ..config import ModelConfig, format_size
+from ..config import ModelConfig, flops_per_token, format_size
 from ..errors import ConfigError
-from ..config import flops_per_token
 from .recipe import GrowthStep
 from .registry import get_op
 from .tensors import LazyMapping, stored_names
