@@ -104,3 +104,24 @@ def test_served_chat_equals_transformers_greedy_generate(smollm2, transformers_r
         chunks = list(stream)
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
         assert chunks[-1].usage.completion_tokens == len(hf_reply)
+
+
+def test_chat_carries_the_conversation_as_transformers_renders_it(smollm2, transformers_reply):
+    """`lite-llm chat`, two turns: the second reply equals transformers' greedy `generate` on
+    `apply_chat_template` of the whole conversation (its own first reply included)."""
+    transformers = pytest.importorskip("transformers")
+    ckpt, hf = smollm2
+    _, first_ids, tok = transformers_reply
+    first = tok.decode(first_ids, skip_special_tokens=True)
+    history = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": first}, {"role": "user", "content": "And of Germany?"}]
+    prompt = tok.apply_chat_template(history, add_generation_prompt=True, tokenize=True, return_dict=False)
+    prompt = list(prompt["input_ids"] if isinstance(prompt, dict) or hasattr(prompt, "keys") else prompt)
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False)
+    second = tok.decode(out[0, len(prompt) :], skip_special_tokens=True)
+    assert "Berlin" in second
+
+    result = CliRunner().invoke(app, ["chat", str(ckpt), "--temperature", "0", "--max-new-tokens", "40"], input=f"{QUESTION}\nAnd of Germany?\n")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"{first}\n{second}\n"

@@ -6,7 +6,7 @@ bad input; heavy imports happen inside commands so ``--help`` is instant.
 """
 
 # Imported for their side effect, registering the commands, in the order `--help` lists them.
-from . import quickstart, prepare, train, evaluate, generate, grow, interop, ewc, tiers, checkpoints, serve  # noqa: F401,I001
+from . import quickstart, prepare, train, evaluate, generate, chat, grow, interop, ewc, tiers, checkpoints, serve  # noqa: F401,I001
 from .app import app, reflow_help
 
 reflow_help(app)
