@@ -67,3 +67,26 @@ def test_a_checkpoint_without_a_chat_template_is_one_sentence(byte_ckpt):
     assert result.exit_code == 1
     assert "has no chat template in its tokenizer; use `lite-llm generate` for plain text" in result.output
     assert "Traceback" not in result.output
+
+
+def test_ctrl_c_stops_a_reply_and_keeps_what_was_shown(chat_ckpt, monkeypatch):
+    """Ctrl-C in a reply stops it, and the conversation goes on with what was shown of it."""
+    import lite_llm.generate as generation
+
+    loaded = load_checkpoint(chat_ckpt)
+    real = generation.generate_text
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(kwargs["prompt_ids"])
+        for i, piece in enumerate(real(*args, **kwargs)):
+            if len(calls) == 1 and i == 2:
+                raise KeyboardInterrupt
+            yield piece
+
+    monkeypatch.setattr(generation, "generate_text", interrupted)
+    result = _chat(chat_ckpt, "Hello there\nHow are you?\n")
+    assert result.exit_code == 0, result.output
+    shown = "".join(list(real(loaded.model, loaded.tokenizer, "", 12, prompt_ids=calls[0], temperature=0))[:2])
+    assert result.stdout.startswith(shown + "\n")
+    assert calls[1] == loaded.tokenizer.encode(_chatml([("user", "Hello there"), ("assistant", shown), ("user", "How are you?")]))

@@ -11,7 +11,11 @@ from ..errors import LiteLLMError
 from .app import THREADS_HELP, app, apply_threads, device_option, err_console, friendly_errors
 from .store_options import dtype_option, load_for_inference
 
-COMMANDS = {"/reset": "forget the conversation (the system message stays)", "/exit": "end (so do an empty input and Ctrl-D)"}
+COMMANDS = {
+    "/reset": "forget the conversation (the system message stays)",
+    "/exit": "end (so do an empty line and Ctrl-D)",
+    "Ctrl-C": "stop a reply",
+}
 
 
 @app.command()
@@ -68,7 +72,10 @@ def chat(
     while True:
         if interactive:
             err_console.print("[bold]> [/bold]", end="")
-        line = sys.stdin.readline()
+        try:
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:  # Ctrl-C at the prompt ends the conversation, as an empty line does
+            break
         text = line.rstrip("\r\n")
         if not line or not text.strip() or text.strip() == "/exit":
             break
@@ -85,13 +92,16 @@ def chat(
             )
             continue
         reply = []
-        for piece in generate_text(
-            model, tokenizer, text, max_new_tokens, prompt_ids=ids, temperature=temperature, top_k=top_k, top_p=top_p,
-            repetition_penalty=repetition_penalty, seed=seed + replies, tierset=tiers,
-        ):
-            reply.append(piece)
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+        try:
+            for piece in generate_text(
+                model, tokenizer, text, max_new_tokens, prompt_ids=ids, temperature=temperature, top_k=top_k, top_p=top_p,
+                repetition_penalty=repetition_penalty, seed=seed + replies, tierset=tiers,
+            ):
+                reply.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:  # Ctrl-C in a reply stops that reply; what was shown stays in the conversation
+            err_console.print("[dim] (stopped)[/dim]", end="", highlight=False)
         sys.stdout.write("\n")
         sys.stdout.flush()
         history = [*turn, {"role": "assistant", "content": "".join(reply)}]
