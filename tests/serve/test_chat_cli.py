@@ -90,3 +90,14 @@ def test_ctrl_c_stops_a_reply_and_keeps_what_was_shown(chat_ckpt, monkeypatch):
     shown = "".join(list(real(loaded.model, loaded.tokenizer, "", 12, prompt_ids=calls[0], temperature=0))[:2])
     assert result.stdout.startswith(shown + "\n")
     assert calls[1] == loaded.tokenizer.encode(_chatml([("user", "Hello there"), ("assistant", shown), ("user", "How are you?")]))
+
+
+def test_a_conversation_with_the_experts_on_disk_is_the_same_conversation(chat_ckpt):
+    """With --hot-budget the experts come from the store, a few at a time: the replies are the
+    all-resident ones, and --stats reports the store."""
+    lines = "Hello there\nHow are you?\n"
+    resident = _chat(chat_ckpt, lines)
+    stored = _chat(chat_ckpt, lines, "--hot-budget", "64kB", "--stats")
+    assert resident.exit_code == 0 and stored.exit_code == 0, stored.output
+    assert stored.stdout == resident.stdout
+    assert "expert store: hot" in stored.stderr

@@ -9,7 +9,9 @@ import typer
 
 from ..errors import LiteLLMError
 from .app import THREADS_HELP, app, apply_threads, device_option, err_console, friendly_errors
-from .store_options import dtype_option, load_for_inference
+from .store_options import (
+    cache_policy_option, checkpoint_location, dtype_option, hot_budget_option, load_for_inference, prefetch_option, print_store_stats, stats_option, warm_budget_option,
+)
 
 COMMANDS = {
     "/reset": "forget the conversation (the system message stays)",
@@ -21,7 +23,7 @@ COMMANDS = {
 @app.command()
 @friendly_errors
 def chat(
-    checkpoint: str = typer.Argument(..., help="Checkpoint directory whose tokenizer has a chat template (an imported instruct model's has)."),
+    checkpoint: str = typer.Argument(..., help="Checkpoint whose tokenizer has a chat template (an imported instruct model's has); with --hot-budget also a URL."),
     system: Optional[str] = typer.Option(None, "--system", help="A system message that opens the conversation."),
     max_new_tokens: int = typer.Option(256, help="Tokens per reply at most.", min=1),
     temperature: float = typer.Option(0.7, help="Sampling temperature; 0 is greedy."),
@@ -33,6 +35,11 @@ def chat(
     device: str = device_option(),
     threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
     dtype: Optional[str] = dtype_option(),
+    hot_budget: Optional[str] = hot_budget_option(),
+    warm_budget: Optional[str] = warm_budget_option(),
+    cache_policy: Optional[str] = cache_policy_option(),
+    prefetch: bool = prefetch_option(),
+    stats: bool = stats_option(),
 ) -> None:
     """Talk with CHECKPOINT: each line you type is a user turn, and the model's reply streams back.
 
@@ -50,6 +57,8 @@ def chat(
 
       lite-llm chat ckpt/smollm2 --system 'You answer in one sentence.' --dtype bfloat16
 
+      lite-llm chat big --hot-budget 512MB --warm-budget 2GB --stats
+
       printf 'Hi!\\nWhat is 2 + 2?\\n' | lite-llm chat ckpt/smollm2 --temperature 0
     """
     from ..data.tokenizer import render_chat
@@ -59,7 +68,10 @@ def chat(
     check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, spell=lambda n: "--" + n.replace("_", "-"))
     run_device = resolve_device(device)
     apply_threads(threads, header_to_stderr=True)
-    loaded = load_for_inference(checkpoint, tiers=tiers, device=run_device, hot_budget=None, warm_budget=None, dtype=dtype)
+    loaded = load_for_inference(
+        checkpoint_location(checkpoint), tiers=tiers, device=run_device, hot_budget=hot_budget, warm_budget=warm_budget, policy=cache_policy,
+        prefetch=prefetch, stats=stats, dtype=dtype,
+    )
     tokenizer, model = loaded.tokenizer, loaded.model
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise LiteLLMError(f"checkpoint {checkpoint} has no chat template in its tokenizer; use `lite-llm generate` for plain text, or import the model again from a file that has one")
@@ -106,3 +118,5 @@ def chat(
         sys.stdout.flush()
         history = [*turn, {"role": "assistant", "content": "".join(reply)}]
         replies += 1
+    if stats and loaded.store is not None:
+        print_store_stats(loaded)
