@@ -54,6 +54,10 @@ def export_command(
 ) -> None:
     """Write a dense model as Llama, or a one-tier one-group MoE as Mixtral, for transformers.
 
+    A dense model with q/k/v biases is written as Qwen2, and one whose hidden size is not a
+    multiple of its heads (a width growth keeps the heads) as Mistral: the architectures that
+    compute the same function.
+
     Example:
 
       lite-llm export ckpt/grown -o hf/grown

@@ -1,6 +1,7 @@
 """A Lite LLM checkpoint -> a Hugging Face model folder, one tensor at a time.
 
-Dense models become Llama folders (Qwen2 when they have q/k/v biases, which Llama lacks);
+Dense models become Llama folders (Qwen2 when they have q/k/v biases, which Llama lacks;
+Mistral when their hidden size is not a multiple of the heads, which Llama's config refuses);
 models with one tier of one expert group in every layer become Mixtral folders, in the classic
 per-expert layout (``block_sparse_moe.experts.{j}.w1/w2/w3``) that transformers'
 ``save_pretrained`` writes, ``from_pretrained`` of transformers 4 and 5 loads, and older tools
@@ -221,22 +222,35 @@ def tokenizer_files(ckpt: CheckpointTensors) -> dict[str, bytes]:
     files = {name: (folder / name).read_bytes() for name in (HF_TOKENIZER_FILE, *HF_TOKENIZER_EXTRAS) if (folder / name).is_file()}
     if TOKENIZER_CONFIG_FILE not in files:
         try:
-            bos_token = getattr(load_tokenizer(folder), "bos_token", None)
+            tokenizer = load_tokenizer(folder)
         except LiteLLMError:
-            bos_token = None
-        files[TOKENIZER_CONFIG_FILE] = _minimal_tokenizer_config(folder / HF_TOKENIZER_FILE, ckpt.config, bos_token)
+            tokenizer = None
+        files[TOKENIZER_CONFIG_FILE] = _minimal_tokenizer_config(
+            folder / HF_TOKENIZER_FILE, ckpt.config, tokenizer, template_file=any(n.startswith("chat_template.") for n in files)
+        )
     return files
 
 
-def _minimal_tokenizer_config(tokenizer_json: Path, config: ModelConfig, bos_token: str | None = None) -> bytes:
+def _minimal_tokenizer_config(tokenizer_json: Path, config: ModelConfig, tokenizer: Any = None, *, template_file: bool = False) -> bytes:
+    """A ``tokenizer_config.json`` for a tokenizer folder that has none (one trained here, or a
+    checkpoint written before the side files were kept): what our tokenizer records — its first
+    end-of-sequence id (a chat model's ``<|im_end|>``; else ``<|endoftext|>``), the token its
+    chat template's ``{{ bos_token }}`` renders, and the chat template itself unless a
+    ``chat_template.*`` file carries it — so transformers stops and chats as we do."""
     from tokenizers import Tokenizer
 
     backend = Tokenizer.from_file(str(tokenizer_json))
     data: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": config.max_seq_len, "clean_up_tokenization_spaces": False}
-    if backend.token_to_id(EOS_TOKEN) is not None:
-        data["eos_token"] = EOS_TOKEN
+    eos_ids = list(getattr(tokenizer, "eos_ids", ()) or ())
+    eos = backend.id_to_token(eos_ids[0]) if eos_ids else EOS_TOKEN
+    if eos is not None and backend.token_to_id(eos) is not None:
+        data["eos_token"] = eos
+    bos_token = getattr(tokenizer, "bos_token", None)
     if bos_token is not None and backend.token_to_id(bos_token) is not None:
         data["bos_token"] = bos_token  # what the chat template's {{ bos_token }} renders
+    template = getattr(tokenizer, "chat_template", None)
+    if template and not template_file:
+        data["chat_template"] = template
     return json_bytes(data)
 
 

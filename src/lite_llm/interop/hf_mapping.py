@@ -193,6 +193,11 @@ def hf_config_dict(config: ModelConfig) -> dict[str, Any]:
         # Llama's attention_bias also adds an o_proj bias that Lite LLM does not have; Qwen2 has
         # exactly Lite LLM's q/k/v biases and is otherwise Llama.
         return {**common, "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "intermediate_size": config.intermediate_size, "use_sliding_window": False}
+    if not config.is_moe and config.d_model % config.n_heads:
+        # A width growth keeps the heads and their size, so d_model need not divide into them;
+        # transformers' LlamaConfig refuses that, Mistral (Llama with an optional sliding
+        # window, left off here) takes head_dim as given.
+        return {**common, "model_type": "mistral", "architectures": ["MistralForCausalLM"], "intermediate_size": config.intermediate_size, "sliding_window": None}
     if not config.is_moe:
         return {**common, "model_type": "llama", "architectures": ["LlamaForCausalLM"], "intermediate_size": config.intermediate_size, "mlp_bias": False}
     tier = config.tiers[0]
