@@ -66,10 +66,20 @@ def derive(
 
 
 class CopiedTokenizer:
-    """Copies a checkpoint's tokenizer directory into the new checkpoint unchanged."""
+    """Copies a checkpoint's tokenizer directory into the new checkpoint unchanged.  Given the
+    ``tokenizer`` loaded from it, it also stands in for that tokenizer (its ids, kind, eos and
+    template answer from it), so a trainer may use it as its tokenizer and still save the
+    folder's every file."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, tokenizer: Any = None) -> None:
         self.directory = directory
+        self._tokenizer = tokenizer
+
+    def __getattr__(self, name: str) -> Any:  # only for what this class does not define
+        tokenizer = self.__dict__.get("_tokenizer")
+        if tokenizer is None:
+            raise AttributeError(name)
+        return getattr(tokenizer, name)
 
     def save(self, target: str | os.PathLike) -> None:
         for p in sorted(self.directory.rglob("*")):

@@ -270,7 +270,7 @@ def model_tokenizer(loaded: Any, dataset: Any) -> Any:
     from ..checkpoint.manifest import TOKENIZER_DIR
 
     folder = loaded.path / TOKENIZER_DIR
-    return CopiedTokenizer(folder) if folder.is_dir() else dataset.tokenizer
+    return CopiedTokenizer(folder, loaded.tokenizer) if folder.is_dir() and loaded.tokenizer is not None else dataset.tokenizer
 
 
 def _say_finished(output: Path, step: int, checkpoint: Path) -> None:
