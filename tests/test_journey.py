@@ -152,3 +152,38 @@ def test_export_of_a_width_grown_model_loads_in_transformers_and_computes_the_sa
     again = load_checkpoint(import_hf(tmp_path / "hf", tmp_path / "again"))  # and back: Lite LLM reads what it wrote
     with torch.no_grad():
         torch.testing.assert_close(again.model(ids).logits, ours, rtol=0, atol=1e-5)
+
+
+CURRICULUM = """\
+tier: tier_new
+phases:
+  - {name: preparation, steps: 0}
+  - {name: isolation, steps: 1, share: 0.1}
+  - {name: integration, steps: 1, to_share: 0.5, ramp: cosine}
+  - {name: joint, steps: 1, lr_scale: 0.1}
+rollback: {domains: [prose], margin: 0.05}
+"""
+
+
+@pytest.mark.realmodel
+@needs_smollm2
+def test_rollback_keeps_the_tokenizer_side_files(tiny_smollm2):
+    """expand (upcycle) -> add-tier -> train --curriculum -> rollback: the rolled-back
+    checkpoint's tokenizer is the run's, side files included, so its export still gives
+    transformers SmolLM2's pad and unk tokens (not a tokenizer that cannot pad a batch)."""
+    transformers = pytest.importorskip("transformers")
+    root, tiny, tok_dir = tiny_smollm2
+    data = root / "data-rollback"
+    _cli("data", "prepare", "prose=stdlib-docs", "-o", data, "--tokenizer", tok_dir, "--max-mb", "0.02")
+    _cli("expand", tiny, "--method", "upcycle", "--set", "num_experts=2", "-o", root / "rb-moe")
+    _cli("add-tier", root / "rb-moe", "--tier", "tier_new", "--groups", "1", "--experts-per-group", "2", "--init", "copy", "--k-tier", "2", "-o", root / "rb-2t")
+    (root / "curriculum.yaml").write_text(CURRICULUM)
+    _cli("train", "--data", data, "--init", root / "rb-2t", "--curriculum", root / "curriculum.yaml", "--steps", "3", "--batch-size", "1",
+         "--seq-len", "16", "--eval-every", "1", "--eval-batches", "1", "--eval-batch-size", "1", "--warmup-steps", "0", "-o", root / "rb-run",
+         "--quiet", "--device", "cpu")
+    _cli("rollback", root / "rb-run" / "checkpoints" / "step-00000003", "-o", root / "rb-before")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        assert (root / "rb-before" / "tokenizer" / name).read_bytes() == (tok_dir / name).read_bytes(), name
+    _cli("export", root / "rb-before", "-o", root / "hf-rb")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(root / "hf-rb")
+    assert (hf_tok.eos_token_id, hf_tok.pad_token, hf_tok.unk_token) == (IM_END, "<|im_end|>", "<|endoftext|>")
