@@ -89,6 +89,17 @@ class CopiedTokenizer:
                 shutil.copyfile(p, dest)
 
 
+def kept_tokenizer(loaded: Any) -> Any:
+    """What a checkpoint written from the loaded checkpoint ``loaded`` saves as its tokenizer:
+    ``loaded``'s folder copied as it is (standing in for its tokenizer), so the side files a
+    re-saved tokenizer would drop (``tokenizer_config.json``, ``chat_template.jinja``) reach
+    `export`; the loaded tokenizer itself when there is no folder."""
+    from .manifest import TOKENIZER_DIR
+
+    folder = Path(loaded.path) / TOKENIZER_DIR
+    return CopiedTokenizer(folder, loaded.tokenizer) if folder.is_dir() and loaded.tokenizer is not None else loaded.tokenizer
+
+
 def copied_tokenizer(src: Any) -> CopiedTokenizer | None:
     """What ``write_checkpoint`` needs to copy ``src``'s tokenizer (None when it has none)."""
     return CopiedTokenizer(src.tokenizer_dir) if src.tokenizer_dir else None

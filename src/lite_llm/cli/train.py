@@ -136,7 +136,9 @@ def _train(
         run_tokenizer = dataset.tokenizer
         if latest is not None or init_from is not None:
             check_data_tokenizer(dataset.tokenizer, data, loaded.tokenizer, model.config.vocab_size, latest or init_from)
-            run_tokenizer = model_tokenizer(loaded, dataset)
+            from ..checkpoint.derived import kept_tokenizer
+
+            run_tokenizer = kept_tokenizer(loaded) or dataset.tokenizer
         callbacks = [Curriculum(plan)] if plan is not None else []
         trainer = Trainer.from_config(
             model, dataset, cfg, run_dir=output, show_progress=not quiet, tokenizer=run_tokenizer, callbacks=callbacks, device=run_device
@@ -258,19 +260,6 @@ def _newer_sharded_checkpoint(manager: Any, output: Path) -> Optional[Path]:
     ordinary = manager.latest()
     newer = ordinary is None or int(sharded.name.split("-")[1]) > (manager.step_of(ordinary) or -1)
     return sharded if newer else None
-
-
-def model_tokenizer(loaded: Any, dataset: Any) -> Any:
-    """The tokenizer a run from a checkpoint saves with its checkpoints: the checkpoint's own
-    folder, copied as it is, where it has one.  The data's tokenizer encodes the same ids
-    (checked before), but it may be a bare ``tokenizer.json`` that lacks what the model's
-    folder carries beside the ids — its chat template, its end-of-turn ids, the side files
-    `export` gives transformers — and a trained chat model would lose them."""
-    from ..checkpoint.derived import CopiedTokenizer
-    from ..checkpoint.manifest import TOKENIZER_DIR
-
-    folder = loaded.path / TOKENIZER_DIR
-    return CopiedTokenizer(folder, loaded.tokenizer) if folder.is_dir() and loaded.tokenizer is not None else dataset.tokenizer
 
 
 def _say_finished(output: Path, step: int, checkpoint: Path) -> None:
@@ -401,7 +390,9 @@ def train_distributed(
             check_data_tokenizer(dataset.tokenizer, data, loaded.tokenizer, model.config.vocab_size, init_from)
         else:
             model = build_model(model_config_from(preset, model_config), seed=cfg.seed)
-        run_tokenizer = model_tokenizer(loaded, dataset) if init_from is not None and latest is None else dataset.tokenizer
+        from ..checkpoint.derived import kept_tokenizer
+
+        run_tokenizer = (kept_tokenizer(loaded) or dataset.tokenizer) if init_from is not None and latest is None else dataset.tokenizer
         model = parallelize(model.to(ranks.device), ranks)
         trainer = DistributedTrainer(model, dataset, cfg, ranks, run_dir=output, show_progress=not quiet, tokenizer=run_tokenizer)
         if init_from is not None and latest is None:

@@ -21,8 +21,8 @@ from typing import Any, Iterable
 
 from ..checkpoint import load_checkpoint, read_manifest, save_checkpoint
 from ..checkpoint.load import read_progressive
-from ..checkpoint.derived import CopiedTokenizer
-from ..checkpoint.manifest import MANIFEST, TOKENIZER_DIR
+from ..checkpoint.derived import kept_tokenizer
+from ..checkpoint.manifest import MANIFEST
 from ..errors import CheckpointError
 
 
@@ -102,9 +102,5 @@ def rollback_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike
     progressive_out = dict(loaded.progressive)
     progressive_out["curriculum"] = None
     progressive_out["expansions"] = list(progressive_out.get("expansions") or []) + [{"method": "rollback", "params": record}]
-    # the source's tokenizer folder as it is: its side files (tokenizer_config.json's pad and unk
-    # tokens, chat_template.jinja) go on to `export`, which a re-saved tokenizer would drop
-    tok_dir = loaded.path / TOKENIZER_DIR
-    tokenizer = CopiedTokenizer(tok_dir, loaded.tokenizer) if tok_dir.is_dir() and loaded.tokenizer is not None else loaded.tokenizer
-    path = save_checkpoint(output, loaded.model, tokenizer=tokenizer, progressive=progressive_out)
+    path = save_checkpoint(output, loaded.model, tokenizer=kept_tokenizer(loaded), progressive=progressive_out)
     return path, tiers
