@@ -46,6 +46,12 @@ console = Console(soft_wrap=not sys.stdout.isatty(), width=_piped_width())  # pl
 err_console = Console(stderr=True, soft_wrap=True)
 
 
+def option_flag(name: str) -> str:
+    """The command-line flag typer makes of a parameter ``name`` (``top_p`` -> ``--top-p``), for
+    messages that name a setting as the user typed it."""
+    return "--" + name.replace("_", "-")
+
+
 def reflow_help(application: typer.Typer) -> None:
     """Join the wrapped lines of every command's help paragraphs into one line each.
 

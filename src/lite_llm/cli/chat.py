@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from ..errors import LiteLLMError
-from .app import THREADS_HELP, app, apply_threads, device_option, err_console, friendly_errors
+from .app import THREADS_HELP, app, apply_threads, device_option, err_console, friendly_errors, option_flag
 from .store_options import (
     cache_policy_option, checkpoint_location, dtype_option, hot_budget_option, load_for_inference, prefetch_option, print_store_stats, stats_option, warm_budget_option,
 )
@@ -65,7 +65,7 @@ def chat(
     from ..generate import check_sampling, generate_text
     from ..runtime.device import resolve_device
 
-    check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, spell=lambda n: "--" + n.replace("_", "-"))
+    check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, spell=option_flag)
     run_device = resolve_device(device)
     apply_threads(threads, header_to_stderr=True)
     loaded = load_for_inference(

@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from ..errors import LiteLLMError
-from .app import THREADS_HELP, app, apply_threads, device_option, friendly_errors
+from .app import THREADS_HELP, app, apply_threads, device_option, friendly_errors, option_flag
 from .store_options import (
     cache_policy_option, checkpoint_location, dtype_option, hot_budget_option, load_for_inference, prefetch_option, print_store_stats, stats_option, warm_budget_option,
 )
@@ -64,7 +64,7 @@ def generate(
 
     check_sampling(  # before the load: a mistyped flag is refused at once
         temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-        spell=lambda name: "--" + name.replace("_", "-"),
+        spell=option_flag,
     )
     apply_threads(threads, header_to_stderr=True)
     loaded = load_for_inference(location, tiers=tiers, device=run_device, hot_budget=hot_budget, warm_budget=warm_budget, policy=cache_policy, prefetch=prefetch, stats=stats, dtype=dtype)

@@ -20,6 +20,7 @@ import typer
 
 from ..errors import LiteLLMError
 from ..train.config import NON_NEGATIVE_INTS, POSITIVE_INTS, TrainConfig
+from .app import option_flag
 
 # how each kind of field is typed on the command line
 _CLI_TYPES: dict[str | None, Any] = {"weights": str, "names": str, "freeze": list[str], "path": Path}
@@ -29,7 +30,7 @@ _METAVARS = {"weights": "DOMAIN=W,...", "names": "NAME,...", "freeze": "PATTERN[
 def flag_of(name: str) -> str:
     """The command-line flag of TrainConfig field ``name`` (e.g. ``--tiers`` for ``tierset``)."""
     spec = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
-    return spec.metadata.get("flag") or "--" + name.replace("_", "-")
+    return spec.metadata.get("flag") or option_flag(name)
 
 
 def _default_text(spec: dataclasses.Field) -> str:
