@@ -537,6 +537,11 @@ class _Head:
         self.shape = tuple(self._whole.shape) if self._whole is not None else self._rows.shape
         self.numel = math.prod(self.shape)
 
+    @property
+    def whole(self) -> bool:
+        """Whether the head is held whole (no row reader could make it slice by slice)."""
+        return self._whole is not None
+
     def slices(self, rows: int, device: torch.device, dtype: torch.dtype):
         """(start, slice in ``dtype``), one slice of the vocabulary at a time in one buffer."""
         n = self.shape[0]
@@ -568,21 +573,32 @@ def _heads(a: _Model, b: _Model, xa: torch.Tensor, xb: torch.Tensor, ids: torch.
                 stats.add_one(1, start, zb)
                 stats.compare(za, zb)
         else:
-            # One head in memory at a time, the grown one first (making it is the growth's
-            # own peak): its logits are kept while the original's head is loaded.
-            head = _Head(b, name_b)
-            b_head_numel = head.numel
-            kept = []
-            for start, w in head.slices(rows, b.device, b.dtype):
-                kept.append(F.linear(hb, w))
-                stats.add_one(1, start, kept[-1])
-            del head
-            head = _Head(a, name_a)
-            a_head_numel = head.numel
-            for (start, w), zb in zip(head.slices(rows, a.device, a.dtype), kept):
-                za = F.linear(ha, w)
-                stats.add_one(0, start, za)
-                stats.compare(za, zb)
+            head_b = _Head(b, name_b)  # the grown one first: making it whole is the growth's own peak
+            b_head_numel = head_b.numel
+            if head_b.whole and row_reader(a.tensors, name_a) is None:
+                # Two whole heads: one in memory at a time, the grown one's logits kept
+                # (tokens x vocabulary) while the original's head is made.
+                kept = []
+                for start, w in head_b.slices(rows, b.device, b.dtype):
+                    kept.append(F.linear(hb, w))
+                    stats.add_one(1, start, kept[-1])
+                del head_b
+                head_a = _Head(a, name_a)
+                a_head_numel = head_a.numel
+                for (start, w), zb in zip(head_a.slices(rows, a.device, a.dtype), kept):
+                    za = F.linear(ha, w)
+                    stats.add_one(0, start, za)
+                    stats.compare(za, zb)
+            else:
+                # At most one whole: both heads go slice by slice together and no logits are
+                # kept (for SmolLM2's width growth those were 50 MB, the check's largest buffer).
+                head_a = _Head(a, name_a)
+                a_head_numel = head_a.numel
+                for (start, w), (_, wb) in zip(head_a.slices(rows, a.device, a.dtype), head_b.slices(rows, b.device, b.dtype)):
+                    za, zb = F.linear(ha, w), F.linear(hb, wb)
+                    stats.add_one(0, start, za)
+                    stats.add_one(1, start, zb)
+                    stats.compare(za, zb)
     a.params += norm_a.numel() + (0 if a.config.tie_embeddings else a_head_numel)
     b.params += norm_b.numel() + (0 if b.config.tie_embeddings else b_head_numel)
     return stats
