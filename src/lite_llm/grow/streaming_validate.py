@@ -33,9 +33,9 @@ Why it is built this way (DESIGN.md, "Exactness, measured"):
   one made slice by slice from its source's), and of the embedding only the sample's rows are
   read (:func:`~.tensors.row_reader`).  When the
   grown head is the original's passed on unchanged, both models' states go through each slice;
-  when it differs (width growth), the grown model's logits are kept (tokens x vocabulary in
-  float64) while its head is dropped and the original's loaded, so at most one head is in
-  memory.
+  when it differs (width growth), the two heads go slice by slice together, and only when
+  neither can be read by rows are the grown model's logits kept (tokens x vocabulary) while its
+  head is dropped and the original's made, so at most one whole head is in memory.
 * **Gradient flow where growth created something.**  The first and the last grown block that
   is not shared with the original (every growth builds its blocks alike, so not all of them)
   are loaded whole in float32, or bf16 for a dense block stored so (whether a gradient is all
