@@ -247,6 +247,31 @@ def test_unimplemented_fields_are_400_naming_the_field(client):
     assert client.completions.create(model="chat", prompt="hi", max_tokens=2, best_of=1, extra_body={"no_such_field": 1}).usage.completion_tokens >= 1
 
 
+def test_wrong_types_are_refused_not_converted(chat_server, client):
+    """OpenAI refuses a value of the wrong type; pydantic's lax mode would have read "yes" as
+    true, true as 1 and [true, false] as token ids."""
+    completions, chat = chat_server[0] + "/v1/completions", chat_server[0] + "/v1/chat/completions"
+    for url, body, param, words in [
+        (completions, {"prompt": "hi", "max_tokens": 2, "stream": "yes"}, "stream", "valid boolean"),
+        (completions, {"prompt": "hi", "max_tokens": True}, "max_tokens", "valid integer"),
+        (completions, {"prompt": "hi", "max_tokens": 2.0}, "max_tokens", "valid integer"),
+        (completions, {"prompt": "hi", "temperature": True}, "temperature", "valid number"),
+        (completions, {"prompt": [True, False], "max_tokens": 2}, "prompt", "a list of token ids"),
+        (completions, {"prompt": ["a", 1], "max_tokens": 2}, "prompt", "a list of strings"),
+        (completions, {"prompt": "hi", "stop": 5}, "stop", "a string, a list of strings or null"),
+        (completions, {"prompt": "hi", "max_tokens": 2, "stream_options": {"include_usage": True}}, "stream_options", "only allowed when stream is true"),
+        (chat, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages", "type 'image_url' are not supported"),
+        (chat, {"messages": [{"role": "user", "content": 5}]}, "messages", "'messages.0.content' must be a string, a list of text parts"),
+    ]:
+        response = httpx.post(url, json=body, timeout=30)
+        assert response.status_code == 400, (body, response.text)
+        error = response.json()["error"]
+        assert error["param"] == param and words in error["message"], (body, error)
+        assert ".str'" not in error["message"] and "list[" not in error["message"]  # no pydantic union tags
+    # floats may be written as integers, as JSON has one number type
+    assert client.completions.create(model="chat", prompt="hi", max_tokens=2, temperature=1, top_p=1).usage.completion_tokens >= 1
+
+
 def test_nan_and_infinite_numbers_are_refused_in_words(chat_server):
     url = chat_server[0] + "/v1/completions"
     for field, value, words in [

@@ -212,7 +212,9 @@ def test_prompts_at_the_context_edge(chat_server, client):
     edge = client.completions.create(model="chat", prompt=[5] * 127, temperature=0)
     assert (edge.usage.prompt_tokens, edge.usage.completion_tokens, edge.choices[0].finish_reason) == (127, 1, "length")
     full = _error(httpx.post(url, json={"prompt": [5] * 128, "max_tokens": 1}), 400)
-    assert full["param"] == "prompt" and "128 tokens" in full["message"]
+    assert full["param"] == "prompt" and "128 tokens" in full["message"] and full["code"] == "context_length_exceeded"
+    chat_full = _error(httpx.post(chat_server[0] + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hello " * 200}]}), 400)
+    assert chat_full["param"] == "messages" and chat_full["code"] == "context_length_exceeded" and "context is 128" in chat_full["message"]
     over = _error(httpx.post(url, json={"prompt": [5] * 100, "max_tokens": 29}), 400)
     assert over["code"] == "context_length_exceeded" and "at most 28" in over["message"]
     huge = _error(httpx.post(url, json={"prompt": "hi", "max_tokens": 10**30}), 400)

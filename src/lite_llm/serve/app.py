@@ -166,10 +166,12 @@ class Server:
     async def job(self, request: Any, sink) -> tuple[Job, int]:
         limit = self.config.max_seq_len
         scoring = request.max_tokens == 0  # echo only (parse_request saw to it): the whole context may be prompt
+        ids = await self.prompt_ids(request)
         try:
-            ids = check_prompt(await self.prompt_ids(request), limit, room=0 if scoring else 1)
-        except PromptError as exc:
-            raise APIError(str(exc), param="prompt") from None
+            ids = check_prompt(ids, limit, room=0 if scoring else 1)
+        except PromptError as exc:  # empty, or longer than the context
+            raise APIError(str(exc), param="messages" if isinstance(request, ChatRequest) else "prompt",
+                           code="context_length_exceeded" if ids else None) from None
         bias = request.bias()
         bad = [t for t in bias if not 0 <= t < self.config.vocab_size]
         if bad:

@@ -1,7 +1,8 @@
 """The OpenAI wire format: request models, their validation, error bodies and response objects.
 
 Requests are parsed here, not by FastAPI's signature machinery, so that every way a body can be
-wrong — not JSON, a field of the wrong type, ``n != 1``, an unknown tier, ``max_tokens`` past
+wrong — not JSON, a field of the wrong type (types are strict: ``"stream": "yes"`` or ``"max_tokens": true`` is refused,
+not converted), ``n != 1``, an unknown tier, ``max_tokens`` past
 the context — answers HTTP 400 with OpenAI's error body
 ``{"error": {"message", "type", "param", "code"}}`` (FastAPI would say 422 in its own shape,
 which OpenAI clients do not read).  Lite LLM's own fields sit beside OpenAI's, as vLLM's do:
@@ -49,14 +50,14 @@ class APIError(LiteLLMError):
 
 # ------------------------------------------------------------------------------ requests
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     include_usage: bool = False
 
 
 class _Sampling(BaseModel):
     """The fields completions and chat completions share."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     model: str | None = None
     max_tokens: int | None = Field(None, ge=0)  # 0 only with echo (checked in parse_request)
     # the numbers' ranges are checked in parse_request, so that NaN gets a message that says so
@@ -105,13 +106,13 @@ class CompletionRequest(_Sampling):
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: Union[str, list[ContentPart], None] = None
 
@@ -145,15 +146,11 @@ def parse_request(model: type[BaseModel], body: Any) -> Any:
     try:
         request = model.model_validate(body)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(p) for p in first.get("loc", ()))
-        field = str(first["loc"][0]) if first.get("loc") else None
-        detail = first.get("msg", "is invalid")
-        if first.get("type") == "missing":
-            raise APIError(f"the request is missing the required field '{field}'", param=field) from None
-        raise APIError(f"field '{loc}' is invalid: {detail}", param=field) from None
+        raise _invalid(exc.errors()) from None
     _check_numbers(request)
     _refuse_unsupported(request)
+    if request.stream_options is not None and not request.stream:
+        raise APIError("stream_options is only allowed when stream is true", param="stream_options")
     if request.max_tokens == 0 and not getattr(request, "echo", False):
         raise APIError("max_tokens must be at least 1; 0 is allowed only with echo=true (to score the prompt)", param="max_tokens")
     for key, value in (request.logit_bias or {}).items():
@@ -169,6 +166,37 @@ def parse_request(model: type[BaseModel], body: Any) -> Any:
             "give either tier_set or latency_budget_ms/memory_budget, not both: the budgets choose the TierSet", param="tier_set"
         )
     return request
+
+
+# What a field that may take several shapes must be, said once for all its shapes (pydantic
+# reports a failed union as one error per shape, tagged with the shape's type).
+_SHAPES = {
+    "prompt": "a string, a list of strings, a list of token ids or a list of lists of token ids",
+    "content": 'a string, a list of text parts ({"type": "text", "text": ...}) or null',
+    "stop": "a string, a list of strings or null",
+    "tier_set": "a TierSet name such as \"upto:tier_1b\", a list of tier names or null",
+    "memory_budget": "a number of bytes, a size such as \"2GB\" or null",
+}
+
+
+def _invalid(errors: list[dict[str, Any]]) -> APIError:
+    """The 400 for a body pydantic refused: the first bad field, in one sentence."""
+    first = errors[0]
+    path = [p for p in first.get("loc", ())]
+    field = str(path[0]) if path else None
+    if first.get("type") == "missing":
+        return APIError(f"the request is missing the required field '{field}'", param=field)
+    for error in errors:  # a chat content part of another type than text: say that, not which shape failed
+        loc = error.get("loc", ())
+        if error.get("type") == "literal_error" and "content" in loc and loc[-1] == "type":
+            return APIError(f"content parts of type {error.get('input')!r} are not supported: this server takes text only "
+                            '({"type": "text", "text": ...})', param=field)
+    for i, part in enumerate(path):
+        if part in _SHAPES and i + 1 < len(path) and isinstance(path[i + 1], str):  # the next element names a shape of the union
+            where = ".".join(str(p) for p in path[: i + 1])
+            return APIError(f"field '{where}' must be {_SHAPES[part]}", param=field)
+    loc = ".".join(str(p) for p in path)
+    return APIError(f"field '{loc}' is invalid: {first.get('msg', 'is invalid')}", param=field)
 
 
 # field: (default when null, lowest, highest, whether the lowest itself is refused)
