@@ -257,3 +257,23 @@ def test_bad_ewc_input_is_refused_in_one_sentence(small_dataset):
     trainer = Trainer(wide, data, TrainConfig(steps=1, batch_size=2, seq_len=16, eval_every=0), callbacks=[EWC(_random_estimate(model, 0), weight=1.0)], show_progress=False)
     with pytest.raises(ConfigError, match="grow the checkpoint that holds the estimate"):
         trainer.train()
+
+
+@pytest.mark.parametrize("fmt", ["ewc", "si"])
+def test_an_estimate_from_before_a_depth_growth_is_refused_and_the_carried_one_taken(tmp_path, small_dataset, fmt):
+    """LLaMA-Pro 2 -> 4 layers keeps the names layers.0 and layers.1 with their shapes, but the
+    new layers.1 is an identity block and the old one is now layers.2: the old estimate would
+    anchor the wrong weights, so it is refused; the estimate expand carried is taken."""
+    from lite_llm.checkpoint.ewc import EWC_FORMAT, SI_FORMAT
+    from lite_llm.train.ewc import check_fits
+
+    data = TokenData(small_dataset)
+    model = build_model(DENSE.replace(n_layers=2), seed=5)
+    estimate = estimate_fisher(model, data, "prose", samples=2, seq_len=16)
+    form = EWC_FORMAT if fmt == "ewc" else SI_FORMAT
+    before = save_ewc(save_checkpoint(tmp_path / "base", model), estimate, tmp_path / "base-imp", form)
+    grown = expand_checkpoint(before, tmp_path / "grown", [GrowthStep("llama_pro", {"target_layers": 4})]).path
+    grown_model = load_checkpoint(grown).model
+    with pytest.raises(ConfigError, match=r"has no entry for \d+ of the model's parameters \(layers\.2\..*made before a growth"):
+        check_fits(grown_model, load_ewc(before, form), form)
+    check_fits(grown_model, load_ewc(grown, form), form)  # carried: every parameter covered

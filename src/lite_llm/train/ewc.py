@@ -106,8 +106,9 @@ def ewc_penalty(model: "LiteLLM", estimate: FisherEstimate) -> torch.Tensor:
 
 
 def check_fits(model: "LiteLLM", estimate: FisherEstimate, fmt: ImportanceFormat) -> None:
-    """One sentence when ``estimate`` (of kind ``fmt``) names a parameter ``model`` lacks or has
-    another shape: an estimate of the model before growth, reused instead of carried."""
+    """One sentence when ``estimate`` (of kind ``fmt``) names a parameter ``model`` lacks, has
+    another shape, or lacks one of the model's: an estimate of the model before growth, reused
+    instead of carried."""
     params = dict(model.named_parameters())
     unknown = sorted(set(estimate.fisher) - set(params))
     if unknown:
@@ -120,6 +121,18 @@ def check_fits(model: "LiteLLM", estimate: FisherEstimate, fmt: ImportanceFormat
                 f"the {fmt.what} of {name} has shape {tuple(f.shape)} but the model's parameter has {tuple(params[name].shape)}; "
                 f"grow the checkpoint that holds the estimate (lite-llm expand carries {fmt.directory}/) instead of reusing an old one"
             )
+    # An estimate covers every parameter of the model it was made on (and growth carries it to
+    # every new one).  One that lacks some was made before a growth that added them: after a
+    # depth growth the old names remain with their shapes but hold other blocks (LLaMA-Pro's
+    # layers.1 is a new identity block, the old layers.1 is now layers.2), so applying it
+    # would anchor the wrong weights.
+    missing = [name for name in params if name not in estimate.fisher]
+    if missing:
+        raise ConfigError(
+            f"the {fmt.what} has no entry for {len(missing)} of the model's parameters ({', '.join(missing[:2])}), so it was made "
+            f"before a growth that added them and its names now hold other weights; use the grown checkpoint's estimate "
+            f"(lite-llm expand carries {fmt.directory}/) or make a new one on this model"
+        )
     check_values(estimate, fmt)
 
 
