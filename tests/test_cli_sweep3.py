@@ -214,14 +214,14 @@ def test_an_importance_that_is_negative_or_not_finite_is_refused(world, value):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--distill-domains", "prose"], "train.distill_domains is set but train.distill_from is not"),
-        (["--distill-weight", "5"], "train.distill_weight is set but train.distill_from is not"),
-        (["--distill-temperature", "0"], "train.distill_temperature is set but train.distill_from is not"),
-        (["--si-damping", "0.1"], "train.si_damping is set but train.si_strength is not"),
-        (["--ewc", "EWC", "--ewc-weight", "inf"], "train.ewc_weight must be a finite number"),
-        (["--distill-from", "TINY", "--distill-weight", "inf"], "train.distill_weight must be a finite number"),
-        (["--distill-from", "TINY", "--distill-temperature", "inf"], "train.distill_temperature must be a finite number"),
-        (["--si-strength", "inf"], "train.si_strength must be a finite number"),
+        (["--distill-domains", "prose"], "train.distill_domains (--distill-domains) is set but train.distill_from (--distill-from) is not"),
+        (["--distill-weight", "5"], "train.distill_weight (--distill-weight) is set but train.distill_from (--distill-from) is not"),
+        (["--distill-temperature", "0"], "train.distill_temperature (--distill-temperature) is set but train.distill_from (--distill-from) is not"),
+        (["--si-damping", "0.1"], "train.si_damping (--si-damping) is set but train.si_strength (--si-strength) is not"),
+        (["--ewc", "EWC", "--ewc-weight", "inf"], "train.ewc_weight (--ewc-weight) must be a finite number"),
+        (["--distill-from", "TINY", "--distill-weight", "inf"], "train.distill_weight (--distill-weight) must be a finite number"),
+        (["--distill-from", "TINY", "--distill-temperature", "inf"], "train.distill_temperature (--distill-temperature) must be a finite number"),
+        (["--si-strength", "inf"], "train.si_strength (--si-strength) must be a finite number"),
     ],
 )
 def test_protection_settings_that_would_do_nothing_or_skip_every_step_are_refused(world, tmp_path, extra, message):
@@ -263,7 +263,7 @@ def test_a_distillation_teacher_with_a_shorter_context_is_refused_before_trainin
     (tmp_path / "short.yaml").write_text("preset: tiny\nmax_seq_len: 16\n")
     assert _run(["init", "--config", str(tmp_path / "short.yaml"), "-o", str(tmp_path / "short")])[0] == 0
     code, out = _run(["train", "--data", str(world["data"]), "--init", str(world["tiny"]), "--steps", "1", *TRAIN, "--distill-from", str(tmp_path / "short"), "-o", str(tmp_path / "r")])
-    assert code == 1 and "the distillation teacher's context is 16 tokens but train.seq_len is 32" in out, out
+    assert code == 1 and "the distillation teacher's context is 16 tokens but train.seq_len (--seq-len) is 32" in out, out
 
 
 def test_a_distillation_teacher_with_another_tokenizer_of_the_same_size_is_refused(world, tmp_path):

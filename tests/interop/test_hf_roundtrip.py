@@ -285,6 +285,6 @@ def test_export_refuses_curriculum_bias_and_nonempty_target(tmp_path):
         export_hf(tmp_path / "ckpt", tmp_path / "hf")
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "notes.txt").write_text("mine")
-    with pytest.raises(CheckpointError, match="refusing to overwrite"):
+    with pytest.raises(CheckpointError, match="already exists and is not empty; pass --overwrite"):
         export_hf(tmp_path / "ckpt", tmp_path / "taken")
     _only(tmp_path, "ckpt", "taken")

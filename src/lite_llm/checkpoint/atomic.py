@@ -245,10 +245,16 @@ def remove_dir(path: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
-def refuse_existing(path: Path, overwrite: bool, what: str) -> None:
+def refuse_existing(path: Path, overwrite: bool, what: str, markers: tuple[str, ...] = ()) -> None:
     """Refuse to replace an existing non-empty ``path`` unless ``overwrite``: nothing a user made
     is replaced by a mistyped command.  (With ``overwrite`` the writers here still build the new
-    one beside it and swap it in only when complete, so the old one survives a failure.)"""
+    one beside it and swap it in only when complete, so the old one survives a failure.)  Given
+    ``markers``, a folder is replaced only when it holds one of them: --overwrite replaces a
+    ``what``, not some other folder."""
     path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        return
+    if not overwrite:
         raise CheckpointError(f"{path} already exists; pass --overwrite to replace it with the new {what}, or choose another output")
+    if markers and not (path.is_dir() and any((path / m).is_file() for m in markers)):
+        raise CheckpointError(f"refusing to overwrite {path}, which is not a {what} folder (no {' or '.join(markers)}); choose another path")

@@ -30,14 +30,18 @@ from ..errors import CheckpointError
 T = TypeVar("T")
 
 
-def check_new_output(out: Path, source: Path, what: str = "the grown model") -> None:
-    """Refuse to write ``what`` over its own source or into an existing non-empty path."""
+def check_new_output(out: Path, source: Path, what: str = "the grown model", *, overwrite: bool = False) -> None:
+    """Refuse to write ``what`` over its own source or into an existing non-empty path (with
+    ``overwrite``, an existing directory is allowed: the writers build the new one beside it and
+    swap it in only when complete, so the old one survives a failure)."""
     if out.resolve() == source.resolve():
         raise CheckpointError(f"output {out} is the source checkpoint; write {what} to a new directory")
     if out.resolve().is_relative_to(source.resolve()) or source.resolve().is_relative_to(out.resolve()):
         raise CheckpointError(f"output {out} and the source {source} are nested in each other; write {what} to a directory outside the source")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise CheckpointError(f"output {out} already exists and is not empty; choose a new directory or remove it first")
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"output {out} is a file; {what} is a directory, so choose another path")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise CheckpointError(f"output {out} already exists and is not empty; pass --overwrite to replace it, or choose a new directory")
 
 
 def derive(
@@ -47,6 +51,7 @@ def derive(
     *,
     check_source: Callable[[], Any] | None,
     what: str = "the grown model",
+    overwrite: bool = False,
 ) -> T:
     """Run ``write(verified)`` while ``check_source`` runs beside it.
 
@@ -54,7 +59,7 @@ def derive(
     check's value, or its exception) before it commits; ``verified`` is None when there is no
     check.  When ``write`` fails and the source check failed too, the source's error is raised.
     """
-    check_new_output(output, source, what)
+    check_new_output(output, source, what, overwrite=overwrite)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify-source") as pool:
         verified = pool.submit(check_source) if check_source is not None else None
         try:

@@ -89,7 +89,7 @@ def has_ewc(manifest: Mapping[str, Any], fmt: ImportanceFormat = EWC_FORMAT) -> 
     return any(f.get("kind") == "extra" and f.get("name") == fmt.directory for f in manifest.get("files", []))
 
 
-def save_ewc(source: str | Path, estimate: FisherEstimate, output: str | Path, fmt: ImportanceFormat = EWC_FORMAT) -> Path:
+def save_ewc(source: str | Path, estimate: FisherEstimate, output: str | Path, fmt: ImportanceFormat = EWC_FORMAT, *, overwrite: bool = False) -> Path:
     """A copy of the checkpoint ``source`` with ``estimate`` in its ``fmt.directory`` (``ewc/``),
     written atomically to ``output`` (the source is left as it is) by the derived-checkpoint
     pipeline.  The source's other extra directories (another kind of importance) come along."""
@@ -131,7 +131,9 @@ def save_ewc(source: str | Path, estimate: FisherEstimate, output: str | Path, f
             model_version=src.manifest.get("model_version", "1.0.0"),
         )
 
-    return derive(src.path, Path(output), write, check_source=lambda: check_sound(src.path), what=f"the checkpoint with its {fmt.what}")
+    return derive(
+        src.path, Path(output), write, check_source=lambda: check_sound(src.path), what=f"the checkpoint with its {fmt.what}", overwrite=overwrite
+    )
 
 
 def load_ewc(checkpoint: str | Path, fmt: ImportanceFormat = EWC_FORMAT) -> FisherEstimate:

@@ -136,6 +136,13 @@ def device_option() -> Any:
     )
 
 
+def overwrite_option() -> Any:
+    """The ``--overwrite`` option of every command that writes a checkpoint, dataset or folder:
+    without it an existing one is refused; with it the new one is built beside it and swapped
+    in only when complete, so a failure leaves the old one as it was."""
+    return typer.Option(False, "--overwrite", help="Replace OUTPUT if it already exists (swapped in only once the new one is complete).")
+
+
 def model_config_from(preset: Optional[str], config: Optional[Path]):
     from ..config import ModelConfig
 

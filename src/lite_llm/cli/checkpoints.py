@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from ..errors import LiteLLMError
-from .app import app, console, friendly_errors
+from .app import app, console, friendly_errors, overwrite_option
 
 checkpoint_app = typer.Typer(help="Sharded checkpoints of distributed runs.", no_args_is_help=True)
 app.add_typer(checkpoint_app, name="checkpoint")
@@ -19,7 +19,7 @@ app.add_typer(checkpoint_app, name="checkpoint")
 def consolidate_command(
     run: Path = typer.Argument(..., help="A distributed run directory, or one of its sharded checkpoints (RUN/sharded/step-N)."),
     output: Path = typer.Option(..., "-o", "--output", help="Where to write the ordinary checkpoint."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it already exists."),
+    overwrite: bool = overwrite_option(),
     step: Optional[int] = typer.Option(None, help="Which sharded checkpoint of RUN (default: the latest complete one).", min=0),
 ) -> None:
     """Write the ordinary manifest checkpoint (weights, optimizer moments, progress) of a

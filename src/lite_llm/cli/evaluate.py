@@ -94,8 +94,9 @@ def eval_command(
             changes = ["base" if model == base else f"{retention.change(model, d):+.2%}" for d in names]
             table.add_row(model, *(f"{retention.scores[model][d]:.4f}" for d in names), *changes)
         console.print(table)
+        earlier = [name for name in ("retention.json", "retention.md", "retention.png") if (Path(report) / name).is_file()]
         written = retention.write(report)
-        console.print("wrote " + ", ".join(str(w) for w in written))
+        console.print("wrote " + ", ".join(str(w) for w in written) + (f" (replacing the earlier {', '.join(earlier)})" if earlier else ""))
     if json_out:
         write_report(json_out, results if len(results) > 1 else next(iter(results.values())))
 

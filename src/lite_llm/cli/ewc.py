@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .app import THREADS_HELP, app, apply_threads, console, device_option, friendly_errors
+from .app import THREADS_HELP, app, apply_threads, console, device_option, friendly_errors, overwrite_option
 
 
 ewc_app = typer.Typer(help="Elastic weight consolidation: Fisher estimates stored in checkpoints.", no_args_is_help=True)
@@ -28,6 +28,7 @@ def estimate(
     seed: int = typer.Option(0, help="Which sequences are drawn.", min=0),
     device: str = device_option(),
     threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
+    overwrite: bool = overwrite_option(),
 ) -> None:
     """Estimate the diagonal empirical Fisher of DOMAIN and write CHECKPOINT with it in ewc/.
 
@@ -46,12 +47,12 @@ def estimate(
     from ..train.ewc import EWC_FORMAT, check_values, estimate_fisher, save_ewc
 
     # refused before the estimate, which takes minutes, not after it
-    check_new_output(output, open_checkpoint(checkpoint, verify=False).path, "the checkpoint with its EWC estimate")
+    check_new_output(output, open_checkpoint(checkpoint, verify=False).path, "the checkpoint with its EWC estimate", overwrite=overwrite)
     run_device = resolve_device(device)
     apply_threads(threads)
     model = load_checkpoint(checkpoint, device=run_device).model
     result = estimate_fisher(model, TokenData(data), domain, samples=samples, seq_len=seq_len, estimator=estimator, batch_size=batch_size, seed=seed)
     check_values(result, EWC_FORMAT)  # a diverged model's estimate is refused, not stored
-    path = save_ewc(checkpoint, result, output)
+    path = save_ewc(checkpoint, result, output, overwrite=overwrite)
     total = sum(float(f.sum()) for f in result.fisher.values())
     console.print(f"wrote {path}: Fisher of {domain!r} over {samples} sequences ({estimator} estimator), trace {total:.4g}")

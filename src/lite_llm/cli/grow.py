@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import ConfigError
-from .app import app, console, device_option, err_console, friendly_errors, plain_warnings, check_report_path, write_report
+from .app import app, console, device_option, err_console, friendly_errors, overwrite_option, plain_warnings, check_report_path, write_report
 
 
 def _parse_set(items: list[str]) -> dict[str, Any]:
@@ -77,6 +77,7 @@ def expand(
         None, "--tolerance", help="Largest relative logit change (max|Δ| / max|logit|, float64) an exact step may make [default: 1e-05, or the recipe's]."
     ),
     list_methods: bool = typer.Option(False, "--list", help="List the growth methods and exit."),
+    overwrite: bool = overwrite_option(),
 ) -> None:
     """Grow a checkpoint into a bigger one that computes the same function.
 
@@ -122,7 +123,7 @@ def expand(
     # A step's own tolerance wins, then --tolerance, then the recipe's, then the default.
     tol = tolerance if tolerance is not None else plan.tolerance
     with console.status("growing…"):
-        result = expand_model(source, out, plan.steps, output_format=output_format or plan.format, validate=mode, tolerance=tol)
+        result = expand_model(source, out, plan.steps, output_format=output_format or plan.format, validate=mode, tolerance=tol, overwrite=overwrite)
     _print_records(result.records)
     console.print(f"wrote {result.path} ({result.config.num_params():,} parameters)")
 
@@ -319,6 +320,7 @@ def add_tier_command(
         False, "--change-routing", help="Accept that a new --k-tier changes which tiers every token uses: recorded as not exact, with its loss jump."
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the new router gates and random experts.", min=0),
+    overwrite: bool = overwrite_option(),
 ) -> None:
     """Add a tier of experts that no token reaches yet: the model computes exactly what it did.
 
@@ -360,7 +362,7 @@ def add_tier_command(
     if change_routing:
         params["change_routing"] = True
     with console.status("adding the tier…"), plain_warnings():
-        path = add_tier_checkpoint(checkpoint, output, **params)
+        path = add_tier_checkpoint(checkpoint, output, overwrite=overwrite, **params)
     manifest = read_manifest(path)
     meta = manifest["tiers"][tier]
     table = Table("tier", "experts", "params", "budget", "placement", "model_version", title="new tier")
@@ -409,6 +411,7 @@ def quantize_command(
     to: str = typer.Option(..., "--to", help="int8 or int4 (group-wise symmetric, scales in the checkpoint)."),
     output: Path = typer.Option(..., "-o", "--output", help="New checkpoint directory."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check the source's hashes before committing."),
+    overwrite: bool = overwrite_option(),
 ) -> None:
     """Store a tier's experts as int8 or int4: a new checkpoint, a fraction of the bytes.
 
@@ -424,7 +427,7 @@ def quantize_command(
     """
     from ..grow.quantize import quantize_checkpoint
 
-    path = quantize_checkpoint(checkpoint, output, tier=tier, to=to, verify=verify)
+    path = quantize_checkpoint(checkpoint, output, tier=tier, to=to, verify=verify, overwrite=overwrite)
     record = _load_progressive(path)["expansions"][-1]
     console.print(
         f"wrote {path}: tier {tier} as {to}, relative weight error max {record['preservation']['relative_weight_error_max']:.2e}, "

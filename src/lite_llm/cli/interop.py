@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from ..errors import LiteLLMError
-from .app import app, console, friendly_errors, parse_dtype, plain_warnings
+from .app import app, console, friendly_errors, overwrite_option, parse_dtype, plain_warnings
 
 
 @app.command("import")
@@ -16,7 +16,7 @@ from .app import app, console, friendly_errors, parse_dtype, plain_warnings
 def import_command(
     source: Path = typer.Argument(..., help="Hugging Face folder (config.json + safetensors) or a .gguf file."),
     output: Path = typer.Option(..., "-o", "--output", help="New checkpoint directory."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it already exists."),
+    overwrite: bool = overwrite_option(),
     dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: as stored; GGUF: float32)."),
 ) -> None:
     """Bring a Llama/Mistral/Qwen2/Mixtral Hugging Face model or a Llama GGUF file in.
@@ -51,6 +51,7 @@ def export_command(
     checkpoint: Path = typer.Argument(..., help="Checkpoint directory."),
     output: Path = typer.Option(..., "-o", "--output", help="New Hugging Face folder."),
     dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: as stored)."),
+    overwrite: bool = overwrite_option(),
 ) -> None:
     """Write a dense model as Llama, or a one-tier one-group MoE as Mixtral, for transformers.
 
@@ -65,5 +66,5 @@ def export_command(
     from ..interop import export_hf
 
     with console.status("exporting…"), plain_warnings():
-        path = export_hf(checkpoint, output, dtype=parse_dtype(dtype))
+        path = export_hf(checkpoint, output, dtype=parse_dtype(dtype), overwrite=overwrite)
     console.print(f"wrote {path} (load with transformers.AutoModelForCausalLM.from_pretrained)")

@@ -9,10 +9,10 @@ import typer
 from rich.table import Table
 
 from ..errors import LiteLLMError
-from .app import app, console, friendly_errors, model_config_from, plain_warnings
+from .app import app, console, friendly_errors, model_config_from, overwrite_option, plain_warnings
 
 data_app = typer.Typer(help="Prepare corpora into token shards.", no_args_is_help=True)
-tokenizer_app = typer.Typer(help="Train and inspect tokenizers.", no_args_is_help=True)
+tokenizer_app = typer.Typer(help="Train a BPE tokenizer on corpora (a checkpoint or dataset then carries it).", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(tokenizer_app, name="tokenizer")
 
@@ -22,7 +22,7 @@ app.add_typer(tokenizer_app, name="tokenizer")
 @friendly_errors
 def init(
     output: Path = typer.Option(..., "-o", "--output", help="Checkpoint directory to create."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it already exists."),
+    overwrite: bool = overwrite_option(),
     preset: Optional[str] = typer.Option(None, help="Named model config: tiny, tiny-dense, small, smollm2-135m."),
     config: Optional[Path] = typer.Option(None, help="Model config file (YAML or JSON; may say `preset: NAME` and override fields)."),
     tokenizer: str = typer.Option("byte", help="'byte' or a folder/tokenizer.json made by `lite-llm tokenizer train`."),
@@ -58,7 +58,7 @@ def init(
 def data_prepare(
     sources: list[str] = typer.Argument(..., help="DOMAIN=SPEC or SPEC; SPEC is stdlib-code, stdlib-docs, a file, a folder or a glob."),
     output: Path = typer.Option(..., "-o", "--output", help="Dataset directory to create."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it already exists."),
+    overwrite: bool = overwrite_option(),
     tokenizer: str = typer.Option("byte", help="'byte' or a trained tokenizer folder/file."),
     val_fraction: float = typer.Option(0.05, help="Share of documents held out for validation."),
     max_mb: Optional[float] = typer.Option(None, help="Cap each domain at this many MB (quick runs)."),
@@ -118,7 +118,7 @@ def data_prepare(
 def tokenizer_train(
     sources: list[str] = typer.Argument(..., help="SPECs to train on: stdlib-code, stdlib-docs, files, folders or globs."),
     output: Path = typer.Option(..., "-o", "--output", help="Folder for tokenizer.json."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it already exists."),
+    overwrite: bool = overwrite_option(),
     vocab_size: int = typer.Option(4096, help="Vocabulary size, including the 256 byte tokens.", min=1),
     min_frequency: int = typer.Option(2, help="Minimum pair frequency for a merge.", min=1),
 ) -> None:
@@ -130,7 +130,7 @@ def tokenizer_train(
     """
     from ..checkpoint.atomic import refuse_existing
 
-    refuse_existing(output, overwrite, "tokenizer")
+    refuse_existing(output, overwrite, "tokenizer", markers=("tokenizer.json", "lite_tokenizer.json"))
     from ..data import BPETokenizer, resolve_source
 
     texts = (text for spec in sources for _, text in resolve_source(spec))

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import inspect
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -11,8 +14,9 @@ import typer
 if TYPE_CHECKING:
     import torch
 
-from ..errors import LiteLLMError
-from .app import THREADS_HELP, app, apply_threads, console, device_option, friendly_errors, model_config_from, print_scores
+from ..errors import ConfigError, LiteLLMError
+from ..train.config import TrainConfig
+from .app import THREADS_HELP, app, apply_threads, console, device_option, friendly_errors, model_config_from, overwrite_option, print_scores
 from .train_options import flag_of, train_config_fields, train_config_parameters
 
 
@@ -70,6 +74,7 @@ def _train(
     run_device = resolve_device(device)  # a device that is not there fails before anything is touched
     apply_threads(threads)
     resume = resume or resume_from is not None
+    check_starting_point(init_from, preset, model_config, resume)
     plan = CurriculumConfig.from_file(curriculum) if curriculum else None
     if plan is not None and settings.get("steps") is None:
         settings["steps"] = plan.total_steps
@@ -167,12 +172,57 @@ def _train(
     console.print(f"checkpoint: {result.checkpoint}")
 
 
-train = friendly_errors(_train)
+def _named_by_flags(fn: Any) -> Any:
+    """``fn`` with the training config's keys in its error messages followed by their flags
+    ("train.ewc_from (--ewc)"): the config's checks name its keys, as a YAML file writes them,
+    and a user at the command line typed flags."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+
+    def with_flags(message: str) -> str:
+        named: set[str] = set()
+
+        def name(match: re.Match) -> str:  # each key's flag once, where it first appears
+            key = match.group(1)
+            if key not in fields or key in named:
+                return match.group(0)
+            named.add(key)
+            return f"{match.group(0)} ({flag_of(key)})"
+
+        return re.sub(r"\btrain\.([a-z_0-9]+)\b", name, message)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as exc:
+            raise ConfigError(with_flags(str(exc))) from None
+
+    return wrapper
+
+
+train = friendly_errors(_named_by_flags(_train))
 _signature = inspect.signature(_train)
 train.__signature__ = _signature.replace(  # type: ignore[attr-defined]
     parameters=[p for p in _signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD] + train_config_parameters()
 )
 app.command("train")(train)
+
+
+def check_starting_point(init_from: Optional[Path], preset: Optional[str], model_config: Optional[Path], resume: bool) -> None:
+    """One sentence when the flags name more than one starting model (the others would be
+    dropped without a word), or when a resumed run is given ``--init`` (it continues from its
+    own checkpoint).  ``--preset``/``--model-config`` on a resume are checked against the run's
+    model once it is loaded."""
+    named = [flag for flag, value in (("--init", init_from), ("--preset", preset), ("--model-config", model_config)) if value is not None]
+    if len(named) > 1:
+        raise LiteLLMError(
+            f"{' and '.join(named)} each choose the model to start from; give only one of --init, --preset and --model-config"
+        )
+    if resume and init_from is not None:
+        raise LiteLLMError(
+            f"cannot resume with --init {init_from}: a resumed run continues from its own latest checkpoint; drop --init, "
+            "or start a new run from that checkpoint in another -o directory"
+        )
 
 
 # Settings a resumed run may change: how long it runs and how often it reports and saves.
@@ -325,7 +375,7 @@ def refuse_existing_run(output: Path, overwrite: bool) -> None:
 def rollback(
     checkpoint: Path = typer.Argument(..., help="A checkpoint of a curriculum run (after its integration began)."),
     output: Path = typer.Option(..., "-o", "--output", help="Where to write the rolled-back checkpoint."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it already exists."),
+    overwrite: bool = overwrite_option(),
 ) -> None:
     """Undo a tier's integration: the pre-integration weights with the previous TierSet.
 

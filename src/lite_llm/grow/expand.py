@@ -121,6 +121,7 @@ def expand_checkpoint(
     max_shard_bytes: int = 2 * 1024**3,
     open_source: SourceOpener | None = None,
     write_output: OutputWriter | None = None,
+    overwrite: bool = False,
 ) -> ExpandResult:
     """Grow the checkpoint at ``source`` by ``steps`` into a new checkpoint at ``output``
     (or, with ``open_source`` / ``write_output``, another kind of source / output).
@@ -129,7 +130,9 @@ def expand_checkpoint(
     the identity by construction (LLaMA-Pro's zero-writer blocks between the original's, passed
     on unchanged) instead of evaluating it, and measuring a depth step not meant to be exact
     (SOLAR) in float32; ``always`` evaluates the float64 sample for every step; ``never`` skips the check.  ``check_tokens`` is the sample's size.  ``tolerance`` is the relative logit
-    change an exact step may make (a step's own ``tolerance`` wins; None: ``DEFAULT_TOLERANCE``)."""
+    change an exact step may make (a step's own ``tolerance`` wins; None: ``DEFAULT_TOLERANCE``).
+    ``overwrite``: replace an existing output (a checkpoint, or a Hugging Face folder), swapped
+    in only once the new one is complete and checked."""
     if validate not in VALIDATE_MODES:
         raise ConfigError(f"validate must be one of {', '.join(VALIDATE_MODES)}, got {validate!r}")
     if not steps:
@@ -150,6 +153,7 @@ def expand_checkpoint(
         Path(output),
         lambda verified: _expand(src, output, steps, validate, tol, check_tokens, dtype, max_shard_bytes, verified, write),
         check_source=check if verify else None,
+        overwrite=overwrite,
     )
 
 

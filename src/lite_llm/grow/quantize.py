@@ -69,15 +69,18 @@ def _bank_of(name: str, tier: str) -> str | None:
     return None
 
 
-def quantize_checkpoint(source: str | os.PathLike, output: str | os.PathLike, *, tier: str, to: str, verify: bool = True) -> Path:
-    """Write ``source`` with ``tier`` quantized to ``to`` as a new checkpoint at ``output``."""
+def quantize_checkpoint(
+    source: str | os.PathLike, output: str | os.PathLike, *, tier: str, to: str, verify: bool = True, overwrite: bool = False
+) -> Path:
+    """Write ``source`` with ``tier`` quantized to ``to`` as a new checkpoint at ``output``
+    (``overwrite``: replacing one there, once the new one is complete)."""
     out = Path(output)
     src = open_checkpoint(source, verify=False)
-    check_new_output(out, src.path, "the quantized model")
+    check_new_output(out, src.path, "the quantized model", overwrite=overwrite)
     config, tensors = quantize_tier(src.config, src.tensors, tier=tier, to=to)
     return derive(
         src.path, out, lambda verified: _write(src, out, config, tensors, verified, tier, to),
-        check_source=(lambda: check_sound(src.path)) if verify else None, what="the quantized model",
+        check_source=(lambda: check_sound(src.path)) if verify else None, what="the quantized model", overwrite=overwrite,
     )
 
 

@@ -424,6 +424,7 @@ def add_tier_checkpoint(
     verify: bool = True,
     max_validate_params: int = MAX_VALIDATE_PARAMS,
     max_shard_bytes: int = 2 * 1024**3,
+    overwrite: bool = False,
     **params: Any,
 ) -> Path:
     """Add a tier (see :func:`add_tier`, which ``params`` go to) to the checkpoint at ``source``,
@@ -437,7 +438,7 @@ def add_tier_checkpoint(
     """
     out = Path(output)
     src = open_checkpoint(source, verify=False)
-    check_new_output(out, src.path)  # before any work
+    check_new_output(out, src.path, overwrite=overwrite)  # before any work
     refuse_quantized(src.config, "add a tier to")
     with room_at(out, src.dtype):  # a tier the output's disk cannot hold is refused before it is built
         config, tensors = get_op("add_tier")(src.config, src.tensors, **params)
@@ -447,6 +448,7 @@ def add_tier_checkpoint(
         out,
         lambda digests: _write(src, out, params, config, tensors, digests, max_validate_params, max_shard_bytes),
         check_source=lambda: _source_digests(src, verify),
+        overwrite=overwrite,
     )
 
 

@@ -49,6 +49,7 @@ def export_hf(
     *,
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
 ) -> Path:
     """Write the Lite LLM checkpoint ``ckpt_dir`` as a Hugging Face model folder at ``out_dir``.
 
@@ -58,14 +59,15 @@ def export_hf(
     ``tokenizer.json``, the tokenizer files; ``AutoModelForCausalLM.from_pretrained(out_dir)``
     then computes the same logits.  ``dtype`` casts the weights (default: as stored).  Tensors
     are streamed one at a time (a Mixtral layer's expert bank is read once and split).
-    ``out_dir`` must not exist or be empty.  Raises :class:`ConfigError` with one sentence for
+    ``out_dir`` must not exist or be empty, unless ``overwrite`` and it is a Hugging Face model
+    folder (it is replaced once the new one is complete).  Raises :class:`ConfigError` with one sentence for
     a model no Hugging Face architecture represents; nothing is left at ``out_dir`` on failure.
     Returns ``out_dir``.
     """
     target = Path(out_dir)
-    _check_target(target)
+    check_hf_target(target, overwrite)
     # a folder written inside the checkpoint would change it (an unlisted tokenizer/x makes it unloadable)
-    check_new_output(target, Path(ckpt_dir), "the Hugging Face folder")
+    check_new_output(target, Path(ckpt_dir), "the Hugging Face folder", overwrite=overwrite)
     if max_shard_bytes <= 0:
         raise ConfigError(f"max_shard_bytes must be positive, got {max_shard_bytes}; pass a size in bytes such as 5 * 1024**3")
     if dtype is not None and not dtype.is_floating_point:
@@ -87,9 +89,18 @@ def export_hf(
 
 
 # ------------------------------------------------------------------------------- checks
-def _check_target(target: Path) -> None:
-    if target.exists() and not (target.is_dir() and not any(target.iterdir())):
-        raise CheckpointError(f"refusing to overwrite {target}, which exists and is not an empty folder; choose another path or remove it first")
+def check_hf_target(target: Path, overwrite: bool = False) -> None:
+    """Refuse a Hugging Face folder's target that exists and is not empty, unless ``overwrite``
+    and it is itself a Hugging Face model folder (a ``config.json``): --overwrite replaces a
+    model, never some other folder a mistyped path points to."""
+    if not target.exists() or (target.is_dir() and not any(target.iterdir())):
+        return
+    if not target.is_dir():
+        raise CheckpointError(f"refusing to overwrite {target}, which is a file; choose a folder path")
+    if not overwrite:
+        raise CheckpointError(f"output {target} already exists and is not empty; pass --overwrite to replace it, or choose a new directory")
+    if not (target / HF_CONFIG_FILE).is_file():
+        raise CheckpointError(f"refusing to overwrite {target}, which is not a Hugging Face model folder (no {HF_CONFIG_FILE}); choose another path")
 
 
 def check_exportable(ckpt: CheckpointTensors) -> None:

@@ -47,6 +47,7 @@ from ..grow.tensors import Producer, Tensors, expected_specs, origin, row_chunks
 from .hf_export import (
     GENERATION_CONFIG_FILE,
     check_exportable,
+    check_hf_target,
     dtype_fields,
     generation_config,
     plan_export,
@@ -85,6 +86,7 @@ def expand_model(
             f"{src} is neither a lite-llm checkpoint (no {MANIFEST}) nor a Hugging Face model folder (no {HF_CONFIG_FILE}); point to one of those"
         )
     if output_format == "hf":
+        check_hf_target(Path(output), options.get("overwrite", False))  # before any work: --overwrite replaces only a model folder
         writer: Callable[..., Path] | None = write_grown_hf
     elif hf_source:
         writer = functools.partial(write_grown_checkpoint, tokenizer=read_hf_tokenizer(src))
