@@ -48,6 +48,30 @@ def read_lock(run_dir: str | os.PathLike) -> dict[str, Any] | None:
         return {}  # unreadable: treated as held by an unknown process
 
 
+def _is_stale(holder: dict[str, Any]) -> bool:
+    """Whether the lock's holder is a process of this host that is no longer running."""
+    pid, host = holder.get("pid"), holder.get("host")
+    return host == socket.gethostname() and isinstance(pid, int) and not _alive(pid)
+
+
+def _in_use(run_dir: Path, holder: dict[str, Any]) -> RunLockedError:
+    pid, host = holder.get("pid"), holder.get("host")
+    who = f"pid {pid} on host {host} since {holder.get('started', '?')}" if holder else "an unknown process (the lock file is unreadable)"
+    return RunLockedError(
+        f"run directory {run_dir} is in use by {who}; wait for that run to finish or stop it (if it is gone, delete {run_dir / LOCK_NAME})"
+    )
+
+
+def check_unlocked(run_dir: str | os.PathLike) -> None:
+    """Raise :class:`RunLockedError` when a live process (or one this host cannot check) holds
+    ``run_dir``'s lock; a stale lock passes (it is taken over by whoever then takes the lock).
+    What every rank of a distributed run checks before its process group forms, so that all
+    refuse alike; rank 0 then takes the lock."""
+    holder = read_lock(run_dir)
+    if holder is not None and not _is_stale(holder):
+        raise _in_use(Path(run_dir), holder)
+
+
 class RunLock:
     """``with RunLock(run_dir, say=print):`` holds ``run_dir`` for this process.
 
@@ -80,16 +104,11 @@ class RunLock:
         holder = read_lock(self.dir)
         if holder is None:
             return
-        pid, host = holder.get("pid"), holder.get("host")
-        if host == socket.gethostname() and isinstance(pid, int) and not _alive(pid):
-            self.say(f"taking over a stale lock on {self.dir}: its holder, pid {pid} (started {holder.get('started', '?')}), is no longer running")
+        if _is_stale(holder):
+            self.say(f"taking over a stale lock on {self.dir}: its holder, pid {holder['pid']} (started {holder.get('started', '?')}), is no longer running")
             self.path.unlink(missing_ok=True)
             return
-        who = f"pid {pid} on host {host} since {holder.get('started', '?')}" if holder else "an unknown process (the lock file is unreadable)"
-        raise RunLockedError(
-            f"run directory {self.dir} is in use by {who}; wait for that run to finish or stop it"
-            f" (if it is gone, delete {self.path})"
-        )
+        raise _in_use(self.dir, holder)
 
     def release(self) -> None:
         if self.held:

@@ -72,9 +72,16 @@ def _train(
     from ..runtime.device import resolve_device
 
     run_device = resolve_device(device)  # a device that is not there fails before anything is touched
-    apply_threads(threads)
+    if _is_rank_zero():  # under torchrun every rank applies it, rank 0 says it
+        apply_threads(threads)
+    else:
+        from ..runtime.threads import apply_thread_policy
+
+        apply_thread_policy(threads)
     resume = resume or resume_from is not None
     check_starting_point(init_from, preset, model_config, resume)
+    if resume_from is not None:
+        check_in_run(resume_from, output)
     plan = CurriculumConfig.from_file(curriculum) if curriculum else None
     if plan is not None and settings.get("steps") is None:
         settings["steps"] = plan.total_steps
@@ -266,7 +273,10 @@ def _resumable_checkpoint(manager: Any, output: Path, chosen: Optional[Path]) ->
 
     candidates = [chosen] if chosen is not None else list(reversed(manager.list()))
     if not candidates:
-        raise LiteLLMError(f"nothing to resume in {output}: it has no checkpoint; drop --resume to start a new run")
+        raise LiteLLMError(
+            f"nothing to resume in {output}: it has no checkpoint; start the run again with --overwrite instead of --resume"
+            if _holds_run(output) else f"nothing to resume in {output}: it has no checkpoint; drop --resume to start a new run"
+        )
     for path in candidates:
         try:
             problems = verify_checkpoint(path)
@@ -302,9 +312,9 @@ def _saved_curriculum(meta: dict[str, Any]) -> Any:
 def _newer_sharded_checkpoint(manager: Any, output: Path) -> Optional[Path]:
     """The newest sharded checkpoint of a distributed run, when it is newer than every
     ordinary checkpoint of the run (so continuing in one process starts from it)."""
-    from ..dist.checkpoint import latest_sharded
+    from ..dist.checkpoint import latest_sound_sharded
 
-    sharded = latest_sharded(output)
+    sharded = latest_sound_sharded(output, say=_warn)
     if sharded is None:
         return None
     ordinary = manager.latest()
@@ -323,7 +333,7 @@ def _sharded_to_resume(output: Path, resume_from: Optional[Path]) -> Path:
     newest — refused when the run went on in one process after it (its newer ordinary
     checkpoints would be silently trained over) or never was distributed."""
     from ..checkpoint import CheckpointManager
-    from ..dist.checkpoint import is_sharded_checkpoint, latest_sharded
+    from ..dist.checkpoint import is_sharded_checkpoint, latest_sound_sharded
 
     if resume_from is not None:
         if not is_sharded_checkpoint(resume_from):
@@ -333,7 +343,7 @@ def _sharded_to_resume(output: Path, resume_from: Optional[Path]) -> Path:
             )
         return resume_from
     manager = CheckpointManager(output)
-    latest, ordinary = latest_sharded(output), manager.latest()
+    latest, ordinary = latest_sound_sharded(output, say=_warn if _is_rank_zero() else lambda message: None), manager.latest()
     ordinary_step = (manager.step_of(ordinary) or -1) if ordinary is not None else -1
     if latest is None:
         if ordinary is not None:
@@ -341,7 +351,9 @@ def _sharded_to_resume(output: Path, resume_from: Optional[Path]) -> Path:
                 f"{output} holds checkpoints of a one-process run but no sharded checkpoint; continue it in one process (without torchrun), "
                 f"or start a distributed run from it with --init {ordinary} -o another directory"
             )
-        raise LiteLLMError(f"nothing to resume in {output}: it has no complete sharded checkpoint; drop --resume to start a new run")
+        raise LiteLLMError(
+            f"nothing to resume in {output}: it has no complete sharded checkpoint; start the run again with --overwrite instead of --resume"
+        )
     if ordinary_step > int(latest.name.split("-")[1]):
         raise LiteLLMError(
             f"{ordinary} is newer than the run's last sharded checkpoint {latest.name}: the run went on in one process; continue it "
@@ -350,8 +362,48 @@ def _sharded_to_resume(output: Path, resume_from: Optional[Path]) -> Path:
     return latest
 
 
-def refuse_existing_run(output: Path, overwrite: bool) -> None:
-    """A fresh run never mixes into an old one: refuse unless ``overwrite``, then clear it."""
+# What a run directory holds at its top level (a run's checkpoints, sharded checkpoints, metrics,
+# charts, a curriculum's pre-integration checkpoint and the lock): --overwrite clears only such
+# a directory, never a dataset or some other folder a mistyped -o points to.
+RUN_ENTRIES = ("checkpoints", "sharded", "metrics.jsonl", "plots", "pre-integration")
+
+
+def _is_run_entry(name: str) -> bool:
+    from ..checkpoint.run_lock import LOCK_NAME
+
+    return name in RUN_ENTRIES or name.startswith(LOCK_NAME)
+
+
+def _holds_run(output: Path) -> bool:
+    """Whether ``output`` is a run directory with something of a run in it."""
+    names = [p.name for p in output.iterdir()] if output.is_dir() else []
+    return any(n in RUN_ENTRIES for n in names) and all(_is_run_entry(n) for n in names)
+
+
+def _is_rank_zero() -> bool:
+    """Rank 0 of a torchrun launch (or a process launched alone), before any process group forms."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _warn(message: str) -> None:
+    console.print(f"[yellow]{message}[/yellow]")
+
+
+def check_in_run(checkpoint: Path, output: Path) -> None:
+    """``--resume-from`` picks a checkpoint of the run in ``output``: one of another run would
+    write that run's model and metrics into this one."""
+    if not Path(checkpoint).resolve().is_relative_to(Path(output).resolve()):
+        raise LiteLLMError(
+            f"--resume-from {checkpoint} is not a checkpoint of the run in {output}; give one of {output}/checkpoints/step-N "
+            f"(or {output}/sharded/step-N), or start a new run from it with --init {checkpoint}"
+        )
+
+
+def refuse_existing_run(output: Path, overwrite: bool, *, clear: bool = True) -> None:
+    """A fresh run never mixes into an old one: refuse unless ``overwrite``, then (``clear``)
+    clear it — only when it is a run directory (:data:`RUN_ENTRIES`)."""
     from ..checkpoint.atomic import remove_dir
     from ..checkpoint.run_lock import LOCK_NAME
 
@@ -361,7 +413,15 @@ def refuse_existing_run(output: Path, overwrite: bool) -> None:
     if not overwrite:
         raise LiteLLMError(
             f"{output} already holds a run; pass --resume to continue it, --overwrite to replace it, or choose another -o directory"
+            if _holds_run(output) else f"{output} is not empty and is not a run directory; choose another -o directory"
         )
+    foreign = sorted(p.name for p in existing if not _is_run_entry(p.name))
+    if foreign:
+        raise LiteLLMError(
+            f"refusing to overwrite {output}: it holds {', '.join(foreign[:3])}, which is not part of a training run; choose another -o directory"
+        )
+    if not clear:
+        return
     for p in existing:
         if p.is_dir():
             remove_dir(p)
@@ -408,10 +468,12 @@ def train_distributed(
     from ..dist.checkpoint import read_meta
     from ..dist.launch import describe_collective_failure, init_distributed, shutdown
     from ..dist.parallelize import parallelize
+    from ..checkpoint.run_lock import RunLock, check_unlocked
     from ..dist.trainer import DistributedTrainer
     from ..model import build_model
     from ..train import TrainConfig
 
+    check_unlocked(output)  # every rank, before any of them waits for the others; rank 0 takes the lock below
     latest = _sharded_to_resume(output, resume_from) if resume else None
     if latest is not None:
         meta = read_meta(latest)
@@ -423,10 +485,13 @@ def train_distributed(
     else:
         fields = (TrainConfig.from_file(config) if config else TrainConfig()).to_dict()
         cfg = TrainConfig.from_dict({**fields, **given})
-    if latest is None and not overwrite:
-        refuse_existing_run(output, overwrite=False)  # every rank, before any of them waits for the others
+    if latest is None:
+        refuse_existing_run(output, overwrite, clear=False)  # every rank, before any of them waits for the others; rank 0 clears below
     ranks = init_distributed(cfg.parallel or None, device)
+    lock = RunLock(output, say=_warn)
     try:
+        if ranks.is_main:
+            lock.acquire()
         if latest is None:
             if ranks.is_main:
                 refuse_existing_run(output, overwrite)
@@ -469,4 +534,5 @@ def train_distributed(
             raise
         raise LiteLLMError(message) from None
     finally:
+        lock.release()
         shutdown()

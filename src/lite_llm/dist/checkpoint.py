@@ -22,6 +22,7 @@ import math
 import os
 import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,26 @@ def list_sharded(run_dir: Path) -> list[Path]:
 def latest_sharded(run_dir: Path) -> Path | None:
     found = list_sharded(run_dir)
     return found[-1] if found else None
+
+
+def latest_sound_sharded(run_dir: Path, say: Callable[[str], None] = lambda message: None) -> Path | None:
+    """The newest sharded checkpoint of the run whose metadata and shard headers read
+    (:func:`check_sharded`); a corrupt newer one is said so (``say``) and passed over."""
+    for path in reversed(list_sharded(run_dir)):
+        try:
+            check_sharded(path)
+        except CheckpointError as err:
+            say(f"cannot resume from {path.name} ({err}); resuming from the previous complete sharded checkpoint instead")
+            continue
+        return path
+    return None
+
+
+def check_sharded(path: Path) -> None:
+    """Raise :class:`CheckpointError` when the sharded checkpoint's metadata or a shard file's
+    header does not read, or a tensor's chunks do not cover it (a file cut short or missing)."""
+    read_meta(path)
+    _read_stored(path)
 
 
 def is_sharded_checkpoint(path: Path) -> bool:
@@ -110,7 +131,8 @@ def save_sharded(run_dir: Path, step: int, model: torch.nn.Module, optimizer: to
             remove_dir(final)
         os.replace(partial, final)
         for old in list_sharded(run_dir)[:-keep_last]:
-            remove_dir(old)
+            if old != final:  # the one just written is kept, as CheckpointManager keeps it (a run resumed behind newer ones)
+                remove_dir(old)
     _barrier()
     return final
 

@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from ..errors import ConfigError
 from ..train import TrainConfig, Trainer
-from ..train.trainer import Accumulated
+from ..train.trainer import Accumulated, RoutingTotals
 from ..train.validation import score_domains
 from ..train.metrics import MetricsLogger
 from .checkpoint import consolidate, load_sharded, read_meta, save_sharded
@@ -95,6 +95,23 @@ class DistributedTrainer(Trainer):
         dist.all_reduce(values, group=self.ranks.data_group)
         values /= self.ranks.degrees.data_ranks
         return {k: float(v) for k, v in zip(keys, values.tolist())}
+
+    def reduce_routing(self, routing: RoutingTotals) -> RoutingTotals:
+        """Route counts summed and per-layer batch means averaged over the data ranks (each rank
+        routes as many rows), so the metrics describe the global batch, as one process's do."""
+        group, n = self.ranks.data_group, self.ranks.degrees.data_ranks
+
+        def reduced(t: torch.Tensor, mean: bool) -> torch.Tensor:
+            out = t.detach().to(self.ranks.device, copy=True)
+            dist.all_reduce(out, group=group)
+            return (out / n if mean else out).to(t.device)
+
+        return RoutingTotals(
+            tier_routes=reduced(routing.tier_routes, False) if routing.tier_routes is not None else None,
+            expert_routes=reduced(routing.expert_routes, False) if routing.expert_routes is not None else None,
+            tier_probs=[reduced(p, True) for p in routing.tier_probs],
+            tier_weights=[reduced(w, True) for w in routing.tier_weights],
+        )
 
     def prepare_update(self) -> float | None:
         degrees = self.ranks.degrees

@@ -449,7 +449,7 @@ class Trainer:
         elapsed = time.perf_counter() - started
         record["tokens_per_s"] = c.tokens_per_step / max(elapsed, 1e-9)
         if done.routing.tier_routes is not None:
-            record.update(done.routing.record(self.model.config.tiers))
+            record.update(self.reduce_routing(done.routing).record(self.model.config.tiers))
         return record
 
     def forward_backward(self, step: int) -> "Accumulated":
@@ -490,6 +490,11 @@ class Trainer:
     def reduce_totals(self, totals: dict[str, float]) -> dict[str, float]:
         """The step's losses as reported (a distributed trainer averages its ranks')."""
         return totals
+
+    def reduce_routing(self, routing: RoutingTotals) -> RoutingTotals:
+        """The step's routing statistics as reported (a distributed trainer's cover every data
+        rank's rows, as its losses do)."""
+        return routing
 
     def prepare_update(self) -> float | None:
         """Gradients ready for the optimizer: clipped to ``grad_clip``; the norm, if clipped."""
