@@ -93,11 +93,16 @@ def test_no_fit_names_the_smallest_budgets_that_would_work():
     )
     with pytest.raises(NoTierSetFits) as err:
         choose(table, 2.0, 10 * 10**6)
-    assert str(err.value) == "no TierSet fits latency 2 ms/token and memory 10 MB; the nearest, upto:tier_1b, needs 3.1 ms/token and 12 MB: raise the budgets to at least that"
-    with pytest.raises(NoTierSetFits, match=r"the nearest, only:tier_10b, needs 2.5 ms/token and 40 MB: raise"):
+    assert str(err.value) == "no TierSet fits latency 2 ms/token and memory 10 MB; the nearest, upto:tier_1b, needs 3.1 ms/token and 12 MB (12000000 bytes): raise the budgets to at least that"
+    with pytest.raises(NoTierSetFits, match=r"the nearest, only:tier_10b, needs 2.5 ms/token and 40 MB \(40000000 bytes\): raise"):
         choose(table, 1.0)  # latency alone: the fastest
     assert choose(table, 3.1, 12 * 10**6).tiers == ("tier_1b",)  # the named budgets do work
     assert choose(table, None, 40 * 10**6).tiers == ("tier_1b", "tier_10b")
+    # the advice is rounded up and its bytes exact, so retyping it is met (1.02 MB was 1,022,808 bytes)
+    odd = TierSetTable([TierSetProfile(("tier_1b",), 2.3612, 1_022_808, -3.0)], "cpu", ORDER[:1])
+    with pytest.raises(NoTierSetFits, match=r"needs 2.362 ms/token and 1.02 MB \(1022808 bytes\)"):
+        choose(odd, 1.0, 10**6)
+    assert choose(odd, 2.362, 1_022_808).tiers == ("tier_1b",)
     for bad in ((-1.0, None), (None, -5), (math.nan, None)):
         with pytest.raises(LiteLLMError, match="budget must be"):
             choose(table, *bad)

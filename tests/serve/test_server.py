@@ -315,6 +315,9 @@ def test_budgets_choose_the_tierset_from_the_checkpoints_profile(chat_ckpt, refe
             assert "data: [DONE]" in "".join(streamed.iter_lines())
         unmet = _error(httpx.post(base + "/v1/completions", json={"prompt": "hi", "max_tokens": 3, "latency_budget_ms": 1.0}))
         assert unmet["code"] == "budget_unmet" and "the nearest, upto:tier_1b, needs" in unmet["message"]
+        assert unmet["param"] == "latency_budget_ms"
+        small = _error(httpx.post(base + "/v1/completions", json={"prompt": "hi", "max_tokens": 3, "memory_budget": 10}))
+        assert small["code"] == "budget_unmet" and small["param"] == "memory_budget"  # the field the request gave
         bad = _error(httpx.post(base + "/v1/completions", json={"prompt": "hi", "max_tokens": 3, "memory_budget": "lots"}))
         assert bad["param"] == "memory_budget" and "cannot read 'lots'" in bad["message"]
         assert client.completions.create(model="profiled", prompt="hi", max_tokens=3, temperature=0).usage.completion_tokens >= 1

@@ -210,3 +210,54 @@ def test_a_single_moe_layer_still_decays_once_per_visit():
     policy.touch((0, "t", 3))  # still the second visit
     policy.touch((0, "t", 3), uses=2)  # a third
     assert policy.decayed_uses((0, "t", 2)) == pytest.approx(0.25) and policy.decayed_uses((0, "t", 3)) == pytest.approx(2.5)
+
+
+def test_serving_decode_steps_prefetch_as_generate_does_and_wasted_bytes_were_read(checkpoint, resident):
+    """The server's batched decode computes each block by hand; the prefetcher, attached as
+    forward hooks, must still guess at every step (it guessed on the prompt only), and the bytes
+    it counts as wasted are bytes it read — never more than the store read from disk."""
+    from lite_llm.serve.batched import decode_step, new_row_cache, prefill
+    from lite_llm.store import Prefetcher
+
+    prompt = list(range(50, 70))
+    stored = load_with_store(checkpoint, hot_budget=4 * EXPERT_A, warm_budget=20 * EXPERT_A)
+    prefetcher = Prefetcher(stored.model, stored.store, extra=2)
+    calls = []
+    real = stored.store.warm_up
+    stored.store.warm_up = lambda keys, on_read=None: calls.append(len(keys)) or real(keys, on_read)
+    try:
+        cache = new_row_cache(stored.model, len(prompt), 64)
+        logits, _ = prefill(stored.model, prompt, cache, None)
+        after_prompt = len(calls)
+        ids, want = list(prompt), list(generate_ids(resident, prompt, 10))
+        for i in range(10):
+            token = int(logits.argmax())
+            ids.append(token)
+            logits, _ = decode_step(stored.model, [token], [len(ids) - 1], [cache], stored.model.allowed_tiers(None)[None])
+            logits = logits[0]
+        assert ids[len(prompt):] == want  # a guess only fills a cache
+        prefetcher.wait()
+        assert len(calls) == after_prompt + 10 * (CONFIG.n_layers - 1)  # every decode step guesses each next MoE layer
+        assert 0 <= prefetcher.stats.wasted_bytes <= stored.store.cold.bytes_read
+    finally:
+        prefetcher.close()
+
+
+def test_the_budgets_are_checked_for_the_tiers_the_tierset_may_use(checkpoint):
+    """tier_b's experts are half tier_a's: a hot budget of one tier_b expert serves only:tier_b,
+    and the check named tier_a's size, a tier that TierSet never reads."""
+    expert_b = (2 * 32 * 64 + 64 * 32) * 4
+    with pytest.raises(ConfigError, match=f"the least that works is {EXPERT_A} bytes"):
+        load_with_store(checkpoint, hot_budget=expert_b)
+    stored = load_with_store(checkpoint, hot_budget=expert_b, tierset="only:tier_b")
+    assert stored.store.allowed_tiers == ["tier_b"]
+
+
+def test_a_warm_budget_below_one_expert_is_refused_and_prefetch_needs_a_warm_level(checkpoint):
+    from lite_llm.store import load_for_inference
+
+    with pytest.raises(ConfigError, match=f"a warm budget of .* cannot hold one expert; the least that works is {EXPERT_A} bytes"):
+        load_with_store(checkpoint, hot_budget="1MB", warm_budget=EXPERT_A // 2)
+    assert load_with_store(checkpoint, hot_budget="1MB", warm_budget=0).store.warm.budget == 0  # 0: no warm level
+    with pytest.raises(LiteLLMError, match="a warm budget of 0 has none"):
+        load_for_inference(checkpoint, hot_budget="1MB", warm_budget="0", prefetch=True)

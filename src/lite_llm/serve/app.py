@@ -80,16 +80,22 @@ def budget_tiers(checkpoint: Path | None, latency_ms: float | None, memory: int 
             memory_bytes = parse_bytes(memory, "memory_budget")
         except LiteLLMError as exc:
             raise APIError(str(exc), param="memory_budget") from None
-    table = load_profile(checkpoint) if checkpoint is not None else None
+    param = "latency_budget_ms" if latency_ms is not None else "memory_budget"  # the field the request gave
+    if checkpoint is None:
+        raise APIError(
+            "choosing a TierSet by budget needs the TierSet profile of a local checkpoint, and this server serves one from a URL; "
+            "send tier_set instead", param=param, code="no_tier_profile",
+        )
+    table = load_profile(checkpoint)
     if table is None:
         raise APIError(
             f"the checkpoint has no TierSet profile to choose by budget; {profile_hint}, or send tier_set instead",
-            param="latency_budget_ms", code="no_tier_profile",
+            param=param, code="no_tier_profile",
         )
     try:
         return tuple(choose(table, latency_ms, memory_bytes).tiers)
     except LiteLLMError as exc:
-        raise APIError(str(exc), param="latency_budget_ms", code="budget_unmet") from None
+        raise APIError(str(exc), param=param, code="budget_unmet") from None
 
 
 class Server:

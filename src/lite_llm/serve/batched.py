@@ -103,5 +103,21 @@ def decode_step(
             else:
                 ffn = block.ffn
                 x = h + linear(F.silu(linear(f, ffn.gate_proj.weight)) * linear(f, ffn.up_proj.weight), ffn.down_proj.weight)
+            _run_forward_hooks(block, x)
         logits = linear(model.norm(x), model.lm_head.weight)
     return logits, tier_routes
+
+
+def _run_forward_hooks(block: torch.nn.Module, x: torch.Tensor) -> None:
+    """Call the block's forward hooks as ``block(...)`` would after computing ``x`` (N, d): this
+    step computes the block by hand, and what is attached from outside through hooks (the
+    expert store's :class:`~lite_llm.store.prefetch.Prefetcher`, which guesses the next layer's
+    experts from this block's output) must still hear of it.  The output is given in the
+    block's own shape, (N, 1, d) as a batch of one-token rows, first in a tuple."""
+    hooks = block._forward_hooks
+    if not hooks:
+        return
+    output = (x.unsqueeze(1),)
+    for hook_id, hook in list(hooks.items()):
+        if hook_id not in block._forward_hooks_with_kwargs:
+            hook(block, (x.unsqueeze(1),), output)

@@ -243,9 +243,11 @@ def no_fit_message(candidates: Sequence[TierSetProfile], order: Sequence[str], l
         return (max(r), sum(r), p.latency_ms_per_token, p.memory_bytes)
 
     best = min(candidates, key=key)
+    # rounded up, and the bytes exact, so that the advice retyped is met (1.02 MB was 1,022,808 bytes)
+    latency = math.ceil(best.latency_ms_per_token * 1000) / 1000
     return (
         f"no TierSet fits {_budget_text(latency_ms, memory_bytes)}; the nearest, {tierset_label(best.tiers, order)}, needs "
-        f"{best.latency_ms_per_token:.3g} ms/token and {format_bytes(best.memory_bytes)}: raise the budgets to at least that"
+        f"{latency:g} ms/token and {format_bytes(best.memory_bytes)} ({best.memory_bytes} bytes): raise the budgets to at least that"
     )
 
 

@@ -53,9 +53,11 @@ def load_with_store(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     verify_experts: bool = False,
+    tierset: TierSet | str | None = None,
 ) -> StoredModel:
     """The checkpoint at ``path`` with its experts in a store of ``hot_budget`` bytes on
-    ``device`` and ``warm_budget`` bytes of CPU RAM (sizes like ``512MB`` or ``2GiB``)."""
+    ``device`` and ``warm_budget`` bytes of CPU RAM (sizes like ``512MB`` or ``2GiB``), reading
+    only the tiers of ``tierset`` (default: all), whose experts the budgets must hold."""
     hot, warm = parse_bytes(hot_budget, "hot budget"), parse_bytes(warm_budget, "warm budget")
     if is_url(path):  # the archive level: byte ranges from any fsspec URL, every expert hash-checked
         archive = Archive(str(path))
@@ -80,7 +82,10 @@ def load_with_store(
     missing = [(layer, tier) for layer, tier in replaced if not cold.has(layer, tier)]
     if missing:
         raise CheckpointError(f"checkpoint {root} has no experts for tier {missing[0][1]} in layer {missing[0][0]}; restore its expert shard")
-    store.check_budgets(replaced)
+    allowed = TierSet.coerce(tierset).resolve(config) if tierset is not None else None
+    if allowed is not None:
+        store.set_allowed_tiers(allowed)
+    store.check_budgets([(layer, tier) for layer, tier in replaced if allowed is None or tier in allowed])
     load_stored(model, {name: t.to(dtype) if t.is_floating_point() else t for name, t in dense.items()})
     model = model.to(device).eval().requires_grad_(False)
     return StoredModel(model, config, tokenizer_of(), store, root)
@@ -130,8 +135,8 @@ def load_for_inference(
 
         loaded = load_checkpoint(path, tierset=tierset, device=device, dtype=dtype)
         return InferenceModel(loaded.model.eval().requires_grad_(False), loaded.tokenizer)  # as the store's: decoding needs no graph
-    stored = load_with_store(path, hot_budget=hot_budget, warm_budget=warm_budget or 0, policy=policy, device=device, dtype=dtype)
-    if tierset is not None:
-        stored.store.set_allowed_tiers(TierSet.coerce(tierset).resolve(stored.config))
-    prefetcher = Prefetcher(stored.model, stored.store) if prefetch and stored.store.warm.budget > 0 else None
+    if prefetch and not parse_bytes(warm_budget or 0, "warm budget"):
+        raise LiteLLMError("--prefetch reads the experts it predicts into the warm level, and a warm budget of 0 has none; give --warm-budget (e.g. 1GB) or leave --prefetch out")
+    stored = load_with_store(path, hot_budget=hot_budget, warm_budget=warm_budget or 0, policy=policy, device=device, dtype=dtype, tierset=tierset)
+    prefetcher = Prefetcher(stored.model, stored.store) if prefetch else None
     return InferenceModel(stored.model, stored.tokenizer, stored.store, prefetcher)

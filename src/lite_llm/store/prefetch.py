@@ -27,7 +27,7 @@ class PrefetchStats:
     guessed: int = 0  # experts guessed (per layer fetch, counted once)
     used: int = 0  # experts the next layer fetched
     hits: int = 0  # guessed and used
-    wasted_bytes: int = 0  # bytes of guesses not used
+    wasted_bytes: int = 0  # bytes read from disk for guesses not used (a guess already held costs nothing)
 
     @property
     def recall(self) -> float:
@@ -52,6 +52,7 @@ class Prefetcher:
         self.max_guesses = max_guesses
         self.stats = PrefetchStats()
         self._pending: dict[int, set[Key]] = {}  # layer -> guessed keys not yet scored
+        self._read: set[Key] = set()  # guesses this prefetcher read from disk, not yet scored
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lite-llm-prefetch")
         self._futures: list[Future] = []
         self._hooks = []
@@ -74,7 +75,7 @@ class Prefetcher:
                 keys = keys[: self.max_guesses]
             self._pending[nxt.layer] = set(keys)
             self._futures = [f for f in self._futures if not f.done()]
-            self._futures.append(self._pool.submit(self.store.warm_up, keys))
+            self._futures.append(self._pool.submit(self.store.warm_up, keys, self._read.add))
 
         return hook
 
@@ -87,7 +88,9 @@ class Prefetcher:
         self.stats.guessed += len(guessed)
         self.stats.used += len(used)
         self.stats.hits += len(guessed & used)
-        self.stats.wasted_bytes += sum(self.store.cold.expert_bytes(k[0], k[1]) for k in guessed - used)
+        wasted = {k for k in guessed - used if k in self._read}  # set.add from the worker, membership here: both atomic under the GIL
+        self.stats.wasted_bytes += sum(self.store.cold.expert_bytes(k[0], k[1]) for k in wasted)
+        self._read -= guessed
 
     def wait(self) -> None:
         for f in self._futures:

@@ -80,12 +80,21 @@ class ExpertStore:
         return max(self.hot.budget // self.hot_bytes(layer, tier), 1)
 
     def check_budgets(self, keys: Sequence[tuple[int, str]]) -> None:
-        """Refuse a hot budget that cannot hold one expert of every (layer, tier) in ``keys``."""
+        """Refuse a hot budget that cannot hold one expert of every (layer, tier) in ``keys``
+        (those the TierSet may use), and a warm budget that is not 0 (no warm level) but cannot
+        hold one either: every expert read would be dropped on the spot, and a prefetcher
+        would read each of its guesses for nothing."""
         need = max((self.hot_bytes(layer, tier) for layer, tier in keys), default=0)
         if self.hot.budget < need:
             raise ConfigError(
                 f"a hot budget of {format_bytes(self.hot.budget)} cannot hold one expert; the least that works is {need} bytes "
                 f"({format_bytes(need)}): give --hot-budget {need} or more"
+            )
+        warm_need = max((self.cold.expert_bytes(layer, tier) for layer, tier in keys), default=0)
+        if 0 < self.warm.budget < warm_need:
+            raise ConfigError(
+                f"a warm budget of {format_bytes(self.warm.budget)} cannot hold one expert; the least that works is {warm_need} bytes "
+                f"({format_bytes(warm_need)}): give --warm-budget {warm_need} or more, or leave it out for no warm level"
             )
 
     def set_allowed_tiers(self, tiers: Sequence[str] | None) -> None:
@@ -156,13 +165,16 @@ class ExpertStore:
                 self.warm.put(key, weights, nbytes)
         return weights
 
-    def warm_up(self, keys: Sequence[Key]) -> None:
-        """Read ``keys`` that neither level holds into warm (a prefetch; any thread)."""
+    def warm_up(self, keys: Sequence[Key], on_read: Callable[[Key], None] | None = None) -> None:
+        """Read ``keys`` that neither level holds into warm (a prefetch; any thread);
+        ``on_read`` hears each key it did read."""
         for key in keys:
             with self._warm_lock:
                 known = key in self.warm.entries or key in self.hot.entries
             if not known and self.warm.budget > 0:
                 self._read_into_warm(key)
+                if on_read is not None:
+                    on_read(key)
 
     # ------------------------------------------------------------------------------ report
     def stats(self) -> StoreStats:
