@@ -261,3 +261,25 @@ def test_a_warm_budget_below_one_expert_is_refused_and_prefetch_needs_a_warm_lev
     assert load_with_store(checkpoint, hot_budget="1MB", warm_budget=0).store.warm.budget == 0  # 0: no warm level
     with pytest.raises(LiteLLMError, match="a warm budget of 0 has none"):
         load_for_inference(checkpoint, hot_budget="1MB", warm_budget="0", prefetch=True)
+
+
+@pytest.mark.parametrize("hot", [EXPERT_A, 2 * EXPERT_A, 5 * EXPERT_A])
+def test_the_experts_a_grouped_matmul_stacks_stay_within_the_hot_budget(checkpoint, resident, monkeypatch, hot):
+    """A grouped matmul stacks the experts it fetched into one tensor: a copy beside the hot
+    level's.  The hot experts and that copy together must stay within --hot-budget (they reached
+    twice it), and the logits stay bitwise the resident model's."""
+    import lite_llm.model.expert_source as source
+
+    stored = load_with_store(checkpoint, hot_budget=hot)
+    seen = []
+    real = source.grouped_experts
+
+    def grouped(rows, counts, w_gu, w_d):
+        held = {t.data_ptr() for weights, _ in stored.store.hot.entries.values() for t in weights}
+        copy = 0 if w_gu.data_ptr() in held else w_gu.nbytes + w_d.nbytes  # one expert's is a view of its hot weights
+        seen.append(stored.store.hot.used + copy)
+        return real(rows, counts, w_gu, w_d)
+
+    monkeypatch.setattr(source, "grouped_experts", grouped)
+    assert torch.equal(_logits(stored.model), _logits(resident))
+    assert seen and max(seen) <= parse_bytes(hot)

@@ -43,6 +43,11 @@ class ExpertSource(Protocol):
         """How many experts of this tier one :meth:`fetch` can hold (at least 1)."""
         ...
 
+    def room(self, nbytes: int) -> AbstractContextManager[None]:
+        """Room for ``nbytes`` more on the compute device beside the fetched experts while the
+        context lasts (the stacked copy of a grouped matmul's weights)."""
+        ...
+
 
 class SourcedExperts(nn.Module):
     """A tier's experts in one layer, fetched from an :class:`ExpertSource` per call."""
@@ -68,15 +73,23 @@ class SourcedExperts(nn.Module):
             return x.new_zeros(0, self.d_model)
         outs = []
         row = 0
-        for chunk in _chunks(active, self.source.max_experts_at_once(self.layer, self.tier)):
+        at_once = self.source.max_experts_at_once(self.layer, self.tier)
+        if impl == "grouped_mm":  # the fetched experts and their stacked copy must fit the source together
+            at_once = max(at_once // 2, 1)
+        for chunk in _chunks(active, at_once):
             chunk_counts = [counts[e] for e in chunk]
             rows = x[row : row + sum(chunk_counts)]
             row += rows.shape[0]
             with self.source.fetch(self.layer, self.tier, chunk, chunk_counts) as weights:
-                if impl == "grouped_mm":
-                    w_gu = torch.stack([gu for gu, _ in weights])
-                    w_d = torch.stack([d for _, d in weights])
-                    outs.append(grouped_experts(rows, chunk_counts, w_gu, w_d))
+                if impl == "grouped_mm" and len(weights) == 1:  # a view: no copy
+                    outs.append(grouped_experts(rows, chunk_counts, weights[0][0].unsqueeze(0), weights[0][1].unsqueeze(0)))
+                elif impl == "grouped_mm":
+                    nbytes = sum(gu.nbytes + d.nbytes for gu, d in weights)
+                    with self.source.room(nbytes):
+                        w_gu = torch.stack([gu for gu, _ in weights])
+                        w_d = torch.stack([d for _, d in weights])
+                        outs.append(grouped_experts(rows, chunk_counts, w_gu, w_d))
+                        del w_gu, w_d
                 else:
                     outs.append(looped_experts(rows, chunk_counts, [gu for gu, _ in weights], [d for _, d in weights], self.d_model))
         return outs[0] if len(outs) == 1 else torch.cat(outs)

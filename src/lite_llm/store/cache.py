@@ -45,6 +45,7 @@ class CacheLevel:
     entries: dict[Key, tuple[Weights, int]] = field(default_factory=dict)
     pins: Counter = field(default_factory=Counter)
     used: int = 0
+    reserved: int = 0  # bytes held outside the entries for a while (the stacked copy of a grouped matmul's experts)
     stats: LevelStats = field(default_factory=LevelStats)
 
     def get(self, key: Key, uses: int = 1) -> Weights | None:
@@ -66,7 +67,27 @@ class CacheLevel:
         Returns False, holding nothing, when the pinned entries leave no room."""
         if key in self.entries:
             return True
-        while self.used + nbytes > self.budget:
+        if not self._make_room(nbytes, on_evict):
+            return False
+        self.entries[key] = (weights, nbytes)
+        self.used += nbytes
+        self.stats.bytes_in += nbytes
+        self.stats.peak_bytes = max(self.stats.peak_bytes, self.used + self.reserved)
+        return True
+
+    def reserve(self, nbytes: int) -> None:
+        """Count ``nbytes`` held beside the entries against the budget until :meth:`release`,
+        evicting unpinned entries to make room (as far as the pinned ones allow)."""
+        self._make_room(nbytes)
+        self.reserved += nbytes
+        self.stats.peak_bytes = max(self.stats.peak_bytes, self.used + self.reserved)
+
+    def release(self, nbytes: int) -> None:
+        self.reserved -= nbytes
+
+    def _make_room(self, nbytes: int, on_evict: Callable[[Key, Weights], None] | None = None) -> bool:
+        """Evict unpinned entries until ``nbytes`` more fit; False when the pinned ones leave no room."""
+        while self.used + self.reserved + nbytes > self.budget:
             candidates = [k for k in self.entries if not self.pins[k]]
             if not candidates:
                 return False
@@ -77,10 +98,6 @@ class CacheLevel:
             self.policy.forget(victim)
             if on_evict is not None:
                 on_evict(victim, evicted)
-        self.entries[key] = (weights, nbytes)
-        self.used += nbytes
-        self.stats.bytes_in += nbytes
-        self.stats.peak_bytes = max(self.stats.peak_bytes, self.used)
         return True
 
     def pin(self, key: Key) -> None:

@@ -132,6 +132,18 @@ class ExpertStore:
             for key in held:
                 self.hot.unpin(key)
 
+    @contextmanager
+    def room(self, nbytes: int) -> Iterator[None]:
+        """Room for ``nbytes`` more on the compute device beside the pinned experts (unpinned
+        ones evicted), held until the context exits: the stacked copy a grouped matmul makes of
+        the experts it fetched, so that the hot level and that copy together stay within
+        ``--hot-budget``."""
+        self.hot.reserve(nbytes)
+        try:
+            yield
+        finally:
+            self.hot.release(nbytes)
+
     def _hot(self, key: Key, uses: int) -> Weights:
         weights = self.hot.get(key, uses)
         if weights is not None:
