@@ -116,3 +116,16 @@ def test_keep_last_never_prunes_the_checkpoint_just_written(tmp_path):
         save_sharded(run, step, model, optimizer, meta, None, keep_last=3)
     newest = save_sharded(run, 4, model, optimizer, meta, None, keep_last=1)
     assert [p.name for p in list_sharded(run)] == ["step-00000004", "step-00000006"] and newest.name == "step-00000004"
+
+
+def test_consolidate_refuses_a_sharded_checkpoint_older_than_the_runs_ordinary_one(runs, tmp_path):
+    """After the README's sequence (torchrun, then the run went on in one process) the newest
+    model is an ordinary checkpoint; consolidating the older sharded one gave the older model."""
+    run = tmp_path / "went-on"
+    shutil.copytree(runs["dp"], run)
+    shutil.copytree(run / "checkpoints" / "step-00000006", run / "checkpoints" / "step-00000008")  # as if trained on to step 8
+    done = cli("checkpoint", "consolidate", str(run), "-o", str(tmp_path / "ckpt"))
+    assert done.returncode == 1 and "step-00000008 is newer than the run's last sharded checkpoint step-00000006" in done.stdout + done.stderr
+    assert not (tmp_path / "ckpt").exists()
+    done = cli("checkpoint", "consolidate", str(run), "--step", "6", "-o", str(tmp_path / "ckpt"))
+    assert done.returncode == 0, done.stderr[-1000:]

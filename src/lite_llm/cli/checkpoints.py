@@ -43,6 +43,15 @@ def consolidate_command(
         found = latest_sharded(run)
         if found is None:
             raise LiteLLMError(f"{run} holds no complete sharded checkpoint; pass a run trained with torchrun, or one of its sharded/step-N folders")
+        from ..checkpoint import CheckpointManager
+
+        manager = CheckpointManager(run)
+        ordinary = manager.latest()
+        if ordinary is not None and (manager.step_of(ordinary) or -1) > int(found.name.split("-")[1]):
+            raise LiteLLMError(
+                f"{ordinary} is newer than the run's last sharded checkpoint {found.name} (the run went on in one process) and is "
+                f"already an ordinary checkpoint: use it as it is, or pass --step {int(found.name.split('-')[1])} to consolidate the older one"
+            )
         source = found
     path = consolidate(source, output)
     console.print(f"wrote {path} from {source}")
