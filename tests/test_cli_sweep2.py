@@ -237,14 +237,19 @@ def test_consolidating_a_damaged_sharded_checkpoint_is_one_sentence_and_writes_n
     assert not (tmp_path / "out").exists() and _hashes(step) == before
 
 
-def test_resuming_from_a_sharded_checkpoint_with_a_missing_shard_is_refused(dist_run, data, tmp_path):
+def test_resuming_past_a_sharded_checkpoint_with_a_missing_shard_takes_the_previous_one(dist_run, data, tmp_path):
+    """As for ordinary checkpoints: a broken newest one is said so and the previous complete one
+    is resumed from (it was a refusal, which left a run with a good step 2 unresumable)."""
     run = _copy(dist_run, tmp_path)
     shutil.rmtree(run / "checkpoints")  # so the sharded step 4 is the newest
     next(iter(sorted((run / "sharded" / "step-00000004").glob("*.safetensors")))).unlink()
-    before = _hashes(run)
+    broken = _hashes(run / "sharded" / "step-00000004")
     code, out = _run(["train", "--data", str(data), "-o", str(run), "--steps", "6", "--resume", "--quiet"])
-    assert code == 1 and "one of its shard files is missing" in out, out
-    assert _hashes(run) == before
+    assert code == 0, out
+    assert "cannot resume from step-00000004" in out and "one of its shard files is missing" in out
+    assert "resumed from" in out and "step-00000002 at step 2 of 6 (in one process)" in out
+    assert (run / "checkpoints" / "step-00000006" / "manifest.json").is_file()
+    assert _hashes(run / "sharded" / "step-00000004") == broken  # reported, not deleted
 
 
 # ------------------------------------------------------------------------------ plot
