@@ -118,3 +118,9 @@ def test_a_replaced_retention_report_is_said_so(world, tmp_path):
     assert code == 0 and "replacing" not in out, out
     code, out = _run(args)
     assert code == 0 and "(replacing the earlier retention.json, retention.md" in out, out
+
+
+@pytest.mark.parametrize("command", [["tiers", "profile", "file:///tmp/ckpt", "--data", "code=data"], ["tiers", "choose", "file:///tmp/ckpt", "--memory", "1MB"]])
+def test_tiers_says_a_url_is_not_a_checkpoint_directory(command):
+    code, out = _run(command)
+    assert code == 1 and "is a URL; give the checkpoint's folder" in out and "file:/tmp" not in out.replace("file:///tmp", ""), out

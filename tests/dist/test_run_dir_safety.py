@@ -129,3 +129,23 @@ def test_consolidate_refuses_a_sharded_checkpoint_older_than_the_runs_ordinary_o
     assert not (tmp_path / "ckpt").exists()
     done = cli("checkpoint", "consolidate", str(run), "--step", "6", "-o", str(tmp_path / "ckpt"))
     assert done.returncode == 0, done.stderr[-1000:]
+
+
+def test_a_flipped_byte_in_a_shard_is_found_by_consolidation_and_resume(runs, tmp_path):
+    """Sharded checkpoints carry each file's sha256 (written by rank 0 once all ranks have
+    written): consolidation re-hashed a corrupted shard as good, and a resume trained on it."""
+    run = tmp_path / "flipped"
+    shutil.copytree(runs["dp"], run)
+    shutil.rmtree(run / "checkpoints")
+    (run / "sharded" / ".step-00000007.partial").mkdir()  # a save a killed run left unfinished
+    shard = next((run / "sharded" / "step-00000006").glob("*.safetensors"))
+    data = bytearray(shard.read_bytes())
+    data[-100] ^= 0xFF  # same size, same header: only the hash can tell
+    shard.write_bytes(bytes(data))
+    done = cli("checkpoint", "consolidate", str(run), "--step", "6", "-o", str(tmp_path / "ckpt"))
+    assert done.returncode == 1 and "does not match its sha256" in done.stdout + done.stderr and not (tmp_path / "ckpt").exists()
+    done = torchrun(2, "train", "--data", str(runs["data"]), "-o", str(run), "--resume", "--steps", "6", "--parallel", "dp=2")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "cannot resume from step-00000006" in done.stdout and "does not match its sha256" in done.stdout
+    assert "removed .step-00000007.partial, left by an interrupted run" in done.stdout
+    assert not (run / "sharded" / ".step-00000007.partial").exists()

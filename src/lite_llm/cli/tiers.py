@@ -29,6 +29,19 @@ def parse_data_pairs(pairs: list[str]) -> dict[str, Path]:
     return out
 
 
+def local_checkpoint(spec: str, command: str) -> Path:
+    """``spec`` as a checkpoint directory; a URL is refused in words (typer's Path would have
+    turned ``file:///x`` into ``file:/x`` and reported a missing directory)."""
+    from ..store.archive import is_url
+
+    if is_url(spec):
+        raise LiteLLMError(
+            f"tiers {command} reads the TierSet profile stored in a local checkpoint directory, and {spec} is a URL; "
+            "give the checkpoint's folder (a URL is served as it is by generate, eval and serve with --hot-budget)"
+        )
+    return Path(spec)
+
+
 def check_profile_inputs(checkpoint: Path, seq_len: int) -> None:
     """Refuse, before anything is timed, a --seq-len beyond the model's context (data from
     another tokenizer is refused by ``profile_checkpoint`` itself, also before any timing)."""
@@ -55,7 +68,7 @@ def print_table(table, chosen=None, title: str = "TierSet profile") -> None:
 @tiers_app.command("profile")
 @friendly_errors
 def profile_command(
-    checkpoint: Path = typer.Argument(..., help="Checkpoint directory."),
+    checkpoint: str = typer.Argument(..., help="Checkpoint directory."),
     data: list[str] = typer.Option(..., "--data", help="DOMAIN=PATH: a validation domain of a prepared dataset folder (repeat for more)."),
     tokens: int = typer.Option(32, "--tokens", help="Tokens decoded per timed run.", min=1),
     repeats: int = typer.Option(5, "--repeats", help="Timed runs per TierSet (the median is kept).", min=1),
@@ -85,21 +98,22 @@ def profile_command(
 
     pairs = parse_data_pairs(data)
     run_device = resolve_device(device)
-    check_profile_inputs(checkpoint, seq_len)
+    ckpt = local_checkpoint(checkpoint, "profile")
+    check_profile_inputs(ckpt, seq_len)
     apply_threads(threads)
     table = profile_checkpoint(
-        checkpoint, pairs, device=run_device, hot_budget=hot_budget, warm_budget=warm_budget, tokens=tokens, repeats=repeats,
+        ckpt, pairs, device=run_device, hot_budget=hot_budget, warm_budget=warm_budget, tokens=tokens, repeats=repeats,
         eval_batches=batches, batch_size=batch_size, seq_len=seq_len, progress=lambda m: err_console.print(m, highlight=False),
     )
-    rel = save_profile(checkpoint, table)
-    print_table(table, title=f"{checkpoint} on {table.device}")
-    console.print(f"stored {rel} in {checkpoint}")
+    rel = save_profile(ckpt, table)
+    print_table(table, title=f"{ckpt} on {table.device}")
+    console.print(f"stored {rel} in {ckpt}")
 
 
 @tiers_app.command("choose")
 @friendly_errors
 def choose_command(
-    checkpoint: Path = typer.Argument(..., help="Checkpoint directory with a TierSet profile."),
+    checkpoint: str = typer.Argument(..., help="Checkpoint directory with a TierSet profile."),
     latency_ms: Optional[float] = typer.Option(None, "--latency-ms", help="Most milliseconds per decoded token."),
     memory: Optional[str] = typer.Option(None, "--memory", help="Most bytes of resident weights (e.g. 512MB, 2GiB)."),
     show: bool = typer.Option(False, "--table", help="Also print the whole profile, the choice marked *."),
@@ -115,10 +129,11 @@ def choose_command(
     from ..serve.selection import choose, load_profile
     from ..store import format_bytes, parse_bytes
 
+    ckpt = local_checkpoint(checkpoint, "choose")
     memory_bytes = parse_bytes(memory, "memory budget") if memory is not None else None
-    table = load_profile(checkpoint)
+    table = load_profile(ckpt)
     if table is None:
-        raise LiteLLMError(f"checkpoint {checkpoint} has no TierSet profile; measure one with `lite-llm tiers profile {checkpoint} --data DOMAIN=PATH`")
+        raise LiteLLMError(f"ckpt {ckpt} has no TierSet profile; measure one with `lite-llm tiers profile {ckpt} --data DOMAIN=PATH`")
     pick = choose(table, latency_ms, memory_bytes)
     if show:
         print_table(table, pick)

@@ -109,7 +109,9 @@ def _train(
             )
     with RunLock(output, say=lambda message: console.print(f"[yellow]{message}[/yellow]")):
         manager = CheckpointManager(output)
-        for leftover in manager.clean_interrupted():
+        from ..dist.checkpoint import clean_partial_sharded
+
+        for leftover in [*manager.clean_interrupted(), *clean_partial_sharded(output)]:
             console.print(f"removed {leftover.name}, left by an interrupted run")
         from ..dist.checkpoint import is_sharded_checkpoint
 
@@ -492,6 +494,10 @@ def train_distributed(
     try:
         if ranks.is_main:
             lock.acquire()
+            from ..dist.checkpoint import clean_partial_sharded
+
+            for leftover in clean_partial_sharded(output):
+                console.print(f"removed {leftover.name}, left by an interrupted run")
         if latest is None:
             if ranks.is_main:
                 refuse_existing_run(output, overwrite)

@@ -35,6 +35,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from ..checkpoint import TrainingState, save_checkpoint
 from ..checkpoint.atomic import fsync_tree, remove_dir
+from ..checkpoint.manifest import sha256_file
 from ..config import ModelConfig
 from ..data.tokenizer import load_tokenizer
 from ..errors import CheckpointError
@@ -44,6 +45,7 @@ SHARDED_DIR = "sharded"
 META_FILE = "lite_llm.json"
 _STEP = re.compile(r"^step-(\d{8})$")
 MODEL, OPTIM = "model/", "optim/"
+SHA256_KEY = "file_sha256"  # in lite_llm.json: each shard file's sha256, written by rank 0 once every rank has written
 
 
 def sharded_path(run_dir: Path, step: int) -> Path:
@@ -80,8 +82,24 @@ def latest_sound_sharded(run_dir: Path, say: Callable[[str], None] = lambda mess
 def check_sharded(path: Path) -> None:
     """Raise :class:`CheckpointError` when the sharded checkpoint's metadata or a shard file's
     header does not read, or a tensor's chunks do not cover it (a file cut short or missing)."""
-    read_meta(path)
+    meta = read_meta(path)
     _read_stored(path)
+    for name, digest in (meta.get(SHA256_KEY) or {}).items():  # older checkpoints have none
+        file = Path(path) / name
+        if not file.is_file():
+            raise CheckpointError(f"{path} has lost its file {name}; restore it, or use an earlier sharded checkpoint of the run")
+        if sha256_file(file) != digest:
+            raise CheckpointError(f"{file} does not match its sha256 in {META_FILE} (it changed after it was written); use an earlier sharded checkpoint of the run")
+
+
+def clean_partial_sharded(run_dir: Path) -> list[Path]:
+    """Remove the ``sharded/.step-N.partial`` folders a killed run left (a save is renamed into
+    place only when complete); call it on rank 0 only, holding the run's lock."""
+    root = Path(run_dir) / SHARDED_DIR
+    leftovers = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(".step-") and p.name.endswith(".partial")] if root.is_dir() else []
+    for p in leftovers:
+        remove_dir(p)
+    return leftovers
 
 
 def is_sharded_checkpoint(path: Path) -> bool:
@@ -123,7 +141,10 @@ def save_sharded(run_dir: Path, step: int, model: torch.nn.Module, optimizer: to
              no_dist=not dist.is_initialized())
     _barrier()
     if main:
-        (partial / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True), encoding="utf-8")
+        # every file's sha256, as an ordinary checkpoint's manifest has them: a flipped byte in a
+        # shard is found on resume and consolidation instead of being trained on (or re-hashed as good)
+        hashes = {p.name: sha256_file(p) for p in sorted(partial.iterdir()) if p.is_file()}
+        (partial / META_FILE).write_text(json.dumps({**meta, SHA256_KEY: hashes}, indent=1, sort_keys=True), encoding="utf-8")
         if tokenizer is not None:
             tokenizer.save(partial / "tokenizer")
         fsync_tree(partial)
@@ -151,6 +172,7 @@ def load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
     """Fill ``model`` (and ``optimizer``'s moments) in place from a sharded checkpoint, whatever
     the world size and degrees it was saved at; returns its metadata.  Collective when a
     process group is up."""
+    check_sharded(path)  # its files' hashes: a chosen --resume-from is checked as the newest one is
     meta = read_meta(path)
     reader, stored = _read_stored(path)
     targets = model_tensors(model)
@@ -176,6 +198,7 @@ def consolidate(path: Path, output: Path) -> Path:
     """The ordinary manifest checkpoint (weights, optimizer moments, training metadata) of a
     sharded one: what growth, add-tier, eval and export read, and what a new run starts from.
     Reads in this process alone (no process group needed)."""
+    check_sharded(path)  # hashes too: consolidation must not give corrupt bytes fresh ones
     meta = read_meta(path)
     config = ModelConfig.from_dict(meta["model_config"])
     model = build_model(config, seed=0)
