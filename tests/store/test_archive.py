@@ -119,3 +119,25 @@ def test_a_bad_manifest_at_a_url_is_named_by_its_url(checkpoint, tmp_path):  # n
     with pytest.raises(CheckpointError) as err:
         load_with_store(url, hot_budget="1MB")
     assert str(err.value).startswith(f"{url}/manifest.json holds an invalid model_config")
+
+
+def test_a_server_that_never_answers_times_out_in_words(monkeypatch):
+    """aiohttp's default waited 5 minutes in all and then gave an empty reason."""
+    import socket
+    import time
+
+    import lite_llm.store.archive as archive
+
+    monkeypatch.setattr(archive, "HTTP_TIMEOUT_S", 1.0)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    held = []
+    threading.Thread(target=lambda: held.append(listener.accept()), daemon=True).start()  # accepts, then says nothing
+    start = time.monotonic()
+    try:
+        with pytest.raises(CheckpointError, match=r"the manifest could not be read from .*: the server sent nothing for 1 s"):
+            load_with_store(f"http://127.0.0.1:{listener.getsockname()[1]}/ckpt", hot_budget="1MB")
+    finally:
+        listener.close()
+    assert time.monotonic() - start < 30

@@ -37,6 +37,9 @@ def is_url(path: object) -> bool:
     return "://" in str(path)
 
 
+HTTP_TIMEOUT_S = 60.0  # seconds an http(s) archive may take to connect, and between bytes of an answer
+
+
 class ArchiveError(CheckpointError):
     """An archive that cannot be read, or that answered with other bytes."""
 
@@ -50,8 +53,16 @@ class Archive:
         except ImportError:
             raise ArchiveError(f"reading {url} needs fsspec; pip install 'lite-llm[archive]'") from None
         self.url = url.rstrip("/")
+        options: dict = {}
+        if self.url.split("://", 1)[0] in ("http", "https"):
+            # aiohttp's default is 5 minutes in all, then an empty error: a server that accepts and
+            # never answers stalls every command that long.  A bound per connect and per read
+            # instead (a large expert still streams as long as bytes keep coming).
+            import aiohttp
+
+            options["client_kwargs"] = {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=HTTP_TIMEOUT_S, sock_read=HTTP_TIMEOUT_S)}
         try:
-            self.fs, self.root = fsspec.core.url_to_fs(self.url)
+            self.fs, self.root = fsspec.core.url_to_fs(self.url, **options)
         except (ImportError, ValueError) as exc:
             raise ArchiveError(f"cannot open {url} ({exc}); install the fsspec backend for its scheme (s3fs for s3://, aiohttp for http://)") from None
         data = self.read(MANIFEST, "the manifest")
@@ -76,6 +87,10 @@ class Archive:
         except FileNotFoundError:
             raise ArchiveError(f"{what} is not at {self.url}/{rel}; upload the whole checkpoint there") from None
         except Exception as exc:  # noqa: BLE001 - every backend raises its own kind
+            if isinstance(exc, TimeoutError) or "Timeout" in type(exc).__name__:
+                raise ArchiveError(
+                    f"{what} could not be read from {self.url}/{rel}: the server sent nothing for {HTTP_TIMEOUT_S:g} s; check the server, then retry"
+                ) from None
             raise ArchiveError(f"{what} could not be read from {self.url}/{rel} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); check the URL and the server, then retry") from None
         if start is not None and end is not None and len(data) != end - start:
             raise ArchiveError(f"{what} from {self.url}/{rel}: asked for {end - start} bytes, got {len(data)} (the server ignores byte ranges or the file changed); nothing was used")
