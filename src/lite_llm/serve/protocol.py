@@ -182,7 +182,7 @@ _SHAPES = {
 def _invalid(errors: list[dict[str, Any]]) -> APIError:
     """The 400 for a body pydantic refused: the first bad field, in one sentence."""
     first = errors[0]
-    path = [p for p in first.get("loc", ())]
+    path = list(first.get("loc", ()))
     field = str(path[0]) if path else None
     if first.get("type") == "missing":
         return APIError(f"the request is missing the required field '{field}'", param=field)
