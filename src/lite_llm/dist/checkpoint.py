@@ -79,10 +79,17 @@ def latest_sound_sharded(run_dir: Path, say: Callable[[str], None] = lambda mess
     return None
 
 
+_CHECKED: set[tuple] = set()  # sharded checkpoints (path, each file's size and mtime) this process has hashed: picked, then loaded, once
+
+
 def check_sharded(path: Path) -> None:
     """Raise :class:`CheckpointError` when the sharded checkpoint's metadata or a shard file's
-    header does not read, or a tensor's chunks do not cover it (a file cut short or missing)."""
+    header does not read, a tensor's chunks do not cover it (a file cut short or missing), or a
+    file does not match the sha256 its metadata records."""
     meta = read_meta(path)
+    key = (str(Path(path).resolve()), *((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(Path(path).iterdir()) if p.is_file()))
+    if key in _CHECKED:
+        return
     _read_stored(path)
     for name, digest in (meta.get(SHA256_KEY) or {}).items():  # older checkpoints have none
         file = Path(path) / name
@@ -90,6 +97,7 @@ def check_sharded(path: Path) -> None:
             raise CheckpointError(f"{path} has lost its file {name}; restore it, or use an earlier sharded checkpoint of the run")
         if sha256_file(file) != digest:
             raise CheckpointError(f"{file} does not match its sha256 in {META_FILE} (it changed after it was written); use an earlier sharded checkpoint of the run")
+    _CHECKED.add(key)
 
 
 def clean_partial_sharded(run_dir: Path) -> list[Path]:
