@@ -299,7 +299,7 @@ def test_budgets_choose_the_tierset_from_the_checkpoints_profile(chat_ckpt, refe
     with serve_in_thread(ckpt) as (base, _):
         client = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0, timeout=60)
         for budget, want in (({"latency_budget_ms": 10}, "all"), ({"latency_budget_ms": 4}, "only:tier_10b"),
-                             ({"latency_budget_ms": 2.5}, "upto:tier_1b"), ({"memory_budget": "2kB"}, "only:tier_10b"),
+                             ({"latency_budget_ms": 2.5}, "upto:tier_1b"), ({"memory_budget": "2kB"}, "only:tier_10b"), ({"memory_budget": 2e3}, "only:tier_10b"),
                              ({"memory_budget": 1_999, "latency_budget_ms": 10}, "upto:tier_1b")):
             other = "tier_1b" if want == "only:tier_10b" else "tier_10b"
             before = metric(base, "lite_llm_expert_routes_total", f'{{tier="{other}"}}')

@@ -78,7 +78,7 @@ class _Sampling(BaseModel):
     repetition_penalty: float | None = 1.0
     tier_set: Union[str, list[str], None] = None
     latency_budget_ms: float | None = Field(None, gt=0)
-    memory_budget: Union[int, str, None] = None
+    memory_budget: Union[int, float, str, None] = None  # bytes (2e9 is read as 2000000000) or a size such as "2GB"
 
     def stops(self) -> tuple[str, ...]:
         if self.stop is None:
