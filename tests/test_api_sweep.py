@@ -312,3 +312,53 @@ def test_build_model_names_a_bad_seed_or_device(kwargs, said):
     """Both ended in torch's RuntimeError (a generator's seed, a list of two dozen device types)."""
     with pytest.raises(ConfigError, match=said):
         build_model(ModelConfig.from_preset("tiny"), **kwargs)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m, p: generate_ids(m, "def", 3), "the prompt is text; give token ids"),
+    (lambda m, p: generate_ids(m, torch.tensor([p, p]), 3), r"1-D \(or 1 x S\) tensor of integer token ids, got shape \(2, 3\)"),
+    (lambda m, p: generate_ids(m, torch.tensor([p], dtype=torch.float32), 3), "tensor of integer token ids"),
+    (lambda m, p: generate_ids(m, [p], 3), "a sequence of integer token ids"),
+    (lambda m, p: generate_ids(m, p, 2.5), r"max_new_tokens must be an integer >= 0, got 2.5"),
+    (lambda m, p: generate_ids(m, p, None), "max_new_tokens must be an integer >= 0, got None"),
+    (lambda m, p: generate_ids(m, p, -1), "max_new_tokens must be an integer >= 0, got -1"),
+    (lambda m, p: generate_ids(m, p, 3, logit_bias={10**7: 100.0}), r"logit_bias names token 10000000, outside the vocabulary \(0..255\)"),
+])
+def test_bad_generate_inputs_are_one_sentence(tiny, call, message):
+    with pytest.raises(LiteLLMError, match=message) as err:
+        list(call(tiny, [3, 4, 5]))
+    assert_one_sentence(err.value)
+
+
+def test_a_transformers_style_1_by_s_prompt_tensor_generates_as_the_list(tiny):
+    assert list(generate_ids(tiny, torch.tensor([[3, 4, 5]]), 4)) == list(generate_ids(tiny, [3, 4, 5], 4))
+
+
+def test_build_model_on_cuda_without_one_is_one_sentence():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    with pytest.raises(ConfigError, match="needs a CUDA GPU, and this torch sees none") as err:
+        build_model(ModelConfig.from_preset("tiny"), device="cuda")
+    assert_one_sentence(err.value)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: TierSet.of(), "must name at least one tier"),
+    (lambda: TierSet.only(""), "tier names must not be empty"),
+    (lambda: TierSet.of("tier_1b", " "), "tier names must not be empty"),
+])
+def test_an_empty_tierset_is_refused_when_built(make, message):
+    with pytest.raises(TierSetError, match=message):
+        make()
+
+
+def test_expand_checkpoint_takes_steps_written_as_a_recipe_writes_them(tmp_path):
+    from lite_llm.grow import GrowthStep, expand_checkpoint
+
+    model = build_model(ModelConfig.from_preset("tiny-dense"), seed=1)
+    src = save_checkpoint(tmp_path / "src", model)
+    as_dict = expand_checkpoint(src, tmp_path / "a", [{"method": "llama_pro", "target_layers": 4}])
+    as_step = expand_checkpoint(src, tmp_path / "b", [GrowthStep("llama_pro", {"target_layers": 4})])
+    assert as_dict.config == as_step.config and as_dict.records[0]["preservation"] == as_step.records[0]["preservation"]
+    with pytest.raises(ConfigError, match="step 1 must be a mapping with a 'method' key"):
+        expand_checkpoint(src, tmp_path / "c", ["llama_pro"])

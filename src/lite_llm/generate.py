@@ -149,7 +149,18 @@ def check_prompt(prompt_ids: Sequence[int], context: int, *, room: int = 1) -> l
     """The prompt as a list, refused when empty or when it leaves no room in the context for
     ``room`` new tokens (cutting it silently would answer a question nobody asked; ``room=0``
     is a prompt only scored, which may fill the context)."""
-    ids = [int(i) for i in prompt_ids]
+    if isinstance(prompt_ids, str):
+        raise PromptError("the prompt is text; give token ids (encode it with the checkpoint's tokenizer, or use generate_text)")
+    if isinstance(prompt_ids, torch.Tensor):
+        if prompt_ids.dim() == 2 and prompt_ids.shape[0] == 1:  # transformers' (1, S) input_ids
+            prompt_ids = prompt_ids[0]
+        if prompt_ids.dim() != 1 or prompt_ids.is_floating_point():
+            raise PromptError(f"the prompt must be a 1-D (or 1 x S) tensor of integer token ids, got shape {tuple(prompt_ids.shape)} of {prompt_ids.dtype}")
+        prompt_ids = prompt_ids.tolist()
+    try:
+        ids = [int(i) for i in prompt_ids]
+    except (TypeError, ValueError):
+        raise PromptError("the prompt must be a sequence of integer token ids") from None
     if not ids:
         raise PromptError("the prompt is empty; give at least one token of text")
     if len(ids) > context - room:
@@ -219,6 +230,11 @@ def generate_ids(
         temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
         presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
     )
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise SamplingError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    bad = [t for t in (logit_bias or {}) if not 0 <= int(t) < model.config.vocab_size]
+    if bad:
+        raise SamplingError(f"logit_bias names token {bad[0]}, outside the vocabulary (0..{model.config.vocab_size - 1})")
     stop_ids = {int(i) for i in eos_ids} | ({int(eos_id)} if eos_id is not None else set())
     ids = check_prompt(prompt_ids, model.config.max_seq_len)
     max_new_tokens = min(max_new_tokens, model.config.max_seq_len - len(ids))

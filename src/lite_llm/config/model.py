@@ -500,6 +500,10 @@ class TierSet:
         object.__setattr__(self, "names", tuple(self.names))
         if self.mode == "cumulative" and len(self.names) != 1:
             raise TierSetError(f"a cumulative TierSet names exactly one tier (everything up to it), got {len(self.names)}; use TierSet.up_to('tier_1b')")
+        if self.mode != "all" and not self.names:
+            raise TierSetError("a TierSet must name at least one tier (a model routed to none computes nothing); use TierSet.all() for every tier")
+        if any(not n.strip() for n in self.names):
+            raise TierSetError(f"a TierSet's tier names must not be empty, got {self.names!r}; name tiers such as tier_1b")
 
     @classmethod
     def all(cls) -> "TierSet":

@@ -11,18 +11,24 @@ from . import budget, depth, heads, moe, tiers, width  # noqa: F401
 from .importance import layer_importance
 from .moe import old_expert_mask
 from .tiers import add_tier_checkpoint
+from .expand import expand_checkpoint, materialize
+from .recipe import GrowthStep, Recipe
 from .registry import GrowthOp, available_ops, get_op, register
 from .tensors import LazyTensors, Tensors, expected_specs, stored_names
 
 __all__ = [
     "GrowthOp",
+    "GrowthStep",
+    "Recipe",
     "LazyTensors",
     "add_tier_checkpoint",
     "Tensors",
     "available_ops",
+    "expand_checkpoint",
     "expected_specs",
     "get_op",
     "layer_importance",
+    "materialize",
     "old_expert_mask",
     "register",
     "stored_names",

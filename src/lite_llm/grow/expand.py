@@ -40,7 +40,7 @@ from ..errors import ConfigError, LiteLLMError
 from ..model import LiteLLM, load_stored
 from ..runtime.cpu_memory import release_freed_memory
 from .importance import layer_importance
-from .recipe import VALIDATE_MODES, GrowthStep
+from .recipe import VALIDATE_MODES, GrowthStep, parse_step
 from .carry import CarriedEWC, carry_ewc
 from .common import check_room, refuse_quantized, room_at
 from .registry import GrowthOp, get_op
@@ -111,7 +111,7 @@ def _resolve_params(step: GrowthStep, config: ModelConfig, tensors: Tensors, ids
 def expand_checkpoint(
     source: str | os.PathLike,
     output: str | os.PathLike,
-    steps: Sequence[GrowthStep],
+    steps: Sequence[GrowthStep | dict[str, Any]],
     *,
     validate: str = "auto",
     tolerance: float | None = None,
@@ -137,6 +137,8 @@ def expand_checkpoint(
         raise ConfigError(f"validate must be one of {', '.join(VALIDATE_MODES)}, got {validate!r}")
     if not steps:
         raise ConfigError("no growth steps given; pass --method or a recipe with steps")
+    # a step may also be written as a recipe writes it: {"method": ..., **params}
+    steps = [s if isinstance(s, GrowthStep) else parse_step(s, f"step {i}") for i, s in enumerate(steps, 1)]
     # The source's hashes are checked in a background thread while the growth runs, and the
     # output is committed only if they pass: a corrupt source still leaves nothing behind, and
     # one sequential read of the source overlaps the writing instead of preceding it.

@@ -278,6 +278,8 @@ def build_model(
             device = torch.device(device)
         except RuntimeError:  # torch's message lists two dozen device types
             raise ConfigError(f"build_model's device {device!r} is not a device; give 'cpu', 'cuda' or 'cuda:N'") from None
+    if device is not None and device.type == "cuda" and not torch.cuda.is_available():  # torch would assert deep in torch.cuda
+        raise ConfigError(f"build_model's device {str(device)!r} needs a CUDA GPU, and this torch sees none (torch {torch.__version__}); use 'cpu'")
     model = LiteLLM(config)
     model.reset_parameters(seed)
     if device is not None or dtype is not None:
