@@ -64,7 +64,7 @@ def apply_presence_frequency_penalties(
 
 def apply_logit_bias(logits: torch.Tensor, bias: dict[int, float] | None) -> torch.Tensor:
     """OpenAI's ``logit_bias``: ``bias[j]`` added to token j's logit before the penalties and
-    sampling (vLLM's order).  Ids must lie in the vocabulary (the server checks them)."""
+    sampling (vLLM's order).  Ids must lie in the vocabulary (the server and ``generate_ids`` check them)."""
     if not bias:
         return logits
     ids = torch.tensor(list(bias), dtype=torch.long, device=logits.device)

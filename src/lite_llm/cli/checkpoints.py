@@ -30,7 +30,8 @@ def consolidate_command(
       lite-llm checkpoint consolidate runs/dist -o ckpt/dist
     """
     from ..checkpoint.atomic import refuse_existing
-    from ..dist.checkpoint import consolidate, is_sharded_checkpoint, latest_sharded, sharded_path
+    from ..checkpoint import CheckpointManager
+    from ..dist.checkpoint import consolidate, is_sharded_checkpoint, latest_sharded, ordinary_newer_than, sharded_path
 
     refuse_existing(output, overwrite, "checkpoint")
     if is_sharded_checkpoint(run):
@@ -43,14 +44,11 @@ def consolidate_command(
         found = latest_sharded(run)
         if found is None:
             raise LiteLLMError(f"{run} holds no complete sharded checkpoint; pass a run trained with torchrun, or one of its sharded/step-N folders")
-        from ..checkpoint import CheckpointManager
-
-        manager = CheckpointManager(run)
-        ordinary = manager.latest()
-        if ordinary is not None and (manager.step_of(ordinary) or -1) > int(found.name.split("-")[1]):
+        ordinary = ordinary_newer_than(run, found)
+        if ordinary is not None:
             raise LiteLLMError(
                 f"{ordinary} is newer than the run's last sharded checkpoint {found.name} (the run went on in one process) and is "
-                f"already an ordinary checkpoint: use it as it is, or pass --step {int(found.name.split('-')[1])} to consolidate the older one"
+                f"already an ordinary checkpoint: use it as it is, or pass --step {CheckpointManager.step_of(found)} to consolidate the older one"
             )
         source = found
     path = consolidate(source, output)

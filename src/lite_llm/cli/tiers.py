@@ -133,7 +133,7 @@ def choose_command(
     memory_bytes = parse_bytes(memory, "memory budget") if memory is not None else None
     table = load_profile(ckpt)
     if table is None:
-        raise LiteLLMError(f"ckpt {ckpt} has no TierSet profile; measure one with `lite-llm tiers profile {ckpt} --data DOMAIN=PATH`")
+        raise LiteLLMError(f"checkpoint {ckpt} has no TierSet profile; measure one with `lite-llm tiers profile {ckpt} --data DOMAIN=PATH`")
     pick = choose(table, latency_ms, memory_bytes)
     if show:
         print_table(table, pick)

@@ -107,7 +107,7 @@ def _train(
                 f"--parallel {given['parallel']} needs {needed} processes (dp x ep x tp x pp) but this is one; launch with torchrun, "
                 f"e.g. torchrun --nproc-per-node {needed} $(which lite-llm) train ... --parallel {given['parallel']}"
             )
-    with RunLock(output, say=lambda message: console.print(f"[yellow]{message}[/yellow]")):
+    with RunLock(output, say=_warn):
         manager = CheckpointManager(output)
         from ..dist.checkpoint import clean_partial_sharded
 
@@ -288,7 +288,7 @@ def _resumable_checkpoint(manager: Any, output: Path, chosen: Optional[Path]) ->
         except (CheckpointError, OSError) as err:
             if chosen is not None:
                 raise
-            console.print(f"[yellow]cannot resume from {path.name} ({err}); resuming from the previous complete checkpoint instead[/yellow]")
+            _warn(f"cannot resume from {path.name} ({err}); resuming from the previous complete checkpoint instead")
             continue
         if state is None:
             raise LiteLLMError(f"checkpoint {path} has no training state; start a new run from it with --init instead of resuming")
@@ -320,7 +320,7 @@ def _newer_sharded_checkpoint(manager: Any, output: Path) -> Optional[Path]:
     if sharded is None:
         return None
     ordinary = manager.latest()
-    newer = ordinary is None or int(sharded.name.split("-")[1]) > (manager.step_of(ordinary) or -1)
+    newer = ordinary is None or (manager.step_of(sharded) or -1) > (manager.step_of(ordinary) or -1)
     return sharded if newer else None
 
 
@@ -335,7 +335,7 @@ def _sharded_to_resume(output: Path, resume_from: Optional[Path]) -> Path:
     newest — refused when the run went on in one process after it (its newer ordinary
     checkpoints would be silently trained over) or never was distributed."""
     from ..checkpoint import CheckpointManager
-    from ..dist.checkpoint import is_sharded_checkpoint, latest_sound_sharded
+    from ..dist.checkpoint import is_sharded_checkpoint, latest_sound_sharded, ordinary_newer_than
 
     if resume_from is not None:
         if not is_sharded_checkpoint(resume_from):
@@ -344,10 +344,9 @@ def _sharded_to_resume(output: Path, resume_from: Optional[Path]) -> Path:
                 "or continue from an ordinary checkpoint in one process (without torchrun)"
             )
         return resume_from
-    manager = CheckpointManager(output)
-    latest, ordinary = latest_sound_sharded(output, say=_warn if _is_rank_zero() else lambda message: None), manager.latest()
-    ordinary_step = (manager.step_of(ordinary) or -1) if ordinary is not None else -1
+    latest = latest_sound_sharded(output, say=_warn if _is_rank_zero() else lambda message: None)
     if latest is None:
+        ordinary = CheckpointManager(output).latest()
         if ordinary is not None:
             raise LiteLLMError(
                 f"{output} holds checkpoints of a one-process run but no sharded checkpoint; continue it in one process (without torchrun), "
@@ -356,10 +355,11 @@ def _sharded_to_resume(output: Path, resume_from: Optional[Path]) -> Path:
         raise LiteLLMError(
             f"nothing to resume in {output}: it has no complete sharded checkpoint; start the run again with --overwrite instead of --resume"
         )
-    if ordinary_step > int(latest.name.split("-")[1]):
+    ordinary = ordinary_newer_than(output, latest)
+    if ordinary is not None:
         raise LiteLLMError(
             f"{ordinary} is newer than the run's last sharded checkpoint {latest.name}: the run went on in one process; continue it "
-            f"in one process (without torchrun), or pass --resume-from {latest} to go back to step {int(latest.name.split('-')[1])}"
+            f"in one process (without torchrun), or pass --resume-from {latest} to go back to step {CheckpointManager.step_of(latest)}"
         )
     return latest
 

@@ -33,7 +33,7 @@ from safetensors import SafetensorError
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from ..checkpoint import TrainingState, save_checkpoint
+from ..checkpoint import CheckpointManager, TrainingState, save_checkpoint
 from ..checkpoint.atomic import fsync_tree, remove_dir
 from ..checkpoint.manifest import sha256_file
 from ..config import ModelConfig
@@ -98,6 +98,16 @@ def check_sharded(path: Path) -> None:
         if sha256_file(file) != digest:
             raise CheckpointError(f"{file} does not match its sha256 in {META_FILE} (it changed after it was written); use an earlier sharded checkpoint of the run")
     _CHECKED.add(key)
+
+
+def ordinary_newer_than(run_dir: Path, sharded: Path) -> Path | None:
+    """The run's newest ordinary checkpoint when it is at a later step than the sharded one
+    (the run went on in one process after it), else None.  Both are named step-N."""
+    manager = CheckpointManager(run_dir)
+    ordinary = manager.latest()
+    if ordinary is not None and (manager.step_of(ordinary) or -1) > (manager.step_of(sharded) or -1):
+        return ordinary
+    return None
 
 
 def clean_partial_sharded(run_dir: Path) -> list[Path]:

@@ -69,7 +69,7 @@ from ..runtime.cpu_linear import faster_float32_linear
 from ..runtime.cpu_memory import release_freed_memory
 from ..model.layers import RMSNorm, rope_tables
 from ..model.transformer import Block
-from .tensors import LazyTensors, Tensors, known_zeros, layer_names, layer_prefix, origin, row_reader, stored_names, stored_rows, stored_spec
+from .tensors import LazyTensors, RowReader, StoredRows, Tensors, known_zeros, layer_names, layer_prefix, origin, row_reader, stored_names, stored_rows, stored_spec
 
 FP64 = torch.float64
 GRAD_DTYPE = torch.float32  # of the gradient-flow check, unless a bf16 dense block allows less (see grad_dtype)
@@ -531,8 +531,9 @@ class _Head:
     unchanged, or made slice by slice from its source's rows (a widened head), else produced
     whole once (:func:`~.tensors.row_reader`)."""
 
-    def __init__(self, model: _Model, name: str) -> None:
-        self._rows = row_reader(model.tensors, name)
+    def __init__(self, model: _Model, name: str, rows: StoredRows | RowReader | None = None) -> None:
+        """``rows``: the head's :func:`~.tensors.row_reader`, when the caller has asked for it already."""
+        self._rows = rows if rows is not None else row_reader(model.tensors, name)
         self._whole = model.tensors[name] if self._rows is None else None
         self.shape = tuple(self._whole.shape) if self._whole is not None else self._rows.shape
         self.numel = math.prod(self.shape)
@@ -575,7 +576,8 @@ def _heads(a: _Model, b: _Model, xa: torch.Tensor, xb: torch.Tensor, ids: torch.
         else:
             head_b = _Head(b, name_b)  # the grown one first: making it whole is the growth's own peak
             b_head_numel = head_b.numel
-            if head_b.whole and row_reader(a.tensors, name_a) is None:
+            rows_a = row_reader(a.tensors, name_a)
+            if head_b.whole and rows_a is None:
                 # Two whole heads: one in memory at a time, the grown one's logits kept
                 # (tokens x vocabulary) while the original's head is made.
                 kept = []
@@ -592,7 +594,7 @@ def _heads(a: _Model, b: _Model, xa: torch.Tensor, xb: torch.Tensor, ids: torch.
             else:
                 # At most one whole: both heads go slice by slice together and no logits are
                 # kept (for SmolLM2's width growth those were 50 MB, the check's largest buffer).
-                head_a = _Head(a, name_a)
+                head_a = _Head(a, name_a, rows_a)
                 a_head_numel = head_a.numel
                 for (start, w), (_, wb) in zip(head_a.slices(rows, a.device, a.dtype), head_b.slices(rows, b.device, b.dtype)):
                     za, zb = F.linear(ha, w), F.linear(hb, wb)

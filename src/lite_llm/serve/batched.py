@@ -117,7 +117,7 @@ def _run_forward_hooks(block: torch.nn.Module, x: torch.Tensor) -> None:
     hooks = block._forward_hooks
     if not hooks:
         return
-    output = (x.unsqueeze(1),)
+    rows = x.unsqueeze(1)
     for hook_id, hook in list(hooks.items()):
         if hook_id not in block._forward_hooks_with_kwargs:
-            hook(block, (x.unsqueeze(1),), output)
+            hook(block, (rows,), (rows,))
