@@ -149,3 +149,23 @@ def test_a_flipped_byte_in_a_shard_is_found_by_consolidation_and_resume(runs, tm
     assert "cannot resume from step-00000006" in done.stdout and "does not match its sha256" in done.stdout
     assert "removed .step-00000007.partial, left by an interrupted run" in done.stdout
     assert not (run / "sharded" / ".step-00000007.partial").exists()
+
+
+def test_ranks_hash_a_sharded_checkpoint_together_each_its_share(tmp_path):
+    """Rank 0 hashed every file of a save alone while the other ranks waited, and every rank
+    hashed the whole checkpoint again on resume: at scale, N readings of every shard."""
+    from lite_llm.dist.local import run_ranks
+    from tests.dist import workers
+
+    results = run_ranks(workers.shared_hashing, 2, tmp_path / "out", str(tmp_path / "run"), timeout_s=120)
+    files = results[0]["files"]
+    assert len(files) >= 2
+    for key in ("saved", "checked"):  # disjoint shares that cover every file, each rank some
+        shares = [set(r[key]) for r in results]
+        assert all(shares) and not shares[0] & shares[1] and shares[0] | shares[1] == set(files), (key, shares)
+        assert all(len(r[key]) == len(set(r[key])) for r in results)
+    assert all(r["again"] == [] for r in results)  # the save's own hashes stand: no second reading
+    victim = results[0]["victim"]
+    assert victim in results[1]["checked"] and victim not in results[0]["checked"]
+    for r in results:  # the rank that did not hash the flipped file refuses it as well, in the same words
+        assert r["refusal"] == results[0]["refusal"] and f"{victim} does not match its sha256" in r["refusal"]

@@ -237,3 +237,45 @@ def lose_a_peer() -> dict[str, Any]:
     finally:
         dist.destroy_process_group()
     return {"sentence": None, "raw": "the all-reduce succeeded without its peer"}
+
+
+def shared_hashing(run_dir: str) -> dict[str, Any]:
+    """Save a sharded checkpoint on two FSDP ranks, then check it, counting which files each
+    rank hashed; then rank 0 flips a byte of a file that rank 1 hashes, and both check again."""
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    import lite_llm.dist.checkpoint as ckpt
+    from lite_llm.dist.parallelize import parallelize
+    from lite_llm.errors import CheckpointError
+
+    ranks = init_distributed("dp=2", torch.device("cpu"))
+    model = parallelize(build_model(two_tier_config(), seed=1), ranks)
+    optimizer = torch.optim.AdamW(model.parameters())
+    hashed: list[str] = []
+    real = ckpt.sha256_file
+    ckpt.sha256_file = lambda path: (hashed.append(Path(path).name), real(path))[1]
+    meta = {"model_config": two_tier_config().to_dict(), "trainer": {"step": 3}, "progressive": {}}
+    path = ckpt.save_sharded(Path(run_dir), 3, model, optimizer, meta, None, keep_last=3)
+    saved, hashed[:] = list(hashed), []
+    ckpt.check_sharded(path)  # just saved and hashed by this process: nothing is read again
+    again, hashed[:] = list(hashed), []
+    ckpt._CHECKED.clear()  # as a new process resuming the run would
+    ckpt.check_sharded(path)
+    checked, hashed[:] = list(hashed), []
+    recorded = ckpt.read_meta(path)[ckpt.SHA256_KEY]
+    files = [path / name for name in sorted(recorded)]
+    victim = ckpt.hashing_shares(files, [f.stat().st_size for f in files], 2)[1][0]
+    if ranks.rank == 0:
+        data = bytearray(victim.read_bytes())
+        data[-1] ^= 0xFF
+        victim.write_bytes(bytes(data))
+    dist.barrier()
+    ckpt._CHECKED.clear()
+    try:
+        ckpt.check_sharded(path)
+        refusal = None
+    except CheckpointError as err:
+        refusal = str(err)
+    return {"saved": saved, "again": again, "checked": checked, "files": sorted(recorded), "victim": victim.name, "refusal": refusal}

@@ -459,8 +459,10 @@ def train_distributed(
     resume: bool, resume_from: Optional[Path], overwrite: bool, quiet: bool, device: torch.device, given: dict[str, Any],
 ) -> None:
     """One rank's part of ``lite-llm train`` under torchrun.  Whatever can be refused from the
-    command line and the files alone is refused before the process group forms, on every rank
-    alike: a rank that stopped alone would leave the others to report a lost peer instead."""
+    command line and the files alone is refused on every rank alike, before any rank waits for
+    another (a rank that stopped alone would leave the others to report a lost peer instead);
+    the process group is joined first all the same, so the ranks hash the checkpoint to resume
+    from together, each its share, instead of each reading all of it."""
     import torch.distributed as dist
 
     from ..checkpoint import CheckpointManager, load_checkpoint
@@ -468,7 +470,7 @@ def train_distributed(
     from ..data import TokenData
     from ..data.compat import check_data_tokenizer
     from ..dist.checkpoint import read_meta
-    from ..dist.launch import describe_collective_failure, init_distributed, shutdown
+    from ..dist.launch import describe_collective_failure, init_distributed, join_process_group, shutdown
     from ..dist.parallelize import parallelize
     from ..checkpoint.run_lock import RunLock, check_unlocked
     from ..dist.trainer import DistributedTrainer
@@ -476,22 +478,25 @@ def train_distributed(
     from ..train import TrainConfig
 
     check_unlocked(output)  # every rank, before any of them waits for the others; rank 0 takes the lock below
-    latest = _sharded_to_resume(output, resume_from) if resume else None
-    if latest is not None:
-        meta = read_meta(latest)
-        run_model = ModelConfig.from_dict(meta["model_config"])  # the run's own model: nothing to retype
-        if (preset or model_config) and model_config_from(preset, model_config).to_dict() != run_model.to_dict():
-            raise LiteLLMError(f"cannot resume with a different model: {latest} holds another configuration than --preset/--model-config give; drop them to continue the run")
-        saved = dict(meta["trainer"].get("train_config") or {})
-        cfg = resumed_config(saved, config, given)
-    else:
-        fields = (TrainConfig.from_file(config) if config else TrainConfig()).to_dict()
-        cfg = TrainConfig.from_dict({**fields, **given})
-    if latest is None:
-        refuse_existing_run(output, overwrite, clear=False)  # every rank, before any of them waits for the others; rank 0 clears below
-    ranks = init_distributed(cfg.parallel or None, device)
-    lock = RunLock(output, say=_warn)
+    # Joined before the checkpoint to resume from is picked: the ranks hash its files together, each its share.
+    device = join_process_group(device)
+    lock: Optional[RunLock] = None
     try:
+        latest = _sharded_to_resume(output, resume_from) if resume else None
+        if latest is not None:
+            meta = read_meta(latest)
+            run_model = ModelConfig.from_dict(meta["model_config"])  # the run's own model: nothing to retype
+            if (preset or model_config) and model_config_from(preset, model_config).to_dict() != run_model.to_dict():
+                raise LiteLLMError(f"cannot resume with a different model: {latest} holds another configuration than --preset/--model-config give; drop them to continue the run")
+            saved = dict(meta["trainer"].get("train_config") or {})
+            cfg = resumed_config(saved, config, given)
+        else:
+            fields = (TrainConfig.from_file(config) if config else TrainConfig()).to_dict()
+            cfg = TrainConfig.from_dict({**fields, **given})
+        if latest is None:
+            refuse_existing_run(output, overwrite, clear=False)  # every rank, before any of them waits for the others; rank 0 clears below
+        ranks = init_distributed(cfg.parallel or None, device)
+        lock = RunLock(output, say=_warn)
         if ranks.is_main:
             lock.acquire()
             from ..dist.checkpoint import clean_partial_sharded
@@ -540,5 +545,6 @@ def train_distributed(
             raise
         raise LiteLLMError(message) from None
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
         shutdown()

@@ -82,22 +82,58 @@ def latest_sound_sharded(run_dir: Path, say: Callable[[str], None] = lambda mess
 _CHECKED: set[tuple] = set()  # sharded checkpoints (path, each file's size and mtime) this process has hashed: picked, then loaded, once
 
 
-def check_sharded(path: Path) -> None:
+def check_sharded(path: Path, *, collective: bool = True) -> None:
     """Raise :class:`CheckpointError` when the sharded checkpoint's metadata or a shard file's
     header does not read, a tensor's chunks do not cover it (a file cut short or missing), or a
-    file does not match the sha256 its metadata records."""
+    file does not match the sha256 its metadata records.  With ``collective`` and a process group
+    up, every rank must call it: the files are hashed once in all, shared out among the ranks
+    (:func:`sha256_shared`), and every rank reaches the same verdict."""
     meta = read_meta(path)
-    key = (str(Path(path).resolve()), *((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(Path(path).iterdir()) if p.is_file()))
+    key = _checked_key(path)
     if key in _CHECKED:
         return
     _read_stored(path)
-    for name, digest in (meta.get(SHA256_KEY) or {}).items():  # older checkpoints have none
-        file = Path(path) / name
-        if not file.is_file():
+    recorded = meta.get(SHA256_KEY) or {}  # older checkpoints have none
+    found = sha256_shared([Path(path) / name for name in sorted(recorded)], collective=collective)
+    for name in sorted(recorded):
+        if found[name] is None:
             raise CheckpointError(f"{path} has lost its file {name}; restore it, or use an earlier sharded checkpoint of the run")
-        if sha256_file(file) != digest:
-            raise CheckpointError(f"{file} does not match its sha256 in {META_FILE} (it changed after it was written); use an earlier sharded checkpoint of the run")
+        if found[name] != recorded[name]:
+            raise CheckpointError(f"{Path(path) / name} does not match its sha256 in {META_FILE} (it changed after it was written); use an earlier sharded checkpoint of the run")
     _CHECKED.add(key)
+
+
+def _checked_key(path: Path) -> tuple:
+    return (str(Path(path).resolve()), *((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(Path(path).iterdir()) if p.is_file()))
+
+
+def sha256_shared(files: list[Path], *, collective: bool = True) -> dict[str, str | None]:
+    """Each file's sha256 by name (None for a missing one).  With ``collective`` and a process
+    group of several ranks, each rank hashes its share (:func:`hashing_shares`) and the digests
+    are gathered: a checkpoint is read once in all, not once per rank, and saving or resuming
+    does not wait on one rank reading every shard.  Every rank gets the whole answer."""
+    world = dist.get_world_size() if collective and dist.is_initialized() else 1
+    rank = dist.get_rank() if world > 1 else 0
+    sizes = [f.stat().st_size if f.is_file() else 0 for f in files]
+    mine = {f.name: (sha256_file(f) if f.is_file() else None) for f in hashing_shares(files, sizes, world)[rank]}
+    if world == 1:
+        return mine
+    gathered: list[dict[str, str | None] | None] = [None] * world
+    dist.all_gather_object(gathered, mine)
+    return {name: digest for part in gathered for name, digest in (part or {}).items()}
+
+
+def hashing_shares(files: list[Path], sizes: list[int], world: int) -> list[list[Path]]:
+    """``files`` shared out among ``world`` ranks by bytes: largest first, each to the rank
+    with the fewest bytes so far (the lowest such rank on a tie), so every rank computes the
+    same shares from the same sizes."""
+    shares: list[list[Path]] = [[] for _ in range(world)]
+    load = [0] * world
+    for size, file in sorted(zip(sizes, files), key=lambda pair: (-pair[0], pair[1].name)):
+        rank = min(range(world), key=lambda r: (load[r], r))
+        shares[rank].append(file)
+        load[rank] += size
+    return shares
 
 
 def ordinary_newer_than(run_dir: Path, sharded: Path) -> Path | None:
@@ -158,10 +194,11 @@ def save_sharded(run_dir: Path, step: int, model: torch.nn.Module, optimizer: to
     dcp.save(training_tensors(model, optimizer), storage_writer=HuggingFaceStorageWriter(str(partial), save_distributed=True),
              no_dist=not dist.is_initialized())
     _barrier()
+    # every file's sha256, as an ordinary checkpoint's manifest has them: a flipped byte in a
+    # shard is found on resume and consolidation instead of being trained on (or re-hashed as
+    # good); every rank hashes its share of the files every rank has written
+    hashes = sha256_shared(sorted(p for p in partial.iterdir() if p.is_file()))
     if main:
-        # every file's sha256, as an ordinary checkpoint's manifest has them: a flipped byte in a
-        # shard is found on resume and consolidation instead of being trained on (or re-hashed as good)
-        hashes = {p.name: sha256_file(p) for p in sorted(partial.iterdir()) if p.is_file()}
         (partial / META_FILE).write_text(json.dumps({**meta, SHA256_KEY: hashes}, indent=1, sort_keys=True), encoding="utf-8")
         if tokenizer is not None:
             tokenizer.save(partial / "tokenizer")
@@ -173,6 +210,7 @@ def save_sharded(run_dir: Path, step: int, model: torch.nn.Module, optimizer: to
             if old != final:  # the one just written is kept, as CheckpointManager keeps it (a run resumed behind newer ones)
                 remove_dir(old)
     _barrier()
+    _CHECKED.add(_checked_key(final))  # just hashed: consolidating or resuming it in this process needs no second reading
     return final
 
 
@@ -216,7 +254,7 @@ def consolidate(path: Path, output: Path) -> Path:
     """The ordinary manifest checkpoint (weights, optimizer moments, training metadata) of a
     sharded one: what growth, add-tier, eval and export read, and what a new run starts from.
     Reads in this process alone (no process group needed)."""
-    check_sharded(path)  # hashes too: consolidation must not give corrupt bytes fresh ones
+    check_sharded(path, collective=False)  # hashes too (consolidation must not give corrupt bytes fresh ones); rank 0 alone may call it
     meta = read_meta(path)
     config = ModelConfig.from_dict(meta["model_config"])
     model = build_model(config, seed=0)

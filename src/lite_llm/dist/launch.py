@@ -66,12 +66,7 @@ def init_distributed(degrees_spec: str | dict | None, device: torch.device, time
     ``--parallel`` ends every rank with the same sentence."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     degrees = ParallelDegrees.parse(degrees_spec, world)
-    if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    device = join_process_group(device, timeout_s)
     mesh = init_device_mesh(
         device.type, (degrees.pp, degrees.dp, degrees.ep, degrees.tp), mesh_dim_names=("pp", "dp", "ep", "tp")
     )
@@ -81,6 +76,19 @@ def init_distributed(degrees_spec: str | dict | None, device: torch.device, time
         # twin a reduction over both (the gradient norm) is one all-reduce, not two in a row
         mesh["dp", "ep", "tp"]._flatten("data_tp")
     return Ranks(degrees, mesh, device, data_mesh)
+
+
+def join_process_group(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S) -> torch.device:
+    """Join the process group torchrun set up (once; later calls change nothing) and return
+    this rank's device: ``cuda:LOCAL_RANK`` on CUDA.  A run may join before it knows its
+    degrees (a resumed run reads them from its checkpoint, which the ranks verify together)."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
+    return device
 
 
 def describe_collective_failure(exc: BaseException) -> str | None:
