@@ -7,13 +7,17 @@ bad input; heavy imports happen inside commands so ``--help`` is instant.
 
 # Imported for their side effect, registering the commands, in the order `--help` lists them.
 from . import quickstart, prepare, train, evaluate, generate, chat, grow, interop, ewc, tiers, checkpoints, serve  # noqa: F401,I001
-from .app import app, reflow_help
+import sys
+
+from .app import app, plain_help, reflow_help, run_app
 
 reflow_help(app)
 
 
 def main() -> None:
-    app()
+    if not sys.stdout.isatty():
+        plain_help(app)
+    run_app(app)
 
 
 __all__ = ["app", "main"]

@@ -70,9 +70,61 @@ def reflow_help(application: typer.Typer) -> None:
 
 def _reflowed(paragraph: str) -> str:
     lines = paragraph.split("\n")
-    if any(line.startswith((" ", "\t", "\b")) for line in lines):
+    if _verbatim(lines):
         return paragraph
     return " ".join(line.strip() for line in lines)
+
+
+def _verbatim(lines: list[str]) -> bool:
+    """A paragraph kept line for line: an example or a command (an indented line)."""
+    return any(line.startswith((" ", "\t", "\b")) for line in lines)
+
+
+def plain_help(application: typer.Typer) -> None:
+    """Help as plain lines, for a stdout that is not a terminal (a pipe, a file, a log).
+
+    Rich draws help in boxes padded to 80 columns there, and cuts long option names and
+    examples with an ellipsis; click's own formatter, given a width of ``$COLUMNS`` or none at
+    all, writes each paragraph and option on one line and nothing is cut.  Examples are marked
+    for click to keep line for line (``\\b``), so a command continued with ``\\`` stays two lines."""
+    width = _piped_width() or 1000
+    application.rich_markup_mode = None
+    application.info.context_settings = {**(application.info.context_settings or {}), "terminal_width": width, "max_content_width": width}
+    _mark_verbatim(application)
+
+
+def _mark_verbatim(application: typer.Typer) -> None:
+    application.rich_markup_mode = None
+    for info in application.registered_commands:
+        if info.help:
+            info.help = "\n\n".join(
+                "\b\n" + p if _verbatim(p.split("\n")) and not p.startswith("\b") else p for p in info.help.split("\n\n")
+            )
+    for group in application.registered_groups:
+        if group.typer_instance is not None:
+            _mark_verbatim(group.typer_instance)
+
+
+def run_app(application: typer.Typer) -> None:
+    """Run the command line; a mistyped command or option is one line on stderr, as every
+    other error is (click's usage block and rich's error box said the same in seven lines)."""
+    try:
+        code = application(prog_name="lite-llm", standalone_mode=False)
+    except typer.TyperException as exc:  # click's exceptions (typer ships its own click)
+        if type(exc).__name__ == "NoArgsIsHelpError":  # a group without its command: its help, on stdout
+            help_text = exc.format_message()  # rich has printed it already; click's formatter returns it
+            if help_text:
+                print(help_text)
+            sys.exit(2)
+        ctx = getattr(exc, "ctx", None)
+        hint = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
+        message = exc.format_message().rstrip(".") if hint else exc.format_message()
+        err_console.print(f"[bold red]error:[/bold red] {escape(message)}{escape(hint)}", highlight=False)
+        sys.exit(getattr(exc, "exit_code", 2))
+    except typer.Abort:
+        err_console.print("[bold red]error:[/bold red] aborted", highlight=False)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -7,6 +7,7 @@ import functools
 import inspect
 import re
 from pathlib import Path
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Optional
 
 import typer
@@ -14,7 +15,7 @@ import typer
 if TYPE_CHECKING:
     import torch
 
-from ..errors import ConfigError, LiteLLMError
+from ..errors import CheckpointError, ConfigError, LiteLLMError
 from ..train.config import TrainConfig
 from .app import THREADS_HELP, app, apply_threads, console, device_option, friendly_errors, model_config_from, overwrite_option, print_scores
 from .train_options import flag_of, train_config_fields, train_config_parameters
@@ -324,16 +325,32 @@ def _newer_sharded_checkpoint(manager: Any, output: Path) -> Optional[Path]:
     return sharded if newer else None
 
 
+def _hashes_hold(sharded: Path) -> bool:
+    """Whether a sharded checkpoint's files match their recorded sha256, hashed by the ranks
+    together (collective: every rank calls it and gets the same answer); a mismatch is said."""
+    from ..dist.checkpoint import check_sharded
+
+    try:
+        check_sharded(sharded)
+    except CheckpointError as err:
+        if _is_rank_zero():
+            _warn(f"cannot resume from {sharded.name} ({err}); resuming from the previous complete sharded checkpoint instead")
+        return False
+    return True
+
+
 def _say_finished(output: Path, step: int, checkpoint: Path) -> None:
     """What resuming a run that already reached its --steps prints (it trains nothing)."""
     console.print(f"the run in {output} is finished at step {step}; pass --steps N (N > {step}) to extend it")
     console.print(f"checkpoint: {checkpoint}")
 
 
-def _sharded_to_resume(output: Path, resume_from: Optional[Path]) -> Path:
+def _sharded_to_resume(output: Path, resume_from: Optional[Path], passed_over: Sequence[Path] = ()) -> Path:
     """The sharded checkpoint a distributed run continues from: ``resume_from``, or the run's
-    newest — refused when the run went on in one process after it (its newer ordinary
-    checkpoints would be silently trained over) or never was distributed."""
+    newest whose files read (their hashes are checked once the ranks can share the work:
+    :func:`_hashes_hold`), but for ``passed_over`` — refused when the run went on in one
+    process after it (its newer ordinary checkpoints would be silently trained over) or never
+    was distributed.  Needs no process group: what it refuses, every rank refuses alike."""
     from ..checkpoint import CheckpointManager
     from ..dist.checkpoint import is_sharded_checkpoint, latest_sound_sharded, ordinary_newer_than
 
@@ -344,7 +361,7 @@ def _sharded_to_resume(output: Path, resume_from: Optional[Path]) -> Path:
                 "or continue from an ordinary checkpoint in one process (without torchrun)"
             )
         return resume_from
-    latest = latest_sound_sharded(output, say=_warn if _is_rank_zero() else lambda message: None)
+    latest = latest_sound_sharded(output, say=_warn if _is_rank_zero() else lambda message: None, skip=passed_over, hashes=False)
     if latest is None:
         ordinary = CheckpointManager(output).latest()
         if ordinary is not None:
@@ -460,9 +477,10 @@ def train_distributed(
 ) -> None:
     """One rank's part of ``lite-llm train`` under torchrun.  Whatever can be refused from the
     command line and the files alone is refused on every rank alike, before any rank waits for
-    another (a rank that stopped alone would leave the others to report a lost peer instead);
-    the process group is joined first all the same, so the ranks hash the checkpoint to resume
-    from together, each its share, instead of each reading all of it."""
+    another (a rank that stopped alone would leave the others to report a lost peer instead).
+    Then the process group is joined, and the ranks hash the checkpoint to resume from
+    together, each its share, instead of each reading all of it; if its files fail, the
+    previous one is picked the same way."""
     import torch.distributed as dist
 
     from ..checkpoint import CheckpointManager, load_checkpoint
@@ -478,23 +496,29 @@ def train_distributed(
     from ..train import TrainConfig
 
     check_unlocked(output)  # every rank, before any of them waits for the others; rank 0 takes the lock below
-    # Joined before the checkpoint to resume from is picked: the ranks hash its files together, each its share.
-    device = join_process_group(device)
     lock: Optional[RunLock] = None
+    passed_over: list[Path] = []  # sharded checkpoints whose files failed their hashes
     try:
-        latest = _sharded_to_resume(output, resume_from) if resume else None
-        if latest is not None:
-            meta = read_meta(latest)
-            run_model = ModelConfig.from_dict(meta["model_config"])  # the run's own model: nothing to retype
-            if (preset or model_config) and model_config_from(preset, model_config).to_dict() != run_model.to_dict():
-                raise LiteLLMError(f"cannot resume with a different model: {latest} holds another configuration than --preset/--model-config give; drop them to continue the run")
-            saved = dict(meta["trainer"].get("train_config") or {})
-            cfg = resumed_config(saved, config, given)
-        else:
-            fields = (TrainConfig.from_file(config) if config else TrainConfig()).to_dict()
-            cfg = TrainConfig.from_dict({**fields, **given})
-        if latest is None:
-            refuse_existing_run(output, overwrite, clear=False)  # every rank, before any of them waits for the others; rank 0 clears below
+        while True:
+            latest = _sharded_to_resume(output, resume_from, passed_over) if resume else None
+            if latest is not None:
+                meta = read_meta(latest)
+                run_model = ModelConfig.from_dict(meta["model_config"])  # the run's own model: nothing to retype
+                if (preset or model_config) and model_config_from(preset, model_config).to_dict() != run_model.to_dict():
+                    raise LiteLLMError(f"cannot resume with a different model: {latest} holds another configuration than --preset/--model-config give; drop them to continue the run")
+                saved = dict(meta["trainer"].get("train_config") or {})
+                cfg = resumed_config(saved, config, given)
+            else:
+                fields = (TrainConfig.from_file(config) if config else TrainConfig()).to_dict()
+                cfg = TrainConfig.from_dict({**fields, **given})
+            if latest is None:
+                refuse_existing_run(output, overwrite, clear=False)  # every rank, before any of them waits for the others; rank 0 clears below
+            device = join_process_group(device)
+            # the files' hashes, checked by the ranks together (each its share) once they can talk;
+            # a chosen --resume-from is checked as it loads, and refused if they fail
+            if latest is None or resume_from is not None or _hashes_hold(latest):
+                break
+            passed_over.append(latest)
         ranks = init_distributed(cfg.parallel or None, device)
         lock = RunLock(output, say=_warn)
         if ranks.is_main:

@@ -54,7 +54,11 @@ def train_config_parameters() -> list[inspect.Parameter]:
             annotation = Optional[_CLI_TYPES.get(kind) or {"int": int, "float": float, "str": str}[str(spec.type)]]
         bounds = {"min": 1} if spec.name in POSITIVE_INTS else {"min": 0} if spec.name in NON_NEGATIVE_INTS else {}
         extra = {"metavar": _METAVARS[kind]} if kind in _METAVARS else {}
-        option = typer.Option(None, *decls, help=spec.metadata["help"], show_default=_default_text(spec), **bounds, **extra)
+        # The default is said in the help: the option's own default is None (not given), and a
+        # string show_default is printed in parentheses, "[default: (200)]".
+        default = _default_text(spec)
+        help_text = spec.metadata["help"] + ("" if default == "none" else f" Default: {default}.")
+        option = typer.Option(None, *decls, help=help_text, show_default=False, **bounds, **extra)
         params.append(inspect.Parameter(spec.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation))
     return params
 

@@ -22,7 +22,7 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,12 +66,17 @@ def latest_sharded(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def latest_sound_sharded(run_dir: Path, say: Callable[[str], None] = lambda message: None) -> Path | None:
-    """The newest sharded checkpoint of the run whose metadata and shard headers read
-    (:func:`check_sharded`); a corrupt newer one is said so (``say``) and passed over."""
+def latest_sound_sharded(
+    run_dir: Path, say: Callable[[str], None] = lambda message: None, *, skip: Sequence[Path] = (), hashes: bool = True
+) -> Path | None:
+    """The newest sharded checkpoint of the run, but for ``skip``, that :func:`check_sharded`
+    passes (with ``hashes=False``: its metadata and shard headers read, the files' sha256 left
+    for a later collective check); a corrupt newer one is said so (``say``) and passed over."""
     for path in reversed(list_sharded(run_dir)):
+        if path in skip:
+            continue
         try:
-            check_sharded(path)
+            check_sharded(path, hashes=hashes)
         except CheckpointError as err:
             say(f"cannot resume from {path.name} ({err}); resuming from the previous complete sharded checkpoint instead")
             continue
@@ -82,17 +87,19 @@ def latest_sound_sharded(run_dir: Path, say: Callable[[str], None] = lambda mess
 _CHECKED: set[tuple] = set()  # sharded checkpoints (path, each file's size and mtime) this process has hashed: picked, then loaded, once
 
 
-def check_sharded(path: Path, *, collective: bool = True) -> None:
+def check_sharded(path: Path, *, hashes: bool = True, collective: bool = True) -> None:
     """Raise :class:`CheckpointError` when the sharded checkpoint's metadata or a shard file's
-    header does not read, a tensor's chunks do not cover it (a file cut short or missing), or a
-    file does not match the sha256 its metadata records.  With ``collective`` and a process group
-    up, every rank must call it: the files are hashed once in all, shared out among the ranks
-    (:func:`sha256_shared`), and every rank reaches the same verdict."""
+    header does not read, a tensor's chunks do not cover it (a file cut short or missing), or
+    (``hashes``) a file does not match the sha256 its metadata records.  With ``collective`` and a
+    process group up, every rank must call it: the files are hashed once in all, shared out
+    among the ranks (:func:`sha256_shared`), and every rank reaches the same verdict."""
     meta = read_meta(path)
     key = _checked_key(path)
     if key in _CHECKED:
         return
     _read_stored(path)
+    if not hashes:
+        return
     recorded = meta.get(SHA256_KEY) or {}  # older checkpoints have none
     found = sha256_shared([Path(path) / name for name in sorted(recorded)], collective=collective)
     for name in sorted(recorded):
