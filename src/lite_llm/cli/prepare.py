@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
+from ..config.model import PRESETS
 from ..errors import LiteLLMError
 from .app import app, console, friendly_errors, model_config_from, overwrite_option, plain_warnings
 
@@ -23,7 +24,7 @@ app.add_typer(tokenizer_app, name="tokenizer")
 def init(
     output: Path = typer.Option(..., "-o", "--output", help="Checkpoint directory to create."),
     overwrite: bool = overwrite_option(),
-    preset: Optional[str] = typer.Option(None, help="Named model config: tiny, tiny-dense, small, smollm2-135m."),
+    preset: Optional[str] = typer.Option(None, help=f"Named model config: {', '.join(PRESETS)} (default: tiny)."),
     config: Optional[Path] = typer.Option(None, help="Model config file (YAML or JSON; may say `preset: NAME` and override fields)."),
     tokenizer: str = typer.Option("byte", help="'byte' or a folder/tokenizer.json made by `lite-llm tokenizer train`."),
     seed: int = typer.Option(0, help="Initialisation seed.", min=0),
@@ -38,6 +39,8 @@ def init(
     """
     from ..checkpoint.atomic import refuse_existing
 
+    if preset is not None and config is not None:  # one would be dropped without a word
+        raise LiteLLMError(f"give only one of --preset and --config: a config file names its preset itself (`preset: {preset}`) and overrides fields of it")
     refuse_existing(output, overwrite, "checkpoint")
     from ..checkpoint import save_checkpoint
     from ..data import get_tokenizer

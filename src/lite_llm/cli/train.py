@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
 import re
 from pathlib import Path
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Optional
 
 import typer
@@ -131,10 +132,10 @@ def _train(
             plan = plan or _saved_curriculum(meta)
             cfg = resumed_config(saved, config, given)
         else:
-            refuse_existing_run(output, overwrite)
             latest = None
             fields = (TrainConfig.from_file(config) if config else TrainConfig()).to_dict()
             cfg = TrainConfig.from_dict({**fields, **given})
+            refuse_existing_run(output, overwrite, reads=run_inputs(cfg, data=data, init_from=init_from, config=config, model_config=model_config, curriculum=curriculum))
         dataset = TokenData(data)
         if sharded is not None:
             from ..dist.checkpoint import read_meta
@@ -173,13 +174,39 @@ def _train(
                 return _say_finished(output, trainer.step, latest)
             console.print(f"resumed from {latest} at step {trainer.step} of {cfg.steps}")
         console.print(f"device: {trainer.runtime_summary()}")
-        result = trainer.train()
+        with _stopped_by_signal(trainer, manager, data, output):
+            result = trainer.train()
     print_scores(result.final_eval)
     if result.skipped_steps:
         console.print(f"[yellow]skipped {len(result.skipped_steps)} step(s) with a non-finite loss: {result.skipped_steps[:10]}[/yellow]")
     if result.stopped_early:
         console.print(f"[yellow]{result.stopped_early}[/yellow]")
     console.print(f"checkpoint: {result.checkpoint}")
+
+
+@contextlib.contextmanager
+def _stopped_by_signal(trainer: Any, manager: Any, data: Path, output: Path) -> Iterator[None]:
+    """Ctrl-C or SIGTERM (a scheduler's stop) ends the run with one line saying where it
+    stopped and what ``--resume`` continues from, and exit code 130; the run's lock is released
+    on the way out, as on any other exit.  SIGTERM is handled only while the run trains."""
+    import signal
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    except KeyboardInterrupt:
+        latest = manager.latest()
+        where = f"interrupted at step {trainer.step}"
+        if latest is None:
+            _warn(f"{where}; no checkpoint was saved (--save-every N saves along the way), so the run starts again with --overwrite")
+        else:
+            _warn(f"{where}; the last checkpoint is {latest}: `lite-llm train --data {data} -o {output} --resume` continues from it")
+        raise typer.Exit(130) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _named_by_flags(fn: Any) -> Any:
@@ -399,6 +426,11 @@ def _holds_run(output: Path) -> bool:
     return any(n in RUN_ENTRIES for n in names) and all(_is_run_entry(n) for n in names)
 
 
+def _saved_anything(output: Path) -> bool:
+    """Whether a run directory holds a checkpoint (ordinary or sharded) to resume from."""
+    return any((output / entry).is_dir() and any((output / entry).iterdir()) for entry in ("checkpoints", "sharded"))
+
+
 def _is_rank_zero() -> bool:
     """Rank 0 of a torchrun launch (or a process launched alone), before any process group forms."""
     import os
@@ -420,9 +452,20 @@ def check_in_run(checkpoint: Path, output: Path) -> None:
         )
 
 
-def refuse_existing_run(output: Path, overwrite: bool, *, clear: bool = True) -> None:
+def run_inputs(
+    cfg: Any, *, data: Path, init_from: Optional[Path], config: Optional[Path], model_config: Optional[Path], curriculum: Optional[Path] = None
+) -> dict[str, Path]:
+    """What a run reads, by flag: the paths given and the checkpoints its training config names
+    (teacher, EWC and SI sources)."""
+    named = {"--data": data, "--init": init_from, "--config": config, "--model-config": model_config, "--curriculum": curriculum}
+    named.update({flag_of(name): getattr(cfg, name) for name in ("distill_from", "ewc_from", "si_from")})
+    return {flag: Path(value) for flag, value in named.items() if value}
+
+
+def refuse_existing_run(output: Path, overwrite: bool, *, clear: bool = True, reads: Optional[dict[str, Path]] = None) -> None:
     """A fresh run never mixes into an old one: refuse unless ``overwrite``, then (``clear``)
-    clear it — only when it is a run directory (:data:`RUN_ENTRIES`)."""
+    clear it — only when it is a run directory (:data:`RUN_ENTRIES`), and never when the new run
+    reads something inside it (``reads``: a checkpoint of the old run as --init or teacher)."""
     from ..checkpoint.atomic import remove_dir
     from ..checkpoint.run_lock import LOCK_NAME
 
@@ -430,14 +473,24 @@ def refuse_existing_run(output: Path, overwrite: bool, *, clear: bool = True) ->
     if not existing:
         return
     if not overwrite:
-        raise LiteLLMError(
-            f"{output} already holds a run; pass --resume to continue it, --overwrite to replace it, or choose another -o directory"
-            if _holds_run(output) else f"{output} is not empty and is not a run directory; choose another -o directory"
-        )
+        if not _holds_run(output):
+            raise LiteLLMError(f"{output} is not empty and is not a run directory; choose another -o directory")
+        if not _saved_anything(output):
+            raise LiteLLMError(
+                f"{output} holds a run that stopped before its first checkpoint, so there is nothing to resume; pass --overwrite "
+                "to start it again (and --save-every N to checkpoint along the way), or choose another -o directory"
+            )
+        raise LiteLLMError(f"{output} already holds a run; pass --resume to continue it, --overwrite to replace it, or choose another -o directory")
     foreign = sorted(p.name for p in existing if not _is_run_entry(p.name))
     if foreign:
         raise LiteLLMError(
             f"refusing to overwrite {output}: it holds {', '.join(foreign[:3])}, which is not part of a training run; choose another -o directory"
+        )
+    inside = [(flag, path) for flag, path in (reads or {}).items() if path.resolve().is_relative_to(output.resolve())]
+    if inside:
+        flag, path = inside[0]
+        raise LiteLLMError(
+            f"--overwrite would delete {path}, which {flag} reads: it lies inside the run {output}; copy it out first, or choose another -o directory"
         )
     if not clear:
         return
@@ -512,7 +565,8 @@ def train_distributed(
                 fields = (TrainConfig.from_file(config) if config else TrainConfig()).to_dict()
                 cfg = TrainConfig.from_dict({**fields, **given})
             if latest is None:
-                refuse_existing_run(output, overwrite, clear=False)  # every rank, before any of them waits for the others; rank 0 clears below
+                reads = run_inputs(cfg, data=data, init_from=init_from, config=config, model_config=model_config)
+                refuse_existing_run(output, overwrite, clear=False, reads=reads)  # every rank, before any of them waits for the others; rank 0 clears below
             device = join_process_group(device)
             # the files' hashes, checked by the ranks together (each its share) once they can talk;
             # a chosen --resume-from is checked as it loads, and refused if they fail
@@ -529,7 +583,7 @@ def train_distributed(
                 console.print(f"removed {leftover.name}, left by an interrupted run")
         if latest is None:
             if ranks.is_main:
-                refuse_existing_run(output, overwrite)
+                refuse_existing_run(output, overwrite, reads=reads)
             dist.barrier()
         dataset = TokenData(data)
         if latest is not None:  # its weights come from the sharded checkpoint below

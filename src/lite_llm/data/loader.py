@@ -8,6 +8,7 @@ uninterrupted run would have seen, and two ranks or two processes agree without 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -44,6 +45,12 @@ class TokenData:
     def __repr__(self) -> str:
         sizes = ", ".join(f"{d}: {self.num_tokens(d, 'train')}+{self.num_tokens(d, 'val')}" for d in self.domains)
         return f"TokenData({str(self.data_dir)!r}, tokens train+val {{{sizes}}})"
+
+    @property
+    def fingerprint(self) -> str:
+        """The sha256 of the dataset's index (its domains, sources, token counts and
+        tokenizer): what a resumed run checks it is reading the data it was trained on."""
+        return hashlib.sha256(json.dumps(self.index, sort_keys=True).encode("utf-8")).hexdigest()
 
     def num_tokens(self, domain: str, split: str = "train") -> int:
         return len(self._array(domain, split))

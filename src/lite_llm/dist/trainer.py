@@ -228,6 +228,7 @@ def resume_sharded(trainer: Trainer, path: Path) -> None:
     trainer_meta = meta.get("trainer") or {}
     if trainer_meta.get("train_config"):
         trainer.check_same_schedule(trainer_meta["train_config"])
+    trainer.check_same_data(trainer_meta)
     trainer.load_training_state({}, trainer_meta)  # step, tokens, callbacks (clears the moments)
     load_sharded(path, trainer.model, trainer.optimizer)  # then the weights and the moments
     trainer.progressive = dict(meta.get("progressive") or {})

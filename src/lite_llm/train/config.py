@@ -114,6 +114,17 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ConfigError(f"train.{name} must be a number, got {value!r}")
+        for name in ("bf16", "keep_freed_cpu_memory"):  # "no" or 1 in a YAML file is not a yes/no
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"train.{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("parallel", "pp_schedule"):  # tierset has its own forms (a TierSet, a list)
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"train.{name} must be a string, e.g. {'dp=2,ep=2' if name == 'parallel' else '1f1b'}, got {getattr(self, name)!r}")
+        for name in ("ewc_from", "distill_from", "si_from"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ConfigError(f"train.{name} must be a checkpoint path, got {getattr(self, name)!r}")
+        if isinstance(self.freeze, str):  # one pattern written as a string: walking its characters made no sense
+            raise ConfigError(f"train.freeze must be a list of rules such as [{{patterns: [{self.freeze!r}], thaw_at: null}}], got the string {self.freeze!r}")
         for name in ("domains", "replay"):
             value = getattr(self, name)
             if not isinstance(value, dict) or any(isinstance(w, bool) or not isinstance(w, (int, float)) for w in value.values()):

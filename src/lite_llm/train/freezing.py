@@ -150,6 +150,11 @@ class FreezeSchedule(TrainerCallback):
             if key not in self._held:
                 self._held[key] = (p, p.requires_grad)
             p.requires_grad_(False)
+        if frozen and not any(p.requires_grad for p in trainer.model.parameters()):
+            raise ConfigError(
+                f"at step {step} the freeze rules hold every parameter of the model, so nothing would train; "
+                "leave some parameters out of --freeze, or thaw them (PATTERN@STEP)"
+            )
 
     def state_dict(self) -> dict[str, Any]:
         return {"rules": [{"parameters": len(ps), "thaw_at": thaw} for ps, thaw in self.rules]}

@@ -254,6 +254,7 @@ class Trainer:
             "flops": self.flops,
             "ancestor_flops": self.ancestor_flops,
             "train_config": self.config.to_dict(),
+            "data": self._data_identity(),
             "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks},
         }
 
@@ -300,10 +301,29 @@ class Trainer:
         saved_cfg = loaded.training.meta.get("train_config")
         if saved_cfg is not None:
             self.check_same_schedule(saved_cfg)
+        self.check_same_data(loaded.training.meta)
         self.model.load_state_dict(loaded.model.state_dict())
         self.progressive = loaded.progressive
         self.load_training_state(loaded.training.tensors, loaded.training.meta)
         self.logger.drop_from(self.step)  # the steps after the checkpoint run again
+
+    def _data_identity(self) -> dict[str, str] | None:
+        """Where the data is and its fingerprint (a dataset of ``lite-llm data prepare``; None for others)."""
+        fingerprint = getattr(self.data, "fingerprint", None)
+        return {"dir": str(self.data.data_dir), "fingerprint": fingerprint} if isinstance(fingerprint, str) else None
+
+    def check_same_data(self, saved_meta: dict[str, Any]) -> None:
+        """Resuming on another dataset would silently continue another run (its batches are a
+        function of the data and the step): refuse.  Checkpoints from before the fingerprint
+        was recorded are taken as they are."""
+        from ..errors import ConfigError
+
+        saved, mine = saved_meta.get("data") or {}, self._data_identity() or {}
+        if saved.get("fingerprint") and mine.get("fingerprint") and saved["fingerprint"] != mine["fingerprint"]:
+            raise ConfigError(
+                f"cannot resume with --data {mine['dir']}: the run was trained on {saved.get('dir', 'another dataset')}, "
+                "whose index differs; resume with the run's own data, or start a new run in another -o directory"
+            )
 
     def check_same_schedule(self, saved: dict[str, Any]) -> None:
         """Resuming with a different schedule would silently change the run: refuse.
