@@ -96,6 +96,13 @@ class ByteTokenizer:
     def num_bytes(self, text: str) -> int:
         return len(text.encode("utf-8"))
 
+    def token_bytes(self) -> np.ndarray:
+        """Bytes of text each id stands for: one, but none for the end-of-sequence id."""
+        counts = np.ones(self.vocab_size, dtype=np.int64)
+        if self.eos_id is not None:
+            counts[self.eos_id] = 0
+        return counts
+
     def save(self, directory: str | Path) -> None:
         _write_meta(Path(directory), {"kind": self.kind, "vocab_size": self.vocab_size, "eos_id": self.eos_id})
 
@@ -167,6 +174,20 @@ class BPETokenizer:
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self) -> np.ndarray | None:
+        """Bytes of text each id stands for, where that is exact: a byte-level BPE token's
+        symbols are one byte each (special tokens none); None for other tokenizers (pieces
+        with ``▁`` or ``<0x0A>`` byte fallback), whose text is counted by decoding instead."""
+        if type(self.backend.decoder).__name__ != "ByteLevel":
+            return None
+        special = {t.content for t in self.backend.get_added_tokens_decoder().values() if t.special}
+        vocab = self.backend.get_vocab(with_added_tokens=True)
+        counts = np.zeros(self.vocab_size, dtype=np.int64)
+        for token, i in vocab.items():
+            if i < self.vocab_size and token not in special:
+                counts[i] = len(token)
+        return counts
 
     def num_bytes(self, text: str) -> int:
         return len(text.encode("utf-8"))

@@ -1,7 +1,7 @@
 """Validation loss and bits per byte, per domain.
 
 Bits per byte (bpb) makes models with different tokenizers comparable:
-``bpb = (mean loss in nats per token) / ln 2 / (bytes per token of that split)``.
+``bpb = (mean loss in nats per token) / ln 2 / (bytes per token of the tokens scored)``.
 A byte-level model that has learned nothing scores 8 (log2 of 256)."""
 
 from __future__ import annotations
@@ -69,11 +69,13 @@ def score_domains(
     one batch (``lm_loss``): a model's forward, or a pipeline's forward through its stages."""
     scores: dict[str, DomainScore] = {}
     for domain in domains or data.domains:
-        total, count = 0.0, 0
+        total, count, scored_bytes = 0.0, 0, 0
         for batch in data.val_batches(domain, batch_size, seq_len, max_batches):
             n = batch.shape[0] * (batch.shape[1] - 1)
             total += lm_loss(batch) * n
             count += n
+            scored_bytes += data.bytes_of(batch[:, 1:])  # the predicted tokens' text
         loss = total / max(count, 1)
-        scores[domain] = DomainScore(loss, loss / math.log(2) / data.bytes_per_token(domain, "val"), count)
+        per_token = scored_bytes / count if scored_bytes else data.bytes_per_token(domain, "val")
+        scores[domain] = DomainScore(loss, loss / math.log(2) / per_token, count)
     return scores
