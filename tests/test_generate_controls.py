@@ -278,3 +278,14 @@ def test_library_sampling_settings_out_of_range_are_one_sentence(model):
             list(generate_ids(model, [1, 2, 3], 2, **kwargs))
         assert isinstance(caught.value, (LiteLLMError, ValueError))
     assert len(list(generate_ids(model, [1, 2, 3], 2, top_k=1, top_p=1.0, temperature=0.5))) == 2
+
+
+def test_a_stop_given_as_one_string_is_one_stop_string():
+    """Was: the string's characters, each a stop: stop="Nova" cut at the first "o"."""
+    model = build_model(ModelConfig.from_preset("tiny"), seed=0)
+    tok = ByteTokenizer()
+    full = "".join(generate_text(model, tok, "ab", 24, temperature=0))
+    # a stop whose characters come earlier one by one than together (the old reading stopped there)
+    stop = next(full[k : k + 3] for k in range(len(full) - 3) if min(full.find(c) for c in full[k : k + 3]) < full.find(full[k : k + 3]))
+    assert "".join(generate_text(model, tok, "ab", 24, temperature=0, stop=stop)) == full[: full.index(stop)]
+    assert "".join(generate_text(model, tok, "ab", 24, temperature=0, stop=[stop])) == full[: full.index(stop)]

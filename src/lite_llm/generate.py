@@ -269,7 +269,7 @@ def generate_text(
     prompt: str,
     max_new_tokens: int,
     *,
-    stop: Sequence[str] = (),
+    stop: str | Sequence[str] = (),
     prompt_ids: Sequence[int] | None = None,
     **kwargs,
 ) -> Iterator[str]:
@@ -322,9 +322,9 @@ class TextStream:
     as transformers' text-generation pipeline and vLLM leave them out by default.
     """
 
-    def __init__(self, tokenizer, stop: Sequence[str] = ()) -> None:
+    def __init__(self, tokenizer, stop: str | Sequence[str] = ()) -> None:
         self.tokenizer = tokenizer
-        self.stops = [s for s in stop if s]
+        self.stops = [s for s in ((stop,) if isinstance(stop, str) else stop) if s]  # one string is one stop, as transformers' stop_strings
         byte = getattr(tokenizer, "kind", "") == "byte"
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace") if byte else None
         self._new: list[int] = []

@@ -242,9 +242,28 @@ def test_unimplemented_fields_are_400_naming_the_field(client):
         assert caught.value.message.count(". ") == 0  # one sentence
     # the defaults of those fields are accepted, and the server still serves
     ok = client.chat.completions.create(model="chat", messages=msgs, max_tokens=2, temperature=0, response_format={"type": "text"},
-                                        tool_choice="none", extra_body={"best_of": 1, "suffix": None})
+                                        tool_choice="none", extra_body={"suffix": None, "metadata": {"run": "a"}})
     assert ok.usage.completion_tokens >= 1
-    assert client.completions.create(model="chat", prompt="hi", max_tokens=2, best_of=1, extra_body={"no_such_field": 1}).usage.completion_tokens >= 1
+    assert client.completions.create(model="chat", prompt="hi", max_tokens=2, best_of=1, extra_body={"min_p": None}).usage.completion_tokens >= 1
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("temprature", 0, "field 'temprature' is not supported by this server (it would be ignored); did you mean 'temperature'?"),
+    ("ignore_eos", True, "field 'ignore_eos' is not supported by this server (it would be ignored); remove it"),
+    ("min_p", 0.1, "field 'min_p' is not supported"),
+    ("best_of", 1, "field 'best_of' is not supported"),  # a completions field sent to chat
+])
+def test_a_field_the_server_would_ignore_is_a_400_naming_it(client, field, value, words):
+    """Was: a 200 that ignored it: a typo'd temperature sampled at 1, ignore_eos stopped at the end of the turn."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}], max_tokens=2, extra_body={field: value})
+    assert caught.value.param == field and words in caught.value.message, caught.value.message
+
+
+def test_a_user_message_without_content_is_a_400(client):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="chat", messages=[{"role": "user"}], max_tokens=2)
+    assert caught.value.param == "messages.0.content" and "messages[0] has no content" in caught.value.message
 
 
 def test_wrong_types_are_refused_not_converted(chat_server, client):

@@ -143,10 +143,15 @@ def parse_request(model: type[BaseModel], body: Any) -> Any:
     """Validate a decoded JSON body against ``model``, or raise a 400 naming the first bad field."""
     if not isinstance(body, dict):
         raise APIError("the request body must be a JSON object")
+    _refuse_unknown_fields(model, body)
     try:
         request = model.model_validate(body)
     except ValidationError as exc:
         raise _invalid(exc.errors()) from None
+    if isinstance(request, ChatRequest):
+        for i, message in enumerate(request.messages):
+            if message.role != "assistant" and "content" not in message.model_fields_set:
+                raise APIError(f"messages[{i}] has no content; a {message.role} message needs one", param=f"messages.{i}.content")
     _check_numbers(request)
     _refuse_unsupported(request)
     if request.stream_options is not None and not request.stream:
@@ -221,6 +226,25 @@ def _check_numbers(request: _Sampling) -> None:
             continue
         between = f"greater than {low:g} and at most {high:g}" if open_low else f"between {low:g} and {high:g}"
         raise APIError(f"{name} must be a finite number {between}, got {value!r}", param=name)
+
+
+# OpenAI fields that change nothing this server computes (bookkeeping and caching hints):
+# taken and ignored, as OpenAI itself takes them.  Any other field the request model does not
+# have is a 400: a typo ("temprature") or another server's option ("ignore_eos", "min_p") would
+# otherwise be a 200 that silently did something else than asked.
+IGNORED_FIELDS = frozenset({"metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier", "parallel_tool_calls"})
+
+
+def _refuse_unknown_fields(model: type[BaseModel], body: dict[str, Any]) -> None:
+    import difflib
+
+    known = set(model.model_fields)
+    for name, value in body.items():
+        if name in known or name in IGNORED_FIELDS or value is None:  # null is "not given", as clients send it
+            continue
+        close = difflib.get_close_matches(str(name), sorted(known), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else "; remove it"
+        raise APIError(f"field {name!r} is not supported by this server (it would be ignored){hint}", param=str(name))
 
 
 def _refuse_unsupported(request: _Sampling) -> None:
