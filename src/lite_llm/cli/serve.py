@@ -38,8 +38,8 @@ def serve(
 
     Requests may choose their tiers with a `tier_set` field ("all", "upto:tier_1b",
     "only:tier_10b", or a list), or give `latency_budget_ms` / `memory_budget` to have one
-    chosen from the checkpoint's TierSet profile.  SIGTERM (Ctrl-C) finishes the requests in
-    flight, then exits; a second Ctrl-C ends them at once (a 503, or an error event in a stream).
+    chosen from the checkpoint's TierSet profile.  SIGTERM or Ctrl-C finishes the requests in
+    flight, then exits; a second one ends them at once (a 503, or an error event and [DONE] in a stream).
 
     Examples:
 

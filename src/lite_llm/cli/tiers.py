@@ -124,7 +124,7 @@ def choose_command(
 
       lite-llm tiers choose runs/small/checkpoints/step-00000300 --latency-ms 5 --memory 512MB
 
-      lite-llm tiers choose runs/small/checkpoints/step-00000300 --memory 20MB --table
+      lite-llm tiers choose runs/small/checkpoints/step-00000300 --memory 64MB --table
     """
     from ..serve.selection import choose, load_profile
     from ..store import format_bytes, parse_bytes
