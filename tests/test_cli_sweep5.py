@@ -143,3 +143,17 @@ def test_a_stopped_run_says_where_it_stopped_and_how_to_continue(runs, tmp_path,
     last = out.split("the last checkpoint is ")[1].split(":")[0]
     assert Path(last).name == sorted(p.name for p in (run / "checkpoints").iterdir())[-1]
     assert _invoke(["inspect", last])[0] == 0
+
+
+def test_a_key_given_twice_in_a_yaml_file_is_refused(runs, tmp_path):
+    """Was: the last one won without a word (steps: 3, then steps: 5 trained 5 steps)."""
+    (tmp_path / "dup.yaml").write_text("steps: 3\nbatch_size: 2\nsteps: 5\n")
+    code, out = _invoke(["train", "--data", str(runs["a"]), "--preset", "tiny", "--config", str(tmp_path / "dup.yaml"), "-o", str(tmp_path / "r"), "--quiet"])
+    assert code == 1 and "dup.yaml gives 'steps' twice (lines 1 and 3); keep one" in out, out
+
+
+def test_a_change_on_resume_that_came_from_the_config_file_names_the_file(runs, tmp_path):
+    """Was: "cannot resume with --lr 0.002", a flag the user never typed."""
+    (tmp_path / "lr.yaml").write_text("lr: 0.002\n")
+    code, out = _invoke(["train", "--data", str(runs["a"]), "-o", str(runs["run"]), "--resume", "--config", str(tmp_path / "lr.yaml"), "--quiet"])
+    assert code == 1 and f"cannot resume with lr: 0.002 (from {tmp_path / 'lr.yaml'})" in out and f"remove lr from {tmp_path / 'lr.yaml'}" in out, out

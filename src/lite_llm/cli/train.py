@@ -275,21 +275,24 @@ def resumed_config(saved: dict[str, Any], config: Optional[Path], given: dict[st
     defaults = TrainConfig().to_dict()
     file_fields = TrainConfig.from_file(config).to_dict() if config else {}
     explicit = {k: v for k, v in file_fields.items() if defaults.get(k) != v}
-    return TrainConfig.from_dict(resume_fields(saved, {**explicit, **given}))
+    from_file = {k: config for k in explicit if k not in given}
+    return TrainConfig.from_dict(resume_fields(saved, {**explicit, **given}, from_file))
 
 
-def resume_fields(saved: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+def resume_fields(saved: dict[str, Any], given: dict[str, Any], from_file: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """The saved run's training settings with the changes ``given`` applies: only those in
-    :data:`RESUMABLE_CHANGES` may differ; any other is one sentence naming its flag."""
+    :data:`RESUMABLE_CHANGES` may differ; any other is one sentence naming its flag, or its key
+    and the config file (``from_file``: key -> file) where the change came from there."""
     fields = dict(saved)
     for key, value in given.items():
         if key in RESUMABLE_CHANGES:
             fields[key] = value
         elif key in saved and saved[key] != value:
-            flag = flag_of(key)
+            source = f"{key}: {value!r} (from {from_file[key]})" if from_file and key in from_file else f"{flag_of(key)} {value!r}"
+            drop = f"remove {key} from {from_file[key]}" if from_file and key in from_file else f"drop {flag_of(key)}"
             raise LiteLLMError(
-                f"cannot resume with {flag} {value!r}: the run was trained with {saved[key]!r}, and only "
-                f"{', '.join(flag_of(name) for name in RESUMABLE_CHANGES)} can change when resuming; drop {flag}, or start a new run in another -o directory"
+                f"cannot resume with {source}: the run was trained with {saved[key]!r}, and only "
+                f"{', '.join(flag_of(name) for name in RESUMABLE_CHANGES)} can change when resuming; {drop}, or start a new run in another -o directory"
             )
     return fields
 

@@ -22,12 +22,40 @@ def read_yaml(text: str, path: str | Path) -> Any:
     import yaml
 
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_unique_keys_loader())  # noqa: S506 (a SafeLoader)
+    except _DuplicateKey as exc:
+        raise ConfigError(f"{path} gives {exc.key!r} twice (lines {exc.first} and {exc.again}); keep one") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or "malformed"
         raise ConfigError(f"{path} is not valid YAML{where} ({problem}); fix the file and try again") from None
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, first: int, again: int) -> None:
+        self.key, self.first, self.again = key, first, again
+
+
+def _unique_keys_loader() -> type:
+    """PyYAML's SafeLoader, refusing a key given twice in one mapping (it keeps the last one
+    without a word: ``steps: 3`` then ``steps: 5`` trained 5 steps)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if not isinstance(key, (str, int, float, bool)):
+                    continue
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise _DuplicateKey(key, seen[key], line)
+                seen[key] = line
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
 
 
 def read_config_file(path: str | Path, what: str) -> dict[str, Any]:
