@@ -157,3 +157,20 @@ def test_a_change_on_resume_that_came_from_the_config_file_names_the_file(runs, 
     (tmp_path / "lr.yaml").write_text("lr: 0.002\n")
     code, out = _invoke(["train", "--data", str(runs["a"]), "-o", str(runs["run"]), "--resume", "--config", str(tmp_path / "lr.yaml"), "--quiet"])
     assert code == 1 and f"cannot resume with lr: 0.002 (from {tmp_path / 'lr.yaml'})" in out and f"remove lr from {tmp_path / 'lr.yaml'}" in out, out
+
+
+def test_resume_from_an_earlier_checkpoint_removes_the_abandoned_later_ones(runs, tmp_path):
+    """Was: a sharded step-20 of the old timeline stayed beside the new ordinary step-20, and a
+    later resume under torchrun or `checkpoint consolidate --step 20` picked the abandoned one."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["run"], run)
+    stale = run / "sharded" / "step-00000010"
+    stale.mkdir(parents=True)
+    (stale / "lite_llm.json").write_text("{}")
+    code, out = _invoke(["train", "--data", str(runs["a"]), "-o", str(run), "--resume-from", str(run / "checkpoints" / "step-00000002"), "--quiet"])
+    assert code == 0, out
+    assert f"removed {stale}: it is of the run before --resume-from went back to step 2" in out
+    assert f"removed {run / 'checkpoints' / 'step-00000004'}" in out and not stale.exists()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]  # step 4 trained again

@@ -173,6 +173,8 @@ def _train(
             if trainer.step >= cfg.steps:
                 return _say_finished(output, trainer.step, latest)
             console.print(f"resumed from {latest} at step {trainer.step} of {cfg.steps}")
+        if resume_from is not None:
+            drop_abandoned(output, trainer.step)
         console.print(f"device: {trainer.runtime_summary()}")
         with _stopped_by_signal(trainer, manager, data, output):
             result = trainer.train()
@@ -367,6 +369,25 @@ def _hashes_hold(sharded: Path) -> bool:
             _warn(f"cannot resume from {sharded.name} ({err}); resuming from the previous complete sharded checkpoint instead")
         return False
     return True
+
+
+def drop_abandoned(output: Path, step: int) -> list[Path]:
+    """``--resume-from`` an earlier checkpoint starts the run again from it: the run's
+    checkpoints after that step, ordinary and sharded, are of the timeline it leaves, and a
+    later ``--resume`` or ``checkpoint consolidate`` would pick them (a sharded step-20 of the old
+    timeline beside the new ordinary step-20).  They are removed, each said so; protected ones
+    (a curriculum's pre-integration checkpoint) are kept."""
+    from ..checkpoint import CheckpointManager
+    from ..checkpoint.atomic import remove_dir
+    from ..dist.checkpoint import list_sharded
+
+    manager = CheckpointManager(output)
+    protected = manager.protected_names()
+    later = [p for p in [*manager.list(), *list_sharded(output)] if (manager.step_of(p) or -1) > step and p.name not in protected]
+    for path in later:
+        remove_dir(path)
+        _warn(f"removed {path}: it is of the run before --resume-from went back to step {step}")
+    return later
 
 
 def _say_finished(output: Path, step: int, checkpoint: Path) -> None:
@@ -613,6 +634,8 @@ def train_distributed(
                 return
             if ranks.is_main:
                 console.print(f"resumed from {latest} at step {trainer.step} of {cfg.steps}")
+                if resume_from is not None:
+                    drop_abandoned(output, trainer.step)
         if ranks.is_main:
             pipeline = f" ({cfg.pp_schedule} schedule over {cfg.grad_accum} microbatches)" if ranks.degrees.pp > 1 else ""
             console.print(f"parallel: {ranks.degrees} on {ranks.degrees.world_size} ranks{pipeline}; device: {trainer.runtime_summary()}")
