@@ -196,10 +196,11 @@ def test_resume_from_under_torchrun_continues_from_that_checkpoint_and_a_finishe
 
 def test_resume_from_a_sharded_checkpoint_in_one_process(dist_run, data, tmp_path):
     run = _copy(dist_run, tmp_path)
-    code, out = _run(["train", "--data", str(data), "-o", str(run), "--resume-from", str(run / "sharded" / "step-00000002"), "--quiet"])
-    assert code == 0 and "at step 2 of 4 (in one process)" in out, out
     code, out = _run(["train", "--data", str(data), "-o", str(run), "--resume-from", str(run / "sharded" / "step-00000004"), "--quiet"])
     assert code == 0 and "is finished at step 4" in out and "checkpoint: None" not in out, out
+    code, out = _run(["train", "--data", str(data), "-o", str(run), "--resume-from", str(run / "sharded" / "step-00000002"), "--quiet"])
+    assert code == 0 and "at step 2 of 4 (in one process)" in out, out
+    assert f"removed {run / 'sharded' / 'step-00000004'}: it is of the run before --resume-from went back to step 2" in out  # the abandoned timeline
 
 
 # ------------------------------------------------------------------------------ damaged sharded checkpoints

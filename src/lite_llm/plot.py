@@ -93,16 +93,19 @@ def _plot_bpb(plt, records, out: Path) -> Path | None:
 def _plot_tiers(plt, records, out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4))
     rows = [r for r in records if "tier_share" in r]
-    names = list(rows[-1]["tier_share"])
+    # routing weight per tier where the run logged it (route counts are 50/50 at k_tier 2, and
+    # the curriculum's target is a share of routing weight); route counts in older runs' metrics
+    key = "tier_weight_share" if all("tier_weight_share" in r for r in rows) else "tier_share"
+    names = list(rows[-1][key])
     for name in names:
-        ax.plot([r["step"] + 1 for r in rows], [r["tier_share"].get(name, 0.0) for r in rows], label=f"{name} (actual)")
+        ax.plot([r["step"] + 1 for r in rows], [r[key].get(name, 0.0) for r in rows], label=f"{name} (actual)")
     targets = [r for r in records if "target_share" in r]
     if targets:
         ax.plot([r["step"] + 1 for r in targets], [r["target_share"] for r in targets], "k--", label="target (new tier)")
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("step")
-    ax.set_ylabel("share of routes")
-    ax.set_title("Routes per tier")
+    ax.set_ylabel("share of routing weight" if key == "tier_weight_share" else "share of routes")
+    ax.set_title("Routing weight per tier" if key == "tier_weight_share" else "Routes per tier")
     ax.legend()
     ax.grid(alpha=0.3)
     return _save(plt, fig, out / "tiers.png")

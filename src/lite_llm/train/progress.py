@@ -47,7 +47,7 @@ class TrainProgress:
         if self.plain and not ("val" in record or step % self._every == 0 or step == self._total):
             return
         parts = [f"loss {record['loss']:.3f}", f"{record.get('tokens_per_s', 0):,.0f} tok/s", f"lr {record['lr']:.2e}"]
-        shares = record.get("tier_share")
+        shares = record.get("tier_weight_share") or record.get("tier_share")  # routing weight: meaningful at any k_tier
         if shares:
             parts.append(" ".join(f"{name} {share:.0%}" for name, share in shares.items()))
         if "val" in record:

@@ -80,8 +80,13 @@ class RoutingTotals:
         """The metrics record's routing fields (call only when some layer was routed)."""
         assert self.tier_routes is not None and self.expert_routes is not None
         total = float(self.tier_routes.sum()) or 1.0
+        weights = [w.tolist() for w in self.tier_weights]
+        # the share of routing weight each tier carries, over the layers: what a tier does for
+        # the tokens; route counts say only how often it is chosen, 50/50 whenever k_tier = 2
+        weight_share = {t.name: sum(w[i] for w in weights) / len(weights) for i, t in enumerate(tiers)} if weights and any(map(any, weights)) else None
         return {
             "tier_share": {t.name: float(n) / total for t, n in zip(tiers, self.tier_routes)},
+            **({"tier_weight_share": weight_share} if weight_share else {}),
             "expert_routes": self.expert_routes.tolist(),
             "tier_prob_layers": [p.tolist() for p in self.tier_probs],
             "tier_weight_layers": [w.tolist() for w in self.tier_weights],
