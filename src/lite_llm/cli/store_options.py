@@ -100,9 +100,11 @@ def print_store_stats(loaded: InferenceModel) -> None:
     if loaded.prefetcher is not None:
         loaded.prefetcher.wait()
     s = loaded.store.stats()
+    warm = (f"warm {s.warm.hits} hits / {s.warm.misses} misses, {s.warm.evictions} evictions" if loaded.store.warm.budget
+            else "no warm level (--warm-budget 0)")
     err_console.print(
         f"expert store: hot {s.hot.hits} hits / {s.hot.misses} misses ({s.hot.hit_rate:.1%}), {s.hot.evictions} evictions, "
-        f"peak {format_bytes(s.hot.peak_bytes)}; warm {s.warm.hits} hits / {s.warm.misses} misses, {s.warm.evictions} evictions; "
+        f"peak {format_bytes(s.hot.peak_bytes)}; {warm}; "
         f"read from disk {s.cold_reads} experts, {format_bytes(s.cold_bytes)}",
         highlight=False,
     )
