@@ -206,6 +206,9 @@ def test_cli_profile_then_choose_end_to_end(checkpoint, dataset):
     assert verify_checkpoint(checkpoint) == []
     table = load_profile(checkpoint)
     manifest = read_manifest(checkpoint)
+    shown = runner.invoke(app_(), ["inspect", str(checkpoint)])  # inspect lists the profile and verifies it with the shards
+    assert shown.exit_code == 0 and "extra file tierset-profile: serve/tierset-profile." in shown.stdout
+    assert f"verified {len(manifest['shards'])} shard(s) and 1 extra file(s)" in shown.stdout
     by = {table.label(p.tiers): p for p in table.profiles}
     assert set(by) == {"upto:tier_1b", "only:tier_10b", "all"}
     assert by["upto:tier_1b"].memory_bytes == _counted(manifest, ("tier_1b",)) < by["all"].memory_bytes == _counted(manifest, ("tier_1b", "tier_10b"))

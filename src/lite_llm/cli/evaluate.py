@@ -170,13 +170,17 @@ def inspect(
     for s in manifest["shards"]:
         shards.add_row(s["path"], s["tier"], s.get("kind", ""), f"{s['bytes']:,}", s["sha256"][:16] + "…")
     console.print(shards)
+    extra = [f for f in manifest.get("files", []) if isinstance(f, dict) and f.get("kind") == "extra_file"]
+    for f in extra:  # files measured after the weights (a TierSet profile), verified with them
+        console.print(f"extra file {f.get('name')}: {f.get('path')} ({f.get('bytes', 0):,} bytes)", highlight=False)
     if verify:
         problems = verify_checkpoint(checkpoint)
         if problems:
             for p in problems:
                 err_console.print(f"[bold red]FAIL[/bold red] {p}", highlight=False)
             raise typer.Exit(1)
-        console.print(f"[green]verified[/green] {len(manifest['shards'])} shard(s)")
+        also = f" and {len(extra)} extra file(s)" if extra else ""
+        console.print(f"[green]verified[/green] {len(manifest['shards'])} shard(s){also}")
 
 
 # ------------------------------------------------------------------------------------ plot
