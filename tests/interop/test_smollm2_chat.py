@@ -125,3 +125,18 @@ def test_chat_carries_the_conversation_as_transformers_renders_it(smollm2, trans
     result = CliRunner().invoke(app, ["chat", str(ckpt), "--temperature", "0", "--max-new-tokens", "40"], input=f"{QUESTION}\nAnd of Germany?\n")
     assert result.exit_code == 0, result.output
     assert result.stdout == f"{first}\n{second}\n"
+
+
+def test_the_readmes_generation_example_runs_and_its_chat_reply_is_transformers(smollm2, transformers_reply, capsys):
+    """README "The library": generate_text and render_chat as written, on the imported model."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## The library", 1)[1].split("\n## ", 1)[0]
+    block = next(b for b in re.findall(r"```python\n(.*?)```", section, flags=re.S) if "load_checkpoint(" in b)
+    ckpt, _ = smollm2
+    exec(compile(block.replace('"ckpt/smollm2"', repr(str(ckpt))), "README.md", "exec"), {})  # noqa: S102
+    printed = capsys.readouterr().out
+    _, reply, tok = transformers_reply
+    want = tok.decode(reply[:32], skip_special_tokens=True)
+    assert printed.endswith(want + "\n") and want.startswith("The capital of France is Paris"), (printed, want)
