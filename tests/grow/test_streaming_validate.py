@@ -241,6 +241,7 @@ def test_recipe_tolerance_per_recipe_and_per_step(source, tmp_path):
     records = load_checkpoint(tmp_path / "grown").progressive["expansions"]
     assert [r["preservation"]["tolerance"] for r in records] == [1e-9, 1e-4]  # the recipe's, then the step's own
     assert records[0]["preservation"]["max_abs"] == 0.0 and records[1]["params"] == {"d_model": 72}  # tolerance is no method parameter
+    recipe.write_text(recipe.read_text().replace(f"output: {tmp_path / 'grown'}\n", ""))  # -o and another output: are refused
     flag = runner.invoke(app, ["expand", "--recipe", str(recipe), "-o", str(tmp_path / "flag"), "--tolerance", "1e-3"])
     assert flag.exit_code == 0 and [r["preservation"]["tolerance"] for r in load_checkpoint(tmp_path / "flag").progressive["expansions"]] == [1e-3, 1e-4]
     with pytest.raises(ConfigError, match="recipe step 1: tolerance must be a positive number"):

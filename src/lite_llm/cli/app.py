@@ -203,14 +203,31 @@ def model_config_from(preset: Optional[str], config: Optional[Path]):
     return ModelConfig.from_preset(preset or "tiny")
 
 
-def check_report_path(path: Optional[Path]) -> None:
-    """Refuse a ``--json`` path that cannot be written before the work that fills it runs."""
+def check_report_path(path: Optional[Path], option: str = "--json", overwrite: bool = False, example: str = "report.json") -> None:
+    """Refuse, before the work that fills it runs, a file path (``option`` names it) that cannot
+    be written or where writing would destroy something: into a checkpoint folder, even with
+    ``--overwrite`` (a manifest replaced by a report is a checkpoint lost, and a file added there
+    is one the checkpoint never listed), or over an existing file without ``--overwrite``."""
     if path is None:
         return
     if path.is_dir():
-        raise LiteLLMError(f"--json {path} is a directory; give a file name such as {path / 'report.json'}")
+        raise LiteLLMError(f"{option} {path} is a directory; give a file name such as {path / example}")
     if not path.parent.is_dir():
-        raise LiteLLMError(f"--json {path}: the folder {path.parent} does not exist; create it or give another path")
+        raise LiteLLMError(f"{option} {path}: the folder {path.parent} does not exist; create it or give another path")
+    inside = _checkpoint_holding(path)
+    if inside is not None:
+        raise LiteLLMError(f"{option} {path} is inside the checkpoint folder {inside}, which is never written into (not even with --overwrite); give a path outside it")
+    if path.exists() and not overwrite:
+        raise LiteLLMError(f"{option} {path} already exists; pass --overwrite to replace it, or give another file name")
+
+
+def _checkpoint_holding(path: Path) -> Optional[Path]:
+    """The checkpoint folder (one holding a manifest) that ``path`` would be written into, at
+    any depth; None when it is outside every checkpoint."""
+    from ..checkpoint.manifest import MANIFEST
+
+    folder = path.resolve().parent
+    return next((f for f in (folder, *folder.parents) if (f / MANIFEST).is_file()), None)
 
 
 def write_report(path: Path, data: Any) -> None:

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from ..errors import LiteLLMError
-from .app import THREADS_HELP, app, apply_threads, console, device_option, err_console, friendly_errors, print_scores, check_report_path, write_report
+from .app import THREADS_HELP, app, apply_threads, check_report_path, console, device_option, err_console, friendly_errors, overwrite_option, print_scores, write_report
 from .store_options import (
     cache_policy_option, checkpoint_location, dtype_option, hot_budget_option, load_for_inference, prefetch_option, print_store_stats, stats_option, warm_budget_option,
 )
@@ -28,7 +28,8 @@ def eval_command(
     batches: int = typer.Option(16, help="Validation batches per domain.", min=1),
     batch_size: int = typer.Option(16, help="Sequences per batch.", min=1),
     seq_len: int = typer.Option(128, help="Tokens per sequence (at least 2: one token predicted from another).", min=2),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the scores here."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the scores here (a new file unless --overwrite)."),
+    overwrite: bool = overwrite_option(),
     device: str = device_option(),
     threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
     dtype: Optional[str] = dtype_option(),
@@ -56,7 +57,7 @@ def eval_command(
     from ..runtime.device import resolve_device
 
     run_device = resolve_device(device)
-    check_report_path(json_out)
+    check_report_path(json_out, overwrite=overwrite)
     if against is not None and Path(report).exists() and not Path(report).is_dir():
         raise LiteLLMError(f"--report {report} is a file; give a folder for retention.json, .md and .png (it is created if missing)")
     locations = [checkpoint_location(c) for c in ([against, *checkpoints] if against is not None else checkpoints)]

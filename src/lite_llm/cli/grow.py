@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import typer
 from rich.markup import escape
@@ -26,6 +28,34 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
         out[key.strip().replace("-", "_")] = yaml.safe_load(value)
     return out
+
+
+def _warnings_plain(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a command under :func:`plain_warnings`: a warning raised anywhere in it (an advisory
+    tier budget a config exceeds, from the config's own check) reaches the user as one
+    ``warning: ...`` line, not as Python's ``<string>:20: UserWarning`` naming no place of theirs."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with plain_warnings():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _agreeing_path(given: Optional[Path], in_recipe: Any, flag: str, key: str, recipe: Optional[Path]) -> Optional[Path]:
+    """The one path that the command line (``flag``) and the recipe's ``key:`` name: either
+    alone, or both when they resolve to the same place.  Two different ones are refused — taking
+    either silently grows (or writes) what the other one's author did not mean."""
+    if in_recipe is None:
+        return given
+    if given is None:
+        return Path(in_recipe)
+    if given.resolve() != Path(in_recipe).resolve():
+        raise ConfigError(
+            f"{flag} {given} and the {key}: {in_recipe} of recipe {recipe} name different paths; give the same one in both, or leave one out"
+        )
+    return given
 
 
 def _print_records(records: list[dict[str, Any]]) -> None:
@@ -57,6 +87,7 @@ def _print_records(records: list[dict[str, Any]]) -> None:
 
 @app.command()
 @friendly_errors
+@_warnings_plain
 def expand(
     checkpoint: Optional[Path] = typer.Argument(None, help="Source: a checkpoint or a Hugging Face model folder (or `source:` in the recipe)."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="New checkpoint directory (or `output:` in the recipe)."),
@@ -113,8 +144,8 @@ def expand(
         if target_layers is not None:
             params["target_layers"] = target_layers
         plan = Recipe([parse_step({"method": method, **params}, "--method")])
-    source = checkpoint or (Path(plan.source) if plan.source else None)
-    out = output or (Path(plan.output) if plan.output else None)
+    source = _agreeing_path(checkpoint, plan.source, "the checkpoint", "source", recipe)
+    out = _agreeing_path(output, plan.output, "-o", "output", recipe)
     if source is None or out is None:
         raise ConfigError("name the source checkpoint and the output (-o), on the command line or as source:/output: in the recipe")
     mode = validate if recipe is None or validate != "auto" else plan.validate
@@ -130,13 +161,15 @@ def expand(
 
 @app.command("validate")
 @friendly_errors
+@_warnings_plain
 def validate_command(
     original: Path = typer.Argument(..., help="The checkpoint before growth."),
     grown: Path = typer.Argument(..., help="The grown checkpoint."),
     tolerance: float = typer.Option(1e-5, help="Largest relative logit change (max|Δ| / max|logit|, float64) allowed for exact growth."),
     tokens: int = typer.Option(128, help="Sample tokens to compare on.", min=1),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON here."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON here (a new file unless --overwrite)."),
     device: str = device_option(),
+    overwrite: bool = overwrite_option(),
 ) -> None:
     """Check a grown model against its original: logits, gradient flow, parameter count, loss jump.
 
@@ -158,7 +191,7 @@ def validate_command(
     from ..runtime.device import resolve_device
 
     run_device = resolve_device(device)
-    check_report_path(json_out)
+    check_report_path(json_out, overwrite=overwrite)
 
     check_tolerance(tolerance, "--tolerance")
     if tokens < 2:
@@ -176,7 +209,11 @@ def validate_command(
     table.add_row("MSE of logits", f"{report.mse:.3e}", "")
     table.add_row("loss jump", f"{report.loss_jump:+.5f} ({report.loss_original:.4f} → {report.loss_grown:.4f})", "")
     table.add_row("parameters", f"{report.params_original:,} → {report.params_grown:,} (config: {report.params_analytic:,})", ok if report.count_ok else bad)
-    table.add_row("new parameters with gradient", f"{len(report.new_params) - len(report.dead_params)}/{len(report.new_params)}", ok if not report.dead_params else bad)
+    table.add_row(
+        f"new parameters with gradient ({_checked_blocks(report.new_params)})",
+        f"{len(report.new_params) - len(report.dead_params)}/{len(report.new_params)}",
+        ok if not report.dead_params else bad,
+    )
     console.print(table)
     for name in report.dead_params[:10]:
         err_console.print(f"no gradient reaches {name}", highlight=False)
@@ -184,6 +221,18 @@ def validate_command(
         write_report(json_out, report.to_dict())
     if not report.passed:
         raise typer.Exit(1)
+
+
+def _checked_blocks(new_params: list[str]) -> str:
+    """Which blocks the gradient check looked at, from the names of the parameters it checked:
+    only the first and the last grown block are (every growth builds its blocks alike), so a
+    bare ``N/N`` would read as every new parameter of the model."""
+    blocks = sorted({int(parts[1]) for parts in (name.split(".") for name in new_params) if parts[0] == "layers" and parts[1:2] and parts[1].isdigit()})
+    if not blocks:
+        return "no grown block to check"
+    if len(blocks) == 1:
+        return f"block {blocks[0]} checked"
+    return f"blocks {', '.join(map(str, blocks[:-1]))} and {blocks[-1]} checked"
 
 
 def _records_since(original: Any, grown: Any) -> list[dict[str, Any]]:
@@ -209,16 +258,18 @@ def _records_since(original: Any, grown: Any) -> list[dict[str, Any]]:
 
 @app.command()
 @friendly_errors
+@_warnings_plain
 def plan(
     from_: Path = typer.Option(..., "--from", help="Checkpoint, config file or preset name to grow from."),
     to: str = typer.Option(..., "--to", help="Target size (7B, 350M) or a config file / preset whose size to reach."),
     strategy: str = typer.Option("all", help="depth_first, width_first, balanced, moe, or all."),
     tolerance: float = typer.Option(0.1, help="How far (a fraction) the plan's final size may be from the target."),
     tokens_per_param: float = typer.Option(20.0, help="Continued-training tokens per added parameter (cost model)."),
-    write_recipe: Optional[Path] = typer.Option(None, "--write-recipe", help="Write the (single) strategy's plan as a recipe YAML."),
+    write_recipe: Optional[Path] = typer.Option(None, "--write-recipe", help="Write the (single) strategy's plan as a recipe YAML (a new file unless --overwrite)."),
     raise_budgets: bool = typer.Option(
         False, "--raise-budgets", help="Let a plan start with budget steps raising each strict tier budget its final model exceeds to exactly what it needs."
     ),
+    overwrite: bool = overwrite_option(),
 ) -> None:
     """Propose growth steps to a target size, with parameter counts and training FLOPs.
 
@@ -239,12 +290,11 @@ def plan(
       lite-llm plan --from small --to 350M --strategy balanced --raise-budgets
     """
     from ..config import format_size, parse_size
-    from ..grow.planner import STRATEGIES, PlanError, plan_growth
+    from ..grow.planner import STRATEGIES
 
     if not math.isfinite(tokens_per_param) or tokens_per_param <= 0:  # else the FLOPs shown are negative or nan
         raise ConfigError(f"--tokens-per-param must be a positive number (tokens of continued training per added parameter), got {tokens_per_param}")
-    if write_recipe is not None and (write_recipe.is_dir() or not write_recipe.parent.is_dir()):
-        raise ConfigError(f"--write-recipe {write_recipe} is a directory or in a folder that does not exist; give a file name such as grow.yaml")
+    check_report_path(write_recipe, "--write-recipe", overwrite, example="grow.yaml")
     source = _config_of(from_, "--from")
     try:
         target = parse_size(to)
@@ -253,17 +303,9 @@ def plan(
     strategies = list(STRATEGIES) if strategy == "all" else [strategy]
     if write_recipe and len(strategies) != 1:
         raise ConfigError("--write-recipe needs one --strategy")
-    if len(strategies) == 1:
-        plans = [plan_growth(source, target, strategies[0], tokens_per_param=tokens_per_param, tolerance=tolerance, raise_budgets=raise_budgets)]
-    else:  # every strategy: one without a plan says why, the others are still shown
-        plans = []
-        for name in strategies:
-            try:
-                plans.append(plan_growth(source, target, name, tokens_per_param=tokens_per_param, tolerance=tolerance, raise_budgets=raise_budgets))
-            except PlanError as exc:
-                err_console.print(f"[yellow]{name}:[/yellow] {escape(str(exc))}", highlight=False)
-        if not plans:
-            raise PlanError(f"no strategy has a plan from {format_size(source.num_params())} to {format_size(target)} within {tolerance:.0%}; see the reasons above")
+    with warnings.catch_warnings():  # the search builds many candidate configs: only the plans shown may warn (below)
+        warnings.simplefilter("ignore")
+        plans = _plans(source, target, strategies, tokens_per_param=tokens_per_param, tolerance=tolerance, raise_budgets=raise_budgets)
     for p in plans:
         final = p.final.num_params()
         title = f"{p.strategy}: {format_size(source.num_params())} → {format_size(final)} ({p.error:+.1%} of {format_size(target)})"
@@ -272,6 +314,7 @@ def plan(
             table.add_row(str(i), s.step.method, json.dumps(s.step.params), format_size(s.params), format_size(s.active_params), format_size(s.tokens), f"{s.flops:.2e}")
         console.print(table)
         console.print(f"  growth path {p.growth_flops:.3e} FLOPs vs from scratch {p.scratch_flops:.3e} ({p.growth_flops / p.scratch_flops:.0%})")
+        _warn_final(p)
         if write_recipe:
             import yaml
 
@@ -279,6 +322,36 @@ def plan(
 
             replace_file(write_recipe, yaml.safe_dump(p.recipe(), sort_keys=False).encode("utf-8"))
             console.print(f"wrote {write_recipe}")
+
+
+def _plans(source: Any, target: int, strategies: list[str], **options: Any) -> list[Any]:
+    """The plan of each of ``strategies``; with several, one without a plan says why on stderr
+    and the others are still shown (none at all is an error)."""
+    from ..config import format_size
+    from ..grow.planner import PlanError, plan_growth
+
+    if len(strategies) == 1:
+        return [plan_growth(source, target, strategies[0], **options)]
+    plans = []
+    for name in strategies:
+        try:
+            plans.append(plan_growth(source, target, name, **options))
+        except PlanError as exc:
+            err_console.print(f"[yellow]{name}:[/yellow] {escape(str(exc))}", highlight=False)
+    if not plans:
+        raise PlanError(f"no strategy has a plan from {format_size(source.num_params())} to {format_size(target)} within {options['tolerance']:.0%}; see the reasons above")
+    return plans
+
+
+def _warn_final(p: Any) -> None:
+    """Warn of what the config check of plan ``p``'s final model warns of (an advisory tier
+    budget it exceeds), naming the plan: the warning is about the model the plan makes, not the
+    candidates its search tried and dropped (whose warnings are not shown)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        p.final.replace()  # a validated copy: the config's checks run again
+    for w in caught:
+        warnings.warn(f"the {p.strategy} plan's final model: {w.message}", stacklevel=2)
 
 
 def _config_of(spec: Path, option: str | None = None, also: str = ""):
@@ -301,6 +374,7 @@ def _config_of(spec: Path, option: str | None = None, also: str = ""):
 
 @app.command("add-tier")
 @friendly_errors
+@_warnings_plain
 def add_tier_command(
     checkpoint: Path = typer.Argument(..., help="Source checkpoint (a tiered MoE model)."),
     output: Path = typer.Option(..., "-o", "--output", help="New checkpoint directory."),
@@ -361,7 +435,7 @@ def add_tier_command(
     }
     if change_routing:
         params["change_routing"] = True
-    with console.status("adding the tier…"), plain_warnings():
+    with console.status("adding the tier…"):
         path = add_tier_checkpoint(checkpoint, output, overwrite=overwrite, **params)
     manifest = read_manifest(path)
     meta = manifest["tiers"][tier]
@@ -405,6 +479,7 @@ def _tier_shape(
 
 @app.command("quantize")
 @friendly_errors
+@_warnings_plain
 def quantize_command(
     checkpoint: Path = typer.Argument(..., help="Source checkpoint."),
     tier: str = typer.Option(..., "--tier", help="The tier whose experts to quantize."),

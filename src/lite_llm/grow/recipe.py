@@ -16,10 +16,14 @@ Each step is a method name from :func:`available_ops` and that method's paramete
 optionally its own ``tolerance`` (which wins over the recipe's).  A tolerance is relative to the
 logits' scale: ``max|a - b| / max|a|`` in float64 (see :mod:`lite_llm.grow.validate`).
 ``importance: measured`` (for ``llama_pro``) measures layer importance on sample data first.
+
+A recipe may also come on standard input: ``--recipe -`` (or ``/dev/stdin``, or any other
+existing file that is not a regular one, such as a named pipe or ``<(...)``).
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,14 +76,36 @@ class Recipe:
         if validate not in VALIDATE_MODES:
             raise ConfigError(f"{where}: validate must be one of {', '.join(VALIDATE_MODES)}, got {validate!r}")
         tolerance = check_tolerance(data["tolerance"], where) if data.get("tolerance") is not None else None
+        for key in ("source", "output"):  # a number or a list here would fail later as a TypeError, far from the file
+            if data.get(key) is not None and not isinstance(data[key], str):
+                raise ConfigError(f"{where}: {key} must be a path, got {data[key]!r}; write it as a string or leave it out")
         steps = [parse_step(raw, f"{where} step {i + 1}") for i, raw in enumerate(raw_steps)]
         return cls(steps, data.get("source"), data.get("output"), validate, tolerance, output_format)
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Recipe":
+        """The recipe in ``path``; ``-`` is standard input, and an existing file that is not a
+        regular one (``/dev/stdin``, a pipe) is read as a stream, not called missing."""
         from ..config import load_config_file
 
+        path = Path(path)
+        if str(path) == "-" or (path.exists() and not path.is_file() and not path.is_dir()):
+            return cls._from_stream(path)
         return load_config_file(path, "recipe", lambda data: cls.from_dict(data, where=f"recipe {path}"))
+
+    @classmethod
+    def _from_stream(cls, path: Path) -> "Recipe":
+        """The recipe read once from standard input (``-``) or a stream such as ``/dev/stdin``:
+        the file reader checks a regular file's kind first, which a stream cannot answer."""
+        from ..config.files import read_yaml
+
+        name = "standard input" if str(path) == "-" else str(path)
+        try:
+            text = sys.stdin.read() if str(path) == "-" else path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"recipe {name} is not UTF-8 text; give it as UTF-8") from None
+        data = read_yaml(text, name)  # JSON is YAML too
+        return cls.from_dict(data if data is not None else {}, where=f"recipe {name}")
 
 
 def parse_step(raw: Any, where: str) -> GrowthStep:
