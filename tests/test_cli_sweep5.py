@@ -174,3 +174,14 @@ def test_resume_from_an_earlier_checkpoint_removes_the_abandoned_later_ones(runs
     assert f"removed {stale}: it is of the run before --resume-from went back to step 2" in out
     assert f"removed {run / 'checkpoints' / 'step-00000004'}" in out and not stale.exists()
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]  # step 4 trained again
+
+
+def test_inspect_says_an_exceeded_advisory_budget_in_one_plain_line(tmp_path):
+    """Was: `<string>:20: UserWarning: tiers[tier_1b] needs ...` on every inspect."""
+    assert _invoke(["init", "--preset", "tiny", "-o", str(tmp_path / "t")])[0] == 0
+    assert _invoke(["expand", str(tmp_path / "t"), "--method", "budget", "--set", "tier=tier_1b", "--set", "mode=advisory", "-o", str(tmp_path / "b")])[0] == 0
+    assert _invoke(["expand", str(tmp_path / "b"), "--method", "budget", "--set", "tier=tier_10b", "--set", "mode=advisory", "-o", str(tmp_path / "b2")])[0] == 0
+    assert _invoke(["expand", str(tmp_path / "b2"), "--method", "width", "--set", "d_model=512", "-o", str(tmp_path / "w")])[0] == 0
+    done = _run("inspect", str(tmp_path / "w"))
+    assert done.returncode == 0 and "UserWarning" not in done.stderr
+    assert "warning: tiers[tier_1b] needs" in done.stderr and "but its budget is 1M" in done.stderr

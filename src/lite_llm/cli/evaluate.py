@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from ..errors import LiteLLMError
-from .app import THREADS_HELP, app, apply_threads, check_report_path, console, device_option, err_console, friendly_errors, overwrite_option, print_scores, write_report
+from .app import THREADS_HELP, app, apply_threads, check_report_path, console, device_option, err_console, friendly_errors, overwrite_option, plain_warnings, print_scores, write_report
 from .store_options import (
     cache_policy_option, checkpoint_location, dtype_option, hot_budget_option, load_for_inference, prefetch_option, print_store_stats, stats_option, warm_budget_option,
 )
@@ -141,7 +141,8 @@ def inspect(
     from ..config import ModelConfig, TierSet, format_size
 
     manifest = read_manifest(checkpoint)
-    cfg = ModelConfig.from_dict(manifest["model_config"], allow_unknown=True)
+    with plain_warnings():  # an advisory budget the model exceeds: one "warning:" line
+        cfg = ModelConfig.from_dict(manifest["model_config"], allow_unknown=True)
     console.print(f"[bold]{checkpoint}[/bold]  format {manifest['format_version']}  model '{cfg.name}'")
     console.print(
         f"d_model {cfg.d_model}, layers {cfg.n_layers}, heads {cfg.n_heads}/{cfg.n_kv_heads} (q/kv), head_dim {cfg.head_dim}, vocab {cfg.vocab_size}"
