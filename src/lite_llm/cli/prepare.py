@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
 
@@ -59,7 +61,7 @@ def init(
 @data_app.command("prepare")
 @friendly_errors
 def data_prepare(
-    sources: list[str] = typer.Argument(..., help="DOMAIN=SPEC or SPEC; SPEC is stdlib-code, stdlib-docs, a file, a folder or a glob."),
+    sources: list[str] = typer.Argument(..., help="DOMAIN=SPEC, or SPEC alone to name the domain after it (notes/ -> notes, book.txt -> book, 'docs/*.md' -> docs); SPEC is stdlib-code, stdlib-docs, a file, a folder or a glob."),
     output: Path = typer.Option(..., "-o", "--output", help="Dataset directory to create."),
     overwrite: bool = overwrite_option(),
     tokenizer: str = typer.Option("byte", help="'byte' or a trained tokenizer folder/file."),
@@ -84,12 +86,18 @@ def data_prepare(
 
     mapping: dict[str, str] = {}
     seen: dict[str, str] = {}  # where each source really is -> the domain that reads it
+    named_after: dict[str, str] = {}  # domain -> the bare SPEC its name was taken from
     for spec in sources:
-        domain, _, target = spec.partition("=") if "=" in spec else (spec, "", spec)
+        domain, _, target = spec.partition("=") if "=" in spec else (_domain_named_after(spec), "", spec)
         if not domain.strip() or not target.strip():
             raise LiteLLMError(f"source {spec!r} has an empty {'domain name' if not domain.strip() else 'path'}; write DOMAIN=SPEC, e.g. code=stdlib-code or notes=~/notes/")
         if domain in mapping:
+            if domain in named_after or "=" not in spec:
+                first = named_after.get(domain, mapping[domain])
+                raise LiteLLMError(f"sources {first!r} and {spec!r} would both be domain {domain!r}; name them apart as DOMAIN=SPEC")
             raise LiteLLMError(f"domain {domain!r} is given twice; give each source its own name as DOMAIN=SPEC")
+        if "=" not in spec:
+            named_after[domain] = spec
         # the same text in two domains would be trained on twice and scored as if it were two
         where = target if not Path(target).expanduser().exists() else str(Path(target).expanduser().resolve())
         if where in seen:
@@ -99,7 +107,7 @@ def data_prepare(
             )
         seen[where] = domain
         mapping[domain] = target
-    with plain_warnings():  # a Latin-1 file is read with one plain warning line
+    with plain_warnings():  # Latin-1 or left-out files, a lopsided split: one plain warning line each
         index = prepare_data(
             mapping,
             output,
@@ -134,9 +142,54 @@ def tokenizer_train(
     from ..checkpoint.atomic import refuse_existing
 
     refuse_existing(output, overwrite, "tokenizer", markers=("tokenizer.json", "lite_tokenizer.json"))
-    from ..data import BPETokenizer, resolve_source
+    from ..data import BPETokenizer
 
-    texts = (text for spec in sources for _, text in resolve_source(spec))
-    tok = BPETokenizer.train(texts=texts, vocab_size=vocab_size, min_frequency=min_frequency)
+    with plain_warnings():  # skipped and Latin-1 files, a vocabulary short of --vocab-size: one line each
+        tok = BPETokenizer.train(texts=_training_texts(sources), vocab_size=vocab_size, min_frequency=min_frequency)
+        if tok.vocab_size < vocab_size:
+            warnings.warn(
+                f"learned {tok.vocab_size} of the {vocab_size} tokens asked for: the corpus has too little text for more "
+                f"merges (no other pair of tokens occurs {min_frequency}+ times); give it more text, or a smaller "
+                "--vocab-size or --min-frequency"
+            )
     tok.save(output)
     console.print(f"wrote {output} ({tok.vocab_size} tokens)")
+
+
+def _domain_named_after(spec: str) -> str:
+    """The domain a bare SPEC names: a built-in keeps its name, a file its name without the
+    extension, a folder its name, a glob the folder before its first wildcard.  A name the
+    dataset cannot use is refused here, saying it was taken from the SPEC."""
+    import glob
+    import os
+
+    from ..data.prepare import DOMAIN_NAME_RULE, is_domain_name
+    from ..data.sources import BUILTIN_SOURCES, glob_base
+
+    if spec in BUILTIN_SOURCES:
+        return spec
+    if glob.has_magic(spec) and glob_base(spec) == Path("."):
+        raise LiteLLMError(f"pattern {spec!r} has no folder before its wildcard to name its domain after; write DOMAIN=SPEC, e.g. mydata={spec}")
+    path = os.path.abspath(os.path.expanduser(glob_base(spec) if glob.has_magic(spec) else spec))
+    name = Path(path).stem if Path(path).is_file() else Path(path).name
+    if not is_domain_name(name):
+        raise LiteLLMError(
+            f"source {spec!r} cannot name its domain, as {name!r} is not a domain name (use {DOMAIN_NAME_RULE}); "
+            f"write DOMAIN=SPEC, e.g. mydata={spec}"
+        )
+    return name
+
+
+def _training_texts(sources: list[str]) -> Iterator[str]:
+    """Each source's texts in turn, read one source at a time (a corpus need not fit in memory
+    twice); a source with no text at all is refused, as `data prepare` refuses it, rather than
+    training a tokenizer of bytes alone."""
+    from ..data import resolve_source
+    from ..errors import DataError
+
+    for spec in sources:
+        docs = resolve_source(spec)
+        if not any(text for _, text in docs):
+            raise DataError(f"source {spec!r} holds no text to train a tokenizer on; give files with text in them")
+        for _, text in docs:
+            yield text

@@ -80,7 +80,8 @@ def resolve_source(spec: str | os.PathLike) -> list[Document]:
     A folder is read recursively, keeping every file that is UTF-8 text (any extension) and
     skipping binaries, hidden entries and ``__pycache__``.  Keys are paths relative to the
     folder (or the file's name, or the path relative to the glob's fixed prefix), so moving a
-    corpus does not change its split.  Empty files are dropped: they carry no tokens.
+    corpus does not change its split.  Empty files are dropped: they carry no tokens.  Every file
+    a folder or glob leaves out (binary, UTF-16, empty) is named in one warning, with why.
     """
     spec_str = os.fspath(spec)
     if spec_str in _BUILTIN_READERS:
@@ -93,9 +94,11 @@ def resolve_source(spec: str | os.PathLike) -> list[Document]:
             raise DataError(f"source file {path} is not UTF-8 text")
         return [Document(path.name, text)] if text else []
     if path.is_dir():
-        docs = _read_folder(path)
+        skipped: list[tuple[str, str]] = []
+        docs = _read_folder(path, skipped)
         if not docs:
-            raise DataError(f"source folder {path} holds no UTF-8 text files")
+            raise DataError(f"source folder {path} holds no UTF-8 text files{_skipped_note(skipped)}")
+        _warn_skipped(f"source folder {path}", skipped)
         return docs
     if glob.has_magic(spec_str):
         return _read_glob(spec_str)
@@ -103,40 +106,79 @@ def resolve_source(spec: str | os.PathLike) -> list[Document]:
     raise DataError(f"no file, folder or built-in source named {spec_str!r}; built-in sources are {builtins}")
 
 
-def _read_folder(folder: Path) -> list[Document]:
+def _read_folder(folder: Path, skipped: list[tuple[str, str]], prefix: str = "") -> list[Document]:
+    """The folder's usable documents; each file left out is added to ``skipped`` as (key, why)."""
     docs = []
     for path in _walk(folder, _FOLDER_SKIP_DIRS, skip_hidden=True):
-        text = _read_text(path)
+        key = prefix + path.relative_to(folder).as_posix()
+        text, why = _judge_text(path)
         if text:
-            docs.append(Document(path.relative_to(folder).as_posix(), text))
+            docs.append(Document(key, text))
+        else:
+            skipped.append((key, why or "empty"))
     return docs
 
 
 def _read_glob(pattern: str) -> list[Document]:
     pattern = os.path.expanduser(pattern)
     # Keys are relative to the pattern's fixed prefix ("/data/books" in "/data/books/**/*.txt").
+    base = glob_base(pattern)
+    matches = sorted(glob.glob(pattern, recursive=True))
+    docs: list[Document] = []
+    skipped: list[tuple[str, str]] = []
+    for match in matches:
+        path = Path(match)
+        key = Path(os.path.relpath(path, base)).as_posix()
+        if path.is_dir():
+            docs.extend(_read_folder(path, skipped, prefix=f"{key}/"))
+        elif path.is_file():
+            text, why = _judge_text(path)
+            if text:
+                docs.append(Document(key, text))
+            else:
+                skipped.append((key, why or "empty"))
+    docs.sort(key=lambda d: d.key)
+    if not docs:
+        what = "no files" if not matches else f"no UTF-8 text files{_skipped_note(skipped)}"
+        raise DataError(f"pattern {pattern!r} matches {what}")
+    _warn_skipped(f"pattern {pattern!r}", skipped, stacklevel=4)
+    return docs
+
+
+def glob_base(pattern: str) -> Path:
+    """The part of a glob before its first wildcard ("/data/books" of "/data/books/**/*.txt")."""
     fixed = []
     for part in Path(pattern).parts:
         if glob.has_magic(part):
             break
         fixed.append(part)
-    base = Path(*fixed) if fixed else Path(".")
-    matches = sorted(glob.glob(pattern, recursive=True))
-    docs: list[Document] = []
-    for match in matches:
-        path = Path(match)
-        key = Path(os.path.relpath(path, base)).as_posix()
-        if path.is_dir():
-            docs.extend(Document(f"{key}/{d.key}", d.text) for d in _read_folder(path))
-        elif path.is_file():
-            text = _read_text(path)
-            if text:
-                docs.append(Document(key, text))
-    docs.sort(key=lambda d: d.key)
-    if not docs:
-        what = "no files" if not matches else "no UTF-8 text files"
-        raise DataError(f"pattern {pattern!r} matches {what}")
-    return docs
+    return Path(*fixed) if fixed else Path(".")
+
+
+_SKIPPED_SHOWN = 5  # files named in a skip warning; past this, a count of the rest
+
+
+def _skipped_note(skipped: list[tuple[str, str]]) -> str:
+    """`` (a.txt is UTF-16 text, b.bin is binary, and 3 more)`` for an error, or nothing."""
+    return f" ({_skipped_list(skipped)})" if skipped else ""
+
+
+def _skipped_list(skipped: list[tuple[str, str]]) -> str:
+    shown = [f"{key} is {why}" for key, why in skipped[:_SKIPPED_SHOWN]]
+    rest = len(skipped) - len(shown)
+    return ", ".join(shown) + (f" and {rest} more" if rest else "")
+
+
+def _warn_skipped(where: str, skipped: list[tuple[str, str]], *, stacklevel: int = 3) -> None:
+    """Name the files a folder or glob left out and why, as the Latin-1 warning names its file:
+    a file named alone that is not text is an error, so one inside a folder must not vanish."""
+    if skipped:
+        n = len(skipped)
+        warnings.warn(
+            f"{where}: left out {n} file{'s' if n > 1 else ''} that {'are' if n > 1 else 'is'} not usable text "
+            f"({_skipped_list(skipped)}); convert text files to UTF-8 to include them",
+            stacklevel=stacklevel,
+        )
 
 
 def _walk(root: Path, skip_dirs: frozenset[str], *, skip_hidden: bool) -> list[Path]:
@@ -150,25 +192,32 @@ def _walk(root: Path, skip_dirs: frozenset[str], *, skip_hidden: bool) -> list[P
 
 
 def _read_text(path: Path, *, trust_suffix: bool = True) -> str | None:
-    """The file's text, or ``None`` if it is binary.
+    """The file's text, or ``None`` if it is binary (see :func:`_judge_text`)."""
+    return _judge_text(path, trust_suffix=trust_suffix)[0]
+
+
+def _judge_text(path: Path, *, trust_suffix: bool = True) -> tuple[str | None, str | None]:
+    """The file's text and, when it is ``None``, why it is not text (for the skip warning).
 
     Text that is not UTF-8 (a Latin-1 file beside UTF-8 ones, common in older corpora) is read
     as Latin-1 — every byte is a Latin-1 character, so nothing is lost — and a warning names it,
     rather than the file being dropped without a word."""
     if trust_suffix and path.suffix.lower() in _BINARY_SUFFIXES:
-        return None
+        return None, "binary"
     try:
         data = path.read_bytes()
-    except OSError:
-        return None
+    except OSError as exc:
+        return None, f"unreadable ({exc.strerror or exc})"
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return None, "UTF-16 text"
     if b"\x00" in data[:_SNIFF_BYTES]:
-        return None
+        return None, "binary"
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8"), None
     except UnicodeDecodeError:
         pass
     controls = sum(1 for b in data[:_SNIFF_BYTES] if b < 0x20 and b not in b"\t\n\r\f")
     if controls > len(data[:_SNIFF_BYTES]) // 100:  # control bytes: binary, not text in another encoding
-        return None
+        return None, "binary"
     warnings.warn(f"{path} is not UTF-8; read it as Latin-1 (convert it to UTF-8 to be sure of its characters)", stacklevel=2)
-    return data.decode("latin-1")
+    return data.decode("latin-1"), None
