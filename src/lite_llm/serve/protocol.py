@@ -20,6 +20,7 @@ define are ignored, as OpenAI's API ignores them.
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import secrets
@@ -236,8 +237,6 @@ IGNORED_FIELDS = frozenset({"metadata", "store", "service_tier", "prompt_cache_k
 
 
 def _refuse_unknown_fields(model: type[BaseModel], body: dict[str, Any]) -> None:
-    import difflib
-
     known = set(model.model_fields)
     for name, value in body.items():
         if name in known or name in IGNORED_FIELDS or value is None:  # null is "not given", as clients send it
