@@ -9,6 +9,7 @@ it, the line, so the user can go straight to it.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -59,14 +60,17 @@ def _unique_keys_loader() -> type:
 
 
 def read_config_file(path: str | Path, what: str) -> dict[str, Any]:
-    """The mapping in ``path`` (``.json``, else YAML), or one sentence naming the file."""
+    """The mapping in ``path`` (``.json``, else YAML), or one sentence naming the file.  ``-`` is
+    standard input, and an existing file that is not a regular one (``/dev/stdin``, a named pipe,
+    ``<(...)``) is read as a stream rather than called missing."""
+    stdin = str(path) == "-"
     path = Path(path)
     if path.is_dir():  # "does not exist" would send the user looking for a path that is there
         raise ConfigError(f"{what} {path} is a directory; give the path of the {what} file (YAML or JSON) instead")
-    if not path.is_file():
+    if not stdin and not path.exists():
         raise ConfigError(f"{what} {path} does not exist; check the path")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = sys.stdin.read() if stdin else path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"{what} {path} is not UTF-8 text; save it as UTF-8") from None
     if path.suffix == ".json":

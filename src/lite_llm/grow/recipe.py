@@ -18,12 +18,11 @@ logits' scale: ``max|a - b| / max|a|`` in float64 (see :mod:`lite_llm.grow.valid
 ``importance: measured`` (for ``llama_pro``) measures layer importance on sample data first.
 
 A recipe may also come on standard input: ``--recipe -`` (or ``/dev/stdin``, or any other
-existing file that is not a regular one, such as a named pipe or ``<(...)``).
+existing file that is not a regular one, such as a named pipe or ``<(...)``), as any config file may.
 """
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,28 +83,10 @@ class Recipe:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Recipe":
-        """The recipe in ``path``; ``-`` is standard input, and an existing file that is not a
-        regular one (``/dev/stdin``, a pipe) is read as a stream, not called missing."""
+        """The recipe in ``path``; ``-`` is standard input (:func:`~lite_llm.config.files.read_config_file`)."""
         from ..config import load_config_file
 
-        path = Path(path)
-        if str(path) == "-" or (path.exists() and not path.is_file() and not path.is_dir()):
-            return cls._from_stream(path)
         return load_config_file(path, "recipe", lambda data: cls.from_dict(data, where=f"recipe {path}"))
-
-    @classmethod
-    def _from_stream(cls, path: Path) -> "Recipe":
-        """The recipe read once from standard input (``-``) or a stream such as ``/dev/stdin``:
-        the file reader checks a regular file's kind first, which a stream cannot answer."""
-        from ..config.files import read_yaml
-
-        name = "standard input" if str(path) == "-" else str(path)
-        try:
-            text = sys.stdin.read() if str(path) == "-" else path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise ConfigError(f"recipe {name} is not UTF-8 text; give it as UTF-8") from None
-        data = read_yaml(text, name)  # JSON is YAML too
-        return cls.from_dict(data if data is not None else {}, where=f"recipe {name}")
 
 
 def parse_step(raw: Any, where: str) -> GrowthStep:
