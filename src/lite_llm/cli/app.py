@@ -88,12 +88,12 @@ def plain_help(application: typer.Typer) -> None:
     all, writes each paragraph and option on one line and nothing is cut.  Examples are marked
     for click to keep line for line (``\\b``), so a command continued with ``\\`` stays two lines."""
     width = _piped_width() or 1000
-    application.rich_markup_mode = None
     application.info.context_settings = {**(application.info.context_settings or {}), "terminal_width": width, "max_content_width": width}
     _mark_verbatim(application)
 
 
 def _mark_verbatim(application: typer.Typer) -> None:
+    """Click's formatter for ``application`` and its groups, examples marked to keep their lines."""
     application.rich_markup_mode = None
     for info in application.registered_commands:
         if info.help:

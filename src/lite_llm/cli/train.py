@@ -67,7 +67,7 @@ def _train(
     from ..data import TokenData
     from ..data.compat import check_data_tokenizer
     from ..model import build_model
-    from ..train import TrainConfig, Trainer
+    from ..train import Trainer
     from ..train.curriculum import Curriculum, CurriculumConfig
 
     from ..checkpoint.run_lock import RunLock
@@ -133,8 +133,7 @@ def _train(
             cfg = resumed_config(saved, config, given)
         else:
             latest = None
-            fields = (TrainConfig.from_file(config) if config else TrainConfig()).to_dict()
-            cfg = TrainConfig.from_dict({**fields, **given})
+            cfg = fresh_config(config, given)
             refuse_existing_run(output, overwrite, reads=run_inputs(cfg, data=data, init_from=init_from, config=config, model_config=model_config, curriculum=curriculum))
         dataset = TokenData(data)
         if sharded is not None:
@@ -269,11 +268,15 @@ def check_starting_point(init_from: Optional[Path], preset: Optional[str], model
 RESUMABLE_CHANGES = ("steps", "eval_every", "save_every", "log_every", "keep_last", "parallel", "pp_schedule")
 
 
+def fresh_config(config: Optional[Path], given: dict[str, Any]) -> Any:
+    """A new run's TrainConfig: the training config file's fields (or the defaults) with the flags (``given``) over them."""
+    fields = (TrainConfig.from_file(config) if config else TrainConfig()).to_dict()
+    return TrainConfig.from_dict({**fields, **given})
+
+
 def resumed_config(saved: dict[str, Any], config: Optional[Path], given: dict[str, Any]) -> Any:
     """The resumed run's TrainConfig: its saved settings with the changes a training config
     file (``config``: its fields that differ from the defaults) and the flags (``given``) apply."""
-    from ..train import TrainConfig
-
     defaults = TrainConfig().to_dict()
     file_fields = TrainConfig.from_file(config).to_dict() if config else {}
     explicit = {k: v for k, v in file_fields.items() if defaults.get(k) != v}
@@ -360,13 +363,13 @@ def _newer_sharded_checkpoint(manager: Any, output: Path) -> Optional[Path]:
 def _hashes_hold(sharded: Path) -> bool:
     """Whether a sharded checkpoint's files match their recorded sha256, hashed by the ranks
     together (collective: every rank calls it and gets the same answer); a mismatch is said."""
-    from ..dist.checkpoint import check_sharded
+    from ..dist.checkpoint import check_sharded, passed_over_notice
 
     try:
         check_sharded(sharded)
     except CheckpointError as err:
         if _is_rank_zero():
-            _warn(f"cannot resume from {sharded.name} ({err}); resuming from the previous complete sharded checkpoint instead")
+            _warn(passed_over_notice(sharded, err))
         return False
     return True
 
@@ -570,7 +573,6 @@ def train_distributed(
     from ..checkpoint.run_lock import RunLock, check_unlocked
     from ..dist.trainer import DistributedTrainer
     from ..model import build_model
-    from ..train import TrainConfig
 
     check_unlocked(output)  # every rank, before any of them waits for the others; rank 0 takes the lock below
     lock: Optional[RunLock] = None
@@ -586,8 +588,7 @@ def train_distributed(
                 saved = dict(meta["trainer"].get("train_config") or {})
                 cfg = resumed_config(saved, config, given)
             else:
-                fields = (TrainConfig.from_file(config) if config else TrainConfig()).to_dict()
-                cfg = TrainConfig.from_dict({**fields, **given})
+                cfg = fresh_config(config, given)
             if latest is None:
                 reads = run_inputs(cfg, data=data, init_from=init_from, config=config, model_config=model_config)
                 refuse_existing_run(output, overwrite, clear=False, reads=reads)  # every rank, before any of them waits for the others; rank 0 clears below

@@ -78,10 +78,15 @@ def latest_sound_sharded(
         try:
             check_sharded(path, hashes=hashes)
         except CheckpointError as err:
-            say(f"cannot resume from {path.name} ({err}); resuming from the previous complete sharded checkpoint instead")
+            say(passed_over_notice(path, err))
             continue
         return path
     return None
+
+
+def passed_over_notice(path: Path, err: Exception) -> str:
+    """What a resume says of a sharded checkpoint it passes over for the previous one."""
+    return f"cannot resume from {Path(path).name} ({err}); resuming from the previous complete sharded checkpoint instead"
 
 
 _CHECKED: set[tuple] = set()  # sharded checkpoints (path, each file's size and mtime) this process has hashed: picked, then loaded, once
