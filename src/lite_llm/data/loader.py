@@ -8,6 +8,7 @@ uninterrupted run would have seen, and two ranks or two processes agree without 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -62,14 +63,17 @@ class TokenData:
         stats = self.index["domains"][domain][split]
         return stats["bytes"] / stats["tokens"]
 
+    @functools.cached_property
+    def _token_bytes(self) -> np.ndarray | None:
+        """Each id's bytes of text where the tokenizer knows them exactly (:meth:`bytes_of`)."""
+        return self.tokenizer.token_bytes() if hasattr(self.tokenizer, "token_bytes") else None
+
     def bytes_of(self, ids: torch.Tensor) -> int:
         """UTF-8 bytes of text the token ids stand for: the bits-per-byte denominator of the
         tokens a validation actually scored (the split's average bytes per token is off for
         any part of it: 6% on a README's paragraphs).  Exact for the byte tokenizer and
         byte-level BPE; other tokenizers decode each row (a character cut at a row's end then
         counts as U+FFFD)."""
-        if not hasattr(self, "_token_bytes"):
-            self._token_bytes = self.tokenizer.token_bytes() if hasattr(self.tokenizer, "token_bytes") else None
         rows = ids.reshape(-1, ids.shape[-1]) if ids.dim() else ids.reshape(1, 1)
         if self._token_bytes is not None:
             return int(self._token_bytes[rows.cpu().numpy()].sum())

@@ -89,7 +89,7 @@ class RoutingTotals:
             **({"tier_weight_share": weight_share} if weight_share else {}),
             "expert_routes": self.expert_routes.tolist(),
             "tier_prob_layers": [p.tolist() for p in self.tier_probs],
-            "tier_weight_layers": [w.tolist() for w in self.tier_weights],
+            "tier_weight_layers": weights,
         }
 
 
