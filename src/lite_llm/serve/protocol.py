@@ -14,8 +14,10 @@ OpenAI's fields are either implemented — ``model`` (another name than the one 
 ``top_logprobs``), ``echo``, ``stream``, ``stream_options`` — or, when one this server does not
 implement is set to anything but its default (``n``, ``best_of``, ``suffix``,
 ``response_format``, ``tools``, ``tool_choice``, ``functions``, ``function_call``), answered 400
-naming it: a client is never told 200 for a request it did not get.  Fields OpenAI does not
-define are ignored, as OpenAI's API ignores them.
+naming it: a client is never told 200 for a request it did not get.  So is a field no request
+model here has (a typo, another server's option), with a did-you-mean; only nulls and
+OpenAI's bookkeeping fields (:data:`IGNORED_FIELDS`) are taken and ignored.  Inside a message or
+a content part, unknown keys (``name``) are ignored.
 """
 
 from __future__ import annotations
